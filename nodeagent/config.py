@@ -1,0 +1,246 @@
+"""The agent's settings: one frozen, typed, validated object built at start.
+
+Sources, lowest precedence first: defaults, a YAML file, environment variables
+(the names ztunnel and istio-cni use where one exists), command-line overrides.
+Every error names the field and the source it came from; a bad file is refused
+whole so a running agent keeps the settings it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import yaml
+
+from nodeagent.model import constants
+
+RedirectBackend = Literal["iptables", "ebpf"]
+LogLevel = Literal["trace", "debug", "info", "warning", "error"]
+
+
+class ConfigError(ValueError):
+    """A setting was missing or invalid; the message names the field and its source."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Every setting of a running agent."""
+
+    node_name: str = ""
+    """Kubernetes node this agent serves (env NODE_NAME). Pods whose workload
+    record names this node are captured. Required by `run`."""
+
+    pod_name: str = "nodeagent"
+    """The agent's own pod name (env POD_NAME), sent in the xDS node id."""
+
+    pod_namespace: str = "istio-system"
+    """The agent's own namespace (env POD_NAMESPACE), sent in the xDS node id."""
+
+    instance_ip: str = ""
+    """The agent's IP (env INSTANCE_IP), sent in the xDS node id and metadata."""
+
+    cluster_id: str = "Kubernetes"
+    """Cluster name sent as gRPC `clusterid` metadata (env CLUSTER_ID)."""
+
+    trust_domain: str = constants.DEFAULT_TRUST_DOMAIN
+    """SPIFFE trust domain of workload identities (env TRUST_DOMAIN)."""
+
+    xds_address: str = "https://istiod.istio-system.svc:15012"
+    """Control plane for delta xDS (env XDS_ADDRESS). `http://` means plaintext,
+    for local use only; `https://` verifies the server with `xds_root_ca`."""
+
+    xds_root_ca: str = ""
+    """PEM file with the root that signs the control plane's serving certificate
+    (env XDS_ROOT_CA). Empty with an https address means the system roots."""
+
+    ca_address: str = ""
+    """Certificate authority (env CA_ADDRESS). Empty means the same as xds_address."""
+
+    auth_token_path: str = "/var/run/secrets/tokens/istio-token"
+    """Bearer token file sent on every control-plane call (env AUTH_TOKEN); read
+    again on every reconnect, because projected tokens rotate."""
+
+    redirect_backend: RedirectBackend = "iptables"
+    """How pod traffic is captured (env REDIRECT_BACKEND): `iptables` (default)
+    or `ebpf`."""
+
+    log_level: LogLevel = "info"
+    """Starting log level (env LOG_LEVEL); changeable at run time via the admin API."""
+
+    admin_address: str = f"127.0.0.1:{constants.ADMIN_PORT}"
+    """Admin HTTP listener; localhost only because it exposes config and control."""
+
+    admin_socket: str = "/var/run/nodeagent/admin.sock"
+    """Admin API on a Unix socket too (env ADMIN_SOCKET), for the node-level CLI."""
+
+    metrics_address: str = f"0.0.0.0:{constants.METRICS_PORT}"
+    """Prometheus metrics listener (`/metrics`, `/stats/prometheus`)."""
+
+    readiness_address: str = f"0.0.0.0:{constants.READINESS_PORT}"
+    """Readiness listener (`/healthz/ready`)."""
+
+    secret_ttl_seconds: int = 24 * 3600
+    """Requested workload certificate lifetime (env SECRET_TTL_SECONDS)."""
+
+    netns_dir: str = "/var/run/netns"
+    """Directory of named network namespaces scanned for pods (env NETNS_DIR)."""
+
+    proc_root: str = "/proc"
+    """Where processes are scanned for pod namespaces (env PROC_ROOT; /host/proc in a pod)."""
+
+    state_dir: str = "/var/run/nodeagent"
+    """Agent runtime files (sockets, pinned BPF objects) (env STATE_DIR)."""
+
+    drain_seconds: float = 5.0
+    """How long live connections may finish after shutdown starts (env DRAIN_SECONDS)."""
+
+    extra: Mapping[str, str] = field(default_factory=dict)
+    """Proxy metadata passed through to the control plane in the xDS node metadata."""
+
+    @property
+    def effective_ca_address(self) -> str:
+        return self.ca_address or self.xds_address
+
+    @property
+    def xds_node_id(self) -> str:
+        # Same shape as ztunnel's node id so istiod classifies us as a ztunnel.
+        ip = self.instance_ip or "1.1.1.1"
+        ns = self.pod_namespace
+        return f"ztunnel~{ip}~{self.pod_name}.{ns}~{ns}.svc.cluster.local"
+
+
+_ENV_NAMES: dict[str, str] = {
+    "NODE_NAME": "node_name",
+    "POD_NAME": "pod_name",
+    "POD_NAMESPACE": "pod_namespace",
+    "INSTANCE_IP": "instance_ip",
+    "CLUSTER_ID": "cluster_id",
+    "TRUST_DOMAIN": "trust_domain",
+    "XDS_ADDRESS": "xds_address",
+    "XDS_ROOT_CA": "xds_root_ca",
+    "CA_ADDRESS": "ca_address",
+    "AUTH_TOKEN": "auth_token_path",
+    "REDIRECT_BACKEND": "redirect_backend",
+    "LOG_LEVEL": "log_level",
+    "ADMIN_ADDRESS": "admin_address",
+    "ADMIN_SOCKET": "admin_socket",
+    "METRICS_ADDRESS": "metrics_address",
+    "READINESS_ADDRESS": "readiness_address",
+    "SECRET_TTL_SECONDS": "secret_ttl_seconds",
+    "NETNS_DIR": "netns_dir",
+    "PROC_ROOT": "proc_root",
+    "STATE_DIR": "state_dir",
+    "DRAIN_SECONDS": "drain_seconds",
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, raw: Any, source: str) -> Any:
+    """Turn a raw value into the field's type, or raise naming field and source."""
+    ftype = _FIELDS[name].type
+    where = f"{source}: field {name!r}"
+    if name == "extra":
+        if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
+            raise ConfigError(f"{where}: expected a mapping of strings, got {raw!r}")
+        return {str(k): str(v) for k, v in raw.items()}
+    if ftype in ("int", int):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: expected an integer, got {raw!r}")
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigError(f"{where}: must be positive, got {value}")
+        return value
+    if ftype in ("float", float):
+        try:
+            fvalue = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+        if fvalue < 0:
+            raise ConfigError(f"{where}: must not be negative, got {fvalue}")
+        return fvalue
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}: expected a string, got {raw!r}")
+    literal = {"RedirectBackend": RedirectBackend, "LogLevel": LogLevel}.get(str(ftype))
+    if literal is not None:
+        allowed = get_args(literal)
+        value_s = raw.strip().lower()
+        if value_s not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(allowed)}, got {raw!r}")
+        return value_s
+    return raw
+
+
+def _check_address(name: str, value: str, source: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{source}: field {name!r}: expected HOST:PORT, got {value!r}")
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for name in ("admin_address", "metrics_address", "readiness_address"):
+        _check_address(name, getattr(cfg, name), source)
+    for name in ("xds_address", "ca_address"):
+        value = getattr(cfg, name)
+        if value and not value.startswith(("http://", "https://", "unix:")):
+            raise ConfigError(
+                f"{source}: field {name!r}: expected http://, https:// or unix: URL, got {value!r}"
+            )
+    if not cfg.trust_domain or "/" in cfg.trust_domain:
+        raise ConfigError(f"{source}: field 'trust_domain': invalid {cfg.trust_domain!r}")
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a YAML settings file into raw field values; unknown keys are errors."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    for key in data:
+        if key not in _FIELDS:
+            raise ConfigError(f"{path}: unknown field {key!r}")
+    return data
+
+
+def build_config(
+    *,
+    env: Mapping[str, str] | None = None,
+    file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Config | None = None,
+) -> Config:
+    """Build and validate a Config; raises ConfigError naming field and source."""
+    values: dict[str, Any] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if file:
+        layers.append((file, load_file(file)))
+    if env:
+        layers.append(
+            ("environment", {f: env[e] for e, f in _ENV_NAMES.items() if env.get(e, "") != ""})
+        )
+    if overrides:
+        unknown = [k for k in overrides if k not in _FIELDS]
+        if unknown:
+            raise ConfigError(f"flags: unknown field {unknown[0]!r}")
+        layers.append(("flags", {k: v for k, v in overrides.items() if v is not None}))
+    sources: dict[str, str] = {}
+    for source, raw in layers:
+        for name, value in raw.items():
+            values[name] = _coerce(name, value, source)
+            sources[name] = source
+    cfg = dataclasses.replace(base or Config(), **values)
+    _validate(cfg, ", ".join(sorted(set(sources.values()))) or "defaults")
+    return cfg

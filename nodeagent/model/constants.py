@@ -1,0 +1,46 @@
+"""Architecture-level facts: ports, marks, tables and chain names, in one place.
+
+They match Istio ambient (istio-cni + ztunnel) so that tools, dashboards and
+peers that know Istio find what they expect.
+"""
+
+from typing import Final
+
+# Listeners the agent opens inside every meshed pod's network namespace.
+OUTBOUND_PORT: Final = 15001  # captured app egress (REDIRECT target)
+INBOUND_PLAINTEXT_PORT: Final = 15006  # captured non-HBONE ingress (REDIRECT target)
+INBOUND_HBONE_PORT: Final = 15008  # HBONE (mTLS + HTTP/2 CONNECT); never redirected
+DNS_PORT: Final = 15053
+
+# Listeners in the agent's own (node) network namespace.
+ADMIN_PORT: Final = 15000  # localhost only
+METRICS_PORT: Final = 15020
+READINESS_PORT: Final = 15021
+
+# Ports a captured destination must never be proxied to (it would loop).
+ILLEGAL_PORTS: Final = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT})
+
+# Every socket the agent creates in a pod netns carries this mark, so the
+# capture rules skip it and the agent never re-captures its own traffic.
+PROXY_MARK: Final = 0x539
+PROXY_MASK: Final = 0xFFF
+# Connmark set on agent->app connections with a spoofed source, restored on the
+# app's replies so policy routing (table 100) delivers them back to the agent.
+CONNMARK: Final = 0x111
+CONNMARK_MASK: Final = 0xFFF
+ROUTE_TABLE: Final = 100
+RULE_PRIORITY: Final = 32764
+
+# Source address the node SNATs kubelet probes to; the in-pod rules let it pass uncaptured.
+PROBE_SNAT_IPV4: Final = "169.254.7.127"
+PROBE_SNAT_IPV6: Final = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+
+# Chains the agent owns inside a pod namespace (same names as istio-cni).
+CHAIN_PREROUTING: Final = "ISTIO_PRERT"
+CHAIN_OUTPUT: Final = "ISTIO_OUTPUT"
+
+DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
+DEFAULT_SERVICE_ACCOUNT: Final = "default"
+
+TYPE_URL_ADDRESS: Final = "type.googleapis.com/istio.workload.Address"
+TYPE_URL_AUTHORIZATION: Final = "type.googleapis.com/istio.security.Authorization"

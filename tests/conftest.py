@@ -1,0 +1,80 @@
+"""Test harness shared by every tier.
+
+* Tiers come from the directory: tests/unit -> `unit`, tests/netns -> `netns`,
+  tests/e2e -> `e2e`, tests/kind -> `kind`, tests/bench -> `bench`.
+* `netns` and `e2e` tests need root and the real kernel. Without root they skip,
+  except with CI=true, where any skip outside the `kind` tier is a failure: CI
+  runs as root, so a privileged test that skips there is a defect.
+* `async def` tests run on a fresh event loop; a test that leaves asyncio tasks
+  running fails, naming them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "netns", "e2e", "kind", "bench")
+PRIVILEGED = {"netns", "e2e"}
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath)) / "tests"
+    for item in items:
+        try:
+            tier = Path(str(item.path)).relative_to(root).parts[0]
+        except ValueError:
+            continue
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    tiers = {m.name for m in item.iter_markers()} & PRIVILEGED
+    if tiers and os.geteuid() != 0:
+        pytest.skip(f"{'/'.join(sorted(tiers))} tests need root and the real kernel")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if not IN_CI or not report.skipped or item.get_closest_marker("kind"):
+        return
+    if hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, which runs as root: {reason}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run `async def` tests on their own loop and fail on leaked tasks."""
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    argnames = pyfuncitem._fixtureinfo.argnames
+    kwargs = {name: pyfuncitem.funcargs[name] for name in argnames}
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(func(**kwargs))
+        # Let callbacks scheduled by the test's last statements run once.
+        loop.run_until_complete(asyncio.sleep(0))
+        leaked = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if leaked:
+            names = ", ".join(sorted(t.get_name() + ":" + repr(t.get_coro()) for t in leaked))
+            for t in leaked:
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*leaked, return_exceptions=True))
+            pytest.fail(f"test leaked {len(leaked)} asyncio task(s): {names}")
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return True

@@ -1,0 +1,54 @@
+import pytest
+
+from nodeagent.config import Config, ConfigError, build_config
+
+
+def test_defaults_validate():
+    cfg = build_config()
+    assert cfg == Config()
+    assert cfg.effective_ca_address == cfg.xds_address
+
+
+def test_env_overrides_file_and_flags_override_env(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("node_name: from-file\nlog_level: debug\n")
+    cfg = build_config(
+        file=str(f), env={"NODE_NAME": "from-env"}, overrides={"log_level": "warning"}
+    )
+    assert cfg.node_name == "from-env"
+    assert cfg.log_level == "warning"
+
+
+def test_bad_value_names_field_and_source(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("redirect_backend: nftables\n")
+    with pytest.raises(ConfigError, match=r"agent.yaml: field 'redirect_backend': must be one of"):
+        build_config(file=str(f))
+
+
+def test_unknown_file_field_is_refused(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("node_nmae: x\n")
+    with pytest.raises(ConfigError, match="unknown field 'node_nmae'"):
+        build_config(file=str(f))
+
+
+def test_bad_env_integer_is_refused():
+    with pytest.raises(ConfigError, match="environment: field 'secret_ttl_seconds'"):
+        build_config(env={"SECRET_TTL_SECONDS": "soon"})
+
+
+def test_bad_address_is_refused():
+    with pytest.raises(ConfigError, match="admin_address"):
+        build_config(overrides={"admin_address": "localhost"})
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.node_name = "x"  # type: ignore[misc]
+
+
+def test_node_id_has_ztunnel_shape():
+    cfg = build_config(env={"INSTANCE_IP": "10.0.0.5", "POD_NAME": "na-1"})
+    assert cfg.xds_node_id == "ztunnel~10.0.0.5~na-1.istio-system~istio-system.svc.cluster.local"
