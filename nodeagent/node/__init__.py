@@ -1,0 +1,1 @@
+"""Lifecycle of the meshed pods on this node: discovery, capture, listeners, retries."""

@@ -1,0 +1,385 @@
+"""Lifecycle of the meshed pods on this node, as a pure state machine.
+
+Inputs are facts (the control plane places a workload here, discovery found or
+lost its namespace, a setup or teardown finished or failed, time passed); the
+output is a list of actions for the node manager to carry out (set up capture
+and listeners in a namespace, tear them down). No I/O and no clock of its own:
+`now` comes with every event, so retries and backoff are testable.
+
+States per pod (by workload uid):
+
+    pending   -- the workload is ours but its namespace is not found yet
+    capturing -- setup (capture rules + listeners) is in flight
+    ready     -- captured, listeners open
+    failed    -- setup failed; retried with backoff at `retry_at`
+    removing  -- teardown in flight; the entry goes when it finishes
+
+Transitions are a table of (state, event kind) -> handler; a missing pair is a
+programming error (LifecycleError), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+
+class PodState(enum.Enum):
+    PENDING = "pending"
+    CAPTURING = "capturing"
+    READY = "ready"
+    FAILED = "failed"
+    REMOVING = "removing"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Netns:
+    """A network namespace handle: a path to open and the inode that identifies it."""
+
+    path: str
+    inode: int
+
+
+# Events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadPlaced:
+    """The control plane says this workload runs on our node."""
+
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadGone:
+    """The workload left our node (removed, or moved elsewhere)."""
+
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetnsFound:
+    """Discovery matched the workload's IPs to a namespace."""
+
+    uid: str
+    netns: Netns
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetnsLost:
+    """The namespace disappeared (pod deleted before its workload record)."""
+
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetupDone:
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetupFailed:
+    uid: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TeardownDone:
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TeardownFailed:
+    uid: str
+    reason: str
+    now: float
+
+
+Event = (
+    WorkloadPlaced
+    | WorkloadGone
+    | NetnsFound
+    | NetnsLost
+    | SetupDone
+    | SetupFailed
+    | TeardownDone
+    | TeardownFailed
+)
+
+# Actions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartSetup:
+    """Install capture in the namespace and open the pod's listeners."""
+
+    uid: str
+    netns: Netns
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartTeardown:
+    """Close the pod's listeners and remove its capture (if the namespace still exists)."""
+
+    uid: str
+    netns: Netns
+
+
+Action = StartSetup | StartTeardown
+
+
+class LifecycleError(RuntimeError):
+    """An event arrived that the pod's state has no transition for."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodRecord:
+    uid: str
+    state: PodState
+    netns: Netns | None = None
+    attempts: int = 0
+    last_error: str = ""
+    retry_at: float | None = None
+    since: float = 0.0
+    # Work that must follow the operation in flight: remove the pod, or set it
+    # up again in a new namespace that now holds its IPs.
+    remove_after: bool = False
+    next_netns: Netns | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry delays: initial * factor**(attempt-1), capped."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.cap, self.initial * self.factor ** max(0, attempt - 1)))
+
+
+Handler = Callable[["PodLifecycle", PodRecord, Event], list[Action]]
+
+
+@dataclass
+class PodLifecycle:
+    """All local pods' states; `handle` applies one event and returns the actions."""
+
+    backoff: Backoff = field(default_factory=Backoff)
+    pods: dict[str, PodRecord] = field(default_factory=dict)
+
+    def handle(self, event: Event) -> list[Action]:
+        record = self.pods.get(event.uid)
+        if record is None:
+            return self._on_unknown(event)
+        handler = _TABLE.get((record.state, type(event)))
+        if handler is None:
+            raise LifecycleError(
+                f"pod {event.uid}: no transition from {record.state.value} "
+                f"on {type(event).__name__}"
+            )
+        return handler(self, record, event)
+
+    def due_retries(self, now: float) -> list[Action]:
+        """Restart setup for failed pods whose backoff has elapsed."""
+        actions: list[Action] = []
+        for rec in list(self.pods.values()):
+            if rec.state is PodState.FAILED and rec.retry_at is not None and rec.retry_at <= now:
+                actions.extend(self._start_setup(rec, now))
+        return actions
+
+    def next_retry_at(self) -> float | None:
+        times = [r.retry_at for r in self.pods.values() if r.retry_at is not None]
+        return min(times) if times else None
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in PodState}
+        for rec in self.pods.values():
+            out[rec.state.value] += 1
+        return out
+
+    def all_settled(self) -> bool:
+        """True when every pod is ready or has reported a failure (readiness)."""
+        return all(r.state in (PodState.READY, PodState.FAILED) for r in self.pods.values())
+
+    # -- helpers ---------------------------------------------------------
+
+    def _set(self, rec: PodRecord, **changes: object) -> PodRecord:
+        new = replace(rec, **changes)  # type: ignore[arg-type]
+        self.pods[rec.uid] = new
+        return new
+
+    def _start_setup(self, rec: PodRecord, now: float) -> list[Action]:
+        assert rec.netns is not None
+        rec = self._set(
+            rec,
+            state=PodState.CAPTURING,
+            attempts=rec.attempts + 1,
+            retry_at=None,
+            since=now,
+        )
+        return [StartSetup(uid=rec.uid, netns=rec.netns, attempt=rec.attempts)]  # type: ignore[arg-type]
+
+    def _start_teardown(
+        self, rec: PodRecord, now: float, *, next_netns: Netns | None
+    ) -> list[Action]:
+        assert rec.netns is not None
+        self._set(rec, state=PodState.REMOVING, retry_at=None, since=now, next_netns=next_netns)
+        return [StartTeardown(uid=rec.uid, netns=rec.netns)]
+
+    def _on_unknown(self, event: Event) -> list[Action]:
+        if isinstance(event, WorkloadPlaced):
+            self.pods[event.uid] = PodRecord(uid=event.uid, state=PodState.PENDING, since=event.now)
+            return []
+        if isinstance(event, NetnsFound):
+            # Discovery can see a namespace before the workload record; it is
+            # only acted on once the workload is placed here.
+            return []
+        if isinstance(event, WorkloadGone | NetnsLost | TeardownDone | TeardownFailed):
+            return []  # already gone: removal is idempotent
+        raise LifecycleError(f"pod {event.uid}: {type(event).__name__} for an unknown pod")
+
+
+# Transition handlers ----------------------------------------------------------
+
+
+def _pending_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, NetnsFound)
+    rec = lc._set(rec, netns=ev.netns, attempts=0)
+    return lc._start_setup(rec, ev.now)
+
+
+def _drop(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    del lc.pods[rec.uid]
+    return []
+
+
+def _ignore(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    return []
+
+
+def _setup_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    if rec.remove_after or rec.next_netns is not None:
+        return lc._start_teardown(rec, ev.now, next_netns=rec.next_netns)
+    lc._set(rec, state=PodState.READY, last_error="", since=ev.now)
+    return []
+
+
+def _setup_failed(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, SetupFailed)
+    if rec.remove_after or rec.next_netns is not None:
+        # The adapter removes what it half-applied; teardown is idempotent anyway.
+        return lc._start_teardown(rec, ev.now, next_netns=rec.next_netns)
+    lc._set(
+        rec,
+        state=PodState.FAILED,
+        last_error=ev.reason,
+        retry_at=ev.now + lc.backoff.delay(rec.attempts),
+        since=ev.now,
+    )
+    return []
+
+
+def _remove_when_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    lc._set(rec, remove_after=True)
+    return []
+
+
+def _teardown(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    return lc._start_teardown(rec, ev.now, next_netns=None)
+
+
+def _capturing_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, NetnsFound)
+    if rec.netns != ev.netns:
+        # A new namespace now holds the pod's IPs (the pod was recreated): once
+        # the current attempt finishes, tear it down and set up in the new one.
+        lc._set(rec, next_netns=ev.netns)
+    return []
+
+
+def _ready_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, NetnsFound)
+    if rec.netns == ev.netns:
+        return []
+    return lc._start_teardown(rec, ev.now, next_netns=ev.netns)
+
+
+def _failed_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, NetnsFound)
+    rec = lc._set(rec, netns=ev.netns, attempts=0)
+    return lc._start_setup(rec, ev.now)
+
+
+def _failed_lost(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    lc._set(rec, state=PodState.PENDING, netns=None, retry_at=None, since=ev.now)
+    return []
+
+
+def _teardown_finished(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    if isinstance(ev, TeardownFailed):
+        lc._set(rec, last_error=ev.reason)
+    if rec.next_netns is not None and not rec.remove_after:
+        rec = lc._set(rec, netns=rec.next_netns, next_netns=None, attempts=0)
+        return lc._start_setup(rec, ev.now)
+    del lc.pods[rec.uid]
+    return []
+
+
+def _removing_gone(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    lc._set(rec, remove_after=True, next_netns=None)
+    return []
+
+
+def _removing_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, NetnsFound)
+    if not rec.remove_after and rec.netns != ev.netns:
+        lc._set(rec, next_netns=ev.netns)
+    return []
+
+
+S = PodState
+_TABLE: dict[tuple[PodState, type], Handler] = {
+    (S.PENDING, WorkloadPlaced): _ignore,
+    (S.PENDING, NetnsFound): _pending_found,
+    (S.PENDING, NetnsLost): _ignore,
+    (S.PENDING, WorkloadGone): _drop,
+    (S.CAPTURING, WorkloadPlaced): _ignore,
+    (S.CAPTURING, NetnsFound): _capturing_found,
+    (S.CAPTURING, NetnsLost): _remove_when_done,
+    (S.CAPTURING, WorkloadGone): _remove_when_done,
+    (S.CAPTURING, SetupDone): _setup_done,
+    (S.CAPTURING, SetupFailed): _setup_failed,
+    (S.READY, WorkloadPlaced): _ignore,
+    (S.READY, NetnsFound): _ready_found,
+    (S.READY, NetnsLost): _teardown,
+    (S.READY, WorkloadGone): _teardown,
+    (S.FAILED, WorkloadPlaced): _ignore,
+    (S.FAILED, NetnsFound): _failed_found,
+    (S.FAILED, NetnsLost): _failed_lost,
+    (S.FAILED, WorkloadGone): _teardown,
+    (S.REMOVING, WorkloadPlaced): _ignore,
+    (S.REMOVING, WorkloadGone): _removing_gone,
+    (S.REMOVING, NetnsFound): _removing_found,
+    (S.REMOVING, NetnsLost): _ignore,
+    (S.REMOVING, TeardownDone): _teardown_finished,
+    (S.REMOVING, TeardownFailed): _teardown_finished,
+}
+
+
+def replay(lifecycle: PodLifecycle, events: Iterable[Event]) -> list[Action]:
+    """Apply events in order and collect every action (for tests and tools)."""
+    out: list[Action] = []
+    for ev in events:
+        out.extend(lifecycle.handle(ev))
+    return out
