@@ -10,7 +10,7 @@ if [ "$mode" = "--check" ]; then
   out=$(mktemp -d)
   trap 'rm -rf "$out"' EXIT
 fi
-protos=$([ -d proto ] && cd proto && find . -name '*.proto' | sed 's|^\./||' | sort)
+protos=$( { [ -d proto ] && cd proto && find . -name '*.proto' | sed 's|^\./||' | sort; } || true)
 if [ -z "$protos" ]; then echo "gen: no protos"; exit 0; fi
 mkdir -p "$out"
 wkt=$("$PY" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
