@@ -1,0 +1,1 @@
+"""The data path: outbound, inbound and the byte relay between connections."""

@@ -1,0 +1,157 @@
+"""The relay over real loopback TCP: exact bytes, half-close, resets, backpressure."""
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+
+from nodeagent.proxy.relay import RelayStats, TcpRelayEnd, relay_pair
+
+
+@contextlib.asynccontextmanager
+async def relay_to(upstream: tuple[str, int]):
+    """A listener on loopback that relays each accepted connection to `upstream`."""
+    loop = asyncio.get_running_loop()
+    relays: list = []
+    tasks: set[asyncio.Task] = set()
+
+    async def handle(sock: socket.socket) -> None:
+        _, down = await loop.connect_accepted_socket(lambda: TcpRelayEnd("down"), sock)
+        _, up = await loop.create_connection(lambda: TcpRelayEnd("up"), *upstream)
+        relays.append(relay_pair(down, up))
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    lsock.setblocking(False)
+
+    async def accept_loop() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            t = asyncio.create_task(handle(conn))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    acceptor = asyncio.create_task(accept_loop())
+    try:
+        yield lsock.getsockname(), relays
+    finally:
+        acceptor.cancel()
+        for t in [acceptor, *tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for r in relays:
+            r.abort("test over")
+        lsock.close()
+
+
+@contextlib.asynccontextmanager
+async def server(handler):
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_bytes_arrive_exactly_both_ways():
+    payload = os.urandom(8 * 1024 * 1024 + 123)
+
+    async def sink_and_answer(reader, writer):
+        digest = hashlib.sha256()
+        total = 0
+        while chunk := await reader.read(1 << 16):
+            digest.update(chunk)
+            total += len(chunk)
+        writer.write(f"{total} {digest.hexdigest()}".encode())
+        await writer.drain()
+        writer.close()
+
+    async with server(sink_and_answer) as up, relay_to(up) as (addr, relays):
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        answer = await reader.read()
+        writer.close()
+        assert answer.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}"
+        stats = await asyncio.wait_for(relays[0].done, 5)
+        assert stats == RelayStats(a_to_b=len(payload), b_to_a=len(answer), error="")
+
+
+async def test_half_close_is_carried_and_reply_still_flows():
+    async def reply_after_eof(reader, writer):
+        data = await reader.read()  # returns only at EOF: the client's FIN arrived
+        writer.write(b"got:" + data)
+        await writer.drain()
+        writer.close()
+
+    async with server(reply_after_eof) as up, relay_to(up) as (addr, _):
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(b"hello")
+        writer.write_eof()  # shut our write side only
+        assert await asyncio.wait_for(reader.read(), 5) == b"got:hello"
+        writer.close()
+
+
+async def test_upstream_reset_becomes_reset_downstream():
+    async def reset_immediately(reader, writer):
+        await reader.read(5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with server(reset_immediately) as up, relay_to(up) as (addr, relays):
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(b"12345")
+        await writer.drain()
+        try:
+            data = await asyncio.wait_for(reader.read(100), 5)
+        except ConnectionResetError:
+            data = None
+        # A reset reads as ECONNRESET, never as a clean EOF (b"").
+        assert data is None
+        stats = await asyncio.wait_for(relays[0].done, 5)
+        assert stats.error
+        writer.close()
+
+
+async def test_slow_reader_applies_backpressure_instead_of_buffering():
+    release = asyncio.Event()
+    received = 0
+
+    async def slow(reader, writer):
+        nonlocal received
+        await release.wait()
+        while chunk := await reader.read(1 << 16):
+            received += len(chunk)
+        writer.close()
+
+    async with server(slow) as up, relay_to(up) as (addr, relays):
+        sock = socket.create_connection(addr)
+        sock.setblocking(False)
+        sent = 0
+        block = b"x" * 65536
+        stalled = 0
+        # Write until the whole path (our buffer, relay, upstream) pushes back.
+        while stalled < 20:
+            try:
+                sent += sock.send(block)
+                stalled = 0
+            except BlockingIOError:
+                stalled += 1
+                await asyncio.sleep(0.01)
+        relay = relays[0]
+        buffered = relay.b.transport.get_write_buffer_size()
+        # The relay holds at most about one high-water mark plus one read, not
+        # everything the client sent.
+        assert buffered < 1024 * 1024
+        assert relay.a._paused
+        release.set()
+        sock.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(relay.done, 10)
+        sock.close()
+        assert received == sent
