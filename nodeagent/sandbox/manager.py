@@ -1,0 +1,459 @@
+"""SandboxManager: `up`, `down`, `status`, `exec` and process bookkeeping.
+
+`up` records its intent in the state file before each step (namespaces, then
+processes), so `down` can always finish the job: it stops recorded processes
+(pid + start time), then any process still living in one of the sandbox's
+namespaces, removes the namespaces (their veths go with them) recorded in the
+state or matching the sandbox's naming pattern, and finally the state dir.
+Nothing is created in the root namespace.
+
+Order in `up`: namespaces; demo apps spawned (their start-up overlaps the
+next step); links, addresses and routes; wait until every app listens. Tests
+may set NODEAGENT_SANDBOX_CRASH_AT=namespaces|links|apps to make `up` die
+(os._exit, no clean-up) right after that step, simulating a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import nodeagent
+from nodeagent.sandbox import processes
+from nodeagent.sandbox.netns import NetnsAdapter, NetnsError, list_netns, netns_inode, netns_path
+from nodeagent.sandbox.plan import (
+    ECHO_PORT,
+    HTTP_PORT,
+    NamespacePlan,
+    PlanError,
+    SandboxPlan,
+    build_plan,
+    netns_pattern,
+    validate_name,
+)
+from nodeagent.sandbox.processes import ProcessId
+from nodeagent.sandbox.state import DEFAULT_STATE_ROOT, ProcessRecord, SandboxState, StateStore
+
+PACKAGE_ROOT = Path(nodeagent.__file__).resolve().parent.parent
+CRASH_ENV = "NODEAGENT_SANDBOX_CRASH_AT"
+APP_READY_TIMEOUT = 20.0
+DEMOAPP_KIND = "demoapp"
+
+
+class SandboxError(RuntimeError):
+    """A user-facing sandbox failure, one line."""
+
+
+@dataclass(frozen=True)
+class DownReport:
+    existed: bool
+    namespaces: int = 0
+    processes: int = 0
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(99)  # simulate a crash: no finally, no clean-up
+
+
+def _kernel_config() -> dict[str, str]:
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return dict(
+                line.strip().split("=", 1)
+                for line in f
+                if line.startswith("CONFIG_") and "=" in line
+            )
+    except OSError:
+        return {}
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = [
+                ln for ln in f.read()[-4096:].decode(errors="replace").splitlines() if ln.strip()
+            ]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:200] if lines else ""
+
+
+def preflight() -> None:
+    """Refuse early, in one line, when the machine cannot run a sandbox."""
+    if os.geteuid() != 0:
+        raise SandboxError("the sandbox needs root (network namespaces); run it with sudo")
+    if not Path("/proc/self/ns/net").exists():
+        raise SandboxError("this kernel has no network namespaces (CONFIG_NET_NS)")
+    if shutil.which(processes.NSENTER) is None:
+        raise SandboxError("nsenter not found; install util-linux")
+    config = _kernel_config()
+    for option in ("CONFIG_VETH", "CONFIG_BRIDGE", "CONFIG_NET_NS"):
+        if config and config.get(option) not in ("y", "m"):
+            raise SandboxError(f"this kernel lacks {option}, which the sandbox needs")
+
+
+class NamespaceOps(Protocol):
+    """What the manager needs from the OS for namespaces (NetnsAdapter is the real one)."""
+
+    def create(self, names: list[str]) -> None: ...
+    def apply(self, plan: NamespacePlan) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def socket(self, netns: str, family: int = ..., type: int = ...) -> socket.socket: ...
+    def close(self) -> None: ...
+
+
+class SandboxManager:
+    """Builds, reports on and removes sandboxes; the OS adapters are injectable."""
+
+    def __init__(
+        self,
+        store: StateStore | None = None,
+        adapter: NamespaceOps | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.store = store or StateStore(DEFAULT_STATE_ROOT)
+        self._adapter = adapter
+        self.python = python
+
+    @property
+    def adapter(self) -> NamespaceOps:
+        if self._adapter is None:
+            self._adapter = NetnsAdapter()
+        return self._adapter
+
+    def close(self) -> None:
+        if self._adapter is not None:
+            self._adapter.close()
+            self._adapter = None
+
+    def __enter__(self) -> SandboxManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries ---------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        pattern = netns_pattern(name)
+        return self.store.exists(name) or any(pattern.match(n) for n in list_netns())
+
+    def names(self) -> list[str]:
+        return self.store.names()
+
+    def load(self, name: str) -> tuple[SandboxState, SandboxPlan]:
+        """The state and plan of an existing sandbox, or SandboxError naming it."""
+        try:
+            validate_name(name)
+        except PlanError as exc:
+            raise SandboxError(str(exc)) from None
+        state = self.store.load(name)
+        if state is None:
+            known = ", ".join(self.names()) or "none"
+            raise SandboxError(f"unknown sandbox {name!r} (existing: {known})")
+        return state, build_plan(state.name, state.nodes, state.pods_per_node)
+
+    def status(self, name: str) -> dict[str, Any]:
+        state, plan = self.load(name)
+
+        def pid_of(record: ProcessRecord | None) -> int | None:
+            if record is None or record.pid is None:
+                return None
+            alive = processes.is_running(ProcessId(record.pid, record.start_time))
+            return record.pid if alive else None
+
+        def proc_view(record: ProcessRecord) -> dict[str, Any]:
+            return {
+                "name": record.name,
+                "netns": record.netns,
+                "pid": pid_of(record),
+                "log": record.log,
+            }
+
+        return {
+            "name": plan.name,
+            "phase": state.phase,
+            "underlay": {"netns": plan.underlay_netns, "ip": plan.underlay_ip},
+            "nodes": [
+                {"name": n.name, "ip": n.ip, "netns": n.netns, "pod_cidr": n.pod_cidr}
+                for n in plan.nodes
+            ],
+            "pods": [
+                {
+                    "name": p.name,
+                    "namespace": p.namespace,
+                    "service_account": p.service_account,
+                    "node": p.node,
+                    "ip": p.ip,
+                    "netns": p.netns,
+                    "app_pid": pid_of(state.process(f"{DEMOAPP_KIND}-{p.name}")),
+                }
+                for p in plan.pods
+            ],
+            "agents": [proc_view(r) for r in state.processes if r.kind == "agent"],
+            "controlplane": next(
+                (proc_view(r) for r in state.processes if r.kind == "controlplane"), None
+            ),
+        }
+
+    def resolve_netns(self, name: str, target: str) -> str:
+        """The namespace of a pod, a node, or `underlay` in sandbox `name`."""
+        _, plan = self.load(name)
+        if target in ("underlay", plan.underlay_netns):
+            return plan.underlay_netns
+        pod = plan.pod(target)
+        if pod is not None:
+            return pod.netns
+        node = plan.node(target)
+        if node is not None:
+            return node.netns
+        raise SandboxError(
+            f"unknown pod or node {target!r} in sandbox {name} "
+            f"(pods: {plan.pods[0].name} .. {plan.pods[-1].name}; nodes: node1 .. "
+            f"{plan.nodes[-1].name}; or underlay)"
+        )
+
+    # -- up --------------------------------------------------------------
+
+    def up(self, name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
+        """Build the sandbox; on failure remove what was made and raise SandboxError."""
+        try:
+            plan = build_plan(name, nodes, pods_per_node)
+        except PlanError as exc:
+            raise SandboxError(str(exc)) from None
+        preflight()
+        in_use = SandboxError(
+            f"sandbox {name!r} already exists; remove it with `nodeagent sandbox down {name}`"
+        )
+        if self.exists(name):
+            raise in_use
+        all_netns = tuple(ns.name for ns in plan.namespaces)
+        # Intent first: `down` removes these even if we die in the next line.
+        state = SandboxState(
+            name=name, nodes=nodes, pods_per_node=pods_per_node, namespaces=all_netns
+        )
+        if not self.store.claim(state):
+            raise in_use
+        try:
+            self._build(plan)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self.store.update(name, lambda s: dataclasses.replace(s, phase="failed"))
+            self.down(name)
+            if isinstance(exc, NetnsError | OSError):
+                raise SandboxError(f"sandbox {name}: {exc}") from None
+            raise
+        self.store.update(name, lambda s: dataclasses.replace(s, phase="ready"))
+        return plan
+
+    def _build(self, plan: SandboxPlan) -> None:
+        app_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+        self.adapter.create([ns.name for ns in plan.namespaces])
+        _crash_point("namespaces")
+        # Apps start now, while the network is configured: they bind 0.0.0.0 and
+        # need no interface, and their start-up (the bulk of `up`) then overlaps
+        # the netlink work on the other core.
+        pending = self.spawn_processes(
+            plan.name,
+            [
+                ProcessSpec(
+                    kind=DEMOAPP_KIND,
+                    name=f"{DEMOAPP_KIND}-{p.name}",
+                    netns=p.netns,
+                    # -S: no site-packages scan; the app needs only the stdlib and
+                    # this package (found via PYTHONPATH), which halves its start-up.
+                    argv=(
+                        self.python,
+                        "-S",
+                        "-m",
+                        "nodeagent.sandbox.demoapp",
+                        f"--sandbox={plan.name}",
+                        f"--pod={p.name}",
+                        f"--namespace={p.namespace}",
+                        f"--service-account={p.service_account}",
+                        f"--node={p.node}",
+                        f"--ip={p.ip}",
+                        f"--http-port={HTTP_PORT}",
+                        f"--echo-port={ECHO_PORT}",
+                    ),
+                    ready_flag="--ready-fd",
+                    env=app_env,
+                )
+                for p in plan.pods
+            ],
+        )
+        try:
+            for ns in plan.namespaces:
+                self.adapter.apply(ns)
+            _crash_point("links")
+        except BaseException:
+            for fd in pending.ready_fds:
+                os.close(fd)
+            raise
+        self.await_ready(pending)
+        _crash_point("apps")
+
+    # -- processes (demo apps now; agents and a control plane later) --------
+
+    def start_processes(
+        self, name: str, specs: Sequence[ProcessSpec], timeout: float = APP_READY_TIMEOUT
+    ) -> list[ProcessRecord]:
+        """Start processes in parallel and wait until all are ready (see spawn_processes)."""
+        pending = self.spawn_processes(name, specs)
+        self.await_ready(pending, timeout)
+        return pending.started
+
+    def spawn_processes(self, name: str, specs: Sequence[ProcessSpec]) -> PendingProcesses:
+        """Start processes without waiting, recording intent before and pids after.
+
+        A spec with `ready_flag` gets `<flag> <fd>` appended and must write
+        `ready` to that fd once it serves; `await_ready` waits for that.
+        """
+        records = [
+            ProcessRecord(
+                kind=s.kind,
+                name=s.name,
+                netns=s.netns,
+                argv=tuple(s.argv),
+                log=str(self.store.log_path(name, s.name)),
+            )
+            for s in specs
+        ]
+
+        def record_all(st: SandboxState) -> SandboxState:
+            for r in records:
+                st = st.with_process(r)
+            return st
+
+        self.store.update(name, record_all)
+        pending = PendingProcesses(records=records)
+        try:
+            for spec, rec in zip(specs, records, strict=True):
+                argv = list(rec.argv)
+                pass_fds: tuple[int, ...] = ()
+                if spec.ready_flag:
+                    r, w = os.pipe()
+                    pending.ready_fds[r] = rec.name
+                    argv += [spec.ready_flag, str(w)]
+                    pass_fds = (w,)
+                try:
+                    pid = processes.spawn(rec.netns, argv, Path(rec.log), pass_fds, spec.env)
+                finally:
+                    for fd in pass_fds:
+                        os.close(fd)
+                pending.started.append(
+                    dataclasses.replace(rec, pid=pid.pid, start_time=pid.start_time)
+                )
+        except BaseException:
+            for fd in pending.ready_fds:
+                os.close(fd)
+            raise
+        finally:
+            if pending.started:
+                done = {r.name: r for r in pending.started}
+                self.store.update(name, lambda st: record_all_started(st, done))
+        return pending
+
+    def await_ready(self, pending: PendingProcesses, timeout: float = APP_READY_TIMEOUT) -> None:
+        """Wait for every ready fd of `pending`; SandboxError naming a laggard's log."""
+        fds, pending.ready_fds = pending.ready_fds, {}
+        failed = processes.wait_ready(fds, timeout) if fds else []
+        if failed:
+            first = next(r for r in pending.records if r.name == failed[0])
+            # The log goes with the sandbox's clean-up, so quote its last line.
+            raise SandboxError(
+                f"{len(failed)} process(es) did not become ready, e.g. {first.name} "
+                f"in {first.netns}: {_last_line(first.log) or 'no output'}"
+            )
+
+    def stop_process(self, name: str, process: str) -> bool:
+        """Stop one recorded process and forget it; False if it was not recorded."""
+        state, _ = self.load(name)
+        record = state.process(process)
+        if record is None:
+            return False
+        if record.pid is not None:
+            processes.terminate([ProcessId(record.pid, record.start_time)])
+        self.store.update(name, lambda st: st.without_process(process))
+        return True
+
+    # -- exec --------------------------------------------------------------
+
+    def exec(self, name: str, target: str, cmd: Sequence[str]) -> int:
+        """Run `cmd` in the target's namespace, inheriting stdio; return its exit code."""
+        if not cmd:
+            raise SandboxError("no command given (use: exec NAME POD -- CMD...)")
+        preflight()
+        netns = self.resolve_netns(name, target)
+        argv = [processes.NSENTER, f"--net={netns_path(netns)}", "--", *cmd]
+        try:
+            return subprocess.run(argv, check=False).returncode
+        except KeyboardInterrupt:
+            return 130
+
+    # -- down --------------------------------------------------------------
+
+    def down(self, name: str) -> DownReport:
+        """Remove everything sandbox `name` made; idempotent, works on half-built ones."""
+        try:
+            validate_name(name)
+        except PlanError as exc:
+            raise SandboxError(str(exc)) from None
+        preflight()
+        pattern = netns_pattern(name)
+        state = self.store.load(name)
+        swept = [n for n in list_netns() if pattern.match(n)]
+        if state is None and not swept and not self.store.exists(name):
+            return DownReport(existed=False)
+        namespaces = sorted(set(swept) | set(state.namespaces if state else ()))
+        recorded = [
+            ProcessId(p.pid, p.start_time) for p in (state.processes if state else ()) if p.pid
+        ]
+        inodes = {i for i in (netns_inode(n) for n in namespaces) if i is not None}
+        # Recorded processes first, then anything else still inside our namespaces
+        # (a process started just before a crash, or by `exec`).
+        strays = processes.pids_in_netns(inodes)
+        victims = {p.pid: p for p in recorded + strays}
+        processes.terminate(victims.values())
+        for n in namespaces:
+            self.adapter.remove(n)
+        self.store.remove(name)
+        return DownReport(existed=True, namespaces=len(namespaces), processes=len(victims))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessSpec:
+    """A process to start in a sandbox namespace."""
+
+    kind: str
+    name: str
+    netns: str
+    argv: Sequence[str]
+    env: dict[str, str] | None = None
+    ready_flag: str | None = None
+
+
+@dataclass
+class PendingProcesses:
+    """Processes spawned by `spawn_processes`, not yet known to be ready."""
+
+    records: list[ProcessRecord]
+    started: list[ProcessRecord] = field(default_factory=list)
+    ready_fds: dict[int, str] = field(default_factory=dict)
+
+
+def record_all_started(state: SandboxState, done: dict[str, ProcessRecord]) -> SandboxState:
+    for record in done.values():
+        state = state.with_process(record)
+    return state

@@ -1,0 +1,290 @@
+"""The sandbox topology as pure data: names, addresses, routes and sysctls from N and M.
+
+Addressing (deterministic; every sandbox lives in its own namespaces, so two
+sandboxes reuse the same addresses without clashing):
+
+* underlay namespace ``NAME-underlay``: bridge ``br0`` with 172.30.0.1/16 and one
+  port ``vnode<i>`` per node; routes each node's pod range via that node.
+* node ``node<i>`` (i = 1..N), namespace ``NAME-node<i>``: ``eth0`` =
+  172.30.0.(10+i)/16 on the underlay; pod range 10.10.<i>.0/24 with gateway
+  10.10.<i>.1; ip_forward on, rp_filter off; one ``vpod<j>`` veth per pod carrying
+  the gateway address (/32) and a /32 route to that pod; other nodes' pod ranges
+  routed via their underlay IPs (like a host-network Kubernetes node with a
+  routed CNI).
+* pod ``node<i>-pod<j>`` (j = 1..M), namespace ``NAME-node<i>-pod<j>``: ``eth0`` =
+  10.10.<i>.(10+j)/32, an on-link route to the gateway and a default route via it.
+
+Kubernetes metadata: every pod is in namespace ``demo``; odd-numbered pods run as
+service account ``frontend``, even-numbered ones as ``backend`` (so a 2x2 sandbox
+has both on every node, and a policy can deny one caller).
+
+Interface names are fixed and short because they are only ever created inside
+the sandbox's own namespaces, never in the root namespace.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+MAX_NAME_LEN = 20
+MAX_NODES = 64
+MAX_PODS_PER_NODE = 128
+
+UNDERLAY_PREFIXLEN = 16
+UNDERLAY_GATEWAY = "172.30.0.1"
+POD_NAMESPACE = "demo"
+SERVICE_ACCOUNTS = ("frontend", "backend")
+BRIDGE = "br0"
+UPLINK = "eth0"
+
+HTTP_PORT = 8080
+ECHO_PORT = 9000
+
+_NAME_RE = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
+
+Role = Literal["underlay", "node", "pod"]
+
+
+class PlanError(ValueError):
+    """Invalid sandbox parameters; the message names the parameter."""
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid sandbox name, else raise PlanError."""
+    if not name or len(name) > MAX_NAME_LEN or not _NAME_RE.match(name):
+        raise PlanError(
+            f"invalid sandbox name {name!r}: use 1-{MAX_NAME_LEN} lowercase letters, digits "
+            "or '-', starting with a letter and not ending with '-'"
+        )
+    return name
+
+
+def netns_pattern(name: str) -> re.Pattern[str]:
+    """The exact names of namespaces sandbox `name` can make (for sweeping)."""
+    return re.compile(rf"^{re.escape(name)}-(underlay|node[0-9]+(-pod[0-9]+)?)$")
+
+
+def underlay_netns(name: str) -> str:
+    return f"{name}-underlay"
+
+
+def node_ip(index: int) -> str:
+    return f"172.30.0.{10 + index}"
+
+
+def pod_cidr(node_index: int) -> str:
+    return f"10.10.{node_index}.0/24"
+
+
+def pod_gateway(node_index: int) -> str:
+    return f"10.10.{node_index}.1"
+
+
+def pod_ip(node_index: int, pod_index: int) -> str:
+    return f"10.10.{node_index}.{10 + pod_index}"
+
+
+def service_account(pod_index: int) -> str:
+    return SERVICE_ACCOUNTS[(pod_index - 1) % len(SERVICE_ACCOUNTS)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """One IPv4 route. `gateway` None means on-link via `dev`."""
+
+    dst: str  # "a.b.c.d/len" or "default"
+    gateway: str | None = None
+    dev: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Veth:
+    """A veth pair created from `netns` with its peer placed straight into `peer_netns`."""
+
+    netns: str
+    ifname: str
+    peer_netns: str
+    peer_ifname: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interface:
+    """How one interface is configured: addresses (with prefix), bridge master, up."""
+
+    ifname: str
+    addresses: tuple[str, ...] = ()
+    master: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamespacePlan:
+    """Everything done inside one namespace, in apply order."""
+
+    name: str
+    role: Role
+    sysctls: tuple[tuple[str, str], ...] = ()
+    bridges: tuple[str, ...] = ()
+    veths: tuple[Veth, ...] = ()  # created from this namespace
+    interfaces: tuple[Interface, ...] = ()
+    routes: tuple[Route, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodePlan:
+    name: str
+    index: int
+    ip: str
+    netns: str
+    pod_cidr: str
+    gateway: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodPlan:
+    name: str
+    namespace: str
+    service_account: str
+    node: str
+    ip: str
+    netns: str
+    index: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxPlan:
+    name: str
+    node_count: int
+    pods_per_node: int
+    underlay_netns: str
+    underlay_ip: str
+    nodes: tuple[NodePlan, ...]
+    pods: tuple[PodPlan, ...]
+    namespaces: tuple[NamespacePlan, ...] = field(repr=False)
+
+    def pod(self, name: str) -> PodPlan | None:
+        return next((p for p in self.pods if p.name == name or p.netns == name), None)
+
+    def node(self, name: str) -> NodePlan | None:
+        return next((n for n in self.nodes if n.name == name or n.netns == name), None)
+
+
+# Sysctls are written relative to /proc/sys/net.
+_FORWARDING = (("ipv4/ip_forward", "1"),)
+_NO_RP_FILTER = (("ipv4/conf/all/rp_filter", "0"), ("ipv4/conf/default/rp_filter", "0"))
+
+
+def _check_count(what: str, value: int, limit: int) -> None:
+    if not 1 <= value <= limit:
+        raise PlanError(f"{what} must be between 1 and {limit}, got {value}")
+
+
+def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
+    """The whole topology of sandbox `name` with `nodes` x `pods_per_node` pods."""
+    validate_name(name)
+    _check_count("--nodes", nodes, MAX_NODES)
+    _check_count("--pods-per-node", pods_per_node, MAX_PODS_PER_NODE)
+
+    underlay = underlay_netns(name)
+    node_plans = tuple(
+        NodePlan(
+            name=f"node{i}",
+            index=i,
+            ip=node_ip(i),
+            netns=f"{name}-node{i}",
+            pod_cidr=pod_cidr(i),
+            gateway=pod_gateway(i),
+        )
+        for i in range(1, nodes + 1)
+    )
+    pod_plans = tuple(
+        PodPlan(
+            name=f"{n.name}-pod{j}",
+            namespace=POD_NAMESPACE,
+            service_account=service_account(j),
+            node=n.name,
+            ip=pod_ip(n.index, j),
+            netns=f"{n.netns}-pod{j}",
+            index=j,
+        )
+        for n in node_plans
+        for j in range(1, pods_per_node + 1)
+    )
+
+    namespaces: list[NamespacePlan] = [
+        NamespacePlan(
+            name=underlay,
+            role="underlay",
+            bridges=(BRIDGE,),
+            veths=tuple(
+                Veth(
+                    netns=underlay, ifname=f"vnode{n.index}", peer_netns=n.netns, peer_ifname=UPLINK
+                )
+                for n in node_plans
+            ),
+            interfaces=(
+                Interface(ifname=BRIDGE, addresses=(f"{UNDERLAY_GATEWAY}/{UNDERLAY_PREFIXLEN}",)),
+                *(Interface(ifname=f"vnode{n.index}", master=BRIDGE) for n in node_plans),
+            ),
+            # The underlay can reach pods too (a later control plane may live here).
+            routes=tuple(Route(dst=n.pod_cidr, gateway=n.ip) for n in node_plans),
+        )
+    ]
+    for n in node_plans:
+        mine = [p for p in pod_plans if p.node == n.name]
+        namespaces.append(
+            NamespacePlan(
+                name=n.netns,
+                role="node",
+                # rp_filter off: a node forwards pod traffic whose source it reaches via
+                # another interface (and later, agent traffic with spoofed sources).
+                sysctls=_FORWARDING + _NO_RP_FILTER,
+                veths=tuple(
+                    Veth(
+                        netns=n.netns,
+                        ifname=f"vpod{p.index}",
+                        peer_netns=p.netns,
+                        peer_ifname=UPLINK,
+                    )
+                    for p in mine
+                ),
+                interfaces=(
+                    Interface(ifname=UPLINK, addresses=(f"{n.ip}/{UNDERLAY_PREFIXLEN}",)),
+                    # Each pod veth carries the gateway /32 so the pod's ARP for it is answered.
+                    *(
+                        Interface(ifname=f"vpod{p.index}", addresses=(f"{n.gateway}/32",))
+                        for p in mine
+                    ),
+                ),
+                routes=(
+                    *(Route(dst=f"{p.ip}/32", dev=f"vpod{p.index}") for p in mine),
+                    *(Route(dst=o.pod_cidr, gateway=o.ip) for o in node_plans if o is not n),
+                ),
+            )
+        )
+    for n in node_plans:
+        for p in (p for p in pod_plans if p.node == n.name):
+            namespaces.append(
+                NamespacePlan(
+                    name=p.netns,
+                    role="pod",
+                    sysctls=_NO_RP_FILTER,
+                    interfaces=(Interface(ifname=UPLINK, addresses=(f"{p.ip}/32",)),),
+                    routes=(
+                        Route(dst=f"{n.gateway}/32", dev=UPLINK),
+                        Route(dst="default", gateway=n.gateway),
+                    ),
+                )
+            )
+
+    return SandboxPlan(
+        name=name,
+        node_count=nodes,
+        pods_per_node=pods_per_node,
+        underlay_netns=underlay,
+        underlay_ip=UNDERLAY_GATEWAY,
+        nodes=node_plans,
+        pods=pod_plans,
+        namespaces=tuple(namespaces),
+    )

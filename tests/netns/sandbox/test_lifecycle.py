@@ -1,0 +1,150 @@
+"""`down` leaves nothing behind: after a full `up`, after a crashed `up`, twice in a row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.sandbox import probe
+from nodeagent.sandbox.demo import run_demo
+from nodeagent.sandbox.manager import CRASH_ENV, SandboxError, SandboxManager
+from nodeagent.sandbox.netns import NetnsAdapter
+from nodeagent.sandbox.state import DEFAULT_STATE_ROOT
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def _sandbox_cmdlines(name: str) -> list[int]:
+    needle = f"--sandbox={name}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _netns_of(name: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{name}-")]
+
+
+def assert_nothing_left(name: str, root_links_before: set[str]) -> None:
+    assert _netns_of(name) == []
+    assert _root_links() <= root_links_before
+    assert _sandbox_cmdlines(name) == []
+    assert not (DEFAULT_STATE_ROOT / name).exists()
+
+
+def test_down_removes_every_namespace_process_link_and_file(
+    sandbox_name: str, nodeagent_cli: Any
+) -> None:
+    links = _root_links()
+    up = nodeagent_cli(
+        "sandbox", "up", "--name", sandbox_name, "--nodes", "2", "--pods-per-node", "3"
+    )
+    assert up.returncode == 0, up.stderr
+    assert len(_netns_of(sandbox_name)) == 1 + 2 + 6
+    assert len(_sandbox_cmdlines(sandbox_name)) == 6
+    assert (DEFAULT_STATE_ROOT / sandbox_name / "state.json").exists()
+    assert _root_links() == links  # nothing is ever created in the root namespace
+
+    down = nodeagent_cli("sandbox", "down", sandbox_name)
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(sandbox_name, links)
+
+    again = nodeagent_cli("sandbox", "down", sandbox_name)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to remove" in again.stdout
+
+
+@pytest.mark.parametrize("crash_at", ["namespaces", "links", "apps"])
+def test_down_finishes_a_sandbox_whose_up_crashed(
+    sandbox_name: str, nodeagent_cli: Any, crash_at: str
+) -> None:
+    links = _root_links()
+    up = nodeagent_cli(
+        "sandbox", "up", "--name", sandbox_name, "--nodes", "2", "--pods-per-node", "2",
+        env={CRASH_ENV: crash_at},
+    )  # fmt: skip
+    assert up.returncode == 99, up.stderr
+    assert _netns_of(sandbox_name)  # the crash left a half-built sandbox
+    if crash_at == "apps":
+        assert len(_sandbox_cmdlines(sandbox_name)) == 4
+
+    status = nodeagent_cli("sandbox", "status", sandbox_name, "-o", "json")
+    assert json.loads(status.stdout)["phase"] == "creating"
+
+    down = nodeagent_cli("sandbox", "down", sandbox_name)
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(sandbox_name, links)
+
+
+def test_down_sweeps_namespaces_even_without_a_state_file(
+    sandbox_name: str, nodeagent_cli: Any
+) -> None:
+    links = _root_links()
+    up = nodeagent_cli(
+        "sandbox", "up", "--name", sandbox_name, "--nodes", "1", "--pods-per-node", "1"
+    )
+    assert up.returncode == 0, up.stderr
+    (DEFAULT_STATE_ROOT / sandbox_name / "state.json").unlink()
+    down = nodeagent_cli("sandbox", "down", sandbox_name)
+    assert down.returncode == 0, down.stderr
+    # The app lived in a sandbox namespace, so it is found and stopped without a record.
+    assert_nothing_left(sandbox_name, links)
+
+
+def test_two_sandboxes_coexist_with_the_same_addresses(
+    sandbox_names: Any, nodeagent_cli: Any
+) -> None:
+    first, second = sandbox_names(), sandbox_names()
+    for name in (first, second):
+        up = nodeagent_cli("sandbox", "up", "--name", name, "--nodes", "2", "--pods-per-node", "1")
+        assert up.returncode == 0, up.stderr
+    with NetnsAdapter() as adapter:
+        for name in (first, second):
+            answer = probe.http_get(adapter, f"{name}-node1-pod1", "10.10.2.11", 8080)
+            assert answer["sandbox"] == name
+            assert answer["client_ip"] == "10.10.1.11"
+        assert nodeagent_cli("sandbox", "down", first).returncode == 0
+        assert _netns_of(first) == []
+        answer = probe.http_get(adapter, f"{second}-node2-pod1", "10.10.1.11", 8080)
+        assert answer["sandbox"] == second
+
+
+def test_demo_calls_pods_and_removes_its_sandbox(sandbox_name: str) -> None:
+    lines: list[str] = []
+    statuses: list[dict[str, Any]] = []
+    with SandboxManager() as manager:
+        ok = run_demo(manager, lines.append, statuses.append, name=sandbox_name)
+    assert ok, "\n".join(lines)
+    assert statuses[0]["name"] == sandbox_name
+    text = "\n".join(lines)
+    assert '"client_ip": "10.10.1.11"' in text
+    assert "all calls succeeded" in text
+    assert _netns_of(sandbox_name) == []
+    assert not Path(DEFAULT_STATE_ROOT / sandbox_name).exists()
+
+
+def test_up_that_fails_says_why_and_leaves_nothing(sandbox_name: str) -> None:
+    links = _root_links()
+    # /bin/sh refuses the interpreter's `-S` flag, so no app ever becomes ready.
+    with (
+        SandboxManager(python="/bin/sh") as manager,
+        pytest.raises(SandboxError, match=r"did not become ready.*Illegal option -S"),
+    ):
+        manager.up(sandbox_name, 1, 2)
+    assert_nothing_left(sandbox_name, links)
