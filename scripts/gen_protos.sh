@@ -14,7 +14,7 @@ protos=$( { [ -d proto ] && cd proto && find . -name '*.proto' | sed 's|^\./||' 
 if [ -z "$protos" ]; then echo "gen: no protos"; exit 0; fi
 mkdir -p "$out"
 wkt=$("$PY" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
-gapi=$("$PY" -c 'import google.rpc, os; print(os.path.dirname(os.path.dirname(os.path.dirname(google.rpc.__file__))))')
+gapi=$("$PY" -c 'import google.rpc.status_pb2 as m, os; print(os.path.dirname(os.path.dirname(os.path.dirname(m.__file__))))')
 # shellcheck disable=SC2086
 "$PY" -m grpc_tools.protoc -Iproto -I"$wkt" -I"$gapi" \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" $protos

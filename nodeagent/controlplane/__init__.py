@@ -1,0 +1,1 @@
+"""The shipped control plane: delta-xDS server and CA, fed by a mesh file."""

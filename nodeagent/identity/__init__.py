@@ -1,0 +1,1 @@
+"""Workload identity: keys, CSRs, the CA client, the certificate manager, TLS contexts."""
