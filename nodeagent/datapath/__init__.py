@@ -1,0 +1,1 @@
+"""In-pod capture: rule plans, the iptables backend, namespace helpers, pod discovery."""

@@ -1,0 +1,295 @@
+"""The agent's view of the mesh: workloads, services and policies, with indexes.
+
+`StateStore.apply` takes one batch of already-converted values and removal
+names and applies it in one synchronous step, so readers never see half a
+batch; then it tells subscribers what changed (`StateChange`).
+
+Indexes: workloads by uid, by (network, ip) and by node; services by `namespace/hostname`
+and by (network, VIP); each service's endpoints (workloads whose `services` map
+names it); policies by `namespace/name`, by namespace (NAMESPACE scope) and the
+GLOBAL ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from nodeagent.model.policy import Authorization, Scope
+from nodeagent.model.workload import Endpoint, IPAddress, Port, Service, Workload
+
+log = logging.getLogger(__name__)
+
+AddressKey = tuple[str, IPAddress]  # (network, ip)
+Subscriber = Callable[["StateChange"], None]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+@dataclass(frozen=True, slots=True)
+class KindChange:
+    """Names (uid, `namespace/hostname` or `namespace/name`) changed for one kind."""
+
+    added: frozenset[str] = frozenset()
+    updated: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.updated or self.removed)
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """What one applied batch changed, by kind."""
+
+    workloads: KindChange = KindChange()
+    services: KindChange = KindChange()
+    policies: KindChange = KindChange()
+
+    def __bool__(self) -> bool:
+        return bool(self.workloads or self.services or self.policies)
+
+
+@dataclass(frozen=True, slots=True)
+class StateBatch:
+    """Converted upserts and removal names to apply together.
+
+    `removed_addresses` are Address resource names: a workload uid or a service's
+    `namespace/hostname`. Removals are applied before upserts.
+    """
+
+    workloads: tuple[Workload, ...] = ()
+    services: tuple[Service, ...] = ()
+    policies: tuple[Authorization, ...] = ()
+    removed_addresses: tuple[str, ...] = ()
+    removed_policies: tuple[str, ...] = ()
+
+
+@dataclass
+class _Tracker:
+    """Accumulates one kind's changes during a batch (add then remove = nothing)."""
+
+    before: set[str] = field(default_factory=set)  # names present before the batch
+    touched: set[str] = field(default_factory=set)
+
+    def change(self, present: Callable[[str], bool]) -> KindChange:
+        added, updated, removed = set(), set(), set()
+        for name in self.touched:
+            was, now = name in self.before, present(name)
+            if was and now:
+                updated.add(name)
+            elif now:
+                added.add(name)
+            elif was:
+                removed.add(name)
+        return KindChange(frozenset(added), frozenset(updated), frozenset(removed))
+
+    def touch(self, name: str, present_before: bool) -> None:
+        if name not in self.touched:
+            self.touched.add(name)
+            if present_before:
+                self.before.add(name)
+
+
+class StateStore:
+    """Workloads, services and policies with lookup indexes and a change feed."""
+
+    def __init__(self) -> None:
+        self._workloads: dict[str, Workload] = {}
+        # Host-network workloads share an IP, so an address maps to several uids;
+        # dict keeps insertion order (the most recently added uid is last).
+        self._workloads_by_addr: dict[AddressKey, dict[str, None]] = {}
+        self._workloads_by_node: dict[str, dict[str, None]] = {}
+        self._services: dict[str, Service] = {}
+        self._services_by_vip: dict[AddressKey, dict[str, None]] = {}
+        # service key -> workload uid -> ports that workload serves for it.
+        self._endpoints: dict[str, dict[str, tuple[Port, ...]]] = {}
+        self._policies: dict[str, Authorization] = {}
+        self._global_policies: set[str] = set()
+        self._namespace_policies: dict[str, set[str]] = {}
+        self._subscribers: list[Subscriber] = []
+
+    # --- change feed ---------------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call `subscriber` after every batch that changed something; returns unsubscribe."""
+        self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    # --- writes ----------------------------------------------------------------
+
+    def apply(self, batch: StateBatch) -> StateChange:
+        """Apply removals then upserts in one step; notify subscribers if anything changed."""
+        workloads, services, policies = _Tracker(), _Tracker(), _Tracker()
+        for name in batch.removed_addresses:
+            if name in self._workloads:
+                workloads.touch(name, True)
+                self._remove_workload(name)
+            elif name in self._services:
+                services.touch(name, True)
+                self._remove_service(name)
+            else:
+                log.debug("removal of unknown address %s ignored", name)
+        for name in batch.removed_policies:
+            if name in self._policies:
+                policies.touch(name, True)
+                self._remove_policy(name)
+        for workload in batch.workloads:
+            old = self._workloads.get(workload.uid)
+            if old == workload:
+                continue  # unchanged resend (e.g. after reconnect): no event
+            workloads.touch(workload.uid, old is not None)
+            if old is not None:
+                self._remove_workload(workload.uid)
+            self._add_workload(workload)
+        for service in batch.services:
+            old_service = self._services.get(service.key)
+            if old_service == service:
+                continue
+            services.touch(service.key, old_service is not None)
+            if old_service is not None:
+                self._remove_service(service.key)
+            self._add_service(service)
+        for policy in batch.policies:
+            old_policy = self._policies.get(policy.key)
+            if old_policy == policy:
+                continue
+            policies.touch(policy.key, old_policy is not None)
+            if old_policy is not None:
+                self._remove_policy(policy.key)
+            self._add_policy(policy)
+        change = StateChange(
+            workloads.change(self._workloads.__contains__),
+            services.change(self._services.__contains__),
+            policies.change(self._policies.__contains__),
+        )
+        if change:
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber(change)
+                except Exception:  # the batch is applied; one broken reader must not stop the rest
+                    log.exception("state subscriber %r failed", subscriber)
+        return change
+
+    def _add_workload(self, workload: Workload) -> None:
+        self._workloads[workload.uid] = workload
+        for ip in workload.addresses:
+            self._workloads_by_addr.setdefault((workload.network, ip), {})[workload.uid] = None
+        if workload.node:
+            self._workloads_by_node.setdefault(workload.node, {})[workload.uid] = None
+        for key, ports in workload.services.items():
+            self._endpoints.setdefault(key, {})[workload.uid] = ports
+
+    def _remove_workload(self, uid: str) -> None:
+        workload = self._workloads.pop(uid)
+        for ip in workload.addresses:
+            _discard(self._workloads_by_addr, (workload.network, ip), uid)
+        _discard(self._workloads_by_node, workload.node, uid)
+        for key in workload.services:
+            _discard(self._endpoints, key, uid)
+
+    def _add_service(self, service: Service) -> None:
+        self._services[service.key] = service
+        for vip in service.addresses:
+            self._services_by_vip.setdefault((vip.network, vip.address), {})[service.key] = None
+
+    def _remove_service(self, key: str) -> None:
+        service = self._services.pop(key)
+        for vip in service.addresses:
+            _discard(self._services_by_vip, (vip.network, vip.address), key)
+
+    def _add_policy(self, policy: Authorization) -> None:
+        self._policies[policy.key] = policy
+        if policy.scope is Scope.GLOBAL:
+            self._global_policies.add(policy.key)
+        elif policy.scope is Scope.NAMESPACE:
+            self._namespace_policies.setdefault(policy.namespace, set()).add(policy.key)
+
+    def _remove_policy(self, key: str) -> None:
+        policy = self._policies.pop(key)
+        self._global_policies.discard(key)
+        in_namespace = self._namespace_policies.get(policy.namespace)
+        if in_namespace is not None:
+            in_namespace.discard(key)
+            if not in_namespace:
+                del self._namespace_policies[policy.namespace]
+
+    # --- reads -----------------------------------------------------------------
+
+    def workload(self, uid: str) -> Workload | None:
+        return self._workloads.get(uid)
+
+    def workloads(self) -> Iterable[Workload]:
+        return self._workloads.values()
+
+    def workloads_by_address(self, network: str, ip: IPAddress) -> tuple[Workload, ...]:
+        """Every workload with `ip` on `network` (several for host-network workloads)."""
+        uids = self._workloads_by_addr.get((network, ip), {})
+        return tuple(self._workloads[uid] for uid in uids)
+
+    def workload_by_address(self, network: str, ip: IPAddress) -> Workload | None:
+        """The workload with `ip` on `network`; the most recently added one if shared."""
+        uids = self._workloads_by_addr.get((network, ip))
+        return self._workloads[next(reversed(uids))] if uids else None
+
+    def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
+        """Workloads whose `node` field is `node` (the agent's own pods), by uid."""
+        uids = self._workloads_by_node.get(node, {})
+        return tuple(self._workloads[uid] for uid in sorted(uids))
+
+    def service(self, key: str) -> Service | None:
+        """The service named `namespace/hostname`."""
+        return self._services.get(key)
+
+    def services(self) -> Iterable[Service]:
+        return self._services.values()
+
+    def service_by_vip(self, network: str, ip: IPAddress) -> Service | None:
+        """The service with VIP `ip` on `network`; the most recently added one if shared."""
+        keys = self._services_by_vip.get((network, ip))
+        return self._services[next(reversed(keys))] if keys else None
+
+    def endpoints(self, service_key: str) -> tuple[Endpoint, ...]:
+        """Workloads whose `services` map names `service_key`, in order of uid."""
+        members: Mapping[str, tuple[Port, ...]] = self._endpoints.get(service_key, {})
+        return tuple(Endpoint(self._workloads[uid], members[uid]) for uid in sorted(members))
+
+    def policy(self, key: str) -> Authorization | None:
+        """The policy named `namespace/name`."""
+        return self._policies.get(key)
+
+    def policies(self) -> Iterable[Authorization]:
+        return self._policies.values()
+
+    def policies_for(self, workload: Workload) -> tuple[Authorization, ...]:
+        """GLOBAL policies, the NAMESPACE policies of its namespace, and those it names.
+
+        Sorted by key; names of policies not (yet) known are skipped.
+        """
+        keys = set(self._global_policies)
+        keys |= self._namespace_policies.get(workload.namespace, set())
+        keys.update(k for k in workload.authorization_policies if k in self._policies)
+        return tuple(self._policies[k] for k in sorted(keys))
+
+    def counts(self) -> dict[str, int]:
+        """Sizes, for metrics and the admin page."""
+        return {
+            "workloads": len(self._workloads),
+            "services": len(self._services),
+            "policies": len(self._policies),
+        }
+
+
+def _discard(index: dict[_K, dict[str, _V]], key: _K, name: str) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.pop(name, None)
+        if not members:
+            del index[key]
