@@ -33,6 +33,7 @@ lint: setup
 	$(BIN)/mypy nodeagent
 	$(PY) scripts/check_layers.py
 	PY=$(PY) bash scripts/gen_protos.sh --check
+	$(PY) scripts/validate_manifests.py
 
 fmt: setup
 	$(BIN)/ruff format nodeagent tests scripts

@@ -112,7 +112,7 @@ class Config:
         return f"ztunnel~{ip}~{self.pod_name}.{ns}~{ns}.svc.cluster.local"
 
 
-_ENV_NAMES: dict[str, str] = {
+ENV_NAMES: dict[str, str] = {
     "NODE_NAME": "node_name",
     "POD_NAME": "pod_name",
     "POD_NAMESPACE": "pod_namespace",
@@ -229,7 +229,7 @@ def build_config(
         layers.append((file, load_file(file)))
     if env:
         layers.append(
-            ("environment", {f: env[e] for e, f in _ENV_NAMES.items() if env.get(e, "") != ""})
+            ("environment", {f: env[e] for e, f in ENV_NAMES.items() if env.get(e, "") != ""})
         )
     if overrides:
         unknown = [k for k in overrides if k not in _FIELDS]
