@@ -1,0 +1,560 @@
+"""The mesh file: a YAML description of nodes, workloads, services and policies.
+
+`load_mesh(path)` parses and validates the whole file into a frozen `MeshConfig`
+or raises `MeshError` naming the file, line and field that is wrong, so the
+control plane can refuse a bad edit and keep serving the last good config.
+The schema is documented in docs/mesh-file.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from nodeagent.model.constants import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN
+from nodeagent.model.identity import Identity
+
+T = TypeVar("T")
+
+# The C loader composes ~5x faster (10,000 workloads) and keeps line marks.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+ACTIONS = ("ALLOW", "DENY")
+
+
+class MeshError(ValueError):
+    """The mesh file is invalid; the message is `FILE:LINE:COL: FIELD: problem`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSpec:
+    name: str
+    token: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkloadSpec:
+    name: str
+    namespace: str
+    node: str
+    ips: tuple[str, ...]
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    labels: Mapping[str, str] = field(default_factory=dict)
+    uid: str = ""
+    network: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def effective_uid(self, cluster_id: str) -> str:
+        return self.uid or f"{cluster_id}//Pod/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServicePort:
+    port: int
+    target_port: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSpec:
+    name: str
+    namespace: str
+    hostname: str
+    vips: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    selector: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """xDS resource name of the service: `namespace/hostname`."""
+        return f"{self.namespace}/{self.hostname}"
+
+    def selects(self, workload: WorkloadSpec) -> bool:
+        # An empty selector selects nothing (like a Kubernetes Service without one).
+        return (
+            bool(self.selector)
+            and workload.namespace == self.namespace
+            and all(workload.labels.get(k) == v for k, v in self.selector.items())
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class OperationSpec:
+    ports: tuple[int, ...] = ()
+    not_ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleSpec:
+    sources: tuple[SourceSpec, ...] = ()
+    operations: tuple[OperationSpec, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicySpec:
+    name: str
+    namespace: str
+    action: str = "ALLOW"
+    selector: Mapping[str, str] | None = None
+    """matchLabels; None (or empty) means the whole namespace."""
+    rules: tuple[RuleSpec, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def selects(self, workload: WorkloadSpec) -> bool:
+        return (
+            bool(self.selector)
+            and workload.namespace == self.namespace
+            and all(workload.labels.get(k) == v for k, v in (self.selector or {}).items())
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    root_namespace: str = "istio-system"
+    cluster_id: str = "Kubernetes"
+    nodes: tuple[NodeSpec, ...] = ()
+    workloads: tuple[WorkloadSpec, ...] = ()
+    services: tuple[ServiceSpec, ...] = ()
+    policies: tuple[PolicySpec, ...] = ()
+
+    def node_for_token(self, token: str) -> str | None:
+        """The node whose agent presents this bearer token (the CA's node authorizer)."""
+        if not token:
+            return None
+        for n in self.nodes:
+            if n.token == token:
+                return n.name
+        return None
+
+    def identities_on_node(self, node: str) -> set[Identity]:
+        """SPIFFE identities of the workloads scheduled on `node`."""
+        return {
+            Identity.for_workload(self.trust_domain, w.namespace, w.service_account)
+            for w in self.workloads
+            if w.node == node
+        }
+
+
+# --- reading -----------------------------------------------------------------
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_NULL = "tag:yaml.org,2002:null"
+
+
+class _Reader:
+    """Walks the composed YAML node tree, checking types and naming positions."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, node: yaml.Node | None, path: str, problem: str) -> MeshError:
+        if node is None:
+            return MeshError(f"{self.source}: {path}: {problem}")
+        m = node.start_mark
+        return MeshError(f"{self.source}:{m.line + 1}:{m.column + 1}: {path}: {problem}")
+
+    def mapping(
+        self, node: yaml.Node, path: str, required: tuple[str, ...], optional: tuple[str, ...]
+    ) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, path, f"expected a mapping, got {_kind(node)}")
+        out: dict[str, yaml.Node] = {}
+        allowed = required + optional
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag != _STR:
+                raise self.error(k, path, "mapping keys must be strings")
+            sub = _join(path, k.value)
+            if k.value in out:
+                raise self.error(k, sub, "duplicate key")
+            if k.value not in allowed:
+                raise self.error(k, sub, f"unknown field (allowed: {', '.join(allowed)})")
+            out[k.value] = v
+        for r in required:
+            if r not in out or _is_null(out[r]):
+                raise self.error(node, _join(path, r), "required field is missing")
+        return {k: v for k, v in out.items() if not _is_null(v)}
+
+    def sequence(self, node: yaml.Node, path: str) -> list[yaml.Node]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, path, f"expected a list, got {_kind(node)}")
+        return list(node.value)
+
+    def string(self, node: yaml.Node, path: str, *, nonempty: bool = True) -> str:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR:
+            raise self.error(node, path, f"expected a string, got {_kind(node)}")
+        if nonempty and not node.value:
+            raise self.error(node, path, "must not be empty")
+        return str(node.value)
+
+    def integer(self, node: yaml.Node, path: str, lo: int, hi: int) -> int:
+        value: int | None = None
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == _INT:
+                value = int(node.value.replace("_", ""), 0)
+            elif node.tag == _STR and node.value.isdigit():
+                # Istio's AuthorizationPolicy writes ports as strings.
+                value = int(node.value)
+        if value is None:
+            raise self.error(node, path, f"expected an integer, got {_kind(node)}")
+        if not lo <= value <= hi:
+            raise self.error(node, path, f"{value} is out of range {lo}..{hi}")
+        return value
+
+    def labels(self, node: yaml.Node, path: str) -> dict[str, str]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, path, f"expected a mapping, got {_kind(node)}")
+        out: dict[str, str] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or not k.value:
+                raise self.error(k, path, "label keys must be non-empty strings")
+            if not isinstance(v, yaml.ScalarNode):
+                raise self.error(v, _join(path, k.value), f"expected a string, got {_kind(v)}")
+            if k.value in out:
+                raise self.error(k, _join(path, k.value), "duplicate key")
+            out[str(k.value)] = str(v.value)
+        return out
+
+    def strings(self, node: yaml.Node, path: str) -> tuple[str, ...]:
+        return tuple(
+            self.string(n, f"{path}[{i}]") for i, n in enumerate(self.sequence(node, path))
+        )
+
+    def items(
+        self, node: yaml.Node, path: str, read: Callable[[yaml.Node, str], T]
+    ) -> list[tuple[yaml.Node, T]]:
+        return [(n, read(n, f"{path}[{i}]")) for i, n in enumerate(self.sequence(node, path))]
+
+    def ip(self, node: yaml.Node, path: str) -> str:
+        text = self.string(node, path)
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            raise self.error(node, path, f"{text!r} is not an IP address") from None
+
+    def cidr(self, node: yaml.Node, path: str) -> str:
+        text = self.string(node, path)
+        try:
+            return str(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise self.error(node, path, f"{text!r} is not an IP address or CIDR") from None
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    tag = node.tag.rsplit(":", 1)[-1]
+    return f"{tag} {node.value!r}"
+
+
+def load_mesh(path: str | Path) -> MeshConfig:
+    """Read and validate a mesh file; raise MeshError naming file, line and field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise MeshError(f"{p}: cannot read: {e.strerror or e}") from None
+    return parse_mesh(text, str(p))
+
+
+def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
+    """Validate mesh YAML text (see load_mesh)."""
+    try:
+        root = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e)
+        raise MeshError(f"{where}: YAML syntax error: {problem}") from None
+    r = _Reader(source)
+    if root is None or _is_null(root):
+        return MeshConfig()
+    top = r.mapping(
+        root,
+        "",
+        (),
+        ("meshConfig", "nodes", "workloads", "services", "authorizationPolicies"),
+    )
+    mesh_kw: dict[str, Any] = {}
+    if "meshConfig" in top:
+        mc = r.mapping(
+            top["meshConfig"], "meshConfig", (), ("trustDomain", "rootNamespace", "clusterId")
+        )
+        if "trustDomain" in mc:
+            mesh_kw["trust_domain"] = r.string(mc["trustDomain"], "meshConfig.trustDomain")
+        if "rootNamespace" in mc:
+            mesh_kw["root_namespace"] = r.string(mc["rootNamespace"], "meshConfig.rootNamespace")
+        if "clusterId" in mc:
+            mesh_kw["cluster_id"] = r.string(mc["clusterId"], "meshConfig.clusterId")
+    nodes = r.items(top["nodes"], "nodes", lambda n, p: _node(r, n, p)) if "nodes" in top else []
+    workloads = (
+        r.items(top["workloads"], "workloads", lambda n, p: _workload(r, n, p))
+        if "workloads" in top
+        else []
+    )
+    services = (
+        r.items(top["services"], "services", lambda n, p: _service(r, n, p))
+        if "services" in top
+        else []
+    )
+    policies = (
+        r.items(
+            top["authorizationPolicies"], "authorizationPolicies", lambda n, p: _policy(r, n, p)
+        )
+        if "authorizationPolicies" in top
+        else []
+    )
+    _check_unique(r, "nodes", nodes, lambda s: s.name, "name")
+    _check_unique(r, "nodes", nodes, lambda s: s.token, "token")
+    node_names = {s.name for _, s in nodes}
+    _check_unique(r, "workloads", workloads, lambda s: s.key, "name")
+    _check_unique(r, "workloads", workloads, lambda s: s.uid or None, "uid")
+    seen_ips: dict[tuple[str, str], str] = {}
+    for i, (n, w) in enumerate(workloads):
+        if w.node not in node_names:
+            raise r.error(n, f"workloads[{i}].node", f"node {w.node!r} is not declared in nodes")
+        for ip in w.ips:
+            other = seen_ips.setdefault((w.network, ip), w.key)
+            if other != w.key:
+                raise r.error(n, f"workloads[{i}].ip", f"{ip} is already used by workload {other}")
+    _check_unique(r, "services", services, lambda s: s.key, "name/hostname")
+    seen_vips: dict[str, str] = {}
+    for i, (n, s) in enumerate(services):
+        for vip in s.vips:
+            other = seen_vips.setdefault(vip, s.key)
+            if other != s.key:
+                raise r.error(n, f"services[{i}].vip", f"{vip} is already used by service {other}")
+    _check_unique(r, "authorizationPolicies", policies, lambda s: s.key, "metadata.name")
+    return MeshConfig(
+        **mesh_kw,
+        nodes=tuple(s for _, s in nodes),
+        workloads=tuple(s for _, s in workloads),
+        services=tuple(s for _, s in services),
+        policies=tuple(s for _, s in policies),
+    )
+
+
+def _check_unique(
+    r: _Reader,
+    path: str,
+    items: list[tuple[yaml.Node, T]],
+    key: Callable[[T], str | None],
+    what: str,
+) -> None:
+    seen: set[str] = set()
+    for i, (n, item) in enumerate(items):
+        k = key(item)
+        if k is None:
+            continue
+        if k in seen:
+            raise r.error(n, f"{path}[{i}].{what}", f"duplicate {what} {k!r}")
+        seen.add(k)
+
+
+def _node(r: _Reader, node: yaml.Node, path: str) -> NodeSpec:
+    m = r.mapping(node, path, ("name", "token"), ())
+    return NodeSpec(
+        name=r.string(m["name"], f"{path}.name"), token=r.string(m["token"], f"{path}.token")
+    )
+
+
+def _workload(r: _Reader, node: yaml.Node, path: str) -> WorkloadSpec:
+    m = r.mapping(
+        node,
+        path,
+        ("name", "node"),
+        ("namespace", "ip", "ips", "serviceAccount", "labels", "uid", "network"),
+    )
+    if "ip" in m and "ips" in m:
+        raise r.error(m["ips"], f"{path}.ips", "give either ip or ips, not both")
+    if "ip" in m:
+        ips: tuple[str, ...] = (r.ip(m["ip"], f"{path}.ip"),)
+    elif "ips" in m:
+        ips = tuple(
+            r.ip(n, f"{path}.ips[{i}]") for i, n in enumerate(r.sequence(m["ips"], f"{path}.ips"))
+        )
+        if not ips:
+            raise r.error(m["ips"], f"{path}.ips", "must not be empty")
+    else:
+        raise r.error(node, f"{path}.ip", "required field is missing (ip or ips)")
+    return WorkloadSpec(
+        name=r.string(m["name"], f"{path}.name"),
+        namespace=r.string(m["namespace"], f"{path}.namespace") if "namespace" in m else "default",
+        node=r.string(m["node"], f"{path}.node"),
+        ips=ips,
+        service_account=(
+            r.string(m["serviceAccount"], f"{path}.serviceAccount")
+            if "serviceAccount" in m
+            else DEFAULT_SERVICE_ACCOUNT
+        ),
+        labels=r.labels(m["labels"], f"{path}.labels") if "labels" in m else {},
+        uid=r.string(m["uid"], f"{path}.uid") if "uid" in m else "",
+        network=r.string(m["network"], f"{path}.network") if "network" in m else "",
+    )
+
+
+def _service(r: _Reader, node: yaml.Node, path: str) -> ServiceSpec:
+    m = r.mapping(node, path, ("name",), ("namespace", "hostname", "vip", "ports", "selector"))
+    name = r.string(m["name"], f"{path}.name")
+    namespace = r.string(m["namespace"], f"{path}.namespace") if "namespace" in m else "default"
+    ports: list[ServicePort] = []
+    if "ports" in m:
+        for i, pn in enumerate(r.sequence(m["ports"], f"{path}.ports")):
+            pp = f"{path}.ports[{i}]"
+            pm = r.mapping(pn, pp, ("port",), ("targetPort", "name"))
+            port = r.integer(pm["port"], f"{pp}.port", 1, 65535)
+            target = (
+                r.integer(pm["targetPort"], f"{pp}.targetPort", 1, 65535)
+                if "targetPort" in pm
+                else port
+            )
+            if "name" in pm:
+                r.string(pm["name"], f"{pp}.name")
+            if any(p.port == port for p in ports):
+                raise r.error(pm["port"], f"{pp}.port", f"duplicate port {port}")
+            ports.append(ServicePort(port=port, target_port=target))
+    return ServiceSpec(
+        name=name,
+        namespace=namespace,
+        hostname=(
+            r.string(m["hostname"], f"{path}.hostname")
+            if "hostname" in m
+            else f"{name}.{namespace}.svc.cluster.local"
+        ),
+        vips=(r.ip(m["vip"], f"{path}.vip"),) if "vip" in m else (),
+        ports=tuple(ports),
+        selector=r.labels(m["selector"], f"{path}.selector") if "selector" in m else {},
+    )
+
+
+def _policy(r: _Reader, node: yaml.Node, path: str) -> PolicySpec:
+    m = r.mapping(node, path, ("metadata",), ("apiVersion", "kind", "spec"))
+    if "kind" in m and r.string(m["kind"], f"{path}.kind") != "AuthorizationPolicy":
+        raise r.error(m["kind"], f"{path}.kind", "must be AuthorizationPolicy")
+    if "apiVersion" in m:
+        r.string(m["apiVersion"], f"{path}.apiVersion")
+    md = r.mapping(
+        m["metadata"], f"{path}.metadata", ("name",), ("namespace", "labels", "annotations")
+    )
+    name = r.string(md["name"], f"{path}.metadata.name")
+    namespace = (
+        r.string(md["namespace"], f"{path}.metadata.namespace") if "namespace" in md else "default"
+    )
+    action = "ALLOW"
+    selector: dict[str, str] | None = None
+    rules: list[RuleSpec] = []
+    if "spec" in m:
+        sp = f"{path}.spec"
+        spec = r.mapping(m["spec"], sp, (), ("action", "selector", "rules"))
+        if "action" in spec:
+            action = r.string(spec["action"], f"{sp}.action")
+            if action not in ACTIONS:
+                raise r.error(
+                    spec["action"],
+                    f"{sp}.action",
+                    f"{action!r} is not supported (use ALLOW or DENY)",
+                )
+        if "selector" in spec:
+            sel = r.mapping(spec["selector"], f"{sp}.selector", (), ("matchLabels",))
+            if "matchLabels" in sel:
+                selector = r.labels(sel["matchLabels"], f"{sp}.selector.matchLabels") or None
+        if "rules" in spec:
+            for i, rn in enumerate(r.sequence(spec["rules"], f"{sp}.rules")):
+                rules.append(_rule(r, rn, f"{sp}.rules[{i}]"))
+    return PolicySpec(
+        name=name, namespace=namespace, action=action, selector=selector, rules=tuple(rules)
+    )
+
+
+def _rule(r: _Reader, node: yaml.Node, path: str) -> RuleSpec:
+    if _is_null(node):
+        return RuleSpec()
+    m = r.mapping(node, path, (), ("from", "to"))
+    sources: list[SourceSpec] = []
+    operations: list[OperationSpec] = []
+    for i, fn in enumerate(r.sequence(m["from"], f"{path}.from") if "from" in m else []):
+        fp = f"{path}.from[{i}]"
+        src = r.mapping(
+            r.mapping(fn, fp, ("source",), ())["source"], f"{fp}.source", (), _SOURCE_FIELDS
+        )
+        sp = f"{fp}.source"
+        strs = {
+            k: r.strings(v, f"{sp}.{k}")
+            for k, v in src.items()
+            if k not in ("ipBlocks", "notIpBlocks")
+        }
+        blocks = {
+            k: tuple(r.cidr(n, f"{sp}.{k}[{j}]") for j, n in enumerate(r.sequence(v, f"{sp}.{k}")))
+            for k, v in src.items()
+            if k in ("ipBlocks", "notIpBlocks")
+        }
+        sources.append(
+            SourceSpec(
+                principals=strs.get("principals", ()),
+                not_principals=strs.get("notPrincipals", ()),
+                namespaces=strs.get("namespaces", ()),
+                not_namespaces=strs.get("notNamespaces", ()),
+                ip_blocks=blocks.get("ipBlocks", ()),
+                not_ip_blocks=blocks.get("notIpBlocks", ()),
+            )
+        )
+    for i, tn in enumerate(r.sequence(m["to"], f"{path}.to") if "to" in m else []):
+        tp = f"{path}.to[{i}]"
+        op = r.mapping(
+            r.mapping(tn, tp, ("operation",), ())["operation"],
+            f"{tp}.operation",
+            (),
+            ("ports", "notPorts"),
+        )
+        ports = {
+            k: tuple(
+                r.integer(n, f"{tp}.operation.{k}[{j}]", 1, 65535)
+                for j, n in enumerate(r.sequence(v, f"{tp}.operation.{k}"))
+            )
+            for k, v in op.items()
+        }
+        operations.append(
+            OperationSpec(ports=ports.get("ports", ()), not_ports=ports.get("notPorts", ()))
+        )
+    return RuleSpec(sources=tuple(sources), operations=tuple(operations))
+
+
+_SOURCE_FIELDS = (
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+)

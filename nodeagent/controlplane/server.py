@@ -1,0 +1,342 @@
+"""The shipped control plane's gRPC edge: a delta-ADS server fed by a mesh file.
+
+`ControlPlaneServer` loads the mesh file, serves its resources over
+`DeltaAggregatedResources`, polls the file and pushes changes to every
+connected stream. A bad edit is logged and refused; the last good mesh keeps
+being served. Other services (the CA) register on the same gRPC server through
+`extra_servicers` and read the current mesh through `mesh_store`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf import any_pb2, json_format
+
+from nodeagent.controlplane.mesh import MeshConfig, MeshError, load_mesh
+from nodeagent.controlplane.resources import Snapshot, VersionedResource, build_snapshot, versioned
+from nodeagent.controlplane.stream import DeltaStreamCore, StreamRequest, StreamResponse
+from nodeagent.model.identity import Identity
+from nodeagent.pb.envoy.service.discovery.v3 import ads_pb2_grpc
+from nodeagent.pb.envoy.service.discovery.v3 import discovery_pb2 as discovery_pb
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.5
+ServicerHook = Callable[[grpc.aio.Server], None]
+"""Registers an extra servicer on the control plane's gRPC server."""
+
+
+class MeshStore:
+    """The current good mesh and its snapshot; notifies listeners on change."""
+
+    def __init__(self, mesh: MeshConfig) -> None:
+        self._mesh = mesh
+        self._base = build_snapshot(mesh)
+        self._overrides: dict[str, dict[str, VersionedResource]] = {}
+        self._snapshot: Snapshot = self._merge()
+        self._listeners: set[Callable[[Snapshot], None]] = set()
+
+    @property
+    def mesh(self) -> MeshConfig:
+        return self._mesh
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    # The CA's node authorizer reads these against the current mesh.
+    def node_for_token(self, token: str) -> str | None:
+        return self._mesh.node_for_token(token)
+
+    def identities_on_node(self, node: str) -> set[Identity]:
+        return self._mesh.identities_on_node(node)
+
+    def replace(self, mesh: MeshConfig, snapshot: Snapshot | None = None) -> None:
+        """Serve a new mesh; `snapshot` is its build_snapshot() if already made."""
+        self._mesh = mesh
+        self._base = {t: dict(rs) for t, rs in (snapshot or build_snapshot(mesh)).items()}
+        self._publish()
+
+    def inject(self, type_url: str, resources: Mapping[str, bytes]) -> None:
+        """Test hook: serve these serialized resources by name, over what the mesh
+        says, in one push (e.g. a malformed Workload next to good ones)."""
+        target = self._overrides.setdefault(type_url, {})
+        for name, value in resources.items():
+            target[name] = versioned(value)
+        self._publish()
+
+    def subscribe(self, listener: Callable[[Snapshot], None]) -> Callable[[], None]:
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
+
+    def _merge(self) -> Snapshot:
+        merged = {t: dict(rs) for t, rs in self._base.items()}
+        for t, rs in self._overrides.items():
+            merged.setdefault(t, {}).update(rs)
+        return merged
+
+    def _publish(self) -> None:
+        self._snapshot = self._merge()
+        for listener in list(self._listeners):
+            listener(self._snapshot)
+
+
+class MeshFileWatcher:
+    """Polls a mesh file's mtime and size; reloads it into a MeshStore."""
+
+    def __init__(self, path: Path, store: MeshStore, interval: float = POLL_INTERVAL) -> None:
+        self._path = path
+        self._store = store
+        self._interval = interval
+        self._stamp = self._stat()
+        self.last_error: str | None = None
+        self.reloads = 0
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _changed(self) -> bool:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return True
+
+    def _load(self) -> tuple[MeshConfig, Snapshot] | None:
+        try:
+            mesh = load_mesh(self._path)
+        except MeshError as e:
+            self.last_error = str(e)
+            log.error("mesh file refused, still serving the last good one: %s", e)
+            return None
+        return mesh, build_snapshot(mesh)
+
+    def _apply(self, loaded: tuple[MeshConfig, Snapshot] | None) -> bool:
+        if loaded is None:
+            return False
+        self.last_error = None
+        self.reloads += 1
+        self._store.replace(*loaded)
+        log.info("mesh file %s reloaded", self._path)
+        return True
+
+    def check(self) -> bool:
+        """Reload now if the file changed; True if a new mesh was applied."""
+        return self._changed() and self._apply(self._load())
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            if self._changed():
+                # Parsing a large file takes seconds: do it off the loop so
+                # streams keep being served meanwhile.
+                loaded = await asyncio.to_thread(self._load)
+                self._apply(loaded)
+
+
+def _to_request(req: discovery_pb.DeltaDiscoveryRequest) -> StreamRequest:
+    return StreamRequest(
+        type_url=req.type_url,
+        response_nonce=req.response_nonce,
+        error_message=req.error_detail.message if req.HasField("error_detail") else None,
+        initial_resource_versions=dict(req.initial_resource_versions),
+        subscribe=list(req.resource_names_subscribe),
+        unsubscribe=list(req.resource_names_unsubscribe),
+    )
+
+
+def _to_response(resp: StreamResponse) -> discovery_pb.DeltaDiscoveryResponse:
+    out = discovery_pb.DeltaDiscoveryResponse(
+        type_url=resp.type_url, nonce=resp.nonce, removed_resources=resp.removed
+    )
+    for name, version, value in resp.resources:
+        out.resources.append(
+            discovery_pb.Resource(
+                name=name,
+                version=version,
+                resource=any_pb2.Any(type_url=resp.type_url, value=value),
+            )
+        )
+    return out
+
+
+@dataclass
+class StreamInfo:
+    """What a client presented when it opened its stream (for logs and tests)."""
+
+    peer: str
+    token_node: str | None
+    metadata: dict[str, str]
+    node_id: str = ""
+    node_metadata: dict[str, object] = field(default_factory=dict)
+    initial_resource_versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    nacks: list[str] = field(default_factory=list)
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """DeltaAggregatedResources over a MeshStore; one DeltaStreamCore per stream."""
+
+    def __init__(self, store: MeshStore, *, require_token: bool = False) -> None:
+        self._store = store
+        self._require_token = require_token
+        self.active_streams = 0
+        self.streams: list[StreamInfo] = []
+        """Every stream opened, oldest first (bounded)."""
+
+    async def DeltaAggregatedResources(
+        self,
+        request_iterator: AsyncIterator[discovery_pb.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[discovery_pb.DeltaDiscoveryResponse]:
+        md = {k: v for k, v in (context.invocation_metadata() or ())}
+        token = str(md.get("authorization", "")).removeprefix("Bearer ").strip()
+        node = self._store.node_for_token(token)
+        if self._require_token and node is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+        peer = context.peer()
+        info = StreamInfo(peer=peer, token_node=node, metadata={k: str(v) for k, v in md.items()})
+        self.streams = [*self.streams[-99:], info]
+        core = DeltaStreamCore(self._store.snapshot)
+        outbox: asyncio.Queue[StreamResponse | None] = asyncio.Queue()
+
+        def on_snapshot(snapshot: Snapshot) -> None:
+            for r in core.on_snapshot(snapshot):
+                outbox.put_nowait(r)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    if req.HasField("node") and not info.node_id:
+                        info.node_id = req.node.id
+                        info.node_metadata = json_format.MessageToDict(req.node.metadata)
+                        log.info(
+                            "xds stream from %s: node %s (token node %s)", peer, req.node.id, node
+                        )
+                    if not req.response_nonce:
+                        info.initial_resource_versions[req.type_url] = dict(
+                            req.initial_resource_versions
+                        )
+                    for r in core.on_request(_to_request(req)):
+                        outbox.put_nowait(r)
+                    for ack in core.acks:
+                        if ack.error_message is not None:
+                            info.nacks = [*info.nacks[-19:], ack.error_message]
+                            log.warning(
+                                "xds NACK from %s (%s) for %s nonce %s: %s",
+                                peer,
+                                node,
+                                ack.type_url,
+                                ack.nonce,
+                                ack.error_message,
+                            )
+                    core.acks.clear()
+            finally:
+                outbox.put_nowait(None)
+
+        unsubscribe = self._store.subscribe(on_snapshot)
+        reader = asyncio.create_task(read(), name=f"ads-read-{peer}")
+        self.active_streams += 1
+        try:
+            while (item := await outbox.get()) is not None:
+                yield _to_response(item)
+            # Surface a reader failure (other than the stream ending) to gRPC.
+            await reader
+        finally:
+            self.active_streams -= 1
+            unsubscribe()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+
+class ControlPlaneServer:
+    """The delta-xDS server plus any extra servicers, on one gRPC port."""
+
+    def __init__(
+        self,
+        mesh_path: str | Path,
+        listen: str = "127.0.0.1:15010",
+        *,
+        extra_servicers: Sequence[ServicerHook] = (),
+        server_credentials: grpc.ServerCredentials | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        require_token: bool = False,
+        options: Mapping[str, int] | None = None,
+    ) -> None:
+        self._mesh_path = Path(mesh_path)
+        self._listen = listen
+        self._extra = list(extra_servicers)
+        self._creds = server_credentials
+        self._options = dict(options or {})
+        # A bad file at start is an error for the caller (nothing good to serve).
+        self.mesh_store = MeshStore(load_mesh(self._mesh_path))
+        self.watcher = MeshFileWatcher(self._mesh_path, self.mesh_store, poll_interval)
+        self.servicer = AdsServicer(self.mesh_store, require_token=require_token)
+        self._server: grpc.aio.Server | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def add_servicer(self, hook: ServicerHook) -> None:
+        """Register another service (the CA) on this server; call before start()."""
+        if self._server is not None:
+            raise RuntimeError("add_servicer after start()")
+        self._extra.append(hook)
+
+    @property
+    def address(self) -> str:
+        host = self._listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        options = [
+            ("grpc.max_send_message_length", 200 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 200 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+            *self._options.items(),
+        ]
+        server = grpc.aio.server(options=options)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
+        for hook in self._extra:
+            hook(server)
+        if self._creds is not None:
+            self.port = server.add_secure_port(self._listen, self._creds)
+        else:
+            self.port = server.add_insecure_port(self._listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._listen}")
+        await server.start()
+        self._server = server
+        self._watch_task = asyncio.create_task(self.watcher.run(), name="mesh-file-watcher")
+        log.info("control plane serving %s on %s", self._mesh_path, self.address)
+
+    async def stop(self, grace: float | None = 0.5) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> ControlPlaneServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

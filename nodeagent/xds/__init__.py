@@ -1,0 +1,1 @@
+"""Delta-xDS client: sans-IO protocol core (protocol.py) and its gRPC edge (client.py)."""

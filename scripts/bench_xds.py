@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Time and memory to receive and index a large mesh over delta xDS; print JSON.
+
+The real control plane (ControlPlaneServer, fed by a generated mesh file) and
+the real client (XdsClient -> StateUpdater -> StateStore) run in one process on
+loopback. Measured:
+* `server_load_s`: parse + validate the mesh file and build every resource,
+* `client_ready_s`: client start -> every resource received, converted, indexed
+  and ACKed (the median of --runs fresh clients),
+* `update_s`: one workload edited in the file -> that change indexed by the
+  client (includes the file poller's interval, 0.05 s here),
+* `rss_*_mb`: resident memory of the process (server and client together):
+  before the client starts, and the peak (ru_maxrss) at the end,
+* `client_alloc_peak_mb` (with --tracemalloc): Python allocations of one client
+  run alone, from its start until indexed (tracemalloc slows the run down, so
+  it is a separate run and its time is not reported).
+
+Usage: .venv/bin/python scripts/bench_xds.py [--workloads 10000] [--services 1000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import ipaddress
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import psutil
+
+from nodeagent.config import Config
+from nodeagent.controlplane.server import ControlPlaneServer
+from nodeagent.state.store import StateStore
+from nodeagent.state.updater import StateUpdater
+from nodeagent.xds.client import XdsClient
+
+
+def generate_mesh(workloads: int, services: int, nodes: int = 100) -> str:
+    lines = ["meshConfig: {trustDomain: cluster.local}", "nodes:"]
+    lines += [f"- {{name: node{n}, token: tok-{n}}}" for n in range(nodes)]
+    lines.append("workloads:")
+    for i in range(workloads):
+        svc = i % services
+        ip = f"10.{i // 65536 + 1}.{(i // 256) % 256}.{i % 256}"
+        lines.append(
+            f"- {{name: pod{i}, namespace: ns{svc % 20}, node: node{i % nodes}, ip: {ip}, "
+            f"serviceAccount: sa{svc}, labels: {{app: app{svc}, version: v1}}}}"
+        )
+    lines.append("services:")
+    for s in range(services):
+        lines.append(
+            f"- {{name: svc{s}, namespace: ns{s % 20}, vip: 10.96.{s // 256}.{s % 256}, "
+            f"ports: [{{port: 80, targetPort: 8080}}, {{port: 443, targetPort: 8443}}], "
+            f"selector: {{app: app{s}}}}}"
+        )
+    lines.append("authorizationPolicies:")
+    for p in range(20):
+        lines.append(
+            f"- metadata: {{name: allow-ns{p}, namespace: ns{p}}}\n"
+            f"  spec: {{rules: [{{from: [{{source: {{namespaces: [ns{p}, istio-system]}}}}]}}]}}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rss_mb() -> float:
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
+async def client_run(port: int, token: Path, expected: int) -> tuple[float, XdsClient, StateStore]:
+    store = StateStore()
+    cfg = Config(
+        xds_address=f"http://127.0.0.1:{port}", auth_token_path=str(token), node_name="node0"
+    )
+    client = XdsClient(cfg, StateUpdater(store))
+    start = time.perf_counter()
+    client.start()
+    await client.wait_ready()
+    elapsed = time.perf_counter() - start
+    counts = store.counts()
+    if (
+        client.stats.nacks
+        or sum(1 for _ in store.workloads()) + sum(1 for _ in store.services()) != expected
+    ):
+        raise SystemExit(
+            f"incomplete: {counts}, nacks={client.stats.nacks} {client.stats.last_nack[:200]}"
+        )
+    return elapsed, client, store
+
+
+async def bench(args: argparse.Namespace) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh_path = Path(tmp) / "mesh.yaml"
+        text = generate_mesh(args.workloads, args.services)
+        mesh_path.write_text(text)
+        token = Path(tmp) / "token"
+        token.write_text("tok-0")
+        t0 = time.perf_counter()
+        server = ControlPlaneServer(mesh_path, "127.0.0.1:0", poll_interval=0.05)
+        server_load = time.perf_counter() - t0
+        await server.start()
+        expected = args.workloads + args.services
+        try:
+            gc.collect()
+            rss_before = rss_mb()
+            times = []
+            for _ in range(args.runs):
+                elapsed, client, store = await client_run(server.port, token, expected)
+                times.append(elapsed)
+                last = (client, store)
+                if len(times) < args.runs:
+                    await client.stop()
+            rss_after = rss_mb()
+            client, store = last
+            # One incremental edit, end to end through the file watcher.
+            edited = text.replace("ip: 10.1.0.0,", "ip: 10.200.0.1,", 1)
+            t1 = time.perf_counter()
+            mesh_path.write_text(edited)
+            os.utime(mesh_path, ns=(time.time_ns() + 10**9,) * 2)
+            target = ipaddress.ip_address("10.200.0.1")
+            while store.workload_by_address("", target) is None:  # noqa: ASYNC110 (poll the store)
+                await asyncio.sleep(0.001)
+            update = time.perf_counter() - t1
+            await client.stop()
+            alloc_peak = None
+            if args.tracemalloc:
+                gc.collect()
+                tracemalloc.start()
+                _, c2, _ = await client_run(server.port, token, expected)
+                alloc_peak = tracemalloc.get_traced_memory()[1] / 2**20
+                tracemalloc.stop()
+                await c2.stop()
+        finally:
+            await server.stop(grace=None)
+        return {
+            "workloads": args.workloads,
+            "services": args.services,
+            "mesh_file_kb": round(len(text) / 1024),
+            "server_load_s": round(server_load, 3),
+            "client_ready_s": round(statistics.median(times), 3),
+            "client_ready_runs_s": [round(t, 3) for t in times],
+            "update_s": round(update, 3),
+            "rss_before_client_mb": round(rss_before, 1),
+            "rss_after_clients_mb": round(rss_after, 1),
+            "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "client_alloc_peak_mb": None if alloc_peak is None else round(alloc_peak, 1),
+        }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--workloads", type=int, default=10_000)
+    p.add_argument("--services", type=int, default=1_000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--tracemalloc", action="store_true", help="also measure one client's allocations"
+    )
+    args = p.parse_args()
+    # One line: `make bench` (scripts/bench.py) reads the last stdout line.
+    print(json.dumps(asyncio.run(bench(args))))
+
+
+if __name__ == "__main__":
+    main()
