@@ -1,0 +1,401 @@
+#!/usr/bin/env python3
+"""Pod-to-pod benchmark in a sandbox: no mesh, a stunnel mTLS pair, and our mesh.
+
+Every variant carries the same traffic between a client pod on node1 and a server
+pod on node2, and the variants run interleaved round by round, so their ratios hold
+even while the machine's load drifts:
+
+* throughput: iperf3, one stream and four streams (Gbit/s);
+* latency: 64-byte TCP ping-pong, p50 and p99 in microseconds;
+* connection rate: short HTTP requests, one connection each (per second);
+* cost: CPU seconds of the tunnel processes per Gbit/s moved, and their memory.
+
+`stunnel` is the native reference: OpenSSL mutual TLS 1.3 over the same path, with
+ECDSA P-256 certificates like ours. `mesh` runs only when the sandbox can run our
+agents (`--variants` selects). Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
+IPERF_PORT, ECHO_PORT, HTTP_PORT = 5201, 9000, 8080
+# stunnel ports: client side listens on loopback in the client pod, server side on the server pod.
+STUNNEL = {IPERF_PORT: (25201, 35201), ECHO_PORT: (29000, 39000), HTTP_PORT: (28080, 38080)}
+
+
+def sh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def in_ns(netns: str, *cmd: str) -> list[str]:
+    # nsenter, not `ip netns exec`: the latter remounts /sys.
+    return ["nsenter", f"--net=/var/run/netns/{netns}", *cmd]
+
+
+class Procs:
+    """Processes this benchmark started, stopped by PID at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def wait_port(netns: str, host: str, port: int, timeout: float = 10) -> None:
+    code = (
+        "import socket,sys,time\n"
+        f"end=time.time()+{timeout}\n"
+        "while time.time()<end:\n"
+        f"    try: socket.create_connection(({host!r},{port}),1).close(); sys.exit(0)\n"
+        "    except OSError: time.sleep(0.05)\n"
+        "sys.exit(1)\n"
+    )
+    if sh(*in_ns(netns, sys.executable, "-c", code), check=False).returncode != 0:
+        raise RuntimeError(f"{host}:{port} not reachable from {netns}")
+
+
+PINGPONG = r"""
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg = b"x" * 64
+samples = []
+for _ in range(n):
+    t = time.perf_counter_ns()
+    s.sendall(msg)
+    got = 0
+    while got < 64:
+        got += len(s.recv(64 - got))
+    samples.append(time.perf_counter_ns() - t)
+samples.sort()
+print(samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000)
+"""
+
+CONNRATE = r"""
+import socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+req = f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+n = 0
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    s = socket.create_connection((host, port))
+    s.sendall(req)
+    while s.recv(65536):
+        pass
+    s.close()
+    n += 1
+print(n / secs)
+"""
+
+
+class Variant:
+    """How a client in the client pod reaches the server pod's port."""
+
+    name = ""
+
+    def target(self, port: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def tunnel_pids(self) -> list[int]:
+        return []
+
+
+class Direct(Variant):
+    name = "no_mesh"
+
+    def __init__(self, server_ip: str) -> None:
+        self.server_ip = server_ip
+
+    def target(self, port: int) -> tuple[str, int]:
+        return self.server_ip, port
+
+
+class Stunnel(Variant):
+    name = "stunnel"
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        self.pids: list[int] = []
+        certs = make_certs(workdir)
+        common = [
+            "foreground = yes",
+            "pid =",
+            "sslVersionMin = TLSv1.3",
+            "socket = l:TCP_NODELAY=1",
+            "socket = r:TCP_NODELAY=1",
+            "debug = 3",
+        ]
+        client_conf = [*common]
+        server_conf = [*common]
+        for app_port, (local, remote) in STUNNEL.items():
+            client_conf += [
+                f"[c{app_port}]",
+                "client = yes",
+                f"accept = 127.0.0.1:{local}",
+                f"connect = {server_ip}:{remote}",
+                f"cert = {certs['client_cert']}",
+                f"key = {certs['client_key']}",
+                f"CAfile = {certs['ca']}",
+                "verifyChain = yes",
+            ]
+            server_conf += [
+                f"[s{app_port}]",
+                f"accept = {server_ip}:{remote}",
+                f"connect = 127.0.0.1:{app_port}",
+                f"cert = {certs['server_cert']}",
+                f"key = {certs['server_key']}",
+                f"CAfile = {certs['ca']}",
+                "verifyChain = yes",
+                "requireCert = yes",
+            ]
+        (workdir / "client.conf").write_text("\n".join(client_conf) + "\n")
+        (workdir / "server.conf").write_text("\n".join(server_conf) + "\n")
+        stunnel = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel4"
+        self.pids.append(procs.start(in_ns(server_ns, stunnel, str(workdir / "server.conf"))).pid)
+        self.pids.append(procs.start(in_ns(client_ns, stunnel, str(workdir / "client.conf"))).pid)
+        for local, _ in STUNNEL.values():
+            wait_port(client_ns, "127.0.0.1", local)
+
+    def target(self, port: int) -> tuple[str, int]:
+        return "127.0.0.1", STUNNEL[port][0]
+
+    def tunnel_pids(self) -> list[int]:
+        return self.pids
+
+
+def make_certs(workdir: Path) -> dict[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bench")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = {"ca": str(workdir / "ca.pem")}
+    (workdir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for role, sa in (("client", "frontend"), ("server", "backend")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        uri = f"spiffe://cluster.local/ns/demo/sa/{sa}"
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=2))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        cert_path, key_path = workdir / f"{role}.pem", workdir / f"{role}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        key_path.chmod(0o600)
+        out[f"{role}_cert"], out[f"{role}_key"] = str(cert_path), str(key_path)
+    return out
+
+
+def measure(variant: Variant, client_ns: str, seconds: float, pings: int) -> dict[str, float]:
+    result: dict[str, float] = {}
+    host, port = variant.target(IPERF_PORT)
+    for streams in (1, 4):
+        pids = variant.tunnel_pids()
+        cpu0 = cpu_seconds(pids)
+        run = sh(
+            *in_ns(
+                client_ns,
+                "iperf3",
+                "-c",
+                host,
+                "-p",
+                str(port),
+                "-t",
+                str(seconds),
+                "-P",
+                str(streams),
+                "-J",
+            ),
+            timeout=seconds + 30,
+        )
+        cpu = cpu_seconds(pids) - cpu0
+        gbps = json.loads(run.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+        result[f"gbps_{streams}_stream"] = round(gbps, 3)
+        if streams == 1 and pids and gbps > 0:
+            result["cpu_cores_per_gbps"] = round(cpu / seconds / gbps, 3)
+    host, port = variant.target(ECHO_PORT)
+    out = sh(*in_ns(client_ns, sys.executable, "-c", PINGPONG, host, str(port), str(pings)))
+    p50, p99 = (float(x) for x in out.stdout.split())
+    result["p50_us"], result["p99_us"] = round(p50, 1), round(p99, 1)
+    host, port = variant.target(HTTP_PORT)
+    out = sh(*in_ns(client_ns, sys.executable, "-c", CONNRATE, host, str(port), str(seconds)))
+    result["conn_per_s"] = round(float(out.stdout), 1)
+    if variant.tunnel_pids():
+        result["tunnel_rss_mib"] = round(rss_kib(variant.tunnel_pids()) / 1024, 1)
+    return result
+
+
+def summarize(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for variant in rounds[0]:
+        keys = rounds[0][variant].keys()
+        out[variant] = {
+            k: round(statistics.median(r[variant][k] for r in rounds if k in r[variant]), 3)
+            for k in keys
+        }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--pings", type=int, default=5000)
+    ap.add_argument("--variants", default="no_mesh,stunnel")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_mesh: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    name = f"bm{os.getpid() % 100000}"
+    procs = Procs()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-mesh-"))
+    try:
+        up = sh(
+            NODEAGENT,
+            "sandbox",
+            "up",
+            "--name",
+            name,
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            check=False,
+        )
+        if up.returncode != 0:
+            raise RuntimeError(f"sandbox up failed: {up.stderr.strip()}")
+        status = json.loads(sh(NODEAGENT, "sandbox", "status", name, "-o", "json").stdout)
+        pods = {p["node"]: p for p in status["pods"]}
+        client, server = pods["node1"], pods["node2"]
+        procs.start(in_ns(server["netns"], "iperf3", "-s", "-p", str(IPERF_PORT)))
+        wait_port(client["netns"], server["ip"], IPERF_PORT)
+        wanted = args.variants.split(",")
+        factories: dict[str, Callable[[], Variant]] = {
+            "no_mesh": lambda: Direct(server["ip"]),
+            "stunnel": lambda: Stunnel(
+                procs, workdir, client["netns"], server["netns"], server["ip"]
+            ),
+        }
+        unknown = [v for v in wanted if v not in factories]
+        if unknown:
+            raise RuntimeError(f"unknown or unavailable variant(s): {', '.join(unknown)}")
+        variants = [factories[v]() for v in wanted]
+        rounds: list[dict[str, dict[str, float]]] = []
+        for i in range(args.rounds):
+            rnd = {}
+            for v in variants:
+                rnd[v.name] = measure(v, client["netns"], args.seconds, args.pings)
+                print(f"round {i + 1} {v.name}: {rnd[v.name]}", file=sys.stderr, flush=True)
+            rounds.append(rnd)
+        result: dict[str, Any] = {
+            "setup": f"sandbox 2 nodes, client pod on node1, server pod on node2; "
+            f"{args.rounds} interleaved rounds, {args.seconds}s iperf3 runs, {args.pings} pings",
+            "median": summarize(rounds),
+            "rounds": rounds,
+        }
+        med = result["median"]
+        if "stunnel" in med and "mesh" in med:
+            result["mesh_vs_stunnel"] = {
+                "throughput_ratio": round(
+                    med["mesh"]["gbps_1_stream"] / med["stunnel"]["gbps_1_stream"], 3
+                ),
+                "added_p50_ratio": round(
+                    (med["mesh"]["p50_us"] - med["no_mesh"]["p50_us"])
+                    / max(1e-9, med["stunnel"]["p50_us"] - med["no_mesh"]["p50_us"]),
+                    3,
+                ),
+            }
+        print(json.dumps(result))
+        return 0
+    finally:
+        procs.stop()
+        sh(NODEAGENT, "sandbox", "down", name, check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
