@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import nodeagent
 from nodeagent.cli.errors import CliError
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
+
+    def _one_line_error(message: str) -> NoReturn:
+        # Bad flags get one line, like every other user error, not a usage dump.
+        print(f"nodeagent: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = _one_line_error  # type: ignore[method-assign]
     return parser
 
 

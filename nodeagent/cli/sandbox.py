@@ -1,13 +1,15 @@
-"""`nodeagent sandbox up|down|status|exec|demo`: a local cluster of network namespaces."""
+"""`nodeagent sandbox up|down|status|exec|apply|demo`: a local cluster of network namespaces."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from nodeagent.cli.errors import CliError
 from nodeagent.cli.output import render, table
+from nodeagent.controlplane.mesh import parse_mesh
 from nodeagent.sandbox.demo import run_demo
 from nodeagent.sandbox.manager import SandboxError, SandboxManager
 
@@ -37,6 +39,12 @@ def register(subparsers: Any) -> None:
     up.add_argument("--name", required=True, help="sandbox name (prefix of its namespaces)")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
+    up.add_argument(
+        "--no-controlplane",
+        dest="controlplane",
+        action="store_false",
+        help="do not start the control plane (faster; for network-only use)",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="remove a sandbox and everything it made")
@@ -59,6 +67,22 @@ def register(subparsers: Any) -> None:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     ex.set_defaults(func=cmd_exec)
 
+    apply = sub.add_parser(
+        "apply",
+        help="add or replace workloads, services and policies in a sandbox's mesh",
+        description="Merge FILE (mesh-file YAML with workloads, services and/or "
+        "authorizationPolicies; see docs/mesh-file.md) into the sandbox's mesh file: a "
+        "resource with the same kind, namespace and name is replaced, others are added. "
+        "The file is validated first; a bad one changes nothing. The control plane "
+        "pushes the change to connected agents.",
+    )
+    apply.add_argument("name")
+    apply.add_argument("file", metavar="FILE")
+    apply.add_argument(
+        "--delete", action="store_true", help="remove FILE's resources (by name) instead"
+    )
+    apply.set_defaults(func=cmd_apply)
+
     demo = sub.add_parser("demo", help="build a 2x2 sandbox, call pods across nodes, remove it")
     demo.set_defaults(func=cmd_demo)
 
@@ -70,14 +94,47 @@ def _manager() -> SandboxManager:
 def cmd_up(args: argparse.Namespace) -> int:
     with _manager() as m:
         try:
-            plan = m.up(args.name, args.nodes, args.pods_per_node)
+            plan = m.up(args.name, args.nodes, args.pods_per_node, controlplane=args.controlplane)
+            cp = m.status(plan.name)["controlplane"] if args.controlplane else None
         except SandboxError as exc:
             raise CliError(str(exc)) from None
+    where = f", control plane at {cp['address']}" if cp else ""
     print(
-        f"sandbox {plan.name} up: {plan.node_count} nodes x {plan.pods_per_node} pods "
+        f"sandbox {plan.name} up: {plan.node_count} nodes x {plan.pods_per_node} pods{where} "
         f"(`nodeagent sandbox status {plan.name}`)"
     )
     return 0
+
+
+def validate_mesh(text: str, source: str) -> None:
+    """The control plane's own validator (raises MeshError: file, line, field)."""
+    parse_mesh(text, source)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        text = Path(args.file).read_text()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CliError(f"{args.file}: not a text (UTF-8) file") from None
+    with _manager() as m:
+        try:
+            summary = m.apply(args.name, text, args.file, validate_mesh, delete=args.delete)
+        except SandboxError as exc:
+            raise CliError(str(exc)) from None
+    print(f"sandbox {args.name}: {args.file}: {summary.describe()}")
+    return 0
+
+
+def controlplane_line(cp: dict[str, Any]) -> str:
+    serves = cp.get("serves") or {}
+    counts = ", ".join(f"{n} {k}" for k, n in serves.items() if k != "nodes")
+    pid = cp["pid"] if cp["pid"] is not None else "NOT RUNNING"
+    return (
+        f"control plane {cp['address']} (pid {pid}, in {cp['netns']}): "
+        f"{counts or 'mesh file unreadable'}; mesh file {cp['mesh_file']}, log {cp['log']}"
+    )
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -108,7 +165,7 @@ def format_status(status: dict[str, Any]) -> str:
     if status["agents"]:
         parts += ["", table(status["agents"], PROC_COLUMNS)]
     if status["controlplane"]:
-        parts += ["", table([status["controlplane"]], PROC_COLUMNS)]
+        parts += ["", controlplane_line(status["controlplane"])]
     return "\n".join(parts)
 
 

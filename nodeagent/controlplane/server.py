@@ -203,7 +203,17 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         token = str(md.get("authorization", "")).removeprefix("Bearer ").strip()
         node = self._store.node_for_token(token)
         if self._require_token and node is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
+            # End the call with a status instead of abort(): an abort racing the
+            # client's first writes can reach the client as a bare INTERNAL error,
+            # hiding the reason from the operator.
+            log.warning("xds stream from %s refused: unknown bearer token", context.peer())
+            # Take the client's first request before ending the call, so the
+            # refusal does not race its writes.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(request_iterator)), 2)
+            context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            context.set_details("unknown bearer token")
+            return
         peer = context.peer()
         info = StreamInfo(peer=peer, token_node=node, metadata={k: str(v) for k, v in md.items()})
         self.streams = [*self.streams[-99:], info]

@@ -32,7 +32,16 @@ def run_demo(
     try:
         plan = manager.up(name, 2, 2)
         say(f"sandbox {name!r} up in {time.monotonic() - started:.1f}s: 2 nodes x 2 pods\n")
-        show_status(manager.status(name))
+        status = manager.status(name)
+        show_status(status)
+        cp = status["controlplane"]
+        if cp is not None:
+            serves = cp.get("serves", {})
+            say(
+                f"\ncontrol plane at {cp['address']} (in {cp['netns']}) serves "
+                f"{serves.get('workloads', 0)} workloads and {serves.get('services', 0)} "
+                f"services over delta xDS from {cp['mesh_file']}"
+            )
         pods = {p.name: p for p in plan.pods}
         calls = [
             (pods["node1-pod1"], pods["node2-pod2"]),  # across nodes

@@ -7,10 +7,16 @@ namespaces, removes the namespaces (their veths go with them) recorded in the
 state or matching the sandbox's naming pattern, and finally the state dir.
 Nothing is created in the root namespace.
 
-Order in `up`: namespaces; demo apps spawned (their start-up overlaps the
-next step); links, addresses and routes; wait until every app listens. Tests
-may set NODEAGENT_SANDBOX_CRASH_AT=namespaces|links|apps to make `up` die
-(os._exit, no clean-up) right after that step, simulating a crash.
+Order in `up`: namespaces; node tokens and the mesh file written; demo apps
+and the control plane spawned (their start-up overlaps the next step); links,
+addresses and routes; wait until every app listens and the control plane
+accepts connections. Tests may set NODEAGENT_SANDBOX_CRASH_AT=namespaces|links|apps
+to make `up` die (os._exit, no clean-up) right after that step, simulating a crash.
+
+The control plane (`nodeagent controlplane`, kind `controlplane`) runs in the
+underlay namespace, so every node (and pod) reaches it at the bridge address
+172.30.0.1:15010. It serves xDS and the CA on that port, plaintext, and requires
+a node's bearer token. `apply` edits its mesh file, which it watches.
 """
 
 from __future__ import annotations
@@ -23,13 +29,16 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import nodeagent
+from nodeagent.sandbox import mesh as mesh_mod
 from nodeagent.sandbox import processes
+from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
 from nodeagent.sandbox.netns import NetnsAdapter, NetnsError, list_netns, netns_inode, netns_path
 from nodeagent.sandbox.plan import (
     ECHO_PORT,
@@ -48,6 +57,14 @@ PACKAGE_ROOT = Path(nodeagent.__file__).resolve().parent.parent
 CRASH_ENV = "NODEAGENT_SANDBOX_CRASH_AT"
 APP_READY_TIMEOUT = 20.0
 DEMOAPP_KIND = "demoapp"
+CONTROLPLANE_KIND = "controlplane"
+CONTROLPLANE_NAME = "controlplane"
+CONTROLPLANE_READY_TIMEOUT = 20.0
+
+# Validates a whole mesh file's text (source names it in errors); raises
+# ValueError naming file, line and field. The CLI injects the control plane's
+# parser: the sandbox sits beside the controlplane package and may not import it.
+MeshValidator = Callable[[str, str], object]
 
 
 class SandboxError(RuntimeError):
@@ -202,10 +219,25 @@ class SandboxManager:
                 for p in plan.pods
             ],
             "agents": [proc_view(r) for r in state.processes if r.kind == "agent"],
-            "controlplane": next(
-                (proc_view(r) for r in state.processes if r.kind == "controlplane"), None
-            ),
+            "controlplane": self._controlplane_view(state, proc_view),
         }
+
+    def _controlplane_view(
+        self, state: SandboxState, proc_view: Callable[[ProcessRecord], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        record = next((r for r in state.processes if r.kind == CONTROLPLANE_KIND), None)
+        info = state.extra.get(CONTROLPLANE_KIND)
+        if record is None or not isinstance(info, dict):
+            return None
+        view = {"address": info.get("address"), "mesh_file": info.get("mesh_file")}
+        view.update(proc_view(record))
+        try:
+            text = Path(str(info.get("mesh_file"))).read_text()
+        except OSError:
+            return view
+        # Counts read back from the file: they include what `apply` added.
+        view["serves"] = mesh_mod.counts(mesh_mod.load_mesh_dict(text))
+        return view
 
     def resolve_netns(self, name: str, target: str) -> str:
         """The namespace of a pod, a node, or `underlay` in sandbox `name`."""
@@ -226,8 +258,14 @@ class SandboxManager:
 
     # -- up --------------------------------------------------------------
 
-    def up(self, name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
-        """Build the sandbox; on failure remove what was made and raise SandboxError."""
+    def up(
+        self, name: str, nodes: int, pods_per_node: int, *, controlplane: bool = True
+    ) -> SandboxPlan:
+        """Build the sandbox; on failure remove what was made and raise SandboxError.
+
+        `controlplane=False` skips the control plane (faster, for tests of the
+        network alone).
+        """
         try:
             plan = build_plan(name, nodes, pods_per_node)
         except PlanError as exc:
@@ -246,7 +284,7 @@ class SandboxManager:
         if not self.store.claim(state):
             raise in_use
         try:
-            self._build(plan)
+            self._build(plan, controlplane)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.store.update(name, lambda s: dataclasses.replace(s, phase="failed"))
@@ -257,42 +295,21 @@ class SandboxManager:
         self.store.update(name, lambda s: dataclasses.replace(s, phase="ready"))
         return plan
 
-    def _build(self, plan: SandboxPlan) -> None:
+    def _build(self, plan: SandboxPlan, controlplane: bool) -> None:
         app_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
         self.adapter.create([ns.name for ns in plan.namespaces])
         _crash_point("namespaces")
-        # Apps start now, while the network is configured: they bind 0.0.0.0 and
-        # need no interface, and their start-up (the bulk of `up`) then overlaps
-        # the netlink work on the other core.
-        pending = self.spawn_processes(
-            plan.name,
-            [
-                ProcessSpec(
-                    kind=DEMOAPP_KIND,
-                    name=f"{DEMOAPP_KIND}-{p.name}",
-                    netns=p.netns,
-                    # -S: no site-packages scan; the app needs only the stdlib and
-                    # this package (found via PYTHONPATH), which halves its start-up.
-                    argv=(
-                        self.python,
-                        "-S",
-                        "-m",
-                        "nodeagent.sandbox.demoapp",
-                        f"--sandbox={plan.name}",
-                        f"--pod={p.name}",
-                        f"--namespace={p.namespace}",
-                        f"--service-account={p.service_account}",
-                        f"--node={p.node}",
-                        f"--ip={p.ip}",
-                        f"--http-port={HTTP_PORT}",
-                        f"--echo-port={ECHO_PORT}",
-                    ),
-                    ready_flag="--ready-fd",
-                    env=app_env,
-                )
-                for p in plan.pods
-            ],
-        )
+        specs = self._demoapp_specs(plan, app_env)
+        if controlplane:
+            specs.append(self._controlplane_spec(plan, app_env))
+        # Later: one `nodeagent run` per node joins this batch (kind "agent", in
+        # the node's namespace, xDS address from status()["controlplane"], token
+        # file self.store.token_path(name, node)); agents retry with backoff, so
+        # they need not wait for the control plane.
+        # Processes start now, while the network is configured: apps bind 0.0.0.0
+        # and need no interface, and their start-up (the bulk of `up`) then
+        # overlaps the netlink work on the other core.
+        pending = self.spawn_processes(plan.name, specs)
         try:
             for ns in plan.namespaces:
                 self.adapter.apply(ns)
@@ -302,7 +319,153 @@ class SandboxManager:
                 os.close(fd)
             raise
         self.await_ready(pending)
+        if controlplane:
+            self.await_controlplane(plan.name)
         _crash_point("apps")
+
+    def _demoapp_specs(self, plan: SandboxPlan, app_env: dict[str, str]) -> list[ProcessSpec]:
+        return [
+            ProcessSpec(
+                kind=DEMOAPP_KIND,
+                name=f"{DEMOAPP_KIND}-{p.name}",
+                netns=p.netns,
+                # -S: no site-packages scan; the app needs only the stdlib and
+                # this package (found via PYTHONPATH), which halves its start-up.
+                argv=(
+                    self.python,
+                    "-S",
+                    "-m",
+                    "nodeagent.sandbox.demoapp",
+                    f"--sandbox={plan.name}",
+                    f"--pod={p.name}",
+                    f"--namespace={p.namespace}",
+                    f"--service-account={p.service_account}",
+                    f"--node={p.node}",
+                    f"--ip={p.ip}",
+                    f"--http-port={HTTP_PORT}",
+                    f"--echo-port={ECHO_PORT}",
+                ),
+                ready_flag="--ready-fd",
+                env=app_env,
+            )
+            for p in plan.pods
+        ]
+
+    # -- control plane -----------------------------------------------------
+
+    def _controlplane_spec(self, plan: SandboxPlan, env: dict[str, str]) -> ProcessSpec:
+        """Write node tokens and the mesh file, record the address; the process to start."""
+        name = plan.name
+        tokens = mesh_mod.new_tokens(plan)
+        for node, token in tokens.items():
+            self.store.write_private(self.store.token_path(name, node), token + "\n")
+        mesh_file = self.store.mesh_path(name)
+        self.store.write_private(mesh_file, mesh_mod.dump_mesh(mesh_mod.build_mesh(plan, tokens)))
+        address = f"{plan.underlay_ip}:{CONTROLPLANE_PORT}"
+        info = {"address": address, "mesh_file": str(mesh_file)}
+        self.store.update(
+            name, lambda st: dataclasses.replace(st, extra={**st.extra, CONTROLPLANE_KIND: info})
+        )
+        return ProcessSpec(
+            kind=CONTROLPLANE_KIND,
+            name=CONTROLPLANE_NAME,
+            netns=plan.underlay_netns,
+            argv=(
+                self.python,
+                "-m",
+                "nodeagent.cli.main",
+                "controlplane",
+                f"--mesh={mesh_file}",
+                # Any address of the underlay namespace (it has only the bridge and
+                # lo): binding does not wait for the bridge's address to exist.
+                f"--listen=0.0.0.0:{CONTROLPLANE_PORT}",
+                f"--ca-dir={self.store.ca_dir(name)}",
+                "--require-token",
+            ),
+            env=env,
+        )
+
+    def await_controlplane(self, name: str, timeout: float = CONTROLPLANE_READY_TIMEOUT) -> None:
+        """Wait until the control plane accepts connections at its address.
+
+        `nodeagent controlplane` has no ready fd; an accepted connection from the
+        underlay namespace means its gRPC server is bound and serving.
+        """
+        state, plan = self.load(name)
+        record = state.process(CONTROLPLANE_NAME)
+        if record is None or record.pid is None:
+            raise SandboxError(f"sandbox {name}: the control plane was not started")
+        proc = ProcessId(record.pid, record.start_time)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not processes.is_running(proc):
+                raise SandboxError(
+                    f"the control plane exited: {_last_line(record.log) or 'no output'} "
+                    f"(log {record.log})"
+                )
+            sock = self.adapter.socket(plan.underlay_netns)
+            try:
+                sock.settimeout(1.0)
+                sock.connect((plan.underlay_ip, CONTROLPLANE_PORT))
+                return
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            if time.monotonic() > deadline:
+                raise SandboxError(
+                    f"the control plane did not accept connections within {timeout:.0f}s: "
+                    f"{_last_line(record.log) or 'no output'} (log {record.log})"
+                )
+            time.sleep(0.05)
+
+    def apply(
+        self,
+        name: str,
+        text: str,
+        source: str,
+        validate: MeshValidator,
+        *,
+        delete: bool = False,
+    ) -> MergeSummary:
+        """Merge a user's resources into the sandbox's mesh file (or remove them).
+
+        The user's file is checked on its own first (errors name its lines),
+        then the merged mesh; the mesh file is replaced atomically only if both
+        pass, and the control plane, which watches it, pushes the change.
+        """
+        state, plan = self.load(name)
+        info = state.extra.get(CONTROLPLANE_KIND)
+        if not isinstance(info, dict) or not info.get("mesh_file"):
+            raise SandboxError(
+                f"sandbox {name} has no control plane (it was made with --no-controlplane)"
+            )
+        try:
+            user = mesh_mod.parse_user_file(text, source)
+            if not delete:  # a deletion needs only names
+                validate(mesh_mod.standalone_text(text, [n.name for n in plan.nodes]), source)
+        except ValueError as exc:
+            raise SandboxError(str(exc)) from None
+        mesh_file = Path(str(info["mesh_file"]))
+        with self.store.locked(name):
+            try:
+                current = mesh_mod.load_mesh_dict(mesh_file.read_text())
+            except OSError as exc:
+                raise SandboxError(f"cannot read the sandbox's mesh file: {exc}") from None
+            try:
+                merged, summary = mesh_mod.merge_resources(current, user, delete=delete)
+            except ApplyError as exc:
+                raise SandboxError(f"{source}: {exc}") from None
+            new_text = mesh_mod.dump_mesh(merged)
+            try:
+                validate(new_text, str(mesh_file))
+            except ValueError as exc:
+                raise SandboxError(
+                    f"{source} does not fit sandbox {name}'s mesh, nothing changed: {exc}"
+                ) from None
+            if summary.added or summary.replaced or summary.deleted:
+                self.store.write_private(mesh_file, new_text)
+        return summary
 
     # -- processes (demo apps now; agents and a control plane later) --------
 

@@ -5,7 +5,10 @@ sandbox whose `up` crashed halfway. Processes of any kind (demo apps now;
 agents and a control plane later) share one record type: kind, name, netns,
 argv, log file, pid and the pid's start time (so a reused pid is never killed).
 
-Layout: ``<root>/<NAME>/state.json`` and ``<root>/<NAME>/logs/<process>.log``.
+Layout: ``<root>/<NAME>/state.json``, ``<root>/<NAME>/logs/<process>.log``, the
+control plane's ``<root>/<NAME>/mesh.yaml`` and ``<root>/<NAME>/ca/``, and one
+``<root>/<NAME>/<node>/token`` per node (mode 0600: the bearer token that node's
+agent presents to the control plane).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Any
 
 DEFAULT_STATE_ROOT = Path("/var/run/nodeagent-sandbox")
 STATE_FILE = "state.json"
+MESH_FILE = "mesh.yaml"
+TOKEN_FILE = "token"
+CA_DIR = "ca"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +119,15 @@ class StateStore:
     def log_path(self, name: str, process: str) -> Path:
         return self.root / name / "logs" / f"{process}.log"
 
+    def mesh_path(self, name: str) -> Path:
+        return self.root / name / MESH_FILE
+
+    def token_path(self, name: str, node: str) -> Path:
+        return self.root / name / node / TOKEN_FILE
+
+    def ca_dir(self, name: str) -> Path:
+        return self.root / name / CA_DIR
+
     def exists(self, name: str) -> bool:
         return self.dir(name).exists()
 
@@ -145,6 +160,26 @@ class StateStore:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
+
+    def write_private(self, path: Path, text: str) -> None:
+        """Atomically replace `path` with `text`, readable by root only (it holds tokens).
+
+        The temp file is made in the same directory and renamed over `path`, so a
+        reader (the control plane polls the mesh file) sees the old or the new
+        file, never a torn one.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[None]:

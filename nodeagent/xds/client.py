@@ -15,7 +15,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import grpc
@@ -258,8 +258,13 @@ class XdsClient:
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.DeltaAggregatedResources(metadata=tuple(metadata))
-            for req in self.protocol.start_stream():
-                await call.write(_to_pb(req, self._node))
+            try:
+                for req in self.protocol.start_stream():
+                    await call.write(_to_pb(req, self._node))
+            except grpc.aio.AioRpcError as e:
+                # A write can fail (as a bare INTERNAL) before the server's status
+                # arrives; the call's final status says why it really ended.
+                raise await _final_status(call, e) from None
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:  # type: ignore[attr-defined]
@@ -297,3 +302,15 @@ class XdsClient:
         if self._on_update is not None:
             self._on_update(action.type_url)
         return reply
+
+
+async def _final_status(call: Any, fallback: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The error carrying the call's real final status, or `fallback` if there is none."""
+    try:
+        code = await asyncio.wait_for(call.code(), 2)
+        details = await call.details()
+    except (TimeoutError, grpc.aio.AioRpcError):
+        return fallback
+    if code is None or code == grpc.StatusCode.OK:
+        return fallback
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)

@@ -73,7 +73,8 @@ def test_status_lists_nodes_pods_and_room_for_agents(sandbox_2x2: dict[str, Any]
         with open(f"/proc/{pod['app_pid']}/cmdline", "rb") as f:
             assert f"--pod={pod['name']}".encode() in f.read()
     assert sandbox_2x2["agents"] == []
-    assert sandbox_2x2["controlplane"] is None
+    assert sandbox_2x2["controlplane"]["address"] == "172.30.0.1:15010"
+    assert sandbox_2x2["controlplane"]["pid"] is not None
     assert sandbox_2x2["phase"] == "ready"
 
 
@@ -97,3 +98,4 @@ def test_status_table_is_for_people(sandbox_2x2: dict[str, Any], nodeagent_cli: 
     assert shown.returncode == 0, shown.stderr
     assert "SERVICE ACCOUNT" in shown.stdout
     assert "10.10.2.12" in shown.stdout
+    assert "control plane 172.30.0.1:15010" in shown.stdout

@@ -33,6 +33,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
         (["status", "nosuchbox"], ["unknown sandbox", "nosuchbox"]),
         (["exec", "nosuchbox", "node1-pod1", "--", "true"], ["unknown sandbox"]),
         (["down", "Bad_Name"], ["invalid sandbox name"]),
+        (["apply", "nosuchbox", "/nonexistent.yaml"], ["cannot read", "/nonexistent.yaml"]),
+        (["apply", "nosuchbox", "/dev/null"], ["unknown sandbox", "nosuchbox"]),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(
@@ -44,7 +46,10 @@ def test_bad_arguments_are_refused_in_one_line(
 
 def test_name_in_use_and_unknown_pod_are_refused(sandbox_name: str, nodeagent_cli: Any) -> None:
     up = ["sandbox", "up", "--name", sandbox_name, "--nodes", "1", "--pods-per-node", "1"]
-    assert nodeagent_cli(*up).returncode == 0
+    assert nodeagent_cli(*up, "--no-controlplane").returncode == 0
+    assert_one_line_error(
+        nodeagent_cli("sandbox", "apply", sandbox_name, "/dev/null"), "no control plane"
+    )
     assert_one_line_error(nodeagent_cli(*up), "already exists", sandbox_name)
     assert_one_line_error(
         nodeagent_cli("sandbox", "exec", sandbox_name, "node9-pod9", "--", "true"),

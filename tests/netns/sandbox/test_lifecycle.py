@@ -22,14 +22,14 @@ def _root_links() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
-def _sandbox_cmdlines(name: str) -> list[int]:
-    needle = f"--sandbox={name}".encode()
+def _sandbox_cmdlines(name: str, needle: str = "") -> list[int]:
+    wanted = (needle or f"--sandbox={name}").encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "cmdline").read_bytes():
+            if wanted in (entry / "cmdline").read_bytes():
                 found.append(int(entry.name))
         except OSError:
             continue
@@ -41,10 +41,16 @@ def _netns_of(name: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(f"{name}-")]
 
 
+def _state_dir_cmdlines(name: str) -> list[int]:
+    # The control plane has no --sandbox flag; its --mesh path names the sandbox.
+    return _sandbox_cmdlines(name, needle=str(DEFAULT_STATE_ROOT / name) + "/")
+
+
 def assert_nothing_left(name: str, root_links_before: set[str]) -> None:
     assert _netns_of(name) == []
     assert _root_links() <= root_links_before
     assert _sandbox_cmdlines(name) == []
+    assert _state_dir_cmdlines(name) == []
     assert not (DEFAULT_STATE_ROOT / name).exists()
 
 
@@ -58,6 +64,7 @@ def test_down_removes_every_namespace_process_link_and_file(
     assert up.returncode == 0, up.stderr
     assert len(_netns_of(sandbox_name)) == 1 + 2 + 6
     assert len(_sandbox_cmdlines(sandbox_name)) == 6
+    assert len(_state_dir_cmdlines(sandbox_name)) == 1  # the control plane
     assert (DEFAULT_STATE_ROOT / sandbox_name / "state.json").exists()
     assert _root_links() == links  # nothing is ever created in the root namespace
 
@@ -83,6 +90,8 @@ def test_down_finishes_a_sandbox_whose_up_crashed(
     assert _netns_of(sandbox_name)  # the crash left a half-built sandbox
     if crash_at == "apps":
         assert len(_sandbox_cmdlines(sandbox_name)) == 4
+    if crash_at != "namespaces":
+        assert len(_state_dir_cmdlines(sandbox_name)) == 1  # the control plane
 
     status = nodeagent_cli("sandbox", "status", sandbox_name, "-o", "json")
     assert json.loads(status.stdout)["phase"] == "creating"
@@ -135,6 +144,8 @@ def test_demo_calls_pods_and_removes_its_sandbox(sandbox_name: str) -> None:
     text = "\n".join(lines)
     assert '"client_ip": "10.10.1.11"' in text
     assert "all calls succeeded" in text
+    assert "control plane at 172.30.0.1:15010" in text
+    assert "serves 4 workloads and 2 services" in text
     assert _netns_of(sandbox_name) == []
     assert not Path(DEFAULT_STATE_ROOT / sandbox_name).exists()
 

@@ -1,0 +1,1 @@
+"""The agent's debugging and monitoring surface: admin API, metrics, readiness, access logs."""

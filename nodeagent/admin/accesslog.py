@@ -1,0 +1,90 @@
+"""Access logs: one JSON line per proxied connection, written when it closes.
+
+Field names follow ztunnel's access log (`src.addr`, `dst.hbone_addr`, ...)
+so log pipelines built for it parse ours. The formatter is pure; the
+`access` logger is where lines go, so its level is set like any other
+(`POST /logging?level=access=off,info`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+ACCESS_LOGGER = "access"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessRecord:
+    """What is known about one connection when it closes."""
+
+    end_time: float  # unix seconds
+    direction: str  # inbound | outbound
+    src_addr: str
+    dst_addr: str  # the original destination the client asked for
+    dst_hbone_addr: str = ""  # the HBONE endpoint used, if tunnelled
+    src_workload: str = ""
+    src_namespace: str = ""
+    src_identity: str = ""
+    dst_service: str = ""
+    dst_workload: str = ""
+    dst_namespace: str = ""
+    dst_identity: str = ""
+    bytes_sent: int = 0  # towards the destination
+    bytes_recv: int = 0  # back from the destination
+    duration_ms: float = 0.0
+    policy: str = ""  # allow | deny, with the deciding policy if any
+    response_flags: str = "-"
+    error: str = ""
+
+
+def _timestamp(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def access_fields(record: AccessRecord) -> dict[str, Any]:
+    """The log line's fields, always all of them, in a stable order."""
+    fields: dict[str, Any] = {
+        "timestamp": _timestamp(record.end_time),
+        "level": "info",
+        "scope": ACCESS_LOGGER,
+        "message": "connection complete",
+        "direction": record.direction,
+        "src.addr": record.src_addr,
+        "src.workload": record.src_workload,
+        "src.namespace": record.src_namespace,
+        "src.identity": record.src_identity,
+        "dst.addr": record.dst_addr,
+        "dst.hbone_addr": record.dst_hbone_addr,
+        "dst.service": record.dst_service,
+        "dst.workload": record.dst_workload,
+        "dst.namespace": record.dst_namespace,
+        "dst.identity": record.dst_identity,
+        "bytes_sent": record.bytes_sent,
+        "bytes_recv": record.bytes_recv,
+        "duration_ms": round(record.duration_ms, 3),
+        "policy": record.policy,
+        "response_flags": record.response_flags,
+        "error": record.error,
+    }
+    return fields
+
+
+def format_access_log(record: AccessRecord) -> str:
+    """One JSON line (no newline) for `record`."""
+    return json.dumps(access_fields(record), separators=(",", ":"))
+
+
+class AccessLogger:
+    """Writes access records to the `access` logger at INFO."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._logger = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def log(self, record: AccessRecord) -> None:
+        # Check first: formatting JSON per connection is wasted when access logs are off.
+        if self._logger.isEnabledFor(logging.INFO):
+            self._logger.info(format_access_log(record))

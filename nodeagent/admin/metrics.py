@@ -1,0 +1,282 @@
+"""Prometheus metrics: Istio's traffic metrics by their exact names, plus the agent's own.
+
+Traffic metrics keep Istio's names and label set so Istio's Grafana
+dashboards and Kiali read them unchanged. They are held by a small custom
+collector rather than prometheus_client Counters: it exposes exactly
+`istio_tcp_*_total` with no extra `_created` series (ztunnel has none), and
+recording is one dict update per call on the hot path.
+
+Everything lives in the agent's own CollectorRegistry, never the global one,
+so several agents (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+import nodeagent
+from nodeagent.model import workload as wm
+
+UNKNOWN = "unknown"
+
+# Label order as Istio's CommonTrafficLabels.
+TRAFFIC_LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionLabels:
+    """Istio's traffic labels for one connection; empty values render as "unknown"."""
+
+    reporter: str  # "source" (outbound side) or "destination" (inbound side)
+    source_workload: str = ""
+    source_canonical_service: str = ""
+    source_canonical_revision: str = ""
+    source_workload_namespace: str = ""
+    source_principal: str = ""
+    source_app: str = ""
+    source_version: str = ""
+    source_cluster: str = ""
+    destination_service: str = ""
+    destination_service_namespace: str = ""
+    destination_service_name: str = ""
+    destination_workload: str = ""
+    destination_canonical_service: str = ""
+    destination_canonical_revision: str = ""
+    destination_workload_namespace: str = ""
+    destination_principal: str = ""
+    destination_app: str = ""
+    destination_version: str = ""
+    destination_cluster: str = ""
+    request_protocol: str = "tcp"
+    response_flags: str = "-"
+    connection_security_policy: str = UNKNOWN  # "mutual_tls" when HBONE carried it
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(getattr(self, name) or UNKNOWN for name in TRAFFIC_LABELS)
+
+
+assert tuple(f.name for f in dataclasses.fields(ConnectionLabels)) == TRAFFIC_LABELS
+
+
+def connection_labels(
+    *,
+    reporter: str,
+    source: wm.Workload | None = None,
+    destination: wm.Workload | None = None,
+    service: wm.Service | None = None,
+    source_principal: str = "",
+    destination_principal: str = "",
+    mtls: bool = False,
+    response_flags: str = "-",
+) -> ConnectionLabels:
+    """Istio's labels from what the proxy resolved: workloads, service, peer identities.
+
+    A principal not given (no TLS peer) falls back to the workload's identity on
+    the side the reporter knows from the control plane.
+    """
+    src, dst = source, destination
+    return ConnectionLabels(
+        reporter=reporter,
+        source_workload=(src.workload_name or src.name) if src else "",
+        source_canonical_service=src.canonical_name if src else "",
+        source_canonical_revision=src.canonical_revision if src else "",
+        source_workload_namespace=src.namespace if src else "",
+        source_principal=source_principal or (str(src.identity()) if src else ""),
+        source_app=src.canonical_name if src else "",
+        source_version=src.canonical_revision if src else "",
+        source_cluster=src.cluster_id if src else "",
+        destination_service=service.hostname if service else "",
+        destination_service_namespace=service.namespace if service else "",
+        destination_service_name=service.name if service else "",
+        destination_workload=(dst.workload_name or dst.name) if dst else "",
+        destination_canonical_service=dst.canonical_name if dst else "",
+        destination_canonical_revision=dst.canonical_revision if dst else "",
+        destination_workload_namespace=dst.namespace if dst else "",
+        destination_principal=destination_principal or (str(dst.identity()) if dst else ""),
+        destination_app=dst.canonical_name if dst else "",
+        destination_version=dst.canonical_revision if dst else "",
+        destination_cluster=dst.cluster_id if dst else "",
+        response_flags=response_flags,
+        connection_security_policy="mutual_tls" if mtls else UNKNOWN,
+    )
+
+
+_TRAFFIC_COUNTERS: dict[str, str] = {
+    # exposed name (without _total) -> help
+    "istio_tcp_connections_opened": "Total TCP connections opened",
+    "istio_tcp_connections_closed": "Total TCP connections closed",
+    "istio_tcp_sent_bytes": "Total bytes sent during response of a TCP connection",
+    "istio_tcp_received_bytes": "Total bytes received during request of a TCP connection",
+    "istio_tcp_connections_failed": "Total TCP connections failed",
+}
+
+
+class TrafficMetrics(Collector):
+    """Istio's `istio_tcp_*` counters, keyed by the full label tuple."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, dict[tuple[str, ...], float]] = {n: {} for n in _TRAFFIC_COUNTERS}
+
+    def _add(self, name: str, key: tuple[str, ...], amount: float) -> None:
+        series = self._values[name]
+        series[key] = series.get(key, 0) + amount
+
+    def record_open(self, labels: ConnectionLabels) -> None:
+        self._add("istio_tcp_connections_opened", labels.values(), 1)
+
+    def record_bytes(self, labels: ConnectionLabels, *, sent: int, received: int) -> None:
+        """Count bytes as they flow (long connections show up before they close)."""
+        key = labels.values()
+        if sent:
+            self._add("istio_tcp_sent_bytes", key, sent)
+        if received:
+            self._add("istio_tcp_received_bytes", key, received)
+
+    def record_close(self, labels: ConnectionLabels, *, sent: int = 0, received: int = 0) -> None:
+        """Close a connection, counting any bytes not yet passed to record_bytes."""
+        key = labels.values()
+        self.record_bytes(labels, sent=sent, received=received)
+        self._add("istio_tcp_connections_closed", key, 1)
+
+    def record_failed(self, labels: ConnectionLabels) -> None:
+        self._add("istio_tcp_connections_failed", labels.values(), 1)
+
+    def value(self, name: str, labels: ConnectionLabels) -> float:
+        """Current value of `name` (without `_total`) for these labels; 0 if never set."""
+        return self._values[name].get(labels.values(), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_text in _TRAFFIC_COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=TRAFFIC_LABELS)
+            for key, amount in self._values[name].items():
+                family.add_metric(key, amount)
+            yield family
+
+
+class _BuildInfo(Collector):
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "istio_build", "Istio component build info", labels=("component", "tag")
+        )
+        family.add_metric(("nodeagent", nodeagent.__version__), 1)
+        yield family
+
+
+XDS_STATES = ("connected", "connecting", "disconnected")
+# Buckets for capture setup: iptables-restore in a namespace takes milliseconds;
+# seconds mean trouble.
+CAPTURE_SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class AgentMetrics:
+    """The agent's metric registry: Istio traffic metrics, build info, and its own gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.traffic = TrafficMetrics()
+        self.registry.register(self.traffic)
+        self.registry.register(_BuildInfo())
+        r = self.registry
+        self.xds_connection_state = Gauge(
+            "nodeagent_xds_connection_state",
+            "xDS stream state: 1 for the current state, 0 for the others",
+            ["state"],
+            registry=r,
+        )
+        self.xds_pushes = Counter(
+            "nodeagent_xds_pushes", "xDS responses received, by type URL", ["type_url"], registry=r
+        )
+        self.xds_nacks = Counter(
+            "nodeagent_xds_nacks",
+            "xDS responses rejected (NACKed), by type URL",
+            ["type_url"],
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "nodeagent_certificate_expiration_timestamp_seconds",
+            "notAfter of the certificate held for an identity, unix seconds",
+            ["identity"],
+            registry=r,
+        )
+        self.pods = Gauge("nodeagent_pods", "Local pods by capture state", ["state"], registry=r)
+        self.capture_setup_seconds = Histogram(
+            "nodeagent_capture_setup_seconds",
+            "Time to install capture and open listeners for one pod",
+            ["backend"],
+            buckets=CAPTURE_SETUP_BUCKETS,
+            registry=r,
+        )
+        self.policy_decisions = Counter(
+            "nodeagent_policy_decisions",
+            "L4 authorization decisions: `action` of the deciding policy (or none), `result`",
+            ["action", "result"],
+            registry=r,
+        )
+        self.set_xds_state("disconnected")
+
+    def set_xds_state(self, state: str) -> None:
+        if state not in XDS_STATES:
+            raise ValueError(f"xDS state {state!r} is not one of {', '.join(XDS_STATES)}")
+        for s in XDS_STATES:
+            self.xds_connection_state.labels(state=s).set(1 if s == state else 0)
+
+    def xds_push(self, type_url: str, *, nacked: bool = False) -> None:
+        self.xds_pushes.labels(type_url=type_url).inc()
+        if nacked:
+            self.xds_nacks.labels(type_url=type_url).inc()
+
+    def set_certificate_expiry(self, identity: str, not_after: float | None) -> None:
+        """Record (or with None, forget) the expiry of the certificate for `identity`."""
+        if not_after is None:
+            try:
+                self.certificate_expiry.remove(identity)
+            except KeyError:
+                pass
+            return
+        self.certificate_expiry.labels(identity=identity).set(not_after)
+
+    def set_pod_counts(self, counts: Mapping[str, int]) -> None:
+        """Replace the per-state pod counts (states absent from `counts` drop to 0)."""
+        for state in ("pending", "capturing", "ready", "failed", "removing", *counts):
+            self.pods.labels(state=state).set(counts.get(state, 0))
+
+    def observe_capture_setup(self, seconds: float, backend: str = "iptables") -> None:
+        self.capture_setup_seconds.labels(backend=backend).observe(seconds)
+
+    def policy_decision(self, *, action: str, allowed: bool) -> None:
+        self.policy_decisions.labels(
+            action=action or "none", result="allow" if allowed else "deny"
+        ).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

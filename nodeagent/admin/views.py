@@ -1,0 +1,203 @@
+"""Rows for the CLI's tables, computed from admin API answers (pure).
+
+Columns follow `istioctl ztunnel-config` so the output reads the same as
+Istio's. Input is the config dump's JSON (ztunnel's camelCase keys); missing
+keys render as empty cells or "None", never errors, because the dump may come
+from an agent of another version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+Row = dict[str, Any]
+
+WORKLOAD_COLUMNS = [
+    ("namespace", "NAMESPACE"),
+    ("name", "POD NAME"),
+    ("address", "ADDRESS"),
+    ("node", "NODE"),
+    ("waypoint", "WAYPOINT"),
+    ("protocol", "PROTOCOL"),
+]
+SERVICE_COLUMNS = [
+    ("namespace", "NAMESPACE"),
+    ("name", "SERVICE NAME"),
+    ("vip", "SERVICE VIP"),
+    ("waypoint", "WAYPOINT"),
+    ("endpoints", "ENDPOINTS"),
+]
+POLICY_COLUMNS = [
+    ("namespace", "NAMESPACE"),
+    ("name", "POLICY NAME"),
+    ("action", "ACTION"),
+    ("scope", "SCOPE"),
+]
+CERT_COLUMNS = [
+    ("name", "CERTIFICATE NAME"),
+    ("type", "TYPE"),
+    ("status", "STATUS"),
+    ("valid", "VALID CERT"),
+    ("serial", "SERIAL NUMBER"),
+    ("not_after", "NOT AFTER"),
+    ("not_before", "NOT BEFORE"),
+]
+CONNECTION_COLUMNS = [
+    ("workload", "WORKLOAD"),
+    ("direction", "DIRECTION"),
+    ("local", "LOCAL"),
+    ("remote", "REMOTE"),
+    ("remote_target", "REMOTE TARGET"),
+    ("protocol", "PROTOCOL"),
+]
+POD_COLUMNS = [
+    ("namespace", "NAMESPACE"),
+    ("name", "POD NAME"),
+    ("capture_state", "STATE"),
+    ("backend", "BACKEND"),
+    ("listeners", "LISTENERS"),
+    ("attempts", "ATTEMPTS"),
+    ("last_error", "LAST ERROR"),
+]
+RULE_COLUMNS = [("mark", ""), ("table", "TABLE"), ("rule", "RULE")]
+RULE_MARKS = {"ok": " ", "missing": "-", "extra": "+"}
+
+
+def _waypoint(value: Any) -> str:
+    if not value:
+        return "None"
+    if isinstance(value, Mapping):
+        dest = value.get("destination", "")
+        if isinstance(dest, Mapping):
+            dest = dest.get("hostname") or dest.get("address") or ""
+        text = str(dest)
+        # "ns/name.ns.svc.cluster.local" -> "name", as istioctl shows it.
+        return text.rsplit("/", 1)[-1].split(".", 1)[0] or "None"
+    return str(value)
+
+
+def workload_rows(dump: Mapping[str, Any]) -> list[Row]:
+    rows = [
+        {
+            "namespace": w.get("namespace", ""),
+            "name": w.get("name", ""),
+            "address": ",".join(w.get("workloadIps") or []) or "None",
+            "node": w.get("node", ""),
+            "waypoint": _waypoint(w.get("waypoint")),
+            "protocol": w.get("protocol", "TCP"),
+        }
+        for w in dump.get("workloads") or []
+    ]
+    return sorted(rows, key=lambda r: (r["namespace"], r["name"]))
+
+
+def service_rows(dump: Mapping[str, Any]) -> list[Row]:
+    rows = []
+    for s in dump.get("services") or []:
+        endpoints = s.get("endpoints") or {}
+        items = list(endpoints.values()) if isinstance(endpoints, Mapping) else list(endpoints)
+        healthy = sum(1 for e in items if str(e.get("status", "Healthy")) == "Healthy")
+        vips = [str(v).rsplit("/", 1)[-1] for v in s.get("vips") or []]
+        rows.append(
+            {
+                "namespace": s.get("namespace", ""),
+                "name": s.get("hostname") or s.get("name", ""),
+                "vip": ",".join(vips) or "None",
+                "waypoint": _waypoint(s.get("waypoint")),
+                "endpoints": f"{healthy}/{len(items)}",
+            }
+        )
+    return sorted(rows, key=lambda r: (r["namespace"], r["name"]))
+
+
+def policy_rows(dump: Mapping[str, Any]) -> list[Row]:
+    rows = [
+        {
+            "namespace": p.get("namespace", ""),
+            "name": p.get("name", ""),
+            "action": p.get("action", ""),
+            "scope": p.get("scope", ""),
+        }
+        for p in dump.get("policies") or []
+    ]
+    return sorted(rows, key=lambda r: (r["namespace"], r["name"]))
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not text:
+        return None
+    try:
+        t = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _short_time(t: datetime | None, raw: Any) -> str:
+    # Minutes are enough to read a certificate's validity; -o json has the exact value.
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if t else str(raw or "")
+
+
+def cert_rows(dump: Mapping[str, Any], now: datetime | None = None) -> list[Row]:
+    now = now or datetime.now(UTC)
+    rows: list[Row] = []
+    for cert in dump.get("certificates") or []:
+        name = cert.get("identity", "")
+        status = str(cert.get("state", ""))
+        chain = [("Leaf", c) for c in cert.get("certChain") or []]
+        chain += [("Root", c) for c in cert.get("rootCerts") or []]
+        if not chain:
+            rows.append({"name": name, "type": "NA", "status": status, "valid": "false"})
+            continue
+        for kind, c in chain:
+            start, end = _parse_time(c.get("validFrom")), _parse_time(c.get("expirationTime"))
+            valid = start is not None and end is not None and start <= now <= end
+            rows.append(
+                {
+                    "name": name,
+                    "type": kind,
+                    "status": status,
+                    "valid": "true" if valid else "false",
+                    "serial": c.get("serialNumber", ""),
+                    "not_after": _short_time(end, c.get("expirationTime")),
+                    "not_before": _short_time(start, c.get("validFrom")),
+                }
+            )
+    return rows
+
+
+def connection_rows(connections: list[Mapping[str, Any]]) -> list[Row]:
+    rows = [{k: c.get(k, "") for k, _ in CONNECTION_COLUMNS} for c in connections]
+    return sorted(rows, key=lambda r: (r["workload"], r["direction"], r["local"], r["remote"]))
+
+
+def pod_rows(pods: list[Mapping[str, Any]]) -> list[Row]:
+    rows = []
+    for p in pods:
+        row = {k: p.get(k, "") for k, _ in POD_COLUMNS}
+        row["listeners"] = ", ".join(p.get("listeners") or []) or "-"
+        row["last_error"] = p.get("last_error") or "-"
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["namespace"], r["name"]))
+
+
+def rule_rows(rules: Mapping[str, Any]) -> list[Row]:
+    return [
+        {"mark": RULE_MARKS.get(line["status"], "?"), "table": line["table"], "rule": line["rule"]}
+        for line in rules.get("lines") or []
+    ]
+
+
+def rules_summary(rules: Mapping[str, Any]) -> str:
+    pod = rules.get("pod") or {}
+    name = f"pod {pod.get('namespace', '')}/{pod.get('name', '')} ({rules.get('backend', '')})"
+    if rules.get("error"):
+        return f"{name}: cannot read installed rules: {rules['error']}"
+    lines = rules.get("lines") or []
+    missing = sum(1 for line in lines if line["status"] == "missing")
+    extra = sum(1 for line in lines if line["status"] == "extra")
+    if not missing and not extra:
+        return f"{name}: installed rules match the plan ({len(lines)} lines)"
+    return f"{name}: DRIFT: {missing} missing (-), {extra} extra (+)"

@@ -1,0 +1,229 @@
+"""Node-level debugging commands that ask a running agent over its admin API.
+
+`nodeagent workloads | services | policies | certs | connections | pods`,
+`nodeagent rules POD`, `nodeagent explain --from POD --to ADDR:PORT`,
+`nodeagent log [--level LEVEL | --reset]`. The agent is chosen by `--agent`
+(Unix socket path or http://host:port), or `--sandbox NAME --node NODE`,
+else $ADMIN_SOCKET, else the default admin socket (Config.admin_socket).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+from nodeagent.admin import views
+from nodeagent.admin.client import AdminClient, AdminError, sandbox_admin_socket
+from nodeagent.cli.errors import CliError
+from nodeagent.cli.output import render
+from nodeagent.config import Config
+
+TABLE_WIDTH = 100
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    # A bad flag gets one line, not argparse's usage block.
+    def error(message: str) -> NoReturn:
+        print(f"{parser.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _add_target_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
+    g = p.add_argument_group("agent")
+    g.add_argument("--agent", help="admin Unix socket path or http://HOST:PORT URL")
+    g.add_argument("--sandbox", metavar="NAME", help="sandbox name (with --node)")
+    g.add_argument("--node", metavar="NODE", help="sandbox node whose agent to ask")
+    if output:
+        p.add_argument(
+            "-o",
+            "--output",
+            choices=("table", "json", "yaml"),
+            default="table",
+            help="output format",
+        )
+
+
+def client_for(args: argparse.Namespace) -> AdminClient:
+    """The admin client for --agent, or --sandbox/--node, or the default socket."""
+    if args.agent and (args.sandbox or args.node):
+        raise CliError("use either --agent or --sandbox/--node, not both")
+    try:
+        if args.agent:
+            return AdminClient(args.agent)
+        if args.sandbox or args.node:
+            if not (args.sandbox and args.node):
+                raise CliError("--sandbox and --node go together")
+            return AdminClient(sandbox_admin_socket(args.sandbox, args.node))
+        return AdminClient(os.environ.get("ADMIN_SOCKET") or Config().admin_socket)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _ask(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except AdminError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _width() -> int:
+    if sys.stdout.isatty():
+        return max(TABLE_WIDTH, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
+    return TABLE_WIDTH
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> None:
+    print(render(rows, "table", columns, max_width=_width()))
+
+
+def _print_data(data: Any, fmt: str) -> None:
+    print(render(data, fmt))
+
+
+# Commands over the config dump -----------------------------------------------
+
+_DUMP_VIEWS: dict[str, tuple[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]], Any]] = {
+    "workloads": ("workloads", views.workload_rows, views.WORKLOAD_COLUMNS),
+    "services": ("services", views.service_rows, views.SERVICE_COLUMNS),
+    "policies": ("policies", views.policy_rows, views.POLICY_COLUMNS),
+    "certs": ("certificates", views.cert_rows, views.CERT_COLUMNS),
+}
+
+
+def cmd_dump_view(args: argparse.Namespace) -> int:
+    section, to_rows, columns = _DUMP_VIEWS[args.view]
+    client = client_for(args)
+    dump = _ask(client.config_dump)
+    if args.output == "table":
+        _print_table(to_rows(dump), columns)
+    else:
+        _print_data(dump.get(section) or [], args.output)
+    return 0
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    conns = _ask(client_for(args).connections)
+    if args.output == "table":
+        _print_table(views.connection_rows(conns), views.CONNECTION_COLUMNS)
+    else:
+        _print_data(conns, args.output)
+    return 0
+
+
+def cmd_pods(args: argparse.Namespace) -> int:
+    pods = _ask(client_for(args).pods)
+    if args.output == "table":
+        _print_table(views.pod_rows(pods), views.POD_COLUMNS)
+    else:
+        _print_data(pods, args.output)
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    rules = _ask(lambda: client.rules(args.pod))
+    if args.output == "table":
+        print(views.rules_summary(rules))
+        rows = views.rule_rows(rules)
+        if rows:
+            _print_table(rows, views.RULE_COLUMNS)
+    else:
+        _print_data(rules, args.output)
+    return 0
+
+
+def _explain_text(result: Mapping[str, Any]) -> str:
+    lines = [f"verdict: {str(result.get('verdict', 'unknown')).upper()}"]
+    for key, value in result.items():
+        if key in ("verdict", "steps"):
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, separators=(", ", ": "), default=str)
+        lines.append(f"{key}: {value}")
+    steps = result.get("steps") or []
+    if steps:
+        lines.append("steps:")
+        lines += [f"  {i}. {step}" for i, step in enumerate(steps, 1)]
+    return "\n".join(lines)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    result = _ask(lambda: client.explain(args.from_pod, args.to))
+    if args.output == "table":
+        print(_explain_text(result))
+    else:
+        _print_data(result, args.output)
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    if args.level is not None and args.reset:
+        raise CliError("use either --level or --reset")
+    client = client_for(args)
+    print(_ask(lambda: client.logging(args.level, reset=args.reset)))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    help_texts = {
+        "workloads": (
+            "workloads the agent knows (like `istioctl zc workloads`)",
+            ["workload", "w"],
+        ),
+        "services": ("services the agent knows", ["service", "svc"]),
+        "policies": ("authorization policies the agent knows", ["policy", "pol"]),
+        "certs": ("certificates the agent holds", ["certificates", "cert"]),
+    }
+    for view, (help_text, aliases) in help_texts.items():
+        p = _one_line_errors(subparsers.add_parser(view, aliases=aliases, help=help_text))
+        _add_target_flags(p)
+        p.set_defaults(func=cmd_dump_view, view=view)
+
+    p = _one_line_errors(
+        subparsers.add_parser("connections", aliases=["cons"], help="live proxied connections")
+    )
+    _add_target_flags(p)
+    p.set_defaults(func=cmd_connections)
+
+    p = _one_line_errors(
+        subparsers.add_parser("pods", help="local pods: capture state, listeners, last error")
+    )
+    _add_target_flags(p)
+    p.set_defaults(func=cmd_pods)
+
+    p = _one_line_errors(
+        subparsers.add_parser(
+            "rules",
+            help="a pod's capture rules: installed (kernel) vs intended, drift marked",
+            description="Lines marked '-' are intended but missing from the kernel; "
+            "'+' are in the kernel but not intended.",
+        )
+    )
+    p.add_argument("pod", help="pod as namespace/name, name or uid")
+    _add_target_flags(p)
+    p.set_defaults(func=cmd_rules)
+
+    p = _one_line_errors(
+        subparsers.add_parser("explain", help="what the agent would do with a connection, and why")
+    )
+    p.add_argument("--from", dest="from_pod", required=True, metavar="POD", help="source pod")
+    p.add_argument("--to", required=True, metavar="ADDR:PORT", help="destination")
+    _add_target_flags(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = _one_line_errors(subparsers.add_parser("log", help="show or change the agent's log level"))
+    p.add_argument(
+        "--level", help="LEVEL or target=level,... (off, error, warn, info, debug, trace)"
+    )
+    p.add_argument("--reset", action="store_true", help="back to the starting level")
+    _add_target_flags(p, output=False)
+    p.set_defaults(func=cmd_log)

@@ -1,0 +1,335 @@
+"""asyncio adapter: drives a sans-IO `TunnelConnection` over a (TLS) transport.
+
+`HboneConnection` is an `asyncio.Protocol` (the Protocol API, not streams: about 2x faster
+here, machine.md §5.2). Each CONNECT tunnel is a `TunnelStream` with awaitable read/drain for
+simple users; the relay can instead set `TunnelStream.on_data`/`on_end`/`on_reset` callbacks
+and take DATA as memoryviews without copies.
+
+Lessons from machine.md §5.5 are built in: streams are registered synchronously when their
+HEADERS arrive (DATA in the same read must not be lost), and an exception from one stream's
+callback resets that stream instead of killing the shared connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from nodeagent.hbone.connection import (
+    ConnectionConfig,
+    ConnectionTerminated,
+    DataReceived,
+    ErrorCode,
+    Event,
+    InvalidActionError,
+    ProtocolError,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    StreamState,
+    TrailersReceived,
+    TunnelConnection,
+    WindowUpdated,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TunnelError(ConnectionError):
+    """A tunnel stream was reset, refused, or its connection died."""
+
+
+class TunnelStream:
+    """One CONNECT tunnel on an `HboneConnection`."""
+
+    def __init__(
+        self,
+        owner: HboneConnection,
+        stream_id: int,
+        authority: str,
+        headers: tuple[tuple[str, str], ...],
+    ):
+        self.owner = owner
+        self.stream_id = stream_id
+        self.authority = authority
+        self.headers = headers
+        self.response: asyncio.Future[ResponseReceived] = owner.loop.create_future()
+        self.on_data: Callable[[memoryview], None] | None = None  # set for callback mode
+        self.on_end: Callable[[], None] | None = None
+        self.on_reset: Callable[[int], None] | None = None
+        # Callback mode acknowledges DATA as soon as on_data returns. A relay that must hold the
+        # peer back until its upstream socket drains sets manual_ack and calls ack() itself.
+        self.manual_ack = False
+        self._inbox: collections.deque[tuple[memoryview, int]] = collections.deque()
+        self._eof = False
+        self._error: BaseException | None = None
+        self._readable: asyncio.Event = asyncio.Event()
+        self._writable: asyncio.Event = asyncio.Event()
+        self._writable.set()
+
+    # --- server side ---
+    def respond(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
+        """Answer the CONNECT; any status but 2xx also ends the stream."""
+        conn = self.owner.conn
+        conn.send_response(self.stream_id, status, headers)
+        if not 200 <= status < 300 and conn.stream_state(self.stream_id) is not StreamState.CLOSED:
+            # RFC 9113 §8.1: after a complete refusal, ask the client to stop sending with
+            # RST_STREAM(NO_ERROR), so refused tunnels cannot eat the connection window.
+            conn.reset_stream(self.stream_id, ErrorCode.NO_ERROR)
+            self._release_inbox()
+            self.owner.streams.pop(self.stream_id, None)
+        self.owner.flush()
+
+    # --- both sides ---
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes (not copied: don't mutate `data` afterwards)."""
+        if self._error is not None:
+            raise self._error
+        self.owner.conn.send_data(self.stream_id, data)
+        if self.owner.conn.buffered_bytes(self.stream_id):
+            self._writable.clear()
+        self.owner.flush()
+
+    async def drain(self) -> None:
+        """Wait until the peer's windows took everything written (and the transport is writable)."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._writable.is_set() and self.owner.writable.is_set():
+                return
+            await (
+                self._writable.wait() if not self._writable.is_set() else self.owner.writable.wait()
+            )
+
+    def write_eof(self) -> None:
+        """Half-close our direction (END_STREAM); reading continues."""
+        self.owner.conn.end_stream(self.stream_id)
+        self.owner.flush()
+        if self._eof:
+            self.owner._forget_if_closed(self.stream_id)
+
+    def reset(self, error_code: int = ErrorCode.CANCEL) -> None:
+        if not self.owner.conn.closed:
+            self.owner.conn.reset_stream(self.stream_id, error_code)
+            self._release_inbox()
+            self.owner.flush()
+        self.owner.streams.pop(self.stream_id, None)
+        self._fail(TunnelError(f"stream {self.stream_id} reset locally"))
+
+    def _release_inbox(self) -> None:
+        """Unread bytes of a stream we abandon still count against the connection window."""
+        unread = sum(length for _, length in self._inbox)
+        self._inbox.clear()
+        if unread:
+            self.owner.conn.acknowledge_received_data(self.stream_id, unread)
+
+    def ack(self, size: int) -> None:
+        """Return `size` consumed bytes to the peer's windows (callback mode with manual_ack)."""
+        self.owner.conn.acknowledge_received_data(self.stream_id, size)
+        self.owner.flush()
+
+    async def read(self) -> bytes:
+        """The next chunk of tunnel bytes; b"" at the peer's END_STREAM."""
+        while not self._inbox:
+            if self._eof:
+                return b""  # the peer's direction finished cleanly, whatever happened since
+            if self._error is not None:
+                raise self._error
+            self._readable.clear()
+            await self._readable.wait()
+        data, length = self._inbox.popleft()
+        # The window reopens only as the application reads: that is the backpressure.
+        self.owner.conn.acknowledge_received_data(self.stream_id, length)
+        self.owner.flush()
+        return bytes(data)
+
+    # --- driven by the connection ---
+    def _on_data(self, data: memoryview, length: int) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+            return
+        self._inbox.append((data, length))
+        self._readable.set()
+
+    def _on_end(self) -> None:
+        self._eof = True
+        self._readable.set()
+        if self.on_end is not None:
+            self.on_end()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if not self.response.done():
+            self.response.set_exception(error)
+            self.response.exception()  # retrieved: nobody may be waiting on a refused stream
+        self._readable.set()
+        self._writable.set()
+
+
+class HboneConnection(asyncio.Protocol):
+    """One HTTP/2 connection carrying tunnels. Server: `on_request(stream)` is called
+    synchronously for each CONNECT (answer with `stream.respond`)."""
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        config: ConnectionConfig | None = None,
+        on_request: Callable[[TunnelStream], None] | None = None,
+    ) -> None:
+        self.conn = TunnelConnection(config or ConnectionConfig(client_side=client_side))
+        self.loop = asyncio.get_running_loop()
+        self.on_request = on_request
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, TunnelStream] = {}
+        self.ready: asyncio.Future[None] = self.loop.create_future()  # peer SETTINGS seen
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.conn.initiate_connection()
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as err:
+            log.info("HBONE connection error: %s", err)
+            self._dispatch(cast(list[Event], list(err.events)))
+            self.flush()
+            self._terminate(TunnelError(f"HTTP/2 protocol error: {err}"))
+            return
+        self._dispatch(events)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: HTTP/2 has no half-closed connections
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._terminate(TunnelError(f"connection lost: {exc}" if exc else "connection closed"))
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    # --- API ---
+    async def open_tunnel(
+        self, authority: str, headers: Iterable[tuple[str, str]] = ()
+    ) -> TunnelStream:
+        """Client: CONNECT to `authority`; returns once the peer answered 200."""
+        await self.ready
+        sid = self.conn.open_tunnel(authority, headers)
+        stream = TunnelStream(self, sid, authority, ())
+        self.streams[sid] = stream
+        self.flush()
+        response = await stream.response
+        if response.status != 200:
+            raise TunnelError(f"CONNECT {authority} answered {response.status}")
+        return stream
+
+    def flush(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.writelines(out)
+
+    def close(self, error_code: int = ErrorCode.NO_ERROR) -> None:
+        """GOAWAY, then close the transport."""
+        if not self.conn.closed:
+            try:
+                self.conn.close(error_code)
+            except InvalidActionError:
+                pass
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- internals ---
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if not self.ready.done():
+                self.ready.set_result(None)
+            sid = getattr(event, "stream_id", 0)
+            stream = self.streams.get(sid)
+            try:
+                self._apply(event, stream)
+                if isinstance(event, StreamEnded | StreamReset):
+                    self._forget_if_closed(sid)
+            except Exception as exc:
+                # One broken stream must not take down the shared tunnel (machine.md §5.5).
+                log.exception("HBONE stream %s handler failed", sid)
+                stream = self.streams.get(sid)  # it may have been created by this very event
+                if stream is not None:
+                    stream.reset(ErrorCode.INTERNAL_ERROR)
+                    stream._fail(TunnelError(f"stream handler failed: {exc!r}"))
+
+    def _apply(self, event: Event, stream: TunnelStream | None) -> None:
+        if isinstance(event, RequestReceived):
+            new = TunnelStream(self, event.stream_id, event.authority, event.headers)
+            self.streams[event.stream_id] = new
+            if event.method != "CONNECT":
+                new.respond(400)  # not a tunnel (as ztunnel answers)
+            elif self.on_request is None:
+                new.respond(503)
+            else:
+                self.on_request(new)
+        elif stream is None:
+            if isinstance(event, DataReceived):
+                self.conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
+            elif isinstance(event, WindowUpdated) and event.stream_id == 0:
+                for s in self.streams.values():
+                    if not self.conn.buffered_bytes(s.stream_id):
+                        s._writable.set()
+            elif isinstance(event, ConnectionTerminated) and event.error_code:
+                self._terminate(TunnelError(f"peer sent GOAWAY {event.error_code}"))
+        elif isinstance(event, ResponseReceived):
+            if not stream.response.done():
+                stream.response.set_result(event)
+            if event.status != 200:
+                stream._fail(TunnelError(f"CONNECT answered {event.status}"))
+        elif isinstance(event, DataReceived):
+            stream._on_data(event.data, event.flow_controlled_length)
+            if stream.on_data is not None and not stream.manual_ack:
+                self.conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
+        elif isinstance(event, StreamEnded):
+            stream._on_end()
+        elif isinstance(event, StreamReset):
+            self.streams.pop(event.stream_id, None)
+            stream._fail(
+                TunnelError(f"stream {event.stream_id} reset by peer (code {event.error_code})")
+            )
+            if stream.on_reset is not None:
+                stream.on_reset(event.error_code)
+        elif isinstance(event, WindowUpdated):
+            if not self.conn.buffered_bytes(event.stream_id):
+                stream._writable.set()
+        elif isinstance(event, TrailersReceived):
+            pass
+
+    def _forget_if_closed(self, stream_id: int) -> None:
+        # Only at a stream's last event: the core may already be further along in this batch.
+        if self.conn.stream_state(stream_id) is StreamState.CLOSED:
+            self.streams.pop(stream_id, None)
+
+    def _terminate(self, error: BaseException) -> None:
+        for stream in list(self.streams.values()):
+            stream._fail(error)  # wakes readers and writers blocked in drain()
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,1245 @@
+"""Sans-IO HTTP/2 connection for HBONE CONNECT tunnels (RFC 9113), client and server roles.
+
+Feed received bytes to `receive_data()` and get keyword-only events back; call the send
+methods and then take the bytes to write from `data_to_send()` (a list of buffers: frame
+headers plus memoryview slices of the caller's payloads, for `writelines`/`sendmsg`). Nothing
+here does I/O, keeps time, or imports an event loop.
+
+Only what a CONNECT tunnel needs is implemented: preface, SETTINGS/ACK, HEADERS/CONTINUATION
+with HPACK, DATA with stream- and connection-level flow control in both directions, PING,
+RST_STREAM and GOAWAY. PRIORITY and unknown frames are ignored; server push is refused.
+
+DATA arrives as memoryview slices of the received buffers; a large frame that spans several
+reads is delivered piece by piece as its bytes come in (windows are charged for the whole
+frame at its start), so nothing on the receive path is joined or copied. The application
+acknowledges consumed bytes with `acknowledge_received_data()`, which sends WINDOW_UPDATEs.
+
+Protocol errors by the peer are answered as RFC 9113 §5.4 says: a stream error queues
+RST_STREAM and yields `StreamReset(remote_reset=False)`; a connection error queues GOAWAY
+and raises `ProtocolError` (whose `events` holds what was parsed before the error).
+Local misuse (sending on a closed stream, a client method on a server) raises
+`InvalidActionError` and queues nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import hpack
+
+from nodeagent.hbone.frames import (
+    DATA_FRAGMENT,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_WINDOW,
+    FLAG_END_STREAM,
+    FLAG_PADDED,
+    MAX_FRAME_SIZE_LIMIT,
+    MAX_WINDOW,
+    PREFACE,
+    Buffer,
+    ContinuationFrame,
+    DataFrame,
+    ErrorCode,
+    Frame,
+    FrameReader,
+    FrameType,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    ProtocolError,
+    PushPromiseFrame,
+    RstStreamFrame,
+    SettingCode,
+    SettingsFrame,
+    UnknownFrame,
+    WindowUpdateFrame,
+    decode_frame,
+    encode_frame,
+    frame_header,
+)
+
+__all__ = [
+    "ConnectionConfig",
+    "ConnectionTerminated",
+    "DataReceived",
+    "ErrorCode",
+    "Event",
+    "InvalidActionError",
+    "PingAckReceived",
+    "PingReceived",
+    "ProtocolError",
+    "RemoteSettingsChanged",
+    "RequestReceived",
+    "ResponseReceived",
+    "SettingsAcked",
+    "StreamEnded",
+    "StreamInput",
+    "StreamReset",
+    "StreamState",
+    "TrailersReceived",
+    "TunnelConnection",
+    "WindowUpdated",
+    "parse_authority",
+]
+
+Headers: TypeAlias = tuple[tuple[str, str], ...]
+
+MIB = 1 << 20
+# Bound on one (compressed) header block across CONTINUATION frames: a CONTINUATION flood is
+# a known memory DoS, so more than this is ENHANCE_YOUR_CALM.
+_MAX_HEADER_BLOCK = 256 * 1024
+# How many closed stream ids we remember, to tell "closed" from "never opened" for late frames.
+_CLOSED_MEMORY = 1024
+# DATA payloads up to this size are copied next to their frame header: cheaper than writing a
+# separate buffer (and a separate TLS record) for them. Larger payloads are never copied.
+_COPY_LIMIT = 4096
+# A WINDOW_UPDATE goes out once the application has consumed this fraction of a window:
+# often enough that a 1 MiB-frame sender never stalls, rarely enough to cost nothing.
+_UPDATE_DIVISOR = 4
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RequestReceived:
+    """A peer opened a stream. For CONNECT, `authority` is the tunnel target `host:port`."""
+
+    stream_id: int
+    method: str
+    authority: str
+    headers: Headers  # regular (non-pseudo) headers in arrival order
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResponseReceived:
+    stream_id: int
+    status: int
+    headers: Headers
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrailersReceived:
+    stream_id: int
+    headers: Headers
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataReceived:
+    """Tunnel bytes. `data` may be a view of the received buffer; acknowledge
+    `flow_controlled_length` (payload plus padding) once consumed."""
+
+    stream_id: int
+    data: memoryview
+    flow_controlled_length: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamEnded:
+    """The peer half-closed the stream (END_STREAM): a FIN in the peer-to-us direction."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamReset:
+    stream_id: int
+    error_code: int
+    remote_reset: bool = True  # False: we reset it because the peer broke the protocol
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WindowUpdated:
+    stream_id: int  # 0 = the connection window
+    delta: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SettingsAcked:
+    pass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RemoteSettingsChanged:
+    changed: Mapping[int, int]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PingReceived:
+    data: bytes  # already answered with PING ACK
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PingAckReceived:
+    data: bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConnectionTerminated:
+    """The peer sent GOAWAY: streams above `last_stream_id` were not processed."""
+
+    error_code: int
+    last_stream_id: int
+    additional_data: bytes
+
+
+Event: TypeAlias = (
+    RequestReceived
+    | ResponseReceived
+    | TrailersReceived
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowUpdated
+    | SettingsAcked
+    | RemoteSettingsChanged
+    | PingReceived
+    | PingAckReceived
+    | ConnectionTerminated
+)
+
+
+class InvalidActionError(Exception):
+    """The local application asked for something the protocol state does not allow."""
+
+
+# --- stream state machine (RFC 9113 §5.1, without the push-only reserved states) ---------------
+
+
+class StreamState(enum.Enum):
+    IDLE = "idle"
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class StreamInput(enum.Enum):
+    SEND_HEADERS = "send HEADERS"
+    RECV_HEADERS = "recv HEADERS"
+    SEND_DATA = "send DATA"
+    RECV_DATA = "recv DATA"
+    SEND_END_STREAM = "send END_STREAM"
+    RECV_END_STREAM = "recv END_STREAM"
+    SEND_RST = "send RST_STREAM"
+    RECV_RST = "recv RST_STREAM"
+    RECV_WINDOW_UPDATE = "recv WINDOW_UPDATE"
+
+
+_S = StreamState
+_I = StreamInput
+TRANSITIONS: Mapping[tuple[StreamState, StreamInput], StreamState] = {
+    (_S.IDLE, _I.SEND_HEADERS): _S.OPEN,
+    (_S.IDLE, _I.RECV_HEADERS): _S.OPEN,
+    (_S.OPEN, _I.SEND_HEADERS): _S.OPEN,
+    (_S.OPEN, _I.RECV_HEADERS): _S.OPEN,
+    (_S.OPEN, _I.SEND_DATA): _S.OPEN,
+    (_S.OPEN, _I.RECV_DATA): _S.OPEN,
+    (_S.OPEN, _I.SEND_END_STREAM): _S.HALF_CLOSED_LOCAL,
+    (_S.OPEN, _I.RECV_END_STREAM): _S.HALF_CLOSED_REMOTE,
+    (_S.OPEN, _I.SEND_RST): _S.CLOSED,
+    (_S.OPEN, _I.RECV_RST): _S.CLOSED,
+    (_S.OPEN, _I.RECV_WINDOW_UPDATE): _S.OPEN,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_HEADERS): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_DATA): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_END_STREAM): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.SEND_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_HEADERS): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_DATA): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_END_STREAM): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
+    # Frames racing a close (§5.1 "closed"): a late WINDOW_UPDATE or RST_STREAM is ignored.
+    (_S.CLOSED, _I.RECV_WINDOW_UPDATE): _S.CLOSED,
+    (_S.CLOSED, _I.RECV_RST): _S.CLOSED,
+}
+
+
+def next_state(state: StreamState, event: StreamInput) -> StreamState | None:
+    """The state after `event`, or None when the pair is not allowed."""
+    return TRANSITIONS.get((state, event))
+
+
+class _Closed(enum.Enum):
+    RESET_SENT = "reset sent"
+    RESET_RECEIVED = "reset received"
+    ENDED = "ended"
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionConfig:
+    """Our side's HTTP/2 settings; defaults are ztunnel's (istio-ambient.md §2)."""
+
+    client_side: bool
+    initial_window_size: int = 4 * MIB  # per stream, advertised in SETTINGS
+    connection_window_size: int = 16 * MIB  # 4x the stream window so streams can't starve it
+    max_frame_size: int = 1 * MIB  # the largest frame we accept
+    max_concurrent_streams: int | None = None  # inbound limit; None: 100 client / 200 server
+    max_header_list_size: int | None = None  # None: 16 KiB client / 64 KiB server
+    header_table_size: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.initial_window_size <= MAX_WINDOW:
+            raise ValueError(
+                f"initial_window_size {self.initial_window_size} outside 1..{MAX_WINDOW}"
+            )
+        if not DEFAULT_WINDOW <= self.connection_window_size <= MAX_WINDOW:
+            raise ValueError(
+                f"connection_window_size {self.connection_window_size}"
+                f" outside {DEFAULT_WINDOW}..{MAX_WINDOW}"
+            )
+        if not DEFAULT_MAX_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE_LIMIT:
+            raise ValueError(
+                f"max_frame_size {self.max_frame_size}"
+                f" outside {DEFAULT_MAX_FRAME_SIZE}..{MAX_FRAME_SIZE_LIMIT}"
+            )
+
+    @property
+    def inbound_stream_limit(self) -> int:
+        if self.max_concurrent_streams is not None:
+            return self.max_concurrent_streams
+        return 100 if self.client_side else 200
+
+    @property
+    def header_list_limit(self) -> int:
+        if self.max_header_list_size is not None:
+            return self.max_header_list_size
+        return 16 * 1024 if self.client_side else 64 * 1024
+
+
+# --- header validation (RFC 9113 §8.2-8.5) ---------------------------------------------------
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
+_BAD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
+_CONNECTION_SPECIFIC = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({":method", ":scheme", ":authority", ":path"})
+
+
+def _check_field(name: str, value: str) -> None:
+    if not _TOKEN.match(name):
+        raise ValueError(f"header name {name!r} is not a lowercase token")
+    if _BAD_VALUE.search(value):
+        raise ValueError(f"header {name!r} has a value with NUL/CR/LF or surrounding whitespace")
+    if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
+        raise ValueError(f"connection-specific header {name!r} is not allowed in HTTP/2")
+
+
+def _split_pseudo(
+    fields: Sequence[tuple[str, str]], allowed: frozenset[str]
+) -> tuple[dict[str, str], Headers]:
+    pseudo: dict[str, str] = {}
+    regular: list[tuple[str, str]] = []
+    for name, value in fields:
+        if name.startswith(":"):
+            if regular:
+                raise ValueError(f"pseudo-header {name} after a regular header")
+            if name not in allowed:
+                raise ValueError(f"pseudo-header {name} is not allowed here")
+            if name in pseudo:
+                raise ValueError(f"pseudo-header {name} repeated")
+            pseudo[name] = value
+        else:
+            _check_field(name, value)
+            regular.append((name, value))
+    return pseudo, tuple(regular)
+
+
+def check_extra_headers(headers: Iterable[tuple[str, str]]) -> Headers:
+    """Validate application-supplied regular headers (no pseudo-headers, lowercase names)."""
+    out = tuple((str(n), str(v)) for n, v in headers)
+    for name, value in out:
+        if name.startswith(":"):
+            raise ValueError(f"pseudo-header {name} cannot be set as an extra header")
+        _check_field(name, value)
+    return out
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """Split a CONNECT authority `host:port` / `[v6]:port` into (host, port); ValueError if bad."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"authority {authority!r} is not host:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"authority {authority!r} has port outside 1..65535")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"authority {authority!r} has an unterminated IPv6 literal")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"authority {authority!r}: an IPv6 address must be in brackets")
+    return host, port
+
+
+def format_authority(host: str, port: int) -> str:
+    """`ip:port`, with IPv6 as `[addr]:port` (as ztunnel writes it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- the connection -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Stream:
+    stream_id: int
+    outbound_window: int
+    inbound_window: int
+    state: StreamState = StreamState.IDLE
+    unacked: int = 0  # consumed by the application, not yet returned in a WINDOW_UPDATE
+    pending: deque[memoryview] = field(default_factory=deque)
+    pending_bytes: int = 0
+    pending_end: bool = False
+    headers_sent: bool = False
+    headers_received: bool = False
+
+
+_DEFAULT_REMOTE: Mapping[int, int] = {
+    SettingCode.HEADER_TABLE_SIZE: 4096,
+    SettingCode.ENABLE_PUSH: 1,
+    SettingCode.MAX_CONCURRENT_STREAMS: MAX_WINDOW,  # "unlimited" until the peer says
+    SettingCode.INITIAL_WINDOW_SIZE: DEFAULT_WINDOW,
+    SettingCode.MAX_FRAME_SIZE: DEFAULT_MAX_FRAME_SIZE,
+    SettingCode.MAX_HEADER_LIST_SIZE: MAX_WINDOW,
+}
+
+
+class TunnelConnection:
+    """One HTTP/2 connection carrying CONNECT tunnels; `config.client_side` picks the role."""
+
+    def __init__(self, config: ConnectionConfig) -> None:
+        self.config = config
+        self.client_side = config.client_side
+        self.remote_settings: dict[int, int] = dict(_DEFAULT_REMOTE)
+        self._reader = FrameReader(max_frame_size=config.max_frame_size, stream_data=True)
+        self._fragment_stream = 0  # stream of the DATA frame still arriving (0: drop its bytes)
+        self._encoder = hpack.Encoder()
+        self._decoder = hpack.Decoder(max_header_list_size=config.header_list_limit)
+        self._decoder.max_allowed_table_size = config.header_table_size
+        self._out: list[Buffer] = []
+        self._out_bytes = 0
+        self._streams: dict[int, _Stream] = {}
+        self._closed_streams: OrderedDict[int, _Closed] = OrderedDict()
+        self._next_outbound_id = 1 if config.client_side else 2
+        self._highest_inbound_id = 0
+        self._preface_pending = b"" if config.client_side else PREFACE
+        self._remote_settings_seen = False
+        self._settings_unacked = 0
+        # The stream window the peer assumes for us: the default until it ACKs our SETTINGS
+        # (it sends that ACK before any DATA that relies on the new value, §6.9.2).
+        self._local_initial_window = DEFAULT_WINDOW
+        self._conn_outbound_window = DEFAULT_WINDOW
+        self._conn_inbound_window = DEFAULT_WINDOW
+        self._conn_unacked = 0
+        self._header_block: tuple[int, bool, bytearray] | None = None
+        self._goaway_sent: int | None = None
+        self.goaway_received: ConnectionTerminated | None = None
+        self.closed = False  # after a connection error: no more frames are read or sent
+
+    # --- public: sending ------------------------------------------------------------------
+
+    def initiate_connection(self) -> None:
+        """Queue the client preface (client), our SETTINGS, and the connection-window boost."""
+        if self.client_side:
+            self._queue(PREFACE)
+        settings = [
+            (SettingCode.MAX_CONCURRENT_STREAMS, self.config.inbound_stream_limit),
+            (SettingCode.INITIAL_WINDOW_SIZE, self.config.initial_window_size),
+            (SettingCode.MAX_FRAME_SIZE, self.config.max_frame_size),
+            (SettingCode.MAX_HEADER_LIST_SIZE, self.config.header_list_limit),
+        ]
+        if self.config.header_table_size != 4096:
+            settings.insert(0, (SettingCode.HEADER_TABLE_SIZE, self.config.header_table_size))
+        if self.client_side:
+            settings.insert(0, (SettingCode.ENABLE_PUSH, 0))  # a server may not send it as 1
+        self._queue_frame(SettingsFrame(settings=tuple((int(c), v) for c, v in settings)))
+        self._settings_unacked += 1
+        boost = self.config.connection_window_size - DEFAULT_WINDOW
+        if boost > 0:
+            self._queue_frame(WindowUpdateFrame(stream_id=0, increment=boost))
+            self._conn_inbound_window += boost
+
+    def open_tunnel(self, authority: str, headers: Iterable[tuple[str, str]] = ()) -> int:
+        """Client: send `CONNECT authority` (no :scheme/:path) and return the new stream id."""
+        self._require_open()
+        if not self.client_side:
+            raise InvalidActionError("only the client side opens CONNECT tunnels")
+        if self._goaway_sent is not None or self.goaway_received is not None:
+            raise InvalidActionError(
+                "connection is going away; open the tunnel on another connection"
+            )
+        if not self.can_open_stream:
+            raise InvalidActionError(
+                f"peer allows at most {self.max_outbound_streams} concurrent streams"
+            )
+        if self._next_outbound_id > MAX_WINDOW:
+            raise InvalidActionError("stream ids exhausted on this connection")
+        parse_authority(authority)
+        extra = check_extra_headers(headers)
+        stream_id = self._next_outbound_id
+        self._next_outbound_id += 2
+        stream = self._new_stream(stream_id)
+        self._send_headers(
+            stream, ((":method", "CONNECT"), (":authority", authority), *extra), False
+        )
+        return stream_id
+
+    def send_response(
+        self,
+        stream_id: int,
+        status: int,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        end_stream: bool | None = None,
+    ) -> None:
+        """Server: answer a CONNECT. `end_stream` defaults to True for any status but 2xx."""
+        self._require_open()
+        if self.client_side:
+            raise InvalidActionError("only the server side sends responses")
+        if not 100 <= status <= 999:
+            raise ValueError(f"status {status} is not a 3-digit HTTP status")
+        stream = self._live_stream(stream_id)
+        if stream.headers_sent:
+            raise InvalidActionError(f"stream {stream_id} already has a response")
+        if end_stream is None:
+            end_stream = not 200 <= status < 300
+        extra = check_extra_headers(headers)
+        self._send_headers(stream, ((":status", str(status)), *extra), end_stream)
+
+    def send_data(self, stream_id: int, data: Buffer, *, end_stream: bool = False) -> int:
+        """Queue tunnel bytes (not copied). Sends what the peer's windows allow now and keeps the
+        rest buffered until WINDOW_UPDATE; returns the bytes sent now (see `buffered_bytes`)."""
+        self._require_open()
+        stream = self._live_stream(stream_id)
+        if not stream.headers_sent:
+            raise InvalidActionError(f"stream {stream_id} has no response yet; DATA must follow it")
+        if stream.pending_end or next_state(stream.state, StreamInput.SEND_DATA) is None:
+            raise InvalidActionError(
+                f"stream {stream_id} is {stream.state.value}; cannot send DATA"
+            )
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if view.nbytes:
+            stream.pending.append(view)
+            stream.pending_bytes += view.nbytes
+        stream.pending_end = end_stream
+        before = stream.pending_bytes
+        self._flush_stream(stream)
+        return before - stream.pending_bytes
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction (END_STREAM, a FIN), after any buffered data."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
+        """Abort a stream with RST_STREAM; a no-op on a stream that is already closed."""
+        self._require_open()
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if self._is_idle(stream_id):
+                raise InvalidActionError(f"stream {stream_id} was never opened")
+            return
+        self._queue_frame(RstStreamFrame(stream_id=stream_id, error_code=int(error_code)))
+        self._close_stream(stream, _Closed.RESET_SENT)
+
+    def acknowledge_received_data(self, stream_id: int, size: int) -> None:
+        """The application consumed `size` flow-controlled bytes; reopen the windows."""
+        if size < 0:
+            raise ValueError(f"acknowledged size {size} is negative")
+        if self.closed or size == 0:
+            return
+        self._conn_unacked += size
+        if self._conn_unacked >= self.config.connection_window_size // _UPDATE_DIVISOR:
+            self._queue_frame(WindowUpdateFrame(stream_id=0, increment=self._conn_unacked))
+            self._conn_inbound_window += self._conn_unacked
+            self._conn_unacked = 0
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            return  # no more DATA can come on it; the connection window is what matters
+        stream.unacked += size
+        if stream.unacked >= self.config.initial_window_size // _UPDATE_DIVISOR:
+            self._queue_frame(WindowUpdateFrame(stream_id=stream_id, increment=stream.unacked))
+            stream.inbound_window += stream.unacked
+            stream.unacked = 0
+
+    def ping(self, data: bytes = b"\0" * 8) -> None:
+        self._require_open()
+        if len(data) != 8:
+            raise ValueError(f"PING data must be 8 bytes, got {len(data)}")
+        self._queue_frame(PingFrame(data=bytes(data)))
+
+    def close(
+        self,
+        error_code: int = ErrorCode.NO_ERROR,
+        additional_data: bytes = b"",
+        last_stream_id: int | None = None,
+    ) -> None:
+        """Send GOAWAY. With NO_ERROR it is graceful: streams up to `last_stream_id` (default: the
+        highest the peer opened) keep running, newer ones are ignored."""
+        self._require_open()
+        last = self._highest_inbound_id if last_stream_id is None else last_stream_id
+        self._queue_frame(
+            GoAwayFrame(
+                last_stream_id=last, error_code=int(error_code), additional_data=additional_data
+            )
+        )
+        self._goaway_sent = last
+
+    def data_to_send(self) -> list[Buffer]:
+        """Take the queued output: buffers to write in order (views alias the caller's data)."""
+        out = self._out
+        self._out = []
+        self._out_bytes = 0
+        return out
+
+    def data_to_send_bytes(self) -> bytes:
+        """The queued output joined into one bytes object (a copy; tests and small writes)."""
+        return b"".join(self.data_to_send())
+
+    # --- public: inspection -------------------------------------------------------------------
+
+    @property
+    def outbound_bytes(self) -> int:
+        """Bytes queued in `data_to_send()` but not yet taken."""
+        return self._out_bytes
+
+    @property
+    def max_outbound_streams(self) -> int:
+        return self.remote_settings[SettingCode.MAX_CONCURRENT_STREAMS]
+
+    @property
+    def open_outbound_streams(self) -> int:
+        parity = self._next_outbound_id % 2
+        return sum(1 for sid in self._streams if sid % 2 == parity)
+
+    @property
+    def open_inbound_streams(self) -> int:
+        parity = self._next_outbound_id % 2
+        return sum(1 for sid in self._streams if sid % 2 != parity)
+
+    @property
+    def can_open_stream(self) -> bool:
+        return (
+            not self.closed
+            and self.goaway_received is None
+            and self._goaway_sent is None
+            and self.open_outbound_streams < self.max_outbound_streams
+        )
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream.state
+        return StreamState.IDLE if self._is_idle(stream_id) else StreamState.CLOSED
+
+    def outbound_window(self, stream_id: int) -> int:
+        """Bytes we may send on the stream right now (stream and connection windows)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return max(0, min(stream.outbound_window, self._conn_outbound_window))
+
+    @property
+    def connection_outbound_window(self) -> int:
+        return self._conn_outbound_window
+
+    def inbound_window(self, stream_id: int) -> int:
+        """What the peer may still send us: the stream window (0 = the connection's)."""
+        if stream_id == 0:
+            return self._conn_inbound_window
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.inbound_window
+
+    def buffered_bytes(self, stream_id: int) -> int:
+        """Bytes accepted by `send_data` and still waiting for window."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.pending_bytes
+
+    # --- public: receiving --------------------------------------------------------------------
+
+    def receive_data(self, data: Buffer) -> list[Event]:
+        """Process received bytes; return the events. Raises ProtocolError on a connection error
+        (GOAWAY is then queued: write `data_to_send()` and close the transport)."""
+        events: list[Event] = []
+        if self.closed:
+            return events
+        try:
+            if self._preface_pending:
+                data = self._consume_preface(data)
+            self._reader.feed(data)
+            while True:
+                raw = self._reader.next_raw()
+                if raw is None:
+                    break
+                frame_type, flags, sid, payload = raw
+                try:
+                    if (
+                        frame_type == FrameType.DATA
+                        and sid
+                        and not flags & FLAG_PADDED
+                        and self._header_block is None
+                        and self._remote_settings_seen
+                    ):
+                        # The bulk path: no frame object, straight to the stream. The frame
+                        # may still be arriving: the reader hands its bytes out as they come.
+                        size = self._reader.last_frame_length
+                        end = flags & FLAG_END_STREAM
+                        self._on_data(sid, payload, size, len(payload), end, events)
+                    elif frame_type == DATA_FRAGMENT:
+                        self._on_data_fragment(sid, payload, flags & FLAG_END_STREAM, events)
+                    else:
+                        self._handle(decode_frame(frame_type, flags, sid, payload), events)
+                except ProtocolError as err:
+                    if not err.stream_id:
+                        raise
+                    self._stream_error(err, events)
+        except ProtocolError as err:
+            err.events = events
+            self._connection_error(err)
+            raise
+        return events
+
+    # --- internals: output ----------------------------------------------------------------------
+
+    def _queue(self, buf: Buffer) -> None:
+        self._out.append(buf)
+        self._out_bytes += len(buf)
+
+    def _queue_frame(self, frame: Frame) -> None:
+        for buf in encode_frame(frame):
+            self._queue(buf)
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise InvalidActionError("connection is closed after a protocol error")
+
+    def _send_headers(
+        self, stream: _Stream, fields: Sequence[tuple[str, str]], end_stream: bool
+    ) -> None:
+        self._transition(stream, StreamInput.SEND_HEADERS)
+        block = memoryview(self._encoder.encode(fields))
+        limit = self.remote_settings[SettingCode.MAX_FRAME_SIZE]
+        first, rest = block[:limit], block[limit:]
+        self._queue_frame(
+            HeadersFrame(
+                stream_id=stream.stream_id, block=first, end_stream=end_stream, end_headers=not rest
+            )
+        )
+        while rest:
+            piece, rest = rest[:limit], rest[limit:]
+            self._queue_frame(
+                ContinuationFrame(stream_id=stream.stream_id, block=piece, end_headers=not rest)
+            )
+        stream.headers_sent = True
+        if end_stream:
+            stream.pending_end = True
+            self._transition(stream, StreamInput.SEND_END_STREAM)
+
+    def _flush_stream(self, stream: _Stream) -> None:
+        max_frame = self.remote_settings[SettingCode.MAX_FRAME_SIZE]
+        sid = stream.stream_id
+        pending = stream.pending
+        while pending:
+            allowed = min(stream.outbound_window, self._conn_outbound_window, max_frame)
+            if allowed <= 0:
+                return
+            chunk = pending[0]
+            n = len(chunk)
+            if n > allowed:
+                pending[0] = chunk[allowed:]
+                chunk = chunk[:allowed]
+                n = allowed
+            else:
+                pending.popleft()
+            stream.outbound_window -= n
+            self._conn_outbound_window -= n
+            stream.pending_bytes -= n
+            end = stream.pending_end and not pending
+            head = frame_header(n, FrameType.DATA, FLAG_END_STREAM if end else 0, sid)
+            if n <= _COPY_LIMIT:
+                self._out.append(head + chunk)  # one small buffer: one TLS record, not two
+            else:
+                self._out.append(head)
+                self._out.append(chunk)  # the caller's bytes, by reference
+            self._out_bytes += n + 9
+            if end:
+                self._transition(stream, StreamInput.SEND_END_STREAM)
+                return
+        if stream.pending_end and stream.state in (
+            StreamState.OPEN,
+            StreamState.HALF_CLOSED_REMOTE,
+        ):
+            self._queue(frame_header(0, FrameType.DATA, FLAG_END_STREAM, sid))
+            self._transition(stream, StreamInput.SEND_END_STREAM)
+
+    def _flush_all(self) -> None:
+        for stream in list(self._streams.values()):
+            if stream.pending and self._conn_outbound_window > 0:
+                self._flush_stream(stream)
+
+    # --- internals: streams ----------------------------------------------------------------------
+
+    def _new_stream(self, stream_id: int) -> _Stream:
+        stream = _Stream(
+            stream_id=stream_id,
+            outbound_window=self.remote_settings[SettingCode.INITIAL_WINDOW_SIZE],
+            inbound_window=self._local_initial_window,
+        )
+        self._streams[stream_id] = stream
+        return stream
+
+    def _live_stream(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            state = "idle" if self._is_idle(stream_id) else "closed"
+            raise InvalidActionError(f"stream {stream_id} is {state}")
+        return stream
+
+    def _is_idle(self, stream_id: int) -> bool:
+        ours = stream_id % 2 == self._next_outbound_id % 2
+        if ours:
+            return stream_id >= self._next_outbound_id
+        return stream_id > self._highest_inbound_id
+
+    def _transition(self, stream: _Stream, event: StreamInput) -> None:
+        new = next_state(stream.state, event)
+        if new is None:
+            if event.name.startswith("SEND"):
+                raise InvalidActionError(
+                    f"stream {stream.stream_id} is {stream.state.value}: cannot {event.value}"
+                )
+            # §5.1: a frame the state does not allow; half-closed (remote) answers STREAM_CLOSED.
+            raise ProtocolError(
+                f"{event.value} on stream {stream.stream_id} in state {stream.state.value}",
+                error_code=ErrorCode.STREAM_CLOSED,
+                stream_id=stream.stream_id,
+            )
+        stream.state = new
+        if new is StreamState.CLOSED:
+            self._close_stream(stream, _Closed.ENDED)
+
+    def _close_stream(self, stream: _Stream, how: _Closed) -> None:
+        stream.state = StreamState.CLOSED
+        stream.pending.clear()
+        stream.pending_bytes = 0
+        self._streams.pop(stream.stream_id, None)
+        self._closed_streams[stream.stream_id] = how
+        if len(self._closed_streams) > _CLOSED_MEMORY:
+            self._closed_streams.popitem(last=False)
+
+    def _stream_error(self, err: ProtocolError, events: list[Event]) -> None:
+        sid = err.stream_id
+        self._queue_frame(RstStreamFrame(stream_id=sid, error_code=int(err.error_code)))
+        stream = self._streams.get(sid)
+        if stream is not None:
+            self._close_stream(stream, _Closed.RESET_SENT)
+            events.append(
+                StreamReset(stream_id=sid, error_code=int(err.error_code), remote_reset=False)
+            )
+        else:
+            self._closed_streams[sid] = _Closed.RESET_SENT
+
+    def _connection_error(self, err: ProtocolError) -> None:
+        if self.closed:
+            return
+        self._queue_frame(
+            GoAwayFrame(
+                last_stream_id=self._highest_inbound_id,
+                error_code=int(err.error_code),
+                additional_data=str(err).encode()[:256],
+            )
+        )
+        self.closed = True
+        for stream in list(self._streams.values()):
+            self._close_stream(stream, _Closed.RESET_SENT)
+
+    def _unknown_stream(self, stream_id: int, what: str) -> None:
+        """A frame for a stream we do not track: an error if it was never opened, an error or
+        nothing if it was closed (§5.1). Returns when the frame is to be ignored."""
+        if self._is_idle(stream_id):
+            raise ProtocolError(f"{what} on idle stream {stream_id}")
+        how = self._closed_streams.get(stream_id)
+        if how is _Closed.RESET_SENT or what in ("WINDOW_UPDATE", "RST_STREAM"):
+            return  # frames in flight when we reset it, or racing a normal close
+        if how is None and what == "HEADERS":
+            # §5.1.1: a new stream must use an id above every id the peer used before.
+            raise ProtocolError(
+                f"HEADERS on stream {stream_id}, below the peer's highest stream id"
+            )
+        if how is _Closed.ENDED:
+            raise ProtocolError(
+                f"{what} on closed stream {stream_id}", error_code=ErrorCode.STREAM_CLOSED
+            )
+        raise ProtocolError(
+            f"{what} on reset stream {stream_id}",
+            error_code=ErrorCode.STREAM_CLOSED,
+            stream_id=stream_id,
+        )
+
+    # --- internals: input ------------------------------------------------------------------------
+
+    def _consume_preface(self, data: Buffer) -> Buffer:
+        want = self._preface_pending
+        got = bytes(memoryview(data)[: len(want)])
+        if not want.startswith(got):
+            raise ProtocolError("invalid connection preface (not an HTTP/2 client)")
+        self._preface_pending = want[len(got) :]
+        return memoryview(data)[len(got) :]
+
+    def _handle(self, frame: Frame, events: list[Event]) -> None:
+        if self._header_block is not None and not isinstance(frame, ContinuationFrame):
+            raise ProtocolError(
+                f"{type(frame).__name__} interleaved in a header block (expected CONTINUATION)"
+            )
+        if not self._remote_settings_seen:
+            if not isinstance(frame, SettingsFrame) or frame.ack:
+                raise ProtocolError("the peer's first frame must be SETTINGS")
+            self._remote_settings_seen = True
+        if isinstance(frame, DataFrame):
+            data = frame.data if isinstance(frame.data, memoryview) else memoryview(frame.data)
+            self._on_data(
+                frame.stream_id,
+                data,
+                frame.flow_controlled_length,
+                frame.flow_controlled_length,
+                frame.end_stream,
+                events,
+            )
+        elif isinstance(frame, HeadersFrame):
+            if frame.end_headers:
+                self._on_header_block(frame.stream_id, bytes(frame.block), frame.end_stream, events)
+            else:
+                self._header_block = (frame.stream_id, frame.end_stream, bytearray(frame.block))
+        elif isinstance(frame, ContinuationFrame):
+            self._on_continuation(frame, events)
+        elif isinstance(frame, WindowUpdateFrame):
+            self._on_window_update(frame, events)
+        elif isinstance(frame, SettingsFrame):
+            self._on_settings(frame, events)
+        elif isinstance(frame, PingFrame):
+            if frame.ack:
+                events.append(PingAckReceived(data=frame.data))
+            else:
+                self._queue_frame(PingFrame(data=frame.data, ack=True))
+                events.append(PingReceived(data=frame.data))
+        elif isinstance(frame, RstStreamFrame):
+            self._on_rst_stream(frame, events)
+        elif isinstance(frame, GoAwayFrame):
+            self._on_goaway(frame, events)
+        elif isinstance(frame, PushPromiseFrame):
+            raise ProtocolError("PUSH_PROMISE received, but push is disabled")
+        elif isinstance(frame, PriorityFrame | UnknownFrame):
+            pass  # §5.3.2: priority signals are advisory; §5.5: unknown types are ignored
+
+    def _on_data(
+        self,
+        sid: int,
+        data: memoryview,
+        size: int,
+        delivered: int,
+        end_stream: int | bool,
+        events: list[Event],
+    ) -> None:
+        """A DATA frame (or its first piece): `size` is the whole frame's flow-controlled length,
+        checked against the windows up front; `delivered` is the part in `data`."""
+        self._fragment_stream = 0  # pieces of a refused frame are dropped
+        # The connection window counts every DATA frame, even on streams we then refuse (§6.9).
+        if size > self._conn_inbound_window:
+            raise ProtocolError(
+                f"DATA of {size} bytes overruns the connection window {self._conn_inbound_window}",
+                error_code=ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        self._conn_inbound_window -= size
+        stream = self._streams.get(sid)
+        try:
+            if stream is None:
+                self._unknown_stream(sid, "DATA")
+                self.acknowledge_received_data(sid, size)
+                return
+            if not stream.headers_received:
+                raise ProtocolError(f"DATA before HEADERS on stream {sid}", stream_id=sid)
+            state = stream.state
+            if state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_LOCAL:
+                # Same as TRANSITIONS for RECV_DATA, checked by identity on the hot path;
+                # the table then raises the right error.
+                self._transition(stream, StreamInput.RECV_DATA)
+            if size > stream.inbound_window:
+                raise ProtocolError(
+                    f"DATA of {size} bytes overruns stream {sid} window {stream.inbound_window}",
+                    error_code=ErrorCode.FLOW_CONTROL_ERROR,
+                    stream_id=sid,
+                )
+        except ProtocolError as err:
+            if err.stream_id:
+                self.acknowledge_received_data(0, size)  # never delivered: return it ourselves
+            raise
+        stream.inbound_window -= size
+        self._fragment_stream = sid
+        if delivered or size == 0:
+            events.append(DataReceived(stream_id=sid, data=data, flow_controlled_length=delivered))
+        if end_stream:
+            self._transition(stream, StreamInput.RECV_END_STREAM)
+            events.append(StreamEnded(stream_id=sid))
+
+    def _on_data_fragment(
+        self, sid: int, data: memoryview, end_stream: int, events: list[Event]
+    ) -> None:
+        """More bytes of the DATA frame in progress (windows were charged at its start)."""
+        stream = self._streams.get(sid) if self._fragment_stream == sid else None
+        if stream is None:
+            if self._fragment_stream == sid:
+                # reset locally since the frame began: return the bytes to the connection window
+                self.acknowledge_received_data(0, len(data))
+            return
+        events.append(DataReceived(stream_id=sid, data=data, flow_controlled_length=len(data)))
+        if end_stream:
+            self._transition(stream, StreamInput.RECV_END_STREAM)
+            events.append(StreamEnded(stream_id=sid))
+
+    def _on_continuation(self, frame: ContinuationFrame, events: list[Event]) -> None:
+        if self._header_block is None:
+            raise ProtocolError(f"CONTINUATION on stream {frame.stream_id} without HEADERS")
+        sid, end_stream, block = self._header_block
+        if frame.stream_id != sid:
+            raise ProtocolError(
+                f"CONTINUATION on stream {frame.stream_id} inside stream {sid}'s header block"
+            )
+        block += frame.block
+        if len(block) > _MAX_HEADER_BLOCK:
+            raise ProtocolError(
+                f"header block over {_MAX_HEADER_BLOCK} bytes",
+                error_code=ErrorCode.ENHANCE_YOUR_CALM,
+            )
+        if frame.end_headers:
+            self._header_block = None
+            self._on_header_block(sid, bytes(block), end_stream, events)
+
+    def _decode_headers(self, block: bytes) -> list[tuple[str, str]]:
+        try:
+            decoded = self._decoder.decode(block, raw=True)
+        except hpack.OversizedHeaderListError as exc:
+            # Over the SETTINGS_MAX_HEADER_LIST_SIZE we advertised. Decoding stopped half way,
+            # so the HPACK table is out of step and the connection cannot continue (§10.5.1).
+            raise ProtocolError(
+                f"header list over our limit of {self.config.header_list_limit} bytes",
+                error_code=ErrorCode.ENHANCE_YOUR_CALM,
+            ) from exc
+        except Exception as exc:
+            # Any failure leaves the shared HPACK table unknown, so the connection is lost (§4.3).
+            raise ProtocolError(
+                f"HPACK decoding failed: {exc!r}", error_code=ErrorCode.COMPRESSION_ERROR
+            ) from exc
+        return [
+            (
+                bytes(n).decode("utf-8", "surrogateescape"),
+                bytes(v).decode("utf-8", "surrogateescape"),
+            )
+            for n, v in decoded
+        ]
+
+    def _on_header_block(
+        self, sid: int, block: bytes, end_stream: bool, events: list[Event]
+    ) -> None:
+        fields = self._decode_headers(block)  # always decode first: it updates the HPACK table
+        stream = self._streams.get(sid)
+        ours = sid % 2 == self._next_outbound_id % 2
+        if stream is None:
+            if ours or not self._is_idle(sid):
+                self._unknown_stream(sid, "HEADERS")
+                return
+            if self.client_side:
+                raise ProtocolError(f"server opened stream {sid}, but push is disabled")
+            self._highest_inbound_id = sid
+            if self._goaway_sent is not None and sid > self._goaway_sent:
+                self._closed_streams[sid] = _Closed.RESET_SENT  # §6.8: ignore it and its frames
+                return
+            if self.open_inbound_streams >= self.config.inbound_stream_limit:
+                raise ProtocolError(
+                    f"stream {sid} exceeds our limit of {self.config.inbound_stream_limit} streams",
+                    error_code=ErrorCode.REFUSED_STREAM,
+                    stream_id=sid,
+                )
+            request = self._request_event(sid, fields)  # validate before the stream exists
+            stream = self._new_stream(sid)
+            self._transition(stream, StreamInput.RECV_HEADERS)
+            stream.headers_received = True
+            events.append(request)
+        elif not stream.headers_received:
+            self._transition(stream, StreamInput.RECV_HEADERS)
+            event = self._response_event(sid, fields, end_stream)
+            if event is None:
+                return  # 1xx interim response: the final one is still to come
+            stream.headers_received = True
+            events.append(event)
+        else:
+            self._transition(stream, StreamInput.RECV_HEADERS)
+            if not end_stream:
+                raise ProtocolError(f"trailers on stream {sid} without END_STREAM", stream_id=sid)
+            try:
+                _, regular = _split_pseudo(fields, frozenset())
+            except ValueError as exc:
+                raise ProtocolError(
+                    f"malformed trailers on stream {sid}: {exc}", stream_id=sid
+                ) from exc
+            events.append(TrailersReceived(stream_id=sid, headers=regular))
+        if end_stream:
+            self._transition(stream, StreamInput.RECV_END_STREAM)
+            events.append(StreamEnded(stream_id=sid))
+
+    def _request_event(self, sid: int, fields: Sequence[tuple[str, str]]) -> RequestReceived:
+        try:
+            pseudo, regular = _split_pseudo(fields, _REQUEST_PSEUDO)
+            method = pseudo.get(":method")
+            if not method:
+                raise ValueError(":method missing")
+            if method == "CONNECT":
+                # §8.5: CONNECT carries :authority only; :scheme and :path must be omitted.
+                if not pseudo.get(":authority"):
+                    raise ValueError("CONNECT without :authority")
+                if ":scheme" in pseudo or ":path" in pseudo:
+                    raise ValueError("CONNECT with :scheme or :path")
+            elif not pseudo.get(":scheme") or not pseudo.get(":path"):
+                raise ValueError(f"{method} request without :scheme and :path")
+        except ValueError as exc:
+            raise ProtocolError(f"malformed request on stream {sid}: {exc}", stream_id=sid) from exc
+        return RequestReceived(
+            stream_id=sid, method=method, authority=pseudo.get(":authority", ""), headers=regular
+        )
+
+    def _response_event(
+        self, sid: int, fields: Sequence[tuple[str, str]], end_stream: bool
+    ) -> ResponseReceived | None:
+        try:
+            pseudo, regular = _split_pseudo(fields, frozenset({":status"}))
+            text = pseudo.get(":status", "")
+            if len(text) != 3 or not text.isdigit():
+                raise ValueError(f"bad :status {text!r}")
+            status = int(text)
+            if status < 200 and end_stream:
+                raise ValueError("interim response with END_STREAM")
+        except ValueError as exc:
+            raise ProtocolError(
+                f"malformed response on stream {sid}: {exc}", stream_id=sid
+            ) from exc
+        if status < 200:
+            return None
+        return ResponseReceived(stream_id=sid, status=status, headers=regular)
+
+    def _on_window_update(self, frame: WindowUpdateFrame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if sid == 0:
+            self._conn_outbound_window += frame.increment
+            if self._conn_outbound_window > MAX_WINDOW:
+                raise ProtocolError(
+                    "connection window over 2^31-1", error_code=ErrorCode.FLOW_CONTROL_ERROR
+                )
+            events.append(WindowUpdated(stream_id=0, delta=frame.increment))
+            self._flush_all()
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._unknown_stream(sid, "WINDOW_UPDATE")
+            return
+        self._transition(stream, StreamInput.RECV_WINDOW_UPDATE)
+        stream.outbound_window += frame.increment
+        if stream.outbound_window > MAX_WINDOW:
+            raise ProtocolError(
+                f"stream {sid} window over 2^31-1",
+                error_code=ErrorCode.FLOW_CONTROL_ERROR,
+                stream_id=sid,
+            )
+        events.append(WindowUpdated(stream_id=sid, delta=frame.increment))
+        if stream.pending or stream.pending_end:
+            self._flush_stream(stream)
+
+    def _on_settings(self, frame: SettingsFrame, events: list[Event]) -> None:
+        if frame.ack:
+            if self._settings_unacked:
+                self._settings_unacked -= 1
+                delta = self.config.initial_window_size - self._local_initial_window
+                if delta:
+                    # §6.9.2: a new initial window changes every open stream's window by the
+                    # difference (the receiver's view too); it may go negative.
+                    self._local_initial_window = self.config.initial_window_size
+                    for stream in self._streams.values():
+                        stream.inbound_window += delta
+            events.append(SettingsAcked())
+            return
+        changed: dict[int, int] = {}
+        for code, value in frame.settings:
+            if code == SettingCode.ENABLE_PUSH and (value > 1 or (value == 1 and self.client_side)):
+                raise ProtocolError(f"SETTINGS_ENABLE_PUSH {value} not allowed")
+            if code == SettingCode.INITIAL_WINDOW_SIZE and value > MAX_WINDOW:
+                raise ProtocolError(
+                    f"SETTINGS_INITIAL_WINDOW_SIZE {value} over 2^31-1",
+                    error_code=ErrorCode.FLOW_CONTROL_ERROR,
+                )
+            if (
+                code == SettingCode.MAX_FRAME_SIZE
+                and not DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT
+            ):
+                raise ProtocolError(f"SETTINGS_MAX_FRAME_SIZE {value} outside 2^14..2^24-1")
+            if code not in _DEFAULT_REMOTE:
+                continue  # §6.5.2: unknown settings are ignored
+            if code == SettingCode.INITIAL_WINDOW_SIZE:
+                # §6.9.2: the change applies to every open stream and may make windows negative.
+                delta = value - self.remote_settings[code]
+                for stream in self._streams.values():
+                    stream.outbound_window += delta
+                    if stream.outbound_window > MAX_WINDOW:
+                        raise ProtocolError(
+                            "SETTINGS_INITIAL_WINDOW_SIZE pushes a stream window over 2^31-1",
+                            error_code=ErrorCode.FLOW_CONTROL_ERROR,
+                        )
+            if code == SettingCode.HEADER_TABLE_SIZE:
+                self._encoder.header_table_size = value
+            self.remote_settings[code] = value
+            changed[code] = value
+        self._queue_frame(SettingsFrame(ack=True))
+        events.append(RemoteSettingsChanged(changed=changed))
+        if SettingCode.INITIAL_WINDOW_SIZE in changed:
+            self._flush_all()
+
+    def _on_rst_stream(self, frame: RstStreamFrame, events: list[Event]) -> None:
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            self._unknown_stream(frame.stream_id, "RST_STREAM")
+            return
+        self._transition(stream, StreamInput.RECV_RST)
+        self._close_stream(stream, _Closed.RESET_RECEIVED)
+        events.append(
+            StreamReset(stream_id=frame.stream_id, error_code=frame.error_code, remote_reset=True)
+        )
+
+    def _on_goaway(self, frame: GoAwayFrame, events: list[Event]) -> None:
+        term = ConnectionTerminated(
+            error_code=frame.error_code,
+            last_stream_id=frame.last_stream_id,
+            additional_data=frame.additional_data,
+        )
+        self.goaway_received = term
+        events.append(term)
+        parity = self._next_outbound_id % 2
+        for sid, stream in list(self._streams.items()):
+            if sid % 2 == parity and sid > frame.last_stream_id:
+                # Never processed by the peer: safe to retry elsewhere (§6.8).
+                self._close_stream(stream, _Closed.RESET_RECEIVED)
+                events.append(
+                    StreamReset(
+                        stream_id=sid, error_code=ErrorCode.REFUSED_STREAM, remote_reset=True
+                    )
+                )

@@ -1,0 +1,38 @@
+"""Log level specs as ztunnel takes them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from nodeagent.admin.loglevel import TRACE, StdlibLogLevelControl, parse_spec
+
+
+def test_spec_with_targets_and_default() -> None:
+    assert parse_spec("access=debug,info") == (logging.INFO, {"access": logging.DEBUG})
+    assert parse_spec("trace") == (TRACE, {})
+
+
+@pytest.mark.parametrize("spec", ["", "loud", "=debug", "info,,debug", "access=nope"])
+def test_bad_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_spec(spec)
+
+
+def test_bad_spec_changes_nothing() -> None:
+    root = logging.getLogger("test-loglevel-root")
+    control = StdlibLogLevelControl("warn", root=root)
+    with pytest.raises(ValueError):
+        control.set_level("test-loglevel-target=debug,loud")
+    assert control.current() == "warn"
+    assert logging.getLogger("test-loglevel-target").level == logging.NOTSET
+
+
+def test_set_and_reset() -> None:
+    root = logging.getLogger("test-loglevel-root2")
+    control = StdlibLogLevelControl("info", root=root)
+    assert control.set_level("test-loglevel-x=off,debug") == "debug,test-loglevel-x=off"
+    assert not logging.getLogger("test-loglevel-x").isEnabledFor(logging.CRITICAL)
+    assert control.reset() == "info"
+    assert logging.getLogger("test-loglevel-x").level == logging.NOTSET

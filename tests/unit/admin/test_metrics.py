@@ -1,0 +1,123 @@
+"""Metric names and labels as Istio's dashboards expect them, plus the agent's own."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nodeagent.admin.metrics import TRAFFIC_LABELS, AgentMetrics, ConnectionLabels
+
+
+def _samples(metrics: AgentMetrics) -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(metrics.exposition().decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def test_traffic_metrics_have_istio_names_and_full_label_set() -> None:
+    metrics = AgentMetrics()
+    labels = ConnectionLabels(reporter="destination", source_principal="spiffe://td/ns/a/sa/b")
+    metrics.traffic.record_open(labels)
+    metrics.traffic.record_failed(labels)
+    metrics.traffic.record_close(labels, sent=10, received=20)
+    samples = _samples(metrics)
+    for name in (
+        "istio_tcp_connections_opened_total",
+        "istio_tcp_connections_closed_total",
+        "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_connections_failed_total",
+    ):
+        [(got, value)] = samples[name]
+        assert value >= 1
+        assert set(got) == set(TRAFFIC_LABELS)
+        assert got["source_principal"] == "spiffe://td/ns/a/sa/b"
+        assert got["destination_workload"] == "unknown"
+        assert got["request_protocol"] == "tcp"
+        assert got["response_flags"] == "-"
+    # ztunnel exposes no _created series for its traffic counters; neither do we.
+    assert not [n for n in samples if n.startswith("istio_tcp") and n.endswith("_created")]
+    assert samples["istio_build"][0][0]["component"] == "nodeagent"
+
+
+def test_label_sets_are_kept_apart() -> None:
+    metrics = AgentMetrics()
+    a = ConnectionLabels(reporter="source", destination_workload="a")
+    b = ConnectionLabels(reporter="source", destination_workload="b")
+    metrics.traffic.record_close(a, sent=5)
+    metrics.traffic.record_close(b, sent=7)
+    metrics.traffic.record_bytes(a, sent=1, received=0)
+    assert metrics.traffic.value("istio_tcp_sent_bytes", a) == 6
+    assert metrics.traffic.value("istio_tcp_sent_bytes", b) == 7
+    assert metrics.traffic.value("istio_tcp_received_bytes", b) == 0
+
+
+def test_agent_metrics_report_xds_certs_pods_capture_and_policy() -> None:
+    metrics = AgentMetrics()
+    metrics.set_xds_state("connected")
+    metrics.xds_push("type.googleapis.com/istio.workload.Address")
+    metrics.xds_push("type.googleapis.com/istio.workload.Address", nacked=True)
+    metrics.set_certificate_expiry("spiffe://cluster.local/ns/a/sa/b", 1_900_000_000)
+    metrics.set_certificate_expiry("spiffe://cluster.local/ns/a/sa/gone", 1)
+    metrics.set_certificate_expiry("spiffe://cluster.local/ns/a/sa/gone", None)
+    metrics.set_pod_counts({"ready": 3, "failed": 1})
+    metrics.observe_capture_setup(0.02)
+    metrics.policy_decision(action="deny", allowed=False)
+    metrics.policy_decision(action="", allowed=True)
+    s = _samples(metrics)
+    state = {lab["state"]: v for lab, v in s["nodeagent_xds_connection_state"]}
+    assert state == {"connected": 1, "connecting": 0, "disconnected": 0}
+    assert s["nodeagent_xds_pushes_total"][0][1] == 2
+    assert s["nodeagent_xds_nacks_total"][0][1] == 1
+    expiry = s["nodeagent_certificate_expiration_timestamp_seconds"]
+    assert expiry == [({"identity": "spiffe://cluster.local/ns/a/sa/b"}, 1_900_000_000)]
+    pods = {lab["state"]: v for lab, v in s["nodeagent_pods"]}
+    assert pods["ready"] == 3 and pods["failed"] == 1 and pods["pending"] == 0
+    assert s["nodeagent_capture_setup_seconds_count"][0][1] == 1
+    decisions = {
+        (lab["action"], lab["result"]): v for lab, v in s["nodeagent_policy_decisions_total"]
+    }
+    assert decisions == {("deny", "deny"): 1, ("none", "allow"): 1}
+
+
+def test_unknown_xds_state_is_refused() -> None:
+    with pytest.raises(ValueError, match="'up' is not one of"):
+        AgentMetrics().set_xds_state("up")
+
+
+def test_registries_are_per_agent() -> None:
+    a, b = AgentMetrics(), AgentMetrics()
+    a.traffic.record_open(ConnectionLabels(reporter="source"))
+    assert "istio_tcp_connections_opened_total{" in a.exposition().decode()
+    assert "istio_tcp_connections_opened_total{" not in b.exposition().decode()
+
+
+def test_labels_from_workloads_and_service() -> None:
+    from ipaddress import ip_address
+
+    from nodeagent.admin.metrics import connection_labels
+    from nodeagent.model import workload as wm
+
+    src = wm.Workload(
+        uid="u1",
+        name="client-7d9f",
+        namespace="apps",
+        workload_name="client",
+        canonical_name="client",
+        canonical_revision="v1",
+        service_account="client",
+        addresses=(ip_address("10.1.0.5"),),
+    )
+    svc = wm.Service(name="server", namespace="apps", hostname="server.apps.svc.cluster.local")
+    labels = connection_labels(reporter="source", source=src, service=svc, mtls=True)
+    assert labels.source_workload == "client"
+    assert labels.source_principal == "spiffe://cluster.local/ns/apps/sa/client"
+    assert labels.source_version == "v1"
+    assert labels.destination_service == "server.apps.svc.cluster.local"
+    assert labels.destination_service_name == "server"
+    assert labels.connection_security_policy == "mutual_tls"
+    values = dict(zip(TRAFFIC_LABELS, labels.values(), strict=True))
+    assert values["destination_workload"] == "unknown"
+    assert values["source_cluster"] == "unknown"

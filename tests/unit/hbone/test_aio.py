@@ -1,0 +1,216 @@
+"""The asyncio adapter: our client and our server over real TLS 1.3 on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream
+from nodeagent.hbone.connection import ErrorCode
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hbone-aio")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    d: Path = tmp_path_factory.mktemp("tls")
+    (d / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(d / "c.pem", d / "k.pem")
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(d / "c.pem")
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.set_alpn_protocols(["h2"])
+    return server, client
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    tls, on_request: Callable[[TunnelStream], None]
+) -> AsyncIterator[HboneConnection]:
+    server_ctx, client_ctx = tls
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: HboneConnection(client_side=False, on_request=on_request),
+        "127.0.0.1",
+        0,
+        ssl=server_ctx,
+    )
+    port = server.sockets[0].getsockname()[1]
+    _, conn = await loop.create_connection(
+        lambda: HboneConnection(client_side=True),
+        "127.0.0.1",
+        port,
+        ssl=client_ctx,
+        server_hostname="127.0.0.1",
+    )
+    try:
+        yield conn
+    finally:
+        conn.close()
+        await asyncio.wait_for(conn.closed, 10)
+        server.close()
+        await server.wait_closed()
+
+
+def echo(stream: TunnelStream) -> None:
+    stream.respond(200)
+    stream.on_data = stream.write
+    stream.on_end = stream.write_eof
+
+
+async def read_all(stream: TunnelStream) -> bytes:
+    out = bytearray()
+    while chunk := await stream.read():
+        out += chunk
+    return bytes(out)
+
+
+async def test_tunnel_carries_large_payload_and_half_close_over_tls(tls):
+    async with connected(tls, echo) as conn:
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:8080"), 10)
+        payload = os.urandom(9 * 1024 * 1024 + 1)
+
+        async def send() -> None:
+            stream.write(payload)
+            await stream.drain()
+            stream.write_eof()  # FIN upstream; the reply keeps coming
+
+        _, echoed = await asyncio.wait_for(asyncio.gather(send(), read_all(stream)), 60)
+        assert echoed == payload
+        assert stream.stream_id not in conn.streams  # both directions closed: forgotten
+
+
+async def test_refusal_status_raises_tunnel_error(tls):
+    async with connected(tls, lambda s: s.respond(401)) as conn:
+        with pytest.raises(TunnelError, match="401"):
+            await asyncio.wait_for(conn.open_tunnel("10.0.0.5:8080"), 10)
+
+
+async def test_server_reset_reaches_client_reader(tls):
+    def reset_after_reply(stream: TunnelStream) -> None:
+        stream.respond(200)
+        stream.write(b"partial")
+        stream.reset(ErrorCode.CONNECT_ERROR)
+
+    async with connected(tls, reset_after_reply) as conn:
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        with pytest.raises(TunnelError, match="reset by peer"):
+            await asyncio.wait_for(read_all(stream), 10)
+
+
+async def test_failing_handler_resets_only_its_stream(tls):
+    calls = []
+
+    def flaky(stream: TunnelStream) -> None:
+        calls.append(stream.authority)
+        if len(calls) == 1:
+            raise RuntimeError("handler bug")
+        echo(stream)
+
+    async with connected(tls, flaky) as conn:
+        with pytest.raises(TunnelError):
+            await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:2"), 10)
+        stream.write(b"still works")
+        stream.write_eof()
+        assert await asyncio.wait_for(read_all(stream), 10) == b"still works"
+
+
+async def test_unread_data_holds_back_the_sender(tls):
+    big = os.urandom(10 * 1024 * 1024)
+    senders: list[TunnelStream] = []
+
+    def flood(stream: TunnelStream) -> None:
+        stream.respond(200)
+        stream.write(big)
+        stream.write_eof()
+        senders.append(stream)
+
+    async with connected(tls, flood) as conn:
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        # Nothing is read yet, so the peer may send at most our 4 MiB stream window.
+        for _ in range(500):
+            if conn.conn.inbound_window(stream.stream_id) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert conn.conn.inbound_window(stream.stream_id) == 0
+        (sender,) = senders
+        assert sender.owner.conn.buffered_bytes(sender.stream_id) == len(big) - 4 * 1024 * 1024
+        assert await asyncio.wait_for(read_all(stream), 30) == big
+
+
+async def test_manual_ack_holds_the_peer_until_the_consumer_acks(tls):
+    pieces: list[memoryview] = []
+    streams: list[TunnelStream] = []
+
+    def hold(stream: TunnelStream) -> None:
+        stream.respond(200)
+        stream.manual_ack = True
+        stream.on_data = pieces.append
+        streams.append(stream)
+
+    async with connected(tls, hold) as conn:
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        stream.write(bytes(6 * 1024 * 1024))
+        for _ in range(500):
+            if sum(map(len, pieces)) >= 4 * 1024 * 1024:
+                break
+            await asyncio.sleep(0.01)
+        assert sum(map(len, pieces)) == 4 * 1024 * 1024  # exactly the server's stream window
+        assert conn.conn.buffered_bytes(stream.stream_id) == 2 * 1024 * 1024
+        streams[0].ack(4 * 1024 * 1024)
+        await asyncio.wait_for(stream.drain(), 10)
+        assert conn.conn.buffered_bytes(stream.stream_id) == 0
+
+
+async def test_refused_tunnel_is_reset_with_no_error_so_its_data_stops(tls):
+    refused: list[TunnelStream] = []
+
+    def refuse(stream: TunnelStream) -> None:
+        refused.append(stream)
+        stream.respond(503)
+
+    async with connected(tls, refuse) as conn:
+        with pytest.raises(TunnelError, match="503"):
+            await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        server_conn = refused[0].owner
+        assert refused[0].stream_id not in server_conn.streams
+        assert server_conn.conn.stream_state(refused[0].stream_id).name == "CLOSED"
+        # the connection keeps its full window for the next tunnel
+        assert server_conn.conn.inbound_window(0) == 16 * 1024 * 1024
