@@ -27,10 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 TIERS = ("unit", "netns", "e2e", "kind", "bench")
 PRIVILEGED = {"netns", "e2e"}
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# CI replays a fixed set of examples so a run is reproducible; locally Hypothesis
+# explores new ones (and keeps failures in its database).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -958,7 +958,9 @@ class TunnelConnection:
         checked against the windows up front; `delivered` is the part in `data`."""
         self._fragment_stream = 0  # pieces of a refused frame are dropped
         # The connection window counts every DATA frame, even on streams we then refuse (§6.9).
-        if size > self._conn_inbound_window:
+        # A zero-length frame (e.g. a bare END_STREAM) consumes nothing, so it can never
+        # overrun a window, even one a SETTINGS change has made negative (§6.9.2).
+        if size and size > self._conn_inbound_window:
             raise ProtocolError(
                 f"DATA of {size} bytes overruns the connection window {self._conn_inbound_window}",
                 error_code=ErrorCode.FLOW_CONTROL_ERROR,
@@ -977,7 +979,7 @@ class TunnelConnection:
                 # Same as TRANSITIONS for RECV_DATA, checked by identity on the hot path;
                 # the table then raises the right error.
                 self._transition(stream, StreamInput.RECV_DATA)
-            if size > stream.inbound_window:
+            if size and size > stream.inbound_window:
                 raise ProtocolError(
                     f"DATA of {size} bytes overruns stream {sid} window {stream.inbound_window}",
                     error_code=ErrorCode.FLOW_CONTROL_ERROR,

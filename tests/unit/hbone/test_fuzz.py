@@ -254,3 +254,13 @@ def test_sender_respects_any_window_and_bytes_arrive_exactly(transfer):
         if ended:
             break
     assert ended and bytes(got) == payload
+
+
+def test_empty_end_stream_is_accepted_when_a_settings_change_made_the_window_negative():
+    # Found by the property above: 2 bytes sent under the default window, then the
+    # receiver's SETTINGS shrinks the window to 1 (now -1), then a bare END_STREAM.
+    # A zero-length DATA frame consumes no window and must not be a FLOW_CONTROL_ERROR.
+    window, sizes, ack_every = 1, [2, 0], 2
+    test_sender_respects_any_window_and_bytes_arrive_exactly.hypothesis.inner_test(
+        (window, sizes, ack_every)
+    )
