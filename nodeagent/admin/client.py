@@ -1,7 +1,7 @@
 """A small blocking client for the admin API, used by the node-level CLI.
 
 An agent is addressed by a Unix socket path or an `http://host:port` URL;
-in a sandbox, by sandbox and node name (`sandbox_admin_socket`). Failures
+in a sandbox, by sandbox and node name (`nodeagent.sandbox.state.admin_socket`). Failures
 become `AdminError` with one line meant for a human: which agent could not
 be reached, or what it answered.
 """
@@ -11,20 +11,10 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 DEFAULT_TIMEOUT_S = 10.0
-SANDBOX_ROOT = Path("/var/run/nodeagent-sandbox")
-
-
-def sandbox_admin_socket(sandbox: str, node: str, root: Path = SANDBOX_ROOT) -> str:
-    """The admin socket of node `node`'s agent in sandbox `sandbox` (one convention, here)."""
-    for label, value in (("sandbox", sandbox), ("node", node)):
-        if not value or "/" in value or value in (".", ".."):
-            raise ValueError(f"bad {label} name {value!r}")
-    return str(root / sandbox / node / "admin.sock")
 
 
 class AdminError(Exception):

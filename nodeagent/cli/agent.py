@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from nodeagent.admin import views
-from nodeagent.admin.client import AdminClient, AdminError, sandbox_admin_socket
+from nodeagent.admin.client import AdminClient, AdminError
 from nodeagent.cli.errors import CliError
 from nodeagent.cli.output import render
 from nodeagent.config import Config
+from nodeagent.sandbox.state import admin_socket as sandbox_admin_socket
 
 TABLE_WIDTH = 100
 

@@ -11,6 +11,7 @@ from nodeagent.cli.errors import CliError
 from nodeagent.cli.output import render
 from nodeagent.controlplane.mesh import MeshError, load_mesh
 from nodeagent.controlplane.run import ControlPlaneOptions, serve
+from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
 
 
 def register(subparsers: Any) -> None:
@@ -25,7 +26,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mesh", required=True, metavar="FILE", help="the mesh file (YAML)")
     p.add_argument(
         "--listen",
-        default="127.0.0.1:15010",
+        default=f"127.0.0.1:{CONTROLPLANE_XDS_PORT}",
         metavar="ADDR",
         help="HOST:PORT (default %(default)s; port 0 picks one)",
     )

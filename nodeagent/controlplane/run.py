@@ -17,6 +17,7 @@ import grpc
 
 from nodeagent.controlplane import ca as ca_mod
 from nodeagent.controlplane.server import ControlPlaneServer
+from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class ControlPlaneOptions:
     mesh: Path
-    listen: str = "127.0.0.1:15010"
+    listen: str = f"127.0.0.1:{CONTROLPLANE_XDS_PORT}"
     ca_dir: Path | None = None
     """Serve the CA too, with its root kept in this directory (created if missing)."""
     tls_cert: Path | None = None

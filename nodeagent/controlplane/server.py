@@ -22,6 +22,7 @@ from google.protobuf import any_pb2, json_format
 from nodeagent.controlplane.mesh import MeshConfig, MeshError, load_mesh
 from nodeagent.controlplane.resources import Snapshot, VersionedResource, build_snapshot, versioned
 from nodeagent.controlplane.stream import DeltaStreamCore, StreamRequest, StreamResponse
+from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.pb.envoy.service.discovery.v3 import ads_pb2_grpc
 from nodeagent.pb.envoy.service.discovery.v3 import discovery_pb2 as discovery_pb
@@ -276,7 +277,7 @@ class ControlPlaneServer:
     def __init__(
         self,
         mesh_path: str | Path,
-        listen: str = "127.0.0.1:15010",
+        listen: str = f"127.0.0.1:{CONTROLPLANE_XDS_PORT}",
         *,
         extra_servicers: Sequence[ServicerHook] = (),
         server_credentials: grpc.ServerCredentials | None = None,

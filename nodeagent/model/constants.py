@@ -39,6 +39,10 @@ PROBE_SNAT_IPV6: Final = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
 CHAIN_PREROUTING: Final = "ISTIO_PRERT"
 CHAIN_OUTPUT: Final = "ISTIO_OUTPUT"
 
+# The shipped control plane serves plaintext delta xDS and the CA on one port
+# (istiod's plaintext xDS port).
+CONTROLPLANE_XDS_PORT: Final = 15010
+
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT: Final = "default"
 

@@ -28,11 +28,12 @@ from typing import Any
 
 import yaml
 
+from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
 from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, SandboxPlan
 
 TRUST_DOMAIN = "cluster.local"
 # istiod's plaintext xDS port; the sandbox's control plane serves xDS and CA on it.
-CONTROLPLANE_PORT = 15010
+CONTROLPLANE_PORT = CONTROLPLANE_XDS_PORT
 BACKEND_VIP = "10.96.0.10"
 ECHO_VIP = "10.96.0.11"
 

@@ -107,6 +107,15 @@ class SandboxState:
         )
 
 
+def admin_socket(sandbox: str, node: str, root: Path = DEFAULT_STATE_ROOT) -> str:
+    """The admin socket of node `node`'s agent in sandbox `sandbox` (the one convention:
+    the sandbox starts agents with it, the CLI's `--sandbox/--node` resolves through it)."""
+    for label, value in (("sandbox", sandbox), ("node", node)):
+        if not value or "/" in value or value in (".", ".."):
+            raise ValueError(f"bad {label} name {value!r}")
+    return str(root / sandbox / node / "admin.sock")
+
+
 class StateStore:
     """Reads and atomically rewrites state files under `root`."""
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nodeagent.admin.client import sandbox_admin_socket
 from nodeagent.admin.metrics import AgentMetrics
 from nodeagent.admin.providers import AdminProviders
 from nodeagent.admin.readiness import Readiness
 from nodeagent.admin.server import AdminServers, BoundAddresses
 from nodeagent.cli.main import main
+from nodeagent.sandbox.state import admin_socket as sandbox_admin_socket
 
 
 @asynccontextmanager
