@@ -166,8 +166,8 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
     # asyncio.Protocol ----------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; they have the same methods.
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small writes (interactive protocols) must not wait for Nagle.

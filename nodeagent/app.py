@@ -1,0 +1,215 @@
+"""The composition root: builds every component of a running agent from a Config.
+
+Plain wiring, no logic. `build` creates
+
+* the state: StateStore + StateUpdater, fed by the delta-xDS client;
+* identity: CaClient + CertificateManager (certificates are fetched as soon
+  as the node manager registers a local workload);
+* the data path: the capture backend (iptables), the namespace scanner, one
+  socket factory per pod on a shared namespace worker, the pod listeners
+  with their connection handlers (passthrough until the HBONE tunnel is
+  plugged in through `handlers=`);
+* the NodeManager that drives it all;
+
+and returns `AgentHandles`: the components, `start()` / `run()` /
+`stop()` / `shutdown(cleanup=)`, and `ready`.
+
+Anything that needs the kernel or the network can be replaced through
+`build`'s keyword arguments, so tests run the real wiring with fakes or with
+an in-process control plane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodeagent.config import Config, ConfigError
+from nodeagent.datapath.discovery import NetnsScanner
+from nodeagent.datapath.iptables import CaptureBackend, IptablesBackend
+from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorker
+from nodeagent.identity.caclient import CaClient
+from nodeagent.identity.manager import CertificateManager
+from nodeagent.node.lifecycle import Backoff
+from nodeagent.node.manager import NamespaceScanner, NodeManager, PlanBuilder, plan_from_namespace
+from nodeagent.proxy.listeners import ConnectionHandler, PodListenerFactory, SocketFactoryMaker
+from nodeagent.proxy.passthrough import PassthroughStats, passthrough_handlers
+from nodeagent.state.store import StateStore
+from nodeagent.state.updater import StateUpdater
+from nodeagent.xds.client import XdsClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class AgentHandles:
+    """A built agent: its components and its lifecycle verbs."""
+
+    config: Config
+    store: StateStore
+    updater: StateUpdater
+    xds: XdsClient | None
+    ca_client: CaClient | None
+    certificates: CertificateManager | None
+    listeners: PodListenerFactory
+    passthrough: PassthroughStats
+    node_manager: NodeManager
+    _closers: list[Any] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _cleanup: bool = False
+    _started: bool = False
+    _shut_down: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Config received (when there is a control plane) and every found pod settled."""
+        xds_ready = self.xds is None or self.xds.ready
+        return xds_ready and self.node_manager.ready
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.xds is not None:
+            self.xds.start()
+        if self.certificates is not None:
+            self._tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
+        self.node_manager.start()
+        log.info("agent started on node %s", self.config.node_name)
+
+    def stop(self, *, cleanup: bool = False) -> None:
+        """Ask `run()` to return (signal handlers call this)."""
+        self._cleanup = self._cleanup or cleanup
+        self._stop.set()
+
+    async def run(self, *, cleanup: bool = False) -> None:
+        """Start, serve until `stop()`, then shut down (in-pod rules stay unless cleanup)."""
+        self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown(cleanup=cleanup or self._cleanup)
+
+    async def shutdown(self, *, cleanup: bool = False) -> None:
+        """Close listeners (draining), keep or remove capture, stop xDS and certificates."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        await self.node_manager.shutdown(cleanup=cleanup, drain=self.config.drain_seconds)
+        if self.xds is not None:
+            await self.xds.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ca_client is not None:
+            await self.ca_client.close()
+        for close in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                close()
+        log.info("agent stopped")
+
+
+async def build(
+    config: Config,
+    *,
+    capture: CaptureBackend | None = None,
+    scanner: NamespaceScanner | None = None,
+    sockets_for: SocketFactoryMaker | None = None,
+    plan_for: PlanBuilder | None = None,
+    handlers: Mapping[int, ConnectionHandler] | None = None,
+    store: StateStore | None = None,
+    xds: bool = True,
+    ca: bool = True,
+    scan_interval: float = 1.0,
+    backoff: Backoff | None = None,
+) -> AgentHandles:
+    """Build an agent from `config`; keyword arguments replace parts for tests.
+
+    xds=False: no control-plane client (tests fill `store` directly);
+    ca=False: no certificate manager.
+    """
+    if not config.node_name:
+        raise ConfigError("field 'node_name' is required (NODE_NAME or --node-name)")
+    if capture is None and config.redirect_backend != "iptables":
+        raise ConfigError(
+            f"field 'redirect_backend': {config.redirect_backend!r} is not available yet"
+        )
+    closers: list[Any] = []
+    store = store or StateStore()
+    updater = StateUpdater(store)
+    xds_client = XdsClient(config, updater) if xds else None
+
+    ca_client: CaClient | None = None
+    certificates: CertificateManager | None = None
+    if ca:
+        try:
+            ca_client = CaClient.connect(
+                config.effective_ca_address,
+                root_ca_path=config.xds_root_ca,
+                token_path=config.auth_token_path,
+                cluster_id=config.cluster_id,
+                ttl=float(config.secret_ttl_seconds),
+            )
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"field 'ca_address': {exc}") from None
+        certificates = CertificateManager(ca_client)
+
+    # One worker per kind of namespace work, so a slow iptables apply never
+    # delays a scan or a socket the proxy is waiting for.
+    if capture is None:
+        iptables = IptablesBackend()
+        closers.append(iptables.close)
+        capture = iptables
+    if scanner is None:
+        scan_worker = NetnsWorker("scan")
+        closers.append(scan_worker.close)
+        scanner = NetnsScanner(
+            scan_worker, netns_dir=Path(config.netns_dir), proc_root=Path(config.proc_root)
+        )
+    sockets_worker: NetnsWorker | None = None
+    if sockets_for is None or plan_for is None:
+        sockets_worker = NetnsWorker("sockets")
+        closers.append(sockets_worker.close)
+    if sockets_for is None:
+        assert sockets_worker is not None
+        worker = sockets_worker
+
+        def sockets_for(netns: NetnsHandle) -> NetnsSocketFactory:
+            return NetnsSocketFactory(netns, worker)
+
+    if plan_for is None:
+        assert sockets_worker is not None
+        plan_for = plan_from_namespace(sockets_worker)
+
+    stats = PassthroughStats()
+    listeners = PodListenerFactory(handlers or passthrough_handlers(stats), sockets_for)
+    node_manager = NodeManager(
+        node_name=config.node_name,
+        store=store,
+        capture=capture,
+        scanner=scanner,
+        listeners=listeners,
+        certificates=certificates,
+        plan_for=plan_for,
+        scan_interval=scan_interval,
+        backoff=backoff,
+        drain_seconds=config.drain_seconds,
+    )
+    return AgentHandles(
+        config=config,
+        store=store,
+        updater=updater,
+        xds=xds_client,
+        ca_client=ca_client,
+        certificates=certificates,
+        listeners=listeners,
+        passthrough=stats,
+        node_manager=node_manager,
+        _closers=closers,
+    )

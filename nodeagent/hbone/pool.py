@@ -1,0 +1,399 @@
+"""HBONE client: a pool of mutual-TLS HTTP/2 connections that carry CONNECT tunnels.
+
+One pool serves a node. Connections are keyed by `PoolKey`: who dials (the source
+pod, whose namespace the socket lives in, and its identity), whom we accept at the
+far end (the set of SPIFFE identities the server may prove) and where (`ip:15008`).
+A key holds 1..N connections; a new one is opened only when every existing one has
+reached its stream limit, `min(max_streams_per_connection, peer's
+SETTINGS_MAX_CONCURRENT_STREAMS)`. A per-key lock makes concurrent callers wait
+for one new connection instead of each opening their own (a connection storm).
+
+Each connection has a small keep-alive task: a PING every `ping_interval`, the
+connection dropped if the ACK does not arrive within `ping_timeout`, and closed
+once it carried no stream for `idle_timeout` (ztunnel's defaults: 10 s, 20 s,
+5 min; istio-ambient.md §2).
+
+The pool does not know namespaces or certificates: the caller passes a `Dialer`
+(in the agent: a marked socket made inside the source pod's namespace, so the
+capture rules skip it) and a `ClientTls` (the source identity's client context and
+the check of the server's identity, from nodeagent.identity). Tests use loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream
+from nodeagent.hbone.connection import (
+    ConnectionConfig,
+    Event,
+    InvalidActionError,
+    PingAckReceived,
+    format_authority,
+)
+from nodeagent.model.identity import Identity
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+# Connects a fresh TCP socket to `address` and returns it (connected, non-blocking).
+Dialer = Callable[[Address], Awaitable[socket.socket]]
+
+
+class HboneConnectError(ConnectionError):
+    """No tunnel could be opened: the peer is unreachable, proved the wrong identity, or
+    refused the CONNECT. The message names the destination and the cause."""
+
+
+class ClientTls(Protocol):
+    """TLS material for the client side, injected (it lives in nodeagent.identity)."""
+
+    async def client_context(self, identity: Identity) -> ssl.SSLContext:
+        """A TLS 1.3 client context presenting `identity`'s certificate."""
+        ...
+
+    def verify_server(self, ssl_object: ssl.SSLObject, expected: Iterable[Identity]) -> Identity:
+        """The server's identity if it is one of `expected`; raises otherwise."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    max_streams_per_connection: int = 100  # POOL_MAX_STREAMS_PER_CONNECTION
+    idle_timeout: float = 300.0  # seconds without a stream before a connection is closed
+    ping_interval: float = 10.0  # seconds between keep-alive PINGs
+    ping_timeout: float = 20.0  # seconds to wait for a PING ACK before dropping the connection
+    connect_timeout: float = 10.0  # TCP connect + TLS handshake + peer SETTINGS
+    certificate_timeout: float = 5.0  # wait for the source identity's first certificate
+
+    def __post_init__(self) -> None:
+        if self.max_streams_per_connection < 1:
+            raise ValueError(
+                f"max_streams_per_connection must be >= 1, got {self.max_streams_per_connection}"
+            )
+        for name in ("idle_timeout", "ping_interval", "ping_timeout", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """Which connections may carry a tunnel: same source, same accepted identities, same peer."""
+
+    source: str  # the dialling pod (its namespace makes the socket): uid
+    source_identity: Identity
+    destination_identities: frozenset[Identity]
+    destination: Address  # ip, 15008
+
+    def __str__(self) -> str:
+        ids = ",".join(sorted(str(i) for i in self.destination_identities))
+        return f"{self.source_identity} -> {format_authority(*self.destination)} [{ids}]"
+
+
+class _PooledConnection(HboneConnection):
+    """An HboneConnection that notices PING ACKs (the base adapter ignores them)."""
+
+    def __init__(self, *, config: ConnectionConfig | None = None) -> None:
+        super().__init__(client_side=True, config=config)
+        self.ping_acks: set[bytes] = set()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, PingAckReceived):
+                self.ping_acks.add(event.data)
+        super()._dispatch(events)
+
+
+@dataclass(eq=False)
+class PooledConnection:
+    """One pooled HTTP/2 connection and its bookkeeping."""
+
+    key: PoolKey
+    conn: _PooledConnection
+    peer_identity: Identity
+    created: float
+    last_used: float
+    tunnels_opened: int = 0
+    pings_acked: int = 0
+    keepalive: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def open_streams(self) -> int:
+        return self.conn.conn.open_outbound_streams
+
+    def stream_limit(self, configured: int) -> int:
+        return min(configured, self.conn.conn.max_outbound_streams)
+
+    def usable(self) -> bool:
+        return not self.conn.closed.done() and self.conn.conn.can_open_stream
+
+    def has_room(self, configured: int) -> bool:
+        return self.usable() and self.open_streams < self.stream_limit(configured)
+
+
+class HbonePool:
+    """Opens CONNECT tunnels over pooled mutual-TLS HTTP/2 connections."""
+
+    def __init__(
+        self,
+        tls: ClientTls,
+        settings: PoolSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        config: ConnectionConfig | None = None,
+    ) -> None:
+        self._tls = tls
+        self.settings = settings or PoolSettings()
+        self._clock = clock
+        self._config = config
+        self._connections: dict[PoolKey, list[PooledConnection]] = {}
+        self._locks: dict[PoolKey, asyncio.Lock] = {}
+        self.connections_opened = 0
+        self._closed = False
+
+    async def open_tunnel(
+        self,
+        key: PoolKey,
+        authority: str,
+        headers: Iterable[tuple[str, str]],
+        dial: Dialer,
+    ) -> TunnelStream:
+        """CONNECT `authority` through a connection for `key`; returns the stream after 200.
+
+        Raises HboneConnectError (peer unreachable, wrong identity, non-200 answer).
+        """
+        headers = tuple(headers)
+        while True:
+            pooled = self._with_room(key)
+            if pooled is None:
+                lock = self._locks.setdefault(key, asyncio.Lock())
+                async with lock:
+                    # Another caller may have connected while we waited for the lock.
+                    pooled = self._with_room(key) or await self._connect(key, dial)
+            try:
+                return await self._open_on(pooled, authority, headers)
+            except InvalidActionError:
+                continue  # filled up (or went away) between the check and the open: pick again
+
+    def _with_room(self, key: PoolKey) -> PooledConnection | None:
+        limit = self.settings.max_streams_per_connection
+        for pooled in self._connections.get(key, ()):
+            if pooled.has_room(limit):
+                return pooled
+        return None
+
+    async def _open_on(
+        self, pooled: PooledConnection, authority: str, headers: tuple[tuple[str, str], ...]
+    ) -> TunnelStream:
+        pooled.last_used = self._clock()
+        pooled.tunnels_opened += 1
+        # `ready` is done, so open_tunnel sends HEADERS before its first suspension: the stream
+        # counts against the limit at once (InvalidActionError if the connection filled up).
+        try:
+            return await pooled.conn.open_tunnel(authority, headers)
+        except TunnelError as exc:
+            raise HboneConnectError(
+                f"HBONE CONNECT {authority} via {format_authority(*pooled.key.destination)}: {exc}"
+            ) from exc
+        finally:
+            pooled.last_used = self._clock()
+
+    async def _connect(self, key: PoolKey, dial: Dialer) -> PooledConnection:
+        if self._closed:
+            raise HboneConnectError("HBONE pool is closed")
+        dst = format_authority(*key.destination)
+        loop = asyncio.get_running_loop()
+        try:
+            ctx = await asyncio.wait_for(
+                self._tls.client_context(key.source_identity), self.settings.certificate_timeout
+            )
+        except TimeoutError:
+            raise HboneConnectError(
+                f"HBONE to {dst}: no certificate for {key.source_identity} yet"
+            ) from None
+        try:
+            sock = await asyncio.wait_for(dial(key.destination), self.settings.connect_timeout)
+        except TimeoutError:
+            raise HboneConnectError(
+                f"HBONE to {dst}: connection timed out, "
+                "maybe a NetworkPolicy is blocking HBONE port 15008"
+            ) from None
+        except OSError as exc:
+            raise HboneConnectError(f"HBONE to {dst}: {exc.strerror or exc}") from exc
+        try:
+            transport, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _PooledConnection(config=self._config),
+                    sock=sock,
+                    ssl=ctx,
+                    # No SNI (ztunnel sends none); the server is checked by its SPIFFE SAN below.
+                    server_hostname="",
+                ),
+                self.settings.connect_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            sock.close()
+            raise HboneConnectError(f"HBONE to {dst}: TLS handshake failed: {exc!r}") from exc
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            peer = self._tls.verify_server(ssl_object, key.destination_identities)
+        except Exception as exc:
+            transport.abort()
+            raise HboneConnectError(f"HBONE to {dst}: {exc}") from exc
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.ready), self.settings.connect_timeout)
+        except (TunnelError, TimeoutError) as exc:
+            transport.abort()
+            raise HboneConnectError(f"HBONE to {dst}: no HTTP/2 SETTINGS: {exc!r}") from exc
+        now = self._clock()
+        pooled = PooledConnection(key, conn, peer, now, now)
+        pooled.keepalive = asyncio.create_task(
+            self._keepalive(pooled), name=f"hbone-keepalive {dst}"
+        )
+        self._connections.setdefault(key, []).append(pooled)
+        self.connections_opened += 1
+        log.debug("HBONE connection %s opened (peer %s)", key, peer)
+        return pooled
+
+    async def _keepalive(self, pooled: PooledConnection) -> None:
+        s = self.settings
+        conn = pooled.conn
+        try:
+            tick = min(s.ping_interval, s.idle_timeout)
+            next_ping = self._clock() + s.ping_interval
+            while not conn.closed.done():
+                done, _ = await asyncio.wait({conn.closed}, timeout=tick)
+                if done:
+                    break
+                now = self._clock()
+                if pooled.open_streams:
+                    pooled.last_used = now
+                elif now - pooled.last_used >= s.idle_timeout:
+                    log.debug(
+                        "HBONE connection %s idle for %.0fs: closing", pooled.key, s.idle_timeout
+                    )
+                    conn.close()
+                    break
+                if now >= next_ping:
+                    next_ping = now + s.ping_interval
+                    if not await self._ping(conn, s.ping_timeout):
+                        log.info(
+                            "HBONE connection %s: no PING ACK in %.0fs, dropped",
+                            pooled.key,
+                            s.ping_timeout,
+                        )
+                        if conn.transport is not None:
+                            conn.transport.abort()
+                        break
+                    pooled.pings_acked += 1
+        finally:
+            self._forget(pooled)
+
+    @staticmethod
+    async def _ping(conn: _PooledConnection, ack_within: float) -> bool:
+        data = os.urandom(8)
+        try:
+            conn.conn.ping(data)
+        except InvalidActionError:
+            return False
+        conn.flush()
+        deadline = asyncio.get_running_loop().time() + ack_within
+        while data not in conn.ping_acks:
+            if conn.closed.done() or asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(min(0.05, ack_within))
+        conn.ping_acks.discard(data)
+        return True
+
+    def _forget(self, pooled: PooledConnection) -> None:
+        conns = self._connections.get(pooled.key)
+        if conns is not None and pooled in conns:
+            conns.remove(pooled)
+            if not conns:
+                del self._connections[pooled.key]
+                self._locks.pop(pooled.key, None)
+
+    def connections(self, key: PoolKey | None = None) -> list[PooledConnection]:
+        """Live connections (of one key, or all)."""
+        if key is not None:
+            return list(self._connections.get(key, ()))
+        return [c for conns in self._connections.values() for c in conns]
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """For the admin page: one row per pooled connection."""
+        now = self._clock()
+        return [
+            {
+                "source_identity": str(c.key.source_identity),
+                "destination": format_authority(*c.key.destination),
+                "peer_identity": str(c.peer_identity),
+                "open_streams": c.open_streams,
+                "tunnels_opened": c.tunnels_opened,
+                "pings_acked": c.pings_acked,
+                "age_seconds": round(now - c.created, 3),
+                "idle_seconds": 0.0 if c.open_streams else round(now - c.last_used, 3),
+            }
+            for c in self.connections()
+        ]
+
+    async def close(self) -> None:
+        """Close every connection (GOAWAY) and stop their keep-alive tasks."""
+        self._closed = True
+        tasks = []
+        for pooled in self.connections():
+            pooled.conn.close()
+            if pooled.keepalive is not None:
+                pooled.keepalive.cancel()
+                tasks.append(pooled.keepalive)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._connections.clear()
+        self._locks.clear()
+
+
+# --- CONNECT headers (what ztunnel sends; istio-ambient.md §2) --------------------------------
+
+
+def forwarded_header(client: Address, host: str = "") -> tuple[str, str]:
+    """`forwarded: for="ip:port"` (`;host=<service hostname>` when going to a service)."""
+    value = f'for="{format_authority(*client)}"'
+    if host:
+        value += f";host={host}"
+    return ("forwarded", value)
+
+
+def baggage_header(
+    *,
+    cluster: str = "",
+    namespace: str = "",
+    workload_type: str = "deployment",
+    workload_name: str = "",
+    service_name: str = "",
+    service_version: str = "",
+    region: str = "",
+    zone: str = "",
+) -> tuple[str, str] | None:
+    """`baggage` describing the source workload; empty items are left out (None if all are)."""
+    items = [
+        ("k8s.cluster.name", cluster),
+        ("k8s.namespace.name", namespace),
+        (f"k8s.{workload_type}.name", workload_name),
+        ("service.name", service_name),
+        ("service.version", service_version),
+        ("cloud.region", region),
+        ("cloud.availability_zone", zone),
+    ]
+    value = ",".join(f"{k}={v}" for k, v in items if v)
+    return ("baggage", value) if value else None
+
+
+def traceparent_header() -> tuple[str, str]:
+    """A random W3C traceparent, one per tunnelled connection (connection tracing)."""
+    return ("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00")

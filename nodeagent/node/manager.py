@@ -1,0 +1,608 @@
+"""The node manager: drives the pod lifecycle from state changes, scans and timers.
+
+`NodeManager` is the asyncio driver around the pure `PodLifecycle`:
+
+inputs
+  * the StateStore's change feed: workloads placed on this node
+    (`workload.node == node_name`) or leaving it;
+  * namespace scans (a `NamespaceScanner`): every `scan_interval` seconds and
+    after every state change, matching local workloads' IPs to namespaces, so
+    pods that appear before or after their workload record, vanish, or come
+    back in a new namespace are all seen;
+  * retry times of failed pods (backoff from the lifecycle).
+
+actions
+  * StartSetup: open the pod's listeners (15001/15006/15008) inside its
+    namespace, then apply capture there. Listeners first: a freshly captured
+    pod must never have rules pointing at ports nobody listens on. A failure
+    (namespace gone, iptables error, port taken) closes the listeners this
+    attempt opened (the capture backend rolls back its own half-applies), and
+    the pod goes to failed with the reason, logged at warning, and is retried
+    with backoff.
+  * StartTeardown: close the listeners (live connections get `drain_seconds`)
+    and remove capture if the namespace still exists.
+
+Operations for one pod never overlap (the lifecycle keeps at most one in
+flight per pod); different pods run concurrently, at most `max_concurrent`
+kernel operations at once.
+
+Restart and shutdown: applying capture that is already installed is a no-op
+(the backend adopts what a previous agent left), so an agent restart never
+uncaptures a pod. `shutdown()` closes listeners but leaves the in-pod rules:
+while no agent listens, captured connections are refused, never leaked, and
+the next agent adopts the rules. `shutdown(cleanup=True)` (uninstall) also
+removes capture from every local pod.
+
+Each local workload's identity is registered with the certificate manager as
+soon as the workload is placed here, so its certificate is fetched early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nodeagent.datapath.discovery import MatchResult
+from nodeagent.datapath.iptables import CaptureBackend
+from nodeagent.datapath.netns import NetnsError, NetnsHandle, NetnsWorker, ipv6_enabled, resolve
+from nodeagent.datapath.plan import CapturePlan, build_plan
+from nodeagent.model.identity import Identity
+from nodeagent.model.workload import Workload
+from nodeagent.node.lifecycle import (
+    Action,
+    Backoff,
+    Event,
+    LifecycleError,
+    Netns,
+    NetnsFound,
+    NetnsLost,
+    PodLifecycle,
+    PodState,
+    SetupDone,
+    SetupFailed,
+    StartSetup,
+    StartTeardown,
+    TeardownDone,
+    TeardownFailed,
+    WorkloadGone,
+    WorkloadPlaced,
+)
+from nodeagent.state.store import StateChange, StateStore
+
+log = logging.getLogger(__name__)
+
+# How long shutdown waits for setups/teardowns in flight (kernel operations).
+OPERATION_GRACE = 10.0
+
+
+# -- what the manager needs from other packages (injected by app.py) -----------
+
+
+class NamespaceScanner(Protocol):
+    """Finds each workload's namespace by IP (nodeagent.datapath.discovery.NetnsScanner).
+
+    Blocking; the manager calls it on a thread.
+    """
+
+    def find(
+        self, workloads: Mapping[str, Iterable[str]]
+    ) -> tuple[MatchResult, dict[int, NetnsHandle]]: ...
+
+
+class OpenListeners(Protocol):
+    """One pod's open listeners (nodeagent.proxy.listeners.PodListeners)."""
+
+    @property
+    def ports(self) -> tuple[int, ...]: ...
+
+    async def close(self, *, drain: float = 0.0) -> None: ...
+
+
+class ListenerOpener(Protocol):
+    """Opens a pod's listeners in its namespace (nodeagent.proxy.listeners.PodListenerFactory)."""
+
+    async def open(self, workload: Workload, netns: NetnsHandle) -> OpenListeners: ...
+
+
+class IdentityRegistry(Protocol):
+    """Certificate prefetch (nodeagent.identity.manager.CertificateManager)."""
+
+    def add_workload_identity(self, identity: Identity) -> None: ...
+
+    def remove_workload_identity(self, identity: Identity) -> None: ...
+
+
+PlanBuilder = Callable[[Workload, NetnsHandle], CapturePlan]
+"""The capture plan for a pod; runs on a worker thread (it may look into the namespace)."""
+
+
+def plan_from_addresses(workload: Workload, netns: NetnsHandle) -> CapturePlan:
+    """Capture IPv6 too when the workload has an IPv6 address."""
+    return build_plan(ipv6=any(a.version == 6 for a in workload.addresses))
+
+
+def plan_from_namespace(worker: NetnsWorker) -> PlanBuilder:
+    """Capture IPv6 whenever the pod's namespace has IPv6 enabled, whatever
+    addresses the control plane listed: IPv6 left uncaptured would leak."""
+
+    def plan_for(workload: Workload, netns: NetnsHandle) -> CapturePlan:
+        return build_plan(ipv6=worker.call(netns, ipv6_enabled))
+
+    return plan_for
+
+
+# -- status ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PodStatus:
+    """One local pod, for the admin API and the CLI."""
+
+    uid: str
+    name: str
+    namespace: str
+    state: str
+    netns: str
+    listeners: tuple[int, ...]
+    attempts: int
+    last_error: str
+    since: float  # epoch seconds of the last state change
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "name": self.name,
+            "namespace": self.namespace,
+            "state": self.state,
+            "netns": self.netns,
+            "listeners": list(self.listeners),
+            "attempts": self.attempts,
+            "lastError": self.last_error,
+            "since": self.since,
+        }
+
+
+@dataclass
+class ManagerStats:
+    """Counters for metrics."""
+
+    scans: int = 0
+    setups: int = 0
+    setup_failures: int = 0
+    adopted: int = 0  # setups that found capture already in place
+    teardowns: int = 0
+    teardown_failures: int = 0
+
+
+class SetupError(RuntimeError):
+    """Setup could not start (e.g. the workload left the node meanwhile)."""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def netns_alive(handle: NetnsHandle) -> bool:
+    """Whether the namespace still exists (same inode)."""
+    try:
+        resolve(handle)
+    except NetnsError:
+        return False
+    return True
+
+
+class NodeManager:
+    """Keeps capture and listeners in place for every local pod."""
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        store: StateStore,
+        capture: CaptureBackend,
+        scanner: NamespaceScanner,
+        listeners: ListenerOpener,
+        certificates: IdentityRegistry | None = None,
+        plan_for: PlanBuilder = plan_from_addresses,
+        netns_alive: Callable[[NetnsHandle], bool] = netns_alive,
+        scan_interval: float = 1.0,
+        backoff: Backoff | None = None,
+        max_concurrent: int = 4,
+        drain_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not node_name:
+            raise ValueError("node_name is required: it selects the workloads on this node")
+        self.node_name = node_name
+        self._store = store
+        self._capture = capture
+        self._scanner = scanner
+        self._listeners = listeners
+        self._certificates = certificates
+        self._plan_for = plan_for
+        self._alive = netns_alive
+        self._scan_interval = scan_interval
+        self._drain = drain_seconds
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sem = asyncio.Semaphore(max_concurrent)
+        self.lifecycle = PodLifecycle(backoff=backoff or Backoff())
+        self.stats = ManagerStats()
+
+        self._workloads: dict[str, Workload] = {}  # local workloads by uid
+        self._identities: dict[str, Identity] = {}  # registered with the cert manager
+        self._open: dict[str, OpenListeners] = {}
+        self._labels: dict[str, str] = {}
+        self._scan: tuple[MatchResult, dict[int, NetnsHandle]] | None = None
+        self._warned_conflicts: set[str] = set()
+        self._scan_requested = True
+        self._next_scan_at = 0.0
+        self._ops: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._stopping = False
+        self.synced = False  # the first reconcile (with a scan) has run
+
+    # -- running -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the control loop (idempotent)."""
+        if self._task is None:
+            self._stopping = False
+            self._unsubscribe = self._store.subscribe(self._on_state_change)
+            self._task = asyncio.create_task(self._run(), name=f"node-manager-{self.node_name}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop capture for every other pod
+                log.exception("node manager: reconcile failed; retrying")
+                await asyncio.sleep(self._scan_interval)
+            await self._idle()
+
+    async def shutdown(self, *, cleanup: bool = False, drain: float | None = None) -> None:
+        """Stop; close every listener. Rules stay in the pods unless `cleanup`."""
+        self._stopping = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._ops:
+            _, pending = await asyncio.wait(set(self._ops), timeout=OPERATION_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        drain = self._drain if drain is None else drain
+        opened, self._open = self._open, {}
+        await asyncio.gather(
+            *(listeners.close(drain=drain) for listeners in opened.values()),
+            return_exceptions=True,
+        )
+        if cleanup:
+            await self._remove_all_capture()
+        else:
+            log.info(
+                "node manager stopped: listeners of %d pod(s) closed, capture left in place",
+                len(opened),
+            )
+        if self._certificates is not None:
+            for identity in self._identities.values():
+                self._certificates.remove_workload_identity(identity)
+        self._identities.clear()
+
+    async def _remove_all_capture(self) -> None:
+        handles: dict[int, NetnsHandle] = {}
+        for rec in self.lifecycle.pods.values():
+            for netns in (rec.netns, rec.next_netns):
+                if netns is not None:
+                    handles[netns.inode] = NetnsHandle(path=netns.path, inode=netns.inode)
+        try:
+            # A fresh scan also finds local pods whose setup never finished.
+            _, found = await asyncio.to_thread(self._scanner.find, self._wanted())
+            handles.update(found)
+        except Exception as exc:
+            log.warning("cleanup: scan failed, removing capture from known pods only: %s", exc)
+        removed = 0
+        for handle in handles.values():
+            if not await asyncio.to_thread(self._alive, handle):
+                continue
+            try:
+                await asyncio.to_thread(self._capture.remove, handle)
+                removed += 1
+            except Exception as exc:
+                log.warning("cleanup: %s", _reason(exc))
+        log.info("node manager stopped: capture removed from %d pod namespace(s)", removed)
+
+    # -- waiting (tests, readiness) -----------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Synced once, and no pod whose namespace is known is still being set up."""
+        return self.synced and not any(
+            rec.state is PodState.CAPTURING for rec in self.lifecycle.pods.values()
+        )
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until `predicate()` holds, re-checking after every lifecycle change
+        (callers bound the wait with `asyncio.timeout`)."""
+        while not predicate():
+            await self._changed.wait()
+
+    def state_of(self, uid: str) -> PodState | None:
+        rec = self.lifecycle.pods.get(uid)
+        return rec.state if rec else None
+
+    async def wait_for_state(self, uid: str, state: PodState | None) -> None:
+        """Wait until the pod is in `state` (None: no longer tracked)."""
+        await self.wait_until(lambda: self.state_of(uid) is state)
+
+    # -- status --------------------------------------------------------------
+
+    def pods(self) -> list[PodStatus]:
+        now, wall = self._clock(), self._wall_clock()
+        out = []
+        for uid, rec in sorted(self.lifecycle.pods.items()):
+            w = self._workloads.get(uid)
+            listeners = self._open.get(uid)
+            out.append(
+                PodStatus(
+                    uid=uid,
+                    name=w.name if w else "",
+                    namespace=w.namespace if w else "",
+                    state=rec.state.value,
+                    netns=rec.netns.path if rec.netns else "",
+                    listeners=listeners.ports if listeners else (),
+                    attempts=rec.attempts,
+                    last_error=rec.last_error,
+                    since=wall - (now - rec.since),
+                )
+            )
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return self.lifecycle.counts()
+
+    # -- inputs --------------------------------------------------------------
+
+    def _on_state_change(self, change: StateChange) -> None:
+        if change.workloads:
+            self._scan_requested = True
+            self._wake.set()
+
+    def request_scan(self) -> None:
+        """Scan namespaces now (e.g. a CNI plugin reported a new pod)."""
+        self._scan_requested = True
+        self._wake.set()
+
+    def _wanted(self) -> dict[str, list[str]]:
+        return {uid: [str(a) for a in w.addresses] for uid, w in self._workloads.items()}
+
+    async def _idle(self) -> None:
+        now = self._clock()
+        timeout = max(0.0, self._next_scan_at - now)
+        retry_at = self.lifecycle.next_retry_at()
+        if retry_at is not None:
+            timeout = min(timeout, max(0.0, retry_at - now))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+        # cancellation that races with the event, and shutdown would hang.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+        self._wake.clear()
+
+    async def _reconcile(self) -> None:
+        self._sync_placement()
+        now = self._clock()
+        if self._scan_requested or now >= self._next_scan_at:
+            self._scan_requested = False
+            self._next_scan_at = now + self._scan_interval
+            try:
+                self._scan = await asyncio.to_thread(self._scanner.find, self._wanted())
+                self.stats.scans += 1
+            except Exception as exc:
+                log.warning("namespace scan failed: %s", _reason(exc))
+            # Placement may have changed while scanning.
+            self._sync_placement()
+        self._apply_scan()
+        for action in self.lifecycle.due_retries(self._clock()):
+            self._start(action)
+        if self._scan is not None and not self.synced:
+            self.synced = True
+            self._notify()
+
+    def _sync_placement(self) -> None:
+        now = self._clock()
+        local = {w.uid: w for w in self._store.workloads_on_node(self.node_name)}
+        for uid, workload in local.items():
+            self._workloads[uid] = workload
+            self._labels[uid] = workload.label
+            self._sync_identity(uid, workload)
+            if uid not in self.lifecycle.pods:
+                # New here, or re-placed after its old namespace was torn down.
+                self._dispatch(WorkloadPlaced(uid=uid, now=now))
+        for uid in [u for u in self._workloads if u not in local]:
+            del self._workloads[uid]
+            self._release_identity(uid)
+            log.info("pod %s (uid %s) left the node", self._labels.get(uid, uid), uid)
+            self._dispatch(WorkloadGone(uid=uid, now=now))
+
+    def _sync_identity(self, uid: str, workload: Workload) -> None:
+        if self._certificates is None:
+            return
+        identity = workload.identity()
+        old = self._identities.get(uid)
+        if old == identity:
+            return
+        self._certificates.add_workload_identity(identity)
+        self._identities[uid] = identity
+        if old is not None:
+            self._certificates.remove_workload_identity(old)
+
+    def _release_identity(self, uid: str) -> None:
+        identity = self._identities.pop(uid, None)
+        if identity is not None and self._certificates is not None:
+            self._certificates.remove_workload_identity(identity)
+
+    def _apply_scan(self) -> None:
+        """Turn the latest scan into NetnsFound / NetnsLost for pods whose view differs."""
+        if self._scan is None:
+            return
+        result, handles = self._scan
+        now = self._clock()
+        for uid in list(self._workloads):
+            rec = self.lifecycle.pods.get(uid)
+            if rec is None:
+                continue
+            inode = result.matches.get(uid)
+            if inode is not None:
+                self._warned_conflicts.discard(uid)
+                handle = handles[inode]
+                # Compare inodes, not paths: one namespace can be seen under
+                # several paths (a bind mount, any of its processes).
+                current = rec.next_netns or rec.netns
+                if rec.state is PodState.PENDING or current is None or current.inode != inode:
+                    netns = Netns(path=handle.path, inode=inode)
+                    self._dispatch(NetnsFound(uid=uid, netns=netns, now=now))
+            elif uid in result.conflicts:
+                if uid not in self._warned_conflicts:
+                    self._warned_conflicts.add(uid)
+                    log.warning(
+                        "pod %s (uid %s): its IPs are in several namespaces (inodes %s); waiting",
+                        self._labels.get(uid, uid),
+                        uid,
+                        ", ".join(map(str, result.conflicts[uid])),
+                    )
+            elif rec.state in (PodState.READY, PodState.CAPTURING, PodState.FAILED):
+                if rec.state is PodState.CAPTURING and rec.remove_after:
+                    continue
+                self._dispatch(NetnsLost(uid=uid, now=now))
+
+    # -- lifecycle plumbing ---------------------------------------------------
+
+    def _dispatch(self, event: Event) -> None:
+        try:
+            actions = self.lifecycle.handle(event)
+        except LifecycleError:
+            log.exception("node manager: lifecycle rejected %s", event)
+            return
+        for action in actions:
+            self._start(action)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _start(self, action: Action) -> None:
+        if self._stopping:
+            return
+        coro = self._setup(action) if isinstance(action, StartSetup) else self._teardown(action)
+        task = asyncio.create_task(coro, name=f"{type(action).__name__}-{action.uid}")
+        self._ops.add(task)
+        task.add_done_callback(self._op_finished)
+
+    def _op_finished(self, task: asyncio.Task[None]) -> None:
+        self._ops.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "node manager: operation %s crashed", task.get_name(), exc_info=task.exception()
+            )
+        self._wake.set()
+
+    # -- operations -------------------------------------------------------------
+
+    def _apply_capture(self, workload: Workload, handle: NetnsHandle) -> bool:
+        return self._capture.apply(handle, self._plan_for(workload, handle))
+
+    async def _setup(self, action: StartSetup) -> None:
+        uid = action.uid
+        label = self._labels.get(uid, uid)
+        handle = NetnsHandle(path=action.netns.path, inode=action.netns.inode)
+        started = self._clock()
+        try:
+            workload = self._workloads.get(uid)
+            if workload is None:
+                raise SetupError("the workload left the node")
+            listeners = await self._listeners.open(workload, handle)
+            try:
+                async with self._sem:
+                    changed = await asyncio.to_thread(self._apply_capture, workload, handle)
+            except BaseException:
+                await listeners.close()
+                raise
+            self._open[uid] = listeners
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = _reason(exc)
+            self.stats.setup_failures += 1
+            log.warning(
+                "pod %s (uid %s): setup failed (attempt %d): %s",
+                label,
+                uid,
+                action.attempt,
+                reason,
+            )
+            self._dispatch(SetupFailed(uid=uid, reason=reason, now=self._clock()))
+            return
+        self.stats.setups += 1
+        if not changed:
+            self.stats.adopted += 1
+        log.info(
+            "pod %s (uid %s): ready in %.0f ms: capture %s, listening on %s in %s",
+            label,
+            uid,
+            (self._clock() - started) * 1000,
+            "installed" if changed else "already in place (adopted)",
+            ",".join(map(str, listeners.ports)),
+            handle,
+        )
+        self._dispatch(SetupDone(uid=uid, now=self._clock()))
+
+    async def _teardown(self, action: StartTeardown) -> None:
+        uid = action.uid
+        label = self._labels.get(uid, uid)
+        handle = self._handle_for(uid, action.netns)
+        try:
+            listeners = self._open.pop(uid, None)
+            if listeners is not None:
+                await listeners.close(drain=self._drain)
+            async with self._sem:
+                if await asyncio.to_thread(self._alive, handle):
+                    await asyncio.to_thread(self._capture.remove, handle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = _reason(exc)
+            self.stats.teardown_failures += 1
+            log.warning("pod %s (uid %s): teardown failed: %s", label, uid, reason)
+            self._dispatch(TeardownFailed(uid=uid, reason=reason, now=self._clock()))
+            return
+        self.stats.teardowns += 1
+        log.info("pod %s (uid %s): capture and listeners removed from %s", label, uid, handle)
+        self._dispatch(TeardownDone(uid=uid, now=self._clock()))
+
+    def _handle_for(self, uid: str, netns: Netns) -> NetnsHandle:
+        """The freshest path to the namespace (a /proc path dies with its process)."""
+        if self._scan is not None:
+            _, handles = self._scan
+            fresh = handles.get(netns.inode)
+            if fresh is not None:
+                return fresh
+        return NetnsHandle(path=netns.path, inode=netns.inode)

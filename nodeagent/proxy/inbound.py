@@ -1,0 +1,329 @@
+"""Inbound connection handlers: HBONE on 15008 and captured plaintext on 15006.
+
+Both end at the app inside the pod's namespace, connecting from the client's
+own address where the kernel allows (IP_TRANSPARENT + bind to the client ip,
+port 0; the pod's connmark rules route the app's replies back to us), so the
+app sees the real caller. Both register the connection with the
+`ConnectionRegistry`, whose policy re-check can close it later.
+
+* 15008 (`InboundHboneHandler`): `nodeagent.hbone.server.HboneServer` does TLS,
+  HTTP/2, validation and authorization (400/401/503); this module supplies the
+  part that needs the pod: connect to the app, answer 200 only once that works
+  (503 if not), and relay the stream.
+* 15006 (`InboundPlaintextHandler`): the original destination is the pod's own
+  ip:port; authorization runs with no identity, so a workload whose policies
+  require mTLS (STRICT: a DENY with `not_principals: [presence]`) refuses it:
+  the connection is closed without connecting upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nodeagent.datapath.netns import original_destination, set_transparent
+from nodeagent.hbone.server import HboneServer, LocalWorkload, TunnelRequest
+from nodeagent.model.constants import ILLEGAL_PORTS
+from nodeagent.model.policy import ConnectionAttributes
+from nodeagent.policy.checker import PolicyChecker
+from nodeagent.proxy.connections import HBONE, INBOUND, TCP, ConnectionRegistry, LiveConnection
+from nodeagent.proxy.listeners import LocalPod
+from nodeagent.proxy.relay import Relay, TcpRelayEnd, connect_tcp_end, relay_pair
+from nodeagent.proxy.tunnel_end import TunnelRelayEnd, WorkloadTls, join
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class InboundStats:
+    relayed: int = 0
+    denied: int = 0
+    refused: int = 0  # loops, unusable sockets
+    upstream_failed: int = 0
+    transparent: int = 0  # app connections made from the client's own address
+    by_port: dict[int, int] = field(default_factory=dict)
+
+
+def unmap(host: str) -> str:
+    """`::ffff:a.b.c.d` -> `a.b.c.d`; other text unchanged (zone ids dropped)."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close with RST, so the client sees a failure rather than a clean end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+async def connect_in_pod(
+    pod: LocalPod,
+    dst: tuple[str, int],
+    *,
+    source: str | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+) -> tuple[socket.socket, bool]:
+    """A connected, marked socket from inside `pod` to `dst`; from `source` if the kernel lets
+    us (returns whether it did). Raises OSError/TimeoutError if the connect fails."""
+    sock = pod.sockets.upstream(family_of(dst[0]))
+    spoofed = False
+    try:
+        if source is not None and family_of(source) == family_of(dst[0]) and set_transparent(sock):
+            try:
+                sock.bind((source, 0))
+                spoofed = True
+            except OSError as exc:  # no route back to that address: go from the pod
+                log.debug("pod %s: cannot bind to client %s: %s", pod.label, source, exc)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_connect(sock, dst), connect_timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, spoofed
+
+
+def local_workload(pod: LocalPod) -> LocalWorkload:
+    return LocalWorkload(
+        uid=pod.uid,
+        namespace=pod.namespace,
+        name=pod.name,
+        identity=pod.identity,
+        addresses=pod.addresses,
+    )
+
+
+async def _hold(relay: Relay) -> None:
+    """Wait for the relay to finish; if we are cancelled (drain over), reset both sides."""
+    try:
+        await asyncio.shield(relay.done)
+    except asyncio.CancelledError:
+        relay.abort("listener closed")
+        raise
+
+
+class InboundHboneHandler:
+    """15008: the ConnectionHandler that serves HBONE for the pod whose listener accepted."""
+
+    def __init__(
+        self,
+        tls: WorkloadTls,
+        checker: PolicyChecker,
+        registry: ConnectionRegistry,
+        *,
+        transparent: bool = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.registry = registry
+        self.stats = InboundStats()
+        self._transparent = transparent
+        self._connect_timeout = connect_timeout
+        self.server = HboneServer(tls, checker.check)
+
+    async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        await self.server.serve(
+            local_workload(pod), sock, handler=functools.partial(self._tunnel, pod)
+        )
+
+    async def _tunnel(self, pod: LocalPod, request: TunnelRequest) -> None:
+        stream = request.stream
+        source = request.peer[0] if self._transparent else None
+        live = self.registry.register(
+            workload=pod.label,
+            workload_uid=pod.uid,
+            direction=INBOUND,
+            protocol=HBONE,
+            local=stream.authority,
+            remote=hostport(*request.peer),
+            target=hostport(*request.target),
+            source_identity=request.peer_identity,
+            destination_identity=pod.identity,
+            attributes=request.attributes,
+            task=asyncio.current_task(),
+        )
+        try:
+            # The tunnel end takes over the stream now, so bytes sent early are kept.
+            tunnel_end = TunnelRelayEnd("tunnel", stream)
+            try:
+                app, spoofed = await connect_in_pod(
+                    pod, request.target, source=source, connect_timeout=self._connect_timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                self.stats.upstream_failed += 1
+                log.info(
+                    "HBONE %s: %s from %s: app connect to %s failed: %s",
+                    pod.label,
+                    stream.authority,
+                    request.peer_identity,
+                    hostport(*request.target),
+                    exc or type(exc).__name__,
+                )
+                tunnel_end.detach()
+                stream.respond(503)
+                return
+            except BaseException:
+                tunnel_end.detach()
+                stream.reset()  # cancelled (policy change, shutdown) before the answer
+                raise
+            self.stats.transparent += spoofed
+            try:
+                app_end = await connect_tcp_end("app", app)
+            except BaseException:
+                app.close()
+                tunnel_end.detach()
+                stream.reset()
+                raise
+            try:
+                # 200 only now: the app connection is up (and authorization passed earlier).
+                stream.respond(200)
+            except Exception as exc:  # the client gave up (reset, connection gone) meanwhile
+                log.info("HBONE %s: %s: client went away: %s", pod.label, stream.authority, exc)
+                tunnel_end.detach()
+                if app_end.transport is not None:
+                    app_end.transport.abort()
+                return
+            self.stats.relayed += 1
+            log.debug(
+                "HBONE %s: %s from %s (%s): relaying",
+                pod.label,
+                stream.authority,
+                request.peer_identity,
+                hostport(*request.peer),
+            )
+            live.relay = join(tunnel_end, app_end)
+            await _hold(live.relay)
+        finally:
+            self.registry.remove(live)
+
+
+class InboundPlaintextHandler:
+    """15006: captured plaintext, authorized without an identity."""
+
+    def __init__(
+        self,
+        checker: PolicyChecker,
+        registry: ConnectionRegistry,
+        *,
+        transparent: bool = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        destination_of: Callable[[socket.socket], tuple[str, int]] = original_destination,
+    ) -> None:
+        self._destination_of = destination_of  # injected: tests have no REDIRECT
+        self._checker = checker
+        self.registry = registry
+        self.stats = InboundStats()
+        self._transparent = transparent
+        self._connect_timeout = connect_timeout
+
+    async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        try:
+            dst = self._destination_of(sock)
+            peer_host, peer_port = sock.getpeername()[:2]
+        except OSError as exc:
+            log.info("pod %s: inbound connection lost before use: %s", pod.label, exc)
+            reset_socket(sock)
+            return
+        dst = (unmap(dst[0]), dst[1])
+        peer = (unmap(peer_host), peer_port)
+        if dst[1] in ILLEGAL_PORTS:
+            self.stats.refused += 1
+            log.warning(
+                "pod %s: plaintext to %s refused: it would loop into the agent",
+                pod.label,
+                hostport(*dst),
+            )
+            reset_socket(sock)
+            return
+        attributes = ConnectionAttributes(
+            source_ip=ipaddress.ip_address(peer[0]),
+            source_identity=None,
+            destination_ip=ipaddress.ip_address(dst[0]),
+            destination_port=dst[1],
+            destination_namespace=pod.namespace,
+            destination_name=pod.name,
+            destination_uid=pod.uid,
+        )
+        decision = self._checker.check(attributes)
+        if not decision.allowed:
+            self.stats.denied += 1
+            log.info(
+                "pod %s: plaintext %s -> %s: connection closed due to policy rejection: %s (%s)",
+                pod.label,
+                hostport(*peer),
+                hostport(*dst),
+                decision.error_message,
+                decision.explain(),
+            )
+            sock.close()
+            return
+        source = peer[0] if self._transparent else None
+        live = self.registry.register(
+            workload=pod.label,
+            workload_uid=pod.uid,
+            direction=INBOUND,
+            protocol=TCP,
+            local=hostport(*dst),
+            remote=hostport(*peer),
+            target=hostport(*dst),
+            destination_identity=pod.identity,
+            attributes=attributes,
+            task=asyncio.current_task(),
+        )
+        try:
+            try:
+                app, spoofed = await connect_in_pod(
+                    pod, dst, source=source, connect_timeout=self._connect_timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                self.stats.upstream_failed += 1
+                log.info(
+                    "pod %s: plaintext %s -> %s: app connect failed: %s",
+                    pod.label,
+                    hostport(*peer),
+                    hostport(*dst),
+                    exc or type(exc).__name__,
+                )
+                reset_socket(sock)
+                return
+            self.stats.transparent += spoofed
+            await relay_sockets(live, sock, app)
+            self.stats.relayed += 1
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self.registry.remove(live)
+
+
+async def relay_sockets(live: LiveConnection, down: socket.socket, up: socket.socket) -> None:
+    """Relay two connected sockets (downstream first) until both directions end."""
+    try:
+        down_end: TcpRelayEnd = await connect_tcp_end("downstream", down)
+        up_end = await connect_tcp_end("upstream", up)
+    except BaseException:
+        up.close()
+        down.close()
+        raise
+    live.relay = relay_pair(down_end, up_end)
+    await _hold(live.relay)

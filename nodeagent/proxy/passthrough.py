@@ -1,0 +1,231 @@
+"""Connection handlers used until the HBONE tunnel exists: pass bytes straight on.
+
+They make capture visible and testable end to end without mTLS:
+
+* outbound (15001): recover where the app was connecting (SO_ORIGINAL_DST),
+  connect there *from the pod's namespace* with a marked socket (so the
+  pod's own capture rules skip it) and relay;
+* inbound plaintext (15006): the original destination is the pod's own
+  ip:port; connect to it inside the pod, from the client's address when the
+  kernel allows (IP_TRANSPARENT + bind to the client's ip, port 0; the
+  connmark rules route the app's replies back to us), else from the pod, and
+  relay;
+* inbound HBONE (15008): without the tunnel there is nobody to terminate it,
+  so the connection is closed at once (fail closed).
+
+A destination on one of the agent's own ports (15001/15006/15008) of the pod
+itself would loop back into the agent; such connections are closed with a
+log line. The HBONE tunnel replaces `OutboundPassthrough` and
+`HboneUnavailable` through PodListenerFactory's handler map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from nodeagent.datapath.netns import original_destination, set_transparent
+from nodeagent.model.constants import (
+    ILLEGAL_PORTS,
+    INBOUND_HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+)
+from nodeagent.proxy.listeners import ConnectionHandler, LocalPod
+from nodeagent.proxy.relay import connect_tcp_end, relay_pair
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class PassthroughStats:
+    """Per listener port: connections relayed, refused (loops, 15008) and failed upstream."""
+
+    relayed: dict[int, int] = field(default_factory=dict)
+    refused: dict[int, int] = field(default_factory=dict)
+    upstream_failed: dict[int, int] = field(default_factory=dict)
+    transparent: int = 0  # inbound upstreams that kept the client's source address
+
+    def count(self, kind: str, port: int) -> None:
+        table: dict[int, int] = getattr(self, kind)
+        table[port] = table.get(port, 0) + 1
+
+
+def _unmap(host: str) -> str:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _is_self(pod: LocalPod, host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_unspecified or pod.owns(str(addr))
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST, so the client sees a failure rather than a clean end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+class _Passthrough:
+    def __init__(
+        self, stats: PassthroughStats | None = None, *, connect_timeout: float = CONNECT_TIMEOUT
+    ) -> None:
+        self.stats = stats or PassthroughStats()
+        self._connect_timeout = connect_timeout
+
+    def _refuse_loop(
+        self, pod: LocalPod, sock: socket.socket, port: int, dst: tuple[str, int]
+    ) -> bool:
+        if dst[1] in ILLEGAL_PORTS and _is_self(pod, dst[0]):
+            log.warning(
+                "pod %s: connection on %d to %s:%d refused: it would loop into the agent",
+                pod.label,
+                port,
+                dst[0],
+                dst[1],
+            )
+            self.stats.count("refused", port)
+            _reset(sock)
+            return True
+        return False
+
+    async def _connect_and_relay(
+        self,
+        pod: LocalPod,
+        sock: socket.socket,
+        port: int,
+        dst: tuple[str, int],
+        *,
+        source: str | None = None,
+    ) -> None:
+        upstream = pod.sockets.upstream(_family(dst[0]))
+        try:
+            if source is not None and set_transparent(upstream):
+                try:
+                    upstream.bind((source, 0))
+                    self.stats.transparent += 1
+                except OSError as exc:  # e.g. no route back to that address: go without
+                    log.debug("pod %s: cannot bind to client %s: %s", pod.label, source, exc)
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self._connect_timeout):
+                await loop.sock_connect(upstream, dst)
+        except (OSError, TimeoutError) as exc:
+            upstream.close()
+            self.stats.count("upstream_failed", port)
+            log.info(
+                "pod %s: connection on %d to %s:%d failed: %s",
+                pod.label,
+                port,
+                dst[0],
+                dst[1],
+                exc or type(exc).__name__,
+            )
+            _reset(sock)
+            return
+        except BaseException:
+            upstream.close()
+            sock.close()
+            raise
+        self.stats.count("relayed", port)
+        log.debug("pod %s: relaying %d -> %s:%d", pod.label, port, dst[0], dst[1])
+        try:
+            down_end = await connect_tcp_end("downstream", sock)
+            up_end = await connect_tcp_end("upstream", upstream)
+        except BaseException:
+            upstream.close()
+            sock.close()
+            raise
+        relay = relay_pair(down_end, up_end)
+        try:
+            await asyncio.shield(relay.done)
+        except asyncio.CancelledError:
+            relay.abort("listener closed")  # drain time is over: reset both sides
+            raise
+
+
+class OutboundPassthrough(_Passthrough):
+    """15001: to the original destination, from the pod's namespace, marked."""
+
+    async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        try:
+            dst = original_destination(sock)
+        except OSError as exc:
+            log.info("pod %s: no original destination on %d: %s", pod.label, listener_port, exc)
+            _reset(sock)
+            return
+        dst = (_unmap(dst[0]), dst[1])
+        if self._refuse_loop(pod, sock, listener_port, dst):
+            return
+        await self._connect_and_relay(pod, sock, listener_port, dst)
+
+
+class InboundPassthrough(_Passthrough):
+    """15006: to the pod's own ip:port, with the client's source address if possible."""
+
+    def __init__(
+        self,
+        stats: PassthroughStats | None = None,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        transparent: bool = True,
+    ) -> None:
+        super().__init__(stats, connect_timeout=connect_timeout)
+        self._transparent = transparent
+
+    async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        try:
+            dst = original_destination(sock)
+            peer = _unmap(sock.getpeername()[0])
+        except OSError as exc:
+            log.info("pod %s: inbound connection lost before use: %s", pod.label, exc)
+            _reset(sock)
+            return
+        dst = (_unmap(dst[0]), dst[1])
+        if self._refuse_loop(pod, sock, listener_port, dst):
+            return
+        # Spoof only across families that match (an IPv4 client to an IPv4 port).
+        source = peer if self._transparent and _family(peer) == _family(dst[0]) else None
+        await self._connect_and_relay(pod, sock, listener_port, dst, source=source)
+
+
+class HboneUnavailable:
+    """15008 while no tunnel is plugged in: refuse (fail closed), say so once per connection."""
+
+    def __init__(self, stats: PassthroughStats | None = None) -> None:
+        self.stats = stats or PassthroughStats()
+
+    async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        log.info("pod %s: HBONE connection on %d closed: no tunnel yet", pod.label, listener_port)
+        self.stats.count("refused", listener_port)
+        _reset(sock)
+
+
+def passthrough_handlers(stats: PassthroughStats | None = None) -> Mapping[int, ConnectionHandler]:
+    """The handler map for PodListenerFactory, sharing one stats object."""
+    stats = stats or PassthroughStats()
+    return {
+        OUTBOUND_PORT: OutboundPassthrough(stats),
+        INBOUND_PLAINTEXT_PORT: InboundPassthrough(stats),
+        INBOUND_HBONE_PORT: HboneUnavailable(stats),
+    }

@@ -1,0 +1,227 @@
+"""The proxy's side of an HBONE tunnel: a relay end over a `TunnelStream`, and TLS material.
+
+`TunnelRelayEnd` lets `nodeagent.proxy.relay.Relay` join a TCP connection and a
+CONNECT stream with the same semantics as two TCP ends:
+
+* bytes in order, DATA taken as memoryviews without copies;
+* backpressure both ways: when the TCP side cannot take more, the tunnel stops
+  returning flow-control credit (the peer stops after one window); when the
+  tunnel's windows are full, the TCP side stops reading until they drain;
+* half-close: END_STREAM <-> FIN;
+* reset: RST_STREAM (CONNECT_ERROR, as RFC 9113 §8.5 maps a TCP reset) <-> RST,
+  and a dead HTTP/2 connection resets the relay.
+
+`WorkloadTls` turns the CertificateManager's certificates into cached
+`ssl.SSLContext`s for the HBONE client pool and server (which may not import
+nodeagent.identity themselves: it is a sibling layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterable
+from typing import Protocol
+
+from nodeagent.hbone.aio import TunnelStream
+from nodeagent.hbone.connection import ErrorCode, StreamState
+from nodeagent.identity import tls
+from nodeagent.identity.csr import WorkloadCertificate
+from nodeagent.model.identity import Identity
+from nodeagent.proxy.relay import Relay, RelayEnd, TcpRelayEnd
+
+log = logging.getLogger(__name__)
+
+
+class TunnelRelayEnd(RelayEnd):
+    """A relay end over one CONNECT stream (either side of the tunnel)."""
+
+    def __init__(self, name: str, stream: TunnelStream) -> None:
+        super().__init__(name)
+        self.stream = stream
+        self._wired = False
+        self._paused = False
+        self._held = 0  # bytes taken while paused: their flow-control credit is returned on resume
+        self._early: list[tuple[memoryview, int]] = []
+        self._early_eof = False
+        self._drain: asyncio.Task[None] | None = None
+        # Bytes that arrived before we took over sit in the stream's inbox (not yet acked).
+        # TODO(hbone/aio.py): a public `take_buffered()` instead of reading the private inbox.
+        self._early.extend(stream._inbox)
+        stream._inbox.clear()
+        self._early_eof = stream._eof
+        stream.manual_ack = True
+        stream.on_data = self._stream_data
+        stream.on_end = self._stream_end
+        stream.on_reset = self._stream_reset
+        stream.owner.closed.add_done_callback(self._connection_closed)
+
+    # -- stream callbacks --------------------------------------------------------------------------
+
+    def _stream_data(self, data: memoryview) -> None:
+        if not self._wired:
+            self._early.append((data, len(data)))
+            return
+        self.on_data(data)
+        self._credit(len(data))
+
+    def _credit(self, size: int) -> None:
+        if self._paused:
+            self._held += size
+        elif not self.closed:
+            self.stream.ack(size)
+
+    def _stream_end(self) -> None:
+        if not self._wired:
+            self._early_eof = True
+            return
+        self.on_eof()
+
+    def _stream_reset(self, code: int) -> None:
+        if self._wired and not self.closed:
+            self.detach()
+            self.on_reset(f"{self.name}: stream reset by peer (code {code})")
+
+    def _connection_closed(self, _fut: asyncio.Future[None]) -> None:
+        if self._wired and not self.closed:
+            self.detach()
+            self.on_reset(f"{self.name}: HBONE connection closed")
+
+    def detach(self) -> None:
+        """Forget the connection's close callback: a pooled connection outlives many tunnels."""
+        self._stop_drain()
+        self.stream.owner.closed.remove_done_callback(self._connection_closed)
+
+    def wire(self) -> None:
+        """Start relaying; replays what arrived before the relay existed."""
+        self._wired = True
+        early, self._early = self._early, []
+        for data, length in early:
+            self.on_data(data)
+            self._credit(length)
+        if self._early_eof:
+            self.on_eof()
+        error = self.stream._error
+        if error is not None and not self.closed and not self._early_eof:
+            self.on_reset(f"{self.name}: {error}")
+
+    # -- relay verbs -------------------------------------------------------------------------------
+
+    def _do_send(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self.stream.write(data)
+        except Exception as exc:  # reset or connection gone: end the relay, outside this call
+            asyncio.get_running_loop().call_soon(self._fail_later, f"{self.name}: {exc}")
+            return
+        owner = self.stream.owner
+        if self._drain is None and (
+            owner.conn.buffered_bytes(self.stream.stream_id) or not owner.writable.is_set()
+        ):
+            self.on_write_paused()
+            self._drain = asyncio.get_running_loop().create_task(
+                self._wait_drained(), name=f"tunnel-drain {self.stream.authority}"
+            )
+
+    def _fail_later(self, error: str) -> None:
+        if not self.closed:
+            self.detach()
+            self.on_reset(error)
+
+    async def _wait_drained(self) -> None:
+        try:
+            await self.stream.drain()
+        except Exception:
+            return  # the stream died: the reset callbacks end the relay
+        finally:
+            self._drain = None
+        self.on_write_resumed()
+
+    def _do_send_eof(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stream.write_eof()
+
+    def _do_reset(self) -> None:
+        self.detach()
+        if self.stream.owner.conn.stream_state(self.stream.stream_id) is not StreamState.CLOSED:
+            with contextlib.suppress(Exception):
+                self.stream.reset(ErrorCode.CONNECT_ERROR)
+
+    def _do_close(self) -> None:
+        self.detach()
+        if self.got_eof and self.sent_eof:
+            return  # ended both ways; buffered DATA + END_STREAM still go out as windows allow
+        if self.stream.owner.conn.stream_state(self.stream.stream_id) is not StreamState.CLOSED:
+            with contextlib.suppress(Exception):
+                self.stream.reset(ErrorCode.CANCEL)
+
+    def _do_pause_reading(self) -> None:
+        self._paused = True
+
+    def _do_resume_reading(self) -> None:
+        self._paused = False
+        held, self._held = self._held, 0
+        if held and not self.closed:
+            with contextlib.suppress(Exception):
+                self.stream.ack(held)
+
+    def _stop_drain(self) -> None:
+        if self._drain is not None:
+            self._drain.cancel()
+            self._drain = None
+
+
+def join(downstream: TcpRelayEnd | TunnelRelayEnd, upstream: TcpRelayEnd | TunnelRelayEnd) -> Relay:
+    """Relay between two ends (the client's side first, so `Relay.a` is downstream) and start
+    moving bytes."""
+    relay = Relay(downstream, upstream)
+    downstream.wire()
+    upstream.wire()
+    return relay
+
+
+# --- TLS material ----------------------------------------------------------------------------
+
+
+class CertificateSource(Protocol):
+    """Where workload certificates come from (the CertificateManager)."""
+
+    async def wait_for(self, identity: Identity) -> WorkloadCertificate: ...
+
+
+class WorkloadTls:
+    """Client and server SSLContexts per identity, rebuilt when the certificate rotates.
+
+    Implements both `nodeagent.hbone.pool.ClientTls` and `nodeagent.hbone.server.ServerTls`.
+    """
+
+    def __init__(self, certificates: CertificateSource) -> None:
+        self._certificates = certificates
+        self._contexts: dict[tuple[str, Identity], tuple[int, ssl.SSLContext]] = {}
+
+    async def _context(self, side: str, identity: Identity) -> ssl.SSLContext:
+        cert = await self._certificates.wait_for(identity)
+        cached = self._contexts.get((side, identity))
+        if cached is not None and cached[0] == cert.serial:
+            return cached[1]
+        ctx = tls.client_context(cert) if side == "client" else tls.server_context(cert)
+        self._contexts[(side, identity)] = (cert.serial, ctx)
+        return ctx
+
+    async def client_context(self, identity: Identity) -> ssl.SSLContext:
+        return await self._context("client", identity)
+
+    async def server_context(self, identity: Identity) -> ssl.SSLContext:
+        return await self._context("server", identity)
+
+    def verify_server(self, ssl_object: ssl.SSLObject, expected: Iterable[Identity]) -> Identity:
+        return tls.verify_server_identity(ssl_object, expected)
+
+    def client_identity(self, ssl_object: ssl.SSLObject, trust_domain: str) -> Identity:
+        return tls.client_identity(ssl_object, trust_domain)
+
+    def forget(self, identity: Identity) -> None:
+        """Drop cached contexts of an identity no local pod uses any more."""
+        for side in ("client", "server"):
+            self._contexts.pop((side, identity), None)

@@ -1,0 +1,288 @@
+"""The real agent wiring (app.build: NodeManager, iptables, PodListeners, passthrough)
+capturing two real pod namespaces, driven by a StateStore filled directly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from nodeagent import app
+from nodeagent.config import Config
+from nodeagent.datapath.iptables import IptablesBackend
+from nodeagent.datapath.netns import NetnsWorker
+from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.node.lifecycle import Backoff, PodState
+from nodeagent.state.store import StateBatch, StateStore
+
+from .conftest import NODE, DemoApp, Topology, call, in_ns, listening_ports, sh
+
+WAIT = 15.0
+
+
+@asynccontextmanager
+async def agent(
+    topology: Topology, store: StateStore, capture: IptablesBackend
+) -> AsyncIterator[app.AgentHandles]:
+    config = Config(
+        node_name=NODE,
+        netns_dir=str(topology.netns_dir),
+        proc_root=str(topology.proc_root),
+        drain_seconds=0.5,
+    )
+    handles = await app.build(
+        config,
+        store=store,
+        capture=capture,
+        xds=False,
+        ca=False,
+        scan_interval=0.2,
+        backoff=Backoff(initial=0.2, cap=0.5),
+    )
+    handles.start()
+    try:
+        yield handles
+    finally:
+        await handles.shutdown()
+
+
+async def wait_state(handles: app.AgentHandles, uid: str, state: PodState | None) -> None:
+    async with asyncio.timeout(WAIT):
+        await handles.node_manager.wait_for_state(uid, state)
+
+
+async def test_outbound_connection_goes_through_the_agent_with_original_destination(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a, b = topology.a, topology.b
+    demo = DemoApp()
+    await demo.start(worker, b)
+    store = StateStore()
+    try:
+        async with agent(topology, store, capture) as handles:
+            store.apply(StateBatch(workloads=(a.workload(), b.workload())))
+            await wait_state(handles, a.uid, PodState.READY)
+            await wait_state(handles, b.uid, PodState.READY)
+            answer = await call(worker, a, b.ip)
+            # The app saw pod A's address: the inbound side spoofed it transparently.
+            assert answer == a.ip
+            pods = handles.listeners.open_pods
+            assert pods[a.uid].stats.accepted == {OUTBOUND_PORT: 1}
+            assert pods[b.uid].stats.accepted == {INBOUND_PLAINTEXT_PORT: 1}
+            assert handles.passthrough.relayed == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
+            assert handles.passthrough.transparent == 1
+            # IPv6 is captured too.
+            assert await call(worker, a, b.ip6) == a.ip6
+            assert pods[a.uid].stats.accepted == {OUTBOUND_PORT: 2}
+            status = {p.uid: p for p in handles.node_manager.pods()}
+            assert status[a.uid].listeners == (
+                OUTBOUND_PORT,
+                INBOUND_PLAINTEXT_PORT,
+                INBOUND_HBONE_PORT,
+            )
+    finally:
+        await demo.stop()
+
+
+async def test_connection_to_the_agents_own_port_is_refused_not_looped(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a, b = topology.a, topology.b
+    store = StateStore()
+    async with agent(topology, store, capture) as handles:
+        store.apply(StateBatch(workloads=(a.workload(), b.workload())))
+        await wait_state(handles, b.uid, PodState.READY)
+        await wait_state(handles, a.uid, PodState.READY)
+        # podB:15008 is not redirected; with no tunnel yet the agent closes it (fail closed).
+        try:
+            await call(worker, a, b.ip, INBOUND_HBONE_PORT)
+            raise AssertionError("a connection to 15008 was answered")
+        except (ConnectionError, OSError):
+            pass
+        assert handles.passthrough.refused.get(INBOUND_HBONE_PORT) == 1
+
+
+async def test_removing_the_workload_removes_every_rule_route_and_listener(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a = topology.a
+    rules_before = in_ns(a.name, "ip", "rule")
+    rules6_before = in_ns(a.name, "ip", "-6", "rule")
+    store = StateStore()
+    async with agent(topology, store, capture) as handles:
+        store.apply(StateBatch(workloads=(a.workload(),)))
+        await wait_state(handles, a.uid, PodState.READY)
+        assert "ISTIO_OUTPUT" in in_ns(a.name, "iptables-legacy-save")
+        assert "ISTIO_OUTPUT" in in_ns(a.name, "ip6tables-legacy-save")
+        assert "lookup 100" in in_ns(a.name, "ip", "rule")
+        assert {OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT} <= listening_ports(
+            a.name
+        )
+
+        store.apply(StateBatch(removed_addresses=(a.uid,)))
+        await wait_state(handles, a.uid, None)
+        for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            text = in_ns(a.name, save)
+            assert not [line for line in text.splitlines() if line.startswith("-A")], text
+            assert "ISTIO" not in text
+        assert in_ns(a.name, "ip", "rule") == rules_before
+        assert in_ns(a.name, "ip", "-6", "rule") == rules6_before
+        assert in_ns(a.name, "ip", "route", "show", "table", "100") == ""
+        assert listening_ports(a.name) == set()
+        assert capture.read_installed(a.handle).empty
+
+
+async def test_restart_never_lets_a_connection_bypass_the_agent(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a, b = topology.a, topology.b
+    demo = DemoApp()
+    await demo.start(worker, b)
+    store = StateStore()
+    store.apply(StateBatch(workloads=(a.workload(), b.workload())))
+    successes = failures = 0
+    stop = asyncio.Event()
+    progress = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal successes, failures
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(2):
+                    answer = await call(worker, a, b.ip)
+                assert answer == a.ip
+                successes += 1
+                progress.set()
+            except (OSError, ConnectionError, TimeoutError):
+                failures += 1
+                await asyncio.sleep(0.01)
+
+    async def wait_successes(n: int) -> None:
+        target = successes + n
+        async with asyncio.timeout(WAIT):
+            while successes < target:
+                progress.clear()
+                await progress.wait()
+
+    agents: list[app.AgentHandles] = []
+    loop_task: asyncio.Task[None] | None = None
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            old = await stack.enter_async_context(agent(topology, store, capture))
+            agents.append(old)
+            await wait_state(old, a.uid, PodState.READY)
+            await wait_state(old, b.uid, PodState.READY)
+            loop_task = asyncio.create_task(client(), name="client-loop")
+            await wait_successes(20)
+
+            # Rolling update: the new agent starts while the old one still serves
+            # (SO_REUSEPORT), adopts the rules, then the old one stops (rules stay).
+            async with agent(topology, store, capture) as new:
+                agents.append(new)
+                await wait_state(new, a.uid, PodState.READY)
+                await wait_state(new, b.uid, PodState.READY)
+                assert new.node_manager.stats.adopted == 2
+                await old.shutdown()
+                await wait_successes(20)
+            # Now no agent at all for a moment: connections are refused, not leaked.
+            await asyncio.sleep(0.3)
+            async with agent(topology, store, capture) as third:
+                agents.append(third)
+                await wait_state(third, a.uid, PodState.READY)
+                await wait_state(third, b.uid, PodState.READY)
+                assert third.node_manager.stats.adopted == 2
+                await wait_successes(20)
+                stop.set()
+                await loop_task
+    finally:
+        stop.set()
+        if loop_task is not None and not loop_task.done():
+            loop_task.cancel()
+            await asyncio.gather(loop_task, return_exceptions=True)
+        await demo.stop()
+    through_agents = sum(h.listeners.totals.accepted.get(OUTBOUND_PORT, 0) for h in agents)
+    # Every answered connection was accepted by some agent's 15001 in pod A.
+    assert successes >= 60
+    assert successes <= through_agents, (successes, failures, through_agents)
+    print(f"restart: {successes} answered, {failures} refused, {through_agents} via 15001")
+    assert set(demo.peers) == {a.ip}
+
+
+async def test_port_already_taken_fails_naming_it_then_recovers(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a = topology.a
+
+    def blocker() -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", OUTBOUND_PORT))  # no SO_REUSEPORT: the agent cannot share it
+        sock.listen(1)
+        return sock
+
+    taken = worker.call(a.handle, blocker)
+    store = StateStore()
+    try:
+        async with agent(topology, store, capture) as handles:
+            store.apply(StateBatch(workloads=(a.workload(),)))
+            await wait_state(handles, a.uid, PodState.FAILED)
+            [status] = handles.node_manager.pods()
+            assert str(OUTBOUND_PORT) in status.last_error
+            assert "in use" in status.last_error
+            # Nothing half-applied: no rules towards a port the agent does not serve.
+            assert capture.read_installed(a.handle).empty
+            assert INBOUND_PLAINTEXT_PORT not in listening_ports(a.name)
+            taken.close()
+            await wait_state(handles, a.uid, PodState.READY)
+            assert not capture.read_installed(a.handle).empty
+            assert handles.node_manager.pods()[0].attempts >= 2
+    finally:
+        taken.close()
+
+
+def test_relay_works_under_uvloop_as_nodeagent_run_uses_it(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    a, b = topology.a, topology.b
+
+    async def scenario() -> str:
+        demo = DemoApp()
+        await demo.start(worker, b)
+        store = StateStore()
+        try:
+            async with agent(topology, store, capture) as handles:
+                store.apply(StateBatch(workloads=(a.workload(), b.workload())))
+                await wait_state(handles, a.uid, PodState.READY)
+                await wait_state(handles, b.uid, PodState.READY)
+                async with asyncio.timeout(WAIT):
+                    answer = await call(worker, a, b.ip)
+                assert handles.passthrough.relayed == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
+                return answer
+        finally:
+            await demo.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == a.ip
+
+
+async def test_deleted_pod_namespace_is_let_go_and_the_pod_waits_for_a_new_one(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a = topology.a
+    store = StateStore()
+    async with agent(topology, store, capture) as handles:
+        store.apply(StateBatch(workloads=(a.workload(),)))
+        await wait_state(handles, a.uid, PodState.READY)
+        # The pod is deleted before its workload record: the namespace goes away
+        # (our listeners were the last thing holding it).
+        await asyncio.to_thread(sh, "ip", "netns", "del", a.name)
+        await wait_state(handles, a.uid, PodState.PENDING)
+        assert a.uid not in handles.listeners.open_pods
+        assert handles.node_manager.stats.teardown_failures == 0
+        [status] = handles.node_manager.pods()
+        assert (status.state, status.listeners) == ("pending", ())

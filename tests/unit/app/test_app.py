@@ -1,0 +1,182 @@
+"""The composition root wires the agent; `nodeagent run` turns settings into a Config."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from nodeagent import app
+from nodeagent.cli.errors import CliError
+from nodeagent.cli.main import build_parser
+from nodeagent.cli.run import load_config
+from nodeagent.config import Config, ConfigError
+from nodeagent.datapath.discovery import MatchResult, match_workloads
+from nodeagent.datapath.netns import NetnsHandle
+from nodeagent.datapath.plan import CapturePlan
+from nodeagent.model.workload import Workload
+from nodeagent.node.lifecycle import PodState
+from nodeagent.node.manager import plan_from_addresses
+from nodeagent.proxy.passthrough import HboneUnavailable
+from nodeagent.state.store import StateBatch
+
+CONFIG = Config(node_name="node1", xds_address="http://127.0.0.1:1")
+
+
+class OneNamespaceScanner:
+    def __init__(self, inode: int, ips: set[str]) -> None:
+        self.inode, self.ips = inode, ips
+
+    def find(
+        self, workloads: Mapping[str, Iterable[str]]
+    ) -> tuple[MatchResult, dict[int, NetnsHandle]]:
+        result = match_workloads({self.inode: self.ips}, workloads)
+        return result, {self.inode: NetnsHandle(path="/fake/pod", inode=self.inode)}
+
+
+class RecordingCapture:
+    def __init__(self) -> None:
+        self.installed: dict[int, CapturePlan] = {}
+
+    def apply(self, netns: NetnsHandle, plan: CapturePlan) -> bool:
+        changed = self.installed.get(netns.inode) != plan
+        self.installed[netns.inode] = plan
+        return changed
+
+    def remove(self, netns: NetnsHandle) -> None:
+        self.installed.pop(netns.inode, None)
+
+    def read_installed(self, netns: NetnsHandle) -> Any:
+        raise NotImplementedError
+
+
+class LoopbackSockets:
+    """An InPodSocketFactory on loopback: each 'pod port' is an ephemeral port."""
+
+    def __init__(self, netns: NetnsHandle) -> None:
+        self._netns = netns
+        self.bound: dict[int, int] = {}
+
+    @property
+    def netns(self) -> NetnsHandle:
+        return self._netns
+
+    def listener(self, port: int, *, backlog: int = 1024) -> socket.socket:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        self.bound[port] = sock.getsockname()[1]
+        return sock
+
+    def upstream(self, family: socket.AddressFamily) -> socket.socket:
+        sock = socket.socket(family)
+        sock.setblocking(False)
+        return sock
+
+
+def pod_workload() -> Workload:
+    return Workload(
+        uid="u1",
+        name="web",
+        namespace="default",
+        addresses=(ipaddress.ip_address("10.1.0.5"),),
+        node="node1",
+    )
+
+
+async def test_built_agent_captures_a_local_pod_and_stops_leaving_capture() -> None:
+    capture = RecordingCapture()
+    factories: list[LoopbackSockets] = []
+
+    def sockets_for(netns: NetnsHandle) -> LoopbackSockets:
+        factories.append(LoopbackSockets(netns))
+        return factories[-1]
+
+    agent = await app.build(
+        CONFIG,
+        capture=capture,
+        scanner=OneNamespaceScanner(7, {"10.1.0.5"}),
+        sockets_for=sockets_for,
+        plan_for=plan_from_addresses,
+        xds=False,
+        ca=False,
+        scan_interval=0.01,
+    )
+    runner = asyncio.create_task(agent.run())
+    agent.store.apply(StateBatch(workloads=(pod_workload(),)))
+    async with asyncio.timeout(5):
+        await agent.node_manager.wait_for_state("u1", PodState.READY)
+    assert agent.ready
+    assert 7 in capture.installed
+    # 15008 without a tunnel: the connection is accepted and closed at once.
+    hbone_port = factories[0].bound[15008]
+    reader, writer = await asyncio.open_connection("127.0.0.1", hbone_port)
+    try:
+        data = await reader.read()
+    except ConnectionResetError:  # closed with RST: refused, not served
+        data = b""
+    assert data == b""
+    writer.close()
+    agent.stop()
+    await runner
+    assert 7 in capture.installed  # a normal stop leaves capture for the next agent
+    assert agent.listeners.open_pods == {}
+    assert agent.passthrough.refused == {15008: 1}
+
+
+async def test_build_wires_xds_and_certificates_without_connecting() -> None:
+    agent = await app.build(
+        CONFIG, capture=RecordingCapture(), scanner=OneNamespaceScanner(1, set())
+    )
+    assert agent.xds is not None and agent.certificates is not None
+    assert not agent.ready  # no config from the control plane yet
+    assert isinstance(agent.listeners._handlers[15008], HboneUnavailable)
+    await agent.shutdown()
+
+
+async def test_build_refuses_missing_node_name_and_unknown_backend() -> None:
+    with pytest.raises(ConfigError, match="node_name"):
+        await app.build(Config(), xds=False, ca=False)
+    with pytest.raises(ConfigError, match="redirect_backend"):
+        await app.build(Config(node_name="n", redirect_backend="ebpf"), xds=False, ca=False)
+
+
+def _args(*argv: str) -> Any:
+    return build_parser().parse_args(["run", *argv])
+
+
+def test_run_flags_override_environment_and_file(tmp_path: Any) -> None:
+    file = tmp_path / "agent.yaml"
+    file.write_text("node_name: from-file\nnetns_dir: /file/netns\nlog_level: debug\n")
+    config = load_config(
+        _args("--config", str(file), "--node-name", "from-flag", "--drain-seconds", "2"),
+        env={"NODE_NAME": "from-env", "PROC_ROOT": "/host/proc"},
+    )
+    assert config.node_name == "from-flag"
+    assert config.netns_dir == "/file/netns"
+    assert config.proc_root == "/host/proc"
+    assert config.log_level == "debug"
+    assert config.drain_seconds == 2.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        ((), "node_name"),
+        (("--node-name", "n", "--log-level", "loud"), "log_level"),
+        (("--node-name", "n", "--xds-address", "ftp://x:1"), "xds_address"),
+        (("--node-name", "n", "--drain-seconds", "soon"), "drain_seconds"),
+    ],
+)
+def test_run_refuses_bad_settings_in_one_line_naming_the_field(
+    argv: tuple[str, ...], field: str
+) -> None:
+    with pytest.raises(CliError) as err:
+        load_config(_args(*argv), env={})
+    assert field in str(err.value)
+    assert "\n" not in str(err.value)

@@ -1,0 +1,381 @@
+"""NodeManager scenarios against in-test fakes of the scanner, capture backend and listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodeagent.datapath.discovery import MatchResult, match_workloads
+from nodeagent.datapath.iptables import CaptureError
+from nodeagent.datapath.netns import NetnsHandle
+from nodeagent.datapath.plan import CapturePlan
+from nodeagent.model.identity import Identity
+from nodeagent.model.workload import Workload
+from nodeagent.node.lifecycle import Backoff, PodState
+from nodeagent.node.manager import NodeManager
+from nodeagent.state.store import StateBatch, StateStore
+
+NODE = "node1"
+WAIT = 5.0
+
+
+def workload(uid: str = "u1", ip: str = "10.1.0.5", node: str = NODE, sa: str = "sa1") -> Workload:
+    return Workload(
+        uid=uid,
+        name=f"pod-{uid}",
+        namespace="default",
+        addresses=(ipaddress.ip_address(ip),),
+        node=node,
+        service_account=sa,
+    )
+
+
+@dataclass
+class FakeScanner:
+    """Namespaces by inode: (path, addresses)."""
+
+    namespaces: dict[int, tuple[str, set[str]]] = field(default_factory=dict)
+    calls: int = 0
+
+    def add(self, inode: int, *ips: str) -> None:
+        self.namespaces[inode] = (f"/fake/netns/{inode}", set(ips))
+
+    def find(
+        self, workloads: Mapping[str, Iterable[str]]
+    ) -> tuple[MatchResult, dict[int, NetnsHandle]]:
+        self.calls += 1
+        result = match_workloads({i: ips for i, (_, ips) in self.namespaces.items()}, workloads)
+        handles = {
+            i: NetnsHandle(path=self.namespaces[i][0], inode=i) for i in result.matches.values()
+        }
+        return result, handles
+
+    def alive(self, handle: NetnsHandle) -> bool:
+        return handle.inode in self.namespaces
+
+
+@dataclass
+class FakeCapture:
+    """Installed capture by namespace inode; `failing` makes apply raise for an inode."""
+
+    installed: dict[int, CapturePlan] = field(default_factory=dict)
+    failing: dict[int, str] = field(default_factory=dict)
+    applies: int = 0
+    changes: int = 0
+
+    def apply(self, netns: NetnsHandle, plan: CapturePlan) -> bool:
+        self.applies += 1
+        if netns.inode in self.failing:
+            # Like the real backend: nothing half-applied stays behind.
+            self.installed.pop(netns.inode, None)
+            raise CaptureError(f"apply capture in netns {netns}: {self.failing[netns.inode]}")
+        changed = self.installed.get(netns.inode) != plan
+        self.installed[netns.inode] = plan
+        self.changes += changed
+        return changed
+
+    def remove(self, netns: NetnsHandle) -> None:
+        self.installed.pop(netns.inode, None)
+
+    def read_installed(self, netns: NetnsHandle) -> Any:
+        raise NotImplementedError
+
+
+@dataclass
+class FakeOpen:
+    inode: int
+    ports: tuple[int, ...] = (15001, 15006, 15008)
+    closed: bool = False
+
+    async def close(self, *, drain: float = 0.0) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeListeners:
+    taken: dict[int, int] = field(default_factory=dict)  # inode -> a port already in use
+    opened: list[FakeOpen] = field(default_factory=list)
+
+    async def open(self, workload: Workload, netns: NetnsHandle) -> FakeOpen:
+        if netns.inode in self.taken:
+            port = self.taken[netns.inode]
+            raise OSError(98, f"listen on [::]:{port} in netns {netns}: Address already in use")
+        opened = FakeOpen(inode=netns.inode)
+        self.opened.append(opened)
+        return opened
+
+    def live(self, inode: int) -> list[FakeOpen]:
+        return [o for o in self.opened if o.inode == inode and not o.closed]
+
+
+@dataclass
+class FakeCertificates:
+    refs: dict[Identity, int] = field(default_factory=dict)
+
+    def add_workload_identity(self, identity: Identity) -> None:
+        self.refs[identity] = self.refs.get(identity, 0) + 1
+
+    def remove_workload_identity(self, identity: Identity) -> None:
+        self.refs[identity] -= 1
+        if not self.refs[identity]:
+            del self.refs[identity]
+
+
+@dataclass
+class World:
+    store: StateStore
+    scanner: FakeScanner
+    capture: FakeCapture
+    listeners: FakeListeners
+    certs: FakeCertificates
+    manager: NodeManager
+
+    def place(self, *workloads: Workload) -> None:
+        self.store.apply(StateBatch(workloads=workloads))
+
+    def remove(self, *uids: str) -> None:
+        self.store.apply(StateBatch(removed_addresses=uids))
+
+    async def wait_state(self, uid: str, state: PodState | None) -> None:
+        async with asyncio.timeout(WAIT):
+            await self.manager.wait_for_state(uid, state)
+
+
+@asynccontextmanager
+async def world(**kwargs: Any) -> Any:
+    store, scanner, capture = StateStore(), FakeScanner(), FakeCapture()
+    listeners, certs = FakeListeners(), FakeCertificates()
+    manager = NodeManager(
+        node_name=NODE,
+        store=store,
+        capture=capture,
+        scanner=scanner,
+        listeners=listeners,
+        certificates=certs,
+        netns_alive=scanner.alive,
+        scan_interval=0.01,
+        backoff=Backoff(initial=0.05, cap=0.2),
+        drain_seconds=0.0,
+        **kwargs,
+    )
+    w = World(store, scanner, capture, listeners, certs, manager)
+    manager.start()
+    try:
+        yield w
+    finally:
+        await manager.shutdown()
+
+
+async def test_placed_workload_whose_namespace_appears_is_captured_and_listening() -> None:
+    async with world() as w:
+        w.place(workload("u1", "10.1.0.5"))
+        await asyncio.sleep(0.05)
+        assert w.manager.state_of("u1") is PodState.PENDING
+        w.scanner.add(101, "10.1.0.5")
+        await w.wait_state("u1", PodState.READY)
+        assert 101 in w.capture.installed
+        assert len(w.listeners.live(101)) == 1
+        [status] = w.manager.pods()
+        assert (status.name, status.state, status.listeners) == (
+            "pod-u1",
+            "ready",
+            (15001, 15006, 15008),
+        )
+        assert status.netns == "/fake/netns/101"
+        assert w.certs.refs == {Identity("cluster.local", "default", "sa1"): 1}
+
+
+async def test_namespace_seen_before_the_workload_record_is_captured_once_placed() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        await asyncio.sleep(0.05)
+        assert w.capture.installed == {}
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        assert 101 in w.capture.installed
+
+
+async def test_workloads_of_other_nodes_are_ignored() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5", node="node2"))
+        await asyncio.sleep(0.05)
+        assert w.manager.pods() == []
+        assert w.capture.installed == {}
+        assert w.certs.refs == {}
+
+
+async def test_failed_capture_goes_failed_with_reason_then_recovers_after_backoff() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.capture.failing[101] = "iptables: Resource temporarily unavailable"
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.FAILED)
+        [status] = w.manager.pods()
+        assert "Resource temporarily unavailable" in status.last_error
+        # Nothing half-applied: no capture, and the listeners of the attempt were closed.
+        assert 101 not in w.capture.installed
+        assert w.listeners.live(101) == []
+        # Retried with backoff while it keeps failing...
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.manager.pods()[0].attempts >= 2)
+        # ...and ready once the cause is gone.
+        del w.capture.failing[101]
+        await w.wait_state("u1", PodState.READY)
+        assert w.manager.pods()[0].last_error == ""
+        assert len(w.listeners.live(101)) == 1
+
+
+async def test_port_taken_fails_naming_the_port_without_capturing() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.listeners.taken[101] = 15001
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.FAILED)
+        assert ":15001" in w.manager.pods()[0].last_error
+        assert 101 not in w.capture.installed  # never rules towards a port nobody serves
+        del w.listeners.taken[101]
+        await w.wait_state("u1", PodState.READY)
+        assert 101 in w.capture.installed
+
+
+async def test_removed_workload_is_torn_down_and_its_certificate_released() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.remove("u1")
+        await w.wait_state("u1", None)
+        assert w.capture.installed == {}
+        assert w.listeners.live(101) == []
+        assert w.certs.refs == {}
+        assert w.manager.stats.teardowns == 1
+
+
+async def test_replaced_namespace_moves_capture_to_the_new_one() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        # The pod sandbox is recreated: same IP, new namespace, old one gone.
+        del w.scanner.namespaces[101]
+        w.capture.installed.pop(101)  # went with the namespace
+        w.scanner.add(202, "10.1.0.5")
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(
+                lambda: (
+                    w.manager.state_of("u1") is PodState.READY
+                    and w.manager.pods()[0].netns.endswith("/202")
+                )
+            )
+        assert set(w.capture.installed) == {202}
+        assert w.listeners.live(101) == []
+        assert len(w.listeners.live(202)) == 1
+
+
+async def test_vanished_namespace_is_torn_down_and_set_up_again_when_it_returns() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        del w.scanner.namespaces[101]
+        w.capture.installed.pop(101)  # went with the namespace
+        await w.wait_state("u1", PodState.PENDING)
+        assert w.listeners.live(101) == []
+        w.scanner.add(303, "10.1.0.5")
+        await w.wait_state("u1", PodState.READY)
+        assert set(w.capture.installed) == {303}
+
+
+async def test_many_pods_are_set_up_concurrently() -> None:
+    async with world(max_concurrent=2) as w:
+        for i in range(10):
+            w.scanner.add(100 + i, f"10.1.0.{i + 1}")
+        w.place(*(workload(f"u{i}", f"10.1.0.{i + 1}", sa=f"sa{i % 3}") for i in range(10)))
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.manager.counts()["ready"] == 10)
+        assert len(w.capture.installed) == 10
+        assert sum(w.certs.refs.values()) == 10 and len(w.certs.refs) == 3
+        assert w.manager.ready
+
+
+async def test_shutdown_leaves_rules_and_next_manager_adopts_them() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        await w.manager.shutdown()
+        assert 101 in w.capture.installed  # capture stays: fail closed, not open
+        assert w.listeners.live(101) == []
+        changes = w.capture.changes
+        successor = NodeManager(
+            node_name=NODE,
+            store=w.store,
+            capture=w.capture,
+            scanner=w.scanner,
+            listeners=w.listeners,
+            netns_alive=w.scanner.alive,
+            scan_interval=0.01,
+        )
+        successor.start()
+        try:
+            async with asyncio.timeout(WAIT):
+                await successor.wait_for_state("u1", PodState.READY)
+            assert w.capture.changes == changes  # adopted: nothing rewritten
+            assert successor.stats.adopted == 1
+        finally:
+            await successor.shutdown()
+
+
+async def test_cleanup_shutdown_removes_rules_from_every_local_pod() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.scanner.add(102, "10.1.0.6")
+        w.scanner.add(900, "10.9.0.1")  # another node's pod: not ours to clean
+        w.capture.installed[900] = CapturePlan(ipv4=None, ipv6=None)  # type: ignore[arg-type]
+        w.place(workload("u1", "10.1.0.5"), workload("u2", "10.1.0.6"))
+        w.place(workload("u9", "10.9.0.1", node="node2"))
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.manager.counts()["ready"] == 2)
+        await w.manager.shutdown(cleanup=True)
+        assert set(w.capture.installed) == {900}
+        assert all(o.closed for o in w.listeners.opened)
+
+
+@contextmanager
+def _no_errors_logged(caplog: Any) -> Iterator[None]:
+    yield
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_failure_is_logged_at_warning_with_pod_and_reason(caplog: Any) -> None:
+    caplog.set_level("WARNING", logger="nodeagent.node.manager")
+    with _no_errors_logged(caplog):
+        async with world() as w:
+            w.scanner.add(101, "10.1.0.5")
+            w.capture.failing[101] = "boom in the nat table"
+            w.place(workload("u1", "10.1.0.5"))
+            await w.wait_state("u1", PodState.FAILED)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("default/pod-u1" in m and "u1" in m and "boom in the nat table" in m for m in lines)
+
+
+async def test_namespace_vanishing_mid_setup_fails_then_waits_for_the_pod_again() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        # Discovery saw it, but it is gone by the time capture is applied.
+        w.capture.failing[101] = "network namespace /fake/netns/101 is gone: No such file"
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.FAILED)
+        assert "is gone" in w.manager.pods()[0].last_error
+        del w.scanner.namespaces[101]
+        await w.wait_state("u1", PodState.PENDING)
+        assert w.capture.installed == {}
+        assert w.listeners.live(101) == []
+        w.scanner.add(102, "10.1.0.5")
+        await w.wait_state("u1", PodState.READY)
+        assert set(w.capture.installed) == {102}
