@@ -7,8 +7,10 @@ Plain wiring, no logic. `build` creates
   as the node manager registers a local workload);
 * the data path: the capture backend (iptables), the namespace scanner, one
   socket factory per pod on a shared namespace worker, the pod listeners
-  with their connection handlers (passthrough until the HBONE tunnel is
-  plugged in through `handlers=`);
+  with their connection handlers: the HBONE tunnel (outbound 15001 over a
+  client pool, the 15008 server, plaintext 15006, with authorization and a
+  registry of live connections that policy changes re-check) when workload
+  certificates are available, plain passthrough otherwise;
 * the NodeManager that drives it all;
 
 and returns `AgentHandles`: the components, `start()` / `run()` /
@@ -29,16 +31,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodeagent.admin.metrics import AgentMetrics
+from nodeagent.admin.providers import AdminProviders
+from nodeagent.admin.readiness import Readiness
+from nodeagent.admin.server import AdminServers
 from nodeagent.config import Config, ConfigError
 from nodeagent.datapath.discovery import NetnsScanner
 from nodeagent.datapath.iptables import CaptureBackend, IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorker
+from nodeagent.hbone.pool import HbonePool, PoolSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager
+from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.node.lifecycle import Backoff
 from nodeagent.node.manager import NamespaceScanner, NodeManager, PlanBuilder, plan_from_namespace
+from nodeagent.policy.checker import PolicyChecker
+from nodeagent.proxy.connections import ConnectionRegistry, store_policy_lookup
+from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
 from nodeagent.proxy.listeners import ConnectionHandler, PodListenerFactory, SocketFactoryMaker
+from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.proxy.passthrough import PassthroughStats, passthrough_handlers
+from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.xds.client import XdsClient
@@ -59,6 +72,10 @@ class AgentHandles:
     listeners: PodListenerFactory
     passthrough: PassthroughStats
     node_manager: NodeManager
+    connections: ConnectionRegistry | None = None
+    pool: HbonePool | None = None
+    admin: AdminServers | None = None
+    metrics: AgentMetrics | None = None
     _closers: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -90,6 +107,8 @@ class AgentHandles:
 
     async def run(self, *, cleanup: bool = False) -> None:
         """Start, serve until `stop()`, then shut down (in-pod rules stay unless cleanup)."""
+        if self.admin is not None:
+            await self.admin.start()
         self.start()
         try:
             await self._stop.wait()
@@ -101,7 +120,11 @@ class AgentHandles:
         if self._shut_down:
             return
         self._shut_down = True
+        if self.admin is not None:
+            await self.admin.stop()
         await self.node_manager.shutdown(cleanup=cleanup, drain=self.config.drain_seconds)
+        if self.pool is not None:
+            await self.pool.close()
         if self.xds is not None:
             await self.xds.stop()
         for task in self._tasks:
@@ -126,6 +149,7 @@ async def build(
     store: StateStore | None = None,
     xds: bool = True,
     ca: bool = True,
+    admin: bool = True,
     scan_interval: float = 1.0,
     backoff: Backoff | None = None,
 ) -> AgentHandles:
@@ -188,6 +212,19 @@ async def build(
         plan_for = plan_from_namespace(sockets_worker)
 
     stats = PassthroughStats()
+    registry: ConnectionRegistry | None = None
+    pool: HbonePool | None = None
+    if handlers is None and certificates is not None:
+        tls = WorkloadTls(certificates)
+        checker = PolicyChecker(store_policy_lookup(store))
+        registry = ConnectionRegistry(checker)
+        closers.append(registry.watch(store))
+        pool = HbonePool(tls, PoolSettings())
+        handlers = {
+            OUTBOUND_PORT: OutboundHandler(store, pool, registry),
+            INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
+            INBOUND_HBONE_PORT: InboundHboneHandler(tls, checker, registry),
+        }
     listeners = PodListenerFactory(handlers or passthrough_handlers(stats), sockets_for)
     node_manager = NodeManager(
         node_name=config.node_name,
@@ -201,6 +238,21 @@ async def build(
         backoff=backoff,
         drain_seconds=config.drain_seconds,
     )
+    metrics = AgentMetrics()
+    readiness = Readiness()
+    readiness.add("xds-synced", lambda: xds_client is None or xds_client.ready)
+    readiness.add("pods-settled", lambda: node_manager.ready)
+    servers: AdminServers | None = None
+    if admin:
+        servers = AdminServers(
+            providers=AdminProviders(),
+            metrics=metrics,
+            readiness=readiness,
+            admin_address=config.admin_address,
+            admin_socket=config.admin_socket,
+            metrics_address=config.metrics_address,
+            readiness_address=config.readiness_address,
+        )
     return AgentHandles(
         config=config,
         store=store,
@@ -211,5 +263,9 @@ async def build(
         listeners=listeners,
         passthrough=stats,
         node_manager=node_manager,
+        connections=registry,
+        pool=pool,
+        admin=servers,
+        metrics=metrics,
         _closers=closers,
     )

@@ -43,7 +43,13 @@ def register(subparsers: Any) -> None:
         "--no-controlplane",
         dest="controlplane",
         action="store_false",
-        help="do not start the control plane (faster; for network-only use)",
+        help="do not start the control plane nor the agents (faster; for network-only use)",
+    )
+    up.add_argument(
+        "--no-agents",
+        dest="agents",
+        action="store_false",
+        help="do not start the node agents (the control plane still runs)",
     )
     up.set_defaults(func=cmd_up)
 
@@ -94,7 +100,13 @@ def _manager() -> SandboxManager:
 def cmd_up(args: argparse.Namespace) -> int:
     with _manager() as m:
         try:
-            plan = m.up(args.name, args.nodes, args.pods_per_node, controlplane=args.controlplane)
+            plan = m.up(
+                args.name,
+                args.nodes,
+                args.pods_per_node,
+                controlplane=args.controlplane,
+                agents=args.agents,
+            )
             cp = m.status(plan.name)["controlplane"] if args.controlplane else None
         except SandboxError as exc:
             raise CliError(str(exc)) from None

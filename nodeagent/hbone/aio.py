@@ -194,8 +194,9 @@ class HboneConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # No isinstance check: uvloop's transports are not asyncio.Transport
+        # subclasses, though they have the same methods.
+        self.transport = transport  # type: ignore[assignment]
         self.conn.initiate_connection()
         self.flush()
 

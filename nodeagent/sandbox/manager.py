@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import nodeagent
+from nodeagent.model.constants import READINESS_PORT
 from nodeagent.sandbox import mesh as mesh_mod
 from nodeagent.sandbox import processes
 from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
@@ -51,7 +52,13 @@ from nodeagent.sandbox.plan import (
     validate_name,
 )
 from nodeagent.sandbox.processes import ProcessId
-from nodeagent.sandbox.state import DEFAULT_STATE_ROOT, ProcessRecord, SandboxState, StateStore
+from nodeagent.sandbox.state import (
+    DEFAULT_STATE_ROOT,
+    ProcessRecord,
+    SandboxState,
+    StateStore,
+    admin_socket,
+)
 
 PACKAGE_ROOT = Path(nodeagent.__file__).resolve().parent.parent
 CRASH_ENV = "NODEAGENT_SANDBOX_CRASH_AT"
@@ -60,6 +67,8 @@ DEMOAPP_KIND = "demoapp"
 CONTROLPLANE_KIND = "controlplane"
 CONTROLPLANE_NAME = "controlplane"
 CONTROLPLANE_READY_TIMEOUT = 20.0
+AGENT_KIND = "agent"
+AGENT_READY_TIMEOUT = 30.0
 
 # Validates a whole mesh file's text (source names it in errors); raises
 # ValueError naming file, line and field. The CLI injects the control plane's
@@ -259,12 +268,18 @@ class SandboxManager:
     # -- up --------------------------------------------------------------
 
     def up(
-        self, name: str, nodes: int, pods_per_node: int, *, controlplane: bool = True
+        self,
+        name: str,
+        nodes: int,
+        pods_per_node: int,
+        *,
+        controlplane: bool = True,
+        agents: bool = True,
     ) -> SandboxPlan:
         """Build the sandbox; on failure remove what was made and raise SandboxError.
 
-        `controlplane=False` skips the control plane (faster, for tests of the
-        network alone).
+        `controlplane=False` skips the control plane and the agents (faster, for
+        tests of the network alone); `agents=False` skips only the agents.
         """
         try:
             plan = build_plan(name, nodes, pods_per_node)
@@ -284,7 +299,7 @@ class SandboxManager:
         if not self.store.claim(state):
             raise in_use
         try:
-            self._build(plan, controlplane)
+            self._build(plan, controlplane, agents=agents and controlplane)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.store.update(name, lambda s: dataclasses.replace(s, phase="failed"))
@@ -295,17 +310,16 @@ class SandboxManager:
         self.store.update(name, lambda s: dataclasses.replace(s, phase="ready"))
         return plan
 
-    def _build(self, plan: SandboxPlan, controlplane: bool) -> None:
+    def _build(self, plan: SandboxPlan, controlplane: bool, *, agents: bool = False) -> None:
         app_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
         self.adapter.create([ns.name for ns in plan.namespaces])
         _crash_point("namespaces")
         specs = self._demoapp_specs(plan, app_env)
         if controlplane:
             specs.append(self._controlplane_spec(plan, app_env))
-        # Later: one `nodeagent run` per node joins this batch (kind "agent", in
-        # the node's namespace, xDS address from status()["controlplane"], token
-        # file self.store.token_path(name, node)); agents retry with backoff, so
-        # they need not wait for the control plane.
+        if agents:
+            # Agents retry the control plane with backoff, so they start with it.
+            specs.extend(self._agent_specs(plan, app_env))
         # Processes start now, while the network is configured: apps bind 0.0.0.0
         # and need no interface, and their start-up (the bulk of `up`) then
         # overlaps the netlink work on the other core.
@@ -321,6 +335,8 @@ class SandboxManager:
         self.await_ready(pending)
         if controlplane:
             self.await_controlplane(plan.name)
+        if agents:
+            self.await_agents(plan.name)
         _crash_point("apps")
 
     def _demoapp_specs(self, plan: SandboxPlan, app_env: dict[str, str]) -> list[ProcessSpec]:
@@ -384,6 +400,82 @@ class SandboxManager:
             ),
             env=env,
         )
+
+    def _agent_specs(self, plan: SandboxPlan, env: dict[str, str]) -> list[ProcessSpec]:
+        """One `nodeagent run` per node, in the node's namespace, like a host-network
+        DaemonSet pod. Discovery is scoped to the node's own pods: its netns dir holds
+        links to just their namespaces, and /proc scanning points at an empty dir
+        (sandboxes reuse pod addresses, so a wider scan could match another's pods)."""
+        specs = []
+        for node in plan.nodes:
+            node_dir = self.store.dir(plan.name) / node.name
+            netns_dir = node_dir / "netns"
+            netns_dir.mkdir(parents=True, exist_ok=True)
+            (node_dir / "noproc").mkdir(exist_ok=True)
+            for pod in plan.pods:
+                if pod.node == node.name:
+                    link = netns_dir / pod.netns
+                    if not link.is_symlink():
+                        link.symlink_to(netns_path(pod.netns))
+            agent_env = {
+                **env,
+                "NODE_NAME": node.name,
+                "POD_NAME": f"nodeagent-{node.name}",
+                "INSTANCE_IP": node.ip,
+                "CLUSTER_ID": plan.name,
+                "XDS_ADDRESS": f"http://{plan.underlay_ip}:{CONTROLPLANE_PORT}",
+                "AUTH_TOKEN": str(self.store.token_path(plan.name, node.name)),
+                "NETNS_DIR": str(netns_dir),
+                "PROC_ROOT": str(node_dir / "noproc"),
+                "STATE_DIR": str(node_dir),
+                "ADMIN_SOCKET": admin_socket(plan.name, node.name, self.store.root),
+                "DRAIN_SECONDS": "1",
+            }
+            specs.append(
+                ProcessSpec(
+                    kind=AGENT_KIND,
+                    name=f"{AGENT_KIND}-{node.name}",
+                    netns=node.netns,
+                    argv=(self.python, "-m", "nodeagent.cli.main", "run"),
+                    env=agent_env,
+                )
+            )
+        return specs
+
+    def await_agents(self, name: str, timeout: float = AGENT_READY_TIMEOUT) -> None:
+        """Wait until every agent answers ready on :15021 inside its node namespace
+        (config received from the control plane, every pod captured or failed)."""
+        state, plan = self.load(name)
+        deadline = time.monotonic() + timeout
+        for node in plan.nodes:
+            record = state.process(f"{AGENT_KIND}-{node.name}")
+            if record is None or record.pid is None:
+                raise SandboxError(f"sandbox {name}: the agent of {node.name} was not started")
+            proc = ProcessId(record.pid, record.start_time)
+            while not self._agent_ready(node.netns):
+                if not processes.is_running(proc):
+                    raise SandboxError(
+                        f"the agent of {node.name} exited: "
+                        f"{_last_line(record.log) or 'no output'} (log {record.log})"
+                    )
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"the agent of {node.name} was not ready within {timeout:.0f}s: "
+                        f"{_last_line(record.log) or 'no output'} (log {record.log})"
+                    )
+                time.sleep(0.1)
+
+    def _agent_ready(self, netns: str) -> bool:
+        sock = self.adapter.socket(netns)
+        try:
+            sock.settimeout(1.0)
+            sock.connect(("127.0.0.1", READINESS_PORT))
+            sock.sendall(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+        finally:
+            sock.close()
 
     def await_controlplane(self, name: str, timeout: float = CONTROLPLANE_READY_TIMEOUT) -> None:
         """Wait until the control plane accepts connections at its address.

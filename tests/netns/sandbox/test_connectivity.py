@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,7 +65,7 @@ def test_pods_reach_the_underlay_and_other_nodes(
     assert answer["client_ip"] == node1["ip"]
 
 
-def test_status_lists_nodes_pods_and_room_for_agents(sandbox_2x2: dict[str, Any]) -> None:
+def test_status_lists_nodes_pods_agents_and_the_control_plane(sandbox_2x2: dict[str, Any]) -> None:
     assert [n["name"] for n in sandbox_2x2["nodes"]] == ["node1", "node2"]
     assert len(sandbox_2x2["pods"]) == 4
     assert {p["service_account"] for p in sandbox_2x2["pods"]} == {"frontend", "backend"}
@@ -72,7 +73,14 @@ def test_status_lists_nodes_pods_and_room_for_agents(sandbox_2x2: dict[str, Any]
         assert pod["app_pid"] is not None
         with open(f"/proc/{pod['app_pid']}/cmdline", "rb") as f:
             assert f"--pod={pod['name']}".encode() in f.read()
-    assert sandbox_2x2["agents"] == []
+    # One agent per node, running in the node's namespace like a host-network DaemonSet pod.
+    agents = {a["name"]: a for a in sandbox_2x2["agents"]}
+    assert set(agents) == {"agent-node1", "agent-node2"}
+    for node in sandbox_2x2["nodes"]:
+        agent = agents[f"agent-{node['name']}"]
+        assert agent["netns"] == node["netns"]
+        agent_ns = Path(f"/proc/{agent['pid']}/ns/net").stat().st_ino
+        assert agent_ns == Path(f"/var/run/netns/{node['netns']}").stat().st_ino
     assert sandbox_2x2["controlplane"]["address"] == "172.30.0.1:15010"
     assert sandbox_2x2["controlplane"]["pid"] is not None
     assert sandbox_2x2["phase"] == "ready"

@@ -21,7 +21,8 @@ from nodeagent.datapath.plan import CapturePlan
 from nodeagent.model.workload import Workload
 from nodeagent.node.lifecycle import PodState
 from nodeagent.node.manager import plan_from_addresses
-from nodeagent.proxy.passthrough import HboneUnavailable
+from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
+from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.state.store import StateBatch
 
 CONFIG = Config(node_name="node1", xds_address="http://127.0.0.1:1")
@@ -135,7 +136,12 @@ async def test_build_wires_xds_and_certificates_without_connecting() -> None:
     )
     assert agent.xds is not None and agent.certificates is not None
     assert not agent.ready  # no config from the control plane yet
-    assert isinstance(agent.listeners._handlers[15008], HboneUnavailable)
+    # With certificates the tunnel serves the in-pod ports, not the passthrough.
+    handlers = agent.listeners._handlers
+    assert isinstance(handlers[15001], OutboundHandler)
+    assert isinstance(handlers[15006], InboundPlaintextHandler)
+    assert isinstance(handlers[15008], InboundHboneHandler)
+    assert agent.connections is not None and agent.pool is not None
     await agent.shutdown()
 
 
