@@ -12,6 +12,10 @@ Plain wiring, no logic. `build` creates
   registry of live connections that policy changes re-check) when workload
   certificates are available, plain passthrough otherwise;
 * the NodeManager that drives it all;
+* the admin, metrics and readiness servers, with providers over all of the
+  above, connection telemetry (Istio's traffic metrics, access logs) hooked
+  into the connection registry and the policy checker, and the agent's own
+  gauges read from their components at each scrape;
 
 and returns `AgentHandles`: the components, `start()` / `run()` /
 `stop()` / `shutdown(cleanup=)`, and `ready`.
@@ -31,25 +35,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodeagent.admin.loglevel import StdlibLogLevelControl
 from nodeagent.admin.metrics import AgentMetrics
 from nodeagent.admin.providers import AdminProviders
 from nodeagent.admin.readiness import Readiness
 from nodeagent.admin.server import AdminServers
+from nodeagent.admin.sources import (
+    CaptureRulesSource,
+    MeshExplainer,
+    NodePodsSource,
+    RegistryConnections,
+    config_dump_sections,
+)
+from nodeagent.admin.telemetry import ConnectionTelemetry
 from nodeagent.config import Config, ConfigError
 from nodeagent.datapath.discovery import NetnsScanner
 from nodeagent.datapath.iptables import CaptureBackend, IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorker
 from nodeagent.hbone.pool import HbonePool, PoolSettings
 from nodeagent.identity.caclient import CaClient
-from nodeagent.identity.manager import CertificateManager
+from nodeagent.identity.manager import CertificateManager, CertState
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.node.lifecycle import Backoff
 from nodeagent.node.manager import NamespaceScanner, NodeManager, PlanBuilder, plan_from_namespace
-from nodeagent.policy.checker import PolicyChecker
-from nodeagent.proxy.connections import ConnectionRegistry, store_policy_lookup
+from nodeagent.proxy.connections import (
+    ConnectionRegistry,
+    ObservedPolicyChecker,
+    store_policy_lookup,
+)
 from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
 from nodeagent.proxy.listeners import ConnectionHandler, PodListenerFactory, SocketFactoryMaker
-from nodeagent.proxy.outbound import OutboundHandler
+from nodeagent.proxy.outbound import OutboundHandler, OutboundRouter
 from nodeagent.proxy.passthrough import PassthroughStats, passthrough_handlers
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
@@ -212,12 +228,14 @@ async def build(
         plan_for = plan_from_namespace(sockets_worker)
 
     stats = PassthroughStats()
+    metrics = AgentMetrics()
+    telemetry = ConnectionTelemetry(store, metrics)
     registry: ConnectionRegistry | None = None
     pool: HbonePool | None = None
     if handlers is None and certificates is not None:
         tls = WorkloadTls(certificates)
-        checker = PolicyChecker(store_policy_lookup(store))
-        registry = ConnectionRegistry(checker)
+        checker = ObservedPolicyChecker(store_policy_lookup(store), telemetry)
+        registry = ConnectionRegistry(checker, observer=telemetry)
         closers.append(registry.watch(store))
         pool = HbonePool(tls, PoolSettings())
         handlers = {
@@ -238,14 +256,37 @@ async def build(
         backoff=backoff,
         drain_seconds=config.drain_seconds,
     )
-    metrics = AgentMetrics()
+    _refresh_metrics(metrics, xds_client, certificates, node_manager)
+    metrics.add_refresh(telemetry.flush)
     readiness = Readiness()
     readiness.add("xds-synced", lambda: xds_client is None or xds_client.ready)
     readiness.add("pods-settled", lambda: node_manager.ready)
+    if certificates is not None:
+        certs = certificates
+        readiness.add(
+            "certificates-held",
+            lambda: all(s.state is CertState.AVAILABLE for s in certs.status()),
+        )
     servers: AdminServers | None = None
+    agent: list[AgentHandles] = []  # filled below; the drain hook needs the handles
+
+    async def drain_then_exit() -> None:
+        agent[0].stop()
+
     if admin:
+        pods = NodePodsSource(node_manager, store, config.redirect_backend)
+        live = registry
+        providers = AdminProviders(
+            config_dump=config_dump_sections(store, certificates, config),
+            pods=pods,
+            connections=RegistryConnections(lambda: live if live is not None else ()),
+            log_level=StdlibLogLevelControl(config.log_level),
+            rules=CaptureRulesSource(pods, store, plan_for, capture, config.redirect_backend),
+            explain=MeshExplainer(store, OutboundRouter(store).route),
+            drain_then_exit=drain_then_exit,
+        )
         servers = AdminServers(
-            providers=AdminProviders(),
+            providers=providers,
             metrics=metrics,
             readiness=readiness,
             admin_address=config.admin_address,
@@ -253,7 +294,7 @@ async def build(
             metrics_address=config.metrics_address,
             readiness_address=config.readiness_address,
         )
-    return AgentHandles(
+    handles = AgentHandles(
         config=config,
         store=store,
         updater=updater,
@@ -269,3 +310,36 @@ async def build(
         metrics=metrics,
         _closers=closers,
     )
+    agent.append(handles)
+    return handles
+
+
+def _refresh_metrics(
+    metrics: AgentMetrics,
+    xds: XdsClient | None,
+    certificates: CertificateManager | None,
+    node_manager: NodeManager,
+) -> None:
+    """Read the agent's own gauges from their components at every scrape."""
+
+    held: set[str] = set()
+
+    def refresh() -> None:
+        if xds is not None:
+            stats = xds.stats
+            metrics.sync_xds(
+                connected=stats.connected, pushes_by_type=stats.by_type, nacks=stats.nacks
+            )
+        if certificates is not None:
+            now_held = set()
+            for status in certificates.status():
+                if status.chain:
+                    now_held.add(str(status.identity))
+                    metrics.set_certificate_expiry(str(status.identity), status.chain[0].not_after)
+            for gone in held - now_held:  # identities no longer on this node
+                metrics.set_certificate_expiry(gone, None)
+            held.clear()
+            held.update(now_held)
+        metrics.set_pod_counts(node_manager.counts())
+
+    metrics.add_refresh(refresh)

@@ -13,7 +13,8 @@ so several agents (or tests) in one process do not collide.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,6 +23,8 @@ from prometheus_client.registry import Collector
 
 import nodeagent
 from nodeagent.model import workload as wm
+
+log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 
@@ -243,6 +246,26 @@ class AgentMetrics:
             registry=r,
         )
         self.set_xds_state("disconnected")
+        self._refreshers: list[Callable[[], None]] = []
+        self._xds_seen: dict[str, int] = {}
+        self._xds_nacks_seen = 0
+
+    def add_refresh(self, refresh: Callable[[], None]) -> None:
+        """Call `refresh` before every scrape (gauges read from their source then)."""
+        self._refreshers.append(refresh)
+
+    def sync_xds(self, *, connected: bool, pushes_by_type: Mapping[str, int], nacks: int) -> None:
+        """Bring the xDS series up to date with the client's cumulative counters."""
+        self.set_xds_state("connected" if connected else "disconnected")
+        for type_url, total in pushes_by_type.items():
+            delta = total - self._xds_seen.get(type_url, 0)
+            if delta > 0:
+                self.xds_pushes.labels(type_url=type_url).inc(delta)
+            self._xds_seen[type_url] = total
+        if nacks > self._xds_nacks_seen:
+            # The client counts NACKs without their type: they show under type_url="".
+            self.xds_nacks.labels(type_url="").inc(nacks - self._xds_nacks_seen)
+            self._xds_nacks_seen = nacks
 
     def set_xds_state(self, state: str) -> None:
         if state not in XDS_STATES:
@@ -279,4 +302,9 @@ class AgentMetrics:
         ).inc()
 
     def exposition(self) -> bytes:
+        for refresh in self._refreshers:
+            try:
+                refresh()
+            except Exception:  # one broken source must not take the whole scrape down
+                log.exception("metrics refresh failed")
         return generate_latest(self.registry)

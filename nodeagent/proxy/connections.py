@@ -10,6 +10,11 @@ batch that changed policies (or workloads, whose selector policy lists may have
 changed) every live inbound connection is authorized again with the current
 policies (`PolicyChecker.recheck`), and those now denied are reset and logged
 as "connection closed due to policy change: ...", as ztunnel does.
+
+A `ConnectionObserver` (metrics and access logs, built by the composition
+root) hears of every connection when it is registered and when it is removed,
+and `ObservedPolicyChecker` tells it of every authorization decision, so
+refused connections (which never get registered) are counted too.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import Authorization, ConnectionAttributes
-from nodeagent.policy.checker import PolicyChecker, Revocation
+from nodeagent.policy.checker import H, PolicyChecker, PolicyLookup, Revocation
+from nodeagent.policy.engine import Decision, evaluate
 from nodeagent.proxy.relay import Relay
 from nodeagent.state.store import StateChange, StateStore
 
@@ -33,6 +40,17 @@ INBOUND = "inbound"
 OUTBOUND = "outbound"
 HBONE = "HBONE"
 TCP = "TCP"
+POLICY_CHANGE = "connection closed due to policy change"
+
+
+class ConnectionObserver(Protocol):
+    """Told of connections as they open and close, and of authorization decisions."""
+
+    def opened(self, conn: LiveConnection) -> None: ...
+
+    def closed(self, conn: LiveConnection) -> None: ...
+
+    def decided(self, attributes: ConnectionAttributes, decision: Decision) -> None: ...
 
 
 @dataclass(eq=False, kw_only=True)
@@ -64,6 +82,10 @@ class LiveConnection:
     def bytes_out(self) -> int:
         return self.relay.b.received if self.relay is not None else 0
 
+    @property
+    def closed_by_policy(self) -> bool:
+        return self.closed_reason.startswith(POLICY_CHANGE)
+
     def abort(self, reason: str) -> None:
         """Reset both sides now (or cancel the setup if the relay does not exist yet)."""
         self.closed_reason = reason
@@ -94,8 +116,11 @@ class LiveConnection:
 class ConnectionRegistry:
     """Live connections by id; re-checks inbound ones when policies change."""
 
-    def __init__(self, checker: PolicyChecker | None = None) -> None:
+    def __init__(
+        self, checker: PolicyChecker | None = None, observer: ConnectionObserver | None = None
+    ) -> None:
         self._checker = checker
+        self.observer = observer
         self._live: dict[int, LiveConnection] = {}
         self._ids = itertools.count(1)
         self.revoked = 0  # connections closed by a policy change, since start
@@ -106,10 +131,21 @@ class ConnectionRegistry:
         conn = LiveConnection(id=next(self._ids), **fields)  # type: ignore[arg-type]
         self._live[conn.id] = conn
         self.opened += 1
+        if self.observer is not None:
+            self._observe(self.observer.opened, conn)
         return conn
 
     def remove(self, conn: LiveConnection) -> None:
-        self._live.pop(conn.id, None)
+        """Forget a connection; the observer hears of it once, however often it is removed."""
+        if self._live.pop(conn.id, None) is not None and self.observer is not None:
+            self._observe(self.observer.closed, conn)
+
+    @staticmethod
+    def _observe(hook: Callable[[LiveConnection], None], conn: LiveConnection) -> None:
+        try:
+            hook(conn)
+        except Exception:  # telemetry must never break the connection path
+            log.exception("connection observer failed on connection %d", conn.id)
 
     def __iter__(self) -> Iterator[LiveConnection]:
         return iter(list(self._live.values()))
@@ -164,6 +200,31 @@ class ConnectionRegistry:
     def watch(self, store: StateStore) -> Callable[[], None]:
         """Re-check on every state batch that touched policies or workloads; returns unsubscribe."""
         return store.subscribe(self.on_state_change)
+
+
+class ObservedPolicyChecker(PolicyChecker):
+    """A PolicyChecker that reports each new decision (not re-checks) to an observer."""
+
+    def __init__(self, lookup: PolicyLookup, observer: ConnectionObserver) -> None:
+        super().__init__(lookup)
+        self._observer = observer
+
+    def check(self, conn: ConnectionAttributes) -> Decision:
+        decision = super().check(conn)
+        try:
+            self._observer.decided(conn, decision)
+        except Exception:
+            log.exception("connection observer failed on a policy decision")
+        return decision
+
+    def recheck(self, live: Iterable[tuple[H, ConnectionAttributes]]) -> list[Revocation[H]]:
+        # Re-checks of live connections are not new connections: evaluate without reporting.
+        revoked: list[Revocation[H]] = []
+        for handle, conn in live:
+            decision = evaluate(self._lookup(conn), conn)
+            if not decision.allowed:
+                revoked.append(Revocation(handle, conn, decision))
+        return revoked
 
 
 def store_policy_lookup(

@@ -1,0 +1,229 @@
+"""Connection telemetry: Istio's traffic metrics and one access-log line per connection.
+
+`ConnectionTelemetry` is the proxy's connection observer (see
+nodeagent.proxy.connections.ConnectionObserver): the registry tells it when a
+connection opens and closes, and the policy checker tells it of every
+authorization decision, so connections refused by policy are counted too
+(`response_flags="DENY"`). It resolves both ends to workloads and services
+from the state store to fill Istio's labels.
+
+Byte direction follows Istio for both reporters: `received` is what the
+client sent (the request side), `sent` is what went back to it.
+
+The proxy's types are read by attribute (the `LiveConnectionView` protocol),
+because the admin package sits beside the proxy, not above it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import Any, Protocol
+
+from nodeagent.admin.accesslog import AccessLogger, AccessRecord
+from nodeagent.admin.metrics import AgentMetrics, ConnectionLabels, connection_labels
+from nodeagent.model import workload as wm
+from nodeagent.model.identity import Identity
+from nodeagent.model.policy import ConnectionAttributes
+from nodeagent.policy.engine import Decision, DecisionReason
+from nodeagent.state.store import StateStore
+
+log = logging.getLogger(__name__)
+
+INBOUND = "inbound"
+HBONE = "HBONE"
+DENY_FLAG = "DENY"
+POLICY_CLOSE = "connection closed due to policy"  # the proxy's revocation message
+_ACTIONS = {
+    DecisionReason.EXPLICITLY_ALLOWED: "allow",
+    DecisionReason.EXPLICITLY_DENIED: "deny",
+}
+
+
+class LiveConnectionView(Protocol):
+    """What telemetry reads from a live connection (nodeagent.proxy.connections)."""
+
+    @property
+    def workload_uid(self) -> str: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def local(self) -> str: ...
+    @property
+    def remote(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def source_identity(self) -> Identity | None: ...
+    @property
+    def destination_identity(self) -> Identity | None: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def closed_reason(self) -> str: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """ "10.0.0.1:80" or "[fd00::1]:80" -> (host, port); ("", 0) when unparsable."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return "", 0
+    return host.strip("[]"), int(port)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+class ConnectionTelemetry:
+    """Records metrics and access logs for the proxy's connections."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        metrics: AgentMetrics,
+        access: AccessLogger | None = None,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._access = access or AccessLogger()
+        # Live connections with the bytes already counted (id -> [conn, in, out]), so
+        # `flush` can count long connections' bytes before they close.
+        self._live: dict[int, list[Any]] = {}
+
+    # -- resolution ------------------------------------------------------------
+
+    def _workload_at(self, hostport: str) -> wm.Workload | None:
+        ip = _ip(split_hostport(hostport)[0])
+        return self._store.workload_by_address("", ip) if ip is not None else None
+
+    def _service_at(self, hostport: str) -> wm.Service | None:
+        ip = _ip(split_hostport(hostport)[0])
+        return self._store.service_by_vip("", ip) if ip is not None else None
+
+    def _ends(
+        self, conn: LiveConnectionView
+    ) -> tuple[wm.Workload | None, wm.Workload | None, wm.Service | None]:
+        local = self._store.workload(conn.workload_uid)
+        if conn.direction == INBOUND:
+            return self._workload_at(conn.remote), local, None
+        # Outbound: `remote` is what the app dialled, `target` where bytes went.
+        service = self._service_at(conn.remote)
+        return local, self._workload_at(conn.target) or self._workload_at(conn.remote), service
+
+    def labels_for(self, conn: LiveConnectionView, response_flags: str = "-") -> ConnectionLabels:
+        source, destination, service = self._ends(conn)
+        return connection_labels(
+            reporter="destination" if conn.direction == INBOUND else "source",
+            source=source,
+            destination=destination,
+            service=service,
+            source_principal=str(conn.source_identity) if conn.source_identity else "",
+            destination_principal=(
+                str(conn.destination_identity) if conn.destination_identity else ""
+            ),
+            mtls=conn.protocol == HBONE,
+            response_flags=response_flags,
+        )
+
+    # -- observer ----------------------------------------------------------------
+
+    def opened(self, conn: LiveConnectionView) -> None:
+        self._metrics.traffic.record_open(self.labels_for(conn))
+        self._live[id(conn)] = [conn, 0, 0]
+
+    def flush(self) -> None:
+        """Count the bytes live connections carried since the last flush (before a scrape)."""
+        for entry in list(self._live.values()):
+            conn, counted_in, counted_out = entry
+            new_in, new_out = conn.bytes_in - counted_in, conn.bytes_out - counted_out
+            if new_in > 0 or new_out > 0:
+                self._metrics.traffic.record_bytes(
+                    self.labels_for(conn), sent=max(0, new_out), received=max(0, new_in)
+                )
+                entry[1], entry[2] = conn.bytes_in, conn.bytes_out
+
+    def closed(self, conn: LiveConnectionView) -> None:
+        flags = DENY_FLAG if conn.closed_reason.startswith(POLICY_CLOSE) else "-"
+        # Labels as at close: the outbound peer identity is known once the tunnel is up.
+        labels = self.labels_for(conn, flags)
+        _, counted_in, counted_out = self._live.pop(id(conn), (conn, 0, 0))
+        self._metrics.traffic.record_close(
+            labels,
+            sent=max(0, conn.bytes_out - counted_out),
+            received=max(0, conn.bytes_in - counted_in),
+        )
+        service = self._ends(conn)[2]
+        now = time.time()
+        outbound = conn.direction != INBOUND
+        self._access.log(
+            AccessRecord(
+                end_time=now,
+                direction=conn.direction,
+                src_addr=conn.local if outbound else conn.remote,
+                dst_addr=conn.remote if outbound else conn.local,
+                dst_hbone_addr=conn.target if outbound and conn.protocol == HBONE else "",
+                src_workload=labels.source_workload,
+                src_namespace=labels.source_workload_namespace,
+                src_identity=labels.source_principal,
+                dst_service=service.hostname if service else "",
+                dst_workload=labels.destination_workload,
+                dst_namespace=labels.destination_workload_namespace,
+                dst_identity=labels.destination_principal,
+                bytes_sent=conn.bytes_in,
+                bytes_recv=conn.bytes_out,
+                duration_ms=max(0.0, now - conn.started) * 1000,
+                policy="deny" if flags == DENY_FLAG else "allow",
+                response_flags=flags,
+                error=conn.closed_reason,
+            )
+        )
+
+    def decided(self, attributes: ConnectionAttributes, decision: Decision) -> None:
+        self._metrics.policy_decision(
+            action=_ACTIONS.get(decision.reason, ""), allowed=decision.allowed
+        )
+        if decision.allowed:
+            return  # the registry reports it when the proxy registers the connection
+        destination = (
+            self._store.workload(attributes.destination_uid) if attributes.destination_uid else None
+        ) or self._store.workload_by_address("", attributes.destination_ip)
+        source = self._store.workload_by_address("", attributes.source_ip)
+        peer = attributes.source_identity
+        labels = connection_labels(
+            reporter="destination",
+            source=source,
+            destination=destination,
+            source_principal=str(peer) if peer else "",
+            mtls=peer is not None,
+            response_flags=DENY_FLAG,
+        )
+        self._metrics.traffic.record_open(labels)
+        self._metrics.traffic.record_close(labels)
+        self._access.log(
+            AccessRecord(
+                end_time=time.time(),
+                direction=INBOUND,
+                src_addr=str(attributes.source_ip),
+                dst_addr=f"{attributes.destination_ip}:{attributes.destination_port}",
+                src_workload=labels.source_workload,
+                src_namespace=labels.source_workload_namespace,
+                src_identity=labels.source_principal,
+                dst_workload=labels.destination_workload,
+                dst_namespace=labels.destination_workload_namespace,
+                dst_identity=labels.destination_principal,
+                policy=f"deny ({decision.explain()})",
+                response_flags=DENY_FLAG,
+                error=decision.error_message,
+            )
+        )
