@@ -255,6 +255,7 @@ async def build(
         scan_interval=scan_interval,
         backoff=backoff,
         drain_seconds=config.drain_seconds,
+        on_setup=metrics.observe_capture_setup,
     )
     _refresh_metrics(metrics, xds_client, certificates, node_manager)
     metrics.add_refresh(telemetry.flush)

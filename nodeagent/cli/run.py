@@ -19,7 +19,6 @@ import signal
 import sys
 from typing import Any
 
-from nodeagent import app
 from nodeagent.cli.errors import CliError
 from nodeagent.config import Config, ConfigError, build_config
 
@@ -102,6 +101,10 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: Config, *, cleanup_on_exit: bool = False) -> None:
     """Build the agent, run it until SIGTERM/SIGINT, shut it down."""
+    # Imported here: the whole agent is heavy to import, and every other
+    # command shares this module list.
+    from nodeagent import app
+
     agent = await app.build(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -217,7 +217,9 @@ class NodeManager:
         drain_seconds: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        on_setup: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_setup = on_setup  # observes each pod's setup time (seconds), for metrics
         if not node_name:
             raise ValueError("node_name is required: it selects the workloads on this node")
         self.node_name = node_name
@@ -573,6 +575,8 @@ class NodeManager:
             ",".join(map(str, listeners.ports)),
             handle,
         )
+        if self._on_setup is not None:
+            self._on_setup(self._clock() - started)
         self._dispatch(SetupDone(uid=uid, now=self._clock()))
 
     async def _teardown(self, action: StartTeardown) -> None:
