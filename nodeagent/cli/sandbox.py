@@ -208,7 +208,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     with _manager() as m:
         try:
-            ok = run_demo(m, say, lambda s: say(format_status(s)))
+            ok = run_demo(m, say, lambda s: say(format_status(s)), validate=validate_mesh)
         except SandboxError as exc:
             raise CliError(str(exc)) from None
     if not ok:

@@ -171,11 +171,12 @@ class HboneServer:
             task.add_done_callback(tasks.discard)
 
         self.stats.connections += 1
+        # Keep our own reference: with TLS, uvloop's connect_accepted_socket returns its
+        # SSLProtocol wrapper rather than the protocol the factory made.
+        conn = HboneConnection(client_side=False, config=self._config, on_request=on_request)
         try:
-            transport, conn = await loop.connect_accepted_socket(
-                lambda: HboneConnection(
-                    client_side=False, config=self._config, on_request=on_request
-                ),
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: conn,
                 sock,
                 ssl=ctx,
                 ssl_handshake_timeout=self._handshake_timeout,

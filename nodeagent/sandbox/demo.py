@@ -1,37 +1,84 @@
-"""The newcomer's tour: build a 2x2 sandbox, call pods across nodes, tear it down.
+"""The newcomer's tour of the mesh: a 2x2 sandbox, calls across nodes, a policy, tear-down.
+
+Steps: build the sandbox (control plane + one agent per node); say who is who
+(each pod's SPIFFE identity, confirmed by the certificates its node's agent
+holds); call pods across nodes and through a service VIP, showing the caller's
+address as the server saw it; capture one call on the receiving node to show
+the wire carries only TLS to 15008 (skipped without tcpdump); apply a DENY
+policy for the `frontend` service account and show its call refused while the
+`backend` caller still gets through, with the agent's log line naming the
+refused identity.
 
 The caller supplies how to print lines and the status (rendering belongs to the
-CLI). The sandbox is always removed, also on failure or Ctrl-C.
+CLI), and the validator for the policy file (the control plane's parser, which
+this package may not import). The sandbox is always removed, also on failure
+or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from nodeagent.model.constants import INBOUND_HBONE_PORT
+from nodeagent.model.identity import Identity
 from nodeagent.sandbox import probe
-from nodeagent.sandbox.manager import SandboxManager
-from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan
+from nodeagent.sandbox.manager import MeshValidator, SandboxManager
+from nodeagent.sandbox.mesh import TRUST_DOMAIN
+from nodeagent.sandbox.netns import netns_path
+from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan, SandboxPlan
+from nodeagent.sandbox.processes import NSENTER
 
 DEMO_NAME = "demo"
+POLICY_WAIT = 10.0  # the control plane polls its file every 0.5 s, then pushes to the agents
+BACKEND_VIP = "10.96.0.10"
+
+DENY_FRONTEND = """\
+authorizationPolicies:
+- metadata: {name: deny-frontend, namespace: demo}
+  spec:
+    action: DENY
+    selector:
+      matchLabels: {role: backend}
+    rules:
+    - from: [{source: {principals: ["cluster.local/ns/demo/sa/frontend"]}}]
+"""
+
+Say = Callable[[str], None]
+
+
+def _accept_any(text: str, source: str) -> None:
+    """Stand-in validator: the demo's policy is fixed, and the control plane checks the file."""
 
 
 def run_demo(
     manager: SandboxManager,
-    say: Callable[[str], None],
+    say: Say,
     show_status: Callable[[dict[str, Any]], None],
     name: str = DEMO_NAME,
+    validate: MeshValidator | None = None,
 ) -> bool:
-    """Run the tour; True if every call succeeded."""
+    """Run the tour; True if every step showed what it should."""
     if manager.exists(name):
         say(f"removing sandbox {name!r} left over from an earlier run")
         manager.down(name)
     started = time.monotonic()
     try:
         plan = manager.up(name, 2, 2)
-        say(f"sandbox {name!r} up in {time.monotonic() - started:.1f}s: 2 nodes x 2 pods\n")
+        say(
+            f"sandbox {name!r} up in {time.monotonic() - started:.1f}s: 2 nodes x 2 pods, "
+            "one agent per node\n"
+        )
         status = manager.status(name)
         show_status(status)
         cp = status["controlplane"]
@@ -42,39 +89,92 @@ def run_demo(
                 f"{serves.get('workloads', 0)} workloads and {serves.get('services', 0)} "
                 f"services over delta xDS from {cp['mesh_file']}"
             )
+        logs = {a["name"].removeprefix("agent-"): Path(a["log"]) for a in status["agents"]}
         pods = {p.name: p for p in plan.pods}
+
+        ok = _identities(plan, logs, say)
+
+        say("\n== calls through the mesh (HBONE: HTTP/2 CONNECT over mutual TLS to port 15008)")
         calls = [
             (pods["node1-pod1"], pods["node2-pod2"]),  # across nodes
-            (pods["node2-pod1"], pods["node1-pod1"]),  # across nodes, the other way
+            (pods["node2-pod1"], pods["node1-pod2"]),  # across nodes, the other way
             (pods["node1-pod1"], pods["node1-pod2"]),  # same node
         ]
-        ok = all([_http(manager, src, dst, say) for src, dst in calls])
+        ok = all([_http(manager, src, dst, say) for src, dst in calls]) and ok
+        ok = _http_vip(manager, pods["node2-pod1"], say) and ok
         ok = _echo(manager, pods["node1-pod2"], pods["node2-pod1"], say) and ok
-        say("\nall calls succeeded" if ok else "\nsome calls FAILED")
+
+        ok = _wire(manager, plan, pods["node1-pod1"], pods["node2-pod2"], say) and ok
+        ok = _policy(manager, name, validate, pods, logs["node2"], say) and ok
+        say("\nevery step showed what it should" if ok else "\nsome steps FAILED")
         return ok
     finally:
         manager.down(name)
         say(f"sandbox {name!r} removed")
 
 
-def _http(manager: SandboxManager, src: PodPlan, dst: PodPlan, say: Callable[[str], None]) -> bool:
-    say(f"\nHTTP  {src.name} ({src.ip}) -> {dst.name} http://{dst.ip}:{HTTP_PORT}/hello")
+def _identity(pod: PodPlan) -> Identity:
+    return Identity(TRUST_DOMAIN, pod.namespace, pod.service_account)
+
+
+def _identities(plan: SandboxPlan, logs: dict[str, Path], say: Say) -> bool:
+    say("\n== who is who: each pod's SPIFFE identity comes from its service account")
+    for pod in plan.pods:
+        say(f"  {pod.name:<11} {pod.ip:<11} {pod.node}  {_identity(pod)}")
+    ok = True
+    for node in plan.nodes:
+        wanted = {str(_identity(p)) for p in plan.pods if p.node == node.name}
+        held: set[str] = set()
+        deadline = time.monotonic() + 5
+        while not wanted <= held and time.monotonic() < deadline:
+            held = set(re.findall(r"certificate for (spiffe://\S+) issued", _read(logs[node.name])))
+            if not wanted <= held:
+                time.sleep(0.1)
+        if wanted <= held:
+            say(f"  the agent of {node.name} holds certificates for {', '.join(sorted(wanted))}")
+        else:
+            say(f"  FAILED: the agent of {node.name} logged no certificate for {wanted - held}")
+            ok = False
+    return ok
+
+
+def _http(manager: SandboxManager, src: PodPlan, dst: PodPlan, say: Say) -> bool:
+    say(
+        f"\nHTTP  {src.name} ({src.ip}, sa {src.service_account}) -> "
+        f"{dst.name} http://{dst.ip}:{HTTP_PORT}/hello"
+    )
     try:
         answer = probe.http_get(manager.adapter, src.netns, dst.ip, HTTP_PORT, "/hello")
     except probe.ProbeError as exc:
         say(f"  FAILED: {exc}")
         return False
-    shown = {
-        k: answer.get(k) for k in ("pod", "node", "service_account", "client_ip", "client_port")
-    }
-    say(f"  {json.dumps(shown)}")
+    say(f"  {_shown(answer)}")
     if answer.get("pod") != dst.name or answer.get("client_ip") != src.ip:
         say(f"  FAILED: expected pod {dst.name} to see caller {src.ip}")
         return False
     return True
 
 
-def _echo(manager: SandboxManager, src: PodPlan, dst: PodPlan, say: Callable[[str], None]) -> bool:
+def _http_vip(manager: SandboxManager, src: PodPlan, say: Say) -> bool:
+    say(f"\nHTTP  {src.name} ({src.ip}) -> service backend http://{BACKEND_VIP}:{HTTP_PORT}/")
+    try:
+        answer = probe.http_get(manager.adapter, src.netns, BACKEND_VIP, HTTP_PORT, "/")
+    except probe.ProbeError as exc:
+        say(f"  FAILED: {exc}")
+        return False
+    say(f"  {_shown(answer)}  (an endpoint chosen by the caller's agent)")
+    if answer.get("service_account") != "backend" or answer.get("client_ip") != src.ip:
+        say(f"  FAILED: expected a backend pod to see caller {src.ip}")
+        return False
+    return True
+
+
+def _shown(answer: dict[str, Any]) -> str:
+    keys = ("pod", "node", "service_account", "client_ip", "client_port")
+    return json.dumps({k: answer.get(k) for k in keys})
+
+
+def _echo(manager: SandboxManager, src: PodPlan, dst: PodPlan, say: Say) -> bool:
     payload = f"hello from {src.name}".encode()
     say(f"\nECHO  {src.name} ({src.ip}) -> {dst.name} tcp://{dst.ip}:{ECHO_PORT}")
     try:
@@ -82,5 +182,143 @@ def _echo(manager: SandboxManager, src: PodPlan, dst: PodPlan, say: Callable[[st
     except probe.ProbeError as exc:
         say(f"  FAILED: {exc}")
         return False
-    say(f"  sent {payload.decode()!r}, got back {reply.decode(errors='replace')!r}")
+    say(f"  sent {payload.decode()!r}, half-closed, got back {reply.decode(errors='replace')!r}")
     return reply == payload
+
+
+# A packet line of `tcpdump -nn`: "... IP 10.10.1.11.53612 > 10.10.2.12.15008: ..."
+_PACKET = re.compile(r" IP (\d+\.\d+\.\d+\.\d+)\.(\d+) > (\d+\.\d+\.\d+\.\d+)\.(\d+): ")
+
+
+def _wire(manager: SandboxManager, plan: SandboxPlan, src: PodPlan, dst: PodPlan, say: Say) -> bool:
+    node = plan.node(dst.node)
+    say(f"\n== on the wire: a capture on {dst.node} while {src.name} calls {dst.name}")
+    tcpdump = shutil.which("tcpdump")
+    if node is None or tcpdump is None:
+        say("  (skipped: tcpdump is not installed)")
+        return True
+    marker = f"marker-{uuid.uuid4().hex[:12]}"
+    # -A prints each payload as text, so a plaintext marker would show; the pod
+    # ranges only (the node's own xDS traffic is not the point here).
+    proc = subprocess.Popen(
+        [NSENTER, f"--net={netns_path(node.netns)}", "--", tcpdump, "-i", "any", "-nn",
+         "-l", "-A", "tcp and net 10.10.0.0/16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        if not _await_line(proc, b"listening on", 5.0):
+            say("  (skipped: tcpdump did not start)")
+            return True
+        try:
+            probe.http_get(manager.adapter, src.netns, dst.ip, HTTP_PORT, f"/{marker}")
+        except probe.ProbeError as exc:
+            say(f"  FAILED: {exc}")
+            return False
+        time.sleep(0.3)  # the last segments
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    packets = _PACKET.findall(out.decode("latin-1"))
+    ports = sorted({int(p) for _, sport, _, dport in packets for p in (sport, dport)})
+    hbone_only = bool(packets) and all(
+        INBOUND_HBONE_PORT in (int(s), int(d)) for _, s, _, d in packets
+    )
+    leaked = marker.encode() in out
+    say(
+        f"  {len(packets)} packets between pods crossed {dst.node}; "
+        f"{'all' if hbone_only else 'NOT all'} to or from port {INBOUND_HBONE_PORT} "
+        f"(ports seen: {', '.join(map(str, ports)) or 'none'})"
+    )
+    say(
+        f"  the request path /{marker} "
+        + (
+            "APPEARED in the clear"
+            if leaked
+            else "appears in none of them: it travelled inside TLS"
+        )
+    )
+    return hbone_only and not leaked
+
+
+def _await_line(proc: subprocess.Popen[bytes], text: bytes, timeout: float) -> bool:
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while text not in seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                return False
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                return False
+            seen += chunk
+    return True
+
+
+def _policy(
+    manager: SandboxManager,
+    name: str,
+    validate: MeshValidator | None,
+    pods: dict[str, PodPlan],
+    node2_log: Path,
+    say: Say,
+) -> bool:
+    frontend, backend, target = pods["node1-pod1"], pods["node1-pod2"], pods["node2-pod2"]
+    say("\n== policy: deny the frontend service account on the backend pods")
+    say("\n".join("  " + line for line in DENY_FRONTEND.splitlines()))
+    summary = manager.apply(name, DENY_FRONTEND, "deny-frontend.yaml", validate or _accept_any)
+    say(f"  applied ({', '.join(summary.added)}); the control plane pushes it to both agents")
+
+    def call(src: PodPlan) -> dict[str, Any] | probe.ProbeError:
+        try:
+            return probe.http_get(manager.adapter, src.netns, target.ip, HTTP_PORT, "/")
+        except probe.ProbeError as exc:
+            return exc
+
+    deadline = time.monotonic() + POLICY_WAIT
+    denied = call(frontend)
+    while not isinstance(denied, probe.ProbeError) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        denied = call(frontend)
+    allowed = call(backend)
+    say(f"\nHTTP  {frontend.name} ({_identity(frontend)}) -> {target.name}")
+    if isinstance(denied, probe.ProbeError):
+        say(f"  refused, as the policy says: {denied}")
+    else:
+        say(f"  FAILED: still allowed after {POLICY_WAIT:.0f}s: {_shown(denied)}")
+    say(f"\nHTTP  {backend.name} ({_identity(backend)}) -> {target.name}")
+    if isinstance(allowed, probe.ProbeError):
+        say(f"  FAILED: {allowed}")
+    else:
+        say(f"  still allowed: {_shown(allowed)}")
+    # The refusing agent (the destination's) names the caller's identity and the policy.
+    line = ""
+    deadline = time.monotonic() + 2
+    while not line and time.monotonic() < deadline:
+        lines = [ln for ln in _read(node2_log).splitlines() if "policy rejection" in ln]
+        line = lines[-1] if lines else ""
+        if not line:
+            time.sleep(0.1)
+    if line:
+        say(f"\nthe agent of {target.node} logged:\n  {line.split(': ', 1)[-1]}")
+    return (
+        isinstance(denied, probe.ProbeError)
+        and not isinstance(allowed, probe.ProbeError)
+        and allowed.get("client_ip") == backend.ip
+        and str(_identity(frontend)) in line
+    )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

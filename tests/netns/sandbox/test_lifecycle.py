@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nodeagent.cli.sandbox import validate_mesh
 from nodeagent.sandbox import probe
 from nodeagent.sandbox.demo import run_demo
 from nodeagent.sandbox.manager import CRASH_ENV, SandboxError, SandboxManager
@@ -134,18 +136,30 @@ def test_two_sandboxes_coexist_with_the_same_addresses(
         assert answer["sandbox"] == second
 
 
-def test_demo_calls_pods_and_removes_its_sandbox(sandbox_name: str) -> None:
+def test_demo_shows_the_mesh_and_removes_its_sandbox(sandbox_name: str) -> None:
     lines: list[str] = []
     statuses: list[dict[str, Any]] = []
     with SandboxManager() as manager:
-        ok = run_demo(manager, lines.append, statuses.append, name=sandbox_name)
-    assert ok, "\n".join(lines)
-    assert statuses[0]["name"] == sandbox_name
+        ok = run_demo(
+            manager, lines.append, statuses.append, name=sandbox_name, validate=validate_mesh
+        )
     text = "\n".join(lines)
-    assert '"client_ip": "10.10.1.11"' in text
-    assert "all calls succeeded" in text
+    assert ok, text
+    assert statuses[0]["name"] == sandbox_name
     assert "control plane at 172.30.0.1:15010" in text
     assert "serves 4 workloads and 2 services" in text
+    # Identities, calls across nodes with the caller's address, the wire, the policy.
+    assert "node1-pod1  10.10.1.11  node1  spiffe://cluster.local/ns/demo/sa/frontend" in text
+    assert '"pod": "node2-pod2", "node": "node2", "service_account": "backend", ' in text
+    assert '"client_ip": "10.10.1.11"' in text
+    assert "all to or from port 15008" in text
+    assert "appears in none of them" in text
+    assert "refused, as the policy says" in text
+    assert "still allowed" in text
+    assert re.search(
+        r"CONNECT from spiffe://cluster\.local/ns/demo/sa/frontend .* policy rejection", text
+    )
+    assert "every step showed what it should" in text
     assert _netns_of(sandbox_name) == []
     assert not Path(DEFAULT_STATE_ROOT / sandbox_name).exists()
 
