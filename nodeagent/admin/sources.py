@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from nodeagent.admin.dump import policy_json, service_json, workload_json
 from nodeagent.admin.providers import ConfigDumpSections, ConnectionInfo, PodRules, PodStatus
-from nodeagent.admin.telemetry import split_hostport
+from nodeagent.admin.telemetry import LiveConnectionView, split_hostport
 from nodeagent.datapath.iptables import InstalledCapture
 from nodeagent.datapath.netns import NetnsHandle, resolve
 from nodeagent.datapath.plan import (
@@ -29,7 +29,6 @@ from nodeagent.datapath.plan import (
     render_netlink,
 )
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
-from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.model.workload import Workload
 from nodeagent.policy.engine import evaluate
@@ -163,37 +162,10 @@ class NodePodsSource:
 # -- connections -------------------------------------------------------------------------
 
 
-class LiveConnectionRow(Protocol):
-    @property
-    def workload(self) -> str: ...
-    @property
-    def workload_uid(self) -> str: ...
-    @property
-    def direction(self) -> str: ...
-    @property
-    def protocol(self) -> str: ...
-    @property
-    def local(self) -> str: ...
-    @property
-    def remote(self) -> str: ...
-    @property
-    def target(self) -> str: ...
-    @property
-    def source_identity(self) -> Identity | None: ...
-    @property
-    def destination_identity(self) -> Identity | None: ...
-    @property
-    def started(self) -> float: ...
-    @property
-    def bytes_in(self) -> int: ...
-    @property
-    def bytes_out(self) -> int: ...
-
-
 class RegistryConnections:
     """ConnectionsSource over the proxy's connection registry (any iterable of connections)."""
 
-    def __init__(self, live: Callable[[], Iterable[LiveConnectionRow]]) -> None:
+    def __init__(self, live: Callable[[], Iterable[LiveConnectionView]]) -> None:
         self._live = live
 
     def connections(self) -> list[ConnectionInfo]:

@@ -42,8 +42,11 @@ _ACTIONS = {
 
 
 class LiveConnectionView(Protocol):
-    """What telemetry reads from a live connection (nodeagent.proxy.connections)."""
+    """What the admin reads from a live connection (nodeagent.proxy.connections), for
+    telemetry and for the /connections view."""
 
+    @property
+    def workload(self) -> str: ...
     @property
     def workload_uid(self) -> str: ...
     @property
