@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, json_format
@@ -194,12 +195,18 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.active_streams = 0
         self.streams: list[StreamInfo] = []
         """Every stream opened, oldest first (bounded)."""
+        self.stream_tasks: set[asyncio.Task[Any]] = set()
+        """gRPC's task for each open stream; stop() waits for them to finish."""
 
     async def DeltaAggregatedResources(
         self,
         request_iterator: AsyncIterator[discovery_pb.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[discovery_pb.DeltaDiscoveryResponse]:
+        task = asyncio.current_task()
+        if task is not None:
+            self.stream_tasks.add(task)
+            task.add_done_callback(self.stream_tasks.discard)
         md = {k: v for k, v in (context.invocation_metadata() or ())}
         token = str(md.get("authorization", "")).removeprefix("Bearer ").strip()
         node = self._store.node_for_token(token)
@@ -340,6 +347,11 @@ class ControlPlaneServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+            # grpc's stop() can return while a stream's task is still unwinding;
+            # wait for them so nothing of ours outlives the server.
+            pending = set(self.servicer.stream_tasks)
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
 
     async def wait(self) -> None:
         if self._server is not None:
