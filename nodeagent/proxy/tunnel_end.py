@@ -65,13 +65,19 @@ class TunnelRelayEnd(RelayEnd):
             self._early.append((data, len(data)))
             return
         self.on_data(data)
-        self._credit(len(data))
+        # We are inside the HboneConnection's read, which flushes once it has dispatched the
+        # whole read: queue the credit without a flush of our own (one less per DATA frame).
+        self._credit(len(data), flush=False)
 
-    def _credit(self, size: int) -> None:
+    def _credit(self, size: int, *, flush: bool = True) -> None:
         if self._paused:
             self._held += size
-        elif not self.closed:
+        elif self.closed:
+            pass
+        elif flush:
             self.stream.ack(size)
+        else:
+            self.stream.owner.conn.acknowledge_received_data(self.stream.stream_id, size)
 
     def _stream_end(self) -> None:
         if not self._wired:

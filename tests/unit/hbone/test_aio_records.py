@@ -1,0 +1,79 @@
+"""Output regrouping for TLS records and the allocator tuning of the asyncio adapter."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nodeagent.hbone.aio import HboneConnection, coalesce_records, tune_allocator
+from nodeagent.hbone.frames import PingFrame, SettingsFrame, serialize
+
+RECORD = 16384
+SIZES = [0, 1, 9, 100, RECORD - 9, RECORD, RECORD + 1, 40_000, 300_000]
+
+
+def _pieces(sizes: list[int], kinds: list[int]) -> list[bytes | bytearray | memoryview]:
+    out: list[bytes | bytearray | memoryview] = []
+    for i, (size, kind) in enumerate(zip(sizes, kinds, strict=True)):
+        data = bytes((i * 7 + j) % 251 for j in range(min(size, 251))) * (size // 251 + 1)
+        data = data[:size]
+        out.append((data, bytearray(data), memoryview(data))[kind % 3])
+    return out
+
+
+@given(
+    st.lists(st.sampled_from(SIZES), min_size=1, max_size=6).flatmap(
+        lambda sizes: st.tuples(
+            st.just(sizes), st.lists(st.integers(0, 2), min_size=len(sizes), max_size=len(sizes))
+        )
+    )
+)
+def test_coalesced_output_is_the_same_byte_stream_without_small_records(
+    case: tuple[list[int], list[int]],
+) -> None:
+    pieces = _pieces(*case)
+    out = coalesce_records(pieces)
+    assert b"".join(out) == b"".join(pieces)
+    sizes = [memoryview(b).nbytes for b in out]
+    # Only the last buffer may be shorter than a full TLS record.
+    assert all(size >= RECORD for size in sizes[:-1]), sizes
+
+
+def test_frame_header_rides_in_the_first_record_of_its_payload() -> None:
+    header, payload = b"H" * 9, bytes(range(256)) * 1024  # a DATA frame of 256 KiB
+    out = coalesce_records([header, payload])
+    assert [memoryview(b).nbytes for b in out] == [RECORD, len(payload) + 9 - RECORD]
+    assert bytes(out[0][:9]) == header
+
+
+@pytest.mark.parametrize("pieces", [[b"a", b"b", b"c"], [b"x" * 10, memoryview(b"y" * 20)]])
+def test_small_pieces_are_joined_into_one_write(pieces: list[bytes | memoryview]) -> None:
+    assert coalesce_records(list(pieces)) == [b"".join(pieces)]
+
+
+def test_allocator_tuning_is_idempotent() -> None:
+    first = tune_allocator()
+    assert tune_allocator() == first
+
+
+async def test_reads_through_a_reused_buffer_survive_frames_split_across_reads() -> None:
+    """Bytes arrive a few at a time through the read buffer, which is scribbled over after each
+    read as the TLS layer would: frames held across reads must still decode intact."""
+    conn = HboneConnection(client_side=True)  # no transport: output stays queued
+    conn.conn.data_to_send()  # our preface and SETTINGS
+    wire = serialize(SettingsFrame(settings=())) + b"".join(
+        serialize(PingFrame(data=bytes([i]) * 8)) for i in range(1, 4)
+    )
+    for start in range(0, len(wire), 5):
+        piece = wire[start : start + 5]
+        buf = conn.get_buffer(len(piece))
+        buf[: len(piece)] = piece
+        conn.buffer_updated(len(piece))
+        scribble = conn.get_buffer(-1)
+        scribble[:] = b"\xff" * len(scribble)  # a reused buffer must be free to overwrite
+        conn.buffer_updated(0)
+    out = conn.conn.data_to_send_bytes()
+    for i in range(1, 4):
+        assert serialize(PingFrame(data=bytes([i]) * 8, ack=True)) in out
+    conn.close()
