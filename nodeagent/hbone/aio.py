@@ -152,6 +152,11 @@ class TunnelStream:
     # --- driven by the connection ---
     def _on_data(self, data: memoryview, length: int) -> None:
         if self.on_data is not None:
+            padding = length - len(data)
+            if padding and self.manual_ack:
+                # A consumer acks the bytes it was given; padding never reaches it,
+                # so return that part of the window here or it leaks away.
+                self.owner.conn.acknowledge_received_data(self.stream_id, padding)
             self.on_data(data)
             return
         self._inbox.append((data, length))
