@@ -11,14 +11,18 @@ Plain wiring, no logic. `build` creates
   client pool, the 15008 server, plaintext 15006, with authorization and a
   registry of live connections that policy changes re-check) when workload
   certificates are available, plain passthrough otherwise;
-* the NodeManager that drives it all;
+* the NodeManager that drives it all, with the pod annotation manager when
+  there is a Kubernetes API server (in a pod, or `kube_api_address`);
 * the admin, metrics and readiness servers, with providers over all of the
   above, connection telemetry (Istio's traffic metrics, access logs) hooked
   into the connection registry and the policy checker, and the agent's own
   gauges read from their components at each scrape;
 
 and returns `AgentHandles`: the components, `start()` / `run()` /
-`stop()` / `shutdown(cleanup=)`, and `ready`.
+`stop()` / `shutdown(cleanup=)`, and `ready`. `run()` ends with an uninstall
+(capture and annotations removed from every local pod) when asked to, or when
+the agent's DaemonSet is gone or being deleted; otherwise the rules stay for
+the next agent (nodeagent.kube.shutdown).
 
 Anything that needs the kernel or the network can be replaced through
 `build`'s keyword arguments, so tests run the real wiring with fakes or with
@@ -30,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +60,20 @@ from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorke
 from nodeagent.hbone.pool import HbonePool, PoolSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager, CertState
+from nodeagent.kube.api import KubeApi
+from nodeagent.kube.client import KubeClient, resolve_endpoint
+from nodeagent.kube.shutdown import ShutdownMode
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff
-from nodeagent.node.manager import NamespaceScanner, NodeManager, PlanBuilder, plan_from_namespace
+from nodeagent.node.manager import (
+    NamespaceScanner,
+    NodeManager,
+    PlanBuilder,
+    plan_from_namespace,
+)
+from nodeagent.node.manager import netns_alive as namespace_exists
+from nodeagent.node.shutdown import read_shutdown_decision
 from nodeagent.proxy.connections import (
     ConnectionRegistry,
     ObservedPolicyChecker,
@@ -92,6 +108,8 @@ class AgentHandles:
     pool: HbonePool | None = None
     admin: AdminServers | None = None
     metrics: AgentMetrics | None = None
+    kube: KubeApi | None = None
+    annotations: PodAnnotationManager | None = None
     _closers: list[Any] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -122,14 +140,29 @@ class AgentHandles:
         self._stop.set()
 
     async def run(self, *, cleanup: bool = False) -> None:
-        """Start, serve until `stop()`, then shut down (in-pod rules stay unless cleanup)."""
+        """Start, serve until `stop()`, then shut down: an uninstall when `cleanup`
+        or when `uninstalling()` says so, otherwise the in-pod rules stay."""
         if self.admin is not None:
             await self.admin.start()
         self.start()
         try:
             await self._stop.wait()
         finally:
-            await self.shutdown(cleanup=cleanup or self._cleanup)
+            forced = cleanup or self._cleanup
+            await self.shutdown(cleanup=forced or await self.uninstalling())
+
+    async def uninstalling(self) -> bool:
+        """Whether this shutdown is an uninstall, from the agent's DaemonSet.
+
+        Without an API server the answer is no: the rules stay (fail closed).
+        """
+        if self.kube is None:
+            return False
+        decision = await read_shutdown_decision(
+            self.kube, namespace=self.config.pod_namespace, name=self.config.daemonset_name
+        )
+        log.info("shutdown is an %s: %s", decision.mode.value, decision.reason)
+        return decision.mode is ShutdownMode.UNINSTALL
 
     async def shutdown(self, *, cleanup: bool = False) -> None:
         """Close listeners (draining), keep or remove capture, stop xDS and certificates."""
@@ -168,11 +201,15 @@ async def build(
     admin: bool = True,
     scan_interval: float = 1.0,
     backoff: Backoff | None = None,
+    kube: KubeApi | None = None,
+    environ: Mapping[str, str] | None = None,
+    netns_alive: Callable[[NetnsHandle], bool] | None = None,
 ) -> AgentHandles:
     """Build an agent from `config`; keyword arguments replace parts for tests.
 
     xds=False: no control-plane client (tests fill `store` directly);
-    ca=False: no certificate manager.
+    ca=False: no certificate manager; kube: the API server client (default:
+    from `config` and `environ`, the process environment unless given).
     """
     if not config.node_name:
         raise ConfigError("field 'node_name' is required (NODE_NAME or --node-name)")
@@ -181,6 +218,18 @@ async def build(
             f"field 'redirect_backend': {config.redirect_backend!r} is not available yet"
         )
     closers: list[Any] = []
+    if kube is None:
+        endpoint = resolve_endpoint(config, os.environ if environ is None else environ)
+        kube = KubeClient(endpoint) if endpoint is not None else None
+        log.info(
+            "kubernetes API: %s",
+            f"{endpoint.url} (pod annotations; upgrade or uninstall at shutdown)"
+            if endpoint is not None
+            else "not used (pods are not annotated; shutdown keeps the rules)",
+        )
+    annotations = (
+        PodAnnotationManager(kube, node_name=config.node_name) if kube is not None else None
+    )
     store = store or StateStore()
     updater = StateUpdater(store)
     xds_client = XdsClient(config, updater) if xds else None
@@ -256,6 +305,8 @@ async def build(
         backoff=backoff,
         drain_seconds=config.drain_seconds,
         on_setup=metrics.observe_capture_setup,
+        annotations=annotations,
+        netns_alive=netns_alive or namespace_exists,
     )
     _refresh_metrics(metrics, xds_client, certificates, node_manager)
     metrics.add_refresh(telemetry.flush)
@@ -309,6 +360,8 @@ async def build(
         pool=pool,
         admin=servers,
         metrics=metrics,
+        kube=kube,
+        annotations=annotations,
         _closers=closers,
     )
     agent.append(handles)

@@ -19,6 +19,11 @@ from nodeagent.model import constants
 
 RedirectBackend = Literal["iptables", "ebpf"]
 LogLevel = Literal["trace", "debug", "info", "warning", "error"]
+KubeApiMode = Literal["auto", "on", "off"]
+
+# Where a pod finds its API server and service-account credentials.
+IN_CLUSTER_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+IN_CLUSTER_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 
 
 class ConfigError(ValueError):
@@ -97,6 +102,28 @@ class Config:
     drain_seconds: float = 5.0
     """How long live connections may finish after shutdown starts (env DRAIN_SECONDS)."""
 
+    kube_api: KubeApiMode = "auto"
+    """Whether the agent talks to the Kubernetes API server (env KUBE_API), to
+    annotate the pods it captures and, at SIGTERM, to read its own DaemonSet
+    (upgrade or uninstall). `auto`: when `kube_api_address` is set or the agent
+    runs in a pod (KUBERNETES_SERVICE_HOST/PORT set); `on`: required, start fails
+    without an address; `off`: never (the sandbox has no API server)."""
+
+    kube_api_address: str = ""
+    """API server URL (env KUBE_API_ADDRESS), `https://host:port`. Empty means
+    the in-cluster address from KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT."""
+
+    kube_token_path: str = IN_CLUSTER_TOKEN
+    """Bearer token file for API server calls (env KUBE_TOKEN): the standard
+    service-account token, read again on every call because the kubelet rotates it."""
+
+    kube_root_ca: str = IN_CLUSTER_CA
+    """PEM file with the CA that signs the API server's certificate (env KUBE_ROOT_CA)."""
+
+    daemonset_name: str = "nodeagent"
+    """The agent's own DaemonSet, in `pod_namespace` (env DAEMONSET_NAME), read at
+    SIGTERM: gone or being deleted means uninstall, present means upgrade."""
+
     extra: Mapping[str, str] = field(default_factory=dict)
     """Proxy metadata passed through to the control plane in the xDS node metadata."""
 
@@ -134,6 +161,11 @@ ENV_NAMES: dict[str, str] = {
     "PROC_ROOT": "proc_root",
     "STATE_DIR": "state_dir",
     "DRAIN_SECONDS": "drain_seconds",
+    "KUBE_API": "kube_api",
+    "KUBE_API_ADDRESS": "kube_api_address",
+    "KUBE_TOKEN": "kube_token_path",
+    "KUBE_ROOT_CA": "kube_root_ca",
+    "DAEMONSET_NAME": "daemonset_name",
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -167,7 +199,11 @@ def _coerce(name: str, raw: Any, source: str) -> Any:
         return fvalue
     if not isinstance(raw, str):
         raise ConfigError(f"{where}: expected a string, got {raw!r}")
-    literal = {"RedirectBackend": RedirectBackend, "LogLevel": LogLevel}.get(str(ftype))
+    literal = {
+        "RedirectBackend": RedirectBackend,
+        "LogLevel": LogLevel,
+        "KubeApiMode": KubeApiMode,
+    }.get(str(ftype))
     if literal is not None:
         allowed = get_args(literal)
         value_s = raw.strip().lower()
@@ -192,6 +228,13 @@ def _validate(cfg: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: field {name!r}: expected http://, https:// or unix: URL, got {value!r}"
             )
+    if cfg.kube_api_address and not cfg.kube_api_address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{source}: field 'kube_api_address': expected an http:// or https:// URL, "
+            f"got {cfg.kube_api_address!r}"
+        )
+    if cfg.kube_api != "off" and not cfg.daemonset_name:
+        raise ConfigError(f"{source}: field 'daemonset_name': must not be empty")
     if not cfg.trust_domain or "/" in cfg.trust_domain:
         raise ConfigError(f"{source}: field 'trust_domain': invalid {cfg.trust_domain!r}")
 

@@ -18,7 +18,7 @@ LAYERS: list[list[str]] = [
     ["cli"],
     ["app"],
     ["admin", "node", "proxy", "controlplane", "sandbox"],
-    ["hbone", "xds", "identity", "datapath"],
+    ["hbone", "xds", "identity", "datapath", "kube"],
     ["state", "policy", "traffic"],
     # config sits just above model: it reads the port and mark constants.
     ["config"],
@@ -33,6 +33,8 @@ PURE_MODULES = {
     "nodeagent.datapath.plan",
     "nodeagent.identity.csr",
     "nodeagent.node.lifecycle",
+    "nodeagent.kube.api",
+    "nodeagent.kube.shutdown",
 }
 IO_MODULES = {
     "asyncio",

@@ -6,6 +6,8 @@
 # image and loads it into the nodes, installs the kind overlay, deploys two
 # clients (worker 1) and two servers (worker 2) in an ambient namespace, and
 # checks:
+#   annotation  the agents wrote ambient.istio.io/redirection=enabled on every
+#               test pod (no pod template sets it)
 #   traffic     every client reaches every server across nodes
 #   mtls        on the server's node the traffic is only HBONE on port 15008:
 #               tcpdump sees no packet to the app port and not the plaintext
@@ -14,7 +16,11 @@
 #   source-ip   the server sees the client pod's IP (original source kept)
 #   deny        an L4 DENY AuthorizationPolicy on client-b's identity is enforced
 #   agent       every agent serves readiness (:15021) and metrics (:15020)
-#   uninstall   after uninstall no capture rules remain in any pod namespace
+#   upgrade     a rollout restart of the DaemonSet keeps the rules and the
+#               annotations (SIGTERM with the DaemonSet present), and traffic
+#               flows again once the new agents are ready
+#   uninstall   after uninstall no capture rules remain in any pod namespace,
+#               and no test pod keeps the annotation
 #
 # Usage:
 #   scripts/kind-e2e.sh [all]          up, every check, uninstall, down (trap)
@@ -43,7 +49,9 @@ APP_NS=mesh-e2e
 TRUST_DOMAIN=cluster.local
 OVERLAY="$ROOT/daemonset/kustomize/overlays/kind"
 APPS="$ROOT/tests/kind/apps"
-ALL_CHECKS=(traffic mtls identity source-ip deny agent)
+ALL_CHECKS=(annotation traffic mtls identity source-ip deny agent upgrade)
+APPS_LIST=(client-a client-b server-a server-b)
+REDIRECTION_JSONPATH='{.metadata.annotations.ambient\.istio\.io/redirection}'
 
 log() { printf '[kind-e2e] %s\n' "$*" >&2; }
 die() {
@@ -143,7 +151,7 @@ deploy_apps() {
   log "deploying the test apps in $APP_NS"
   k apply -k "$APPS"
   local app
-  for app in client-a client-b server-a server-b; do
+  for app in "${APPS_LIST[@]}"; do
     k -n "$APP_NS" rollout status "deploy/$app" --timeout "$WAIT"
   done
   # Ready means xDS synced and every local meshed pod captured.
@@ -204,12 +212,46 @@ reports_peer() {
     grep 'reporter="destination"' | grep -qF "source_principal=\"$2\""
 }
 
+# redirection APP: the value of the app pod's ambient.istio.io/redirection annotation.
+redirection() {
+  k -n "$APP_NS" get pod -l "app=$1" -o jsonpath="{.items[0]$REDIRECTION_JSONPATH}"
+}
+
+annotated() {
+  [[ "$(redirection "$1")" == enabled ]]
+}
+
+# pod_rules NODE: capture chains and policy-routing rules in every pod netns on
+# a kind node, one line each, prefixed with the namespace.
+pod_rules() {
+  # shellcheck disable=SC2016 # expanded inside the node, not here
+  docker exec "$1" sh -c '
+    save=$(command -v iptables-legacy-save || command -v iptables-save)
+    for ns in /var/run/netns/*; do
+      [ -e "$ns" ] || continue
+      nsenter --net="$ns" "$save" 2>/dev/null | grep -E "ISTIO_(PRERT|OUTPUT)" |
+        sed "s|^|$ns: |"
+      nsenter --net="$ns" ip rule show 2>/dev/null | grep -E "lookup 100" | sed "s|^|$ns: |"
+    done' | sed "s|^|$1 |" || true
+}
+
 # refused CLIENT SERVER: the connection fails or gets no reply.
 refused() {
   ! call "$1" "$2" refused-check >/dev/null 2>&1
 }
 
 # ---- checks ---------------------------------------------------------------------
+
+# The agent, not the pod template, puts the annotation on: istiod then sends
+# the pods' peers HBONE for them.
+check_annotation() {
+  local app
+  for app in "${APPS_LIST[@]}"; do
+    retry 60 annotated "$app" ||
+      die "$app: no ambient.istio.io/redirection=enabled annotation (got '$(redirection "$app")')"
+  done
+  log "the agents annotated ${APPS_LIST[*]}"
+}
 
 check_traffic() {
   local client server reply
@@ -322,6 +364,29 @@ check_agent() {
   log "readiness and metrics served by ${#agents[@]} agents"
 }
 
+# Upgrade: every agent gets SIGTERM while its DaemonSet exists, so it must
+# leave the capture rules and the annotations in place for its successor.
+check_upgrade() {
+  local node before after app
+  node=$(node_of server-a)
+  before=$(pod_rules "$node")
+  [[ -n "$before" ]] || die "no capture rules on $node before the upgrade"
+  k -n "$AGENT_NS" rollout restart ds/nodeagent
+  k -n "$AGENT_NS" rollout status ds/nodeagent --timeout "$WAIT"
+  after=$(pod_rules "$node")
+  [[ "$after" == "$before" ]] || die "capture rules on $node changed across the upgrade:
+before:
+$before
+after:
+$after"
+  for app in "${APPS_LIST[@]}"; do
+    annotated "$app" || die "$app lost its annotation across the upgrade"
+  done
+  retry 60 call client-a server-a after-upgrade >/dev/null ||
+    die "client-a cannot reach server-a after the upgrade"
+  log "rules and annotations survived a rollout restart; traffic flows"
+}
+
 # Uninstall: delete the DaemonSet first (foreground, so each agent sees it
 # being deleted and removes its rules from every pod), then everything else.
 # Afterwards no pod namespace on any node may hold a capture chain or the
@@ -329,25 +394,20 @@ check_agent() {
 check_uninstall() {
   k -n "$AGENT_NS" delete daemonset nodeagent --cascade=foreground --wait --timeout "$WAIT"
   k delete -k "$OVERLAY" --ignore-not-found --wait
-  local node leftovers
+  local node leftovers app
   leftovers=""
   for node in $(kind get nodes --name "$CLUSTER"); do
     # Every pod netns the runtime has on this node: iptables chains and ip rules.
-    # shellcheck disable=SC2016 # expanded inside the node, not here
-    leftovers+=$(docker exec "$node" sh -c '
-      save=$(command -v iptables-legacy-save || command -v iptables-save)
-      for ns in /var/run/netns/*; do
-        [ -e "$ns" ] || continue
-        nsenter --net="$ns" "$save" 2>/dev/null | grep -E "ISTIO_(PRERT|OUTPUT)" |
-          sed "s|^|$ns: |"
-        nsenter --net="$ns" ip rule show 2>/dev/null | grep -E "lookup 100" | sed "s|^|$ns: |"
-      done' | sed "s|^|$node |" || true)
+    leftovers+=$(pod_rules "$node")
   done
   if [[ -n "$leftovers" ]]; then
     die "rules left in pods after uninstall:
 $leftovers"
   fi
-  log "no capture rules left in any pod after uninstall"
+  for app in "${APPS_LIST[@]}"; do
+    [[ -z "$(redirection "$app")" ]] || die "$app still has its annotation after uninstall"
+  done
+  log "no capture rules and no annotations left in any pod after uninstall"
 }
 
 run_check() {

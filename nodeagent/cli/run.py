@@ -3,10 +3,13 @@
 Settings come from defaults, `--config FILE`, the environment (NODE_NAME,
 XDS_ADDRESS, ...) and these flags, in that order of precedence (flags win). A
 bad setting is refused in one line naming the field. SIGTERM / SIGINT shut
-down gracefully: listeners close (live connections get `drain_seconds`) and
-the in-pod capture rules stay, so a restarted agent adopts them and traffic
-is never leaked uncaptured meanwhile; `--cleanup-on-exit` removes the rules
-from every local pod on the way out (uninstall).
+down gracefully: listeners close (live connections get `drain_seconds`). In a
+cluster the agent then reads its own DaemonSet: still there means an upgrade,
+and the in-pod capture rules stay, so the next agent adopts them and traffic
+is never leaked uncaptured meanwhile; gone or being deleted means an
+uninstall, and the rules and the pods' `ambient.istio.io/redirection`
+annotations are removed. `--cleanup` (alias `--cleanup-on-exit`) forces the
+uninstall, whatever the DaemonSet's state.
 """
 
 from __future__ import annotations
@@ -66,9 +69,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--log-level", help="trace, debug, info (default), warning, error")
     p.add_argument("--drain-seconds", help="grace for live connections at shutdown")
     p.add_argument(
+        "--cleanup",
         "--cleanup-on-exit",
+        dest="cleanup",
         action="store_true",
-        help="remove capture from every local pod on exit (uninstall)",
+        help="on exit, remove capture and annotations from every local pod (uninstall), "
+        "whatever the DaemonSet's state",
     )
     p.set_defaults(func=run)
 
@@ -99,7 +105,7 @@ def setup_logging(level: str) -> None:
             logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS.get(level, 0)))
 
 
-async def serve(config: Config, *, cleanup_on_exit: bool = False) -> None:
+async def serve(config: Config, *, cleanup: bool = False) -> None:
     """Build the agent, run it until SIGTERM/SIGINT, shut it down."""
     # Imported here: the whole agent is heavy to import, and every other
     # command shares this module list.
@@ -114,7 +120,7 @@ async def serve(config: Config, *, cleanup_on_exit: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
     try:
-        await agent.run(cleanup=cleanup_on_exit)
+        await agent.run(cleanup=cleanup)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     try:
         with _runner() as runner:
-            runner.run(serve(config, cleanup_on_exit=args.cleanup_on_exit))
+            runner.run(serve(config, cleanup=args.cleanup))
     except ConfigError as exc:
         raise CliError(str(exc)) from None
     return 0

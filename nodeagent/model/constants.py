@@ -43,6 +43,11 @@ CHAIN_OUTPUT: Final = "ISTIO_OUTPUT"
 # (istiod's plaintext xDS port).
 CONTROLPLANE_XDS_PORT: Final = 15010
 
+# The pod annotation istiod reads to advertise a pod as HBONE-capable
+# (tunnel_protocol HBONE); istio-cni writes it in stock Istio, the agent here.
+REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
+REDIRECTION_ENABLED: Final = "enabled"
+
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT: Final = "default"
 

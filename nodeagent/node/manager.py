@@ -35,6 +35,12 @@ removes capture from every local pod.
 
 Each local workload's identity is registered with the certificate manager as
 soon as the workload is placed here, so its certificate is fetched early.
+
+With a `PodAnnotationManager` (in a cluster), a pod that reaches ready is
+annotated `ambient.istio.io/redirection: enabled`, and the annotation is removed
+when capture is removed from a pod that still exists, including at
+`shutdown(cleanup=True)`. The annotation work runs beside capture and never
+delays it.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ from nodeagent.datapath.discovery import MatchResult
 from nodeagent.datapath.iptables import CaptureBackend
 from nodeagent.datapath.netns import NetnsError, NetnsHandle, NetnsWorker, ipv6_enabled, resolve
 from nodeagent.datapath.plan import CapturePlan, build_plan
+from nodeagent.model.constants import REDIRECTION_ANNOTATION
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
+from nodeagent.node.annotations import PodAnnotationManager, PodRef, pod_ref
 from nodeagent.node.lifecycle import (
     Action,
     Backoff,
@@ -78,6 +86,10 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for setups/teardowns in flight (kernel operations).
 OPERATION_GRACE = 10.0
+# How long an uninstall waits for the pods' annotations to be removed. It runs
+# during the connection drain, so this is on top of it only when the API server
+# is slow; keep drain + this below terminationGracePeriodSeconds.
+ANNOTATION_GRACE = 5.0
 
 
 # -- what the manager needs from other packages (injected by app.py) -----------
@@ -218,6 +230,7 @@ class NodeManager:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_setup: Callable[[float], None] | None = None,
+        annotations: PodAnnotationManager | None = None,
     ) -> None:
         self._on_setup = on_setup  # observes each pod's setup time (seconds), for metrics
         if not node_name:
@@ -228,6 +241,7 @@ class NodeManager:
         self._scanner = scanner
         self._listeners = listeners
         self._certificates = certificates
+        self._annotations = annotations
         self._plan_for = plan_for
         self._alive = netns_alive
         self._scan_interval = scan_interval
@@ -240,6 +254,7 @@ class NodeManager:
 
         self._workloads: dict[str, Workload] = {}  # local workloads by uid
         self._identities: dict[str, Identity] = {}  # registered with the cert manager
+        self._annotated: dict[str, PodRef] = {}  # pods asked to carry the annotation
         self._open: dict[str, OpenListeners] = {}
         self._labels: dict[str, str] = {}
         self._scan: tuple[MatchResult, dict[int, NetnsHandle]] | None = None
@@ -277,6 +292,10 @@ class NodeManager:
     async def shutdown(self, *, cleanup: bool = False, drain: float | None = None) -> None:
         """Stop; close every listener. Rules stay in the pods unless `cleanup`."""
         self._stopping = True
+        if cleanup:
+            # Uninstall: start removing the annotations now, so the API calls
+            # overlap the connection drain below.
+            self._unannotate_all()
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -303,6 +322,14 @@ class NodeManager:
                 "node manager stopped: listeners of %d pod(s) closed, capture left in place",
                 len(opened),
             )
+        if self._annotations is not None:
+            if cleanup and not await self._annotations.flush(ANNOTATION_GRACE):
+                log.warning(
+                    "cleanup: annotation %s still on pod(s) %s",
+                    REDIRECTION_ANNOTATION,
+                    ", ".join(map(str, self._annotations.pending)),
+                )
+            await self._annotations.close()
         if self._certificates is not None:
             for identity in self._identities.values():
                 self._certificates.remove_workload_identity(identity)
@@ -578,6 +605,8 @@ class NodeManager:
         if self._on_setup is not None:
             self._on_setup(self._clock() - started)
         self._dispatch(SetupDone(uid=uid, now=self._clock()))
+        if self.state_of(uid) is PodState.READY:
+            self._annotate(uid)
 
     async def _teardown(self, action: StartTeardown) -> None:
         uid = action.uid
@@ -588,7 +617,8 @@ class NodeManager:
             if listeners is not None:
                 await listeners.close(drain=self._drain)
             async with self._sem:
-                if await asyncio.to_thread(self._alive, handle):
+                alive = await asyncio.to_thread(self._alive, handle)
+                if alive:
                     await asyncio.to_thread(self._capture.remove, handle)
         except asyncio.CancelledError:
             raise
@@ -599,8 +629,38 @@ class NodeManager:
             self._dispatch(TeardownFailed(uid=uid, reason=reason, now=self._clock()))
             return
         self.stats.teardowns += 1
+        if alive:
+            # The pod lives on uncaptured (it left the mesh): peers must stop
+            # sending it HBONE. A deleted pod needs nothing.
+            self._unannotate(uid)
         log.info("pod %s (uid %s): capture and listeners removed from %s", label, uid, handle)
         self._dispatch(TeardownDone(uid=uid, now=self._clock()))
+
+    # -- annotations ------------------------------------------------------------
+
+    def _annotate(self, uid: str) -> None:
+        workload = self._workloads.get(uid)
+        ref = pod_ref(workload) if workload is not None else None
+        if self._annotations is None or ref is None or self._stopping:
+            return
+        self._annotated[uid] = ref
+        self._annotations.set_redirection(ref, True)
+
+    def _unannotate(self, uid: str) -> None:
+        workload = self._workloads.get(uid)
+        ref = self._annotated.pop(uid, None) or (pod_ref(workload) if workload else None)
+        if self._annotations is not None and ref is not None:
+            self._annotations.set_redirection(ref, False)
+
+    def _unannotate_all(self) -> None:
+        """Every local pod, including those a previous agent annotated."""
+        if self._annotations is None:
+            return
+        refs = set(self._annotated.values())
+        refs.update(r for w in self._workloads.values() if (r := pod_ref(w)) is not None)
+        self._annotated.clear()
+        for ref in sorted(refs):
+            self._annotations.set_redirection(ref, False)
 
     def _handle_for(self, uid: str, netns: Netns) -> NetnsHandle:
         """The freshest path to the namespace (a /proc path dies with its process)."""

@@ -430,6 +430,8 @@ class SandboxManager:
                 "STATE_DIR": str(node_dir),
                 "ADMIN_SOCKET": admin_socket(plan.name, node.name, self.store.root),
                 "DRAIN_SECONDS": "1",
+                # No API server here, even when the sandbox itself runs in a pod.
+                "KUBE_API": "off",
             }
             specs.append(
                 ProcessSpec(

@@ -70,6 +70,11 @@ def assert_check(name: str) -> None:
 
 
 @pytest.mark.timeout(UP_TIMEOUT + CHECK_TIMEOUT)
+def test_agents_annotate_the_pods_they_capture(kind_cluster: None) -> None:
+    assert_check("annotation")
+
+
+@pytest.mark.timeout(CHECK_TIMEOUT)
 def test_every_client_reaches_every_server_across_nodes(kind_cluster: None) -> None:
     assert_check("traffic")
 
@@ -97,6 +102,11 @@ def test_deny_authorization_policy_is_enforced(kind_cluster: None) -> None:
 @pytest.mark.timeout(CHECK_TIMEOUT)
 def test_agents_serve_readiness_and_metrics(kind_cluster: None) -> None:
     assert_check("agent")
+
+
+@pytest.mark.timeout(CHECK_TIMEOUT)
+def test_upgrade_keeps_rules_and_annotations(kind_cluster: None) -> None:
+    assert_check("upgrade")
 
 
 # Last: it removes the agent.

@@ -52,3 +52,37 @@ def test_config_is_frozen():
 def test_node_id_has_ztunnel_shape():
     cfg = build_config(env={"INSTANCE_IP": "10.0.0.5", "POD_NAME": "na-1"})
     assert cfg.xds_node_id == "ztunnel~10.0.0.5~na-1.istio-system~istio-system.svc.cluster.local"
+
+
+def test_kube_settings_come_from_their_env_names():
+    cfg = build_config(
+        env={
+            "KUBE_API": "On",
+            "KUBE_API_ADDRESS": "https://10.0.0.1:6443",
+            "KUBE_TOKEN": "/t",
+            "KUBE_ROOT_CA": "/ca",
+            "DAEMONSET_NAME": "agent",
+        }
+    )
+    assert (cfg.kube_api, cfg.kube_api_address) == ("on", "https://10.0.0.1:6443")
+    assert (cfg.kube_token_path, cfg.kube_root_ca, cfg.daemonset_name) == ("/t", "/ca", "agent")
+    assert Config().kube_api == "auto" and Config().daemonset_name == "nodeagent"
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"KUBE_API": "sometimes"}, "kube_api"),
+        ({"KUBE_API_ADDRESS": "10.0.0.1:6443"}, "kube_api_address"),
+    ],
+)
+def test_bad_kube_settings_name_the_field(env, field):
+    with pytest.raises(ConfigError, match=f"environment: field '{field}'"):
+        build_config(env=env)
+
+
+def test_empty_daemonset_name_is_refused_from_a_file(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("daemonset_name: ''\n")
+    with pytest.raises(ConfigError, match="field 'daemonset_name': must not be empty"):
+        build_config(file=str(f))

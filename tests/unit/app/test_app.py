@@ -18,6 +18,7 @@ from nodeagent.config import Config, ConfigError
 from nodeagent.datapath.discovery import MatchResult, match_workloads
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
+from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.model.workload import Workload
 from nodeagent.node.lifecycle import PodState
 from nodeagent.node.manager import plan_from_addresses
@@ -98,16 +99,7 @@ async def test_built_agent_captures_a_local_pod_and_stops_leaving_capture() -> N
         factories.append(LoopbackSockets(netns))
         return factories[-1]
 
-    agent = await app.build(
-        CONFIG,
-        capture=capture,
-        scanner=OneNamespaceScanner(7, {"10.1.0.5"}),
-        sockets_for=sockets_for,
-        plan_for=plan_from_addresses,
-        xds=False,
-        ca=False,
-        scan_interval=0.01,
-    )
+    agent = await build_with_one_pod_namespace(CONFIG, capture, sockets_for=sockets_for)
     runner = asyncio.create_task(agent.run())
     agent.store.apply(StateBatch(workloads=(pod_workload(),)))
     async with asyncio.timeout(5):
@@ -186,3 +178,121 @@ def test_run_refuses_bad_settings_in_one_line_naming_the_field(
         load_config(_args(*argv), env={})
     assert field in str(err.value)
     assert "\n" not in str(err.value)
+
+
+# -- shutdown: upgrade or uninstall, against the loopback API server (tests/unit/conftest.py) --
+
+REDIRECTION = {"ambient.istio.io/redirection": "enabled"}
+DS_PATH = "/apis/apps/v1/namespaces/istio-system/daemonsets/nodeagent"
+
+
+async def build_with_one_pod_namespace(
+    config: Config, capture: RecordingCapture, **build: Any
+) -> app.AgentHandles:
+    """The real wiring, with namespace 7 holding 10.1.0.5 and no control plane."""
+    return await app.build(
+        config,
+        capture=capture,
+        scanner=OneNamespaceScanner(7, {"10.1.0.5"}),
+        plan_for=plan_from_addresses,
+        xds=False,
+        ca=False,
+        scan_interval=0.01,
+        **build,
+    )
+
+
+async def run_until_annotated(api: Any, **build: Any) -> tuple[app.AgentHandles, Any, Any]:
+    """A built agent with a captured, annotated pod; returns (agent, capture, runner)."""
+    capture = RecordingCapture()
+    cleanup = build.pop("cleanup", False)
+    agent = await build_with_one_pod_namespace(
+        api.config(node_name="node1", xds_address="http://127.0.0.1:1"),
+        capture,
+        sockets_for=LoopbackSockets,
+        admin=False,
+        netns_alive=lambda netns: True,
+        **build,
+    )
+    runner = asyncio.create_task(agent.run(cleanup=cleanup))
+    agent.store.apply(StateBatch(workloads=(pod_workload(),)))
+    async with asyncio.timeout(5):
+        await api.wait_until(lambda: api.annotations_of("default", "web") == REDIRECTION)
+    assert 7 in capture.installed
+    return agent, capture, runner
+
+
+@pytest.mark.parametrize(
+    ("daemonset", "uninstall"),
+    [("present", False), ("deleting", True), ("absent", True), ("forbidden", True), ("500", False)],
+)
+async def test_sigterm_keeps_or_removes_rules_and_annotations_by_the_daemonset(
+    kube_api_server: Any, daemonset: str, uninstall: bool
+) -> None:
+    async with kube_api_server() as api:
+        api.add_pod("default", "web", node="node1")
+        if daemonset in ("present", "deleting"):
+            api.add_daemonset("istio-system", "nodeagent", deleting=daemonset == "deleting")
+        elif daemonset == "forbidden":
+            api.answer("GET", DS_PATH, 403)
+        elif daemonset == "500":
+            api.answer("GET", DS_PATH, 500)
+        agent, capture, runner = await run_until_annotated(api)
+        agent.stop()
+        await runner
+        assert [c.path for c in api.calls("GET") if "daemonsets" in c.path] == [DS_PATH]
+        if uninstall:
+            assert capture.installed == {}
+            assert api.annotations_of("default", "web") == {}
+        else:
+            assert 7 in capture.installed
+            assert api.annotations_of("default", "web") == REDIRECTION
+
+
+async def test_unreachable_api_server_at_sigterm_keeps_the_rules(kube_api_server: Any) -> None:
+    async with kube_api_server() as api:
+        api.add_pod("default", "web", node="node1")
+        endpoint = resolve_endpoint(api.config(), {})
+        assert endpoint is not None
+        client = KubeClient(endpoint, timeout=0.2)
+        agent, capture, runner = await run_until_annotated(api, kube=client)
+        api.answer("GET", DS_PATH, api.HANG)
+        agent.stop()
+        await runner
+        assert 7 in capture.installed
+        assert api.annotations_of("default", "web") == REDIRECTION
+
+
+async def test_forced_cleanup_uninstalls_without_asking(kube_api_server: Any) -> None:
+    async with kube_api_server() as api:
+        api.add_pod("default", "web", node="node1")
+        api.add_daemonset("istio-system", "nodeagent")
+        agent, capture, runner = await run_until_annotated(api, cleanup=True)
+        agent.stop()
+        await runner
+        assert capture.installed == {}
+        assert api.annotations_of("default", "web") == {}
+        assert not [c for c in api.calls() if "daemonsets" in c.path]
+
+
+async def test_daemonset_name_and_namespace_come_from_the_config(kube_api_server: Any) -> None:
+    async with kube_api_server() as api:
+        config = api.config(node_name="node1", pod_namespace="mesh", daemonset_name="agent")
+        agent = await app.build(config, capture=RecordingCapture(), xds=False, ca=False)
+        assert agent.kube is not None
+        assert await agent.uninstalling() is True  # no such DaemonSet: 404, uninstall
+        assert api.calls()[-1].path == "/apis/apps/v1/namespaces/mesh/daemonsets/agent"
+        await agent.shutdown()
+
+
+async def test_outside_a_cluster_there_is_no_api_client() -> None:
+    agent = await app.build(CONFIG, capture=RecordingCapture(), xds=False, ca=False, environ={})
+    assert agent.kube is None and agent.annotations is None
+    assert await agent.uninstalling() is False
+    await agent.shutdown()
+
+
+def test_cleanup_flag_and_its_old_name() -> None:
+    assert _args("--cleanup").cleanup is True
+    assert _args("--cleanup-on-exit").cleanup is True
+    assert _args().cleanup is False

@@ -61,7 +61,16 @@ def test_unknown_check_is_refused_with_the_known_ones() -> None:
     result = run("check", "no-such-check")
     assert result.returncode == 1
     assert "unknown check 'no-such-check'" in result.stderr
-    for name in ("traffic", "mtls", "identity", "deny", "agent", "uninstall"):
+    for name in (
+        "annotation",
+        "traffic",
+        "mtls",
+        "identity",
+        "deny",
+        "agent",
+        "upgrade",
+        "uninstall",
+    ):
         assert name in result.stderr
 
 
@@ -76,5 +85,6 @@ def test_kind_tests_are_collected_without_a_cluster() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     collected = [ln for ln in result.stdout.splitlines() if "::test_" in ln]
-    assert len(collected) == 7
+    assert len(collected) == 9
+    assert collected[0].endswith("test_agents_annotate_the_pods_they_capture")
     assert collected[-1].endswith("test_uninstall_leaves_no_rules_in_any_pod")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from nodeagent import config as agent_config
+from nodeagent.kube.client import DEFAULT_TIMEOUT as KUBE_TIMEOUT
 from nodeagent.model import constants
 
 REPO = Path(__file__).resolve().parents[3]
@@ -137,7 +138,25 @@ def test_rolling_update_gives_the_old_agent_time_to_drain(
         "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
     }
     grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert float(settings(rendered[target])["DRAIN_SECONDS"]) < grace
+    # At SIGTERM the agent first reads its DaemonSet (bounded by the client's
+    # timeout), then drains.
+    assert float(settings(rendered[target])["DRAIN_SECONDS"]) + KUBE_TIMEOUT < grace
+
+
+@pytest.mark.parametrize("target", ["overlay kind", "overlay production"])
+def test_the_agent_reads_the_daemonset_its_rbac_names(
+    rendered: dict[str, Objects], target: str
+) -> None:
+    objs = rendered[target]
+    env = settings(objs)
+    assert env["KUBE_API"] == "on"  # in a cluster an unusable API server is an error
+    name = one(objs, "DaemonSet")["metadata"]["name"]
+    assert env["DAEMONSET_NAME"] == name
+    assert one(objs, "Role")["rules"][0]["resourceNames"] == [name]
+    fields = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent_container(objs)["env"]
+    }
+    assert fields["POD_NAMESPACE"] == "metadata.namespace"  # where the DaemonSet is looked up
 
 
 @pytest.mark.parametrize("target", ["overlay kind", "overlay production"])
@@ -233,7 +252,7 @@ def test_installs_into_istio_system_as_the_trusted_ztunnel_account_without_ownin
         ]
 
 
-def test_rbac_grants_nothing_beyond_enrollment_and_the_uninstall_check(
+def test_rbac_grants_exactly_the_calls_the_agent_makes(
     rendered: dict[str, Objects],
 ) -> None:
     objs = rendered["overlay production"]
@@ -245,15 +264,8 @@ def test_rbac_grants_nothing_beyond_enrollment_and_the_uninstall_check(
         for res in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert granted == {
-        ("", "pods", "get"),
-        ("", "pods", "list"),
-        ("", "pods", "watch"),
-        ("", "pods", "patch"),
-        ("", "namespaces", "get"),
-        ("", "namespaces", "list"),
-        ("", "namespaces", "watch"),
-    }
+    # nodeagent.kube.client: get_pod, patch_pod (cluster-wide); get_daemonset (below).
+    assert granted == {("", "pods", "get"), ("", "pods", "patch")}
     role_rules = one(objs, "Role")["rules"]
     assert role_rules == [
         {

@@ -13,8 +13,10 @@ from nodeagent.datapath.discovery import MatchResult, match_workloads
 from nodeagent.datapath.iptables import CaptureError
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
+from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
+from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff, PodState
 from nodeagent.node.manager import NodeManager
 from nodeagent.state.store import StateBatch, StateStore
@@ -379,3 +381,74 @@ async def test_namespace_vanishing_mid_setup_fails_then_waits_for_the_pod_again(
         w.scanner.add(102, "10.1.0.5")
         await w.wait_state("u1", PodState.READY)
         assert set(w.capture.installed) == {102}
+
+
+# -- the redirection annotation, against the loopback API server (tests/unit/conftest.py) --
+
+REDIRECTION = {"ambient.istio.io/redirection": "enabled"}
+
+
+def annotations_for(api: Any) -> PodAnnotationManager:
+    endpoint = resolve_endpoint(api.config(), {})
+    assert endpoint is not None
+    return PodAnnotationManager(
+        KubeClient(endpoint, timeout=0.5), node_name=NODE, backoff=Backoff(initial=0.01, cap=0.05)
+    )
+
+
+async def wait_annotations(api: Any, expected: dict[str, str], pod: str = "pod-u1") -> None:
+    async with asyncio.timeout(WAIT):
+        await api.wait_until(lambda: api.annotations_of("default", pod) == expected)
+
+
+async def capture_annotated_pod(api: Any, w: World) -> None:
+    """Pod u1 (pod-u1 in the API) on this node, captured and annotated."""
+    api.add_pod("default", "pod-u1", node=NODE)
+    w.scanner.add(101, "10.1.0.5")
+    w.place(workload("u1", "10.1.0.5"))
+    await w.wait_state("u1", PodState.READY)
+    await wait_annotations(api, REDIRECTION)
+
+
+async def test_ready_pod_is_annotated_and_uninstall_removes_the_annotation(
+    kube_api_server: Any,
+) -> None:
+    async with kube_api_server() as api, world(annotations=annotations_for(api)) as w:
+        api.add_pod("default", "pod-u2", node=NODE)
+        w.place(workload("u2", "10.1.0.6"))
+        await capture_annotated_pod(api, w)
+        # u2 was never set up (no namespace yet), so it is never annotated...
+        assert api.annotations_of("default", "pod-u2") == {}
+        await w.manager.shutdown(cleanup=True)
+        # ...and uninstall removes the annotation before shutdown returns.
+        assert api.annotations_of("default", "pod-u1") == {}
+        assert w.capture.installed == {}
+        assert not [c for c in api.calls("PATCH") if c.path.endswith("/pod-u2")]
+
+
+async def test_upgrade_shutdown_keeps_the_annotation(kube_api_server: Any) -> None:
+    async with kube_api_server() as api, world(annotations=annotations_for(api)) as w:
+        await capture_annotated_pod(api, w)
+        patches = len(api.calls("PATCH"))
+        await w.manager.shutdown()
+        assert api.annotations_of("default", "pod-u1") == REDIRECTION
+        assert len(api.calls("PATCH")) == patches
+
+
+async def test_pod_leaving_the_mesh_alive_loses_the_annotation(kube_api_server: Any) -> None:
+    async with kube_api_server() as api, world(annotations=annotations_for(api)) as w:
+        await capture_annotated_pod(api, w)
+        w.remove("u1")  # unenrolled: the namespace (the pod) lives on
+        await w.wait_state("u1", None)
+        await wait_annotations(api, {})
+
+
+async def test_unanswering_api_server_never_delays_capture(kube_api_server: Any) -> None:
+    async with kube_api_server() as api, world(annotations=annotations_for(api)) as w:
+        api.add_pod("default", "pod-u1", node=NODE)
+        api.answer("GET", "/api/v1/namespaces/default/pods/pod-u1", *[api.HANG] * 50)
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        assert 101 in w.capture.installed
+        assert api.annotations_of("default", "pod-u1") == {}
