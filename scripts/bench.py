@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make bench`: run every benchmark script present and write one report.
 
-Each scripts/bench_<area>.py prints a JSON object on its last stdout line.
+Each scripts/bench_<area>.py ends its standard output with one JSON object (on one line
+or indented).
 The results go to reports/bench.json and reports/bench.md. Benchmarks are
 figures to read and compare, never pass/fail tests.
 """
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["sandbox", "state", "xds", "hbone", "datapath", "mesh"]
+ORDER = ["sandbox", "state", "xds", "hbone", "capture", "mesh"]
 
 
 def run(script: Path) -> dict[str, object]:
@@ -27,12 +28,25 @@ def run(script: Path) -> dict[str, object]:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"exit {proc.returncode}", "detail": tail, "seconds": elapsed}
-    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
-    try:
-        result = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        return {"error": "no JSON result on the last line", "seconds": elapsed}
+    result = trailing_json(proc.stdout)
+    if result is None:
+        return {"error": "no JSON object at the end of its output", "seconds": elapsed}
     return {"result": result, "seconds": elapsed}
+
+
+def trailing_json(stdout: str) -> object | None:
+    """The JSON object a benchmark printed last, on one line or indented over several.
+
+    Progress lines may come before it; it must end the output.
+    """
+    lines = stdout.rstrip().splitlines()
+    for start in range(len(lines) - 1, -1, -1):
+        if lines[start].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[start:]))
+            except json.JSONDecodeError:
+                continue  # an inner line of an indented object; keep looking upwards
+    return None
 
 
 def to_markdown(report: dict[str, dict[str, object]]) -> str:
