@@ -132,7 +132,15 @@ class AgentHandles:
         if self.certificates is not None:
             self._tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
         self.node_manager.start()
+        if self.xds is not None:
+            self._tasks.append(asyncio.create_task(self._sweep_stale(), name="stale-capture"))
         log.info("agent started on node %s", self.config.node_name)
+
+    async def _sweep_stale(self) -> None:
+        """Once the control plane's state is complete, drop capture no local workload owns."""
+        assert self.xds is not None
+        await self.xds.wait_ready()
+        await self.node_manager.remove_stale_capture()
 
     def stop(self, *, cleanup: bool = False) -> None:
         """Ask `run()` to return (signal handlers call this)."""

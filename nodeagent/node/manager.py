@@ -31,7 +31,9 @@ Restart and shutdown: applying capture that is already installed is a no-op
 uncaptures a pod. `shutdown()` closes listeners but leaves the in-pod rules:
 while no agent listens, captured connections are refused, never leaked, and
 the next agent adopts the rules. `shutdown(cleanup=True)` (uninstall) also
-removes capture from every local pod.
+removes capture from every local pod. `remove_stale_capture()`, called once the
+control plane's state is complete, removes rules a previous agent left in pods
+that no local workload owns any more.
 
 Each local workload's identity is registered with the certificate manager as
 soon as the workload is placed here, so its certificate is fetched early.
@@ -104,6 +106,10 @@ class NamespaceScanner(Protocol):
     def find(
         self, workloads: Mapping[str, Iterable[str]]
     ) -> tuple[MatchResult, dict[int, NetnsHandle]]: ...
+
+    def list_namespaces(self) -> dict[int, NetnsHandle]:
+        """Every namespace on the node, by inode (for the stale-capture sweep)."""
+        ...
 
 
 class OpenListeners(Protocol):
@@ -189,6 +195,7 @@ class ManagerStats:
     adopted: int = 0  # setups that found capture already in place
     teardowns: int = 0
     teardown_failures: int = 0
+    stale_removed: int = 0  # namespaces whose leftover capture no local workload owned
 
 
 class SetupError(RuntimeError):
@@ -357,6 +364,47 @@ class NodeManager:
             except Exception as exc:
                 log.warning("cleanup: %s", _reason(exc))
         log.info("node manager stopped: capture removed from %d pod namespace(s)", removed)
+
+    async def remove_stale_capture(self) -> int:
+        """Remove capture that no local workload owns any more; returns how many namespaces.
+
+        A pod that left the mesh (or the node) while no agent was running keeps the rules
+        the previous agent installed: its traffic would stay captured with nobody listening,
+        refused for good. Call this once the control plane's state is complete (after the
+        first xDS sync): a namespace is stale only if no local workload matches it then.
+        The scanner never lists the agent's own namespace.
+        """
+        wanted = {
+            w.uid: [str(a) for a in w.addresses]
+            for w in self._store.workloads_on_node(self.node_name)
+        }
+        try:
+            _, owned = await asyncio.to_thread(self._scanner.find, wanted)
+            every = await asyncio.to_thread(self._scanner.list_namespaces)
+        except Exception as exc:
+            log.warning("stale capture sweep: scan failed, skipped: %s", _reason(exc))
+            return 0
+        keep = set(owned)
+        for rec in self.lifecycle.pods.values():
+            keep.update(ns.inode for ns in (rec.netns, rec.next_netns) if ns is not None)
+        removed = 0
+        for inode, handle in every.items():
+            if inode in keep:
+                continue
+            try:
+                installed = await asyncio.to_thread(self._capture.read_installed, handle)
+                if installed.empty:
+                    continue
+                await asyncio.to_thread(self._capture.remove, handle)
+            except Exception as exc:
+                log.warning("stale capture in %s: %s", handle.path, _reason(exc))
+                continue
+            removed += 1
+            log.warning(
+                "removed capture left in %s: no workload on this node owns it now", handle.path
+            )
+        self.stats.stale_removed += removed
+        return removed
 
     # -- waiting (tests, readiness) -----------------------------------------
 

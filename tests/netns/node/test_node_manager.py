@@ -17,6 +17,7 @@ from nodeagent.datapath.iptables import IptablesBackend
 from nodeagent.datapath.netns import NetnsWorker
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.node.lifecycle import Backoff, PodState
+from nodeagent.node.manager import plan_from_addresses
 from nodeagent.state.store import StateBatch, StateStore
 
 from .conftest import NODE, DemoApp, Topology, call, in_ns, listening_ports, sh
@@ -286,3 +287,29 @@ async def test_deleted_pod_namespace_is_let_go_and_the_pod_waits_for_a_new_one(
         assert handles.node_manager.stats.teardown_failures == 0
         [status] = handles.node_manager.pods()
         assert (status.state, status.listeners) == ("pending", ())
+
+
+async def test_capture_left_in_a_pod_that_left_the_mesh_is_removed_once_state_is_complete(
+    topology: Topology, capture: IptablesBackend
+) -> None:
+    """A previous agent captured both pods; while no agent ran, pod a left the mesh. The new
+    agent removes a's leftover rules (nobody would ever listen behind them) and keeps b's."""
+    a, b = topology.a, topology.b
+    for pod in (a, b):
+        capture.apply(pod.handle, plan_from_addresses(pod.workload(), pod.handle))
+        assert "ISTIO_OUTPUT" in in_ns(pod.name, "iptables-legacy-save")
+    store = StateStore()
+    store.apply(StateBatch(workloads=(b.workload(),)))  # a is no longer in the mesh
+    async with agent(topology, store, capture) as handles:
+        await wait_state(handles, b.uid, PodState.READY)
+        assert await handles.node_manager.remove_stale_capture() == 1
+        for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            assert "ISTIO" not in in_ns(a.name, save)
+            assert "ISTIO_OUTPUT" in in_ns(b.name, save)
+        assert "lookup 100" not in in_ns(a.name, "ip", "rule")
+        assert "lookup 100" in in_ns(b.name, "ip", "rule")
+        assert capture.read_installed(a.handle).empty
+        assert handles.node_manager.state_of(b.uid) is PodState.READY
+        # Nothing left to remove: a second sweep changes nothing.
+        assert await handles.node_manager.remove_stale_capture() == 0
+        assert handles.node_manager.stats.stale_removed == 1
