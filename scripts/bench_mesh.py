@@ -366,9 +366,16 @@ def measure(variant: Variant, client_ns: str, seconds: float, pings: int) -> dic
         if streams == 1 and pids and gbps > 0:
             result["cpu_cores_per_gbps"] = round(cpu / seconds / gbps, 3)
     host, port = variant.target(ECHO_PORT)
+    pids = variant.tunnel_pids()
+    cpu0 = cpu_seconds(pids)
     out = sh(*in_ns(client_ns, sys.executable, "-c", PINGPONG, host, str(port), str(pings)))
+    cpu = cpu_seconds(pids) - cpu0
     p50, p99 = (float(x) for x in out.stdout.split())
     result["p50_us"], result["p99_us"] = round(p50, 1), round(p99, 1)
+    if pids:
+        # CPU the tunnel spends per 64-byte round trip: steadier than p50, which moves with
+        # where the scheduler puts four busy processes on two cores.
+        result["cpu_us_per_rtt"] = round(cpu / pings * 1e6, 1)
     host, port = variant.target(HTTP_PORT)
     out = sh(*in_ns(client_ns, sys.executable, "-c", CONNRATE, host, str(port), str(seconds)))
     result["conn_per_s"] = round(float(out.stdout), 1)
@@ -495,6 +502,7 @@ COLUMNS = [
     ("p99_us", "p99 us"),
     ("conn_per_s", "conn/s"),
     ("cpu_cores_per_gbps", "cores per Gbit/s"),
+    ("cpu_us_per_rtt", "CPU us per RTT"),
     ("tunnel_rss_mib", "tunnel RSS MiB"),
 ]
 
