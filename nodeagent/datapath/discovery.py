@@ -69,6 +69,19 @@ def match_workloads(
     return MatchResult(matches=matches, conflicts=conflicts, unmatched=frozenset(unmatched))
 
 
+def unowned_namespaces(
+    namespaces: Mapping[int, Iterable[str]], workloads: Mapping[str, Iterable[str]]
+) -> set[int]:
+    """Namespaces holding none of the workloads' IPs (a namespace with one of them, even
+    in a conflict, is never unowned)."""
+    wanted = {_canonical(ip) for ips in workloads.values() for ip in ips}
+    return {
+        inode
+        for inode, ips in namespaces.items()
+        if not any(_canonical(ip) in wanted for ip in ips)
+    }
+
+
 def _canonical(ip: str) -> str:
     try:
         return str(ipaddress.ip_address(ip.split("/", 1)[0]))
@@ -192,6 +205,16 @@ class NetnsScanner:
                 continue
             result[inode] = ScannedNetns(handle=handle, addresses=addresses)
         return result
+
+    def unowned(self, workloads: Mapping[str, Iterable[str]]) -> dict[int, NetnsHandle]:
+        """Namespaces whose addresses could be read and hold none of the workloads' IPs.
+
+        One whose addresses cannot be read right now is left out: not knowing is no reason
+        to treat a namespace as nobody's.
+        """
+        scanned = self.scan()
+        inodes = unowned_namespaces({i: s.addresses for i, s in scanned.items()}, workloads)
+        return {inode: scanned[inode].handle for inode in inodes}
 
     def find(
         self, workloads: Mapping[str, Iterable[str]]

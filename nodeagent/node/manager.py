@@ -107,8 +107,8 @@ class NamespaceScanner(Protocol):
         self, workloads: Mapping[str, Iterable[str]]
     ) -> tuple[MatchResult, dict[int, NetnsHandle]]: ...
 
-    def list_namespaces(self) -> dict[int, NetnsHandle]:
-        """Every namespace on the node, by inode (for the stale-capture sweep)."""
+    def unowned(self, workloads: Mapping[str, Iterable[str]]) -> dict[int, NetnsHandle]:
+        """Namespaces read successfully that hold none of the workloads' IPs."""
         ...
 
 
@@ -266,6 +266,8 @@ class NodeManager:
         self._labels: dict[str, str] = {}
         self._scan: tuple[MatchResult, dict[int, NetnsHandle]] | None = None
         self._warned_conflicts: set[str] = set()
+        self._unread: set[str] = set()  # unmatched by the last scan, namespace still there
+        self._warned_unread: set[str] = set()
         self._scan_requested = True
         self._next_scan_at = 0.0
         self._ops: set[asyncio.Task[None]] = set()
@@ -371,24 +373,23 @@ class NodeManager:
         A pod that left the mesh (or the node) while no agent was running keeps the rules
         the previous agent installed: its traffic would stay captured with nobody listening,
         refused for good. Call this once the control plane's state is complete (after the
-        first xDS sync): a namespace is stale only if no local workload matches it then.
-        The scanner never lists the agent's own namespace.
+        first xDS sync): a namespace is stale only if its addresses were read and hold no
+        local workload's IP then. The scanner never lists the agent's own namespace.
         """
         wanted = {
             w.uid: [str(a) for a in w.addresses]
             for w in self._store.workloads_on_node(self.node_name)
         }
         try:
-            _, owned = await asyncio.to_thread(self._scanner.find, wanted)
-            every = await asyncio.to_thread(self._scanner.list_namespaces)
+            candidates = await asyncio.to_thread(self._scanner.unowned, wanted)
         except Exception as exc:
             log.warning("stale capture sweep: scan failed, skipped: %s", _reason(exc))
             return 0
-        keep = set(owned)
+        keep: set[int] = set()
         for rec in self.lifecycle.pods.values():
             keep.update(ns.inode for ns in (rec.netns, rec.next_netns) if ns is not None)
         removed = 0
-        for inode, handle in every.items():
+        for inode, handle in candidates.items():
             if inode in keep:
                 continue
             try:
@@ -492,6 +493,7 @@ class NodeManager:
             try:
                 self._scan = await asyncio.to_thread(self._scanner.find, self._wanted())
                 self.stats.scans += 1
+                self._unread = await asyncio.to_thread(self._still_present, self._unmatched())
             except Exception as exc:
                 log.warning("namespace scan failed: %s", _reason(exc))
             # Placement may have changed while scanning.
@@ -536,6 +538,22 @@ class NodeManager:
         if identity is not None and self._certificates is not None:
             self._certificates.remove_workload_identity(identity)
 
+    def _unmatched(self) -> list[tuple[str, NetnsHandle]]:
+        """Pods the latest scan did not place, with the namespace they were last in."""
+        if self._scan is None:
+            return []
+        result = self._scan[0]
+        out = []
+        for uid, rec in self.lifecycle.pods.items():
+            current = rec.next_netns or rec.netns
+            if current is not None and uid not in result.matches and uid not in result.conflicts:
+                out.append((uid, NetnsHandle(path=current.path, inode=current.inode)))
+        return out
+
+    def _still_present(self, pods: list[tuple[str, NetnsHandle]]) -> set[str]:
+        """Of those, the pods whose namespace still exists (blocking: run on a thread)."""
+        return {uid for uid, handle in pods if self._alive(handle)}
+
     def _apply_scan(self) -> None:
         """Turn the latest scan into NetnsFound / NetnsLost for pods whose view differs."""
         if self._scan is None:
@@ -549,6 +567,7 @@ class NodeManager:
             inode = result.matches.get(uid)
             if inode is not None:
                 self._warned_conflicts.discard(uid)
+                self._warned_unread.discard(uid)
                 handle = handles[inode]
                 # Compare inodes, not paths: one namespace can be seen under
                 # several paths (a bind mount, any of its processes).
@@ -564,6 +583,17 @@ class NodeManager:
                         self._labels.get(uid, uid),
                         uid,
                         ", ".join(map(str, result.conflicts[uid])),
+                    )
+            elif uid in self._unread:
+                # Its namespace is still there: the scan could not read its addresses this
+                # time. Tearing down would uncapture a live pod (fail open); wait a scan.
+                if uid not in self._warned_unread:
+                    self._warned_unread.add(uid)
+                    log.warning(
+                        "pod %s (uid %s): its namespace exists but its addresses could not be"
+                        " read; keeping capture until a scan sees it again",
+                        self._labels.get(uid, uid),
+                        uid,
                     )
             elif rec.state in (PodState.READY, PodState.CAPTURING, PodState.FAILED):
                 if rec.state is PodState.CAPTURING and rec.remove_after:

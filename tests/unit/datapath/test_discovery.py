@@ -10,6 +10,7 @@ from nodeagent.datapath.discovery import (
     Vanished,
     diff_matches,
     match_workloads,
+    unowned_namespaces,
 )
 
 NAMESPACES = {
@@ -58,3 +59,21 @@ def test_pod_seen_before_its_workload_record_matches_on_a_later_scan() -> None:
 )
 def test_diff_matches_table(before, after, events) -> None:  # type: ignore[no-untyped-def]
     assert diff_matches(before, after) == events
+
+
+@pytest.mark.parametrize(
+    ("namespaces", "workloads", "unowned"),
+    [
+        ({1: ["10.0.0.1"], 2: ["10.0.0.2"]}, {"a": ["10.0.0.1"]}, {2}),
+        # An IPv6 workload address matches however the namespace writes it.
+        ({1: ["fd00::0:1"], 2: ["127.0.0.1"]}, {"a": ["fd00::1"]}, {2}),
+        # A namespace holding a wanted IP is owned even when the IP is in two (a conflict).
+        ({1: ["10.0.0.1"], 2: ["10.0.0.1"]}, {"a": ["10.0.0.1"]}, set()),
+        # One of a workload's addresses is enough.
+        ({1: ["10.0.0.9", "fd00::9"]}, {"a": ["10.0.0.1", "fd00::9"]}, set()),
+        ({1: [], 2: ["10.0.0.3"]}, {}, {1, 2}),
+    ],
+    ids=["plain", "ipv6-forms", "conflict-is-owned", "any-address", "no-workloads"],
+)
+def test_unowned_namespaces_table(namespaces, workloads, unowned) -> None:  # type: ignore[no-untyped-def]
+    assert unowned_namespaces(namespaces, workloads) == unowned

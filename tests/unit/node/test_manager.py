@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.datapath.discovery import MatchResult, match_workloads
+from nodeagent.datapath.discovery import MatchResult, match_workloads, unowned_namespaces
 from nodeagent.datapath.iptables import CaptureError
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
@@ -41,20 +41,45 @@ class FakeScanner:
     """Namespaces by inode: (path, addresses)."""
 
     namespaces: dict[int, tuple[str, set[str]]] = field(default_factory=dict)
+    unreadable: set[int] = field(default_factory=set)  # exist, but their addresses fail to read
     calls: int = 0
+    _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+
+    async def wait_scans(self, n: int) -> None:
+        """Until `n` more scans have run."""
+        waiter = asyncio.Event()
+        entry = (asyncio.get_running_loop(), waiter)
+        self._waiters.append(entry)
+        try:
+            target = self.calls + n
+            async with asyncio.timeout(WAIT):
+                while self.calls < target:
+                    await waiter.wait()
+                    waiter.clear()
+        finally:
+            self._waiters.remove(entry)
 
     def add(self, inode: int, *ips: str) -> None:
         self.namespaces[inode] = (f"/fake/netns/{inode}", set(ips))
+
+    def _readable(self) -> dict[int, set[str]]:
+        return {i: ips for i, (_, ips) in self.namespaces.items() if i not in self.unreadable}
 
     def find(
         self, workloads: Mapping[str, Iterable[str]]
     ) -> tuple[MatchResult, dict[int, NetnsHandle]]:
         self.calls += 1
-        result = match_workloads({i: ips for i, (_, ips) in self.namespaces.items()}, workloads)
+        for loop, waiter in self._waiters:  # find runs on a worker thread
+            loop.call_soon_threadsafe(waiter.set)
+        result = match_workloads(self._readable(), workloads)
         handles = {
             i: NetnsHandle(path=self.namespaces[i][0], inode=i) for i in result.matches.values()
         }
         return result, handles
+
+    def unowned(self, workloads: Mapping[str, Iterable[str]]) -> dict[int, NetnsHandle]:
+        inodes = unowned_namespaces(self._readable(), workloads)
+        return {i: NetnsHandle(path=self.namespaces[i][0], inode=i) for i in inodes}
 
     def alive(self, handle: NetnsHandle) -> bool:
         return handle.inode in self.namespaces
@@ -84,7 +109,12 @@ class FakeCapture:
         self.installed.pop(netns.inode, None)
 
     def read_installed(self, netns: NetnsHandle) -> Any:
-        raise NotImplementedError
+        return InstalledView(empty=netns.inode not in self.installed)
+
+
+@dataclass(frozen=True)
+class InstalledView:
+    empty: bool
 
 
 @dataclass
@@ -291,6 +321,42 @@ async def test_vanished_namespace_is_torn_down_and_set_up_again_when_it_returns(
         w.scanner.add(303, "10.1.0.5")
         await w.wait_state("u1", PodState.READY)
         assert set(w.capture.installed) == {303}
+
+
+async def test_namespace_whose_addresses_cannot_be_read_keeps_its_capture() -> None:
+    """A scan that cannot read a live pod's addresses must not uncapture it (fail open)."""
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        applies = w.capture.applies
+        w.scanner.unreadable.add(101)
+        await w.scanner.wait_scans(5)
+        assert w.manager.state_of("u1") is PodState.READY
+        assert 101 in w.capture.installed
+        assert len(w.listeners.live(101)) == 1
+        w.scanner.unreadable.clear()
+        await w.scanner.wait_scans(3)
+        assert w.manager.state_of("u1") is PodState.READY
+        assert w.capture.applies == applies  # never set up again: it never went away
+
+
+async def test_stale_capture_sweep_removes_only_what_no_local_workload_owns() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")  # meshed, ready
+        w.scanner.add(102, "10.1.0.6")  # left the mesh while no agent ran: leftover rules
+        w.scanner.add(103, "10.1.0.7")  # never meshed: no rules
+        w.scanner.add(104, "10.1.0.8")  # leftover rules, but its addresses cannot be read now
+        w.scanner.add(105, "10.1.0.9")  # its workload is placed, not yet set up
+        w.capture.installed.update({102: None, 104: None, 105: None})  # type: ignore[dict-item]
+        w.scanner.unreadable.add(104)
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.store.apply(StateBatch(workloads=(workload("u5", "10.1.0.9"),)))
+        assert await w.manager.remove_stale_capture() == 1
+        assert 102 not in w.capture.installed
+        assert {101, 104, 105} <= set(w.capture.installed)
+        assert w.manager.stats.stale_removed == 1
 
 
 async def test_many_pods_are_set_up_concurrently() -> None:
