@@ -300,7 +300,11 @@ async def build(
             INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
             INBOUND_HBONE_PORT: InboundHboneHandler(tls, checker, registry),
         }
-    listeners = PodListenerFactory(handlers or passthrough_handlers(stats), sockets_for)
+    listeners = PodListenerFactory(
+        handlers or passthrough_handlers(stats),
+        sockets_for,
+        on_drained=pool.close_source if pool is not None else None,
+    )
     node_manager = NodeManager(
         node_name=config.node_name,
         store=store,

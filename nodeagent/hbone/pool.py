@@ -344,6 +344,20 @@ class HbonePool:
             for c in self.connections()
         ]
 
+    def close_source(self, source: str) -> int:
+        """Close the connections a pod dialled (GOAWAY), once it is gone from this node.
+
+        Their sockets live in the pod's namespace: kept until the idle timeout they would
+        hold that namespace alive and keep pinging peers for nobody. Returns how many.
+        """
+        gone = [c for c in self.connections() if c.key.source == source]
+        for pooled in gone:
+            self._forget(pooled)  # no new tunnel may pick it while it closes
+            pooled.conn.close()  # the keep-alive task sees the close and ends
+        if gone:
+            log.debug("HBONE: closed %d connection(s) of departed pod %s", len(gone), source)
+        return len(gone)
+
     async def close(self) -> None:
         """Close every connection (GOAWAY) and stop their keep-alive tasks."""
         self._closed = True

@@ -109,6 +109,7 @@ class PodListeners:
         backlog: int = 1024,
         totals: ListenerStats | None = None,
         on_close: Callable[[PodListeners], None] | None = None,
+        on_drained: Callable[[PodListeners], None] | None = None,
     ) -> None:
         missing = [p for p in ports if p not in handlers]
         if missing:
@@ -123,6 +124,7 @@ class PodListeners:
         self.stats = ListenerStats()
         self._totals = totals
         self._on_close = on_close
+        self._on_drained = on_drained
         self.closed = False
 
     @property
@@ -218,6 +220,8 @@ class PodListeners:
                 drain,
             )
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._on_drained is not None:
+            self._on_drained(self)
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():
@@ -244,7 +248,11 @@ class PodListenerFactory:
         *,
         ports: tuple[int, ...] = POD_PORTS,
         backlog: int = 1024,
+        on_drained: Callable[[str], object] | None = None,
     ) -> None:
+        # on_drained(uid): a pod's listeners are closed and its connections drained (the
+        # HBONE pool then drops the connections that pod dialled).
+        self._on_drained = on_drained
         self._handlers = dict(handlers)
         self._sockets_for = sockets_for
         self._ports = ports
@@ -262,6 +270,7 @@ class PodListenerFactory:
             backlog=self._backlog,
             totals=self.totals,
             on_close=self._forget,
+            on_drained=self._drained,
         )
         await listeners.open()
         self.open_pods[workload.uid] = listeners
@@ -270,6 +279,11 @@ class PodListenerFactory:
     def _forget(self, listeners: PodListeners) -> None:
         if self.open_pods.get(listeners.pod.uid) is listeners:
             del self.open_pods[listeners.pod.uid]
+
+    def _drained(self, listeners: PodListeners) -> None:
+        # Not while a newer set for the same pod is open (a namespace replaced): it dials too.
+        if self._on_drained is not None and listeners.pod.uid not in self.open_pods:
+            self._on_drained(listeners.pod.uid)
 
     def accepted(self, port: int) -> int:
         """Connections accepted on `port` over all pods, since start."""

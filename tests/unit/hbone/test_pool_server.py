@@ -407,6 +407,29 @@ async def test_idle_connection_is_closed_and_keepalive_pings_answered(ca):
         assert pooled.pings_acked >= 1  # the server answered our keep-alive PINGs
 
 
+async def test_connections_of_a_departed_pod_are_closed_and_others_kept(ca):
+    async with mesh(ca) as m:
+        key_b = PoolKey("uid-other", ID_A, frozenset({ID_B}), m.server_addr)
+        ours, theirs = await m.tunnel(), await m.tunnel(key=key_b)
+        (gone,) = m.pool.connections(m.key())
+        (kept,) = m.pool.connections(key_b)
+        assert m.pool.close_source("uid-a") == 1
+        assert m.pool.connections(m.key()) == []
+        await asyncio.wait_for(asyncio.shield(gone.conn.closed), 10)
+        with pytest.raises(TunnelError):
+            await asyncio.wait_for(ours.read(), 10)
+        # The other pod's tunnel still carries bytes, and a new tunnel for the departed
+        # source gets a fresh connection rather than the closed one.
+        theirs.write(b"still here")
+        assert await asyncio.wait_for(theirs.read(), 10) == b"still here"
+        assert not kept.conn.closed.done()
+        again = await m.tunnel()
+        assert m.pool.connections_opened == 3
+        assert m.pool.close_source("uid-nobody") == 0
+        for s in (theirs, again):
+            s.reset()
+
+
 def test_pool_settings_reject_nonsense():
     with pytest.raises(ValueError, match="max_streams_per_connection"):
         PoolSettings(max_streams_per_connection=0)
