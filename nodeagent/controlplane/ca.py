@@ -58,6 +58,11 @@ class CertificateAuthority:
     root_key: ec.EllipticCurvePrivateKey
     max_ttl: float = DEFAULT_MAX_TTL
     clock: Callable[[], float] = time.time
+    # Leaf validity starts this many (whole) seconds before issue. OpenSSL checks validity
+    # against time(2), which reads the kernel's coarse clock and can show the previous second
+    # for a few milliseconds after time.time() has passed it: a certificate used at once
+    # would otherwise sometimes be "not yet valid". The validity still lasts exactly the TTL.
+    not_before_skew: int = 1
 
     @classmethod
     def load_or_create(
@@ -120,6 +125,7 @@ class CertificateAuthority:
         *,
         max_ttl: float = DEFAULT_MAX_TTL,
         clock: Callable[[], float] = time.time,
+        not_before_skew: int = 1,
     ) -> CertificateAuthority:
         """A new self-signed root (in memory only)."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -156,7 +162,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        return cls(cert, key, max_ttl, clock)
+        return cls(cert, key, max_ttl, clock, not_before_skew)
 
     def root_pem(self) -> str:
         return self.root_cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -169,7 +175,7 @@ class CertificateAuthority:
         ttl = min(ttl or self.max_ttl, self.max_ttl)
         # Whole seconds: X.509 times have no fractions, and half-life scheduling
         # on the agent side wants not_after - not_before to equal the TTL.
-        start = int(self.clock())
+        start = int(self.clock()) - self.not_before_skew
         not_before = datetime.datetime.fromtimestamp(start, tz=datetime.UTC)
         not_after = datetime.datetime.fromtimestamp(start + max(1, int(ttl)), tz=datetime.UTC)
         not_after = min(not_after, self.root_cert.not_valid_after_utc)

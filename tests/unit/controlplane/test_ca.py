@@ -55,3 +55,13 @@ def test_negative_ttl_is_refused() -> None:
     ca = CertificateAuthority.create("cluster.local")
     with pytest.raises(CaError, match="negative"):
         ca.sign(csr.build_csr(csr.generate_key(), ALICE), -1)
+
+
+def test_leaf_validity_starts_a_second_before_issue_and_lasts_the_ttl() -> None:
+    # OpenSSL's time(2) may still show the previous second just after time.time() passed
+    # it; a leaf valid from the issuing second would be "not yet valid" when used at once.
+    ca = CertificateAuthority.create("cluster.local", clock=lambda: 1_800_000_000.004)
+    key = csr.generate_key()
+    cert = csr.check_chain(ca.sign(csr.build_csr(key, ALICE), 3600), ALICE, key, ca.clock())
+    assert cert.not_before == 1_799_999_999
+    assert cert.not_after - cert.not_before == 3600

@@ -61,7 +61,8 @@ class FakeCa:
     """Issues real certificates from a real CA at the fake time; can fail or hold."""
 
     def __init__(self, clock: FakeTime, ttl: float = 100.0) -> None:
-        self.ca = CertificateAuthority.create("cluster.local", clock=clock)
+        # No skew: these scenarios check refresh and expiry to the second of the fake clock.
+        self.ca = CertificateAuthority.create("cluster.local", clock=clock, not_before_skew=0)
         self.clock = clock
         self.ttl = ttl
         self.fail: str = ""
