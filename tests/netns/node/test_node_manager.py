@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,12 @@ from nodeagent import app
 from nodeagent.config import Config
 from nodeagent.datapath.iptables import IptablesBackend
 from nodeagent.datapath.netns import NetnsWorker
-from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.model.constants import (
+    INBOUND_HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    OUTBOUND_PORT,
+    REDIRECTION_ANNOTATION,
+)
 from nodeagent.node.lifecycle import Backoff, PodState
 from nodeagent.node.manager import plan_from_addresses
 from nodeagent.state.store import StateBatch, StateStore
@@ -25,25 +32,34 @@ from .conftest import NODE, DemoApp, Topology, call, in_ns, listening_ports, sh
 WAIT = 15.0
 
 
-@asynccontextmanager
-async def agent(
-    topology: Topology, store: StateStore, capture: IptablesBackend
-) -> AsyncIterator[app.AgentHandles]:
-    config = Config(
-        node_name=NODE,
-        netns_dir=str(topology.netns_dir),
-        proc_root=str(topology.proc_root),
-        drain_seconds=0.5,
-    )
-    handles = await app.build(
-        config,
+async def build_agent(
+    topology: Topology, store: StateStore, capture: IptablesBackend, config: Config | None = None
+) -> app.AgentHandles:
+    """The real wiring for the topology's node; `config` (e.g. with an API server) or
+    a plain one."""
+    node = {
+        "node_name": NODE,
+        "netns_dir": str(topology.netns_dir),
+        "proc_root": str(topology.proc_root),
+        "drain_seconds": 0.5,
+    }
+    return await app.build(
+        dataclasses.replace(config, **node) if config is not None else Config(**node),
         store=store,
         capture=capture,
         xds=False,
         ca=False,
+        admin=False,  # no admin ports on the test host
         scan_interval=0.2,
         backoff=Backoff(initial=0.2, cap=0.5),
     )
+
+
+@asynccontextmanager
+async def agent(
+    topology: Topology, store: StateStore, capture: IptablesBackend
+) -> AsyncIterator[app.AgentHandles]:
+    handles = await build_agent(topology, store, capture)
     handles.start()
     try:
         yield handles
@@ -313,3 +329,55 @@ async def test_capture_left_in_a_pod_that_left_the_mesh_is_removed_once_state_is
         # Nothing left to remove: a second sweep changes nothing.
         assert await handles.node_manager.remove_stale_capture() == 0
         assert handles.node_manager.stats.stale_removed == 1
+
+
+@pytest.mark.parametrize("daemonset", ["present", "gone"])
+async def test_sigterm_upgrade_keeps_every_rule_and_uninstall_leaves_none_in_any_pod(
+    topology: Topology, capture: IptablesBackend, kube_api_server: Any, daemonset: str
+) -> None:
+    """The real agent, real rules in two pod namespaces, the DaemonSet read at stop: with
+    the DaemonSet there (an upgrade) everything stays for the next agent; with it gone
+    (an uninstall) no chain, policy rule, route or annotation is left in any pod."""
+    pods = (topology.a, topology.b)
+    async with kube_api_server() as api:
+        for pod in pods:
+            api.add_pod("default", pod.name, node=NODE)
+        if daemonset == "present":
+            api.add_daemonset("istio-system", "nodeagent")
+        store = StateStore()
+        handles = await build_agent(topology, store, capture, api.config())
+        runner = asyncio.create_task(handles.run())
+        store.apply(StateBatch(workloads=tuple(pod.workload() for pod in pods)))
+        for pod in pods:
+            await wait_state(handles, pod.uid, PodState.READY)
+        async with asyncio.timeout(WAIT):
+            await api.wait_until(
+                lambda: all(
+                    api.annotations_of("default", p.name).get(REDIRECTION_ANNOTATION) == "enabled"
+                    for p in pods
+                )
+            )
+        handles.stop()
+        async with asyncio.timeout(WAIT):
+            await runner
+        for pod in pods:
+            v4, v6 = (
+                in_ns(pod.name, "iptables-legacy-save"),
+                in_ns(pod.name, "ip6tables-legacy-save"),
+            )
+            rules = in_ns(pod.name, "ip", "rule")
+            table = in_ns(pod.name, "ip", "route", "show", "table", "100")
+            annotation = api.annotations_of("default", pod.name).get(REDIRECTION_ANNOTATION)
+            if daemonset == "present":
+                assert "ISTIO_OUTPUT" in v4 and "ISTIO_OUTPUT" in v6
+                assert "lookup 100" in rules and table
+                assert annotation == "enabled"
+            else:
+                assert "ISTIO" not in v4 and "ISTIO" not in v6, (pod.name, v4, v6)
+                assert "lookup 100" not in rules and table == ""
+                assert capture.read_installed(pod.handle).empty
+                assert annotation is None
+            assert listening_ports(pod.name) == set()
+        if daemonset == "present":
+            for pod in pods:  # leave the namespaces as the fixture made them
+                capture.remove(pod.handle)
