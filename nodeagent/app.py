@@ -394,7 +394,9 @@ def _refresh_metrics(
         if xds is not None:
             stats = xds.stats
             metrics.sync_xds(
-                connected=stats.connected, pushes_by_type=stats.by_type, nacks=stats.nacks
+                connected=stats.connected,
+                pushes_by_type=stats.by_type,
+                nacks_by_type=stats.nacks_by_type,
             )
         if certificates is not None:
             now_held = set()

@@ -201,6 +201,15 @@ XDS_STATES = ("connected", "connecting", "disconnected")
 CAPTURE_SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+def _add_deltas(counter: Counter, totals: Mapping[str, int], seen: dict[str, int]) -> None:
+    """Advance a counter labelled by type URL to a source's cumulative totals."""
+    for type_url, total in totals.items():
+        delta = total - seen.get(type_url, 0)
+        if delta > 0:
+            counter.labels(type_url=type_url).inc(delta)
+        seen[type_url] = total
+
+
 class AgentMetrics:
     """The agent's metric registry: Istio traffic metrics, build info, and its own gauges."""
 
@@ -248,24 +257,23 @@ class AgentMetrics:
         self.set_xds_state("disconnected")
         self._refreshers: list[Callable[[], None]] = []
         self._xds_seen: dict[str, int] = {}
-        self._xds_nacks_seen = 0
+        self._xds_nacks_seen: dict[str, int] = {}
 
     def add_refresh(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` before every scrape (gauges read from their source then)."""
         self._refreshers.append(refresh)
 
-    def sync_xds(self, *, connected: bool, pushes_by_type: Mapping[str, int], nacks: int) -> None:
+    def sync_xds(
+        self,
+        *,
+        connected: bool,
+        pushes_by_type: Mapping[str, int],
+        nacks_by_type: Mapping[str, int],
+    ) -> None:
         """Bring the xDS series up to date with the client's cumulative counters."""
         self.set_xds_state("connected" if connected else "disconnected")
-        for type_url, total in pushes_by_type.items():
-            delta = total - self._xds_seen.get(type_url, 0)
-            if delta > 0:
-                self.xds_pushes.labels(type_url=type_url).inc(delta)
-            self._xds_seen[type_url] = total
-        if nacks > self._xds_nacks_seen:
-            # The client counts NACKs without their type: they show under type_url="".
-            self.xds_nacks.labels(type_url="").inc(nacks - self._xds_nacks_seen)
-            self._xds_nacks_seen = nacks
+        _add_deltas(self.xds_pushes, pushes_by_type, self._xds_seen)
+        _add_deltas(self.xds_nacks, nacks_by_type, self._xds_nacks_seen)
 
     def set_xds_state(self, state: str) -> None:
         if state not in XDS_STATES:

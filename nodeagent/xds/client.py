@@ -85,6 +85,8 @@ class XdsClientStats:
     last_nack: str = ""
     by_type: dict[str, int] = field(default_factory=dict)
     """Responses applied, by type URL."""
+    nacks_by_type: dict[str, int] = field(default_factory=dict)
+    """Responses NACKed (some resource refused), by type URL."""
     terminations: dict[str, int] = field(default_factory=dict)
     """Ended streams by reason, as istio_xds_connection_terminations_total counts
     them: ConnectionError (never got a response), Error, Complete."""
@@ -292,6 +294,8 @@ class XdsClient:
         self.stats.by_type[action.type_url] = self.stats.by_type.get(action.type_url, 0) + 1
         if reply.is_nack:
             self.stats.nacks += 1
+            nacked = self.stats.nacks_by_type
+            nacked[action.type_url] = nacked.get(action.type_url, 0) + 1
             self.stats.last_nack = reply.error_message or ""
             log.warning("xDS NACK %s: %s", action.type_url, reply.error_message)
         else:

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.admin.metrics import TRAFFIC_LABELS, AgentMetrics, ConnectionLabels
+from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
 
 
 def _samples(metrics: AgentMetrics) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -52,6 +53,20 @@ def test_label_sets_are_kept_apart() -> None:
     assert metrics.traffic.value("istio_tcp_sent_bytes", a) == 6
     assert metrics.traffic.value("istio_tcp_sent_bytes", b) == 7
     assert metrics.traffic.value("istio_tcp_received_bytes", b) == 0
+
+
+def test_xds_counters_follow_the_clients_totals_by_type_url() -> None:
+    metrics = AgentMetrics()
+    address, auth = TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
+    metrics.sync_xds(connected=True, pushes_by_type={address: 3}, nacks_by_type={address: 1})
+    metrics.sync_xds(
+        connected=True, pushes_by_type={address: 5, auth: 2}, nacks_by_type={address: 1, auth: 1}
+    )
+    s = _samples(metrics)
+    pushes = {lab["type_url"]: v for lab, v in s["nodeagent_xds_pushes_total"]}
+    nacks = {lab["type_url"]: v for lab, v in s["nodeagent_xds_nacks_total"]}
+    assert pushes == {address: 5, auth: 2}
+    assert nacks == {address: 1, auth: 1}
 
 
 def test_agent_metrics_report_xds_certs_pods_capture_and_policy() -> None:

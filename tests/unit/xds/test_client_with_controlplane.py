@@ -171,6 +171,7 @@ async def test_malformed_resource_is_nacked_by_name_while_others_apply(tmp_path:
         assert store.workload(good_uid) is not None
         assert store.workload(bad_uid) is None
         assert client.stats.last_nack.startswith(f"{bad_uid}: ")
+        assert client.stats.nacks_by_type == {TYPE_URL_ADDRESS: 1}
         assert good_uid not in client.stats.last_nack
         versions = client.protocol.versions(TYPE_URL_ADDRESS)
         assert good_uid in versions and bad_uid not in versions
