@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from nodeagent.admin.accesslog import AccessLogger, AccessRecord
 from nodeagent.admin.metrics import AgentMetrics, ConnectionLabels, connection_labels
 from nodeagent.model import workload as wm
+from nodeagent.model.constants import TUNNEL_OPEN_FAILED
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.engine import Decision, DecisionReason
@@ -34,11 +35,21 @@ log = logging.getLogger(__name__)
 INBOUND = "inbound"
 HBONE = "HBONE"
 DENY_FLAG = "DENY"
+CONNECT_FLAG = "CONNECT"  # the tunnel to the destination never opened
 POLICY_CLOSE = "connection closed due to policy"  # the proxy's revocation message
 _ACTIONS = {
     DecisionReason.EXPLICITLY_ALLOWED: "allow",
     DecisionReason.EXPLICITLY_DENIED: "deny",
 }
+
+
+def _response_flags(closed_reason: str) -> str:
+    """ztunnel's response_flags for a connection, from how it ended."""
+    if closed_reason.startswith(POLICY_CLOSE):
+        return DENY_FLAG
+    if closed_reason.startswith(TUNNEL_OPEN_FAILED):
+        return CONNECT_FLAG
+    return "-"
 
 
 class LiveConnectionView(Protocol):
@@ -157,7 +168,7 @@ class ConnectionTelemetry:
                 entry[1], entry[2] = conn.bytes_in, conn.bytes_out
 
     def closed(self, conn: LiveConnectionView) -> None:
-        flags = DENY_FLAG if conn.closed_reason.startswith(POLICY_CLOSE) else "-"
+        flags = _response_flags(conn.closed_reason)
         # Labels as at close: the outbound peer identity is known once the tunnel is up.
         labels = self.labels_for(conn, flags)
         _, counted_in, counted_out = self._live.pop(id(conn), (conn, 0, 0))

@@ -48,6 +48,10 @@ CONTROLPLANE_XDS_PORT: Final = 15010
 REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
 REDIRECTION_ENABLED: Final = "enabled"
 
+# How an outbound connection whose HBONE tunnel never opened ends (its close reason starts
+# with this); telemetry reports it with ztunnel's response flag CONNECT.
+TUNNEL_OPEN_FAILED: Final = "HBONE tunnel failed to open"
+
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT: Final = "default"
 

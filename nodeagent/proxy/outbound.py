@@ -42,7 +42,7 @@ from nodeagent.hbone.pool import (
     forwarded_header,
     traceparent_header,
 )
-from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT
+from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT, TUNNEL_OPEN_FAILED
 from nodeagent.model.identity import Identity, IdentityError
 from nodeagent.model.workload import TunnelProtocol, Workload
 from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry
@@ -356,6 +356,7 @@ class OutboundHandler:
             except HboneConnectError as exc:
                 self._count("tunnel_failed")
                 self._record(route, ok=False)
+                live.closed_reason = f"{TUNNEL_OPEN_FAILED}: {exc}"
                 log.info("pod %s: outbound %s: %s", pod.label, hostport(*dst), exc)
                 sock.close()  # as ztunnel: the app sees a normal close
                 return

@@ -572,6 +572,38 @@ def test_half_close_still_reads_the_whole_reply(mesh: Mesh, src: str, ip: str) -
     assert result.stdout.split() == ["104000", "104000", "True"]
 
 
+GHOST = """\
+workloads:
+- {name: e2e-ghost, namespace: demo, node: node2, ip: 172.30.0.12, serviceAccount: backend}
+"""
+
+
+def test_tunnel_that_cannot_open_is_counted_with_the_connect_flag(mesh: Mesh) -> None:
+    # A mesh workload at node2's own address: nothing listens on 15008 there, so the
+    # HBONE tunnel is refused; the source agent reports the connection as CONNECT.
+    mesh.apply(GHOST)
+    try:
+
+        def flagged() -> bool:
+            mesh.python_in(
+                "node1-pod1",
+                "import socket\ntry: socket.create_connection(('172.30.0.12', 8080), timeout=3)"
+                "\nexcept OSError: pass",
+            )
+            scrape = mesh.curl("node1", "http://127.0.0.1:15020/metrics")
+            return any(
+                line.startswith("istio_tcp_connections_closed_total{")
+                and 'destination_workload="e2e-ghost"' in line
+                and 'response_flags="CONNECT"' in line
+                for line in scrape.stdout.splitlines()
+            )
+
+        wait_until("a CONNECT-flagged close on node1", flagged)
+        assert "HBONE tunnel failed to open" in mesh.agent_log("node1")
+    finally:
+        mesh.apply(GHOST, delete=True)
+
+
 def test_agents_logged_no_errors(mesh: Mesh) -> None:
     # Last in the module: everything above (refusals, revocations, resets) is routine and
     # must not show up as an error or a traceback in either agent's log.

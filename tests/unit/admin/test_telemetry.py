@@ -13,6 +13,7 @@ import pytest
 from nodeagent.admin.accesslog import AccessLogger
 from nodeagent.admin.metrics import AgentMetrics, connection_labels
 from nodeagent.admin.telemetry import ConnectionTelemetry
+from nodeagent.model.constants import TUNNEL_OPEN_FAILED
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import (
     Action,
@@ -186,20 +187,27 @@ def test_bytes_of_a_live_connection_count_at_each_flush_and_once_in_all(
     assert metrics.traffic.value("istio_tcp_connections_closed", labels) == 1
 
 
+def outbound(
+    protocol: str, *, remote: str, bytes_in: int = 0, bytes_out: int = 0
+) -> FakeConnection:
+    """The client pod's connection to `remote`, carried to the server pod's 8080."""
+    return FakeConnection(
+        workload_uid="uid-client",
+        direction=OUTBOUND,
+        protocol=protocol,
+        local="10.1.0.5:40000",
+        remote=remote,
+        target="10.2.0.5:8080",
+        source_identity=CLIENT,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+    )
+
+
 def test_outbound_to_a_vip_reports_source_side_with_the_service(store: StateStore) -> None:
     metrics = AgentMetrics()
     telemetry = ConnectionTelemetry(store, metrics)
-    conn = FakeConnection(
-        workload_uid="uid-client",
-        direction=OUTBOUND,
-        protocol="TCP",
-        local="10.1.0.5:40000",
-        remote="10.96.0.10:80",
-        target="10.2.0.5:8080",
-        source_identity=CLIENT,
-        bytes_in=10,
-        bytes_out=20,
-    )
+    conn = outbound("TCP", remote="10.96.0.10:80", bytes_in=10, bytes_out=20)
     telemetry.opened(conn)
     telemetry.closed(conn)
     labels = telemetry.labels_for(conn)
@@ -209,6 +217,23 @@ def test_outbound_to_a_vip_reports_source_side_with_the_service(store: StateStor
     assert labels.connection_security_policy == "unknown"  # plaintext
     assert metrics.traffic.value("istio_tcp_received_bytes", labels) == 10
     assert metrics.traffic.value("istio_tcp_sent_bytes", labels) == 20
+
+
+def test_outbound_tunnel_that_never_opened_is_flagged_connect(
+    store: StateStore, access: tuple[AccessLogger, Lines]
+) -> None:
+    metrics = AgentMetrics()
+    telemetry = ConnectionTelemetry(store, metrics, access[0])
+    conn = outbound("HBONE", remote="10.2.0.5:8080")
+    telemetry.opened(conn)
+    conn.closed_reason = f"{TUNNEL_OPEN_FAILED}: HBONE to 10.2.0.5:15008: Connection refused"
+    telemetry.closed(conn)
+    flagged = telemetry.labels_for(conn, "CONNECT")
+    assert metrics.traffic.value("istio_tcp_connections_closed", flagged) == 1
+    assert metrics.traffic.value("istio_tcp_connections_closed", telemetry.labels_for(conn)) == 0
+    (line,) = access[1].lines
+    assert line["response_flags"] == "CONNECT" and line["policy"] == "allow"
+    assert "Connection refused" in str(line["error"])
 
 
 def test_policy_denial_is_counted_with_deny_flag_and_logged(
