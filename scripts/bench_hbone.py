@@ -269,6 +269,64 @@ async def _tls_run(total: int, chunk: int, hbone: bool) -> float:
     return elapsed
 
 
+class _MemoryTransport:
+    """Delivers writes to the peer connection on the next loop turn, as a socket would."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.peer: asyncio.BaseProtocol | None = None
+
+    def write(self, data: bytes) -> None:
+        assert self.peer is not None
+        self.loop.call_soon(self.peer.data_received, bytes(data))  # type: ignore[attr-defined]
+
+    def writelines(self, buffers: list) -> None:
+        assert self.peer is not None
+        self.loop.call_soon(self.peer.data_received, b"".join(buffers))  # type: ignore[attr-defined]
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def _pingpong(round_trips: int) -> float:
+    """Microseconds of our Python per 64-byte round trip through one tunnel, both HBONE ends
+    (send, receive, echo, receive), over in-memory transports: the part of an agent's latency
+    cost that is ours, without sockets, TLS or wake-ups."""
+    from nodeagent.hbone.aio import HboneConnection, TunnelStream
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_request(stream: TunnelStream) -> None:
+        stream.respond(200)
+        stream.on_data = stream.write  # echo
+
+    server = HboneConnection(client_side=False, on_request=on_request)
+    client = HboneConnection(client_side=True)
+    to_server, to_client = _MemoryTransport(loop), _MemoryTransport(loop)
+    to_server.peer, to_client.peer = server, client
+    server.connection_made(to_client)  # type: ignore[arg-type]
+    client.connection_made(to_server)  # type: ignore[arg-type]
+    stream = await client.open_tunnel("10.0.0.1:9000")
+    message, count = b"x" * 64, [0]
+
+    def echoed(_data: memoryview) -> None:
+        count[0] += 1
+        if count[0] >= round_trips:
+            done.set_result(None)
+        else:
+            stream.write(message)
+
+    stream.on_data = echoed
+    start = time.process_time()
+    stream.write(message)
+    await done
+    return (time.process_time() - start) / round_trips * 1e6
+
+
 def gbps(total: int, seconds: float) -> float:
     return round(total * 8 / seconds / 1e9, 2)
 
@@ -283,8 +341,10 @@ def main() -> None:
         action="store_true",
         help="also time our tunnel vs bare TLS over loopback (one process)",
     )
+    parser.add_argument("--round-trips", type=int, default=20000, help="64-byte ping-pongs")
     args = parser.parse_args()
     total, chunk = args.mib * MIB, args.chunk_kib * 1024
+    pingpong = min(asyncio.run(_pingpong(args.round_trips)) for _ in range(args.rounds))
     ours = min(bench_ours(total, chunk)[0] for _ in range(args.rounds))
     sender = min(bench_sender_only(total, chunk) for _ in range(args.rounds))
     theirs = min(bench_h2(total, chunk) for _ in range(args.rounds))
@@ -309,6 +369,7 @@ def main() -> None:
                 "ours_sender_only_gbps": gbps(total, sender),
                 "h2_gbps": gbps(total, theirs),
                 "speedup_vs_h2": round(theirs / ours, 1),
+                "pingpong_cpu_us_per_round_trip": round(pingpong, 2),
                 "cpu_seconds": {
                     "ours": round(ours, 3),
                     "ours_sender_only": round(sender, 4),

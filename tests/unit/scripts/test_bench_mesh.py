@@ -1,0 +1,54 @@
+"""The benchmark's captured stunnel reference: the agent's capture rules, aimed at stunnel."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodeagent.datapath.plan import build_plan, render_iptables_save
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def bench():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("bench_mesh", ROOT / "scripts" / "bench_mesh.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_mesh"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_captured_rules_keep_the_plan_but_redirect_each_app_port_to_stunnel(bench) -> None:  # type: ignore[no-untyped-def]
+    rules = bench.CapturedStunnel.rules("10.10.2.11").splitlines()
+    plan = render_iptables_save(build_plan(ipv6=False)).splitlines()
+    to_outbound = [line for line in plan if line.endswith("--to-ports 15001")]
+    assert len(to_outbound) == 1
+    # Everything else of the agent's plan (mangle marks, exemptions, inbound) is unchanged.
+    assert [line for line in plan if line not in to_outbound] == [
+        line
+        for line in rules
+        if "--dport 5201" not in line and "--dport 9000" not in line and "--dport 8080" not in line
+    ]
+    redirects = [line for line in rules if "REDIRECT" in line and "ISTIO_OUTPUT" in line]
+    assert {line.split()[-1] for line in redirects} == {
+        str(local) for local, _ in bench.STUNNEL_CAPTURED.values()
+    }
+    for line in redirects:
+        assert "-d 10.10.2.11/32" in line and "! -d 127.0.0.1/32" not in line
+        assert "! --mark 0x539/0xfff" in line  # the same exemption as the agent's rule
+
+
+def test_ratios_against_a_reference(bench) -> None:  # type: ignore[no-untyped-def]
+    med = {
+        "no_mesh": {"gbps_1_stream": 15.0, "p50_us": 90.0},
+        "stunnel": {"gbps_1_stream": 5.0, "p50_us": 120.0},
+        "mesh": {"gbps_1_stream": 5.5, "p50_us": 150.0},
+    }
+    got = bench.ratios(med, "stunnel")
+    assert got["throughput_ratio"] == 1.1 and got["throughput_target_met"] is True
+    assert got["added_p50_ratio"] == 2.0 and got["added_p50_target_met"] is False
