@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 @pytest.fixture(scope="module")
-def driver():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_driver", ROOT / "scripts" / "bench.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def driver(scripts):  # type: ignore[no-untyped-def]
+    return scripts("bench")
 
 
 RESULT = {"runs": [1.5, 2.0], "nested": {"a": [1, {"b": 2}]}}

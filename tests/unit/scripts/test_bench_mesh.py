@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from nodeagent.datapath.plan import build_plan, render_iptables_save
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 @pytest.fixture(scope="module")
-def bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_mesh", ROOT / "scripts" / "bench_mesh.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_mesh"] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(scripts):  # type: ignore[no-untyped-def]
+    return scripts("bench_mesh")
 
 
 def test_captured_rules_keep_the_plan_but_redirect_each_app_port_to_stunnel(bench) -> None:  # type: ignore[no-untyped-def]
