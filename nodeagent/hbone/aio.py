@@ -348,11 +348,12 @@ class HboneConnection(asyncio.BufferedProtocol):
         return stream
 
     def flush(self) -> None:
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None:
             return
         out = self.conn.data_to_send()
-        if out:
-            self.transport.writelines(coalesce_records(out) if len(out) > 1 else out)
+        if out and not transport.is_closing():
+            transport.writelines(coalesce_records(out) if len(out) > 1 else out)
 
     def close(self, error_code: int = ErrorCode.NO_ERROR) -> None:
         """GOAWAY, then close the transport."""
@@ -367,22 +368,39 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     # --- internals ---
     def _dispatch(self, events: list[Event]) -> None:
+        streams = self.streams
         for event in events:
+            if type(event) is DataReceived:
+                # The hot path, ahead of the general one: DATA for a stream we know.
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    try:
+                        stream._on_data(event.data, event.flow_controlled_length)
+                        if not stream.manual_ack and stream.on_data is not None:
+                            self.conn.acknowledge_received_data(
+                                event.stream_id, event.flow_controlled_length
+                            )
+                    except Exception as exc:
+                        self._stream_failed(event.stream_id, exc)
+                    continue
             if not self.ready.done():
                 self.ready.set_result(None)
             sid = getattr(event, "stream_id", 0)
-            stream = self.streams.get(sid)
+            stream = streams.get(sid)
             try:
                 self._apply(event, stream)
                 if isinstance(event, StreamEnded | StreamReset):
                     self._forget_if_closed(sid)
             except Exception as exc:
-                # One broken stream must not take down the shared tunnel (machine.md §5.5).
-                log.exception("HBONE stream %s handler failed", sid)
-                stream = self.streams.get(sid)  # it may have been created by this very event
-                if stream is not None:
-                    stream.reset(ErrorCode.INTERNAL_ERROR)
-                    stream._fail(TunnelError(f"stream handler failed: {exc!r}"))
+                self._stream_failed(sid, exc)
+
+    def _stream_failed(self, sid: int, exc: Exception) -> None:
+        # One broken stream must not take down the shared tunnel (machine.md §5.5).
+        log.exception("HBONE stream %s handler failed", sid)
+        stream = self.streams.get(sid)  # it may have been created by this very event
+        if stream is not None:
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+            stream._fail(TunnelError(f"stream handler failed: {exc!r}"))
 
     def _apply(self, event: Event, stream: TunnelStream | None) -> None:
         if isinstance(event, RequestReceived):

@@ -522,6 +522,35 @@ class TunnelConnection:
     def send_data(self, stream_id: int, data: Buffer, *, end_stream: bool = False) -> int:
         """Queue tunnel bytes (not copied). Sends what the peer's windows allow now and keeps the
         rest buffered until WINDOW_UPDATE; returns the bytes sent now (see `buffered_bytes`)."""
+        stream = self._streams.get(stream_id)
+        if (
+            stream is not None
+            and not end_stream
+            and not stream.pending
+            and stream.headers_sent
+            and not stream.pending_end
+            and not self.closed
+            and (stream.state is StreamState.OPEN or stream.state is StreamState.HALF_CLOSED_REMOTE)
+            and (type(data) is bytes or (type(data) is memoryview and data.format == "B"))
+        ):
+            # The common case, with the checks below in one test: all of `data` fits the
+            # windows and one frame, so it goes out now without queueing.
+            n = len(data)
+            if (
+                0 < n <= stream.outbound_window
+                and n <= self._conn_outbound_window
+                and n <= self.remote_settings[SettingCode.MAX_FRAME_SIZE]
+            ):
+                stream.outbound_window -= n
+                self._conn_outbound_window -= n
+                head = frame_header(n, FrameType.DATA, 0, stream_id)
+                if n <= _COPY_LIMIT:
+                    self._out.append(head + data)
+                else:
+                    self._out.append(head)
+                    self._out.append(data)
+                self._out_bytes += n + 9
+                return n
         self._require_open()
         stream = self._live_stream(stream_id)
         if not stream.headers_sent:
@@ -680,9 +709,10 @@ class TunnelConnection:
         try:
             if self._preface_pending:
                 data = self._consume_preface(data)
-            self._reader.feed(data)
-            while True:
-                raw = self._reader.next_raw()
+            reader = self._reader
+            reader.feed(data)
+            while reader.buffered:
+                raw = reader.next_raw()
                 if raw is None:
                     break
                 frame_type, flags, sid, payload = raw

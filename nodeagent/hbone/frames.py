@@ -458,12 +458,8 @@ class FrameReader:
         self.stream_data = stream_data
         self.last_frame_length = 0
         self._chunks: deque[memoryview] = deque()
-        self._buffered = 0
+        self.buffered = 0  # bytes fed and not yet handed out (read-only for callers)
         self._streaming: tuple[int, int, int] | None = None  # flags, stream id, bytes left
-
-    @property
-    def buffered(self) -> int:
-        return self._buffered
 
     def feed(self, data: Buffer) -> None:
         view = memoryview(data)
@@ -472,12 +468,12 @@ class FrameReader:
         if view.nbytes:
             # Held by reference, not copied: callers must not mutate a buffer once fed.
             self._chunks.append(view)
-            self._buffered += view.nbytes
+            self.buffered += view.nbytes
 
     def _take(self, size: int) -> memoryview:
         """Remove `size` buffered bytes: a slice of the first chunk if it holds all, else a join."""
         first = self._chunks[0]
-        self._buffered -= size
+        self.buffered -= size
         if len(first) >= size:
             if len(first) == size:
                 self._chunks.popleft()
@@ -513,8 +509,25 @@ class FrameReader:
 
     def next_raw(self) -> tuple[int, int, int, memoryview] | None:
         """The next frame as (type, flags, stream id, payload), or None if incomplete."""
+        chunks = self._chunks
+        if self._streaming is None and chunks:
+            # The common case, inlined: the first chunk holds a whole frame of an allowed size.
+            first = chunks[0]
+            have = len(first)
+            if have >= FRAME_HEADER_SIZE:
+                hi, lo, frame_type, flags, stream_id = _HEADER.unpack_from(first)
+                length = (hi << 8) | lo
+                end = FRAME_HEADER_SIZE + length
+                if end <= have and length <= self.max_frame_size:
+                    if end == have:
+                        chunks.popleft()
+                    else:
+                        chunks[0] = first[end:]
+                    self.buffered -= end
+                    self.last_frame_length = length
+                    return frame_type, flags, stream_id & _STREAM_MASK, first[FRAME_HEADER_SIZE:end]
         if self._streaming is not None:
-            if not self._buffered:
+            if not self.buffered:
                 return None
             flags, stream_id, left = self._streaming
             piece = self._take(min(left, len(self._chunks[0])))
@@ -524,7 +537,7 @@ class FrameReader:
                 return DATA_FRAGMENT, flags & ~FLAG_END_STREAM, stream_id, piece
             self._streaming = None
             return DATA_FRAGMENT, flags, stream_id, piece
-        if self._buffered < FRAME_HEADER_SIZE:
+        if self.buffered < FRAME_HEADER_SIZE:
             return None
         length, frame_type, flags, stream_id = self._peek_header()
         if length > self.max_frame_size:
@@ -532,10 +545,10 @@ class FrameReader:
                 f"frame of {length} bytes exceeds our max frame size {self.max_frame_size}",
                 error_code=ErrorCode.FRAME_SIZE_ERROR,
             )
-        if self._buffered < FRAME_HEADER_SIZE + length:
+        if self.buffered < FRAME_HEADER_SIZE + length:
             if not (self.stream_data and frame_type == FrameType.DATA and not flags & FLAG_PADDED):
                 return None
-            if self._buffered == FRAME_HEADER_SIZE:
+            if self.buffered == FRAME_HEADER_SIZE:
                 return None  # wait for at least one payload byte
             self._take(FRAME_HEADER_SIZE)
             piece = self._take(min(length, len(self._chunks[0])))

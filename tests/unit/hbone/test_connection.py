@@ -334,6 +334,32 @@ def test_acknowledged_data_reopens_windows_with_window_update():
     assert WindowUpdateFrame(stream_id=0, increment=65_535) in peer.sent()
 
 
+@pytest.mark.parametrize("size", [1, 4096, 4097, 16_384, 16_385, 65_535, 65_536, 100_000])
+def test_send_fast_path_frames_exactly_like_the_queued_path(size):
+    # bytes take the one-test fast path when they fit; a bytearray always goes through the
+    # queue. Same frames, same return value, same windows and buffering either way.
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    results = []
+    for data in (payload, bytearray(payload), memoryview(payload)):
+        peer = client()
+        sid = peer.conn.open_tunnel("10.0.0.1:9")
+        peer.sent()
+        sent = peer.conn.send_data(sid, data)
+        frames = peer.sent()
+        results.append(
+            (
+                sent,
+                [(f.stream_id, bytes(f.data), f.end_stream) for f in frames],
+                peer.conn.buffered_bytes(sid),
+                peer.conn.outbound_window(sid),
+            )
+        )
+    assert results[0] == results[1] == results[2]
+    sent, frames, buffered, _window = results[0]
+    assert sent == min(size, 65_535) and buffered == size - sent
+    assert b"".join(data for _, data, _ in frames) == payload[:sent]
+
+
 def test_sender_never_exceeds_peer_window_and_resumes_on_window_update():
     peer = client()
     sid = peer.conn.open_tunnel("10.0.0.1:9")
