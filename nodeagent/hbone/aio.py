@@ -87,14 +87,22 @@ class TunnelStream:
         self.owner.flush()
 
     # --- both sides ---
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue bytes (not copied: don't mutate `data` afterwards)."""
+    def write(self, data: bytes | bytearray | memoryview) -> bool:
+        """Queue bytes (not copied: don't mutate `data` afterwards). True if all of it went to
+        the transport and the transport still takes more: no need to wait in `drain()`."""
         if self._error is not None:
             raise self._error
-        self.owner.conn.send_data(self.stream_id, data)
-        if self.owner.conn.buffered_bytes(self.stream_id):
+        owner = self.owner
+        conn = owner.conn
+        clear = True
+        # All sent now (the usual case) means nothing buffered: skip asking.
+        if conn.send_data(self.stream_id, data) != len(data) and conn.buffered_bytes(
+            self.stream_id
+        ):
             self._writable.clear()
-        self.owner.flush()
+            clear = False
+        owner.flush()
+        return clear and owner.can_write
 
     async def drain(self) -> None:
         """Wait until the peer's windows took everything written (and the transport is writable)."""
@@ -268,6 +276,7 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.writable = asyncio.Event()
         self.writable.set()
+        self.can_write = True  # the same as writable.is_set(), without a call on the hot path
         self._read_buffer: bytearray | None = None
         self._read_view: memoryview | None = None
 
@@ -327,9 +336,11 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._terminate(TunnelError(f"connection lost: {exc}" if exc else "connection closed"))
 
     def pause_writing(self) -> None:
+        self.can_write = False
         self.writable.clear()
 
     def resume_writing(self) -> None:
+        self.can_write = True
         self.writable.set()
 
     # --- API ---

@@ -117,14 +117,11 @@ class TunnelRelayEnd(RelayEnd):
 
     def _do_send(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            self.stream.write(data)
+            clear = self.stream.write(data)
         except Exception as exc:  # reset or connection gone: end the relay, outside this call
             asyncio.get_running_loop().call_soon(self._fail_later, f"{self.name}: {exc}")
             return
-        owner = self.stream.owner
-        if self._drain is None and (
-            owner.conn.buffered_bytes(self.stream.stream_id) or not owner.writable.is_set()
-        ):
+        if not clear and self._drain is None:
             self.on_write_paused()
             self._drain = asyncio.get_running_loop().create_task(
                 self._wait_drained(), name=f"tunnel-drain {self.stream.authority}"

@@ -156,9 +156,12 @@ async def test_unread_data_holds_back_the_sender(tls):
     big = os.urandom(10 * 1024 * 1024)
     senders: list[TunnelStream] = []
 
+    clear: list[bool] = []
+
     def flood(stream: TunnelStream) -> None:
         stream.respond(200)
-        stream.write(big)
+        clear.append(stream.write(b"small"))  # fits: nothing to wait for
+        clear.append(stream.write(big))  # beyond the window: the caller must drain
         stream.write_eof()
         senders.append(stream)
 
@@ -171,8 +174,9 @@ async def test_unread_data_holds_back_the_sender(tls):
             await asyncio.sleep(0.01)
         assert conn.conn.inbound_window(stream.stream_id) == 0
         (sender,) = senders
-        assert sender.owner.conn.buffered_bytes(sender.stream_id) == len(big) - 4 * 1024 * 1024
-        assert await asyncio.wait_for(read_all(stream), 30) == big
+        assert clear == [True, False]
+        assert sender.owner.conn.buffered_bytes(sender.stream_id) == len(big) + 5 - 4 * 1024 * 1024
+        assert await asyncio.wait_for(read_all(stream), 30) == b"small" + big
 
 
 async def test_manual_ack_holds_the_peer_until_the_consumer_acks(tls):
