@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Pod-to-pod benchmark in a sandbox: no mesh, a stunnel mTLS pair, and our mesh.
+"""Pod-to-pod benchmark in a sandbox: no mesh, stunnel mTLS pairs, and our mesh.
 
 Every variant carries the same traffic between a client pod on node1 and a server
 pod on node2, and the variants run interleaved round by round, so their ratios hold
@@ -11,15 +11,18 @@ even while the machine's load drifts:
 * cost: CPU seconds of the tunnel processes per Gbit/s moved, and their memory.
 
 `stunnel` is the native reference: OpenSSL mutual TLS 1.3 over the same path, with
-ECDSA P-256 certificates like ours. `mesh` is our agents: the client connects straight
+ECDSA P-256 certificates like ours. `stunnel_captured` is the same pair reached through the
+agent's own capture rules (see `CapturedStunnel`), so that the capture's kernel cost is in
+the reference too. `mesh` is our agents: the client connects straight
 to the server pod, capture in the client pod sends the connection to its node's agent
 (15001), which carries it as HBONE to the server pod's 15008 on the other node's agent.
 
-Two identical sandboxes: `no_mesh` and `stunnel` run in one without agents (so nothing
-captures their traffic), `mesh` in one with agents. Each run checks once that each
-variant took the path it claims (the mesh connection was accepted on 15001 in the client
-pod and arrived over 15008; the others were not captured). Prints one JSON object on its
-last line.
+Two sandboxes: `no_mesh` and the stunnel pairs run in one without agents (so no agent
+captures their traffic; the captured pair's client is a second pod there), `mesh` in one
+with agents. Each run checks once that each variant took the path it claims (the mesh
+connection was accepted on 15001 in the client pod and arrived over 15008; the captured
+stunnel's was redirected to its stunnel; the others were not captured). Prints one JSON
+object on its last line.
 """
 
 from __future__ import annotations
@@ -223,6 +226,8 @@ class Stunnel(Variant):
     def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
         self.pids: list[int] = []
         self.server_ip = server_ip
+        workdir = workdir / self.name  # each pair its own CA and files
+        workdir.mkdir(exist_ok=True)
         certs = make_certs(workdir)
         common = [
             "foreground = yes",

@@ -414,6 +414,7 @@ class HboneConnection(asyncio.BufferedProtocol):
             stream._fail(TunnelError(f"stream handler failed: {exc!r}"))
 
     def _apply(self, event: Event, stream: TunnelStream | None) -> None:
+        # DATA for a known stream never gets here: `_dispatch` handles it first.
         if isinstance(event, RequestReceived):
             new = TunnelStream(self, event.stream_id, event.authority, event.headers)
             self.streams[event.stream_id] = new
@@ -437,10 +438,6 @@ class HboneConnection(asyncio.BufferedProtocol):
                 stream.response.set_result(event)
             if event.status != 200:
                 stream._fail(TunnelError(f"CONNECT answered {event.status}"))
-        elif isinstance(event, DataReceived):
-            stream._on_data(event.data, event.flow_controlled_length)
-            if stream.on_data is not None and not stream.manual_ack:
-                self.conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
         elif isinstance(event, StreamEnded):
             stream._on_end()
         elif isinstance(event, StreamReset):
