@@ -23,6 +23,8 @@ from nodeagent.hbone.connection import (
     ConnectionConfig,
     ConnectionTerminated,
     DataReceived,
+    DataSink,
+    DataSinkFailed,
     ErrorCode,
     Event,
     InvalidActionError,
@@ -94,6 +96,14 @@ class TunnelStream:
             raise self._error
         owner = self.owner
         conn = owner.conn
+        if owner.can_write:
+            # A small write with nothing queued: one frame straight to the transport.
+            frame = conn.data_frame(self.stream_id, data)
+            if frame is not None:
+                transport = owner.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(frame)
+                return owner.can_write
         clear = True
         # All sent now (the usual case) means nothing buffered: skip asking.
         if conn.send_data(self.stream_id, data) != len(data) and conn.buffered_bytes(
@@ -136,6 +146,18 @@ class TunnelStream:
         self._inbox.clear()
         if unread:
             self.owner.conn.acknowledge_received_data(self.stream_id, unread)
+
+    def deliver_to(self, sink: DataSink | None) -> None:
+        """Take this stream's DATA by a direct call from the connection's read, without events
+        (`TunnelConnection.set_data_sink`: `sink` returns whether the bytes may be acked now).
+        Everything the direct path does not take still arrives through `on_data`, so set that
+        too. None goes back to `on_data` alone."""
+        conn = self.owner.conn
+        if sink is None or conn.stream_state(self.stream_id) in (
+            StreamState.OPEN,
+            StreamState.HALF_CLOSED_LOCAL,
+        ):
+            conn.set_data_sink(self.stream_id, sink)
 
     def ack(self, size: int) -> None:
         """Return `size` consumed bytes to the peer's windows (callback mode with manual_ack)."""
@@ -299,7 +321,17 @@ class HboneConnection(asyncio.BufferedProtocol):
         view, buffer = self._read_view, self._read_buffer
         assert view is not None and buffer is not None
         # No copy: the frame reader and the relay get views of this buffer.
-        self.data_received(view[:nbytes])
+        # (`data_received`, inlined: this runs once per read.)
+        conn = self.conn
+        try:
+            events = conn.receive_data(view[:nbytes])
+        except ProtocolError as err:
+            self._protocol_error(err)
+        else:
+            if events:
+                self._dispatch(events)
+            if conn.outgoing:
+                self.flush()
         self._read_view = None
         try:
             view.release()
@@ -321,13 +353,16 @@ class HboneConnection(asyncio.BufferedProtocol):
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as err:
-            log.info("HBONE connection error: %s", err)
-            self._dispatch(cast(list[Event], list(err.events)))
-            self.flush()
-            self._terminate(TunnelError(f"HTTP/2 protocol error: {err}"))
+            self._protocol_error(err)
             return
         self._dispatch(events)
         self.flush()
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        log.info("HBONE connection error: %s", err)
+        self._dispatch(cast(list[Event], list(err.events)))
+        self.flush()
+        self._terminate(TunnelError(f"HTTP/2 protocol error: {err}"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: HTTP/2 has no half-closed connections
@@ -362,8 +397,10 @@ class HboneConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None:
             return
+        if not self.conn.outgoing:
+            return
         out = self.conn.data_to_send()
-        if out and not transport.is_closing():
+        if not transport.is_closing():
             transport.writelines(coalesce_records(out) if len(out) > 1 else out)
 
     def close(self, error_code: int = ErrorCode.NO_ERROR) -> None:
@@ -394,6 +431,9 @@ class HboneConnection(asyncio.BufferedProtocol):
                     except Exception as exc:
                         self._stream_failed(event.stream_id, exc)
                     continue
+            if type(event) is DataSinkFailed:
+                self._stream_failed(event.stream_id, event.error)
+                continue
             if not self.ready.done():
                 self.ready.set_result(None)
             sid = getattr(event, "stream_id", 0)
@@ -407,7 +447,7 @@ class HboneConnection(asyncio.BufferedProtocol):
 
     def _stream_failed(self, sid: int, exc: Exception) -> None:
         # One broken stream must not take down the shared tunnel (machine.md §5.5).
-        log.exception("HBONE stream %s handler failed", sid)
+        log.error("HBONE stream %s handler failed", sid, exc_info=exc)
         stream = self.streams.get(sid)  # it may have been created by this very event
         if stream is not None:
             stream.reset(ErrorCode.INTERNAL_ERROR)

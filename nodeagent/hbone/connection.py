@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -38,6 +38,7 @@ from nodeagent.hbone.frames import (
     DEFAULT_WINDOW,
     FLAG_END_STREAM,
     FLAG_PADDED,
+    FRAME_HEADER_SIZE,
     MAX_FRAME_SIZE_LIMIT,
     MAX_WINDOW,
     PREFACE,
@@ -62,12 +63,15 @@ from nodeagent.hbone.frames import (
     decode_frame,
     encode_frame,
     frame_header,
+    pack_header,
+    unpack_header,
 )
 
 __all__ = [
     "ConnectionConfig",
     "ConnectionTerminated",
     "DataReceived",
+    "DataSinkFailed",
     "ErrorCode",
     "Event",
     "InvalidActionError",
@@ -89,6 +93,9 @@ __all__ = [
 ]
 
 Headers: TypeAlias = tuple[tuple[str, str], ...]
+# Takes one DATA payload (a view of the received bytes); True if the bytes were consumed and
+# their window may be returned now, False if the application acknowledges them later.
+DataSink: TypeAlias = Callable[[memoryview], bool]
 
 MIB = 1 << 20
 # Bound on one (compressed) header block across CONTINUATION frames: a CONTINUATION flood is
@@ -138,6 +145,15 @@ class DataReceived:
     stream_id: int
     data: memoryview
     flow_controlled_length: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataSinkFailed:
+    """A stream's data sink (see `TunnelConnection.set_data_sink`) raised: its bytes were dropped
+    and their window returned; the application should reset the stream."""
+
+    stream_id: int
+    error: Exception
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -194,6 +210,7 @@ Event: TypeAlias = (
     | ResponseReceived
     | TrailersReceived
     | DataReceived
+    | DataSinkFailed
     | StreamEnded
     | StreamReset
     | WindowUpdated
@@ -429,7 +446,7 @@ class TunnelConnection:
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=config.header_list_limit)
         self._decoder.max_allowed_table_size = config.header_table_size
-        self._out: list[Buffer] = []
+        self.outgoing: list[Buffer] = []  # queued output, read-only: take it with data_to_send()
         self._out_bytes = 0
         self._streams: dict[int, _Stream] = {}
         self._closed_streams: OrderedDict[int, _Closed] = OrderedDict()
@@ -448,6 +465,10 @@ class TunnelConnection:
         self._goaway_sent: int | None = None
         self.goaway_received: ConnectionTerminated | None = None
         self.closed = False  # after a connection error: no more frames are read or sent
+        # Streams whose DATA goes straight to a callable during receive_data (set_data_sink).
+        self._sinks: dict[int, tuple[_Stream, DataSink]] = {}
+        self._conn_update_at = config.connection_window_size // _UPDATE_DIVISOR
+        self._stream_update_at = config.initial_window_size // _UPDATE_DIVISOR
 
     # --- public: sending ------------------------------------------------------------------
 
@@ -545,10 +566,10 @@ class TunnelConnection:
                 self._conn_outbound_window -= n
                 head = frame_header(n, FrameType.DATA, 0, stream_id)
                 if n <= _COPY_LIMIT:
-                    self._out.append(head + data)
+                    self.outgoing.append(head + data)
                 else:
-                    self._out.append(head)
-                    self._out.append(data)
+                    self.outgoing.append(head)
+                    self.outgoing.append(data)
                 self._out_bytes += n + 9
                 return n
         self._require_open()
@@ -569,6 +590,33 @@ class TunnelConnection:
         before = stream.pending_bytes
         self._flush_stream(stream)
         return before - stream.pending_bytes
+
+    def data_frame(self, stream_id: int, data: Buffer) -> bytes | None:
+        """The fast case of `send_data`, for a relay's small writes: if nothing is queued for
+        output and `data` (bytes, at most 4 KiB) may go out now, charge the windows and return
+        the whole DATA frame for the caller to write itself; else None and nothing changes
+        (then use `send_data`)."""
+        if self.outgoing:
+            return None  # queued frames go first
+        n = len(data)
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or type(data) is not bytes
+            or not 0 < n <= _COPY_LIMIT
+            or n > stream.outbound_window
+            or n > self._conn_outbound_window
+            or stream.pending
+            or stream.pending_end
+            or not stream.headers_sent
+            or self.closed
+            or (stream.state is not StreamState.OPEN and stream.state is not _S.HALF_CLOSED_REMOTE)
+        ):
+            return None
+        stream.outbound_window -= n
+        self._conn_outbound_window -= n
+        # _COPY_LIMIT is below every allowed max frame size: one frame always holds it.
+        return pack_header(n >> 8, n & 0xFF, FrameType.DATA, 0, stream_id) + data
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our direction (END_STREAM, a FIN), after any buffered data."""
@@ -592,7 +640,7 @@ class TunnelConnection:
         if self.closed or size == 0:
             return
         self._conn_unacked += size
-        if self._conn_unacked >= self.config.connection_window_size // _UPDATE_DIVISOR:
+        if self._conn_unacked >= self._conn_update_at:
             self._queue_frame(WindowUpdateFrame(stream_id=0, increment=self._conn_unacked))
             self._conn_inbound_window += self._conn_unacked
             self._conn_unacked = 0
@@ -600,10 +648,29 @@ class TunnelConnection:
         if stream is None or stream.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
             return  # no more DATA can come on it; the connection window is what matters
         stream.unacked += size
-        if stream.unacked >= self.config.initial_window_size // _UPDATE_DIVISOR:
+        if stream.unacked >= self._stream_update_at:
             self._queue_frame(WindowUpdateFrame(stream_id=stream_id, increment=stream.unacked))
             stream.inbound_window += stream.unacked
             stream.unacked = 0
+
+    def set_data_sink(self, stream_id: int, sink: DataSink | None) -> None:
+        """Hand this stream's DATA to `sink` during `receive_data` instead of as events.
+
+        For a relay, where the event path costs more than the bytes: a whole unpadded DATA
+        frame without END_STREAM, at the start of a received chunk or right after another such
+        frame, is checked against the windows and given to `sink` at once. Every other frame
+        of the stream (pieces of a frame split across reads, END_STREAM, padding) still comes
+        as `DataReceived` and the other events, so the two paths never reorder a stream's
+        bytes. An exception from `sink` becomes a `DataSinkFailed` event. None removes the sink;
+        so does the end of the stream's receiving side.
+        """
+        if sink is None:
+            self._sinks.pop(stream_id, None)
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
+            raise InvalidActionError(f"stream {stream_id} cannot receive DATA")
+        self._sinks[stream_id] = (stream, sink)
 
     def ping(self, data: bytes = b"\0" * 8) -> None:
         self._require_open()
@@ -630,8 +697,8 @@ class TunnelConnection:
 
     def data_to_send(self) -> list[Buffer]:
         """Take the queued output: buffers to write in order (views alias the caller's data)."""
-        out = self._out
-        self._out = []
+        out = self.outgoing
+        self.outgoing = []
         self._out_bytes = 0
         return out
 
@@ -706,6 +773,56 @@ class TunnelConnection:
         events: list[Event] = []
         if self.closed:
             return events
+        reader = self._reader
+        sinks = self._sinks
+        if (
+            sinks
+            and not reader.buffered
+            and reader.streaming is None
+            and self._header_block is None
+            and self._remote_settings_seen
+        ):
+            # The direct path of `set_data_sink` (inline: it runs once per read): whole DATA
+            # frames from the start of the chunk go to their sinks; the rest goes on below.
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            total = len(view)
+            pos = 0
+            max_frame = self.config.max_frame_size
+            while total - pos > FRAME_HEADER_SIZE and not self.closed:
+                hi, lo, frame_type, flags, sid = unpack_header(view, pos)
+                length = (hi << 8) | lo
+                end = pos + FRAME_HEADER_SIZE + length
+                entry = sinks.get(sid) if frame_type == 0 and not flags else None
+                if entry is None or not 0 < length <= max_frame or end > total:
+                    break
+                stream, sink = entry
+                if length > self._conn_inbound_window or length > stream.inbound_window:
+                    break  # the general path raises the flow-control error
+                self._conn_inbound_window -= length
+                stream.inbound_window -= length
+                pos = end
+                try:
+                    consumed = sink(view[end - length : end])
+                except Exception as exc:
+                    events.append(DataSinkFailed(stream_id=sid, error=exc))
+                    consumed = True  # dropped: the window is returned all the same
+                if consumed:
+                    conn_unacked = self._conn_unacked + length
+                    stream_unacked = stream.unacked + length
+                    if (
+                        conn_unacked < self._conn_update_at
+                        and stream_unacked < self._stream_update_at
+                        and sid in sinks
+                    ):
+                        self._conn_unacked = conn_unacked
+                        stream.unacked = stream_unacked
+                    else:  # a WINDOW_UPDATE is due, or the sink closed the stream
+                        self.acknowledge_received_data(sid, length)
+            if pos == total:
+                return events
+            data = view[pos:]
         try:
             if self._preface_pending:
                 data = self._consume_preface(data)
@@ -746,7 +863,7 @@ class TunnelConnection:
     # --- internals: output ----------------------------------------------------------------------
 
     def _queue(self, buf: Buffer) -> None:
-        self._out.append(buf)
+        self.outgoing.append(buf)
         self._out_bytes += len(buf)
 
     def _queue_frame(self, frame: Frame) -> None:
@@ -801,10 +918,10 @@ class TunnelConnection:
             end = stream.pending_end and not pending
             head = frame_header(n, FrameType.DATA, FLAG_END_STREAM if end else 0, sid)
             if n <= _COPY_LIMIT:
-                self._out.append(head + chunk)  # one small buffer: one TLS record, not two
+                self.outgoing.append(head + chunk)  # one small buffer: one TLS record, not two
             else:
-                self._out.append(head)
-                self._out.append(chunk)  # the caller's bytes, by reference
+                self.outgoing.append(head)
+                self.outgoing.append(chunk)  # the caller's bytes, by reference
             self._out_bytes += n + 9
             if end:
                 self._transition(stream, StreamInput.SEND_END_STREAM)
@@ -859,7 +976,9 @@ class TunnelConnection:
                 stream_id=stream.stream_id,
             )
         stream.state = new
-        if new is StreamState.CLOSED:
+        if new is StreamState.HALF_CLOSED_REMOTE:
+            self._sinks.pop(stream.stream_id, None)
+        elif new is StreamState.CLOSED:
             self._close_stream(stream, _Closed.ENDED)
 
     def _close_stream(self, stream: _Stream, how: _Closed) -> None:
@@ -867,6 +986,7 @@ class TunnelConnection:
         stream.pending.clear()
         stream.pending_bytes = 0
         self._streams.pop(stream.stream_id, None)
+        self._sinks.pop(stream.stream_id, None)
         self._closed_streams[stream.stream_id] = how
         if len(self._closed_streams) > _CLOSED_MEMORY:
             self._closed_streams.popitem(last=False)

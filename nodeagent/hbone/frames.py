@@ -30,6 +30,10 @@ DEFAULT_WINDOW = 65_535
 DATA_FRAGMENT = -1
 
 _HEADER = struct.Struct(">HBBBL")  # 24-bit length split as 16 + 8 bits, type, flags, stream id
+# (length >> 8, length & 0xFF, type, flags, stream id with its reserved bit) of the frame header
+# at an offset, and its inverse: C calls, for hot paths that cannot afford a Python one.
+unpack_header = _HEADER.unpack_from
+pack_header = _HEADER.pack
 _U32 = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
 _SETTING = struct.Struct(">HL")
@@ -459,7 +463,8 @@ class FrameReader:
         self.last_frame_length = 0
         self._chunks: deque[memoryview] = deque()
         self.buffered = 0  # bytes fed and not yet handed out (read-only for callers)
-        self._streaming: tuple[int, int, int] | None = None  # flags, stream id, bytes left
+        # A DATA frame being handed out in pieces: (flags, stream id, bytes left); read-only.
+        self.streaming: tuple[int, int, int] | None = None
 
     def feed(self, data: Buffer) -> None:
         view = memoryview(data)
@@ -510,7 +515,7 @@ class FrameReader:
     def next_raw(self) -> tuple[int, int, int, memoryview] | None:
         """The next frame as (type, flags, stream id, payload), or None if incomplete."""
         chunks = self._chunks
-        if self._streaming is None and chunks:
+        if self.streaming is None and chunks:
             # The common case, inlined: the first chunk holds a whole frame of an allowed size.
             first = chunks[0]
             have = len(first)
@@ -526,16 +531,16 @@ class FrameReader:
                     self.buffered -= end
                     self.last_frame_length = length
                     return frame_type, flags, stream_id & _STREAM_MASK, first[FRAME_HEADER_SIZE:end]
-        if self._streaming is not None:
+        if self.streaming is not None:
             if not self.buffered:
                 return None
-            flags, stream_id, left = self._streaming
+            flags, stream_id, left = self.streaming
             piece = self._take(min(left, len(self._chunks[0])))
             left -= len(piece)
             if left:
-                self._streaming = (flags, stream_id, left)
+                self.streaming = (flags, stream_id, left)
                 return DATA_FRAGMENT, flags & ~FLAG_END_STREAM, stream_id, piece
-            self._streaming = None
+            self.streaming = None
             return DATA_FRAGMENT, flags, stream_id, piece
         if self.buffered < FRAME_HEADER_SIZE:
             return None
@@ -553,7 +558,7 @@ class FrameReader:
             self._take(FRAME_HEADER_SIZE)
             piece = self._take(min(length, len(self._chunks[0])))
             self.last_frame_length = length
-            self._streaming = (flags, stream_id, length - len(piece))
+            self.streaming = (flags, stream_id, length - len(piece))
             return frame_type, flags & ~FLAG_END_STREAM, stream_id, piece
         frame = self._take(FRAME_HEADER_SIZE + length)
         self.last_frame_length = length

@@ -180,7 +180,11 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
         if not self._wired:
             self._early.append(data)
             return
-        self.on_data(data)
+        # `on_data`, inlined: once per read.
+        self.received += len(data)
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer._do_send(data)
 
     def eof_received(self) -> bool:
         if not self._wired:

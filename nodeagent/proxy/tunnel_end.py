@@ -69,6 +69,18 @@ class TunnelRelayEnd(RelayEnd):
         # whole read: queue the credit without a flush of our own (one less per DATA frame).
         self._credit(len(data), flush=False)
 
+    def _direct_data(self, data: memoryview) -> bool:
+        # The connection's direct path (TunnelStream.deliver_to): `on_data` and `_credit`
+        # inlined, since this runs once per DATA frame; True lets the connection ack at once.
+        self.received += len(data)
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer._do_send(data)
+        if self._paused:
+            self._held += len(data)
+            return False
+        return not self.closed
+
     def _credit(self, size: int, *, flush: bool = True) -> None:
         if self._paused:
             self._held += size
@@ -98,6 +110,7 @@ class TunnelRelayEnd(RelayEnd):
     def detach(self) -> None:
         """Forget the connection's close callback: a pooled connection outlives many tunnels."""
         self._stop_drain()
+        self.stream.deliver_to(None)
         self.stream.owner.closed.remove_done_callback(self._connection_closed)
 
     def wire(self) -> None:
@@ -109,6 +122,8 @@ class TunnelRelayEnd(RelayEnd):
             self._credit(length)
         if self._early_eof:
             self.on_eof()
+        else:
+            self.stream.deliver_to(self._direct_data)
         error = self.stream._error
         if error is not None and not self.closed and not self._early_eof:
             self.on_reset(f"{self.name}: {error}")
