@@ -13,6 +13,10 @@ DATA arrives as memoryview slices of the received buffers; a large frame that sp
 reads is delivered piece by piece as its bytes come in (windows are charged for the whole
 frame at its start), so nothing on the receive path is joined or copied. The application
 acknowledges consumed bytes with `acknowledge_received_data()`, which sends WINDOW_UPDATEs.
+A relay, for which the event path costs more than the bytes, can instead have a stream's
+whole DATA frames handed to a callable during `receive_data()` (`set_data_sink()`) and get
+small DATA frames ready to write (`data_frame()`); both fall back to the general path for
+anything else.
 
 Protocol errors by the peer are answered as RFC 9113 §5.4 says: a stream error queues
 RST_STREAM and yields `StreamReset(remote_reset=False)`; a connection error queues GOAWAY
@@ -71,6 +75,7 @@ __all__ = [
     "ConnectionConfig",
     "ConnectionTerminated",
     "DataReceived",
+    "DataSink",
     "DataSinkFailed",
     "ErrorCode",
     "Event",
@@ -610,7 +615,10 @@ class TunnelConnection:
             or stream.pending_end
             or not stream.headers_sent
             or self.closed
-            or (stream.state is not StreamState.OPEN and stream.state is not _S.HALF_CLOSED_REMOTE)
+            or (
+                stream.state is not StreamState.OPEN
+                and stream.state is not StreamState.HALF_CLOSED_REMOTE
+            )
         ):
             return None
         stream.outbound_window -= n
