@@ -55,8 +55,14 @@ from nodeagent.admin.sources import (
 from nodeagent.admin.telemetry import ConnectionTelemetry
 from nodeagent.config import Config, ConfigError
 from nodeagent.datapath.discovery import NetnsScanner
-from nodeagent.datapath.iptables import CaptureBackend, IptablesBackend
-from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorker
+from nodeagent.datapath.ebpf import ConnectRedirect, EbpfCapture, bpf_pin_dir, kernel_headers
+from nodeagent.datapath.iptables import CaptureBackend, CaptureError, IptablesBackend
+from nodeagent.datapath.netns import (
+    NetnsHandle,
+    NetnsSocketFactory,
+    NetnsWorker,
+    original_destination,
+)
 from nodeagent.hbone.pool import HbonePool, PoolSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager, CertState
@@ -111,6 +117,7 @@ class AgentHandles:
     kube: KubeApi | None = None
     annotations: PodAnnotationManager | None = None
     _closers: list[Any] = field(default_factory=list)
+    _ebpf: EbpfCapture | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _cleanup: bool = False
@@ -180,6 +187,10 @@ class AgentHandles:
         if self.admin is not None:
             await self.admin.stop()
         await self.node_manager.shutdown(cleanup=cleanup, drain=self.config.drain_seconds)
+        if self._ebpf is not None:
+            # Kept (pinned) unless uninstalling: the pods stay captured, failing closed.
+            with contextlib.suppress(Exception):
+                self._ebpf.close(keep=not cleanup)
         if self.pool is not None:
             await self.pool.close()
         if self.xds is not None:
@@ -221,10 +232,6 @@ async def build(
     """
     if not config.node_name:
         raise ConfigError("field 'node_name' is required (NODE_NAME or --node-name)")
-    if capture is None and config.redirect_backend != "iptables":
-        raise ConfigError(
-            f"field 'redirect_backend': {config.redirect_backend!r} is not available yet"
-        )
     closers: list[Any] = []
     if kube is None:
         endpoint = resolve_endpoint(config, os.environ if environ is None else environ)
@@ -259,10 +266,32 @@ async def build(
 
     # One worker per kind of namespace work, so a slow iptables apply never
     # delays a scan or a socket the proxy is waiting for.
+    ebpf: EbpfCapture | None = None
     if capture is None:
         iptables = IptablesBackend()
         closers.append(iptables.close)
         capture = iptables
+        if config.redirect_backend == "ebpf":
+            ebpf_worker = NetnsWorker("ebpf")
+            closers.append(ebpf_worker.close)
+            try:
+                redirect = ConnectRedirect(
+                    cgroup=config.cgroup2_path,
+                    pin_dir=bpf_pin_dir(config.node_name),
+                    kernel_headers=kernel_headers(),
+                    worker=ebpf_worker,
+                )
+            except CaptureError as exc:
+                for close in reversed(closers):
+                    close()
+                raise ConfigError(f"field 'redirect_backend': ebpf: {exc}") from None
+            if redirect.pin_dir is None:
+                log.warning(
+                    "eBPF capture is not pinned (no bpffs at /sys/fs/bpf): it ends with the "
+                    "agent, and the pods' connects then go out uncaptured"
+                )
+            ebpf = EbpfCapture(iptables, redirect, ebpf_worker)
+            capture = ebpf
     if scanner is None:
         scan_worker = NetnsWorker("scan")
         closers.append(scan_worker.close)
@@ -282,8 +311,9 @@ async def build(
 
     if plan_for is None:
         assert sockets_worker is not None
-        plan_for = plan_from_namespace(sockets_worker)
+        plan_for = plan_from_namespace(sockets_worker, ebpf_outbound_ipv4=ebpf is not None)
 
+    destination_of = ebpf.destination_of if ebpf is not None else original_destination
     stats = PassthroughStats()
     metrics = AgentMetrics()
     telemetry = ConnectionTelemetry(store, metrics)
@@ -296,12 +326,12 @@ async def build(
         closers.append(registry.watch(store))
         pool = HbonePool(tls, PoolSettings())
         handlers = {
-            OUTBOUND_PORT: OutboundHandler(store, pool, registry),
+            OUTBOUND_PORT: OutboundHandler(store, pool, registry, destination_of=destination_of),
             INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
             INBOUND_HBONE_PORT: InboundHboneHandler(tls, checker, registry),
         }
     listeners = PodListenerFactory(
-        handlers or passthrough_handlers(stats),
+        handlers or passthrough_handlers(stats, destination_of=destination_of),
         sockets_for,
         on_drained=pool.close_source if pool is not None else None,
     )
@@ -375,6 +405,7 @@ async def build(
         kube=kube,
         annotations=annotations,
         _closers=closers,
+        _ebpf=ebpf,
     )
     agent.append(handles)
     return handles

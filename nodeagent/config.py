@@ -70,7 +70,12 @@ class Config:
 
     redirect_backend: RedirectBackend = "iptables"
     """How pod traffic is captured (env REDIRECT_BACKEND): `iptables` (default)
-    or `ebpf`."""
+    or `ebpf` (IPv4 outbound connects redirected once, at connect time, by a
+    cgroup BPF program; inbound and IPv6 stay with iptables)."""
+
+    cgroup2_path: str = ""
+    """The host's cgroup2 root, where the eBPF backend attaches (env CGROUP2_PATH).
+    Empty: the first cgroup2 mount in /proc/self/mounts."""
 
     log_level: LogLevel = "info"
     """Starting log level (env LOG_LEVEL); changeable at run time via the admin API."""
@@ -151,6 +156,7 @@ ENV_NAMES: dict[str, str] = {
     "CA_ADDRESS": "ca_address",
     "AUTH_TOKEN": "auth_token_path",
     "REDIRECT_BACKEND": "redirect_backend",
+    "CGROUP2_PATH": "cgroup2_path",
     "LOG_LEVEL": "log_level",
     "ADMIN_ADDRESS": "admin_address",
     "ADMIN_SOCKET": "admin_socket",

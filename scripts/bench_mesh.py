@@ -16,12 +16,15 @@ agent's own capture rules (see `CapturedStunnel`), so that the capture's kernel 
 the reference too. `mesh` is our agents: the client connects straight
 to the server pod, capture in the client pod sends the connection to its node's agent
 (15001), which carries it as HBONE to the server pod's 15008 on the other node's agent.
+`mesh_ebpf` is the same agents with the eBPF capture backend (IPv4 outbound connects
+redirected once, at connect time, instead of by NAT on every packet).
 
-Two sandboxes: `no_mesh` and the stunnel pairs run in one without agents (so no agent
+Three sandboxes: `no_mesh` and the stunnel pairs run in one without agents (so no agent
 captures their traffic; the captured pair's client is a second pod there), `mesh` in one
-with agents. Each run checks once that each variant took the path it claims (the mesh
-connection was accepted on 15001 in the client pod and arrived over 15008; the captured
-stunnel's was redirected to its stunnel; the others were not captured). Prints one JSON
+with agents, `mesh_ebpf` in one with agents on the eBPF backend. Each run checks once that
+each variant took the path it claims (the mesh connections were accepted on 15001 in the
+client pod and arrived over 15008; the captured stunnel's was redirected to its stunnel;
+the others were not captured). Prints one JSON
 object on its last line.
 """
 
@@ -64,6 +67,18 @@ def sh(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         args, capture_output=True, text=True, check=check, timeout=timeout, input=input
+    )
+
+
+def sh_env(env: dict[str, str], *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """`sh` with extra environment variables (the sandbox's agents inherit them)."""
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        check=kw.get("check", True),
+        timeout=kw.get("timeout", 120),
+        env={**os.environ, **env},
     )
 
 
@@ -208,9 +223,10 @@ class Mesh(Variant):
 
     name = "mesh"
 
-    def __init__(self, server_ip: str, agent_pids: list[int]) -> None:
+    def __init__(self, server_ip: str, agent_pids: list[int], name: str = "mesh") -> None:
         self.server_ip = server_ip
         self.agent_pids = agent_pids
+        self.name = name  # "mesh_ebpf": the same agents with the eBPF capture backend
 
     def target(self, port: int) -> tuple[str, int]:
         return self.server_ip, port
@@ -499,10 +515,11 @@ def check_path(variant: Variant, client_ns: str, server_ns: str, server_ip: str)
     captured = any(lport == OUTBOUND_PORT for lport, _, _ in client)
     hbone_out = any(ip == server_ip and p == HBONE_PORT for _, ip, p in client)
     hbone_in = any(lport == HBONE_PORT for lport, _, _ in server)
-    if variant.name == "mesh":
+    if isinstance(variant, Mesh):
         if not (captured and hbone_out and hbone_in):
             raise RuntimeError(
-                f"mesh: traffic did not go through the agents (captured on {OUTBOUND_PORT}: "
+                f"{variant.name}: traffic did not go through the agents (captured on "
+                f"{OUTBOUND_PORT}: "
                 f"{captured}, HBONE out: {hbone_out}, HBONE in on {HBONE_PORT}: {hbone_in})"
             )
         return f"captured on :{OUTBOUND_PORT} in the client pod, HBONE to {server_ip}:{HBONE_PORT}"
@@ -532,10 +549,19 @@ def check_path(variant: Variant, client_ns: str, server_ns: str, server_ip: str)
 class Sandbox:
     """One 2-node sandbox (client pod on node1, server pod on node2) with iperf3 serving."""
 
-    def __init__(self, name: str, procs: Procs, *, agents: bool, pods_per_node: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        procs: Procs,
+        *,
+        agents: bool,
+        pods_per_node: int = 1,
+        redirect_backend: str = "iptables",
+    ) -> None:
         self.name = name
         flags = [] if agents else ["--no-controlplane"]
-        up = sh(
+        up = sh_env(
+            {"REDIRECT_BACKEND": redirect_backend},
             NODEAGENT,
             "sandbox",
             "up",
@@ -575,11 +601,13 @@ COLUMNS = [
 ]
 
 
-def ratios(med: dict[str, dict[str, float]], reference: str) -> dict[str, float | bool]:
-    """The mesh against one stunnel reference: issue 6's two targets (at least the reference's
-    single-stream throughput; added p50 within 1.5x of the reference's added p50)."""
-    throughput = med["mesh"]["gbps_1_stream"] / med[reference]["gbps_1_stream"]
-    added_p50 = (med["mesh"]["p50_us"] - med["no_mesh"]["p50_us"]) / max(
+def ratios(
+    med: dict[str, dict[str, float]], reference: str, mesh: str = "mesh"
+) -> dict[str, float | bool]:
+    """A mesh variant against one stunnel reference: issue 6's two targets (at least the
+    reference's single-stream throughput; added p50 within 1.5x of the reference's)."""
+    throughput = med[mesh]["gbps_1_stream"] / med[reference]["gbps_1_stream"]
+    added_p50 = (med[mesh]["p50_us"] - med["no_mesh"]["p50_us"]) / max(
         1e-9, med[reference]["p50_us"] - med["no_mesh"]["p50_us"]
     )
     return {
@@ -609,13 +637,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--pings", type=int, default=5000)
-    ap.add_argument("--variants", default="no_mesh,stunnel,stunnel_captured,mesh")
+    ap.add_argument("--variants", default="no_mesh,stunnel,stunnel_captured,mesh,mesh_ebpf")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_mesh: needs root (network namespaces)", file=sys.stderr)
         return 2
     wanted = args.variants.split(",")
-    unknown = [v for v in wanted if v not in ("no_mesh", "stunnel", "stunnel_captured", "mesh")]
+    known = ("no_mesh", "stunnel", "stunnel_captured", "mesh", "mesh_ebpf")
+    unknown = [v for v in wanted if v not in known]
     if unknown:
         print(f"bench_mesh: unknown variant(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
@@ -634,7 +663,10 @@ def main() -> int:
         if "mesh" in wanted:
             made.append(f"bm{tag}")
             boxes["mesh"] = Sandbox(made[-1], procs, agents=True)
-        plain, meshed = boxes.get("plain"), boxes.get("mesh")
+        if "mesh_ebpf" in wanted:
+            made.append(f"be{tag}")
+            boxes["mesh_ebpf"] = Sandbox(made[-1], procs, agents=True, redirect_backend="ebpf")
+        plain, meshed, meshed_ebpf = boxes.get("plain"), boxes.get("mesh"), boxes.get("mesh_ebpf")
         # Each variant with the sandbox it runs in and its client pod's namespace.
         factories: dict[str, Callable[[], tuple[Variant, Sandbox, str]]] = {}
         if plain is not None:
@@ -658,6 +690,12 @@ def main() -> int:
                 meshed,
                 meshed.client["netns"],
             )
+        if meshed_ebpf is not None:
+            factories["mesh_ebpf"] = lambda: (
+                Mesh(meshed_ebpf.server["ip"], meshed_ebpf.agent_pids, "mesh_ebpf"),
+                meshed_ebpf,
+                meshed_ebpf.client["netns"],
+            )
         variants = [factories[v]() for v in wanted]
         paths = {
             v.name: check_path(v, ns, box.server["netns"], box.server["ip"])
@@ -674,7 +712,8 @@ def main() -> int:
             rounds.append(rnd)
         med = summarize(rounds)
         result: dict[str, Any] = {
-            "setup": f"two identical sandboxes (without and with agents), 2 nodes each, "
+            "setup": f"identical sandboxes (without agents, with agents, with agents on the "
+            f"eBPF capture backend), 2 nodes each, "
             f"client pod on node1 (the captured stunnel's: a second pod there), server pod on "
             f"node2; {args.rounds} interleaved rounds, "
             f"{args.seconds}s iperf3 runs, {args.pings} pings",
@@ -682,9 +721,10 @@ def main() -> int:
             "median": med,
             "table": table(med),
         }
-        for reference in ("stunnel", "stunnel_captured"):
-            if reference in med and "mesh" in med and "no_mesh" in med:
-                result[f"mesh_vs_{reference}"] = ratios(med, reference)
+        for mesh in ("mesh", "mesh_ebpf"):
+            for reference in ("stunnel", "stunnel_captured"):
+                if reference in med and mesh in med and "no_mesh" in med:
+                    result[f"{mesh}_vs_{reference}"] = ratios(med, reference, mesh)
         result["rounds"] = rounds
         print(json.dumps(result))
         return 0

@@ -17,8 +17,8 @@ crash the pods' connects still go to the (now closed) listener and are refused, 
 plaintext (fail closed), and the next agent takes the same maps and swaps its programs into
 the same links. `close(keep=False)` removes everything.
 
-Not wired into the agent yet: the node manager and the outbound listener still use the
-iptables backend (the configuration refuses `ebpf`). IPv4 only so far.
+`EbpfCapture` is the backend the agent runs with `redirect_backend: ebpf`: this for IPv4
+outbound, the iptables backend for inbound and IPv6.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.datapath.iptables import CaptureError
-from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, resolve
+from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, original_destination, resolve
 from nodeagent.model.constants import OUTBOUND_PORT, PROBE_SNAT_IPV4, PROXY_MARK, PROXY_MASK
 
 SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "connect_redirect.c"
-CGROUP2_ROOT = "/sys/fs/cgroup/unified"
 MAX_POD_IPS = 4  # as in the program
 
 _SO_NETNS_COOKIE = 71
@@ -43,6 +42,42 @@ _SO_NETNS_COOKIE = 71
 _CGROUP_INET4_CONNECT = 10
 _CGROUP_SOCK_OPS = 3
 _PROGRAMS = (("connect4", _CGROUP_INET4_CONNECT), ("sockops", _CGROUP_SOCK_OPS))
+
+
+def kernel_headers() -> Path | None:
+    """Headers bcc can compile against: `make setup` leaves matching ones in the checkout
+    (the image sets BCC_KERNEL_SOURCE itself)."""
+    path = Path(__file__).resolve().parents[2] / ".cache" / "kheaders"
+    return path if path.is_dir() else None
+
+
+def _mounts() -> str:
+    try:
+        return Path("/proc/self/mounts").read_text()
+    except OSError:
+        return ""
+
+
+def bpf_pin_dir(
+    node_name: str, bpffs: str = "/sys/fs/bpf", mounts: str | None = None
+) -> Path | None:
+    """Where this agent pins its maps and links: under bpffs if it is mounted (the
+    DaemonSet mounts it), else nowhere, and capture then ends with the agent."""
+    table = [line.split() for line in (_mounts() if mounts is None else mounts).splitlines()]
+    if not any(fields[1:3] == [bpffs, "bpf"] for fields in table if len(fields) >= 3):
+        return None
+    return Path(bpffs) / "nodeagent" / node_name
+
+
+def cgroup2_root(configured: str = "", mounts: str | None = None) -> str:
+    """The cgroup2 hierarchy to attach at: as configured, else the first cgroup2 mount."""
+    if configured:
+        return configured
+    for line in (_mounts() if mounts is None else mounts).splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            return fields[1]
+    raise CaptureError("no cgroup2 hierarchy is mounted (set cgroup2_path)")
 
 
 def _libbpf() -> ctypes.CDLL:
@@ -77,7 +112,7 @@ class ConnectRedirect:
     def __init__(
         self,
         *,
-        cgroup: str = CGROUP2_ROOT,
+        cgroup: str = "",
         pin_dir: Path | None = None,
         outbound_port: int = OUTBOUND_PORT,
         kernel_headers: Path | None = None,
@@ -85,36 +120,46 @@ class ConnectRedirect:
     ) -> None:
         if kernel_headers is not None:
             os.environ.setdefault("BCC_KERNEL_SOURCE", str(kernel_headers))
-        from bcc import BPF  # imported here: loading libbcc is slow, and only this needs it
+        try:  # imported here: loading libbcc is slow, and only this needs it
+            from bcc import BPF
+        except ImportError as exc:
+            raise CaptureError(f"bcc is not installed ({exc})") from None
 
         self._outbound_port = outbound_port
         self._pin_dir = pin_dir
         self._lib = _libbpf()
-        self._own_worker = worker is None
-        self._worker = worker or NetnsWorker("ebpf")
         self._links: list[int] = []
-        text = SOURCE.read_text()
-        if pin_dir is not None:
-            pin_dir.mkdir(parents=True, exist_ok=True)
-            text = _pinned(text, pin_dir)  # the same maps across agent restarts
-        try:
-            self._bpf: Any = BPF(text=text.encode())
-        except Exception as exc:
-            raise CaptureError(f"compile {SOURCE.name}: {exc}") from None
-        try:
+        cgroup = cgroup2_root(cgroup)
+        try:  # first: the cheap mistake is reported before a second of compiling
             cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise CaptureError(f"open cgroup2 {cgroup}: {exc.strerror}") from None
         try:
-            for name, attach_type in _PROGRAMS:
-                prog_type = BPF.CGROUP_SOCK_ADDR if name == "connect4" else BPF.SOCK_OPS
-                fn = self._bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
-                self._links.append(self._link(fn.fd, cgroup_fd, attach_type, name))
-        except BaseException:
-            self._unlink(remove_pins=pin_dir is not None and not self._links)
-            raise
+            text = SOURCE.read_text()
+            if pin_dir is not None:
+                pin_dir.mkdir(parents=True, exist_ok=True)
+                text = _pinned(text, pin_dir)  # the same maps across agent restarts
+            try:
+                self._bpf: Any = BPF(text=text.encode())
+            except Exception as exc:
+                raise CaptureError(f"compile {SOURCE.name}: {exc}") from None
+            try:
+                for name, attach_type in _PROGRAMS:
+                    prog_type = BPF.CGROUP_SOCK_ADDR if name == "connect4" else BPF.SOCK_OPS
+                    fn = self._bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
+                    self._links.append(self._link(fn.fd, cgroup_fd, attach_type, name))
+            except BaseException:
+                self._unlink(remove_pins=False)
+                self._bpf.cleanup()
+                raise
         finally:
             os.close(cgroup_fd)
+        self._own_worker = worker is None
+        self._worker = worker or NetnsWorker("ebpf")
+
+    @property
+    def pin_dir(self) -> Path | None:
+        return self._pin_dir
 
     def _link(self, prog_fd: int, cgroup_fd: int, attach_type: int, name: str) -> int:
         """A link running `prog_fd` at the cgroup: the pinned one (its program swapped for
@@ -229,3 +274,73 @@ def _pinned(text: str, pin_dir: Path) -> str:
             raise CaptureError(f"{SOURCE.name}: map declaration {plain!r} not found")
         text = text.replace(plain, pinned)
     return text
+
+
+def _ipv4_addresses() -> list[str]:
+    """The calling thread's namespace's own IPv4 addresses, loopback aside."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = (a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET))
+        return [ip for ip in found if ip and not ip.startswith("127.")]
+
+
+def socket_netns_cookie(sock: socket.socket) -> int:
+    """The cookie of the namespace a socket lives in."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8)
+    return int.from_bytes(raw, "little")
+
+
+class EbpfCapture:
+    """The eBPF capture backend (a `CaptureBackend`): IPv4 outbound connects by
+    `ConnectRedirect`; inbound and IPv6 outbound by the iptables backend, with the plan built
+    `ebpf_outbound_ipv4=True` so that no IPv4 outbound REDIRECT is installed."""
+
+    def __init__(
+        self,
+        iptables: Any,
+        redirect: ConnectRedirect,
+        worker: NetnsWorker,
+    ) -> None:
+        self._iptables = iptables
+        self._redirect = redirect
+        self._worker = worker
+        self._cookies: dict[int, int] = {}  # namespace inode -> cookie, to remove it when gone
+
+    def apply(self, netns: NetnsHandle, plan: Any) -> bool:
+        changed: bool = self._iptables.apply(netns, plan)
+        handle = resolve(netns)
+        try:
+            ips = self._worker.call(handle, _ipv4_addresses)
+            cookie = self._redirect.add_pod(handle, ips)
+        except CaptureError:
+            raise
+        except Exception as exc:
+            raise CaptureError(f"eBPF capture in netns {handle}: {exc}") from exc
+        if self._cookies.get(handle.inode) != cookie:
+            self._cookies[handle.inode] = cookie
+            changed = True
+        return changed
+
+    def remove(self, netns: NetnsHandle) -> None:
+        inode = netns.inode if isinstance(netns, NetnsHandle) else 0
+        cookie = self._cookies.pop(inode, None)
+        if cookie is not None:
+            self._redirect.remove_pod(cookie)
+        self._iptables.remove(netns)
+
+    def read_installed(self, netns: NetnsHandle) -> Any:
+        return self._iptables.read_installed(netns)
+
+    def destination_of(self, sock: socket.socket) -> tuple[str, int]:
+        """An accepted outbound connection's original destination: from the eBPF map for a
+        connect it redirected, else from conntrack (IPv6, REDIRECTed by iptables)."""
+        host, port = sock.getpeername()[:2]
+        if host in ("127.0.0.1", "::ffff:127.0.0.1"):
+            found = self._redirect.original_destination(socket_netns_cookie(sock), port)
+            if found is not None:
+                return found
+        return original_destination(sock)
+
+    def close(self, *, keep: bool = True) -> None:
+        self._redirect.close(keep=keep)

@@ -233,8 +233,12 @@ def build_family_plan(
     dns_capture: bool = False,
     inbound_capture: bool = True,
     probe_source: str | None = None,
+    outbound_redirect: bool = True,
 ) -> FamilyPlan:
-    """The rules, policy rule and local route for one family (see module doc)."""
+    """The rules, policy rule and local route for one family (see module doc).
+
+    outbound_redirect=False leaves out the app's outbound REDIRECT: the eBPF backend
+    redirects those connects itself (nodeagent.datapath.ebpf)."""
     if family not in (4, 6):
         raise PlanError(f"address family must be 4 or 6, not {family!r}")
     loopback = "127.0.0.1/32" if family == 4 else "::1/128"
@@ -310,15 +314,18 @@ def build_family_plan(
         ),
         # The pod talking to its own (non-loopback) address goes via lo: not captured.
         Rule(chain=CHAIN_OUTPUT, destination="!" + loopback, out_interface="lo", target="ACCEPT"),
-        Rule(
-            chain=CHAIN_OUTPUT,
-            destination="!" + loopback,
-            protocol="tcp",
-            matches=(_not_marked(),),
-            target="REDIRECT",
-            target_params=(("to_ports", str(OUTBOUND_PORT)),),
-        ),
     ]
+    if outbound_redirect:
+        output.append(
+            Rule(
+                chain=CHAIN_OUTPUT,
+                destination="!" + loopback,
+                protocol="tcp",
+                matches=(_not_marked(),),
+                target="REDIRECT",
+                target_params=(("to_ports", str(OUTBOUND_PORT)),),
+            )
+        )
     prerouting: list[Rule] = []
     if inbound_capture:
         prerouting += [
@@ -394,17 +401,23 @@ def build_plan(
     inbound_capture: bool = True,
     probe_ipv4: str = PROBE_SNAT_IPV4,
     probe_ipv6: str = PROBE_SNAT_IPV6,
+    ebpf_outbound_ipv4: bool = False,
 ) -> CapturePlan:
     """The desired capture for one pod.
 
     dns_capture is off by default: there is no DNS proxy on 15053 yet, and a
     REDIRECT to a port nobody listens on would break the pod's name lookups.
     inbound_capture=False is Istio's bypass-inbound variant (no 15006 redirect,
-    no probe exemption needed).
+    no probe exemption needed). ebpf_outbound_ipv4: the eBPF backend redirects IPv4
+    outbound connects at connect time, so IPv4 has no outbound REDIRECT rule (IPv6 keeps it).
     """
     return CapturePlan(
         ipv4=build_family_plan(
-            4, dns_capture=dns_capture, inbound_capture=inbound_capture, probe_source=probe_ipv4
+            4,
+            dns_capture=dns_capture,
+            inbound_capture=inbound_capture,
+            probe_source=probe_ipv4,
+            outbound_redirect=not ebpf_outbound_ipv4,
         ),
         ipv6=(
             build_family_plan(

@@ -144,12 +144,15 @@ def plan_from_addresses(workload: Workload, netns: NetnsHandle) -> CapturePlan:
     return build_plan(ipv6=any(a.version == 6 for a in workload.addresses))
 
 
-def plan_from_namespace(worker: NetnsWorker) -> PlanBuilder:
+def plan_from_namespace(worker: NetnsWorker, *, ebpf_outbound_ipv4: bool = False) -> PlanBuilder:
     """Capture IPv6 whenever the pod's namespace has IPv6 enabled, whatever
-    addresses the control plane listed: IPv6 left uncaptured would leak."""
+    addresses the control plane listed: IPv6 left uncaptured would leak.
+    ebpf_outbound_ipv4: the eBPF backend redirects IPv4 outbound connects itself."""
 
     def plan_for(workload: Workload, netns: NetnsHandle) -> CapturePlan:
-        return build_plan(ipv6=worker.call(netns, ipv6_enabled))
+        return build_plan(
+            ipv6=worker.call(netns, ipv6_enabled), ebpf_outbound_ipv4=ebpf_outbound_ipv4
+        )
 
     return plan_for
 

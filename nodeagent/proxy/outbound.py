@@ -265,6 +265,12 @@ class OutboundHandler:
             return
         dst = (unmap(dst[0]), dst[1])
         client = (unmap(app_host), app_port)
+        if client[0] == "127.0.0.1":
+            # Redirected at connect time (the eBPF backend): the app's socket is bound to
+            # loopback, but the app is the pod, and logs and `forwarded` should say so.
+            ipv4 = next((str(a) for a in pod.addresses if a.version == 4), None)
+            if ipv4 is not None:
+                client = (ipv4, app_port)
         source = self._store.workload(pod.uid)
         route = self.router.route(source, dst, pod.owns)
         log.debug(

@@ -26,7 +26,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from nodeagent.datapath.netns import original_destination, set_transparent
@@ -167,9 +167,19 @@ class _Passthrough:
 class OutboundPassthrough(_Passthrough):
     """15001: to the original destination, from the pod's namespace, marked."""
 
+    def __init__(
+        self,
+        stats: PassthroughStats | None = None,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        destination_of: Callable[[socket.socket], tuple[str, int]] = original_destination,
+    ) -> None:
+        super().__init__(stats, connect_timeout=connect_timeout)
+        self._destination_of = destination_of  # the eBPF backend answers from its map
+
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
         try:
-            dst = original_destination(sock)
+            dst = self._destination_of(sock)
         except OSError as exc:
             log.info("pod %s: no original destination on %d: %s", pod.label, listener_port, exc)
             _reset(sock)
@@ -221,11 +231,15 @@ class HboneUnavailable:
         _reset(sock)
 
 
-def passthrough_handlers(stats: PassthroughStats | None = None) -> Mapping[int, ConnectionHandler]:
+def passthrough_handlers(
+    stats: PassthroughStats | None = None,
+    *,
+    destination_of: Callable[[socket.socket], tuple[str, int]] = original_destination,
+) -> Mapping[int, ConnectionHandler]:
     """The handler map for PodListenerFactory, sharing one stats object."""
     stats = stats or PassthroughStats()
     return {
-        OUTBOUND_PORT: OutboundPassthrough(stats),
+        OUTBOUND_PORT: OutboundPassthrough(stats, destination_of=destination_of),
         INBOUND_PLAINTEXT_PORT: InboundPassthrough(stats),
         INBOUND_HBONE_PORT: HboneUnavailable(stats),
     }

@@ -140,8 +140,12 @@ async def test_build_wires_xds_and_certificates_without_connecting() -> None:
 async def test_build_refuses_missing_node_name_and_unknown_backend() -> None:
     with pytest.raises(ConfigError, match="node_name"):
         await app.build(Config(), xds=False, ca=False)
-    with pytest.raises(ConfigError, match="redirect_backend"):
-        await app.build(Config(node_name="n", redirect_backend="ebpf"), xds=False, ca=False)
+    with pytest.raises(ConfigError, match=r"redirect_backend.*cgroup2 /nonexistent"):
+        await app.build(
+            Config(node_name="n", redirect_backend="ebpf", cgroup2_path="/nonexistent/cg"),
+            xds=False,
+            ca=False,
+        )
 
 
 def _args(*argv: str) -> Any:

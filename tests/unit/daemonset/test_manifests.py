@@ -193,7 +193,8 @@ def test_ebpf_component_switches_backend_and_adds_only_bpf_privileges(
     assert set(caps["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"}
     assert set(ebpf_caps["add"]) - set(caps["add"]) == {"BPF", "PERFMON"}
     mounts = {m["mountPath"] for m in agent_container(ebpf)["volumeMounts"]}
-    assert {"/sys/fs/bpf", "/lib/modules", "/usr/src"} <= mounts
+    assert {"/sys/fs/bpf", "/lib/modules", "/usr/src", "/host/sys/fs/cgroup"} <= mounts
+    assert settings(ebpf)["CGROUP2_PATH"] == "/host/sys/fs/cgroup"
 
 
 def test_pod_discovery_and_control_plane_mounts(rendered: dict[str, Objects]) -> None:
@@ -301,5 +302,5 @@ def test_kind_test_apps_render_and_validate(validator: ModuleType) -> None:
 
 def test_install_guide_documents_every_setting() -> None:
     guide = (REPO / "docs" / "install.md").read_text()
-    table_names = set(re.findall(r"^\| `([A-Z_]+)` \|", guide, flags=re.MULTILINE))
+    table_names = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", guide, flags=re.MULTILINE))
     assert table_names == set(agent_config.ENV_NAMES)
