@@ -8,7 +8,7 @@
   plan redirects it (conntrack and NAT on every packet), as in `make bench`.
 
 Each gets its own client pod in one 2-node sandbox without agents. This is the measurement
-behind the eBPF backend's case in docs/performance.md; it is not part of `make bench`.
+behind the eBPF backend in docs/performance.md; `make bench` runs it too (`capture_cost`).
 Needs root, bcc, and cgroup2 at /sys/fs/cgroup/unified. Prints one JSON object.
 """
 
