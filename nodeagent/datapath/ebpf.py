@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nodeagent.datapath.iptables import CaptureError
+from nodeagent.datapath.iptables import CaptureError, InstalledCapture, IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, original_destination, resolve
+from nodeagent.datapath.plan import CapturePlan
 from nodeagent.model.constants import OUTBOUND_PORT, PROBE_SNAT_IPV4, PROXY_MARK, PROXY_MASK
 
 SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "connect_redirect.c"
@@ -298,7 +299,7 @@ class EbpfCapture:
 
     def __init__(
         self,
-        iptables: Any,
+        iptables: IptablesBackend,
         redirect: ConnectRedirect,
         worker: NetnsWorker,
     ) -> None:
@@ -307,8 +308,8 @@ class EbpfCapture:
         self._worker = worker
         self._cookies: dict[int, int] = {}  # namespace inode -> cookie, to remove it when gone
 
-    def apply(self, netns: NetnsHandle, plan: Any) -> bool:
-        changed: bool = self._iptables.apply(netns, plan)
+    def apply(self, netns: NetnsHandle, plan: CapturePlan) -> bool:
+        changed = self._iptables.apply(netns, plan)
         handle = resolve(netns)
         try:
             ips = self._worker.call(handle, _ipv4_addresses)
@@ -329,7 +330,7 @@ class EbpfCapture:
             self._redirect.remove_pod(cookie)
         self._iptables.remove(netns)
 
-    def read_installed(self, netns: NetnsHandle) -> Any:
+    def read_installed(self, netns: NetnsHandle) -> InstalledCapture:
         return self._iptables.read_installed(netns)
 
     def destination_of(self, sock: socket.socket) -> tuple[str, int]:
