@@ -277,7 +277,7 @@ async def build(
             try:
                 redirect = ConnectRedirect(
                     cgroup=config.cgroup2_path,
-                    pin_dir=bpf_pin_dir(config.node_name),
+                    pin_dir=bpf_pin_dir(config.bpf_pin_dir, config.cluster_id, config.node_name),
                     kernel_headers=kernel_headers(),
                     worker=ebpf_worker,
                 )
@@ -287,8 +287,9 @@ async def build(
                 raise ConfigError(f"field 'redirect_backend': ebpf: {exc}") from None
             if redirect.pin_dir is None:
                 log.warning(
-                    "eBPF capture is not pinned (no bpffs at /sys/fs/bpf): it ends with the "
-                    "agent, and the pods' connects then go out uncaptured"
+                    "eBPF capture is not pinned (bpf_pin_dir %r, no bpffs at /sys/fs/bpf?): "
+                    "it ends with the agent, and the pods' connects then go out uncaptured",
+                    config.bpf_pin_dir,
                 )
             ebpf = EbpfCapture(iptables, redirect, ebpf_worker)
             capture = ebpf

@@ -77,6 +77,11 @@ class Config:
     """The host's cgroup2 root, where the eBPF backend attaches (env CGROUP2_PATH).
     Empty: the first cgroup2 mount in /proc/self/mounts."""
 
+    bpf_pin_dir: str = "auto"
+    """Where the eBPF backend pins its maps and links so capture outlives the agent
+    (env BPF_PIN_DIR). `auto`: /sys/fs/bpf/nodeagent/<cluster_id>/<node_name> when a
+    bpffs is mounted there; empty: never pin (capture ends with the agent)."""
+
     log_level: LogLevel = "info"
     """Starting log level (env LOG_LEVEL); changeable at run time via the admin API."""
 
@@ -157,6 +162,7 @@ ENV_NAMES: dict[str, str] = {
     "AUTH_TOKEN": "auth_token_path",
     "REDIRECT_BACKEND": "redirect_backend",
     "CGROUP2_PATH": "cgroup2_path",
+    "BPF_PIN_DIR": "bpf_pin_dir",
     "LOG_LEVEL": "log_level",
     "ADMIN_ADDRESS": "admin_address",
     "ADMIN_SOCKET": "admin_socket",

@@ -60,14 +60,23 @@ def _mounts() -> str:
 
 
 def bpf_pin_dir(
-    node_name: str, bpffs: str = "/sys/fs/bpf", mounts: str | None = None
+    setting: str,
+    cluster_id: str,
+    node_name: str,
+    *,
+    bpffs: str = "/sys/fs/bpf",
+    mounts: str | None = None,
 ) -> Path | None:
-    """Where this agent pins its maps and links: under bpffs if it is mounted (the
-    DaemonSet mounts it), else nowhere, and capture then ends with the agent."""
+    """Where this agent pins its maps and links (config `bpf_pin_dir`): `auto` is under
+    bpffs, per cluster and node (sandboxes on one host each have a node1), if a bpffs is
+    mounted there (the DaemonSet mounts it); empty is nowhere, and capture then ends with
+    the agent; anything else is that directory."""
+    if setting != "auto":
+        return Path(setting) if setting else None
     table = [line.split() for line in (_mounts() if mounts is None else mounts).splitlines()]
     if not any(fields[1:3] == [bpffs, "bpf"] for fields in table if len(fields) >= 3):
         return None
-    return Path(bpffs) / "nodeagent" / node_name
+    return Path(bpffs) / "nodeagent" / cluster_id / node_name
 
 
 def cgroup2_root(configured: str = "", mounts: str | None = None) -> str:

@@ -430,6 +430,9 @@ class SandboxManager:
                 "STATE_DIR": str(node_dir),
                 "ADMIN_SOCKET": admin_socket(plan.name, node.name, self.store.root),
                 "DRAIN_SECONDS": "1",
+                # eBPF backend: no pins. `down` stops the agents without an uninstall,
+                # and pinned programs would outlive the sandbox.
+                "BPF_PIN_DIR": "",
                 # No API server here, even when the sandbox itself runs in a pod.
                 "KUBE_API": "off",
             }

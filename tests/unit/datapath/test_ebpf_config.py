@@ -19,11 +19,16 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 WITH_BPFFS = HYBRID + "bpf /sys/fs/bpf bpf rw,relatime 0 0\n"
 
 
-def test_pins_only_where_a_bpffs_is_mounted():
-    assert bpf_pin_dir("node1", mounts=WITH_BPFFS) == Path("/sys/fs/bpf/nodeagent/node1")
-    assert bpf_pin_dir("node1", mounts=HYBRID) is None
+def test_pins_only_where_a_bpffs_is_mounted_per_cluster_and_node():
+    auto = bpf_pin_dir("auto", "c1", "node1", mounts=WITH_BPFFS)
+    assert auto == Path("/sys/fs/bpf/nodeagent/c1/node1")
+    assert bpf_pin_dir("auto", "c2", "node1", mounts=WITH_BPFFS) != auto
+    assert bpf_pin_dir("auto", "c1", "node1", mounts=HYBRID) is None
     # a plain directory of that name is not a bpffs
-    assert bpf_pin_dir("node1", mounts=HYBRID + "tmpfs /sys/fs/bpf tmpfs rw 0 0\n") is None
+    tmpfs = HYBRID + "tmpfs /sys/fs/bpf tmpfs rw 0 0\n"
+    assert bpf_pin_dir("auto", "c1", "node1", mounts=tmpfs) is None
+    assert bpf_pin_dir("", "c1", "node1", mounts=WITH_BPFFS) is None  # never pin
+    assert bpf_pin_dir("/x/pins", "c1", "node1", mounts=HYBRID) == Path("/x/pins")
 
 
 def test_attaches_at_the_configured_or_the_first_cgroup2_hierarchy():
