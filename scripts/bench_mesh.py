@@ -13,11 +13,12 @@ even while the machine's load drifts:
 `stunnel` is the native reference: OpenSSL mutual TLS 1.3 over the same path, with
 ECDSA P-256 certificates like ours. `stunnel_captured` is the same pair reached through the
 agent's own capture rules (see `CapturedStunnel`), so that the capture's kernel cost is in
-the reference too. `mesh` is our agents: the client connects straight
-to the server pod, capture in the client pod sends the connection to its node's agent
-(15001), which carries it as HBONE to the server pod's 15008 on the other node's agent.
-`mesh_ebpf` is the same agents with the eBPF capture backend (IPv4 outbound connects
-redirected once, at connect time, instead of by NAT on every packet).
+the reference too. `py_relay` is a bare Python mutual-TLS relay pair (scripts/tls_relay.py,
+uvloop, no HTTP/2) on stunnel's path: the floor under any Python tunnel. `mesh` is our
+agents: the client connects straight to the server pod, capture in the client pod sends the
+connection to its node's agent (15001), which carries it as HBONE to the server pod's 15008
+on the other node's agent. `mesh_ebpf` is the same agents with the eBPF capture backend
+(IPv4 outbound connects redirected once, at connect time, instead of by NAT on every packet).
 
 Three sandboxes: `no_mesh` and the stunnel pairs run in one without agents (so no agent
 captures their traffic; the captured pair's client is a second pod there), `mesh` in one
@@ -55,6 +56,7 @@ NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
 IPERF_PORT, ECHO_PORT, HTTP_PORT = 5201, 9000, 8080
 # stunnel ports: client side listens on loopback in the client pod, server side on the server pod.
 STUNNEL = {IPERF_PORT: (25201, 35201), ECHO_PORT: (29000, 39000), HTTP_PORT: (28080, 38080)}
+PY_RELAY = {IPERF_PORT: (24201, 34201), ECHO_PORT: (24900, 34900), HTTP_PORT: (24080, 34080)}
 STUNNEL_CAPTURED = {
     IPERF_PORT: (26201, 36201),
     ECHO_PORT: (26900, 36900),
@@ -112,16 +114,22 @@ class Procs:
                 p.wait()
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the processes (exited threads included)."""
+    user = system = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
         except (OSError, IndexError, ValueError):
             pass
-    return total
+    return user, system
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_split(pids))
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -293,6 +301,39 @@ class Stunnel(Variant):
         return self.pids
 
 
+class PyRelay(Variant):
+    """scripts/tls_relay.py, a bare Python mutual-TLS relay pair on stunnel's path: what relaying
+    TLS from Python costs before any HTTP/2, capture or policy (the mesh's floor)."""
+
+    name = "py_relay"
+    ports = PY_RELAY
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        workdir = workdir / self.name
+        workdir.mkdir(exist_ok=True)
+        certs = make_certs(workdir)
+        relay = [sys.executable, str(ROOT / "scripts" / "tls_relay.py")]
+        pairs = [(app, local, remote) for app, (local, remote) in PY_RELAY.items()]
+        server_maps = [f"{server_ip}:{remote}=127.0.0.1:{app}" for app, _, remote in pairs]
+        client_maps = [f"127.0.0.1:{local}={server_ip}:{remote}" for _, local, remote in pairs]
+        server = [certs["server_cert"], certs["server_key"], certs["ca"]]
+        client = [certs["client_cert"], certs["client_key"], certs["ca"]]
+        self.pids = [
+            procs.start(in_ns(server_ns, *relay, "server", *server, *server_maps)).pid,
+            procs.start(in_ns(client_ns, *relay, "client", *client, *client_maps)).pid,
+        ]
+        for _, remote in PY_RELAY.values():
+            wait_port(client_ns, server_ip, remote)
+        for local, _ in PY_RELAY.values():
+            wait_port(client_ns, "127.0.0.1", local)
+
+    def target(self, port: int) -> tuple[str, int]:
+        return "127.0.0.1", self.ports[port][0]
+
+    def tunnel_pids(self) -> list[int]:
+        return self.pids
+
+
 class CapturedStunnel(Stunnel):
     """The stunnel pair reached the way the mesh is: the client pod gets the agent's own capture
     rules (the plan `nodeagent.datapath.plan` renders, mangle and nat), except that the outbound
@@ -439,15 +480,18 @@ def measure(variant: Variant, client_ns: str, seconds: float, pings: int) -> dic
             result["cpu_cores_per_gbps"] = round(cpu / seconds / gbps, 3)
     host, port = variant.target(ECHO_PORT)
     pids = variant.tunnel_pids()
-    cpu0 = cpu_seconds(pids)
+    user0, system0 = cpu_split(pids)
     out = sh(*in_ns(client_ns, sys.executable, "-c", PINGPONG, host, str(port), str(pings)))
-    cpu = cpu_seconds(pids) - cpu0
+    user1, system1 = cpu_split(pids)
+    cpu = user1 - user0 + system1 - system0
     p50, p99 = (float(x) for x in out.stdout.split())
     result["p50_us"], result["p99_us"] = round(p50, 1), round(p99, 1)
     if pids:
         # CPU the tunnel spends per 64-byte round trip: steadier than p50, which moves with
         # where the scheduler puts four busy processes on two cores.
         result["cpu_us_per_rtt"] = round(cpu / pings * 1e6, 1)
+        # The user share is where a Python relay differs from stunnel; the kernel's is alike.
+        result["user_us_per_rtt"] = round((user1 - user0) / pings * 1e6, 1)
     host, port = variant.target(HTTP_PORT)
     out = sh(*in_ns(client_ns, sys.executable, "-c", CONNRATE, host, str(port), str(seconds)))
     result["conn_per_s"] = round(float(out.stdout), 1)
@@ -535,12 +579,11 @@ def check_path(variant: Variant, client_ns: str, server_ns: str, server_ip: str)
             f"app to {server_ip}:{ECHO_PORT}, redirected by the agent's capture rules to stunnel"
             f" :{local} -> {server_ip}:{remote}"
         )
-    if variant.name == "stunnel":
-        if not any(lport == STUNNEL[ECHO_PORT][1] for lport, _, _ in server):
-            raise RuntimeError("stunnel: no connection arrived on the stunnel server port")
-        return (
-            f"stunnel {STUNNEL[ECHO_PORT][0]} -> {server_ip}:{STUNNEL[ECHO_PORT][1]}, not captured"
-        )
+    if isinstance(variant, (Stunnel, PyRelay)):
+        local, remote = variant.ports[ECHO_PORT]
+        if not any(lport == remote for lport, _, _ in server):
+            raise RuntimeError(f"{variant.name}: no connection arrived on its server port")
+        return f"{variant.name} {local} -> {server_ip}:{remote}, not captured"
     if not any(lport == ECHO_PORT for lport, _, _ in server):
         raise RuntimeError(f"{variant.name}: no direct connection arrived on :{ECHO_PORT}")
     return f"direct to {server_ip}:{ECHO_PORT}, not captured"
@@ -597,6 +640,7 @@ COLUMNS = [
     ("conn_per_s", "conn/s"),
     ("cpu_cores_per_gbps", "cores per Gbit/s"),
     ("cpu_us_per_rtt", "CPU us per RTT"),
+    ("user_us_per_rtt", "of it user"),
     ("tunnel_rss_mib", "tunnel RSS MiB"),
 ]
 
@@ -637,13 +681,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--pings", type=int, default=5000)
-    ap.add_argument("--variants", default="no_mesh,stunnel,stunnel_captured,mesh,mesh_ebpf")
+    ap.add_argument(
+        "--variants", default="no_mesh,stunnel,stunnel_captured,py_relay,mesh,mesh_ebpf"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_mesh: needs root (network namespaces)", file=sys.stderr)
         return 2
     wanted = args.variants.split(",")
-    known = ("no_mesh", "stunnel", "stunnel_captured", "mesh", "mesh_ebpf")
+    known = ("no_mesh", "stunnel", "stunnel_captured", "py_relay", "mesh", "mesh_ebpf")
     unknown = [v for v in wanted if v not in known]
     if unknown:
         print(f"bench_mesh: unknown variant(s): {', '.join(unknown)}", file=sys.stderr)
@@ -655,7 +701,7 @@ def main() -> int:
     try:
         boxes: dict[str, Sandbox] = {}
         # Two identical sandboxes: capture would otherwise take the unmeshed variants too.
-        if {"no_mesh", "stunnel", "stunnel_captured"} & set(wanted):
+        if {"no_mesh", "stunnel", "stunnel_captured", "py_relay"} & set(wanted):
             made.append(f"bp{tag}")
             # node1-pod2 is the captured stunnel's client: its capture rules must not take
             # the other unmeshed variants' traffic.
@@ -674,6 +720,11 @@ def main() -> int:
             factories["no_mesh"] = lambda: (Direct(plain.server["ip"]), plain, client)
             factories["stunnel"] = lambda: (
                 Stunnel(procs, workdir, client, server, plain.server["ip"]),
+                plain,
+                client,
+            )
+            factories["py_relay"] = lambda: (
+                PyRelay(procs, workdir, client, server, plain.server["ip"]),
                 plain,
                 client,
             )
@@ -722,7 +773,7 @@ def main() -> int:
             "table": table(med),
         }
         for mesh in ("mesh", "mesh_ebpf"):
-            for reference in ("stunnel", "stunnel_captured"):
+            for reference in ("stunnel", "stunnel_captured", "py_relay"):
                 if reference in med and mesh in med and "no_mesh" in med:
                     result[f"{mesh}_vs_{reference}"] = ratios(med, reference, mesh)
         result["rounds"] = rounds
