@@ -187,6 +187,84 @@ samples.sort()
 print(samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000)
 """
 
+# A ping-pong client printing each round trip's time in nanoseconds. bench_mesh runs it in
+# short blocks that alternate between the variants, so a drift of the machine's speed (up to
+# 3x within an hour here) lands on every variant alike instead of on whichever ran during it.
+# A fresh process and connection per block, as in the single-block runs before: a client
+# kept running settles on one core beside its peer or not, and the direct path's p50 then
+# sits at about 30 or about 95 us for many blocks in a row (docs/performance.md).
+PINGER = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+msg = b"x" * 64
+out = []
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter_ns()
+    s.sendall(msg)
+    got = 0
+    while got < 64:
+        chunk = s.recv(64 - got)
+        if not chunk:
+            sys.exit("echo closed")
+        got += len(chunk)
+    out.append(time.perf_counter_ns() - t)
+print(" ".join(map(str, out)))
+"""
+
+
+def ping_block(argv: list[str], host: str, port: int, count: int) -> list[int]:
+    """`count` 64-byte round trips to host:port from a client run as `argv` + python; their
+    times in nanoseconds."""
+    run = sh(*argv, sys.executable, "-c", PINGER, host, str(port), str(count), check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"ping-pong to {host}:{port} failed: {run.stderr.strip()[-300:]}")
+    samples = [int(x) for x in run.stdout.split()]
+    if len(samples) != count:
+        raise RuntimeError(f"asked for {count} round trips to {host}:{port}, got {len(samples)}")
+    return samples
+
+
+def percentile(sorted_samples: list[int], fraction: float) -> float:
+    return float(sorted_samples[min(len(sorted_samples) - 1, int(len(sorted_samples) * fraction))])
+
+
+def latency_round(
+    variants: list[tuple[Variant, list[str]]], pings: int, blocks: int
+) -> dict[str, dict[str, float]]:
+    """Every variant's 64-byte ping-pong, `pings` round trips each in `blocks` alternating
+    blocks (the starting variant rotates), the client run as the variant's `argv`: p50/p99,
+    and the tunnel's CPU per round trip."""
+    per_block = max(1, pings // blocks)
+    samples: dict[str, list[int]] = {v.name: [] for v, _ in variants}
+    user = {v.name: 0.0 for v, _ in variants}
+    system = {v.name: 0.0 for v, _ in variants}
+    for b in range(blocks):
+        for v, argv in variants[b % len(variants) :] + variants[: b % len(variants)]:
+            host, port = v.target(ECHO_PORT)
+            pids = v.tunnel_pids()
+            user0, system0 = cpu_split(pids)
+            samples[v.name] += ping_block(argv, host, port, per_block)
+            user1, system1 = cpu_split(pids)
+            user[v.name] += user1 - user0
+            system[v.name] += system1 - system0
+    out: dict[str, dict[str, float]] = {}
+    for v, _ in variants:
+        got = sorted(samples[v.name])
+        result = {
+            "p50_us": round(percentile(got, 0.5) / 1000, 1),
+            "p99_us": round(percentile(got, 0.99) / 1000, 1),
+        }
+        if v.tunnel_pids():
+            # CPU the tunnel spends per 64-byte round trip: steadier than p50, which moves
+            # with where the scheduler puts four busy processes on two cores.
+            result["cpu_us_per_rtt"] = round((user[v.name] + system[v.name]) / len(got) * 1e6, 1)
+            # The user share is where a Python relay differs from stunnel; the kernel's is alike.
+            result["user_us_per_rtt"] = round(user[v.name] / len(got) * 1e6, 1)
+        out[v.name] = result
+    return out
+
+
 CONNRATE = r"""
 import socket, sys, time
 host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -438,7 +516,8 @@ def iperf_gbps(stdout: str) -> tuple[float, str | None]:
         return 0.0, "no received total in the report"
 
 
-def measure(variant: Variant, client_ns: str, seconds: float, pings: int) -> dict[str, float]:
+def measure(variant: Variant, client_ns: str, seconds: float) -> dict[str, float]:
+    """Throughput, connection rate and memory (latency: `latency_round`, all variants at once)."""
     result: dict[str, float] = {}
     host, port = variant.target(IPERF_PORT)
     for streams in (1, 4):
@@ -478,20 +557,6 @@ def measure(variant: Variant, client_ns: str, seconds: float, pings: int) -> dic
         result[f"gbps_{streams}_stream"] = round(gbps, 3)
         if streams == 1 and pids and gbps > 0:
             result["cpu_cores_per_gbps"] = round(cpu / seconds / gbps, 3)
-    host, port = variant.target(ECHO_PORT)
-    pids = variant.tunnel_pids()
-    user0, system0 = cpu_split(pids)
-    out = sh(*in_ns(client_ns, sys.executable, "-c", PINGPONG, host, str(port), str(pings)))
-    user1, system1 = cpu_split(pids)
-    cpu = user1 - user0 + system1 - system0
-    p50, p99 = (float(x) for x in out.stdout.split())
-    result["p50_us"], result["p99_us"] = round(p50, 1), round(p99, 1)
-    if pids:
-        # CPU the tunnel spends per 64-byte round trip: steadier than p50, which moves with
-        # where the scheduler puts four busy processes on two cores.
-        result["cpu_us_per_rtt"] = round(cpu / pings * 1e6, 1)
-        # The user share is where a Python relay differs from stunnel; the kernel's is alike.
-        result["user_us_per_rtt"] = round((user1 - user0) / pings * 1e6, 1)
     host, port = variant.target(HTTP_PORT)
     out = sh(*in_ns(client_ns, sys.executable, "-c", CONNRATE, host, str(port), str(seconds)))
     result["conn_per_s"] = round(float(out.stdout), 1)
@@ -681,6 +746,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--pings", type=int, default=5000)
+    ap.add_argument("--blocks", type=int, default=10, help="ping-pong blocks per round")
     ap.add_argument(
         "--variants", default="no_mesh,stunnel,stunnel_captured,py_relay,mesh,mesh_ebpf"
     )
@@ -754,12 +820,16 @@ def main() -> int:
         }
         for name, path in paths.items():
             print(f"path {name}: {path}", file=sys.stderr, flush=True)
+        clients = [(v, in_ns(ns)) for v, _box, ns in variants]
         rounds: list[dict[str, dict[str, float]]] = []
         for i in range(args.rounds):
             rnd = {}
             for v, _box, ns in variants:
-                rnd[v.name] = measure(v, ns, args.seconds, args.pings)
-                print(f"round {i + 1} {v.name}: {rnd[v.name]}", file=sys.stderr, flush=True)
+                rnd[v.name] = measure(v, ns, args.seconds)
+            for name, figures in latency_round(clients, args.pings, args.blocks).items():
+                rnd[name].update(figures)
+            for name, figures in rnd.items():
+                print(f"round {i + 1} {name}: {figures}", file=sys.stderr, flush=True)
             rounds.append(rnd)
         med = summarize(rounds)
         result: dict[str, Any] = {
@@ -767,7 +837,8 @@ def main() -> int:
             f"eBPF capture backend), 2 nodes each, "
             f"client pod on node1 (the captured stunnel's: a second pod there), server pod on "
             f"node2; {args.rounds} interleaved rounds, "
-            f"{args.seconds}s iperf3 runs, {args.pings} pings",
+            f"{args.seconds}s iperf3 runs, {args.pings} pings per variant and round in "
+            f"{args.blocks} blocks alternating between the variants",
             "paths": paths,
             "median": med,
             "table": table(med),

@@ -1,6 +1,9 @@
-"""The benchmark's captured stunnel reference: the agent's capture rules, aimed at stunnel."""
+"""bench_mesh: the captured stunnel reference's rules, the ratios, and the interleaved ping-pong."""
 
 from __future__ import annotations
+
+import socket
+import threading
 
 import pytest
 
@@ -41,3 +44,57 @@ def test_ratios_against_a_reference(bench) -> None:  # type: ignore[no-untyped-d
     got = bench.ratios(med, "stunnel")
     assert got["throughput_ratio"] == 1.1 and got["throughput_target_met"] is True
     assert got["added_p50_ratio"] == 2.0 and got["added_p50_target_met"] is False
+
+
+def _echo_server() -> tuple[int, threading.Thread, socket.socket]:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server.getsockname()[1], thread, server
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        while data := conn.recv(4096):
+            conn.sendall(data)
+
+
+def test_latency_round_alternates_blocks_and_counts_every_round_trip(bench) -> None:  # type: ignore[no-untyped-def]
+    port, thread, server = _echo_server()
+    direct = bench.Direct("127.0.0.1")
+    other = bench.Direct("127.0.0.1")
+    other.name = "other"
+    other.target = lambda _port: ("127.0.0.1", port)
+    direct.target = lambda _port: ("127.0.0.1", port)
+    try:
+        first = bench.ping_block([], "127.0.0.1", port, 7)
+        assert len(first) == 7 and all(ns > 0 for ns in first)
+        result = bench.latency_round([(direct, []), (other, [])], 40, 4)  # 4 blocks of 10
+        assert set(result) == {"no_mesh", "other"}
+        for figures in result.values():
+            assert 0 < figures["p50_us"] <= figures["p99_us"]
+            assert "cpu_us_per_rtt" not in figures  # no tunnel processes to charge
+    finally:
+        server.close()
+        thread.join(timeout=5)
+
+
+def test_a_ping_block_with_nothing_to_echo_fails_loudly(bench) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError, match=r"ping-pong to 127\.0\.0\.1:1 failed"):
+        bench.ping_block([], "127.0.0.1", 1, 5)  # nothing listens on port 1
+
+
+def test_percentile_of_sorted_samples(bench) -> None:  # type: ignore[no-untyped-def]
+    samples = list(range(1, 101))
+    assert bench.percentile(samples, 0.5) == 51.0
+    assert bench.percentile(samples, 0.99) == 100.0
+    assert bench.percentile([5], 0.99) == 5.0
