@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -26,3 +28,28 @@ def load_script(name: str) -> ModuleType:
 @pytest.fixture(scope="session")
 def scripts() -> Callable[[str], ModuleType]:
     return load_script
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A loopback echo server (each connection its own thread) for the relay and ping tests."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    server.close()
+    thread.join(timeout=5)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-
 import pytest
 
 from nodeagent.datapath.plan import build_plan, render_iptables_save
@@ -46,46 +43,20 @@ def test_ratios_against_a_reference(bench) -> None:  # type: ignore[no-untyped-d
     assert got["added_p50_ratio"] == 2.0 and got["added_p50_target_met"] is False
 
 
-def _echo_server() -> tuple[int, threading.Thread, socket.socket]:
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return server.getsockname()[1], thread, server
-
-
-def _echo(conn: socket.socket) -> None:
-    with conn:
-        while data := conn.recv(4096):
-            conn.sendall(data)
-
-
-def test_latency_round_alternates_blocks_and_counts_every_round_trip(bench) -> None:  # type: ignore[no-untyped-def]
-    port, thread, server = _echo_server()
+def test_latency_round_alternates_blocks_and_counts_every_round_trip(bench, echo_port) -> None:  # type: ignore[no-untyped-def]
+    port = echo_port
     direct = bench.Direct("127.0.0.1")
     other = bench.Direct("127.0.0.1")
     other.name = "other"
     other.target = lambda _port: ("127.0.0.1", port)
     direct.target = lambda _port: ("127.0.0.1", port)
-    try:
-        first = bench.ping_block([], "127.0.0.1", port, 7)
-        assert len(first) == 7 and all(ns > 0 for ns in first)
-        result = bench.latency_round([(direct, []), (other, [])], 40, 4)  # 4 blocks of 10
-        assert set(result) == {"no_mesh", "other"}
-        for figures in result.values():
-            assert 0 < figures["p50_us"] <= figures["p99_us"]
-            assert "cpu_us_per_rtt" not in figures  # no tunnel processes to charge
-    finally:
-        server.close()
-        thread.join(timeout=5)
+    first = bench.ping_block([], "127.0.0.1", port, 7)
+    assert len(first) == 7 and all(ns > 0 for ns in first)
+    result = bench.latency_round([(direct, []), (other, [])], 40, 4)  # 4 blocks of 10
+    assert set(result) == {"no_mesh", "other"}
+    for figures in result.values():
+        assert 0 < figures["p50_us"] <= figures["p99_us"]
+        assert "cpu_us_per_rtt" not in figures  # no tunnel processes to charge
 
 
 def test_a_ping_block_with_nothing_to_echo_fails_loudly(bench) -> None:  # type: ignore[no-untyped-def]

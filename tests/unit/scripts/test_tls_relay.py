@@ -35,29 +35,6 @@ def start_relay(*args: str) -> subprocess.Popen[str]:
 
 
 @pytest.fixture
-def echo_port() -> Iterator[int]:
-    """An echo server that sends back each chunk as it arrives."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield port
-    server.close()
-    thread.join(timeout=5)
-
-
-@pytest.fixture
 def relay_pair(tmp_path, scripts, echo_port) -> Iterator[tuple[int, dict[str, str]]]:  # type: ignore[no-untyped-def]
     certs = scripts("bench_mesh").make_certs(tmp_path)
     tls_port, plain_port = free_port(), free_port()
