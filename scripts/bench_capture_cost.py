@@ -141,16 +141,13 @@ def main() -> int:
                 if error is not None:
                     raise RuntimeError(f"{variant.name}: iperf3 failed: {error}")
                 host, port = variant.target(mesh.ECHO_PORT)
-                out = mesh.sh(
-                    *mesh.in_ns(client, sys.executable, "-c", mesh.PINGPONG, host, str(port),
-                                str(args.pings))
-                )  # fmt: skip
+                samples = sorted(mesh.ping_block(mesh.in_ns(client), host, port, args.pings))
                 rewritten = program["rewrites"][0].value - before
                 if isinstance(variant, EbpfStunnel) and rewritten < 3:
                     # iperf3's control and data connections and the ping-pong's: without
                     # them the "eBPF" figures would be the app talking to the server directly.
                     raise RuntimeError(f"stunnel_ebpf: only {rewritten} connects rewritten")
-                p50, _p99 = (float(x) for x in out.stdout.split())
+                p50 = mesh.percentile(samples, 0.5) / 1000
                 rnd[variant.name] = {"gbps_1_stream": round(gbps, 3), "p50_us": p50}
                 print(f"round {i + 1} {variant.name}: {rnd[variant.name]}", file=sys.stderr)
             rounds.append(rnd)

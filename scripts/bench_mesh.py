@@ -169,24 +169,6 @@ def wait_port(netns: str, host: str, port: int, timeout: float = 10) -> None:
         raise RuntimeError(f"{host}:{port} not reachable from {netns}")
 
 
-PINGPONG = r"""
-import socket, sys, time
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.create_connection((host, port))
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-msg = b"x" * 64
-samples = []
-for _ in range(n):
-    t = time.perf_counter_ns()
-    s.sendall(msg)
-    got = 0
-    while got < 64:
-        got += len(s.recv(64 - got))
-    samples.append(time.perf_counter_ns() - t)
-samples.sort()
-print(samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000)
-"""
-
 # A ping-pong client printing each round trip's time in nanoseconds. bench_mesh runs it in
 # short blocks that alternate between the variants, so a drift of the machine's speed (up to
 # 3x within an hour here) lands on every variant alike instead of on whichever ran during it.
