@@ -144,10 +144,10 @@ class AgentHandles:
         log.info("agent started on node %s", self.config.node_name)
 
     async def _sweep_stale(self) -> None:
-        """Once the control plane's state is complete, drop capture no local workload owns."""
+        """Once the control plane's state is complete, hold capture no local workload claims."""
         assert self.xds is not None
         await self.xds.wait_ready()
-        await self.node_manager.remove_stale_capture()
+        await self.node_manager.hold_stale_capture()
 
     def stop(self, *, cleanup: bool = False) -> None:
         """Ask `run()` to return (signal handlers call this)."""

@@ -298,7 +298,7 @@ class AgentMetrics:
 
     def set_pod_counts(self, counts: Mapping[str, int]) -> None:
         """Replace the per-state pod counts (states absent from `counts` drop to 0)."""
-        for state in ("pending", "capturing", "ready", "failed", "removing", *counts):
+        for state in ("pending", "capturing", "ready", "failed", "removing", "held", *counts):
             self.pods.labels(state=state).set(counts.get(state, 0))
 
     def observe_capture_setup(self, seconds: float, backend: str = "iptables") -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodeagent.datapath.netns import NETNS_DIR, NetnsHandle, NetnsWorker, current_inode
@@ -36,6 +36,9 @@ class MatchResult:
     matches: dict[str, int]
     conflicts: dict[str, tuple[int, ...]]  # uid -> every namespace holding one of its IPs
     unmatched: frozenset[str]
+    # Every namespace whose addresses were read, with them: one absent here could
+    # not be read, which is not the same as holding none of a workload's IPs.
+    addresses: Mapping[int, frozenset[str]] = field(default_factory=dict)
 
 
 def match_workloads(
@@ -66,7 +69,12 @@ def match_workloads(
             conflicts[uid] = tuple(sorted(found))
         else:
             unmatched.add(uid)
-    return MatchResult(matches=matches, conflicts=conflicts, unmatched=frozenset(unmatched))
+    return MatchResult(
+        matches=matches,
+        conflicts=conflicts,
+        unmatched=frozenset(unmatched),
+        addresses={inode: frozenset(ips) for inode, ips in namespaces.items()},
+    )
 
 
 def unowned_namespaces(

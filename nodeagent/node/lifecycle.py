@@ -12,7 +12,18 @@ States per pod (by workload uid):
     capturing -- setup (capture rules + listeners) is in flight
     ready     -- captured, listeners open
     failed    -- setup failed; retried with backoff at `retry_at`
-    removing  -- teardown in flight; the entry goes when it finishes
+    removing  -- teardown in flight (listeners closing)
+    held      -- captured, listeners closed: the pod's traffic is refused because
+                 its workload record is gone or no longer matches the namespace
+
+Fail closed: nothing here ever removes capture from a namespace that exists.
+A pod whose record disappears, or whose record's addresses are not in its
+namespace, goes to held: its capture stays, its listeners close, so its
+connections are refused (never relayed in plaintext) until the record returns
+and matches (set up again) or the pod is released explicitly (`Released`,
+the only action that removes capture) or its namespace is gone. Losing a
+control-plane record is an operator's mistake far more often than a real
+departure, and the two cannot be told apart here.
 
 Transitions are a table of (state, event kind) -> handler; a missing pair is a
 programming error (LifecycleError), never silently ignored.
@@ -31,6 +42,11 @@ class PodState(enum.Enum):
     READY = "ready"
     FAILED = "failed"
     REMOVING = "removing"
+    HELD = "held"
+
+
+# Why a pod is held (shown as its last error).
+NO_RECORD = "no workload record for this pod: its traffic is refused until one returns"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +94,23 @@ class NetnsLost:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AddressMismatch:
+    """The namespace's addresses were read and hold none of the workload's IPs."""
+
+    uid: str
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Released:
+    """An operator released a held pod: remove its capture and forget it."""
+
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SetupDone:
     uid: str
     now: float
@@ -108,6 +141,8 @@ Event = (
     | WorkloadGone
     | NetnsFound
     | NetnsLost
+    | AddressMismatch
+    | Released
     | SetupDone
     | SetupFailed
     | TeardownDone
@@ -128,10 +163,12 @@ class StartSetup:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StartTeardown:
-    """Close the pod's listeners and remove its capture (if the namespace still exists)."""
+    """Close the pod's listeners; with `remove_capture` (a release) also remove its
+    capture, if the namespace still exists. Without it capture stays: refused, not leaked."""
 
     uid: str
     netns: Netns
+    remove_capture: bool = False
 
 
 Action = StartSetup | StartTeardown
@@ -150,9 +187,11 @@ class PodRecord:
     last_error: str = ""
     retry_at: float | None = None
     since: float = 0.0
-    # Work that must follow the operation in flight: remove the pod, or set it
-    # up again in a new namespace that now holds its IPs.
+    # Work that must follow the operation in flight: forget the pod (its
+    # namespace is gone, or it was released), hold it (why), or set it up again
+    # in the namespace that now holds its IPs.
     remove_after: bool = False
+    hold_reason: str = ""
     next_netns: Netns | None = None
 
 
@@ -202,6 +241,19 @@ class PodLifecycle:
         times = [r.retry_at for r in self.pods.values() if r.retry_at is not None]
         return min(times) if times else None
 
+    def hold_orphan(self, key: str, netns: Netns, reason: str, now: float) -> None:
+        """Hold a namespace found captured that no workload record claims (a previous
+        agent's pod whose record is gone): refused until released, gone or claimed."""
+        if key not in self.pods:
+            self.pods[key] = PodRecord(
+                uid=key,
+                state=PodState.HELD,
+                netns=netns,
+                last_error=reason,
+                hold_reason=reason,
+                since=now,
+            )
+
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in PodState}
         for rec in self.pods.values():
@@ -209,8 +261,10 @@ class PodLifecycle:
         return out
 
     def all_settled(self) -> bool:
-        """True when every pod is ready or has reported a failure (readiness)."""
-        return all(r.state in (PodState.READY, PodState.FAILED) for r in self.pods.values())
+        """True when every pod is ready, held or has reported a failure (readiness)."""
+        return all(
+            r.state in (PodState.READY, PodState.FAILED, PodState.HELD) for r in self.pods.values()
+        )
 
     # -- helpers ---------------------------------------------------------
 
@@ -227,21 +281,62 @@ class PodLifecycle:
             attempts=rec.attempts + 1,
             retry_at=None,
             since=now,
+            hold_reason="",
         )
         return [StartSetup(uid=rec.uid, netns=rec.netns, attempt=rec.attempts)]  # type: ignore[arg-type]
 
     def _start_teardown(
-        self, rec: PodRecord, now: float, *, next_netns: Netns | None
+        self,
+        rec: PodRecord,
+        now: float,
+        *,
+        next_netns: Netns | None = None,
+        remove_after: bool = False,
+        hold_reason: str = "",
+        remove_capture: bool = False,
     ) -> list[Action]:
         assert rec.netns is not None
-        self._set(rec, state=PodState.REMOVING, retry_at=None, since=now, next_netns=next_netns)
-        return [StartTeardown(uid=rec.uid, netns=rec.netns)]
+        self._set(
+            rec,
+            state=PodState.REMOVING,
+            retry_at=None,
+            since=now,
+            next_netns=next_netns,
+            remove_after=remove_after,
+            hold_reason=hold_reason,
+        )
+        return [StartTeardown(uid=rec.uid, netns=rec.netns, remove_capture=remove_capture)]
+
+    def _hold(self, rec: PodRecord, now: float, reason: str) -> None:
+        """Listeners are closed (or never opened): the pod sits captured and refused."""
+        self._set(
+            rec,
+            state=PodState.HELD,
+            last_error=reason,
+            hold_reason=reason,
+            retry_at=None,
+            since=now,
+            next_netns=None,
+            remove_after=False,
+        )
+
+    def _detach(self, rec: PodRecord, now: float) -> None:
+        """Keep holding the namespace the pod leaves, under a key of its own: the
+        workload's record now points elsewhere, but this namespace may still hold a
+        live pod whose traffic must stay refused."""
+        assert rec.netns is not None
+        key = f"{rec.uid}@{rec.netns.inode}"
+        reason = (
+            f"workload {rec.uid} now matches another namespace; this one stays captured,"
+            " its traffic refused, until it is released or gone"
+        )
+        self.hold_orphan(key, rec.netns, reason, now)
 
     def _on_unknown(self, event: Event) -> list[Action]:
         if isinstance(event, WorkloadPlaced):
             self.pods[event.uid] = PodRecord(uid=event.uid, state=PodState.PENDING, since=event.now)
             return []
-        if isinstance(event, NetnsFound):
+        if isinstance(event, NetnsFound | AddressMismatch | Released):
             # Discovery can see a namespace before the workload record; it is
             # only acted on once the workload is placed here.
             return []
@@ -268,9 +363,19 @@ def _ignore(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     return []
 
 
+def _why(ev: Event) -> str:
+    return ev.reason if isinstance(ev, AddressMismatch) else NO_RECORD
+
+
 def _setup_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
-    if rec.remove_after or rec.next_netns is not None:
-        return lc._start_teardown(rec, ev.now, next_netns=rec.next_netns)
+    if rec.remove_after or rec.next_netns is not None or rec.hold_reason:
+        return lc._start_teardown(
+            rec,
+            ev.now,
+            next_netns=rec.next_netns,
+            remove_after=rec.remove_after,
+            hold_reason=rec.hold_reason,
+        )
     lc._set(rec, state=PodState.READY, last_error="", since=ev.now)
     return []
 
@@ -279,7 +384,12 @@ def _setup_failed(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     assert isinstance(ev, SetupFailed)
     if rec.remove_after or rec.next_netns is not None:
         # The adapter removes what it half-applied; teardown is idempotent anyway.
-        return lc._start_teardown(rec, ev.now, next_netns=rec.next_netns)
+        return lc._start_teardown(
+            rec, ev.now, next_netns=rec.next_netns, remove_after=rec.remove_after
+        )
+    if rec.hold_reason:
+        lc._hold(rec, ev.now, rec.hold_reason)  # nothing is listening: held already
+        return []
     lc._set(
         rec,
         state=PodState.FAILED,
@@ -295,8 +405,23 @@ def _remove_when_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Actio
     return []
 
 
-def _teardown(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
-    return lc._start_teardown(rec, ev.now, next_netns=None)
+def _hold_when_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    lc._set(rec, hold_reason=_why(ev))
+    return []
+
+
+def _hold_now(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    """A failed pod has no listeners open: it is held as soon as it is told."""
+    lc._hold(rec, ev.now, _why(ev))
+    return []
+
+
+def _ready_hold(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    return lc._start_teardown(rec, ev.now, hold_reason=_why(ev))
+
+
+def _ready_lost(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    return lc._start_teardown(rec, ev.now, remove_after=True)
 
 
 def _capturing_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
@@ -328,24 +453,57 @@ def _failed_lost(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
 
 def _teardown_finished(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     if isinstance(ev, TeardownFailed):
-        lc._set(rec, last_error=ev.reason)
-    if rec.next_netns is not None and not rec.remove_after:
+        rec = lc._set(rec, last_error=ev.reason)
+    if rec.remove_after:
+        del lc.pods[rec.uid]
+        return []
+    if rec.next_netns is not None:
+        assert rec.netns is not None
+        if rec.next_netns.inode != rec.netns.inode:
+            lc._detach(rec, ev.now)
         rec = lc._set(rec, netns=rec.next_netns, next_netns=None, attempts=0)
         return lc._start_setup(rec, ev.now)
-    del lc.pods[rec.uid]
+    lc._hold(rec, ev.now, rec.hold_reason or NO_RECORD)
     return []
 
 
 def _removing_gone(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
-    lc._set(rec, remove_after=True, next_netns=None)
+    if not rec.remove_after:
+        # A move is called off: the namespace being left is held, not released.
+        lc._set(rec, next_netns=None, hold_reason=NO_RECORD)
     return []
 
 
 def _removing_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     assert isinstance(ev, NetnsFound)
-    if not rec.remove_after and rec.netns != ev.netns:
+    if not rec.remove_after and (rec.netns != ev.netns or rec.hold_reason):
         lc._set(rec, next_netns=ev.netns)
     return []
+
+
+def _removing_mismatch(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    assert isinstance(ev, AddressMismatch)
+    if rec.hold_reason:
+        lc._set(rec, hold_reason=ev.reason)
+    return []
+
+
+def _held_gone(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    lc._set(rec, last_error=_why(ev), hold_reason=_why(ev))
+    return []
+
+
+def _held_found(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    """The record is back and matches a namespace: serve the pod again."""
+    assert isinstance(ev, NetnsFound) and rec.netns is not None
+    if rec.netns.inode != ev.netns.inode:
+        lc._detach(rec, ev.now)
+    rec = lc._set(rec, netns=ev.netns, attempts=0, last_error="")
+    return lc._start_setup(rec, ev.now)
+
+
+def _held_released(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    return lc._start_teardown(rec, ev.now, remove_after=True, remove_capture=True)
 
 
 S = PodState
@@ -354,26 +512,42 @@ _TABLE: dict[tuple[PodState, type], Handler] = {
     (S.PENDING, NetnsFound): _pending_found,
     (S.PENDING, NetnsLost): _ignore,
     (S.PENDING, WorkloadGone): _drop,
+    (S.PENDING, AddressMismatch): _ignore,
+    (S.PENDING, Released): _ignore,
     (S.CAPTURING, WorkloadPlaced): _ignore,
     (S.CAPTURING, NetnsFound): _capturing_found,
     (S.CAPTURING, NetnsLost): _remove_when_done,
-    (S.CAPTURING, WorkloadGone): _remove_when_done,
+    (S.CAPTURING, WorkloadGone): _hold_when_done,
+    (S.CAPTURING, AddressMismatch): _hold_when_done,
+    (S.CAPTURING, Released): _ignore,
     (S.CAPTURING, SetupDone): _setup_done,
     (S.CAPTURING, SetupFailed): _setup_failed,
     (S.READY, WorkloadPlaced): _ignore,
     (S.READY, NetnsFound): _ready_found,
-    (S.READY, NetnsLost): _teardown,
-    (S.READY, WorkloadGone): _teardown,
+    (S.READY, NetnsLost): _ready_lost,
+    (S.READY, WorkloadGone): _ready_hold,
+    (S.READY, AddressMismatch): _ready_hold,
+    (S.READY, Released): _ignore,
     (S.FAILED, WorkloadPlaced): _ignore,
     (S.FAILED, NetnsFound): _failed_found,
     (S.FAILED, NetnsLost): _failed_lost,
-    (S.FAILED, WorkloadGone): _teardown,
+    (S.FAILED, WorkloadGone): _hold_now,
+    (S.FAILED, AddressMismatch): _hold_now,
+    (S.FAILED, Released): _ignore,
     (S.REMOVING, WorkloadPlaced): _ignore,
     (S.REMOVING, WorkloadGone): _removing_gone,
     (S.REMOVING, NetnsFound): _removing_found,
-    (S.REMOVING, NetnsLost): _ignore,
+    (S.REMOVING, NetnsLost): _remove_when_done,
+    (S.REMOVING, AddressMismatch): _removing_mismatch,
+    (S.REMOVING, Released): _ignore,
     (S.REMOVING, TeardownDone): _teardown_finished,
     (S.REMOVING, TeardownFailed): _teardown_finished,
+    (S.HELD, WorkloadPlaced): _ignore,
+    (S.HELD, WorkloadGone): _held_gone,
+    (S.HELD, AddressMismatch): _held_gone,
+    (S.HELD, NetnsFound): _held_found,
+    (S.HELD, NetnsLost): _drop,
+    (S.HELD, Released): _held_released,
 }
 
 

@@ -31,9 +31,14 @@ Restart and shutdown: applying capture that is already installed is a no-op
 uncaptures a pod. `shutdown()` closes listeners but leaves the in-pod rules:
 while no agent listens, captured connections are refused, never leaked, and
 the next agent adopts the rules. `shutdown(cleanup=True)` (uninstall) also
-removes capture from every local pod. `remove_stale_capture()`, called once the
-control plane's state is complete, removes rules a previous agent left in pods
-that no local workload owns any more.
+removes capture from every local pod. `hold_stale_capture()`, called once the
+control plane's state is complete, lists rules a previous agent left in pods
+that no local workload claims as held pods: refused until released.
+
+Fail closed: capture is only removed from a living namespace by `release()` (or
+the uninstall). A pod whose workload record disappears, or whose record's
+addresses are not in its namespace, is held: listeners closed, capture kept, so
+its connections are refused, never relayed in plaintext.
 
 Each local workload's identity is registered with the certificate manager as
 soon as the workload is placed here, so its certificate is fetched early.
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -65,6 +71,7 @@ from nodeagent.model.workload import Workload
 from nodeagent.node.annotations import PodAnnotationManager, PodRef, pod_ref
 from nodeagent.node.lifecycle import (
     Action,
+    AddressMismatch,
     Backoff,
     Event,
     LifecycleError,
@@ -73,6 +80,7 @@ from nodeagent.node.lifecycle import (
     NetnsLost,
     PodLifecycle,
     PodState,
+    Released,
     SetupDone,
     SetupFailed,
     StartSetup,
@@ -198,7 +206,9 @@ class ManagerStats:
     adopted: int = 0  # setups that found capture already in place
     teardowns: int = 0
     teardown_failures: int = 0
-    stale_removed: int = 0  # namespaces whose leftover capture no local workload owned
+    holds: int = 0  # pods whose listeners closed while their capture stays (refused)
+    released: int = 0
+    stale_held: int = 0  # namespaces found captured that no local workload claimed
 
 
 class SetupError(RuntimeError):
@@ -208,6 +218,23 @@ class SetupError(RuntimeError):
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def mismatch_reason(workload: Workload, path: str, addresses: Iterable[str]) -> str | None:
+    """Why the namespace at `path` is not the workload's (None when it holds one of
+    the workload's addresses): its listeners are only ever bound where it is."""
+    held = {str(ipaddress.ip_address(a)) for a in addresses if a}
+    if any(str(a) in held for a in workload.addresses):
+        return None
+    wanted = ", ".join(str(a) for a in workload.addresses) or "(none)"
+    has = ", ".join(sorted(held - _LOOPBACK)) or "no address"
+    return (
+        f"workload address {wanted} is not in its namespace {path} (which has {has});"
+        " its traffic is refused"
+    )
 
 
 def netns_alive(handle: NetnsHandle) -> bool:
@@ -269,7 +296,9 @@ class NodeManager:
         self._labels: dict[str, str] = {}
         self._scan: tuple[MatchResult, dict[int, NetnsHandle]] | None = None
         self._warned_conflicts: set[str] = set()
-        self._unread: set[str] = set()  # unmatched by the last scan, namespace still there
+        self._present: set[str] = set()  # unmatched by the last scan, namespace still there
+        self._absent: set[str] = set()  # unmatched by the last scan, namespace gone
+        self._former: dict[str, Workload] = {}  # held pods' last records, for status
         self._warned_unread: set[str] = set()
         self._scan_requested = True
         self._next_scan_at = 0.0
@@ -370,14 +399,16 @@ class NodeManager:
                 log.warning("cleanup: %s", _reason(exc))
         log.info("node manager stopped: capture removed from %d pod namespace(s)", removed)
 
-    async def remove_stale_capture(self) -> int:
-        """Remove capture that no local workload owns any more; returns how many namespaces.
+    async def hold_stale_capture(self) -> int:
+        """Hold capture that no local workload claims; returns how many namespaces.
 
-        A pod that left the mesh (or the node) while no agent was running keeps the rules
-        the previous agent installed: its traffic would stay captured with nobody listening,
-        refused for good. Call this once the control plane's state is complete (after the
-        first xDS sync): a namespace is stale only if its addresses were read and hold no
-        local workload's IP then. The scanner never lists the agent's own namespace.
+        A previous agent's pod whose record is gone now (it left the mesh while no agent
+        ran, or the control plane lost it) keeps its rules and is listed `held`: its
+        traffic stays refused, never relayed in plaintext, until an operator releases it
+        (`release`), its namespace goes, or a workload's record claims it again. Call this
+        once the control plane's state is complete (after the first xDS sync): a
+        namespace counts only if its addresses were read and hold no local workload's IP
+        then. The scanner never lists the agent's own namespace.
         """
         wanted = {
             w.uid: [str(a) for a in w.addresses]
@@ -391,24 +422,30 @@ class NodeManager:
         keep: set[int] = set()
         for rec in self.lifecycle.pods.values():
             keep.update(ns.inode for ns in (rec.netns, rec.next_netns) if ns is not None)
-        removed = 0
+        held = 0
         for inode, handle in candidates.items():
             if inode in keep:
                 continue
             try:
                 installed = await asyncio.to_thread(self._capture.read_installed, handle)
-                if installed.empty:
-                    continue
-                await asyncio.to_thread(self._capture.remove, handle)
             except Exception as exc:
                 log.warning("stale capture in %s: %s", handle.path, _reason(exc))
                 continue
-            removed += 1
-            log.warning(
-                "removed capture left in %s: no workload on this node owns it now", handle.path
+            if installed.empty:
+                continue
+            reason = (
+                "captured by an earlier agent, and no workload record claims it now:"
+                " its traffic is refused until it is released"
             )
-        self.stats.stale_removed += removed
-        return removed
+            self.lifecycle.hold_orphan(
+                f"netns:{inode}", Netns(path=handle.path, inode=inode), reason, self._clock()
+            )
+            held += 1
+            log.warning("pod namespace %s: %s", handle.path, reason)
+        if held:
+            self._notify()
+        self.stats.stale_held += held
+        return held
 
     # -- waiting (tests, readiness) -----------------------------------------
 
@@ -438,8 +475,11 @@ class NodeManager:
     def pods(self) -> list[PodStatus]:
         now, wall = self._clock(), self._wall_clock()
         out = []
+        for stale in [u for u in self._former if u not in self.lifecycle.pods]:
+            del self._former[stale]
         for uid, rec in sorted(self.lifecycle.pods.items()):
-            w = self._workloads.get(uid)
+            base = uid.split("@", 1)[0]  # a namespace a pod left is held under uid@inode
+            w = self._workloads.get(uid) or self._former.get(base) or self._workloads.get(base)
             listeners = self._open.get(uid)
             out.append(
                 PodStatus(
@@ -458,6 +498,26 @@ class NodeManager:
 
     def counts(self) -> dict[str, int]:
         return self.lifecycle.counts()
+
+    def release(self, pod: str) -> str:
+        """Release a held pod (by uid or `namespace/name`): remove its capture and forget it.
+
+        The explicit step that un-meshes a pod whose record is gone: until then its
+        traffic is refused. Raises LookupError for an unknown pod and ValueError for
+        one that is not held. Returns the uid released.
+        """
+        found = [s.uid for s in self.pods() if pod in (s.uid, f"{s.namespace}/{s.name}")]
+        if not found:
+            raise LookupError(f"no pod {pod!r} on node {self.node_name}")
+        held = [u for u in found if self.state_of(u) is PodState.HELD]
+        if not held:
+            states = ", ".join(sorted({str(getattr(self.state_of(u), "value", "")) for u in found}))
+            raise ValueError(f"pod {pod!r} is {states}, not held: only held pods are released")
+        for uid in held:
+            log.warning("pod %s: released by the operator; removing its capture", uid)
+            self.stats.released += 1
+            self._dispatch(Released(uid=uid, now=self._clock()))
+        return ", ".join(held)
 
     # -- inputs --------------------------------------------------------------
 
@@ -496,7 +556,9 @@ class NodeManager:
             try:
                 self._scan = await asyncio.to_thread(self._scanner.find, self._wanted())
                 self.stats.scans += 1
-                self._unread = await asyncio.to_thread(self._still_present, self._unmatched())
+                unmatched = self._unmatched()
+                self._present = await asyncio.to_thread(self._still_present, unmatched)
+                self._absent = {uid for uid, _ in unmatched} - self._present
             except Exception as exc:
                 log.warning("namespace scan failed: %s", _reason(exc))
             # Placement may have changed while scanning.
@@ -515,11 +577,12 @@ class NodeManager:
             self._workloads[uid] = workload
             self._labels[uid] = workload.label
             self._sync_identity(uid, workload)
+            self._former.pop(uid, None)
             if uid not in self.lifecycle.pods:
                 # New here, or re-placed after its old namespace was torn down.
                 self._dispatch(WorkloadPlaced(uid=uid, now=now))
         for uid in [u for u in self._workloads if u not in local]:
-            del self._workloads[uid]
+            self._former[uid] = self._workloads.pop(uid)
             self._release_identity(uid)
             log.info("pod %s (uid %s) left the node", self._labels.get(uid, uid), uid)
             self._dispatch(WorkloadGone(uid=uid, now=now))
@@ -558,7 +621,8 @@ class NodeManager:
         return {uid for uid, handle in pods if self._alive(handle)}
 
     def _apply_scan(self) -> None:
-        """Turn the latest scan into NetnsFound / NetnsLost for pods whose view differs."""
+        """Turn the latest scan into NetnsFound / NetnsLost / AddressMismatch for pods
+        whose view differs."""
         if self._scan is None:
             return
         result, handles = self._scan
@@ -568,14 +632,19 @@ class NodeManager:
             if rec is None:
                 continue
             inode = result.matches.get(uid)
+            current = rec.next_netns or rec.netns
             if inode is not None:
                 self._warned_conflicts.discard(uid)
                 self._warned_unread.discard(uid)
                 handle = handles[inode]
                 # Compare inodes, not paths: one namespace can be seen under
-                # several paths (a bind mount, any of its processes).
-                current = rec.next_netns or rec.netns
-                if rec.state is PodState.PENDING or current is None or current.inode != inode:
+                # several paths (a bind mount, any of its processes). A held pod
+                # whose record matches again is served again.
+                if (
+                    rec.state in (PodState.PENDING, PodState.HELD)
+                    or current is None
+                    or current.inode != inode
+                ):
                     netns = Netns(path=handle.path, inode=inode)
                     self._dispatch(NetnsFound(uid=uid, netns=netns, now=now))
             elif uid in result.conflicts:
@@ -587,7 +656,21 @@ class NodeManager:
                         uid,
                         ", ".join(map(str, result.conflicts[uid])),
                     )
-            elif uid in self._unread:
+            elif uid in self._present and current is not None and current.inode in result.addresses:
+                # The namespace is there and was read, and holds none of the record's
+                # addresses: the record is wrong (or moved). Refuse, never relay.
+                reason = mismatch_reason(
+                    self._workloads[uid], current.path, result.addresses[current.inode]
+                )
+                if reason is not None and rec.hold_reason != reason:
+                    log.warning(
+                        "pod %s (uid %s): %s; listeners closed, capture kept",
+                        self._labels.get(uid, uid),
+                        uid,
+                        reason,
+                    )
+                    self._dispatch(AddressMismatch(uid=uid, reason=reason, now=now))
+            elif uid in self._present:
                 # Its namespace is still there: the scan could not read its addresses this
                 # time. Tearing down would uncapture a live pod (fail open); wait a scan.
                 if uid not in self._warned_unread:
@@ -598,10 +681,27 @@ class NodeManager:
                         self._labels.get(uid, uid),
                         uid,
                     )
-            elif rec.state in (PodState.READY, PodState.CAPTURING, PodState.FAILED):
+            elif rec.state in (PodState.READY, PodState.CAPTURING, PodState.FAILED, PodState.HELD):
                 if rec.state is PodState.CAPTURING and rec.remove_after:
                     continue
                 self._dispatch(NetnsLost(uid=uid, now=now))
+        self._apply_scan_to_orphans(result.matches, now)
+
+    def _apply_scan_to_orphans(self, matches: Mapping[str, int], now: float) -> None:
+        """Held pods with no workload record: forgotten once their namespace is gone,
+        or once a workload's record claims it (that pod is then served again)."""
+        owned = set(matches.values())
+        for key, rec in list(self.lifecycle.pods.items()):
+            if key in self._workloads or rec.state is not PodState.HELD or rec.netns is None:
+                continue
+            if rec.netns.inode in owned:
+                log.info("held namespace %s is claimed by a workload again", rec.netns.path)
+                self._dispatch(NetnsLost(uid=key, now=now))
+            elif key in self._absent:
+                log.info(
+                    "held pod %s: its namespace is gone; forgotten", self._labels.get(key, key)
+                )
+                self._dispatch(NetnsLost(uid=key, now=now))
 
     # -- lifecycle plumbing ---------------------------------------------------
 
@@ -649,6 +749,11 @@ class NodeManager:
             workload = self._workloads.get(uid)
             if workload is None:
                 raise SetupError("the workload left the node")
+            scanned = self._scan[0].addresses.get(handle.inode) if self._scan else None
+            if scanned is not None:
+                wrong = mismatch_reason(workload, handle.path, scanned)
+                if wrong is not None:
+                    raise SetupError(wrong)
             listeners = await self._listeners.open(workload, handle)
             try:
                 async with self._sem:
@@ -690,6 +795,8 @@ class NodeManager:
             self._annotate(uid)
 
     async def _teardown(self, action: StartTeardown) -> None:
+        """Close the pod's listeners. Capture is removed only on a release: a pod that
+        lost its record, or its namespace, keeps it (refused, never relayed in clear)."""
         uid = action.uid
         label = self._labels.get(uid, uid)
         handle = self._handle_for(uid, action.netns)
@@ -699,7 +806,7 @@ class NodeManager:
                 await listeners.close(drain=self._drain)
             async with self._sem:
                 alive = await asyncio.to_thread(self._alive, handle)
-                if alive:
+                if alive and action.remove_capture:
                     await asyncio.to_thread(self._capture.remove, handle)
         except asyncio.CancelledError:
             raise
@@ -710,11 +817,26 @@ class NodeManager:
             self._dispatch(TeardownFailed(uid=uid, reason=reason, now=self._clock()))
             return
         self.stats.teardowns += 1
-        if alive:
-            # The pod lives on uncaptured (it left the mesh): peers must stop
-            # sending it HBONE. A deleted pod needs nothing.
+        if not alive:
+            log.info("pod %s (uid %s): namespace gone, listeners closed", label, uid)
+        elif action.remove_capture:
+            # Released: the pod lives on uncaptured, so peers must stop sending it
+            # HBONE. A held pod keeps the annotation: it is still captured.
             self._unannotate(uid)
-        log.info("pod %s (uid %s): capture and listeners removed from %s", label, uid, handle)
+            log.info(
+                "pod %s (uid %s): released: capture and listeners removed from %s",
+                label,
+                uid,
+                handle,
+            )
+        else:
+            self.stats.holds += 1
+            log.warning(
+                "pod %s (uid %s): listeners closed, capture kept in %s: its traffic is refused",
+                label,
+                uid,
+                handle,
+            )
         self._dispatch(TeardownDone(uid=uid, now=self._clock()))
 
     # -- annotations ------------------------------------------------------------

@@ -123,10 +123,13 @@ async def test_connection_to_the_agents_own_port_is_refused_not_looped(
         assert handles.passthrough.refused.get(INBOUND_HBONE_PORT) == 1
 
 
-async def test_removing_the_workload_removes_every_rule_route_and_listener(
+async def test_removed_workload_is_held_refused_and_release_removes_every_rule_and_listener(
     topology: Topology, worker: NetnsWorker, capture: IptablesBackend
 ) -> None:
-    a = topology.a
+    """Losing the record closes the listeners but keeps the rules: a's connections are
+    refused by the kernel (nothing listens behind the redirect), never sent out in clear.
+    Only the explicit release removes every rule, route and listener."""
+    a, b = topology.a, topology.b
     rules_before = in_ns(a.name, "ip", "rule")
     rules6_before = in_ns(a.name, "ip", "-6", "rule")
     store = StateStore()
@@ -141,6 +144,13 @@ async def test_removing_the_workload_removes_every_rule_route_and_listener(
         )
 
         store.apply(StateBatch(removed_addresses=(a.uid,)))
+        await wait_state(handles, a.uid, PodState.HELD)
+        assert "ISTIO_OUTPUT" in in_ns(a.name, "iptables-legacy-save")
+        assert "lookup 100" in in_ns(a.name, "ip", "rule")
+        assert listening_ports(a.name) == set()
+        with pytest.raises(ConnectionRefusedError):
+            await call(worker, a, b.ip)
+        handles.node_manager.release(a.uid)
         await wait_state(handles, a.uid, None)
         for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
             text = in_ns(a.name, save)
@@ -305,11 +315,12 @@ async def test_deleted_pod_namespace_is_let_go_and_the_pod_waits_for_a_new_one(
         assert (status.state, status.listeners) == ("pending", ())
 
 
-async def test_capture_left_in_a_pod_that_left_the_mesh_is_removed_once_state_is_complete(
+async def test_capture_left_in_a_pod_without_a_record_is_held_until_released(
     topology: Topology, capture: IptablesBackend
 ) -> None:
-    """A previous agent captured both pods; while no agent ran, pod a left the mesh. The new
-    agent removes a's leftover rules (nobody would ever listen behind them) and keeps b's."""
+    """A previous agent captured both pods; while no agent ran, pod a's record went. The new
+    agent keeps a's rules (refused, never in clear) and lists it held; the release removes
+    them and keeps b's."""
     a, b = topology.a, topology.b
     for pod in (a, b):
         capture.apply(pod.handle, plan_from_addresses(pod.workload(), pod.handle))
@@ -318,7 +329,11 @@ async def test_capture_left_in_a_pod_that_left_the_mesh_is_removed_once_state_is
     store.apply(StateBatch(workloads=(b.workload(),)))  # a is no longer in the mesh
     async with agent(topology, store, capture) as handles:
         await wait_state(handles, b.uid, PodState.READY)
-        assert await handles.node_manager.remove_stale_capture() == 1
+        assert await handles.node_manager.hold_stale_capture() == 1
+        assert "ISTIO_OUTPUT" in in_ns(a.name, "iptables-legacy-save")
+        [key] = [p.uid for p in handles.node_manager.pods() if p.state == "held"]
+        handles.node_manager.release(key)
+        await wait_state(handles, key, None)
         for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
             assert "ISTIO" not in in_ns(a.name, save)
             assert "ISTIO_OUTPUT" in in_ns(b.name, save)
@@ -326,9 +341,9 @@ async def test_capture_left_in_a_pod_that_left_the_mesh_is_removed_once_state_is
         assert "lookup 100" in in_ns(b.name, "ip", "rule")
         assert capture.read_installed(a.handle).empty
         assert handles.node_manager.state_of(b.uid) is PodState.READY
-        # Nothing left to remove: a second sweep changes nothing.
-        assert await handles.node_manager.remove_stale_capture() == 0
-        assert handles.node_manager.stats.stale_removed == 1
+        # Nothing left to hold: a second sweep changes nothing.
+        assert await handles.node_manager.hold_stale_capture() == 0
+        assert handles.node_manager.stats.stale_held == 1
 
 
 @pytest.mark.parametrize("daemonset", ["present", "gone"])

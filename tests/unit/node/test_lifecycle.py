@@ -4,6 +4,8 @@ from hypothesis import strategies as st
 
 from nodeagent.node.lifecycle import (
     _TABLE,
+    NO_RECORD,
+    AddressMismatch,
     Backoff,
     LifecycleError,
     Netns,
@@ -11,6 +13,7 @@ from nodeagent.node.lifecycle import (
     NetnsLost,
     PodLifecycle,
     PodState,
+    Released,
     SetupDone,
     SetupFailed,
     StartSetup,
@@ -69,26 +72,102 @@ def test_failed_setup_is_retried_with_backoff():
     assert lc.all_settled()  # failed counts as reported
 
 
-def test_workload_removed_while_ready_tears_down_then_forgets():
+def test_workload_record_gone_while_ready_closes_listeners_keeps_capture_and_holds():
     lc = PodLifecycle()
     placed_and_found(lc)
     lc.handle(SetupDone(uid="u1", now=1))
-    assert lc.handle(WorkloadGone(uid="u1", now=2)) == [StartTeardown(uid="u1", netns=NS1)]
+    actions = lc.handle(WorkloadGone(uid="u1", now=2))
+    assert actions == [StartTeardown(uid="u1", netns=NS1, remove_capture=False)]
     assert lc.pods["u1"].state is PodState.REMOVING
     lc.handle(TeardownDone(uid="u1", now=3))
-    assert "u1" not in lc.pods
+    rec = lc.pods["u1"]
+    assert rec.state is PodState.HELD and rec.netns == NS1
+    assert rec.last_error == NO_RECORD
+    assert lc.all_settled()
 
 
-def test_removed_during_setup_tears_down_after_setup_finishes():
+def test_held_pod_is_served_again_when_its_record_returns_and_matches():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupDone(uid="u1", now=1))
+    lc.handle(WorkloadGone(uid="u1", now=2))
+    lc.handle(TeardownDone(uid="u1", now=3))
+    assert lc.handle(WorkloadPlaced(uid="u1", now=4)) == []
+    assert lc.pods["u1"].state is PodState.HELD  # the scan decides, not the record alone
+    assert lc.handle(NetnsFound(uid="u1", netns=NS1, now=5)) == [
+        StartSetup(uid="u1", netns=NS1, attempt=1)
+    ]
+    lc.handle(SetupDone(uid="u1", now=6))
+    assert lc.pods["u1"].state is PodState.READY and lc.pods["u1"].last_error == ""
+
+
+def test_removed_during_setup_is_held_after_setup_finishes():
     lc = PodLifecycle()
     placed_and_found(lc)
     assert lc.handle(WorkloadGone(uid="u1", now=1)) == []
     assert lc.handle(SetupDone(uid="u1", now=2)) == [StartTeardown(uid="u1", netns=NS1)]
     lc.handle(TeardownDone(uid="u1", now=3))
+    assert lc.pods["u1"].state is PodState.HELD
+
+
+def test_address_mismatch_holds_a_ready_pod_with_the_reason():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupDone(uid="u1", now=1))
+    why = "address 10.9.9.9 is not in the namespace (it has 10.1.0.5)"
+    assert lc.handle(AddressMismatch(uid="u1", reason=why, now=2)) == [
+        StartTeardown(uid="u1", netns=NS1)
+    ]
+    lc.handle(TeardownDone(uid="u1", now=3))
+    assert lc.pods["u1"].state is PodState.HELD and lc.pods["u1"].last_error == why
+
+
+def test_failed_pod_whose_record_goes_is_held_at_once():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupFailed(uid="u1", reason="port 15001 in use", now=1))
+    assert lc.handle(WorkloadGone(uid="u1", now=2)) == []
+    assert lc.pods["u1"].state is PodState.HELD
+    assert lc.due_retries(1000) == []
+
+
+def test_held_pod_whose_namespace_is_gone_is_forgotten():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupFailed(uid="u1", reason="x", now=1))
+    lc.handle(WorkloadGone(uid="u1", now=2))
+    assert lc.handle(NetnsLost(uid="u1", now=3)) == []
     assert lc.pods == {}
 
 
-def test_namespace_reused_by_new_pod_moves_capture():
+def test_release_is_the_only_way_capture_is_removed():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    assert lc.handle(Released(uid="u1", now=1)) == []  # only held pods are released
+    lc.handle(SetupDone(uid="u1", now=1))
+    assert lc.handle(Released(uid="u1", now=1)) == []
+    lc.handle(WorkloadGone(uid="u1", now=2))
+    lc.handle(TeardownDone(uid="u1", now=3))
+    assert lc.handle(Released(uid="u1", now=4)) == [
+        StartTeardown(uid="u1", netns=NS1, remove_capture=True)
+    ]
+    lc.handle(TeardownDone(uid="u1", now=5))
+    assert lc.pods == {}
+
+
+def test_namespace_left_for_another_stays_held_under_its_own_key():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupDone(uid="u1", now=1))
+    assert lc.handle(NetnsFound(uid="u1", netns=NS2, now=2)) == [StartTeardown(uid="u1", netns=NS1)]
+    assert lc.handle(TeardownDone(uid="u1", now=3)) == [StartSetup(uid="u1", netns=NS2, attempt=1)]
+    detached = lc.pods["u1@101"]
+    assert detached.state is PodState.HELD and detached.netns == NS1
+    assert lc.handle(NetnsLost(uid="u1@101", now=4)) == []
+    assert "u1@101" not in lc.pods and lc.pods["u1"].netns == NS2
+
+
+def test_namespace_reused_by_new_pod_moves_the_listeners():
     lc = PodLifecycle()
     placed_and_found(lc)
     lc.handle(SetupDone(uid="u1", now=1))
@@ -111,7 +190,7 @@ def test_teardown_failure_is_recorded_and_pod_forgotten():
     lc = PodLifecycle()
     placed_and_found(lc)
     lc.handle(SetupDone(uid="u1", now=1))
-    lc.handle(NetnsLost(uid="u1", now=2))
+    assert lc.handle(NetnsLost(uid="u1", now=2)) == [StartTeardown(uid="u1", netns=NS1)]
     lc.handle(TeardownFailed(uid="u1", reason="netns gone", now=3))
     assert "u1" not in lc.pods
 
@@ -146,6 +225,8 @@ EVENTS = st.sampled_from(
         lambda now: NetnsFound(uid="u", netns=NS1, now=now),
         lambda now: NetnsFound(uid="u", netns=NS2, now=now),
         lambda now: NetnsLost(uid="u", now=now),
+        lambda now: AddressMismatch(uid="u", reason="elsewhere", now=now),
+        lambda now: Released(uid="u", now=now),
     ]
 )
 
@@ -154,18 +235,19 @@ EVENTS = st.sampled_from(
 @given(st.lists(EVENTS, max_size=25), st.data())
 def test_random_external_events_never_leave_an_operation_unanswered(events, data):
     """Drive the machine like the manager does: each started operation completes
-    (success or failure) before later events; the machine never raises and never
-    has two operations in flight for one pod."""
+    (success or failure) before later events; the machine never raises, never
+    has two operations in flight for one pod, and never removes capture unless
+    the pod was released (fail closed)."""
     lc = PodLifecycle()
     in_flight: list = []
     now = 0.0
     for make in events:
         now += 1
         ev = make(now)
-        try:
-            in_flight.extend(lc.handle(ev))
-        except LifecycleError:
-            raise
+        in_flight.extend(lc.handle(ev))
+        for action in in_flight:
+            if isinstance(action, StartTeardown) and action.remove_capture:
+                assert isinstance(ev, Released)
         while in_flight:
             assert len(in_flight) == 1
             action = in_flight.pop()
@@ -190,7 +272,15 @@ def test_random_external_events_never_leave_an_operation_unanswered(events, data
                 else lc.handle(TeardownDone(uid="u", now=now))
             )
     if "u" in lc.pods:
-        assert lc.pods["u"].state in (PodState.PENDING, PodState.READY, PodState.FAILED)
+        assert lc.pods["u"].state in (
+            PodState.PENDING,
+            PodState.READY,
+            PodState.FAILED,
+            PodState.HELD,
+        )
+    for key, rec in lc.pods.items():
+        if key != "u":  # a namespace the pod left: held until released or gone
+            assert rec.state in (PodState.HELD, PodState.REMOVING)
 
 
 def test_table_covers_every_state():

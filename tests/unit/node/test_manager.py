@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from nodeagent.datapath.discovery import MatchResult, match_workloads, unowned_namespaces
 from nodeagent.datapath.iptables import CaptureError
 from nodeagent.datapath.netns import NetnsHandle
@@ -275,17 +277,99 @@ async def test_port_taken_fails_naming_the_port_without_capturing() -> None:
         assert 101 in w.capture.installed
 
 
-async def test_removed_workload_is_torn_down_and_its_certificate_released() -> None:
+async def test_removed_workload_record_holds_the_pod_captured_and_refused() -> None:
+    """The control plane forgetting a pod must not uncapture it: listeners close (its
+    connections are refused), capture stays, the reason is listed, until it returns."""
     async with world() as w:
         w.scanner.add(101, "10.1.0.5")
         w.place(workload("u1", "10.1.0.5"))
         await w.wait_state("u1", PodState.READY)
         w.remove("u1")
-        await w.wait_state("u1", None)
-        assert w.capture.installed == {}
+        await w.wait_state("u1", PodState.HELD)
+        assert 101 in w.capture.installed
         assert w.listeners.live(101) == []
         assert w.certs.refs == {}
-        assert w.manager.stats.teardowns == 1
+        assert w.manager.stats.holds == 1
+        [status] = w.manager.pods()
+        assert (status.name, status.state, status.listeners) == ("pod-u1", "held", ())
+        assert "no workload record" in status.last_error
+        assert w.manager.counts()["held"] == 1
+        applies = w.capture.applies
+        w.place(workload("u1", "10.1.0.5"))  # the record comes back
+        await w.wait_state("u1", PodState.READY)
+        assert len(w.listeners.live(101)) == 1
+        assert w.capture.applies == applies + 1  # re-applied: a no-op on a real backend
+        assert w.manager.pods()[0].last_error == ""
+
+
+async def test_held_pod_is_uncaptured_only_when_released() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        with pytest.raises(ValueError, match="is ready, not held"):
+            w.manager.release("u1")
+        with pytest.raises(LookupError, match="no pod 'nope'"):
+            w.manager.release("nope")
+        w.remove("u1")
+        await w.wait_state("u1", PodState.HELD)
+        assert w.manager.release("default/pod-u1") == "u1"
+        await w.wait_state("u1", None)
+        assert w.capture.installed == {}
+        assert w.manager.stats.released == 1
+
+
+async def test_held_pod_whose_namespace_goes_is_forgotten() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.remove("u1")
+        await w.wait_state("u1", PodState.HELD)
+        del w.scanner.namespaces[101]
+        await w.wait_state("u1", None)
+
+
+async def test_record_whose_address_is_not_in_the_namespace_holds_the_pod() -> None:
+    """A record re-using the pod's uid with an address the pod does not have: the pod
+    is refused (never ready with listeners for an address it lacks, never passed
+    through in clear), the reason names both addresses; fixing the record serves it."""
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.place(workload("u1", "10.1.0.99"))
+        await w.wait_state("u1", PodState.HELD)
+        [status] = w.manager.pods()
+        assert "10.1.0.99" in status.last_error and "10.1.0.5" in status.last_error
+        assert status.listeners == ()
+        assert 101 in w.capture.installed
+        assert w.listeners.live(101) == []
+        await w.scanner.wait_scans(3)
+        assert w.manager.state_of("u1") is PodState.HELD  # stays so, scan after scan
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        assert len(w.listeners.live(101)) == 1
+
+
+async def test_record_moving_to_another_pods_address_holds_the_namespace_it_left() -> None:
+    async with world() as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.scanner.add(102, "10.1.0.6")  # a pod the control plane does not know
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.place(workload("u1", "10.1.0.6"))
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(
+                lambda: (
+                    w.manager.state_of("u1@101") is PodState.HELD
+                    and w.manager.state_of("u1") is PodState.READY
+                )
+            )
+        assert {101, 102} <= set(w.capture.installed)
+        assert w.listeners.live(101) == []
+        held = {s.uid: s for s in w.manager.pods()}["u1@101"]
+        assert held.netns.endswith("/101") and "another namespace" in held.last_error
 
 
 async def test_replaced_namespace_moves_capture_to_the_new_one() -> None:
@@ -341,7 +425,7 @@ async def test_namespace_whose_addresses_cannot_be_read_keeps_its_capture() -> N
         assert w.capture.applies == applies  # never set up again: it never went away
 
 
-async def test_stale_capture_sweep_removes_only_what_no_local_workload_owns() -> None:
+async def test_stale_capture_sweep_holds_only_what_no_local_workload_claims() -> None:
     async with world() as w:
         w.scanner.add(101, "10.1.0.5")  # meshed, ready
         w.scanner.add(102, "10.1.0.6")  # left the mesh while no agent ran: leftover rules
@@ -353,10 +437,14 @@ async def test_stale_capture_sweep_removes_only_what_no_local_workload_owns() ->
         w.place(workload("u1", "10.1.0.5"))
         await w.wait_state("u1", PodState.READY)
         w.store.apply(StateBatch(workloads=(workload("u5", "10.1.0.9"),)))
-        assert await w.manager.remove_stale_capture() == 1
+        assert await w.manager.hold_stale_capture() == 1
+        assert {101, 102, 104, 105} <= set(w.capture.installed)  # nothing removed
+        assert w.manager.state_of("netns:102") is PodState.HELD
+        assert w.manager.stats.stale_held == 1
+        assert await w.manager.hold_stale_capture() == 0  # already held
+        w.manager.release("netns:102")
+        await w.wait_state("netns:102", None)
         assert 102 not in w.capture.installed
-        assert {101, 104, 105} <= set(w.capture.installed)
-        assert w.manager.stats.stale_removed == 1
 
 
 async def test_many_pods_are_set_up_concurrently() -> None:
@@ -501,10 +589,15 @@ async def test_upgrade_shutdown_keeps_the_annotation(kube_api_server: Any) -> No
         assert len(api.calls("PATCH")) == patches
 
 
-async def test_pod_leaving_the_mesh_alive_loses_the_annotation(kube_api_server: Any) -> None:
+async def test_held_pod_keeps_the_annotation_and_loses_it_when_released(
+    kube_api_server: Any,
+) -> None:
     async with kube_api_server() as api, world(annotations=annotations_for(api)) as w:
         await capture_annotated_pod(api, w)
-        w.remove("u1")  # unenrolled: the namespace (the pod) lives on
+        w.remove("u1")  # the record is gone: the pod lives on, still captured
+        await w.wait_state("u1", PodState.HELD)
+        assert api.annotations_of("default", "pod-u1") == REDIRECTION
+        w.manager.release("u1")
         await w.wait_state("u1", None)
         await wait_annotations(api, {})
 
