@@ -378,6 +378,7 @@ async def build(
             log_level=StdlibLogLevelControl(config.log_level),
             rules=CaptureRulesSource(pods, store, plan_for, capture, config.redirect_backend),
             explain=MeshExplainer(store, OutboundRouter(store).route),
+            release=node_manager,
             drain_then_exit=drain_then_exit,
         )
         servers = AdminServers(

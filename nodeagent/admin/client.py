@@ -109,6 +109,9 @@ class AdminClient:
     def explain(self, from_pod: str, to: str) -> dict[str, Any]:
         return dict(self.get_json("/explain", {"from": from_pod, "to": to}))
 
+    def release(self, pod: str) -> str:
+        return self.request("POST", "/release", {"pod": pod}).strip()
+
     def logging(self, level: str | None = None, reset: bool = False) -> str:
         params = {"reset": ""} if reset else ({"level": level} if level is not None else None)
         return self.request("POST", "/logging", params).strip()

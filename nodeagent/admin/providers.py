@@ -65,7 +65,7 @@ class PodStatus:
     name: str
     namespace: str
     service_account: str = "default"
-    capture_state: str  # pending | capturing | ready | failed | removing
+    capture_state: str  # pending | capturing | ready | failed | removing | held
     listeners: tuple[str, ...] = ()  # e.g. "10.1.0.5:15001 (outbound)"
     last_error: str = ""
     attempts: int = 0
@@ -143,6 +143,13 @@ class ExplainSource(Protocol):
     def explain(self, from_pod: str, to_host: str, to_port: int) -> Mapping[str, Json]: ...
 
 
+class PodReleaser(Protocol):
+    """Release a held pod (uid or namespace/name): remove its capture. Returns the uid(s);
+    raises LookupError for an unknown pod, ValueError for one that is not held."""
+
+    def release(self, pod: str) -> str: ...
+
+
 DrainHook = Callable[[], Awaitable[None]]
 
 
@@ -156,4 +163,5 @@ class AdminProviders:
     log_level: LogLevelControl | None = None
     rules: PodRulesSource | None = None
     explain: ExplainSource | None = None
+    release: PodReleaser | None = None
     drain_then_exit: DrainHook | None = None

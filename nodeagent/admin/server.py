@@ -45,6 +45,7 @@ ADMIN_ENDPOINTS = (
     ("/rules", "GET", "?pod=POD: intended vs installed capture rules, with drift"),
     ("/explain", "GET", "?from=POD&to=ADDR:PORT: what the agent would do and why"),
     ("/logging", "POST", "?level=LEVEL or ?level=target=level,...; ?reset; no params lists"),
+    ("/release", "POST", "?pod=POD: un-mesh a held pod (remove its capture)"),
     ("/quitquitquit", "POST", "drain, then exit"),
 )
 
@@ -86,6 +87,7 @@ class AdminApi:
             "/rules": route(self.rules),
             "/explain": route(self.explain),
             "/logging": route(self.logging, "POST"),
+            "/release": route(self.release, "POST"),
             "/quitquitquit": route(self.quitquitquit, "POST"),
         }
 
@@ -189,6 +191,20 @@ class AdminApi:
         except ValueError as exc:
             return Response.text(400, f"{_one_line(exc)}\n")
         return Response.json(dict(result))
+
+    def release(self, req: Request) -> Response:
+        pod = req.param("pod")
+        if not pod:
+            return Response.text(400, "missing ?pod=POD (uid or namespace/name)\n")
+        if self.providers.release is None:
+            return Response.text(501, "pods cannot be released on this agent\n")
+        try:
+            released = self.providers.release.release(pod)
+        except LookupError as exc:
+            return Response.text(404, f"{_one_line(exc)}\n")
+        except ValueError as exc:
+            return Response.text(409, f"{_one_line(exc)}\n")
+        return Response.text(200, f"released {released}: its capture is being removed\n")
 
     def logging(self, req: Request) -> Response:
         control = self.providers.log_level

@@ -166,6 +166,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    client = client_for(args)
+    print(_ask(lambda: client.release(args.pod)))
+    return 0
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     if args.level is not None and args.reset:
         raise CliError("use either --level or --reset")
@@ -220,6 +226,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--to", required=True, metavar="ADDR:PORT", help="destination")
     _add_target_flags(p)
     p.set_defaults(func=cmd_explain)
+
+    p = _one_line_errors(
+        subparsers.add_parser(
+            "release",
+            help="un-mesh a held pod: remove its capture",
+            description="A pod whose workload record is gone (or wrong) is held: captured,"
+            " its traffic refused. This removes its capture, so it talks in plaintext.",
+        )
+    )
+    p.add_argument("pod", help="pod as uid or namespace/name (see `nodeagent pods`)")
+    _add_target_flags(p, output=False)
+    p.set_defaults(func=cmd_release)
 
     p = _one_line_errors(subparsers.add_parser("log", help="show or change the agent's log level"))
     p.add_argument(

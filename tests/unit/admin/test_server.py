@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -346,3 +347,42 @@ async def test_head_answers_headers_only(
         status, headers, body = await fetch("HEAD", "/pods", tcp=servers.bound.admin)
         assert status == 200 and body == b""
         assert int(headers["content-length"]) > 0
+
+
+class _Releaser:
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def release(self, pod: str) -> str:
+        if pod == "default/ready-1":
+            raise ValueError(
+                "pod 'default/ready-1' is ready, not held: only held pods are released"
+            )
+        if pod != "default/held-1":
+            raise LookupError(f"no pod {pod!r} on node node1")
+        self.released.append("uid-held-1")
+        return "uid-held-1"
+
+
+async def test_release_un_meshes_only_a_held_pod_with_clear_statuses(
+    providers: AdminProviders, tmp_path: Path, fetch: Any
+) -> None:
+    releaser = _Releaser()
+    with_release = dataclasses.replace(providers, release=releaser)
+    async with _servers(with_release, tmp_path) as servers:
+        addr = servers.bound.admin if servers.bound else None
+        status, _, _ = await fetch("GET", "/release?pod=default/held-1", tcp=addr)
+        assert status == 405 and releaser.released == []
+        status, _, body = await fetch("POST", "/release", tcp=addr)
+        assert status == 400 and b"missing ?pod=" in body
+        status, _, body = await fetch("POST", "/release?pod=default/ready-1", tcp=addr)
+        assert status == 409 and b"not held" in body
+        status, _, body = await fetch("POST", "/release?pod=default/nope", tcp=addr)
+        assert status == 404 and b"no pod 'default/nope'" in body
+        status, _, body = await fetch("POST", "/release?pod=default/held-1", tcp=addr)
+        assert status == 200 and body.startswith(b"released uid-held-1")
+        assert releaser.released == ["uid-held-1"]
+    async with _servers(providers, tmp_path / "b") as servers:
+        addr = servers.bound.admin if servers.bound else None
+        status, _, _ = await fetch("POST", "/release?pod=default/held-1", tcp=addr)
+        assert status == 501
