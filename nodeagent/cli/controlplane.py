@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ def register(subparsers: Any) -> None:
         help="a small delta-xDS control plane (and CA) fed by a YAML mesh file",
         description="Serve the workloads, services and authorization policies of a mesh "
         "file over delta xDS (Istio's workload API). The file is watched: edits are "
-        "pushed to connected agents; a bad edit is refused and the last good one kept. "
-        "Schema: docs/mesh-file.md.",
+        "pushed to connected agents. A bad edit, an empty file, one without nodes, or "
+        "an edit that leaves a connected node without workloads (unless the file says "
+        "so: `nodes: []`, `workloads: []`, a node's `allowEmpty: true`) is refused and "
+        "the last good one kept. Schema: docs/mesh-file.md.",
     )
     p.add_argument("--mesh", required=True, metavar="FILE", help="the mesh file (YAML)")
     p.add_argument(
@@ -52,6 +55,8 @@ def cmd_controlplane(args: Any) -> int:
             mesh = load_mesh(args.mesh)
         except MeshError as e:
             raise CliError(str(e)) from None
+        for note in mesh.notes:
+            print(f"note: {note}", file=sys.stderr)
         summary = {
             "trustDomain": mesh.trust_domain,
             "nodes": len(mesh.nodes),

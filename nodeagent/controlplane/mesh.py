@@ -4,12 +4,21 @@
 or raises `MeshError` naming the file, line and field that is wrong, so the
 control plane can refuse a bad edit and keep serving the last good config.
 The schema is documented in docs/mesh-file.md.
+
+Besides the schema, the file is refused when it is almost certainly a mistake
+that would take pods out of the mesh: an empty file (a truncated one, typically),
+no `nodes`, a workload outside its node's `podCIDRs`. `check_reload` adds the
+rule only a running server can apply: an edit may not take every workload away
+from a node whose agent is connected. Emptiness is accepted only when written
+out (`nodes: []`, `workloads: []`, a node's `allowEmpty: true`), and each such
+acceptance comes back as a note for the server to log.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +27,9 @@ import yaml
 
 from nodeagent.model.constants import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN
 from nodeagent.model.identity import Identity
+from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml
 
 T = TypeVar("T")
-
-# The C loader composes ~5x faster (10,000 workloads) and keeps line marks.
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 ACTIONS = ("ALLOW", "DENY")
 
@@ -35,6 +42,12 @@ class MeshError(ValueError):
 class NodeSpec:
     name: str
     token: str
+    pod_cidrs: tuple[str, ...] = ()
+    """The node's pod ranges; when given, every workload on the node must be inside."""
+    allow_empty: bool = False
+    """The node may be left without workloads while its agent is connected."""
+    where: str = field(default="", compare=False)
+    """`FILE:LINE:COL` of the node's entry, for errors found after parsing."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +150,15 @@ class MeshConfig:
     workloads: tuple[WorkloadSpec, ...] = ()
     services: tuple[ServiceSpec, ...] = ()
     policies: tuple[PolicySpec, ...] = ()
+    workloads_explicitly_empty: bool = False
+    """`workloads: []` was written: every node may be left without workloads."""
+    where: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """`FILE:LINE:COL` of each top-level key given, and "" for the file itself."""
+    notes: tuple[str, ...] = field(default=(), compare=False)
+    """Emptiness the file asks for explicitly and was accepted (for the log)."""
+
+    def locate(self, key: str = "") -> str:
+        return self.where.get(key) or self.where.get("", "<mesh>")
 
     def node_for_token(self, token: str) -> str | None:
         """The node whose agent presents this bearer token (the CA's node authorizer)."""
@@ -161,6 +183,7 @@ class MeshConfig:
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
 _NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
 
 
 class _Reader:
@@ -169,11 +192,14 @@ class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
 
+    def where(self, node: yaml.Node) -> str:
+        m = node.start_mark
+        return f"{self.source}:{m.line + 1}:{m.column + 1}"
+
     def error(self, node: yaml.Node | None, path: str, problem: str) -> MeshError:
         if node is None:
             return MeshError(f"{self.source}: {path}: {problem}")
-        m = node.start_mark
-        return MeshError(f"{self.source}:{m.line + 1}:{m.column + 1}: {path}: {problem}")
+        return MeshError(f"{self.where(node)}: {path}: {problem}")
 
     def mapping(
         self, node: yaml.Node, path: str, required: tuple[str, ...], optional: tuple[str, ...]
@@ -222,6 +248,11 @@ class _Reader:
             raise self.error(node, path, f"{value} is out of range {lo}..{hi}")
         return value
 
+    def boolean(self, node: yaml.Node, path: str) -> bool:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _BOOL:
+            raise self.error(node, path, f"expected true or false, got {_kind(node)}")
+        return str(node.value).lower() in ("true", "yes", "on")
+
     def labels(self, node: yaml.Node, path: str) -> dict[str, str]:
         if not isinstance(node, yaml.MappingNode):
             raise self.error(node, path, f"expected a mapping, got {_kind(node)}")
@@ -269,6 +300,15 @@ def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == _NULL
 
 
+def _child(node: yaml.Node, key: str) -> yaml.Node | None:
+    """The value node of `key` in a mapping node, if there."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v
+    return None
+
+
 def _kind(node: yaml.Node) -> str:
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
@@ -291,21 +331,26 @@ def load_mesh(path: str | Path) -> MeshConfig:
 def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
     """Validate mesh YAML text (see load_mesh)."""
     try:
-        root = yaml.compose(text, Loader=_LOADER)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e)
-        raise MeshError(f"{where}: YAML syntax error: {problem}") from None
+        root = compose_yaml(text, source)
+    except YamlSyntaxError as e:
+        raise MeshError(str(e)) from None
     r = _Reader(source)
     if root is None or _is_null(root):
-        return MeshConfig()
+        # What a truncated file looks like (`: > mesh.yaml`, an editor's save):
+        # serving it would take every pod out of the mesh.
+        raise MeshError(
+            f"{source}:1:1: nodes: the file is empty (truncated?); "
+            "write `nodes: []` to serve an empty mesh on purpose"
+        )
     top = r.mapping(
         root,
         "",
         (),
         ("meshConfig", "nodes", "workloads", "services", "authorizationPolicies"),
     )
+    where = {"": r.where(root)}
+    for k, _ in root.value:
+        where[str(k.value)] = r.where(k)
     mesh_kw: dict[str, Any] = {}
     if "meshConfig" in top:
         mc = r.mapping(
@@ -337,17 +382,19 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
     )
     _check_unique(r, "nodes", nodes, lambda s: s.name, "name")
     _check_unique(r, "nodes", nodes, lambda s: s.token, "token")
-    node_names = {s.name for _, s in nodes}
+    _check_pod_ranges_apart(r, nodes)
+    node_specs = {s.name: s for _, s in nodes}
     _check_unique(r, "workloads", workloads, lambda s: s.key, "name")
     _check_unique(r, "workloads", workloads, lambda s: s.uid or None, "uid")
     seen_ips: dict[tuple[str, str], str] = {}
     for i, (n, w) in enumerate(workloads):
-        if w.node not in node_names:
+        if w.node not in node_specs:
             raise r.error(n, f"workloads[{i}].node", f"node {w.node!r} is not declared in nodes")
         for ip in w.ips:
             other = seen_ips.setdefault((w.network, ip), w.key)
             if other != w.key:
                 raise r.error(n, f"workloads[{i}].ip", f"{ip} is already used by workload {other}")
+        _check_in_pod_range(r, n, f"workloads[{i}]", w, node_specs)
     _check_unique(r, "services", services, lambda s: s.key, "name/hostname")
     seen_vips: dict[str, str] = {}
     for i, (n, s) in enumerate(services):
@@ -356,13 +403,147 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
             if other != s.key:
                 raise r.error(n, f"services[{i}].vip", f"{vip} is already used by service {other}")
     _check_unique(r, "authorizationPolicies", policies, lambda s: s.key, "metadata.name")
+    notes = _check_emptiness(r, root, top, nodes, workloads, where)
     return MeshConfig(
         **mesh_kw,
         nodes=tuple(s for _, s in nodes),
         workloads=tuple(s for _, s in workloads),
         services=tuple(s for _, s in services),
         policies=tuple(s for _, s in policies),
+        workloads_explicitly_empty=_explicit_empty_list(top.get("workloads")),
+        where=where,
+        notes=notes,
     )
+
+
+def _explicit_empty_list(node: yaml.Node | None) -> bool:
+    return isinstance(node, yaml.SequenceNode) and not node.value
+
+
+def _check_emptiness(
+    r: _Reader,
+    root: yaml.Node,
+    top: dict[str, yaml.Node],
+    nodes: list[tuple[yaml.Node, NodeSpec]],
+    workloads: list[tuple[yaml.Node, WorkloadSpec]],
+    where: Mapping[str, str],
+) -> tuple[str, ...]:
+    """Refuse a mesh without nodes unless `nodes: []` says so; the accepted
+    emptiness, one note each."""
+    notes: list[str] = []
+    if not nodes:
+        if not _explicit_empty_list(top.get("nodes")):
+            # Missing, or `nodes:` with nothing after it (a file cut short).
+            at = _child(root, "nodes") or root
+            raise r.error(
+                at, "nodes", "no nodes declared; write `nodes: []` to serve no nodes on purpose"
+            )
+        notes.append(f"{where['nodes']}: nodes: [] given: serving no nodes")
+    elif _explicit_empty_list(top.get("workloads")):
+        notes.append(f"{where['workloads']}: workloads: [] given: serving no workloads")
+    count = Counter(w.node for _, w in workloads)
+    for i, (n, s) in enumerate(nodes):
+        if s.allow_empty and count[s.name]:
+            # A stale flag would let a later edit (or a truncation) empty the node unseen.
+            raise r.error(
+                _child(n, "allowEmpty") or n,
+                f"nodes[{i}].allowEmpty",
+                f"node {s.name} has {count[s.name]} workload(s); "
+                "remove allowEmpty (it is only for a node left without workloads)",
+            )
+    return tuple(notes)
+
+
+def _check_pod_ranges_apart(r: _Reader, nodes: list[tuple[yaml.Node, NodeSpec]]) -> None:
+    seen: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+    for i, (n, s) in enumerate(nodes):
+        for j, cidr in enumerate(s.pod_cidrs):
+            net = ipaddress.ip_network(cidr)
+            for other, owner in seen:
+                if net.version == other.version and net.overlaps(other):
+                    ranges = _child(n, "podCIDRs")
+                    at = ranges.value[j] if isinstance(ranges, yaml.SequenceNode) else n
+                    raise r.error(
+                        at, f"nodes[{i}].podCIDRs[{j}]", f"{cidr} overlaps {owner}'s {other}"
+                    )
+            seen.append((net, s.name))
+
+
+def _check_in_pod_range(
+    r: _Reader, node: yaml.Node, path: str, w: WorkloadSpec, nodes: Mapping[str, NodeSpec]
+) -> None:
+    """Every IP of a workload lies in its node's pod ranges, when the node has them."""
+    ranges = nodes[w.node].pod_cidrs
+    if not ranges:
+        return
+    for j, ip in enumerate(w.ips):
+        addr = ipaddress.ip_address(ip)
+        if any(addr in ipaddress.ip_network(c) for c in ranges):
+            continue
+        ips = _child(node, "ips")
+        if isinstance(ips, yaml.SequenceNode):
+            at, field_path = ips.value[j], f"{path}.ips[{j}]"
+        else:
+            at, field_path = _child(node, "ip") or node, f"{path}.ip"
+        owner = next(
+            (
+                s.name
+                for s in nodes.values()
+                if any(addr in ipaddress.ip_network(c) for c in s.pod_cidrs)
+            ),
+            None,
+        )
+        elsewhere = f"; it is in {owner}'s range" if owner else ""
+        raise r.error(
+            at,
+            field_path,
+            f"{ip} is outside the pod range of node {w.node} ({', '.join(ranges)}){elsewhere}",
+        )
+
+
+def check_reload(old: MeshConfig, new: MeshConfig, connected: Collection[str]) -> tuple[str, ...]:
+    """Refuse (MeshError) an edit that takes every workload away from a node whose
+    agent is connected, unless the new file says so (`allowEmpty: true` on the
+    node, or `workloads: []`); return a note per node emptied on purpose."""
+    before = Counter(w.node for w in old.workloads)
+    after = Counter(w.node for w in new.workloads)
+    index = {s.name: (i, s) for i, s in enumerate(new.nodes)}
+    notes: list[str] = []
+    for name in sorted(connected):
+        if not before[name] or after[name]:
+            continue
+        gone = _names(w.key for w in old.workloads if w.node == name)
+        lost = f"{before[name]} workload(s) before: {gone}"
+        if new.workloads_explicitly_empty:
+            notes.append(
+                f"{new.locate('workloads')}: workloads: [] given: node {name} (agent connected) "
+                f"loses every workload ({lost})"
+            )
+            continue
+        if name not in index:
+            raise MeshError(
+                f"{new.locate('nodes')}: nodes: this edit removes node {name} and every workload "
+                f"on it ({lost}) while its agent is connected; keep the node with "
+                "`allowEmpty: true` and no workloads first, or stop its agent"
+            )
+        i, spec = index[name]
+        if not spec.allow_empty:
+            raise MeshError(
+                f"{spec.where or new.locate('nodes')}: nodes[{i}]: this edit removes every "
+                f"workload of node {name} ({lost}) while its agent is connected; add "
+                "`allowEmpty: true` to the node if that is intended"
+            )
+        notes.append(
+            f"{spec.where}: nodes[{i}].allowEmpty: node {name} (agent connected) is left "
+            f"without workloads on purpose ({lost})"
+        )
+    return tuple(notes)
+
+
+def _names(keys: Iterable[str], limit: int = 3) -> str:
+    items = sorted(keys)
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _check_unique(
@@ -383,9 +564,22 @@ def _check_unique(
 
 
 def _node(r: _Reader, node: yaml.Node, path: str) -> NodeSpec:
-    m = r.mapping(node, path, ("name", "token"), ())
+    m = r.mapping(node, path, ("name", "token"), ("podCIDRs", "allowEmpty"))
+    cidrs: tuple[str, ...] = ()
+    if "podCIDRs" in m:
+        seq = r.sequence(m["podCIDRs"], f"{path}.podCIDRs")
+        if not seq:
+            raise r.error(
+                m["podCIDRs"], f"{path}.podCIDRs", "must not be empty (leave it out instead)"
+            )
+        cidrs = tuple(r.cidr(n, f"{path}.podCIDRs[{i}]") for i, n in enumerate(seq))
+    allow_empty = "allowEmpty" in m and r.boolean(m["allowEmpty"], f"{path}.allowEmpty")
     return NodeSpec(
-        name=r.string(m["name"], f"{path}.name"), token=r.string(m["token"], f"{path}.token")
+        name=r.string(m["name"], f"{path}.name"),
+        token=r.string(m["token"], f"{path}.token"),
+        pod_cidrs=cidrs,
+        allow_empty=allow_empty,
+        where=r.where(node),
     )
 
 

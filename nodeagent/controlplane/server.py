@@ -3,8 +3,11 @@
 `ControlPlaneServer` loads the mesh file, serves its resources over
 `DeltaAggregatedResources`, polls the file and pushes changes to every
 connected stream. A bad edit is logged and refused; the last good mesh keeps
-being served. Other services (the CA) register on the same gRPC server through
-`extra_servicers` and read the current mesh through `mesh_store`.
+being served. So is an edit that would take every workload away from a node
+whose agent is connected (a truncated file, typically), unless the file says
+so explicitly (see mesh.check_reload). Other services (the CA) register on the
+same gRPC server through `extra_servicers` and read the current mesh through
+`mesh_store`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2, json_format
 
-from nodeagent.controlplane.mesh import MeshConfig, MeshError, load_mesh
+from nodeagent.controlplane.mesh import MeshConfig, MeshError, check_reload, load_mesh
 from nodeagent.controlplane.resources import Snapshot, VersionedResource, build_snapshot, versioned
 from nodeagent.controlplane.stream import DeltaStreamCore, StreamRequest, StreamResponse
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
@@ -91,12 +94,23 @@ class MeshStore:
 
 
 class MeshFileWatcher:
-    """Polls a mesh file's mtime and size; reloads it into a MeshStore."""
+    """Polls a mesh file's mtime and size; reloads it into a MeshStore.
 
-    def __init__(self, path: Path, store: MeshStore, interval: float = POLL_INTERVAL) -> None:
+    `connected_nodes` names the nodes whose agents have a stream open now: an
+    edit may not leave one of them without workloads unless it says so.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        store: MeshStore,
+        interval: float = POLL_INTERVAL,
+        connected_nodes: Callable[[], Collection[str]] = frozenset,
+    ) -> None:
         self._path = path
         self._store = store
         self._interval = interval
+        self._connected_nodes = connected_nodes
         self._stamp = self._stat()
         self.last_error: str | None = None
         self.reloads = 0
@@ -115,21 +129,32 @@ class MeshFileWatcher:
         self._stamp = stamp
         return True
 
+    def _refuse(self, error: MeshError) -> None:
+        self.last_error = str(error)
+        log.error("mesh file refused, still serving the last good one: %s", error)
+
     def _load(self) -> tuple[MeshConfig, Snapshot] | None:
         try:
             mesh = load_mesh(self._path)
         except MeshError as e:
-            self.last_error = str(e)
-            log.error("mesh file refused, still serving the last good one: %s", e)
+            self._refuse(e)
             return None
         return mesh, build_snapshot(mesh)
 
     def _apply(self, loaded: tuple[MeshConfig, Snapshot] | None) -> bool:
         if loaded is None:
             return False
+        # On the loop, right before the swap: the connected nodes are current.
+        try:
+            notes = check_reload(self._store.mesh, loaded[0], self._connected_nodes())
+        except MeshError as e:
+            self._refuse(e)
+            return False
         self.last_error = None
         self.reloads += 1
         self._store.replace(*loaded)
+        for note in (*loaded[0].notes, *notes):
+            log.warning("mesh file accepted as written: %s", note)
         log.info("mesh file %s reloaded", self._path)
         return True
 
@@ -185,6 +210,12 @@ class StreamInfo:
     initial_resource_versions: dict[str, dict[str, str]] = field(default_factory=dict)
     nacks: list[str] = field(default_factory=list)
 
+    @property
+    def node(self) -> str | None:
+        """The node this client runs on: its token's, else the NODE_NAME it sent."""
+        claimed = self.node_metadata.get("NODE_NAME")
+        return self.token_node or (claimed if isinstance(claimed, str) and claimed else None)
+
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """DeltaAggregatedResources over a MeshStore; one DeltaStreamCore per stream."""
@@ -195,8 +226,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.active_streams = 0
         self.streams: list[StreamInfo] = []
         """Every stream opened, oldest first (bounded)."""
+        self.open_streams: list[StreamInfo] = []
+        """The streams open now."""
         self.stream_tasks: set[asyncio.Task[Any]] = set()
         """gRPC's task for each open stream; stop() waits for them to finish."""
+
+    def connected_nodes(self) -> set[str]:
+        """Nodes with an agent's stream open now (what a reload may not empty)."""
+        return {node for info in self.open_streams if (node := info.node) is not None}
 
     async def DeltaAggregatedResources(
         self,
@@ -265,6 +302,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         unsubscribe = self._store.subscribe(on_snapshot)
         reader = asyncio.create_task(read(), name=f"ads-read-{peer}")
         self.active_streams += 1
+        self.open_streams.append(info)
         try:
             while (item := await outbox.get()) is not None:
                 yield _to_response(item)
@@ -272,6 +310,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             await reader
         finally:
             self.active_streams -= 1
+            self.open_streams = [i for i in self.open_streams if i is not info]
             unsubscribe()
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -299,8 +338,12 @@ class ControlPlaneServer:
         self._options = dict(options or {})
         # A bad file at start is an error for the caller (nothing good to serve).
         self.mesh_store = MeshStore(load_mesh(self._mesh_path))
-        self.watcher = MeshFileWatcher(self._mesh_path, self.mesh_store, poll_interval)
+        for note in self.mesh_store.mesh.notes:
+            log.warning("mesh file accepted as written: %s", note)
         self.servicer = AdsServicer(self.mesh_store, require_token=require_token)
+        self.watcher = MeshFileWatcher(
+            self._mesh_path, self.mesh_store, poll_interval, self.servicer.connected_nodes
+        )
         self._server: grpc.aio.Server | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.port = 0

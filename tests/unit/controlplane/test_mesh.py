@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.controlplane.mesh import MeshError, load_mesh, parse_mesh
+from nodeagent.controlplane.mesh import MeshError, check_reload, load_mesh, parse_mesh
 from nodeagent.controlplane.resources import build_snapshot
 from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
 from nodeagent.model.identity import Identity
@@ -158,11 +158,53 @@ def test_ca_lookups_map_token_to_node_and_node_to_identities() -> None:
     assert mesh.identities_on_node("node3") == set()
 
 
-def test_empty_file_is_an_empty_mesh() -> None:
-    assert parse_mesh("").workloads == ()
+@pytest.mark.parametrize(
+    ("text", "line", "expected"),
+    [
+        # A truncated file (`: > mesh.yaml`) would take every pod out of the mesh.
+        ("", 1, "nodes: the file is empty (truncated?); write `nodes: []`"),
+        ("# only a comment\n\n", 1, "nodes: the file is empty"),
+        ("meshConfig: {trustDomain: x}\n", 1, "nodes: no nodes declared; write `nodes: []`"),
+        ("meshConfig: {trustDomain: x}\nnodes:\n", 2, "nodes: no nodes declared"),
+    ],
+)
+def test_an_empty_file_or_one_without_nodes_is_refused(text: str, line: int, expected: str) -> None:
+    with pytest.raises(MeshError) as err:
+        parse_mesh(text, "mesh.yaml")
+    assert str(err.value).startswith(f"mesh.yaml:{line}:"), err.value
+    assert expected in str(err.value)
+
+
+def test_emptiness_written_out_is_accepted_with_a_note() -> None:
+    nothing = parse_mesh("nodes: []\n", "mesh.yaml")
+    assert nothing.nodes == () and nothing.workloads == ()
+    assert nothing.notes == ("mesh.yaml:1:1: nodes: [] given: serving no nodes",)
+    idle = parse_mesh("nodes: [{name: n1, token: t}]\nworkloads: []\n", "mesh.yaml")
+    assert idle.workloads_explicitly_empty
+    assert idle.notes == ("mesh.yaml:2:1: workloads: [] given: serving no workloads",)
+    # Leaving the section out is no statement at all: no note, no licence.
+    quiet = parse_mesh("nodes: [{name: n1, token: t}]\n", "mesh.yaml")
+    assert not quiet.workloads_explicitly_empty and quiet.notes == ()
+
+
+def test_pod_ranges_place_each_workload_on_its_node() -> None:
+    mesh = parse_mesh(
+        "nodes:\n"
+        "- {name: n1, token: t1, podCIDRs: [10.10.1.0/24, 'fd00:1::/64']}\n"
+        "- {name: n2, token: t2, allowEmpty: true}\n"
+        "workloads:\n"
+        "- {name: a, node: n1, ips: [10.10.1.11, 'fd00:1::11']}\n"
+    )
+    assert mesh.nodes[0].pod_cidrs == ("10.10.1.0/24", "fd00:1::/64")
+    assert mesh.nodes[1].allow_empty and not mesh.nodes[0].allow_empty
+    assert mesh.nodes[1].pod_cidrs == ()  # no ranges: its workloads are not checked
 
 
 BASE = "nodes: [{name: n1, token: t}]\n"
+RANGES = (
+    "nodes:\n- {name: n1, token: t1, podCIDRs: [10.10.1.0/24]}\n"
+    "- {name: n2, token: t2, podCIDRs: [10.10.2.0/24]}\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -242,6 +284,43 @@ BASE = "nodes: [{name: n1, token: t}]\n"
             "source.ipBlocks[0]: '10.0.0.0/33' is not an IP address or CIDR",
         ),
         ("meshConfig: {trustDomain: 5}\n", 1, "meshConfig.trustDomain: expected a string, got int"),
+        (
+            RANGES + "workloads:\n- {name: a, node: n1, ip: 10.10.9.11}\n",
+            5,
+            "workloads[0].ip: 10.10.9.11 is outside the pod range of node n1 (10.10.1.0/24)",
+        ),
+        (
+            RANGES + "workloads:\n- name: a\n  node: n1\n  ips: [10.10.1.11, 10.10.2.11]\n",
+            7,
+            "workloads[0].ips[1]: 10.10.2.11 is outside the pod range of node n1 "
+            "(10.10.1.0/24); it is in n2's range",
+        ),
+        (
+            RANGES.replace("10.10.2.0/24", "10.10.0.0/16"),
+            3,
+            "nodes[1].podCIDRs[0]: 10.10.0.0/16 overlaps n1's 10.10.1.0/24",
+        ),
+        (
+            "nodes:\n- {name: n1, token: t, podCIDRs: []}\n",
+            2,
+            "nodes[0].podCIDRs: must not be empty",
+        ),
+        (
+            "nodes:\n- {name: n1, token: t, podCIDRs: [10.10.1.0/33]}\n",
+            2,
+            "nodes[0].podCIDRs[0]: '10.10.1.0/33' is not an IP address or CIDR",
+        ),
+        (
+            "nodes:\n- {name: n1, token: t, allowEmpty: 'yes please'}\n",
+            2,
+            "nodes[0].allowEmpty: expected true or false",
+        ),
+        (
+            "nodes:\n- {name: n1, token: t,\n   allowEmpty: true}\n"
+            "workloads: [{name: a, node: n1, ip: 10.0.0.1}]\n",
+            3,
+            "nodes[0].allowEmpty: node n1 has 1 workload(s); remove allowEmpty",
+        ),
     ],
 )
 def test_bad_input_is_refused_naming_file_line_and_field(
@@ -257,3 +336,66 @@ def test_bad_input_is_refused_naming_file_line_and_field(
 def test_load_mesh_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(MeshError, match=r"missing\.yaml: cannot read"):
         load_mesh(tmp_path / "missing.yaml")
+
+
+# -- check_reload: what a running server refuses on top of the file's own rules ---------
+
+TWO_NODES = textwrap.dedent(
+    """\
+    nodes:
+    - {name: node1, token: t1}
+    - {name: node2, token: t2}
+    workloads:
+    - {name: a, namespace: shop, node: node1, ip: 10.1.0.1}
+    - {name: b, namespace: shop, node: node1, ip: 10.1.0.2}
+    - {name: c, namespace: shop, node: node2, ip: 10.2.0.1}
+    """
+)
+NODE1_EMPTIED = TWO_NODES.replace(
+    "- {name: a, namespace: shop, node: node1, ip: 10.1.0.1}\n"
+    "- {name: b, namespace: shop, node: node1, ip: 10.1.0.2}\n",
+    "",
+)
+
+
+def test_reload_may_not_empty_a_node_whose_agent_is_connected() -> None:
+    old, new = parse_mesh(TWO_NODES, "m.yaml"), parse_mesh(NODE1_EMPTIED, "m.yaml")
+    with pytest.raises(MeshError) as err:
+        check_reload(old, new, {"node1", "node2"})
+    assert str(err.value) == (
+        "m.yaml:2:3: nodes[0]: this edit removes every workload of node node1 "
+        "(2 workload(s) before: shop/a, shop/b) while its agent is connected; "
+        "add `allowEmpty: true` to the node if that is intended"
+    )
+    # No agent on node1: nothing is taken from a running node.
+    assert check_reload(old, new, {"node2"}) == ()
+    # A node that had no workloads before is not being emptied by this edit.
+    assert check_reload(new, new, {"node1"}) == ()
+
+
+def test_reload_empties_a_connected_node_when_the_file_says_so() -> None:
+    old = parse_mesh(TWO_NODES, "m.yaml")
+    flagged = parse_mesh(
+        NODE1_EMPTIED.replace("token: t1}", "token: t1, allowEmpty: true}"), "m.yaml"
+    )
+    assert check_reload(old, flagged, {"node1"}) == (
+        "m.yaml:2:3: nodes[0].allowEmpty: node node1 (agent connected) is left without "
+        "workloads on purpose (2 workload(s) before: shop/a, shop/b)",
+    )
+    cleared = parse_mesh(TWO_NODES.split("workloads:")[0] + "workloads: []\n", "m.yaml")
+    notes = check_reload(old, cleared, {"node1", "node2"})
+    assert [n.split(": node ")[1].split(" ")[0] for n in notes] == ["node1", "node2"]
+    assert all(n.startswith("m.yaml:4:1: workloads: [] given") for n in notes)
+
+
+def test_reload_may_not_drop_a_connected_node_with_its_workloads() -> None:
+    old = parse_mesh(TWO_NODES, "m.yaml")
+    without_node2 = parse_mesh(
+        TWO_NODES.replace("- {name: node2, token: t2}\n", "").replace(
+            "- {name: c, namespace: shop, node: node2, ip: 10.2.0.1}\n", ""
+        ),
+        "m.yaml",
+    )
+    with pytest.raises(MeshError, match=r"^m\.yaml:1:1: nodes: this edit removes node node2 "):
+        check_reload(old, without_node2, {"node2"})
+    assert check_reload(old, without_node2, {"node1"}) == ()

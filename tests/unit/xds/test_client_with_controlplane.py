@@ -139,7 +139,8 @@ async def test_mesh_edit_pushes_update_and_removal(tmp_path: Path) -> None:
         edited = MESH.replace("ip: 10.1.0.2", "ip: 10.1.0.22").replace(
             "- metadata: {name: allow-web", "- metadata: {name: allow-web2"
         )
-        edited = edited.replace(WORKLOAD_A, "")
+        # a is node1's only workload and node1's agent is connected: say it is meant.
+        edited = edited.replace(WORKLOAD_A, "").replace("tok-1}", "tok-1, allowEmpty: true}")
         mesh.write(edited)
         await wait_until(lambda: store.workload(UID_A) is None, "workload a removed")
         await wait_until(lambda: store.policy("shop/allow-web2") is not None, "policy renamed")
