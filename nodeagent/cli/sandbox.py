@@ -79,13 +79,20 @@ def register(subparsers: Any) -> None:
         description="Merge FILE (mesh-file YAML with workloads, services and/or "
         "authorizationPolicies; see docs/mesh-file.md) into the sandbox's mesh file: a "
         "resource with the same kind, namespace and name is replaced, others are added. "
-        "The file is validated first; a bad one changes nothing. The control plane "
-        "pushes the change to connected agents.",
+        "The file is validated first; a bad one changes nothing. A workload named like "
+        "one the sandbox has, at another IP or on another node, is another pod and is "
+        "refused unless --replace. A node whose last workload goes is marked "
+        "`allowEmpty: true`. The control plane pushes the change to connected agents.",
     )
     apply.add_argument("name")
     apply.add_argument("file", metavar="FILE")
     apply.add_argument(
         "--delete", action="store_true", help="remove FILE's resources (by name) instead"
+    )
+    apply.add_argument(
+        "--replace",
+        action="store_true",
+        help="let a workload keep its name at another IP or node (replace that pod)",
     )
     apply.set_defaults(func=cmd_apply)
 
@@ -132,7 +139,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise CliError(f"{args.file}: not a text (UTF-8) file") from None
     with _manager() as m:
         try:
-            summary = m.apply(args.name, text, args.file, validate_mesh, delete=args.delete)
+            summary = m.apply(
+                args.name, text, args.file, validate_mesh, delete=args.delete, replace=args.replace
+            )
         except SandboxError as exc:
             raise CliError(str(exc)) from None
     print(f"sandbox {args.name}: {args.file}: {summary.describe()}")
@@ -143,10 +152,16 @@ def controlplane_line(cp: dict[str, Any]) -> str:
     serves = cp.get("serves") or {}
     counts = ", ".join(f"{n} {k}" for k, n in serves.items() if k != "nodes")
     pid = cp["pid"] if cp["pid"] is not None else "NOT RUNNING"
-    return (
+    line = (
         f"control plane {cp['address']} (pid {pid}, in {cp['netns']}): "
         f"{counts or 'mesh file unreadable'}; mesh file {cp['mesh_file']}, log {cp['log']}"
     )
+    if cp.get("mesh_error"):
+        line += (
+            f"\nmesh file refused (the control plane keeps serving its last good one): "
+            f"{cp['mesh_error']}"
+        )
+    return line
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -240,12 +240,17 @@ class SandboxManager:
             return None
         view = {"address": info.get("address"), "mesh_file": info.get("mesh_file")}
         view.update(proc_view(record))
+        mesh_file = str(info.get("mesh_file"))
         try:
-            text = Path(str(info.get("mesh_file"))).read_text()
-        except OSError:
-            return view
-        # Counts read back from the file: they include what `apply` added.
-        view["serves"] = mesh_mod.counts(mesh_mod.load_mesh_dict(text))
+            # Counts read back from the file: they include what `apply` added.
+            view["serves"] = mesh_mod.counts(
+                mesh_mod.load_mesh_dict(Path(mesh_file).read_text(), mesh_file)
+            )
+        except OSError as exc:
+            view["mesh_error"] = f"{mesh_file}: cannot read: {exc.strerror or exc}"
+        except ApplyError as exc:
+            # The control plane refuses such a file too, and keeps serving its last good one.
+            view["mesh_error"] = str(exc)
         return view
 
     def resolve_netns(self, name: str, target: str) -> str:
@@ -524,12 +529,14 @@ class SandboxManager:
         validate: MeshValidator,
         *,
         delete: bool = False,
+        replace: bool = False,
     ) -> MergeSummary:
         """Merge a user's resources into the sandbox's mesh file (or remove them).
 
         The user's file is checked on its own first (errors name its lines),
         then the merged mesh; the mesh file is replaced atomically only if both
         pass, and the control plane, which watches it, pushes the change.
+        `replace` lets a workload keep its name at another IP or node.
         """
         state, plan = self.load(name)
         info = state.extra.get(CONTROLPLANE_KIND)
@@ -540,19 +547,25 @@ class SandboxManager:
         try:
             user = mesh_mod.parse_user_file(text, source)
             if not delete:  # a deletion needs only names
-                validate(mesh_mod.standalone_text(text, [n.name for n in plan.nodes]), source)
+                validate(mesh_mod.standalone_text(text, plan), source)
         except ValueError as exc:
             raise SandboxError(str(exc)) from None
         mesh_file = Path(str(info["mesh_file"]))
         with self.store.locked(name):
             try:
-                current = mesh_mod.load_mesh_dict(mesh_file.read_text())
+                current = mesh_mod.load_mesh_dict(mesh_file.read_text(), str(mesh_file))
             except OSError as exc:
                 raise SandboxError(f"cannot read the sandbox's mesh file: {exc}") from None
-            try:
-                merged, summary = mesh_mod.merge_resources(current, user, delete=delete)
             except ApplyError as exc:
-                raise SandboxError(f"{source}: {exc}") from None
+                raise SandboxError(
+                    f"{exc} (sandbox {name}'s mesh file; nothing applied: fix or restore it)"
+                ) from None
+            try:
+                merged, summary = mesh_mod.merge_resources(
+                    current, user, delete=delete, replace=replace
+                )
+            except ApplyError as exc:
+                raise SandboxError(str(exc)) from None
             new_text = mesh_mod.dump_mesh(merged)
             try:
                 validate(new_text, str(mesh_file))

@@ -3,7 +3,9 @@
 `build_mesh` turns a SandboxPlan (and one bearer token per node) into the dict
 that `nodeagent controlplane --mesh` reads (schema: docs/mesh-file.md):
 
-* one node per sandbox node, with its token (the agent on that node presents it);
+* one node per sandbox node, with its token (the agent on that node presents it)
+  and its pod range as `podCIDRs` (so the control plane refuses a workload IP
+  the node cannot have);
 * one workload per pod in namespace ``demo``: its node, IP, service account and
   labels ``app=<pod>``, ``role=<service account>`` (frontend|backend) and
   ``sandbox=<NAME>``;
@@ -14,21 +16,27 @@ that `nodeagent controlplane --mesh` reads (schema: docs/mesh-file.md):
 
 `parse_user_file` and `merge_resources` implement `sandbox apply`: a user's
 YAML adds, replaces (same kind, namespace and name) or, with delete, removes
-workloads, services and authorization policies. Whole-file validation is the
+workloads, services and authorization policies. A workload of the same name at
+another address or on another node is a different pod, refused unless `replace`
+says so. A node left without workloads is marked `allowEmpty: true` (and the
+mark goes again when it has some), so the control plane accepts that the pods
+the user deleted by name leave the mesh. Whole-file validation is the
 control plane's job; the manager runs its validator (injected) on the result.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
+from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml, load_yaml
 from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, SandboxPlan
 
 TRUST_DOMAIN = "cluster.local"
@@ -43,7 +51,6 @@ _KINDS = {"workloads": "workload", "services": "service", "authorizationPolicies
 _OWNED_SECTIONS = ("meshConfig", "nodes")
 DEFAULT_NAMESPACE = "default"  # the mesh file's default (docs/mesh-file.md)
 
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 MESH_HEADER = (
@@ -61,6 +68,11 @@ def new_tokens(plan: SandboxPlan) -> dict[str, str]:
     return {n.name: secrets.token_urlsafe(24) for n in plan.nodes}
 
 
+def node_entries(plan: SandboxPlan, tokens: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The mesh file's `nodes`: name, token and pod range of each sandbox node."""
+    return [{"name": n.name, "token": tokens[n.name], "podCIDRs": [n.pod_cidr]} for n in plan.nodes]
+
+
 def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
     """The mesh file for `plan`; `tokens` maps every node name to its token."""
     missing = [n.name for n in plan.nodes if not tokens.get(n.name)]
@@ -68,7 +80,7 @@ def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
         raise ValueError(f"no token for node(s) {', '.join(missing)}")
     return {
         "meshConfig": {"trustDomain": TRUST_DOMAIN},
-        "nodes": [{"name": n.name, "token": tokens[n.name]} for n in plan.nodes],
+        "nodes": node_entries(plan, tokens),
         "workloads": [
             {
                 "name": p.name,
@@ -104,10 +116,18 @@ def dump_mesh(mesh: Mapping[str, Any]) -> str:
     return MESH_HEADER + yaml.dump(dict(mesh), Dumper=_DUMPER, sort_keys=False)
 
 
-def load_mesh_dict(text: str) -> dict[str, Any]:
-    """The sandbox's own mesh file as a dict (it was validated when written)."""
-    data = yaml.load(text, Loader=_LOADER)
-    return data if isinstance(data, dict) else {}
+def load_mesh_dict(text: str, source: str) -> dict[str, Any]:
+    """The sandbox's own mesh file as a dict, or ApplyError naming file, line and
+    column: the sandbox writes it validated, but anyone may edit it since."""
+    try:
+        data = load_yaml(text, source)
+    except YamlSyntaxError as e:
+        raise ApplyError(str(e)) from None
+    if data is None:
+        raise ApplyError(f"{source}:1:1: nodes: the file is empty (truncated?)")
+    if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
+        raise ApplyError(f"{source}:1:1: nodes: missing; this is not a sandbox's mesh file")
+    return data
 
 
 def resource_key(section: str, item: Any) -> tuple[str, str, str] | None:
@@ -125,7 +145,16 @@ def _where(source: str, node: yaml.Node) -> str:
     return f"{source}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
 
 
-def parse_user_file(text: str, source: str) -> dict[str, list[Any]]:
+@dataclass(frozen=True)
+class UserFile:
+    """The sections of an apply file, and where each resource is in it."""
+
+    sections: dict[str, list[Any]]
+    where: dict[tuple[str, int], str] = field(default_factory=dict)
+    """(section, index) -> `FILE:LINE:COL` of that resource."""
+
+
+def parse_user_file(text: str, source: str) -> UserFile:
     """The sections of an apply file, or ApplyError naming file, line and field.
 
     Only the shape `apply` relies on is checked here (known sections, lists of
@@ -133,20 +162,17 @@ def parse_user_file(text: str, source: str) -> dict[str, list[Any]]:
     validator (see `standalone_text`).
     """
     try:
-        root = yaml.compose(text, Loader=_LOADER)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ApplyError(
-            f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}"
-        ) from None
+        root = compose_yaml(text, source)
+        data = load_yaml(text, source)
+    except YamlSyntaxError as e:
+        raise ApplyError(str(e)) from None
     if root is None:
         raise ApplyError(f"{source}: the file is empty (expected {', '.join(APPLY_SECTIONS)})")
     if not isinstance(root, yaml.MappingNode):
         raise ApplyError(
             f"{_where(source, root)}: expected a mapping of {', '.join(APPLY_SECTIONS)}"
         )
-    data = yaml.load(text, Loader=_LOADER)
+    where: dict[tuple[str, int], str] = {}
     for key_node, value_node in root.value:
         key = key_node.value
         if key in _OWNED_SECTIONS:
@@ -163,22 +189,29 @@ def parse_user_file(text: str, source: str) -> dict[str, list[Any]]:
             raise ApplyError(f"{_where(source, value_node)}: {key}: expected a list")
         for i, (item_node, item) in enumerate(zip(value_node.value, data[key], strict=True)):
             if resource_key(key, item) is None:
-                field = "metadata.name" if key == "authorizationPolicies" else "name"
-                raise ApplyError(f"{_where(source, item_node)}: {key}[{i}].{field}: required")
-    return {k: list(v) for k, v in data.items()}
+                name = "metadata.name" if key == "authorizationPolicies" else "name"
+                raise ApplyError(f"{_where(source, item_node)}: {key}[{i}].{name}: required")
+            where[(key, i)] = _where(source, item_node)
+    return UserFile({k: list(v) for k, v in data.items()}, where)
 
 
-def standalone_text(text: str, node_names: list[str]) -> str:
+def standalone_text(text: str, plan: SandboxPlan) -> str:
     """`text` made a complete mesh file, with the user's lines where they were.
 
     The user's workloads name sandbox nodes, which the file itself does not
-    declare; a `nodes` section is appended (never prepended) so that the
-    validator's line numbers are the user's own.
+    declare; the sandbox's `nodes` (with their pod ranges, without their tokens)
+    are added after the user's text (never before it) so that the validator's
+    line numbers are the user's own. Call it on a text parse_user_file accepted.
     """
-    root = yaml.compose(text, Loader=_LOADER)
+    nodes = node_entries(plan, {n.name: f"validation-only-{n.name}" for n in plan.nodes})
+    root = compose_yaml(text, "<apply>")
     if isinstance(root, yaml.MappingNode) and root.flow_style:
-        return text  # `{...}` cannot take another block key; its workloads must not name nodes
-    nodes = [{"name": n, "token": f"validation-only-{n}"} for n in node_names]
+        # `{...}` takes no block key after it: the nodes go in just before its `}`.
+        close = root.end_mark.index - 1
+        inside = text[root.start_mark.index + 1 : close].strip()
+        entry = yaml.dump({"nodes": nodes}, Dumper=_DUMPER, default_flow_style=True, width=1 << 30)
+        sep = ", " if inside and not inside.endswith(",") else " "
+        return f"{text[:close]}{sep}{entry.strip()[1:-1]}{text[close:]}"
     tail = yaml.dump({"nodes": nodes}, Dumper=_DUMPER, sort_keys=False)
     return text + ("" if text.endswith("\n") else "\n") + tail
 
@@ -189,6 +222,7 @@ class MergeSummary:
     replaced: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()  # asked to delete, but not there
+    emptied: tuple[str, ...] = ()  # nodes left without workloads (marked allowEmpty)
 
     def describe(self) -> str:
         parts = [
@@ -201,6 +235,8 @@ class MergeSummary:
             )
             if items
         ]
+        if self.emptied:
+            parts.append(f"no workloads left on {', '.join(self.emptied)} (allowEmpty set)")
         return "; ".join(parts) or "nothing to change"
 
 
@@ -209,10 +245,66 @@ def _label(key: tuple[str, str, str]) -> str:
     return f"{kind} {namespace}/{name}"
 
 
+def _addresses(workload: Mapping[str, Any]) -> tuple[str, ...]:
+    """A workload entry's IPs, normalized (`ip` or `ips`), for comparison."""
+    raw = [workload["ip"]] if "ip" in workload else list(workload.get("ips") or [])
+    out = []
+    for ip in raw:
+        try:
+            out.append(str(ipaddress.ip_address(str(ip))))
+        except ValueError:
+            out.append(str(ip))
+    return tuple(sorted(out))
+
+
+def _placement(workload: Mapping[str, Any]) -> str:
+    return f"{', '.join(_addresses(workload)) or 'no address'} on {workload.get('node')}"
+
+
+def _check_same_pod(old: Mapping[str, Any], new: Mapping[str, Any], where: str, path: str) -> None:
+    """A workload replaced under its name must stay the pod it was: same IPs, same node."""
+    if _addresses(old) == _addresses(new) and old.get("node") == new.get("node"):
+        return
+    name = f"{new.get('namespace', DEFAULT_NAMESPACE)}/{new['name']}"
+    if _addresses(old) != _addresses(new):
+        path += ".ips" if "ips" in new else ".ip"
+    else:
+        path += ".node"
+    raise ApplyError(
+        f"{where}: {path}: workload {name} is {_placement(old)} in the sandbox, this file "
+        f"puts it at {_placement(new)}: that is another pod; give it another name, or pass "
+        "--replace to replace it"
+    )
+
+
+def mark_empty_nodes(mesh: dict[str, Any]) -> tuple[str, ...]:
+    """Set `allowEmpty: true` on nodes without workloads and remove it from the others
+    (the control plane refuses a stale one); return the nodes newly marked."""
+    used = {w.get("node") for w in mesh.get("workloads") or [] if isinstance(w, dict)}
+    marked = []
+    for node in mesh.get("nodes") or []:
+        if not isinstance(node, dict):
+            continue
+        if node.get("name") in used:
+            node.pop("allowEmpty", None)
+        elif node.get("allowEmpty") is not True:
+            node["allowEmpty"] = True
+            marked.append(str(node.get("name")))
+    return tuple(marked)
+
+
 def merge_resources(
-    mesh: Mapping[str, Any], user: Mapping[str, list[Any]], *, delete: bool = False
+    mesh: Mapping[str, Any],
+    user: UserFile,
+    *,
+    delete: bool = False,
+    replace: bool = False,
 ) -> tuple[dict[str, Any], MergeSummary]:
-    """`mesh` with the user's resources upserted (or, with delete, removed)."""
+    """`mesh` with the user's resources upserted (or, with delete, removed).
+
+    Raises ApplyError when a workload would be replaced by another pod under
+    the same name (another IP or node), unless `replace`.
+    """
     merged = copy.deepcopy(dict(mesh))
     added: list[str] = []
     replaced: list[str] = []
@@ -220,10 +312,11 @@ def merge_resources(
     missing: list[str] = []
     for section in APPLY_SECTIONS:
         current = list(merged.get(section) or [])
-        for item in user.get(section) or []:
+        for index, item in enumerate(user.sections.get(section) or []):
             key = resource_key(section, item)
+            where = user.where.get((section, index), "<apply>")
             if key is None:
-                raise ApplyError(f"{section}: a resource without a name")
+                raise ApplyError(f"{where}: {section}[{index}]: a resource without a name")
             at = next((i for i, c in enumerate(current) if resource_key(section, c) == key), None)
             if delete:
                 if at is None:
@@ -235,10 +328,15 @@ def merge_resources(
                 current.append(copy.deepcopy(item))
                 added.append(_label(key))
             else:
+                if section == "workloads" and not replace:
+                    _check_same_pod(current[at], item, where, f"{section}[{index}]")
                 current[at] = copy.deepcopy(item)
                 replaced.append(_label(key))
         merged[section] = current
-    summary = MergeSummary(tuple(added), tuple(replaced), tuple(deleted), tuple(missing))
+    emptied = mark_empty_nodes(merged)
+    summary = MergeSummary(
+        tuple(added), tuple(replaced), tuple(deleted), tuple(missing), emptied=emptied
+    )
     return merged, summary
 
 

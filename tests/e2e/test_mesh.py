@@ -400,20 +400,21 @@ def test_half_close_still_reads_the_whole_reply(mesh: Mesh, src: str, ip: str) -
 
 GHOST = """\
 workloads:
-- {name: e2e-ghost, namespace: demo, node: node2, ip: 172.30.0.12, serviceAccount: backend}
+- {name: e2e-ghost, namespace: demo, node: node2, ip: 10.10.2.1, serviceAccount: backend}
 """
 
 
 def test_tunnel_that_cannot_open_is_counted_with_the_connect_flag(mesh: Mesh) -> None:
-    # A mesh workload at node2's own address: nothing listens on 15008 there, so the
-    # HBONE tunnel is refused; the source agent reports the connection as CONNECT.
+    # A mesh workload at node2's own pod gateway address (inside node2's pod range, as
+    # the control plane requires): nothing listens on 15008 there, so the HBONE tunnel
+    # is refused; the source agent reports the connection as CONNECT.
     mesh.apply(GHOST)
     try:
 
         def flagged() -> bool:
             mesh.python_in(
                 "node1-pod1",
-                "import socket\ntry: socket.create_connection(('172.30.0.12', 8080), timeout=3)"
+                "import socket\ntry: socket.create_connection(('10.10.2.1', 8080), timeout=3)"
                 "\nexcept OSError: pass",
             )
             scrape = mesh.curl("node1", "http://127.0.0.1:15020/metrics")

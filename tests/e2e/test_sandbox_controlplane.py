@@ -12,6 +12,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ services:
   - port: 80
     targetPort: 99999
   selector: {role: frontend}
+"""
+
+
+MOVED_POD = """\
+workloads:
+- {name: node1-pod1, namespace: demo, node: node1, ip: 10.10.1.99, serviceAccount: frontend}
 """
 
 
@@ -220,6 +227,12 @@ def test_a_bad_apply_file_is_refused_in_one_line_and_changes_nothing(
         # Valid on its own, but its VIP is the backend service's.
         (BAD_PORT.replace("10.96.0.20", "10.96.0.10").replace("99999", "8080"),
          ["bad.yaml", "10.96.0.10", "already used"]),
+        # A pod's name at another address: another pod, refused naming both addresses.
+        (MOVED_POD, ["bad.yaml:2:3: workloads[0].ip:", "is 10.10.1.11 on node1",
+                     "at 10.10.1.99 on node1", "--replace"]),
+        # An address node2 cannot have.
+        (MOVED_POD.replace("node1-pod1", "stray").replace("10.10.1.99", "10.10.7.5"),
+         ["bad.yaml:2:", "workloads[0].ip: 10.10.7.5 is outside the pod range of node node1"]),
     ]  # fmt: skip
     for text, words in cases:
         bad.write_text(text)
@@ -231,6 +244,60 @@ def test_a_bad_apply_file_is_refused_in_one_line_and_changes_nothing(
         for word in words:
             assert word in lines[0], lines[0]
         assert mesh_file.read_bytes() == before
+
+
+def test_a_broken_or_truncated_mesh_file_is_refused_and_the_last_good_one_served(
+    sandbox_2x2: dict[str, Any], probe_factory: Any, nodeagent_cli: Any, tmp_path: Path
+) -> None:
+    name = sandbox_2x2["name"]
+    mesh_file = Path(sandbox_2x2["controlplane"]["mesh_file"])
+    good = mesh_file.read_text()
+    log = Path(sandbox_2x2["controlplane"]["log"])
+    policy = tmp_path / "deny.yaml"
+    policy.write_text(DENY_FRONTEND)
+    probe = _node_probe(sandbox_2x2, probe_factory)
+    probe.find(_of_type("Address"))
+    start = probe.mark()
+    refused_before = log.read_text().count("mesh file refused")
+    try:
+        for broken, where in [
+            ("nodes: [\n", f"{mesh_file}:2:1: YAML syntax error"),
+            ("", f"{mesh_file}:1:1: nodes: the file is empty (truncated?)"),
+        ]:
+            mesh_file.write_text(broken)
+            status = nodeagent_cli("sandbox", "status", name)
+            assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+            assert "node2-pod2" in status.stdout
+            assert (
+                f"mesh file refused (the control plane keeps serving its last good one): {where}"
+                in status.stdout
+            )
+            applied = nodeagent_cli("sandbox", "apply", name, str(policy))
+            assert applied.returncode != 0
+            assert len(applied.stderr.strip().splitlines()) == 1, applied.stderr
+            assert applied.stderr.startswith(f"nodeagent: {where}"), applied.stderr
+            assert mesh_file.read_text() == broken
+        # The running control plane refused both and logged each in one line.
+        deadline = time.monotonic() + WAIT
+        while (
+            log.read_text().count("mesh file refused") < refused_before + 2
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        lines = log.read_text().splitlines()
+        refused = [ln for ln in lines if "mesh file refused" in ln][refused_before:]
+        assert len(refused) == 2, refused
+        assert "YAML syntax error" in refused[0] and "the file is empty" in refused[1]
+    finally:
+        mesh_file.write_text(good)
+    # Restored: picked up again, and `apply` works again (its push arrives).
+    applied = nodeagent_cli("sandbox", "apply", name, str(policy))
+    assert applied.returncode == 0, applied.stderr
+    pushed = probe.find(lambda r: _of_type("Authorization")(r) and bool(r["resources"]), start)
+    assert [r["name"] for r in pushed["resources"]] == ["deny-frontend"]
+    # Nothing was withdrawn meanwhile: no Address removal reached the node.
+    assert all(not r["removed"] for r in probe.history[start:] if r["type_url"].endswith("Address"))
+    nodeagent_cli("sandbox", "apply", name, str(policy), "--delete")
 
 
 def test_down_stops_the_control_plane_and_removes_its_files(
