@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-import yaml
-
 from nodeagent.model import constants
+from nodeagent.model.yamlfile import YamlSyntaxError, load_yaml
 
 RedirectBackend = Literal["iptables", "ebpf"]
 LogLevel = Literal["trace", "debug", "info", "warning", "error"]
@@ -255,11 +254,13 @@ def load_file(path: str) -> dict[str, Any]:
     """Read a YAML settings file into raw field values; unknown keys are errors."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = load_yaml(fh.read(), path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    except YamlSyntaxError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -86,3 +86,12 @@ def test_empty_daemonset_name_is_refused_from_a_file(tmp_path):
     f.write_text("daemonset_name: ''\n")
     with pytest.raises(ConfigError, match="field 'daemonset_name': must not be empty"):
         build_config(file=str(f))
+
+
+def test_a_broken_settings_file_is_one_line_with_its_line_and_column(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text("log_level: debug\nnode_name: [node1\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(file=str(f))
+    assert str(err.value).startswith(f"{f}:3:1: YAML syntax error: ")
+    assert "\n" not in str(err.value)
