@@ -430,6 +430,7 @@ def _refresh_metrics(
                 connected=stats.connected,
                 pushes_by_type=stats.by_type,
                 nacks_by_type=stats.nacks_by_type,
+                terminations_by_reason=stats.terminations,
             )
         if certificates is not None:
             now_held = set()

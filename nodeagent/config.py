@@ -67,6 +67,51 @@ class Config:
     """Bearer token file sent on every control-plane call (env AUTH_TOKEN); read
     again on every reconnect, because projected tokens rotate."""
 
+    xds_keepalive_time: float = 30.0
+    """Seconds between HTTP/2 keepalive PINGs on the xDS connection (ztunnel's 30 s).
+    A server polices PINGs: istiod answers PINGs closer than 15 s apart (its
+    enforcement MinTime, half its 30 s keepaliveInterval) with GOAWAY
+    too_many_pings, and the shipped control plane enforces the same 15 s, so keep
+    this at 15 s or more. PINGs go out whether or not data flowed, so a dead
+    connection is noticed within this plus `xds_keepalive_timeout`."""
+
+    xds_keepalive_timeout: float = 10.0
+    """Seconds to wait for a keepalive PING's ACK before the xDS connection is
+    dropped and dialled again (ztunnel and istiod: 10 s)."""
+
+    hbone_handshake_timeout: float = 10.0
+    """Seconds an inbound HBONE connection (15008) gets from accept to the end of
+    its TLS handshake before it is closed; also the wait for the local pod's
+    certificate. The same 10 s bounds an outbound HBONE connect (ztunnel's
+    CONNECTION_TIMEOUT)."""
+
+    hbone_preface_timeout: float = 10.0
+    """Seconds an inbound HBONE connection gets, after TLS, to send the HTTP/2
+    client preface and SETTINGS; a peer that does not is closed. 10 s, as Go's
+    HTTP/2 server waits for a preface; without a bound a peer that finished TLS
+    and went quiet held its socket forever."""
+
+    hbone_idle_timeout: float = 600.0
+    """Seconds an inbound HBONE connection may carry no stream before the server
+    closes it (GOAWAY). Twice the client pool's 300 s (ztunnel's
+    POOL_UNUSED_RELEASE_TIMEOUT): the client, which knows whether it still wants
+    the connection, normally closes first; this only reclaims connections whose
+    client forgot them or went away."""
+
+    hbone_max_connections: int = 4096
+    """Inbound HBONE connections the agent holds at once, all pods together,
+    counted from accept (TLS handshakes included). One more is closed at once,
+    before TLS, and counted in nodeagent_hbone_inbound_refused_total. Each
+    connection costs a descriptor, and each tunnel on it another for the app:
+    4096 leaves room under a 20000 descriptor limit."""
+
+    hbone_max_connections_per_identity: int = 1024
+    """Inbound HBONE connections one peer SPIFFE identity may hold at once, all
+    pods together. One more is closed after its TLS handshake, before any HTTP/2
+    is sent, and counted; so one identity can take at most a quarter of
+    `hbone_max_connections` and not starve the rest. A client pod opens one
+    connection per destination pod, so replicas x local pods must fit."""
+
     redirect_backend: RedirectBackend = "iptables"
     """How pod traffic is captured (env REDIRECT_BACKEND): `iptables` (default)
     or `ebpf` (IPv4 outbound connects redirected once, at connect time, by a
@@ -248,6 +293,27 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: field 'daemonset_name': must not be empty")
     if not cfg.trust_domain or "/" in cfg.trust_domain:
         raise ConfigError(f"{source}: field 'trust_domain': invalid {cfg.trust_domain!r}")
+    for name in _POSITIVE_SECONDS:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(
+                f"{source}: field {name!r}: must be positive, got {getattr(cfg, name)}"
+            )
+    if cfg.hbone_max_connections_per_identity > cfg.hbone_max_connections:
+        raise ConfigError(
+            f"{source}: field 'hbone_max_connections_per_identity': "
+            f"{cfg.hbone_max_connections_per_identity} is more than hbone_max_connections "
+            f"({cfg.hbone_max_connections})"
+        )
+
+
+# Durations for which 0 would mean "never wait" (a float setting may otherwise be 0).
+_POSITIVE_SECONDS = (
+    "xds_keepalive_time",
+    "xds_keepalive_timeout",
+    "hbone_handshake_timeout",
+    "hbone_preface_timeout",
+    "hbone_idle_timeout",
+)
 
 
 def load_file(path: str) -> dict[str, Any]:

@@ -195,6 +195,36 @@ class _BuildInfo(Collector):
         yield family
 
 
+class LabelledTotals(Collector):
+    """One counter family by an Istio name, as plain totals per label value: exposes
+    exactly `<name>_total` (no `_created` series, like ztunnel), and the totals are set
+    from a component's own cumulative counts at scrape time."""
+
+    def __init__(self, name: str, help_text: str, label: str, values: tuple[str, ...]) -> None:
+        self._name, self._help, self._label = name, help_text, label
+        self._totals: dict[str, float] = dict.fromkeys(values, 0)
+
+    def set_totals(self, totals: Mapping[str, int]) -> None:
+        """Raise each total to the source's count (a counter never goes down)."""
+        for value, total in totals.items():
+            self._totals[value] = max(self._totals.get(value, 0), total)
+
+    def value(self, label_value: str) -> float:
+        return self._totals.get(label_value, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._help, labels=(self._label,))
+        for value, total in self._totals.items():
+            family.add_metric((value,), total)
+        yield family
+
+
+# ztunnel's reasons (src/xds/metrics.rs ConnectionTerminationReason).
+XDS_TERMINATION_REASONS = ("ConnectionError", "Error", "Reconnect", "Complete")
+# Why the HBONE server refused or closed an inbound connection on its own.
+HBONE_REFUSALS = ("connection_limit", "identity_limit")
+HBONE_CLOSES = ("handshake_timeout", "preface_timeout", "idle_timeout")
+
 XDS_STATES = ("connected", "connecting", "disconnected")
 # Buckets for capture setup: iptables-restore in a namespace takes milliseconds;
 # seconds mean trouble.
@@ -254,6 +284,34 @@ class AgentMetrics:
             ["action", "result"],
             registry=r,
         )
+        self.xds_terminations = LabelledTotals(
+            "istio_xds_connection_terminations",
+            "The total number of completed connections to xds server (unstable)",
+            "reason",
+            XDS_TERMINATION_REASONS,
+        )
+        r.register(self.xds_terminations)
+        self.hbone_inbound_connections = Gauge(
+            "nodeagent_hbone_inbound_connections",
+            "Inbound HBONE (15008) connections open, TLS handshakes included",
+            registry=r,
+        )
+        self.hbone_inbound_refused = LabelledTotals(
+            "nodeagent_hbone_inbound_refused",
+            "Inbound HBONE connections refused over a limit: `reason` connection_limit "
+            "(all peers) or identity_limit (one peer identity)",
+            "reason",
+            HBONE_REFUSALS,
+        )
+        r.register(self.hbone_inbound_refused)
+        self.hbone_inbound_timeouts = LabelledTotals(
+            "nodeagent_hbone_inbound_timeouts",
+            "Inbound HBONE connections the server closed after waiting: for the TLS "
+            "handshake, the HTTP/2 preface, or while idle",
+            "reason",
+            HBONE_CLOSES,
+        )
+        r.register(self.hbone_inbound_timeouts)
         self.set_xds_state("disconnected")
         self._refreshers: list[Callable[[], None]] = []
         self._xds_seen: dict[str, int] = {}
@@ -269,11 +327,26 @@ class AgentMetrics:
         connected: bool,
         pushes_by_type: Mapping[str, int],
         nacks_by_type: Mapping[str, int],
+        terminations_by_reason: Mapping[str, int] | None = None,
     ) -> None:
         """Bring the xDS series up to date with the client's cumulative counters."""
         self.set_xds_state("connected" if connected else "disconnected")
         _add_deltas(self.xds_pushes, pushes_by_type, self._xds_seen)
         _add_deltas(self.xds_nacks, nacks_by_type, self._xds_nacks_seen)
+        if terminations_by_reason is not None:
+            self.xds_terminations.set_totals(terminations_by_reason)
+
+    def sync_hbone_inbound(
+        self,
+        *,
+        open_connections: int,
+        refused_by_reason: Mapping[str, int],
+        timeouts_by_reason: Mapping[str, int],
+    ) -> None:
+        """Bring the inbound HBONE series up to date with the server's counters."""
+        self.hbone_inbound_connections.set(open_connections)
+        self.hbone_inbound_refused.set_totals(refused_by_reason)
+        self.hbone_inbound_timeouts.set_totals(timeouts_by_reason)
 
     def set_xds_state(self, state: str) -> None:
         if state not in XDS_STATES:

@@ -38,6 +38,41 @@ ServicerHook = Callable[[grpc.aio.Server], None]
 """Registers an extra servicer on the control plane's gRPC server."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServerKeepalive:
+    """The gRPC server's HTTP/2 keepalive: which client PINGs it accepts, and its own.
+
+    gRPC's core server defaults accept a PING only every 5 minutes while it sends no
+    data, and answer the third early one with GOAWAY too_many_pings: an agent PINGing
+    every 30 s on a quiet xDS stream was cut off every few minutes and re-synced. These
+    values are istiod's (istio pkg/grpc ServerOptions with pkg/keepalive defaults): it
+    PINGs every 30 s and waits 10 s for the ACK, and it accepts client PINGs down to
+    half that interval (enforcement MinTime 15 s), so what istiod accepts we accept.
+    """
+
+    time: float = 30.0
+    """Seconds between the server's own PINGs (istiod Time)."""
+    timeout: float = 10.0
+    """Seconds to wait for a PING ACK before dropping the client (istiod Timeout)."""
+    min_ping_interval: float = 15.0
+    """Closest allowed spacing of client PINGs while the server sends nothing
+    (istiod MinTime = Time / 2); closer ones are strikes."""
+    max_ping_strikes: int = 2
+    """Early PINGs tolerated before GOAWAY too_many_pings (gRPC's default)."""
+    permit_without_calls: bool = True
+    """Accept PINGs on a connection with no open stream (between an agent's
+    reconnects); istiod's Go server refuses them, but they are harmless here."""
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.keepalive_time_ms", round(self.time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.timeout * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", round(self.min_ping_interval * 1000)),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+            ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
+        ]
+
+
 class MeshStore:
     """The current good mesh and its snapshot; notifies listeners on change."""
 
@@ -330,12 +365,15 @@ class ControlPlaneServer:
         poll_interval: float = POLL_INTERVAL,
         require_token: bool = False,
         options: Mapping[str, int] | None = None,
+        keepalive: ServerKeepalive | None = ServerKeepalive(),
     ) -> None:
         self._mesh_path = Path(mesh_path)
         self._listen = listen
         self._extra = list(extra_servicers)
         self._creds = server_credentials
         self._options = dict(options or {})
+        # None leaves gRPC's own keepalive defaults (tests use it to show why they fail).
+        self._keepalive = keepalive
         # A bad file at start is an error for the caller (nothing good to serve).
         self.mesh_store = MeshStore(load_mesh(self._mesh_path))
         for note in self.mesh_store.mesh.notes:
@@ -364,6 +402,7 @@ class ControlPlaneServer:
             ("grpc.max_send_message_length", 200 * 1024 * 1024),
             ("grpc.max_receive_message_length", 200 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            *(self._keepalive.grpc_options() if self._keepalive is not None else ()),
             *self._options.items(),
         ]
         server = grpc.aio.server(options=options)

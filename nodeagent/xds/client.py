@@ -146,7 +146,30 @@ def read_token(path: str) -> str:
         return ""
 
 
-def open_channel(address: str, root_ca: str = "") -> grpc.aio.Channel:
+def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """The channel's keepalive: a PING every `time_s` seconds, dropped after `timeout_s`
+    without its ACK.
+
+    gRPC's core holds a client to 2 PINGs without data, then to one a minute, whatever
+    keepalive_time says; lifting that (max_pings_without_data 0) makes the PINGs regular,
+    as ztunnel's are, so a dead connection is noticed within `time_s + timeout_s`. The
+    server must accept PINGs that often: istiod takes one every 15 s (half its 30 s
+    keepaliveInterval), the shipped control plane the same (ServerKeepalive).
+    """
+    return [
+        ("grpc.keepalive_time_ms", round(time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(timeout_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def open_channel(
+    address: str,
+    root_ca: str = "",
+    *,
+    keepalive_time: float = 30.0,
+    keepalive_timeout: float = 10.0,
+) -> grpc.aio.Channel:
     """A channel to `http://host:port` (plaintext) or `https://host:port` (TLS)."""
     parts = urlsplit(address)
     if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
@@ -157,8 +180,7 @@ def open_channel(address: str, root_ca: str = "") -> grpc.aio.Channel:
     target = f"{host}:{parts.port}"
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        *keepalive_options(keepalive_time, keepalive_timeout),
     ]
     if parts.scheme == "http":
         return grpc.aio.insecure_channel(target, options=options)
@@ -256,7 +278,13 @@ class XdsClient:
         if token:
             metadata.append(("authorization", f"Bearer {token}"))
         got_response = False
-        channel = open_channel(self._config.xds_address, self._config.xds_root_ca)
+        cfg = self._config
+        channel = open_channel(
+            cfg.xds_address,
+            cfg.xds_root_ca,
+            keepalive_time=cfg.xds_keepalive_time,
+            keepalive_timeout=cfg.xds_keepalive_timeout,
+        )
         try:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.DeltaAggregatedResources(metadata=tuple(metadata))

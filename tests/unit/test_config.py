@@ -95,3 +95,30 @@ def test_a_broken_settings_file_is_one_line_with_its_line_and_column(tmp_path):
         build_config(file=str(f))
     assert str(err.value).startswith(f"{f}:3:1: YAML syntax error: ")
     assert "\n" not in str(err.value)
+
+
+def test_keepalive_and_hbone_bounds_come_from_a_file(tmp_path):
+    f = tmp_path / "agent.yaml"
+    f.write_text(
+        "xds_keepalive_time: 45\nhbone_preface_timeout: 2.5\nhbone_idle_timeout: 60\n"
+        "hbone_max_connections: 100\nhbone_max_connections_per_identity: 10\n"
+    )
+    cfg = build_config(file=str(f))
+    assert cfg.xds_keepalive_time == 45.0 and cfg.xds_keepalive_timeout == 10.0
+    assert (cfg.hbone_preface_timeout, cfg.hbone_idle_timeout) == (2.5, 60.0)
+    assert (cfg.hbone_max_connections, cfg.hbone_max_connections_per_identity) == (100, 10)
+
+
+@pytest.mark.parametrize(
+    "field", ["xds_keepalive_time", "hbone_handshake_timeout", "hbone_preface_timeout"]
+)
+def test_a_zero_wait_is_refused_naming_the_field(field):
+    with pytest.raises(ConfigError, match=f"flags: field '{field}': must be positive"):
+        build_config(overrides={field: 0})
+
+
+def test_per_identity_limit_above_the_total_is_refused():
+    with pytest.raises(ConfigError, match="'hbone_max_connections_per_identity': 20 is more"):
+        build_config(
+            overrides={"hbone_max_connections": 10, "hbone_max_connections_per_identity": 20}
+        )

@@ -69,6 +69,40 @@ def test_xds_counters_follow_the_clients_totals_by_type_url() -> None:
     assert nacks == {address: 1, auth: 1}
 
 
+def test_xds_terminations_have_ztunnels_name_and_reasons_from_zero() -> None:
+    metrics = AgentMetrics()
+    totals = {
+        lab["reason"]: v for lab, v in _samples(metrics)["istio_xds_connection_terminations_total"]
+    }
+    assert totals == {"ConnectionError": 0, "Error": 0, "Reconnect": 0, "Complete": 0}
+    metrics.sync_xds(
+        connected=False,
+        pushes_by_type={},
+        nacks_by_type={},
+        terminations_by_reason={"Error": 2, "ConnectionError": 1},
+    )
+    metrics.sync_xds(connected=True, pushes_by_type={}, nacks_by_type={})  # no news: kept
+    s = _samples(metrics)
+    totals = {lab["reason"]: v for lab, v in s["istio_xds_connection_terminations_total"]}
+    assert totals == {"ConnectionError": 1, "Error": 2, "Reconnect": 0, "Complete": 0}
+    assert "istio_xds_connection_terminations_created" not in s
+
+
+def test_hbone_inbound_refusals_and_timeouts_by_reason() -> None:
+    metrics = AgentMetrics()
+    metrics.sync_hbone_inbound(
+        open_connections=7,
+        refused_by_reason={"connection_limit": 3, "identity_limit": 1},
+        timeouts_by_reason={"handshake_timeout": 0, "preface_timeout": 50, "idle_timeout": 2},
+    )
+    s = _samples(metrics)
+    assert s["nodeagent_hbone_inbound_connections"] == [({}, 7.0)]
+    refused = {lab["reason"]: v for lab, v in s["nodeagent_hbone_inbound_refused_total"]}
+    assert refused == {"connection_limit": 3, "identity_limit": 1}
+    timeouts = {lab["reason"]: v for lab, v in s["nodeagent_hbone_inbound_timeouts_total"]}
+    assert timeouts == {"handshake_timeout": 0, "preface_timeout": 50, "idle_timeout": 2}
+
+
 def test_agent_metrics_report_xds_certs_pods_capture_and_policy() -> None:
     metrics = AgentMetrics()
     metrics.set_xds_state("connected")
