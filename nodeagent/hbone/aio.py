@@ -16,8 +16,9 @@ import asyncio
 import collections
 import ctypes
 import logging
+import os
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Literal, cast
 
 from nodeagent.hbone.connection import (
     ConnectionConfig,
@@ -28,6 +29,7 @@ from nodeagent.hbone.connection import (
     ErrorCode,
     Event,
     InvalidActionError,
+    PingAckReceived,
     ProtocolError,
     RequestReceived,
     ResponseReceived,
@@ -39,6 +41,7 @@ from nodeagent.hbone.connection import (
     WindowUpdated,
 )
 from nodeagent.hbone.frames import Buffer
+from nodeagent.hbone.keepalive import KeepaliveAction, KeepaliveSchedule
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +283,12 @@ def coalesce_records(buffers: list[Buffer]) -> list[Buffer]:
 
 class HboneConnection(asyncio.BufferedProtocol):
     """One HTTP/2 connection carrying tunnels. Server: `on_request(stream)` is called
-    synchronously for each CONNECT (answer with `stream.respond`)."""
+    synchronously for each CONNECT (answer with `stream.respond`).
+
+    `admit(transport)`, if given, runs when the (TLS) transport is up, before a byte of
+    HTTP/2 is sent: False aborts the connection with nothing sent (`refused` is then set).
+    It must not raise.
+    """
 
     def __init__(
         self,
@@ -288,10 +296,15 @@ class HboneConnection(asyncio.BufferedProtocol):
         client_side: bool,
         config: ConnectionConfig | None = None,
         on_request: Callable[[TunnelStream], None] | None = None,
+        admit: Callable[[asyncio.BaseTransport], bool] | None = None,
     ) -> None:
         self.conn = TunnelConnection(config or ConnectionConfig(client_side=client_side))
         self.loop = asyncio.get_running_loop()
         self.on_request = on_request
+        self._admit = admit
+        self.refused = False
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self.pings_acked = 0
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, TunnelStream] = {}
         self.ready: asyncio.Future[None] = self.loop.create_future()  # peer SETTINGS seen
@@ -307,6 +320,10 @@ class HboneConnection(asyncio.BufferedProtocol):
         # No isinstance check: uvloop's transports are not asyncio.Transport
         # subclasses, though they have the same methods.
         self.transport = transport  # type: ignore[assignment]
+        if self._admit is not None and not self._admit(transport):
+            self.refused = True
+            cast(asyncio.Transport, transport).abort()
+            return
         self.conn.initiate_connection()
         self.flush()
 
@@ -393,6 +410,26 @@ class HboneConnection(asyncio.BufferedProtocol):
             raise TunnelError(f"CONNECT {authority} answered {response.status}")
         return stream
 
+    async def ping(self, ack_within: float) -> bool:
+        """Send a PING; True once its ACK arrives, False after `ack_within` seconds without
+        one or if the connection ends first."""
+        data = os.urandom(8)
+        try:
+            self.conn.ping(data)
+        except InvalidActionError:
+            return False
+        acked = self.loop.create_future()
+        self._pings[data] = acked
+        self.flush()
+        try:
+            await asyncio.wait({acked, self.closed}, timeout=ack_within)
+        finally:
+            self._pings.pop(data, None)
+        if not acked.done():
+            return False
+        self.pings_acked += 1
+        return True
+
     def flush(self) -> None:
         transport = self.transport
         if transport is None:
@@ -473,6 +510,10 @@ class HboneConnection(asyncio.BufferedProtocol):
                         s._writable.set()
             elif isinstance(event, ConnectionTerminated) and event.error_code:
                 self._terminate(TunnelError(f"peer sent GOAWAY {event.error_code}"))
+            elif isinstance(event, PingAckReceived):
+                acked = self._pings.get(event.data)
+                if acked is not None and not acked.done():
+                    acked.set_result(None)
         elif isinstance(event, ResponseReceived):
             if not stream.response.done():
                 stream.response.set_result(event)
@@ -508,3 +549,34 @@ class HboneConnection(asyncio.BufferedProtocol):
             self.closed.set_result(None)
         if self.transport is not None:
             self.transport.close()
+
+
+KeepaliveEnd = Literal["closed", "idle", "ping_timeout"]
+
+
+async def keep_alive(
+    conn: HboneConnection,
+    schedule: KeepaliveSchedule,
+    *,
+    clock: Callable[[], float],
+    ping_timeout: float = 20.0,
+) -> KeepaliveEnd:
+    """Drive `schedule` on `conn` until the connection ends, and say how it ended:
+    "closed" (by either side, or elsewhere), "idle" (closed here with GOAWAY after
+    idle_timeout without a stream) or "ping_timeout" (a PING went unanswered: aborted).
+    Both the client pool and the 15008 server run their connections through this."""
+    core = conn.conn
+    while not conn.closed.done():
+        action = schedule.due(clock(), core.open_outbound_streams + core.open_inbound_streams)
+        if action is KeepaliveAction.CLOSE_IDLE:
+            conn.close()
+            return "idle"
+        if action is KeepaliveAction.PING and not await conn.ping(ping_timeout):
+            if conn.closed.done():
+                break
+            if conn.transport is not None:
+                conn.transport.abort()
+            return "ping_timeout"
+        delay = schedule.wait(clock(), core.open_outbound_streams + core.open_inbound_streams)
+        await asyncio.wait({conn.closed}, timeout=delay)
+    return "closed"

@@ -11,7 +11,8 @@ for one new connection instead of each opening their own (a connection storm).
 Each connection has a small keep-alive task: a PING every `ping_interval`, the
 connection dropped if the ACK does not arrive within `ping_timeout`, and closed
 once it carried no stream for `idle_timeout` (ztunnel's defaults: 10 s, 20 s,
-5 min; istio-ambient.md §2).
+5 min; istio-ambient.md §2). The schedule is `nodeagent.hbone.keepalive`'s, run by
+`aio.keep_alive`: the 15008 server closes idle connections with the same code.
 
 The pool does not know namespaces or certificates: the caller passes a `Dialer`
 (in the agent: a marked socket made inside the source pod's namespace, so the
@@ -31,14 +32,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream
+from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream, keep_alive
 from nodeagent.hbone.connection import (
     ConnectionConfig,
-    Event,
     InvalidActionError,
-    PingAckReceived,
     format_authority,
 )
+from nodeagent.hbone.keepalive import KeepaliveSchedule
 from nodeagent.model.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -98,32 +98,25 @@ class PoolKey:
         return f"{self.source_identity} -> {format_authority(*self.destination)} [{ids}]"
 
 
-class _PooledConnection(HboneConnection):
-    """An HboneConnection that notices PING ACKs (the base adapter ignores them)."""
-
-    def __init__(self, *, config: ConnectionConfig | None = None) -> None:
-        super().__init__(client_side=True, config=config)
-        self.ping_acks: set[bytes] = set()
-
-    def _dispatch(self, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, PingAckReceived):
-                self.ping_acks.add(event.data)
-        super()._dispatch(events)
-
-
 @dataclass(eq=False)
 class PooledConnection:
     """One pooled HTTP/2 connection and its bookkeeping."""
 
     key: PoolKey
-    conn: _PooledConnection
+    conn: HboneConnection
     peer_identity: Identity
     created: float
-    last_used: float
+    schedule: KeepaliveSchedule = field(repr=False)
     tunnels_opened: int = 0
-    pings_acked: int = 0
     keepalive: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def last_used(self) -> float:
+        return self.schedule.last_used
+
+    @property
+    def pings_acked(self) -> int:
+        return self.conn.pings_acked
 
     @property
     def open_streams(self) -> int:
@@ -193,7 +186,7 @@ class HbonePool:
     async def _open_on(
         self, pooled: PooledConnection, authority: str, headers: tuple[tuple[str, str], ...]
     ) -> TunnelStream:
-        pooled.last_used = self._clock()
+        pooled.schedule.touch(self._clock())
         pooled.tunnels_opened += 1
         # `ready` is done, so open_tunnel sends HEADERS before its first suspension: the stream
         # counts against the limit at once (InvalidActionError if the connection filled up).
@@ -204,7 +197,7 @@ class HbonePool:
                 f"HBONE CONNECT {authority} via {format_authority(*pooled.key.destination)}: {exc}"
             ) from exc
         finally:
-            pooled.last_used = self._clock()
+            pooled.schedule.touch(self._clock())
 
     async def _connect(self, key: PoolKey, dial: Dialer) -> PooledConnection:
         if self._closed:
@@ -231,7 +224,7 @@ class HbonePool:
         try:
             transport, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _PooledConnection(config=self._config),
+                    lambda: HboneConnection(client_side=True, config=self._config),
                     sock=sock,
                     ssl=ctx,
                     # No SNI (ztunnel sends none); the server is checked by its SPIFFE SAN below.
@@ -254,7 +247,9 @@ class HbonePool:
             transport.abort()
             raise HboneConnectError(f"HBONE to {dst}: no HTTP/2 SETTINGS: {exc!r}") from exc
         now = self._clock()
-        pooled = PooledConnection(key, conn, peer, now, now)
+        s = self.settings
+        schedule = KeepaliveSchedule(s.idle_timeout, s.ping_interval, now)
+        pooled = PooledConnection(key, conn, peer, now, schedule)
         pooled.keepalive = asyncio.create_task(
             self._keepalive(pooled), name=f"hbone-keepalive {dst}"
         )
@@ -265,53 +260,18 @@ class HbonePool:
 
     async def _keepalive(self, pooled: PooledConnection) -> None:
         s = self.settings
-        conn = pooled.conn
         try:
-            tick = min(s.ping_interval, s.idle_timeout)
-            next_ping = self._clock() + s.ping_interval
-            while not conn.closed.done():
-                done, _ = await asyncio.wait({conn.closed}, timeout=tick)
-                if done:
-                    break
-                now = self._clock()
-                if pooled.open_streams:
-                    pooled.last_used = now
-                elif now - pooled.last_used >= s.idle_timeout:
-                    log.debug(
-                        "HBONE connection %s idle for %.0fs: closing", pooled.key, s.idle_timeout
-                    )
-                    conn.close()
-                    break
-                if now >= next_ping:
-                    next_ping = now + s.ping_interval
-                    if not await self._ping(conn, s.ping_timeout):
-                        log.info(
-                            "HBONE connection %s: no PING ACK in %.0fs, dropped",
-                            pooled.key,
-                            s.ping_timeout,
-                        )
-                        if conn.transport is not None:
-                            conn.transport.abort()
-                        break
-                    pooled.pings_acked += 1
+            how = await keep_alive(
+                pooled.conn, pooled.schedule, clock=self._clock, ping_timeout=s.ping_timeout
+            )
+            if how == "idle":
+                log.debug("HBONE connection %s idle for %.0fs: closed", pooled.key, s.idle_timeout)
+            elif how == "ping_timeout":
+                log.info(
+                    "HBONE connection %s: no PING ACK in %.0fs, dropped", pooled.key, s.ping_timeout
+                )
         finally:
             self._forget(pooled)
-
-    @staticmethod
-    async def _ping(conn: _PooledConnection, ack_within: float) -> bool:
-        data = os.urandom(8)
-        try:
-            conn.conn.ping(data)
-        except InvalidActionError:
-            return False
-        conn.flush()
-        deadline = asyncio.get_running_loop().time() + ack_within
-        while data not in conn.ping_acks:
-            if conn.closed.done() or asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(min(0.05, ack_within))
-        conn.ping_acks.discard(data)
-        return True
 
     def _forget(self, pooled: PooledConnection) -> None:
         conns = self._connections.get(pooled.key)
