@@ -154,7 +154,8 @@ def controlplane_line(cp: dict[str, Any]) -> str:
     pid = cp["pid"] if cp["pid"] is not None else "NOT RUNNING"
     line = (
         f"control plane {cp['address']} (pid {pid}, in {cp['netns']}): "
-        f"{counts or 'mesh file unreadable'}; mesh file {cp['mesh_file']}, log {cp['log']}"
+        f"{counts or 'nothing read from the mesh file'}; mesh file {cp['mesh_file']}, "
+        f"log {cp['log']}"
     )
     if cp.get("mesh_error"):
         line += (

@@ -16,6 +16,7 @@ acceptance comes back as a note for the server to log.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -238,7 +239,9 @@ class _Reader:
         value: int | None = None
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _INT:
-                value = int(node.value.replace("_", ""), 0)
+                # YAML 1.1 also tags sexagesimal `1:30` as an int; int() refuses those.
+                with contextlib.suppress(ValueError):
+                    value = int(node.value.replace("_", ""), 0)
             elif node.tag == _STR and node.value.isdigit():
                 # Istio's AuthorizationPolicy writes ports as strings.
                 value = int(node.value)

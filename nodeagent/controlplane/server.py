@@ -171,10 +171,14 @@ class MeshFileWatcher:
     def _load(self) -> tuple[MeshConfig, Snapshot] | None:
         try:
             mesh = load_mesh(self._path)
+            return mesh, build_snapshot(mesh)
         except MeshError as e:
             self._refuse(e)
-            return None
-        return mesh, build_snapshot(mesh)
+        except Exception as e:
+            # A validator bug must not end the watcher: later edits still get read.
+            log.exception("mesh file %s not loaded; still serving the last good one", self._path)
+            self.last_error = f"{self._path}: internal error: {e!r}"
+        return None
 
     def _apply(self, loaded: tuple[MeshConfig, Snapshot] | None) -> bool:
         if loaded is None:

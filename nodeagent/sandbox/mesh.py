@@ -172,6 +172,14 @@ def parse_user_file(text: str, source: str) -> UserFile:
         raise ApplyError(
             f"{_where(source, root)}: expected a mapping of {', '.join(APPLY_SECTIONS)}"
         )
+    seen: set[str] = set()
+    for key_node, _ in root.value:
+        # Checked first: the loaded data keeps only the last of duplicate keys.
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ApplyError(f"{_where(source, key_node)}: section names must be strings")
+        if key_node.value in seen:
+            raise ApplyError(f"{_where(source, key_node)}: {key_node.value}: duplicate section")
+        seen.add(key_node.value)
     where: dict[tuple[str, int], str] = {}
     for key_node, value_node in root.value:
         key = key_node.value

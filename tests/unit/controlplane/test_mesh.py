@@ -261,6 +261,11 @@ RANGES = (
             "targetPort: 0 is out of range",
         ),
         (
+            "services:\n- name: s\n  ports:\n  - port: 1:20:30\n",
+            4,
+            "services[0].ports[0].port: expected an integer, got int '1:20:30'",
+        ),
+        (
             "services:\n- name: s\n  ports:\n  - port: eighty\n",
             4,
             "services[0].ports[0].port: expected an integer",

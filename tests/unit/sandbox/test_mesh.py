@@ -110,6 +110,7 @@ def test_merge_adds_replaces_and_deletes_by_kind_namespace_and_name() -> None:
         ("nodes: []\n", r"^u\.yaml:1:1: nodes: the sandbox owns its nodes"),
         ("services: []\nmeshConfig: {}\n", r"^u\.yaml:2:1: meshConfig: the sandbox owns"),
         ("policies: []\n", r"^u\.yaml:1:1: policies: unknown section"),
+        ("services: []\nservices: []\n", r"^u\.yaml:2:1: services: duplicate section"),
         ("services: {name: x}\n", r"^u\.yaml:1:11: services: expected a list"),
         ("services:\n- ports: []\n", r"^u\.yaml:2:3: services\[0\]\.name: required"),
         (
