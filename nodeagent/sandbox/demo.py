@@ -7,7 +7,9 @@ address as the server saw it; capture one call on the receiving node to show
 the wire carries only TLS to 15008 (skipped without tcpdump); apply a DENY
 policy for the `frontend` service account and show its call refused while the
 `backend` caller still gets through, with the agent's log line naming the
-refused identity.
+refused identity; then make an operator's slip, removing a pod's workload
+record from the control plane, and show the pod's calls refused (held by its
+agent, never sent in plaintext) until the record is restored.
 
 The caller supplies how to print lines and the status (rendering belongs to the
 CLI), and the validator for the policy file (the control plane's parser, which
@@ -30,11 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nodeagent.model.constants import INBOUND_HBONE_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.sandbox import probe
 from nodeagent.sandbox.manager import MeshValidator, SandboxManager
-from nodeagent.sandbox.mesh import TRUST_DOMAIN
+from nodeagent.sandbox.mesh import TRUST_DOMAIN, workload_entry
 from nodeagent.sandbox.netns import netns_path
 from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan, SandboxPlan
 from nodeagent.sandbox.processes import NSENTER
@@ -106,6 +110,8 @@ def run_demo(
 
         ok = _wire(manager, plan, pods["node1-pod1"], pods["node2-pod2"], say) and ok
         ok = _policy(manager, name, validate, pods, logs["node2"], say) and ok
+        forgotten, target = pods["node1-pod2"], pods["node2-pod1"]
+        ok = _fail_closed(manager, name, validate, forgotten, target, logs["node1"], say) and ok
         say("\nevery step showed what it should" if ok else "\nsome steps FAILED")
         return ok
     finally:
@@ -314,6 +320,65 @@ def _policy(
         and not isinstance(allowed, probe.ProbeError)
         and allowed.get("client_ip") == backend.ip
         and str(_identity(frontend)) in line
+    )
+
+
+def _fail_closed(
+    manager: SandboxManager,
+    name: str,
+    validate: MeshValidator | None,
+    pod: PodPlan,
+    target: PodPlan,
+    log: Path,
+    say: Say,
+) -> bool:
+    say(f"\n== fail closed: the control plane forgets {pod.name} (an operator's slip)")
+    record = yaml.safe_dump({"workloads": [workload_entry(pod, name)]}, sort_keys=False)
+    check = validate or _accept_any
+    manager.apply(name, record, "forget.yaml", check, delete=True)
+    say(f"  its workload record is removed from the mesh file; the agent of {pod.node} keeps")
+    say("  the pod captured and closes its listeners: nothing may leave it in plaintext")
+
+    def call() -> dict[str, Any] | probe.ProbeError:
+        try:
+            return probe.http_get(manager.adapter, pod.netns, target.ip, HTTP_PORT, "/")
+        except probe.ProbeError as exc:
+            return exc
+
+    deadline = time.monotonic() + POLICY_WAIT
+    refused = call()
+    while not isinstance(refused, probe.ProbeError) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        refused = call()
+    say(f"\nHTTP  {pod.name} ({pod.ip}) -> {target.name}")
+    if isinstance(refused, probe.ProbeError):
+        say(f"  refused: {refused}")
+    else:
+        say(f"  FAILED: still answered after {POLICY_WAIT:.0f}s: {_shown(refused)}")
+    # Logged once the pod's live connections have drained.
+    deadline = time.monotonic() + POLICY_WAIT
+    lines: list[str] = []
+    while not lines and time.monotonic() < deadline:
+        lines = [ln for ln in _read(log).splitlines() if pod.name in ln and "capture kept" in ln]
+        if not lines:
+            time.sleep(0.1)
+    if lines:
+        say(f"\nthe agent of {pod.node} logged:\n  {lines[-1].split(': ', 1)[-1]}")
+    manager.apply(name, record, "restore.yaml", check)
+    deadline = time.monotonic() + POLICY_WAIT
+    back = call()
+    while isinstance(back, probe.ProbeError) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        back = call()
+    if isinstance(back, probe.ProbeError):
+        say(f"\nrecord restored, but the call still fails: FAILED: {back}")
+    else:
+        say(f"\nrecord restored; over HBONE again: {_shown(back)}")
+    return (
+        isinstance(refused, probe.ProbeError)
+        and bool(lines)
+        and not isinstance(back, probe.ProbeError)
+        and back.get("client_ip") == pod.ip
     )
 
 

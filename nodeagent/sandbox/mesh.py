@@ -37,7 +37,7 @@ import yaml
 
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
 from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml, load_yaml
-from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, SandboxPlan
+from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan, SandboxPlan
 
 TRUST_DOMAIN = "cluster.local"
 # istiod's plaintext xDS port; the sandbox's control plane serves xDS and CA on it.
@@ -73,6 +73,18 @@ def node_entries(plan: SandboxPlan, tokens: Mapping[str, str]) -> list[dict[str,
     return [{"name": n.name, "token": tokens[n.name], "podCIDRs": [n.pod_cidr]} for n in plan.nodes]
 
 
+def workload_entry(pod: PodPlan, sandbox: str) -> dict[str, Any]:
+    """The mesh file's workload for one sandbox pod."""
+    return {
+        "name": pod.name,
+        "namespace": pod.namespace,
+        "node": pod.node,
+        "ip": pod.ip,
+        "serviceAccount": pod.service_account,
+        "labels": {"app": pod.name, "role": pod.service_account, "sandbox": sandbox},
+    }
+
+
 def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
     """The mesh file for `plan`; `tokens` maps every node name to its token."""
     missing = [n.name for n in plan.nodes if not tokens.get(n.name)]
@@ -81,17 +93,7 @@ def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
     return {
         "meshConfig": {"trustDomain": TRUST_DOMAIN},
         "nodes": node_entries(plan, tokens),
-        "workloads": [
-            {
-                "name": p.name,
-                "namespace": p.namespace,
-                "node": p.node,
-                "ip": p.ip,
-                "serviceAccount": p.service_account,
-                "labels": {"app": p.name, "role": p.service_account, "sandbox": plan.name},
-            }
-            for p in plan.pods
-        ],
+        "workloads": [workload_entry(p, plan.name) for p in plan.pods],
         "services": [
             {
                 "name": "backend",

@@ -159,6 +159,10 @@ def test_demo_shows_the_mesh_and_removes_its_sandbox(sandbox_name: str) -> None:
     assert re.search(
         r"CONNECT from spiffe://cluster\.local/ns/demo/sa/frontend .* policy rejection", text
     )
+    # The operator's slip: the pod is held, its call refused, then served again.
+    assert "HTTP  node1-pod2 (10.10.1.12) -> node2-pod1\n  refused:" in text
+    assert "listeners closed, capture kept" in text
+    assert re.search(r"over HBONE again: .*\"client_ip\": \"10\.10\.1\.12\"", text)
     assert "every step showed what it should" in text
     assert _netns_of(sandbox_name) == []
     assert not Path(DEFAULT_STATE_ROOT / sandbox_name).exists()
