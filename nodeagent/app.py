@@ -64,6 +64,7 @@ from nodeagent.datapath.netns import (
     original_destination,
 )
 from nodeagent.hbone.pool import HbonePool, PoolSettings
+from nodeagent.hbone.server import ServerSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager, CertState
 from nodeagent.kube.api import KubeApi
@@ -326,11 +327,22 @@ async def build(
         registry = ConnectionRegistry(checker, observer=telemetry)
         closers.append(registry.watch(store))
         pool = HbonePool(tls, PoolSettings())
+        inbound_hbone = InboundHboneHandler(
+            tls, checker, registry, settings=ServerSettings.from_config(config)
+        )
         handlers = {
             OUTBOUND_PORT: OutboundHandler(store, pool, registry, destination_of=destination_of),
             INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
-            INBOUND_HBONE_PORT: InboundHboneHandler(tls, checker, registry),
+            INBOUND_HBONE_PORT: inbound_hbone,
         }
+        hbone_server = inbound_hbone.server
+        metrics.add_refresh(
+            lambda: metrics.sync_hbone_inbound(
+                open_connections=hbone_server.limits.open,
+                refused_by_reason=hbone_server.limits.refused_by_reason(),
+                timeouts_by_reason=hbone_server.stats.timeouts,
+            )
+        )
     listeners = PodListenerFactory(
         handlers or passthrough_handlers(stats, destination_of=destination_of),
         sockets_for,

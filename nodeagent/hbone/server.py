@@ -14,6 +14,14 @@ Per CONNECT stream, in ztunnel's order (istio-ambient.md §2 "Response codes"):
   and answers **200** only once that connection is up (**503** if it fails),
   then relays. That part needs the pod's namespace and the relay, which live
   in nodeagent.proxy (the layer above), so it is injected.
+
+No peer holds the server without bound (`ServerSettings`): the TLS handshake must end
+within `handshake_timeout` of accept, and the HTTP/2 client preface and SETTINGS arrive
+within `preface_timeout` after it; a connection that carries no stream for
+`idle_timeout` is closed with GOAWAY (the client pool's keep-alive schedule, run on
+this side without PINGs). Connections are counted from accept, in total and per peer
+identity (`nodeagent.hbone.limits`); one over either limit is closed before any HTTP/2
+is sent.
 """
 
 from __future__ import annotations
@@ -23,12 +31,16 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from nodeagent.hbone.aio import HboneConnection, TunnelStream
+from nodeagent.config import Config
+from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream, keep_alive
 from nodeagent.hbone.connection import ConnectionConfig, parse_authority
+from nodeagent.hbone.keepalive import KeepaliveSchedule
+from nodeagent.hbone.limits import ConnectionLimits, ConnectionSlot, Refusal
 from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
@@ -37,7 +49,35 @@ from nodeagent.policy.engine import Decision
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 10.0
+# Once the server itself has closed a connection (GOAWAY), how long the peer gets to
+# finish the TLS close before the socket is dropped.
+CLOSE_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Bounds on what one peer may hold; defaults and reasons in nodeagent.config."""
+
+    handshake_timeout: float = 10.0
+    preface_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_connections: int = 4096
+    max_connections_per_identity: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout", "preface_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, config: Config) -> ServerSettings:
+        return cls(
+            handshake_timeout=config.hbone_handshake_timeout,
+            preface_timeout=config.hbone_preface_timeout,
+            idle_timeout=config.hbone_idle_timeout,
+            max_connections=config.hbone_max_connections,
+            max_connections_per_identity=config.hbone_max_connections_per_identity,
+        )
 
 
 class ServerTls(Protocol):
@@ -99,10 +139,17 @@ class ServerStats:
     bad_request: int = 0  # 400
     denied: int = 0  # 401
     unavailable: int = 0  # 503 before the app connect
+    timeouts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("handshake_timeout", "preface_timeout", "idle_timeout"), 0
+        )
+    )
+    """Connections the server closed after waiting, by what it waited for."""
 
 
 class HboneServer:
-    """Serves HBONE connections accepted on a pod's 15008 listener."""
+    """Serves HBONE connections accepted on a pod's 15008 listener (every pod's: the
+    connection limits are the agent's)."""
 
     def __init__(
         self,
@@ -111,13 +158,18 @@ class HboneServer:
         handler: TunnelHandler | None = None,
         *,
         config: ConnectionConfig | None = None,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        settings: ServerSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tls = tls
         self._authorize = authorize
         self._handler = handler
         self._config = config or ConnectionConfig(client_side=False)
-        self._handshake_timeout = handshake_timeout
+        self.settings = settings or ServerSettings()
+        self._clock = clock
+        self.limits = ConnectionLimits(
+            self.settings.max_connections, self.settings.max_connections_per_identity
+        )
         self.stats = ServerStats()
 
     async def serve(
@@ -129,16 +181,37 @@ class HboneServer:
     ) -> None:
         """Run one accepted connection until it closes; owns and closes `sock`. `handler`
         (default: the one given at construction) serves this connection's tunnels."""
-        loop = asyncio.get_running_loop()
         tunnel_handler = handler or self._handler
         if tunnel_handler is None:
             sock.close()
             raise ValueError("HboneServer.serve needs a tunnel handler")
+        slot = self.limits.admit()
+        if slot is None:
+            # Nothing spent on it yet: no TLS, no HTTP/2 (Envoy's connection limit too).
+            sock.close()
+            self._log_refusal(Refusal.CONNECTION_LIMIT, workload, None)
+            return
+        try:
+            await self._serve(workload, sock, tunnel_handler, slot)
+        finally:
+            slot.release()
+
+    async def _serve(
+        self,
+        workload: LocalWorkload,
+        sock: socket.socket,
+        tunnel_handler: TunnelHandler,
+        slot: ConnectionSlot,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
         tasks: set[asyncio.Task[None]] = set()
+        # Accept to TLS done: one deadline for the certificate and the handshake.
+        deadline = loop.time() + settings.handshake_timeout
         try:
             peer_addr = sock.getpeername()
             ctx = await asyncio.wait_for(
-                self._tls.server_context(workload.identity), self._handshake_timeout
+                self._tls.server_context(workload.identity), settings.handshake_timeout
             )
         except (OSError, TimeoutError) as exc:
             sock.close()
@@ -155,6 +228,23 @@ class HboneServer:
             raise
         peer = (_unmap(peer_addr[0]), peer_addr[1])
         state: dict[str, Identity] = {}
+        refusal: list[str] = []
+
+        def admit(transport: asyncio.BaseTransport) -> bool:
+            # TLS is done and nothing of HTTP/2 is sent yet: refuse here, silently.
+            try:
+                identity = self._tls.client_identity(
+                    transport.get_extra_info("ssl_object"), workload.identity.trust_domain
+                )
+            except Exception as exc:
+                refusal.append(str(exc))
+                return False
+            if not slot.claim(identity):
+                refusal.append(Refusal.IDENTITY_LIMIT.value)
+                state["peer"] = identity
+                return False
+            state["peer"] = identity
+            return True
 
         def on_request(stream: TunnelStream) -> None:
             identity = state.get("peer")
@@ -173,32 +263,73 @@ class HboneServer:
         self.stats.connections += 1
         # Keep our own reference: with TLS, uvloop's connect_accepted_socket returns its
         # SSLProtocol wrapper rather than the protocol the factory made.
-        conn = HboneConnection(client_side=False, config=self._config, on_request=on_request)
+        conn = HboneConnection(
+            client_side=False, config=self._config, on_request=on_request, admit=admit
+        )
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: conn,
-                sock,
-                ssl=ctx,
-                ssl_handshake_timeout=self._handshake_timeout,
+            # Our own deadline, so a timeout is told apart from a failed handshake; the
+            # loop's is a backstop only.
+            async with asyncio.timeout_at(deadline):
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: conn,
+                    sock,
+                    ssl=ctx,
+                    ssl_handshake_timeout=settings.handshake_timeout + 1.0,
+                )
+        except TimeoutError:
+            sock.close()
+            self.stats.timeouts["handshake_timeout"] += 1
+            log.info(
+                "HBONE %s from %s:%d: no TLS handshake within %.0fs: closed",
+                workload.label,
+                *peer,
+                settings.handshake_timeout,
             )
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            return
+        except (OSError, ssl.SSLError) as exc:
             sock.close()
             self.stats.handshake_failed += 1
             log.info("HBONE %s from %s:%d: TLS handshake failed: %r", workload.label, *peer, exc)
             return
         try:
+            if conn.refused:
+                if refusal == [Refusal.IDENTITY_LIMIT.value]:
+                    self._log_refusal(Refusal.IDENTITY_LIMIT, workload, state.get("peer"))
+                else:
+                    self.stats.handshake_failed += 1
+                    log.info("HBONE %s from %s:%d refused: %s", workload.label, *peer, *refusal)
+                return
+            identity = state["peer"]
+            log.debug("HBONE %s: connection from %s:%d as %s", workload.label, *peer, identity)
             try:
-                identity = self._tls.client_identity(
-                    transport.get_extra_info("ssl_object"), workload.identity.trust_domain
+                async with asyncio.timeout(settings.preface_timeout):
+                    await asyncio.shield(conn.ready)
+            except TimeoutError:
+                self.stats.timeouts["preface_timeout"] += 1
+                log.info(
+                    "HBONE %s from %s:%d (%s): no HTTP/2 preface and SETTINGS within %.0fs: closed",
+                    workload.label,
+                    *peer,
+                    identity,
+                    settings.preface_timeout,
                 )
-            except Exception as exc:
-                self.stats.handshake_failed += 1
-                log.info("HBONE %s from %s:%d refused: %s", workload.label, *peer, exc)
                 transport.abort()
                 return
-            state["peer"] = identity
-            log.debug("HBONE %s: connection from %s:%d as %s", workload.label, *peer, identity)
-            await asyncio.shield(conn.closed)
+            except TunnelError:  # closed, or not HTTP/2: the connection has ended already
+                return
+            schedule = KeepaliveSchedule(settings.idle_timeout, None, self._clock())
+            if await keep_alive(conn, schedule, clock=self._clock) == "idle":
+                self.stats.timeouts["idle_timeout"] += 1
+                log.debug(
+                    "HBONE %s from %s:%d (%s): no stream for %.0fs: closed",
+                    workload.label,
+                    *peer,
+                    identity,
+                    settings.idle_timeout,
+                )
+                await asyncio.wait({conn.closed}, timeout=CLOSE_GRACE)
+                if not conn.closed.done():
+                    transport.abort()
         finally:
             if not conn.closed.done():
                 conn.close()
@@ -207,6 +338,22 @@ class HboneServer:
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _log_refusal(
+        self, reason: Refusal, workload: LocalWorkload, identity: Identity | None
+    ) -> None:
+        # Under a flood this would be a line per connection: log the 1st, 2nd, 4th, ...
+        count = self.limits.refused[reason]
+        if count & (count - 1):
+            return
+        s = self.settings
+        if reason is Refusal.CONNECTION_LIMIT:
+            what = f"the agent holds {s.max_connections} inbound connections (the limit)"
+        else:
+            what = f"{identity} holds {s.max_connections_per_identity} connections (the limit)"
+        log.warning(
+            "HBONE %s: connection refused: %s; %d refused so far", workload.label, what, count
+        )
 
     def _check(
         self,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nodeagent.datapath.netns import original_destination, set_transparent
-from nodeagent.hbone.server import HboneServer, LocalWorkload, TunnelRequest
+from nodeagent.hbone.server import HboneServer, LocalWorkload, ServerSettings, TunnelRequest
 from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.checker import PolicyChecker
@@ -134,12 +134,14 @@ class InboundHboneHandler:
         *,
         transparent: bool = True,
         connect_timeout: float = CONNECT_TIMEOUT,
+        settings: ServerSettings | None = None,
     ) -> None:
         self.registry = registry
         self.stats = InboundStats()
         self._transparent = transparent
         self._connect_timeout = connect_timeout
-        self.server = HboneServer(tls, checker.check)
+        # One server for every pod's 15008 listener: its connection limits are the agent's.
+        self.server = HboneServer(tls, checker.check, settings=settings)
 
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
         await self.server.serve(
