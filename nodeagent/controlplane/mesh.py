@@ -325,9 +325,19 @@ def load_mesh(path: str | Path) -> MeshConfig:
     """Read and validate a mesh file; raise MeshError naming file, line and field."""
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise MeshError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Not the locale's encoding: YAML files are UTF-8, whatever LANG the server runs with.
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[start : e.start].decode("utf-8")) + 1  # valid up to the bad byte
+        raise MeshError(
+            f"{p}:{line}:{column}: not UTF-8: byte 0x{raw[e.start]:02x} ({e.reason})"
+        ) from None
     return parse_mesh(text, str(p))
 
 
