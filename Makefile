@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export BCC_KERNEL_SOURCE := $(CURDIR)/.cache/kheaders
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup demo test lint fmt gen bench test-unit test-netns test-e2e test-kind kind-e2e clean
+.PHONY: setup demo test lint fmt gen bench fuzz test-unit test-netns test-e2e test-kind test-fuzz kind-e2e clean
 
 setup: $(VENV)/.setup-stamp
 $(VENV)/.setup-stamp: pyproject.toml scripts/setup.sh
@@ -26,24 +26,34 @@ test-e2e: setup
 	$(BIN)/pytest -m e2e
 test-kind: setup
 	$(BIN)/pytest -m kind
+test-fuzz: setup
+	$(BIN)/pytest -m fuzz
 
 lint: setup
-	$(BIN)/ruff check nodeagent tests scripts
-	$(BIN)/ruff format --check nodeagent tests scripts
-	$(BIN)/mypy nodeagent
+	$(BIN)/ruff check nodeagent tests scripts fuzz
+	$(BIN)/ruff format --check nodeagent tests scripts fuzz
+	$(BIN)/mypy nodeagent fuzz
 	$(PY) scripts/check_layers.py
 	PY=$(PY) bash scripts/gen_protos.sh --check
 	$(PY) scripts/validate_manifests.py
 
 fmt: setup
-	$(BIN)/ruff format nodeagent tests scripts
-	$(BIN)/ruff check --fix nodeagent tests scripts
+	$(BIN)/ruff format nodeagent tests scripts fuzz
+	$(BIN)/ruff check --fix nodeagent tests scripts fuzz
 
 gen: setup
 	PY=$(PY) bash scripts/gen_protos.sh
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# Coverage-guided fuzzing (fuzz/README.md): each target for FUZZ_SECONDS, FUZZ_JOBS at a time,
+# learning into .cache/fuzz; crash inputs land in fuzz/crashes/TARGET/ and fail the run.
+FUZZ_SECONDS ?= 60
+FUZZ_JOBS ?= 1
+FUZZ_TARGETS ?=
+fuzz: setup
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --jobs $(FUZZ_JOBS) $(FUZZ_TARGETS)
 
 kind-e2e: setup
 	bash scripts/kind-e2e.sh
