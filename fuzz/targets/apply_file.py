@@ -125,4 +125,7 @@ def seeds() -> dict[str, bytes]:
         + _WORKLOAD.encode(),
         "mesh-without-workloads": b"nodes: [{name: node1, token: t, allowEmpty: true}]\n\0"
         + _WORKLOAD.encode(),
+        # A small hand-written mesh with every section, for mutations of its shape.
+        "hand-written-mesh": b"nodes: [{name: node2, token: t}]\nworkloads: []\nservices: []\n"
+        b"authorizationPolicies: []\n\0" + _WORKLOAD.encode(),
     }

@@ -129,7 +129,26 @@ def load_mesh_dict(text: str, source: str) -> dict[str, Any]:
         raise ApplyError(f"{source}:1:1: nodes: the file is empty (truncated?)")
     if not isinstance(data, dict) or not isinstance(data.get("nodes"), list):
         raise ApplyError(f"{source}:1:1: nodes: missing; this is not a sandbox's mesh file")
+    for section in APPLY_SECTIONS:
+        # `status` counts and `apply` merges these: a hand edit to `workloads: 1` must be
+        # a refusal, not a TypeError.
+        if data.get(section) is not None and not isinstance(data[section], list):
+            raise ApplyError(
+                f"{_section_where(text, source, section)}: {section}: expected a list;"
+                " this is not a sandbox's mesh file"
+            )
     return data
+
+
+def _section_where(text: str, source: str, section: str) -> str:
+    """`FILE:LINE:COL` of a top-level section's value (the last, if the key repeats)."""
+    where = f"{source}:1:1"
+    root = compose_yaml(text, source)  # it loaded just before: it composes
+    if isinstance(root, yaml.MappingNode):
+        for key, value in root.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == section:
+                where = _where(source, value)
+    return where
 
 
 def resource_key(section: str, item: Any) -> tuple[str, str, str] | None:
