@@ -49,11 +49,12 @@ bench: setup
 
 # Coverage-guided fuzzing (fuzz/README.md): each target for FUZZ_SECONDS, FUZZ_JOBS at a time,
 # learning into .cache/fuzz; crash inputs land in fuzz/crashes/TARGET/ and fail the run.
+# The figures per target also go to reports/fuzz.json.
 FUZZ_SECONDS ?= 60
 FUZZ_JOBS ?= 1
 FUZZ_TARGETS ?=
 fuzz: setup
-	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --jobs $(FUZZ_JOBS) $(FUZZ_TARGETS)
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS) --jobs $(FUZZ_JOBS) --json reports/fuzz.json $(FUZZ_TARGETS)
 
 kind-e2e: setup
 	bash scripts/kind-e2e.sh
