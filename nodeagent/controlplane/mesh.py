@@ -28,7 +28,7 @@ import yaml
 
 from nodeagent.model.constants import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN
 from nodeagent.model.identity import Identity
-from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml
+from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml, decode_yaml_bytes
 
 T = TypeVar("T")
 
@@ -329,15 +329,9 @@ def load_mesh(path: str | Path) -> MeshConfig:
     except OSError as e:
         raise MeshError(f"{p}: cannot read: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        # Not the locale's encoding: YAML files are UTF-8, whatever LANG the server runs with.
-        start = raw.rfind(b"\n", 0, e.start) + 1
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = len(raw[start : e.start].decode("utf-8")) + 1  # valid up to the bad byte
-        raise MeshError(
-            f"{p}:{line}:{column}: not UTF-8: byte 0x{raw[e.start]:02x} ({e.reason})"
-        ) from None
+        text = decode_yaml_bytes(raw, str(p))
+    except YamlSyntaxError as e:
+        raise MeshError(str(e)) from None
     return parse_mesh(text, str(p))
 
 

@@ -50,6 +50,20 @@ def _at(source: str, mark: yaml.Mark | None) -> str:
     return f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
 
 
+def decode_yaml_bytes(raw: bytes, source: str) -> str:
+    """A YAML file's bytes as text: UTF-8, whatever the locale; YamlSyntaxError naming the line
+    and column of the first byte that is not (a file's bytes are anyone's)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[start : e.start].decode("utf-8")) + 1  # valid up to the bad byte
+        raise YamlSyntaxError(
+            f"{source}:{line}:{column}: not UTF-8: byte 0x{raw[e.start]:02x} ({e.reason})"
+        ) from None
+
+
 def compose_yaml(text: str, source: str) -> yaml.Node | None:
     """The node tree of `text` (None for an empty document); YamlSyntaxError if broken."""
     try:

@@ -244,7 +244,7 @@ class SandboxManager:
         try:
             # Counts read back from the file: they include what `apply` added.
             view["serves"] = mesh_mod.counts(
-                mesh_mod.load_mesh_dict(Path(mesh_file).read_text(), mesh_file)
+                mesh_mod.load_mesh_dict(Path(mesh_file).read_bytes(), mesh_file)
             )
         except OSError as exc:
             view["mesh_error"] = f"{mesh_file}: cannot read: {exc.strerror or exc}"
@@ -553,7 +553,7 @@ class SandboxManager:
         mesh_file = Path(str(info["mesh_file"]))
         with self.store.locked(name):
             try:
-                current = mesh_mod.load_mesh_dict(mesh_file.read_text(), str(mesh_file))
+                current = mesh_mod.load_mesh_dict(mesh_file.read_bytes(), str(mesh_file))
             except OSError as exc:
                 raise SandboxError(f"cannot read the sandbox's mesh file: {exc}") from None
             except ApplyError as exc:

@@ -36,7 +36,12 @@ from typing import Any
 import yaml
 
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
-from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml, load_yaml
+from nodeagent.model.yamlfile import (
+    YamlSyntaxError,
+    compose_yaml,
+    decode_yaml_bytes,
+    load_yaml,
+)
 from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan, SandboxPlan
 
 TRUST_DOMAIN = "cluster.local"
@@ -118,10 +123,13 @@ def dump_mesh(mesh: Mapping[str, Any]) -> str:
     return MESH_HEADER + yaml.dump(dict(mesh), Dumper=_DUMPER, sort_keys=False)
 
 
-def load_mesh_dict(text: str, source: str) -> dict[str, Any]:
-    """The sandbox's own mesh file as a dict, or ApplyError naming file, line and
-    column: the sandbox writes it validated, but anyone may edit it since."""
+def load_mesh_dict(text: str | bytes, source: str) -> dict[str, Any]:
+    """The sandbox's own mesh file (its text, or its bytes as read) as a dict, or
+    ApplyError naming file, line and column: the sandbox writes it validated, but
+    anyone may edit it since."""
     try:
+        if isinstance(text, bytes):
+            text = decode_yaml_bytes(text, source)
         data = load_yaml(text, source)
     except YamlSyntaxError as e:
         raise ApplyError(str(e)) from None
