@@ -33,6 +33,9 @@ PURE_MODULES = {
     "nodeagent.datapath.plan",
     "nodeagent.identity.csr",
     "nodeagent.node.lifecycle",
+    "nodeagent.node.scan",
+    "nodeagent.hbone.keepalive",
+    "nodeagent.hbone.limits",
     "nodeagent.kube.api",
     "nodeagent.kube.shutdown",
 }

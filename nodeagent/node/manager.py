@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -71,13 +70,10 @@ from nodeagent.model.workload import Workload
 from nodeagent.node.annotations import PodAnnotationManager, PodRef, pod_ref
 from nodeagent.node.lifecycle import (
     Action,
-    AddressMismatch,
     Backoff,
     Event,
     LifecycleError,
     Netns,
-    NetnsFound,
-    NetnsLost,
     PodLifecycle,
     PodState,
     Released,
@@ -89,6 +85,16 @@ from nodeagent.node.lifecycle import (
     TeardownFailed,
     WorkloadGone,
     WorkloadPlaced,
+)
+from nodeagent.node.scan import (
+    Conflict,
+    Matched,
+    Mismatch,
+    Notice,
+    OrphanReleased,
+    ScanView,
+    decide,
+    mismatch_reason,
 )
 from nodeagent.state.store import StateChange, StateStore
 
@@ -220,23 +226,6 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-_LOOPBACK = frozenset({"127.0.0.1", "::1"})
-
-
-def mismatch_reason(workload: Workload, path: str, addresses: Iterable[str]) -> str | None:
-    """Why the namespace at `path` is not the workload's (None when it holds one of
-    the workload's addresses): its listeners are only ever bound where it is."""
-    held = {str(ipaddress.ip_address(a)) for a in addresses if a}
-    if any(str(a) in held for a in workload.addresses):
-        return None
-    wanted = ", ".join(str(a) for a in workload.addresses) or "(none)"
-    has = ", ".join(sorted(held - _LOOPBACK)) or "no address"
-    return (
-        f"workload address {wanted} is not in its namespace {path} (which has {has});"
-        " its traffic is refused"
-    )
-
-
 def netns_alive(handle: NetnsHandle) -> bool:
     """Whether the namespace still exists (same inode)."""
     try:
@@ -295,11 +284,10 @@ class NodeManager:
         self._open: dict[str, OpenListeners] = {}
         self._labels: dict[str, str] = {}
         self._scan: tuple[MatchResult, dict[int, NetnsHandle]] | None = None
-        self._warned_conflicts: set[str] = set()
+        self._warned: set[str] = set()  # pods warned about (conflict, unreadable) until matched
         self._present: set[str] = set()  # unmatched by the last scan, namespace still there
         self._absent: set[str] = set()  # unmatched by the last scan, namespace gone
         self._former: dict[str, Workload] = {}  # held pods' last records, for status
-        self._warned_unread: set[str] = set()
         self._scan_requested = True
         self._next_scan_at = 0.0
         self._ops: set[asyncio.Task[None]] = set()
@@ -621,87 +609,57 @@ class NodeManager:
         return {uid for uid, handle in pods if self._alive(handle)}
 
     def _apply_scan(self) -> None:
-        """Turn the latest scan into NetnsFound / NetnsLost / AddressMismatch for pods
-        whose view differs."""
+        """Turn the latest scan into lifecycle events (the decision is `node.scan`'s)."""
         if self._scan is None:
             return
         result, handles = self._scan
-        now = self._clock()
-        for uid in list(self._workloads):
-            rec = self.lifecycle.pods.get(uid)
-            if rec is None:
-                continue
-            inode = result.matches.get(uid)
-            current = rec.next_netns or rec.netns
-            if inode is not None:
-                self._warned_conflicts.discard(uid)
-                self._warned_unread.discard(uid)
-                handle = handles[inode]
-                # Compare inodes, not paths: one namespace can be seen under
-                # several paths (a bind mount, any of its processes). A held pod
-                # whose record matches again is served again.
-                if (
-                    rec.state in (PodState.PENDING, PodState.HELD)
-                    or current is None
-                    or current.inode != inode
-                ):
-                    netns = Netns(path=handle.path, inode=inode)
-                    self._dispatch(NetnsFound(uid=uid, netns=netns, now=now))
-            elif uid in result.conflicts:
-                if uid not in self._warned_conflicts:
-                    self._warned_conflicts.add(uid)
-                    log.warning(
-                        "pod %s (uid %s): its IPs are in several namespaces (inodes %s); waiting",
-                        self._labels.get(uid, uid),
-                        uid,
-                        ", ".join(map(str, result.conflicts[uid])),
-                    )
-            elif uid in self._present and current is not None and current.inode in result.addresses:
-                # The namespace is there and was read, and holds none of the record's
-                # addresses: the record is wrong (or moved). Refuse, never relay.
-                reason = mismatch_reason(
-                    self._workloads[uid], current.path, result.addresses[current.inode]
-                )
-                if reason is not None and rec.hold_reason != reason:
-                    log.warning(
-                        "pod %s (uid %s): %s; listeners closed, capture kept",
-                        self._labels.get(uid, uid),
-                        uid,
-                        reason,
-                    )
-                    self._dispatch(AddressMismatch(uid=uid, reason=reason, now=now))
-            elif uid in self._present:
-                # Its namespace is still there: the scan could not read its addresses this
-                # time. Tearing down would uncapture a live pod (fail open); wait a scan.
-                if uid not in self._warned_unread:
-                    self._warned_unread.add(uid)
-                    log.warning(
-                        "pod %s (uid %s): its namespace exists but its addresses could not be"
-                        " read; keeping capture until a scan sees it again",
-                        self._labels.get(uid, uid),
-                        uid,
-                    )
-            elif rec.state in (PodState.READY, PodState.CAPTURING, PodState.FAILED, PodState.HELD):
-                if rec.state is PodState.CAPTURING and rec.remove_after:
-                    continue
-                self._dispatch(NetnsLost(uid=uid, now=now))
-        self._apply_scan_to_orphans(result.matches, now)
+        view = ScanView(
+            matches=result.matches,
+            paths={inode: handle.path for inode, handle in handles.items()},
+            conflicts=result.conflicts,
+            addresses=result.addresses,
+            present=frozenset(self._present),
+            absent=frozenset(self._absent),
+        )
+        wanted = {uid: tuple(str(a) for a in w.addresses) for uid, w in self._workloads.items()}
+        decision = decide(self.lifecycle.pods, wanted, view, self._clock())
+        for notice in decision.notices:
+            self._log_notice(notice)
+        for event in decision.events:
+            self._dispatch(event)
 
-    def _apply_scan_to_orphans(self, matches: Mapping[str, int], now: float) -> None:
-        """Held pods with no workload record: forgotten once their namespace is gone,
-        or once a workload's record claims it (that pod is then served again)."""
-        owned = set(matches.values())
-        for key, rec in list(self.lifecycle.pods.items()):
-            if key in self._workloads or rec.state is not PodState.HELD or rec.netns is None:
-                continue
-            if rec.netns.inode in owned:
-                log.info("held namespace %s is claimed by a workload again", rec.netns.path)
-                self._dispatch(NetnsLost(uid=key, now=now))
-            elif key in self._absent:
-                log.info(
-                    "held pod %s: its namespace is gone; forgotten", self._labels.get(key, key)
+    def _log_notice(self, notice: Notice) -> None:
+        label = self._labels.get(notice.uid, notice.uid)
+        if isinstance(notice, Matched):
+            self._warned.discard(notice.uid)
+        elif isinstance(notice, Mismatch):
+            log.warning(
+                "pod %s (uid %s): %s; listeners closed, capture kept",
+                label,
+                notice.uid,
+                notice.reason,
+            )
+        elif isinstance(notice, OrphanReleased):
+            if notice.claimed:
+                log.info("held namespace %s is claimed by a workload again", notice.path)
+            else:
+                log.info("held pod %s: its namespace is gone; forgotten", label)
+        elif notice.uid not in self._warned:  # Conflict, Unreadable: once until matched
+            self._warned.add(notice.uid)
+            if isinstance(notice, Conflict):
+                log.warning(
+                    "pod %s (uid %s): its IPs are in several namespaces (inodes %s); waiting",
+                    label,
+                    notice.uid,
+                    ", ".join(map(str, notice.inodes)),
                 )
-                self._dispatch(NetnsLost(uid=key, now=now))
+            else:
+                log.warning(
+                    "pod %s (uid %s): its namespace exists but its addresses could not be"
+                    " read; keeping capture until a scan sees it again",
+                    label,
+                    notice.uid,
+                )
 
     # -- lifecycle plumbing ---------------------------------------------------
 
@@ -751,7 +709,8 @@ class NodeManager:
                 raise SetupError("the workload left the node")
             scanned = self._scan[0].addresses.get(handle.inode) if self._scan else None
             if scanned is not None:
-                wrong = mismatch_reason(workload, handle.path, scanned)
+                wanted = [str(a) for a in workload.addresses]
+                wrong = mismatch_reason(wanted, handle.path, scanned)
                 if wrong is not None:
                     raise SetupError(wrong)
             listeners = await self._listeners.open(workload, handle)
