@@ -359,6 +359,7 @@ async def build(
         scan_interval=scan_interval,
         backoff=backoff,
         drain_seconds=config.drain_seconds,
+        drift_interval=config.capture_check_interval,
         on_setup=metrics.observe_capture_setup,
         annotations=annotations,
         netns_alive=netns_alive or namespace_exists,
@@ -455,5 +456,6 @@ def _refresh_metrics(
             held.clear()
             held.update(now_held)
         metrics.set_pod_counts(node_manager.counts())
+        metrics.sync_capture_repairs(node_manager.stats.repairs, node_manager.stats.repair_failures)
 
     metrics.add_refresh(refresh)

@@ -156,6 +156,11 @@ class Config:
     drain_seconds: float = 5.0
     """How long live connections may finish after shutdown starts (env DRAIN_SECONDS)."""
 
+    capture_check_interval: float = 10.0
+    """Seconds between checks of every ready pod's capture against its plan (env
+    CAPTURE_CHECK_INTERVAL): a rule removed or changed by hand is put back, logged
+    and counted (nodeagent_capture_repairs_total)."""
+
     kube_api: KubeApiMode = "auto"
     """Whether the agent talks to the Kubernetes API server (env KUBE_API), to
     annotate the pods it captures and, at SIGTERM, to read its own DaemonSet
@@ -217,6 +222,7 @@ ENV_NAMES: dict[str, str] = {
     "PROC_ROOT": "proc_root",
     "STATE_DIR": "state_dir",
     "DRAIN_SECONDS": "drain_seconds",
+    "CAPTURE_CHECK_INTERVAL": "capture_check_interval",
     "KUBE_API": "kube_api",
     "KUBE_API_ADDRESS": "kube_api_address",
     "KUBE_TOKEN": "kube_token_path",
@@ -313,6 +319,7 @@ _POSITIVE_SECONDS = (
     "hbone_handshake_timeout",
     "hbone_preface_timeout",
     "hbone_idle_timeout",
+    "capture_check_interval",
 )
 
 

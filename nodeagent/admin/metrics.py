@@ -304,6 +304,14 @@ class AgentMetrics:
             HBONE_REFUSALS,
         )
         r.register(self.hbone_inbound_refused)
+        self.capture_repairs = LabelledTotals(
+            "nodeagent_capture_repairs",
+            "Periodic checks of a ready pod's capture that found it drifted from the plan:"
+            " `result` repaired (put back) or failed",
+            "result",
+            ("repaired", "failed"),
+        )
+        r.register(self.capture_repairs)
         self.hbone_inbound_timeouts = LabelledTotals(
             "nodeagent_hbone_inbound_timeouts",
             "Inbound HBONE connections the server closed after waiting: for the TLS "
@@ -347,6 +355,10 @@ class AgentMetrics:
         self.hbone_inbound_connections.set(open_connections)
         self.hbone_inbound_refused.set_totals(refused_by_reason)
         self.hbone_inbound_timeouts.set_totals(timeouts_by_reason)
+
+    def sync_capture_repairs(self, repaired: int, failed: int) -> None:
+        """Bring the repair counts up to date with the node manager's."""
+        self.capture_repairs.set_totals({"repaired": repaired, "failed": failed})
 
     def set_xds_state(self, state: str) -> None:
         if state not in XDS_STATES:

@@ -241,6 +241,13 @@ class PodLifecycle:
         times = [r.retry_at for r in self.pods.values() if r.retry_at is not None]
         return min(times) if times else None
 
+    def note_error(self, uid: str, text: str) -> None:
+        """Show (or with "", clear) a problem of a ready pod that needs no transition,
+        such as capture that drifted and was repaired."""
+        rec = self.pods.get(uid)
+        if rec is not None and rec.state is PodState.READY:
+            self._set(rec, last_error=text)
+
     def hold_orphan(self, key: str, netns: Netns, reason: str, now: float) -> None:
         """Hold a namespace found captured that no workload record claims (a previous
         agent's pod whose record is gone): refused until released, gone or claimed."""

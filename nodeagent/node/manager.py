@@ -212,6 +212,8 @@ class ManagerStats:
     adopted: int = 0  # setups that found capture already in place
     teardowns: int = 0
     teardown_failures: int = 0
+    repairs: int = 0  # ready pods whose drifted capture was put back
+    repair_failures: int = 0
     holds: int = 0  # pods whose listeners closed while their capture stays (refused)
     released: int = 0
     stale_held: int = 0  # namespaces found captured that no local workload claimed
@@ -257,6 +259,7 @@ class NodeManager:
         wall_clock: Callable[[], float] = time.time,
         on_setup: Callable[[float], None] | None = None,
         annotations: PodAnnotationManager | None = None,
+        drift_interval: float = 10.0,
     ) -> None:
         self._on_setup = on_setup  # observes each pod's setup time (seconds), for metrics
         if not node_name:
@@ -271,6 +274,12 @@ class NodeManager:
         self._plan_for = plan_for
         self._alive = netns_alive
         self._scan_interval = scan_interval
+        # Ready pods' capture is re-applied this often: a rule deleted by hand is put
+        # back (apply is idempotent and says whether it changed anything).
+        self._drift_interval = drift_interval
+        self._next_drift_at = clock() + drift_interval
+        self._drift_task: asyncio.Task[None] | None = None
+        self._pod_locks: dict[str, asyncio.Lock] = {}  # setup/teardown vs drift repair
         self._drain = drain_seconds
         self._clock = clock
         self._wall_clock = wall_clock
@@ -333,6 +342,10 @@ class NodeManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._drift_task is not None:
+            self._drift_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drift_task
         if self._ops:
             _, pending = await asyncio.wait(set(self._ops), timeout=OPERATION_GRACE)
             for task in pending:
@@ -528,6 +541,7 @@ class NodeManager:
         retry_at = self.lifecycle.next_retry_at()
         if retry_at is not None:
             timeout = min(timeout, max(0.0, retry_at - now))
+        timeout = min(timeout, max(0.0, self._next_drift_at - now))
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
         # cancellation that races with the event, and shutdown would hang.
         with contextlib.suppress(TimeoutError):
@@ -554,6 +568,10 @@ class NodeManager:
         self._apply_scan()
         for action in self.lifecycle.due_retries(self._clock()):
             self._start(action)
+        if self._clock() >= self._next_drift_at and self._drift_task is None:
+            self._next_drift_at = self._clock() + self._drift_interval
+            self._drift_task = asyncio.create_task(self._repair_drift(), name="drift-repair")
+            self._drift_task.add_done_callback(self._drift_finished)
         if self._scan is not None and not self.synced:
             self.synced = True
             self._notify()
@@ -699,6 +717,10 @@ class NodeManager:
         return self._capture.apply(handle, self._plan_for(workload, handle))
 
     async def _setup(self, action: StartSetup) -> None:
+        async with self._lock(action.uid):
+            await self._setup_locked(action)
+
+    async def _setup_locked(self, action: StartSetup) -> None:
         uid = action.uid
         label = self._labels.get(uid, uid)
         handle = NetnsHandle(path=action.netns.path, inode=action.netns.inode)
@@ -754,6 +776,12 @@ class NodeManager:
             self._annotate(uid)
 
     async def _teardown(self, action: StartTeardown) -> None:
+        async with self._lock(action.uid):
+            await self._teardown_locked(action)
+        if action.uid not in self.lifecycle.pods:
+            self._pod_locks.pop(action.uid, None)
+
+    async def _teardown_locked(self, action: StartTeardown) -> None:
         """Close the pod's listeners. Capture is removed only on a release: a pod that
         lost its record, or its namespace, keeps it (refused, never relayed in clear)."""
         uid = action.uid
@@ -797,6 +825,50 @@ class NodeManager:
                 handle,
             )
         self._dispatch(TeardownDone(uid=uid, now=self._clock()))
+
+    # -- drift ------------------------------------------------------------------
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._pod_locks.setdefault(uid, asyncio.Lock())
+
+    def _drift_finished(self, task: asyncio.Task[None]) -> None:
+        self._drift_task = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node manager: drift check crashed", exc_info=task.exception())
+
+    async def _repair_drift(self) -> None:
+        """Re-apply every ready pod's capture; log, count and show what had to change."""
+        ready = [u for u, r in self.lifecycle.pods.items() if r.state is PodState.READY]
+        for uid in ready:
+            async with self._lock(uid):
+                rec = self.lifecycle.pods.get(uid)
+                workload = self._workloads.get(uid)
+                if rec is None or rec.state is not PodState.READY or workload is None:
+                    continue  # it moved on while others were checked
+                assert rec.netns is not None
+                handle = self._handle_for(uid, rec.netns)
+                label = self._labels.get(uid, uid)
+                try:
+                    async with self._sem:
+                        changed = await asyncio.to_thread(self._apply_capture, workload, handle)
+                except Exception as exc:
+                    self.stats.repair_failures += 1
+                    why = f"capture drifted and could not be repaired: {_reason(exc)}"
+                    log.warning("pod %s (uid %s): %s", label, uid, why)
+                    self.lifecycle.note_error(uid, why)
+                    continue
+                if changed:
+                    self.stats.repairs += 1
+                    log.warning(
+                        "pod %s (uid %s): capture in %s had drifted from the plan; repaired",
+                        label,
+                        uid,
+                        handle,
+                    )
+                    self.lifecycle.note_error(uid, "capture had drifted from the plan; repaired")
+                elif rec.last_error:
+                    self.lifecycle.note_error(uid, "")  # in place again since the last check
+        self._notify()
 
     # -- annotations ------------------------------------------------------------
 

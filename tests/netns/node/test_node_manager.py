@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import shlex
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -396,3 +397,36 @@ async def test_sigterm_upgrade_keeps_every_rule_and_uninstall_leaves_none_in_any
         if daemonset == "present":
             for pod in pods:  # leave the namespaces as the fixture made them
                 capture.remove(pod.handle)
+
+
+async def test_rule_deleted_by_hand_is_put_back_and_reported(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    """Someone deletes one of the agent's rules inside a ready pod: the periodic check
+    re-applies the plan, says so in the pod's last error and counts the repair."""
+    a = topology.a
+    store = StateStore()
+    config = Config(node_name=NODE, capture_check_interval=0.3)
+    handles = await build_agent(topology, store, capture, config)
+    handles.start()
+    try:
+        store.apply(StateBatch(workloads=(a.workload(),)))
+        await wait_state(handles, a.uid, PodState.READY)
+        table, rule = "", ""
+        for line in in_ns(a.name, "iptables-legacy-save").splitlines():
+            if line.startswith("*"):
+                table = line[1:]
+            elif line.startswith("-A ISTIO_OUTPUT"):
+                rule = line
+                break
+        assert rule, "no ISTIO_OUTPUT rule installed"
+        delete = ["iptables-legacy", "-t", table, "-D", *shlex.split(rule)[1:]]
+        in_ns(a.name, *delete)
+        assert rule not in in_ns(a.name, "iptables-legacy-save")
+        async with asyncio.timeout(WAIT):
+            await handles.node_manager.wait_until(lambda: handles.node_manager.stats.repairs >= 1)
+        assert rule in in_ns(a.name, "iptables-legacy-save")
+        [status] = handles.node_manager.pods()
+        assert status.state == "ready" and "drifted" in status.last_error
+    finally:
+        await handles.shutdown()

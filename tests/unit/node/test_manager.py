@@ -611,3 +611,34 @@ async def test_unanswering_api_server_never_delays_capture(kube_api_server: Any)
         await w.wait_state("u1", PodState.READY)
         assert 101 in w.capture.installed
         assert api.annotations_of("default", "pod-u1") == {}
+
+
+async def test_drifted_capture_of_a_ready_pod_is_repaired_and_shown() -> None:
+    async with world(drift_interval=0.05) as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.capture.installed[101] = CapturePlan(ipv4=None, ipv6=None)  # type: ignore[arg-type]
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.manager.stats.repairs == 1)
+        assert w.capture.installed[101] != CapturePlan(ipv4=None, ipv6=None)  # type: ignore[arg-type]
+        assert "drifted" in w.manager.pods()[0].last_error
+        assert w.manager.state_of("u1") is PodState.READY
+        async with asyncio.timeout(WAIT):  # in place on the next check: the note goes
+            await w.manager.wait_until(lambda: w.manager.pods()[0].last_error == "")
+        assert w.manager.stats.repairs == 1
+
+
+async def test_drift_that_cannot_be_repaired_is_reported_and_retried() -> None:
+    async with world(drift_interval=0.05) as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        w.capture.failing[101] = "iptables-restore: table locked"
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.manager.stats.repair_failures >= 2)
+        assert "could not be repaired" in w.manager.pods()[0].last_error
+        assert "table locked" in w.manager.pods()[0].last_error
+        w.capture.failing.clear()
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.manager.stats.repairs >= 1)
