@@ -162,10 +162,40 @@ class TunnelStream:
         ):
             conn.set_data_sink(self.stream_id, sink)
 
-    def ack(self, size: int) -> None:
-        """Return `size` consumed bytes to the peer's windows (callback mode with manual_ack)."""
+    def ack(self, size: int, *, flush: bool = True) -> None:
+        """Return `size` consumed bytes to the peer's windows (callback mode with manual_ack).
+        flush=False only queues the WINDOW_UPDATE: for callers inside the connection's read,
+        which flushes once the whole read is dispatched."""
         self.owner.conn.acknowledge_received_data(self.stream_id, size)
-        self.owner.flush()
+        if flush:
+            self.owner.flush()
+
+    def take_buffered(self) -> list[tuple[memoryview, int]]:
+        """Hand over the DATA that arrived before a consumer took the stream, as
+        (bytes, flow-control length) pairs, not yet acked: the taker acks them."""
+        taken = list(self._inbox)
+        self._inbox.clear()
+        return taken
+
+    @property
+    def eof(self) -> bool:
+        """The peer's END_STREAM arrived."""
+        return self._eof
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the stream failed (reset either way, refused, connection gone), or None."""
+        return self._error
+
+    @property
+    def closed(self) -> bool:
+        """The stream is closed both ways at the HTTP/2 level."""
+        return self.owner.conn.stream_state(self.stream_id) is StreamState.CLOSED
+
+    @property
+    def connection_closed(self) -> asyncio.Future[None]:
+        """Resolves when the stream's HTTP/2 connection is gone."""
+        return self.owner.closed
 
     async def read(self) -> bytes:
         """The next chunk of tunnel bytes; b"" at the peer's END_STREAM."""

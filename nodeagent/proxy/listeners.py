@@ -7,9 +7,10 @@ carries SO_MARK 0x539 and SO_REUSEPORT: during a restart the old and the new
 agent listen side by side and the kernel spreads new connections over both.
 
 Each accepted connection goes to the `ConnectionHandler` registered for its
-port. This is the seam for the proxy proper: today the handlers are the
-passthrough ones (nodeagent.proxy.passthrough); the HBONE tunnel replaces the
-15001 and 15008 handlers without touching this module. A handler:
+port: with certificates the agent registers the HBONE handlers
+(nodeagent.proxy.outbound on 15001, nodeagent.proxy.inbound on 15006 and
+15008); an agent built without a CA (tests) registers the plain-TCP ones of
+nodeagent.proxy.passthrough. A handler:
 
 * receives the `LocalPod` (who the pod is: uid, name, identity, IPs, its
   namespace and socket factory), the accepted non-blocking socket, and the

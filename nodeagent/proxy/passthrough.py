@@ -1,4 +1,4 @@
-"""Connection handlers used until the HBONE tunnel exists: pass bytes straight on.
+"""Connection handlers of an agent built without a CA (tests): pass bytes straight on.
 
 They make capture visible and testable end to end without mTLS:
 
@@ -15,8 +15,8 @@ They make capture visible and testable end to end without mTLS:
 
 A destination on one of the agent's own ports (15001/15006/15008) of the pod
 itself would loop back into the agent; such connections are closed with a
-log line. The HBONE tunnel replaces `OutboundPassthrough` and
-`HboneUnavailable` through PodListenerFactory's handler map.
+log line. With certificates, app.build registers the HBONE handlers
+(nodeagent.proxy.outbound, nodeagent.proxy.inbound) instead of these.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ of a Protocol-based one at full CPU (see the design notes), so bytes go straight
 from `data_received` into the other side's `write`, with no task per chunk.
 
 A relay joins two `RelayEnd`s. Each end is an adapter for one kind of
-connection (a TCP transport here; an HBONE stream later) and gives the relay
-five verbs: send bytes, send end-of-stream, reset, pause and resume reading.
+connection (a TCP transport here, an HBONE CONNECT stream in
+`nodeagent.proxy.tunnel_end`) and gives the relay its verbs: send bytes,
+send end-of-stream, reset, close, pause and resume reading.
 Semantics carried through, both ways:
 
 * bytes, exactly and in order;
@@ -41,7 +42,7 @@ class RelayStats:
 
 
 class RelayEnd:
-    """One side of a relay. Subclasses implement the `_do_*` verbs for their transport."""
+    """One side of a relay. Subclasses implement the `do_*` verbs for their transport."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -50,64 +51,64 @@ class RelayEnd:
         self.got_eof = False
         self.sent_eof = False
         self.closed = False
-        self._relay: Relay | None = None
+        self.relay: Relay | None = None
 
     # -- events from this end's transport, forwarded to the peer --------------
 
     def on_data(self, data: bytes | bytearray | memoryview) -> None:
         self.received += len(data)
         if self.peer is not None and not self.peer.closed:
-            self.peer._do_send(data)
+            self.peer.do_send(data)
 
     def on_eof(self) -> None:
         self.got_eof = True
         if self.peer is not None and not self.peer.closed and not self.peer.sent_eof:
             self.peer.sent_eof = True
-            self.peer._do_send_eof()
-        if self._relay is not None:
-            self._relay._check_done()
+            self.peer.do_send_eof()
+        if self.relay is not None:
+            self.relay.end_if_done()
 
     def on_reset(self, error: str) -> None:
         """This end was reset or failed: reset the peer and end the relay."""
         self.closed = True
         if self.peer is not None and not self.peer.closed:
             self.peer.closed = True
-            self.peer._do_reset()
-        if self._relay is not None:
-            self._relay._finish(error)
+            self.peer.do_reset()
+        if self.relay is not None:
+            self.relay.finish(error)
 
     def on_closed(self) -> None:
         """This end closed cleanly (both ways)."""
         self.closed = True
-        if self._relay is not None:
-            self._relay._check_done()
+        if self.relay is not None:
+            self.relay.end_if_done()
 
     def on_write_paused(self) -> None:
         if self.peer is not None:
-            self.peer._do_pause_reading()
+            self.peer.do_pause_reading()
 
     def on_write_resumed(self) -> None:
         if self.peer is not None:
-            self.peer._do_resume_reading()
+            self.peer.do_resume_reading()
 
     # -- verbs the subclass implements ----------------------------------------
 
-    def _do_send(self, data: bytes | bytearray | memoryview) -> None:
+    def do_send(self, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
-    def _do_send_eof(self) -> None:
+    def do_send_eof(self) -> None:
         raise NotImplementedError
 
-    def _do_reset(self) -> None:
+    def do_reset(self) -> None:
         raise NotImplementedError
 
-    def _do_close(self) -> None:
+    def do_close(self) -> None:
         raise NotImplementedError
 
-    def _do_pause_reading(self) -> None:
+    def do_pause_reading(self) -> None:
         raise NotImplementedError
 
-    def _do_resume_reading(self) -> None:
+    def do_resume_reading(self) -> None:
         raise NotImplementedError
 
 
@@ -117,20 +118,20 @@ class Relay:
     def __init__(self, a: RelayEnd, b: RelayEnd) -> None:
         self.a, self.b = a, b
         a.peer, b.peer = b, a
-        a._relay = b._relay = self
+        a.relay = b.relay = self
         self.done: asyncio.Future[RelayStats] = asyncio.get_running_loop().create_future()
 
-    def _check_done(self) -> None:
+    def end_if_done(self) -> None:
         a, b = self.a, self.b
         both_eof = a.got_eof and b.got_eof
         if both_eof or (a.closed and b.closed):
-            self._finish("")
+            self.finish("")
 
-    def _finish(self, error: str) -> None:
+    def finish(self, error: str) -> None:
         for end in (self.a, self.b):
             if not end.closed:
                 end.closed = True
-                end._do_close()
+                end.do_close()
         if not self.done.done():
             self.done.set_result(RelayStats(self.a.received, self.b.received, error))
 
@@ -139,7 +140,7 @@ class Relay:
         for end in (self.a, self.b):
             if not end.closed:
                 end.closed = True
-                end._do_reset()
+                end.do_reset()
         if not self.done.done():
             self.done.set_result(RelayStats(self.a.received, self.b.received, reason))
 
@@ -184,7 +185,7 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
         self.received += len(data)
         peer = self.peer
         if peer is not None and not peer.closed:
-            peer._do_send(data)
+            peer.do_send(data)
 
     def eof_received(self) -> bool:
         if not self._wired:
@@ -228,19 +229,19 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
         if self.closed and self.peer is not None and not self.peer.closed:
             self.on_reset(f"{self.name}: closed before the relay started")
 
-    def _do_send(self, data: bytes | bytearray | memoryview) -> None:
+    def do_send(self, data: bytes | bytearray | memoryview) -> None:
         assert self.transport is not None
         if not self.transport.is_closing():
             self.transport.write(data)
 
-    def _do_send_eof(self) -> None:
+    def do_send_eof(self) -> None:
         assert self.transport is not None
         if not self.transport.is_closing() and self.transport.can_write_eof():
             self.transport.write_eof()
         elif not self.transport.is_closing():
             self.transport.close()
 
-    def _do_reset(self) -> None:
+    def do_reset(self) -> None:
         if self.transport is None:
             return
         sock = self.transport.get_extra_info("socket")
@@ -255,16 +256,16 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
                 pass
         self.transport.abort()
 
-    def _do_close(self) -> None:
+    def do_close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def _do_pause_reading(self) -> None:
+    def do_pause_reading(self) -> None:
         if self.transport is not None and not self._paused and not self.transport.is_closing():
             self._paused = True
             self.transport.pause_reading()
 
-    def _do_resume_reading(self) -> None:
+    def do_resume_reading(self) -> None:
         if self.transport is not None and self._paused and not self.transport.is_closing():
             self._paused = False
             self.transport.resume_reading()

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from nodeagent.hbone.aio import TunnelStream
-from nodeagent.hbone.connection import ErrorCode, StreamState
+from nodeagent.hbone.connection import ErrorCode
 from nodeagent.identity import tls
 from nodeagent.identity.csr import WorkloadCertificate
 from nodeagent.model.identity import Identity
@@ -47,16 +47,14 @@ class TunnelRelayEnd(RelayEnd):
         self._early: list[tuple[memoryview, int]] = []
         self._early_eof = False
         self._drain: asyncio.Task[None] | None = None
-        # Bytes that arrived before we took over sit in the stream's inbox (not yet acked).
-        # TODO(hbone/aio.py): a public `take_buffered()` instead of reading the private inbox.
-        self._early.extend(stream._inbox)
-        stream._inbox.clear()
-        self._early_eof = stream._eof
+        # Bytes that arrived before we took over are not yet acked: we ack them as we relay.
+        self._early.extend(stream.take_buffered())
+        self._early_eof = stream.eof
         stream.manual_ack = True
         stream.on_data = self._stream_data
         stream.on_end = self._stream_end
         stream.on_reset = self._stream_reset
-        stream.owner.closed.add_done_callback(self._connection_closed)
+        stream.connection_closed.add_done_callback(self._connection_closed)
 
     # -- stream callbacks --------------------------------------------------------------------------
 
@@ -75,7 +73,7 @@ class TunnelRelayEnd(RelayEnd):
         self.received += len(data)
         peer = self.peer
         if peer is not None and not peer.closed:
-            peer._do_send(data)
+            peer.do_send(data)
         if self._paused:
             self._held += len(data)
             return False
@@ -86,10 +84,8 @@ class TunnelRelayEnd(RelayEnd):
             self._held += size
         elif self.closed:
             pass
-        elif flush:
-            self.stream.ack(size)
         else:
-            self.stream.owner.conn.acknowledge_received_data(self.stream.stream_id, size)
+            self.stream.ack(size, flush=flush)
 
     def _stream_end(self) -> None:
         if not self._wired:
@@ -111,7 +107,7 @@ class TunnelRelayEnd(RelayEnd):
         """Forget the connection's close callback: a pooled connection outlives many tunnels."""
         self._stop_drain()
         self.stream.deliver_to(None)
-        self.stream.owner.closed.remove_done_callback(self._connection_closed)
+        self.stream.connection_closed.remove_done_callback(self._connection_closed)
 
     def wire(self) -> None:
         """Start relaying; replays what arrived before the relay existed."""
@@ -124,13 +120,13 @@ class TunnelRelayEnd(RelayEnd):
             self.on_eof()
         else:
             self.stream.deliver_to(self._direct_data)
-        error = self.stream._error
+        error = self.stream.error
         if error is not None and not self.closed and not self._early_eof:
             self.on_reset(f"{self.name}: {error}")
 
     # -- relay verbs -------------------------------------------------------------------------------
 
-    def _do_send(self, data: bytes | bytearray | memoryview) -> None:
+    def do_send(self, data: bytes | bytearray | memoryview) -> None:
         try:
             clear = self.stream.write(data)
         except Exception as exc:  # reset or connection gone: end the relay, outside this call
@@ -156,28 +152,28 @@ class TunnelRelayEnd(RelayEnd):
             self._drain = None
         self.on_write_resumed()
 
-    def _do_send_eof(self) -> None:
+    def do_send_eof(self) -> None:
         with contextlib.suppress(Exception):
             self.stream.write_eof()
 
-    def _do_reset(self) -> None:
+    def do_reset(self) -> None:
         self.detach()
-        if self.stream.owner.conn.stream_state(self.stream.stream_id) is not StreamState.CLOSED:
+        if not self.stream.closed:
             with contextlib.suppress(Exception):
                 self.stream.reset(ErrorCode.CONNECT_ERROR)
 
-    def _do_close(self) -> None:
+    def do_close(self) -> None:
         self.detach()
         if self.got_eof and self.sent_eof:
             return  # ended both ways; buffered DATA + END_STREAM still go out as windows allow
-        if self.stream.owner.conn.stream_state(self.stream.stream_id) is not StreamState.CLOSED:
+        if not self.stream.closed:
             with contextlib.suppress(Exception):
                 self.stream.reset(ErrorCode.CANCEL)
 
-    def _do_pause_reading(self) -> None:
+    def do_pause_reading(self) -> None:
         self._paused = True
 
-    def _do_resume_reading(self) -> None:
+    def do_resume_reading(self) -> None:
         self._paused = False
         held, self._held = self._held, 0
         if held and not self.closed:
