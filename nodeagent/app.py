@@ -54,9 +54,11 @@ from nodeagent.admin.sources import (
 )
 from nodeagent.admin.telemetry import ConnectionTelemetry
 from nodeagent.config import Config, ConfigError
+from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, plan_from_namespace
+from nodeagent.datapath.capture import netns_alive as namespace_exists
 from nodeagent.datapath.discovery import NetnsScanner
 from nodeagent.datapath.ebpf import ConnectRedirect, EbpfCapture, bpf_pin_dir, kernel_headers
-from nodeagent.datapath.iptables import CaptureBackend, CaptureError, IptablesBackend
+from nodeagent.datapath.iptables import CaptureError, IptablesBackend
 from nodeagent.datapath.netns import (
     NetnsHandle,
     NetnsSocketFactory,
@@ -73,13 +75,7 @@ from nodeagent.kube.shutdown import ShutdownMode
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff
-from nodeagent.node.manager import (
-    NamespaceScanner,
-    NodeManager,
-    PlanBuilder,
-    plan_from_namespace,
-)
-from nodeagent.node.manager import netns_alive as namespace_exists
+from nodeagent.node.manager import NamespaceScanner, NodeManager
 from nodeagent.node.shutdown import read_shutdown_decision
 from nodeagent.proxy.connections import (
     ConnectionRegistry,

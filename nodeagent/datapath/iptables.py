@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from nodeagent.datapath.netns import (
     NetnsError,
@@ -116,16 +116,6 @@ class InstalledCapture:
     def empty(self) -> bool:
         """No trace of agent capture (chains, jumps, rule or route)."""
         return not any(state.has_owned for state in self.families.values())
-
-
-class CaptureBackend(Protocol):
-    """What the node manager needs from a capture backend (iptables or eBPF)."""
-
-    def apply(self, netns: NetnsHandle, plan: CapturePlan) -> bool: ...
-
-    def remove(self, netns: NetnsHandle) -> None: ...
-
-    def read_installed(self, netns: NetnsHandle) -> InstalledCapture: ...
 
 
 class IptablesBackend:

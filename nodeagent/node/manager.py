@@ -60,10 +60,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, netns_alive, plan_from_addresses
 from nodeagent.datapath.discovery import MatchResult
-from nodeagent.datapath.iptables import CaptureBackend
-from nodeagent.datapath.netns import NetnsError, NetnsHandle, NetnsWorker, ipv6_enabled, resolve
-from nodeagent.datapath.plan import CapturePlan, build_plan
+from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.model.constants import REDIRECTION_ANNOTATION
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
@@ -149,28 +148,6 @@ class IdentityRegistry(Protocol):
     def remove_workload_identity(self, identity: Identity) -> None: ...
 
 
-PlanBuilder = Callable[[Workload, NetnsHandle], CapturePlan]
-"""The capture plan for a pod; runs on a worker thread (it may look into the namespace)."""
-
-
-def plan_from_addresses(workload: Workload, netns: NetnsHandle) -> CapturePlan:
-    """Capture IPv6 too when the workload has an IPv6 address."""
-    return build_plan(ipv6=any(a.version == 6 for a in workload.addresses))
-
-
-def plan_from_namespace(worker: NetnsWorker, *, ebpf_outbound_ipv4: bool = False) -> PlanBuilder:
-    """Capture IPv6 whenever the pod's namespace has IPv6 enabled, whatever
-    addresses the control plane listed: IPv6 left uncaptured would leak.
-    ebpf_outbound_ipv4: the eBPF backend redirects IPv4 outbound connects itself."""
-
-    def plan_for(workload: Workload, netns: NetnsHandle) -> CapturePlan:
-        return build_plan(
-            ipv6=worker.call(netns, ipv6_enabled), ebpf_outbound_ipv4=ebpf_outbound_ipv4
-        )
-
-    return plan_for
-
-
 # -- status ----------------------------------------------------------------------
 
 
@@ -226,15 +203,6 @@ class SetupError(RuntimeError):
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def netns_alive(handle: NetnsHandle) -> bool:
-    """Whether the namespace still exists (same inode)."""
-    try:
-        resolve(handle)
-    except NetnsError:
-        return False
-    return True
 
 
 class NodeManager:

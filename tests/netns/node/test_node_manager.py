@@ -16,6 +16,7 @@ import pytest
 
 from nodeagent import app
 from nodeagent.config import Config
+from nodeagent.datapath.capture import plan_from_addresses
 from nodeagent.datapath.iptables import IptablesBackend
 from nodeagent.datapath.netns import NetnsWorker
 from nodeagent.model.constants import (
@@ -25,7 +26,6 @@ from nodeagent.model.constants import (
     REDIRECTION_ANNOTATION,
 )
 from nodeagent.node.lifecycle import Backoff, PodState
-from nodeagent.node.manager import plan_from_addresses
 from nodeagent.state.store import StateBatch, StateStore
 
 from .conftest import NODE, DemoApp, Topology, call, in_ns, listening_ports, sh

@@ -13,11 +13,11 @@ from typing import Any
 from nodeagent import app
 from nodeagent.admin.client import AdminClient
 from nodeagent.config import Config
+from nodeagent.datapath.capture import plan_from_addresses
 from nodeagent.datapath.discovery import MatchResult, match_workloads
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
 from nodeagent.model.workload import TunnelProtocol, Workload
-from nodeagent.node.manager import plan_from_addresses
 from nodeagent.state.store import StateBatch
 
 

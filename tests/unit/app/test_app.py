@@ -15,13 +15,13 @@ from nodeagent.cli.errors import CliError
 from nodeagent.cli.main import build_parser
 from nodeagent.cli.run import load_config
 from nodeagent.config import Config, ConfigError
+from nodeagent.datapath.capture import plan_from_addresses
 from nodeagent.datapath.discovery import MatchResult, match_workloads
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
 from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.model.workload import Workload
 from nodeagent.node.lifecycle import PodState
-from nodeagent.node.manager import plan_from_addresses
 from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
 from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.state.store import StateBatch
