@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 
 from nodeagent.admin.loglevel import StdlibLogLevelControl
 from nodeagent.admin.metrics import AgentMetrics
-from nodeagent.admin.providers import AdminProviders
+from nodeagent.admin.providers import AdminProviders, DrainHook
 from nodeagent.admin.readiness import Readiness
 from nodeagent.admin.server import AdminServers
 from nodeagent.admin.sources import (
@@ -231,85 +232,31 @@ async def build(
         raise ConfigError("field 'node_name' is required (NODE_NAME or --node-name)")
     closers: list[Any] = []
     if kube is None:
-        endpoint = resolve_endpoint(config, os.environ if environ is None else environ)
-        kube = KubeClient(endpoint) if endpoint is not None else None
-        log.info(
-            "kubernetes API: %s",
-            f"{endpoint.url} (pod annotations; upgrade or uninstall at shutdown)"
-            if endpoint is not None
-            else "not used (pods are not annotated; shutdown keeps the rules)",
-        )
+        kube = _kube_client(config, os.environ if environ is None else environ)
     annotations = (
         PodAnnotationManager(kube, node_name=config.node_name) if kube is not None else None
     )
     store = store or StateStore()
     updater = StateUpdater(store)
     xds_client = XdsClient(config, updater) if xds else None
-
-    ca_client: CaClient | None = None
-    certificates: CertificateManager | None = None
-    if ca:
-        try:
-            ca_client = CaClient.connect(
-                config.effective_ca_address,
-                root_ca_path=config.xds_root_ca,
-                token_path=config.auth_token_path,
-                cluster_id=config.cluster_id,
-                ttl=float(config.secret_ttl_seconds),
-            )
-        except (ValueError, OSError) as exc:
-            raise ConfigError(f"field 'ca_address': {exc}") from None
-        certificates = CertificateManager(ca_client)
+    ca_client, certificates = _certificate_manager(config) if ca else (None, None)
 
     # One worker per kind of namespace work, so a slow iptables apply never
     # delays a scan or a socket the proxy is waiting for.
     ebpf: EbpfCapture | None = None
     if capture is None:
-        iptables = IptablesBackend()
-        closers.append(iptables.close)
-        capture = iptables
-        if config.redirect_backend == "ebpf":
-            ebpf_worker = NetnsWorker("ebpf")
-            closers.append(ebpf_worker.close)
-            try:
-                redirect = ConnectRedirect(
-                    cgroup=config.cgroup2_path,
-                    pin_dir=bpf_pin_dir(config.bpf_pin_dir, config.cluster_id, config.node_name),
-                    kernel_headers=kernel_headers(),
-                    worker=ebpf_worker,
-                )
-            except CaptureError as exc:
-                for close in reversed(closers):
-                    close()
-                raise ConfigError(f"field 'redirect_backend': ebpf: {exc}") from None
-            if redirect.pin_dir is None:
-                log.warning(
-                    "eBPF capture is not pinned (bpf_pin_dir %r, no bpffs at /sys/fs/bpf?): "
-                    "it ends with the agent, and the pods' connects then go out uncaptured",
-                    config.bpf_pin_dir,
-                )
-            ebpf = EbpfCapture(iptables, redirect, ebpf_worker)
-            capture = ebpf
+        capture, ebpf = _capture_backend(config, closers)
     if scanner is None:
-        scan_worker = NetnsWorker("scan")
-        closers.append(scan_worker.close)
+        scan_worker = _worker("scan", closers)
         scanner = NetnsScanner(
             scan_worker, netns_dir=Path(config.netns_dir), proc_root=Path(config.proc_root)
         )
-    sockets_worker: NetnsWorker | None = None
     if sockets_for is None or plan_for is None:
-        sockets_worker = NetnsWorker("sockets")
-        closers.append(sockets_worker.close)
-    if sockets_for is None:
-        assert sockets_worker is not None
-        worker = sockets_worker
-
-        def sockets_for(netns: NetnsHandle) -> NetnsSocketFactory:
-            return NetnsSocketFactory(netns, worker)
-
-    if plan_for is None:
-        assert sockets_worker is not None
-        plan_for = plan_from_namespace(sockets_worker, ebpf_outbound_ipv4=ebpf is not None)
+        sockets_worker = _worker("sockets", closers)
+        sockets_for = sockets_for or _sockets_in(sockets_worker)
+        plan_for = plan_for or plan_from_namespace(
+            sockets_worker, ebpf_outbound_ipv4=ebpf is not None
+        )
 
     destination_of = ebpf.destination_of if ebpf is not None else original_destination
     stats = PassthroughStats()
@@ -318,26 +265,8 @@ async def build(
     registry: ConnectionRegistry | None = None
     pool: HbonePool | None = None
     if handlers is None and certificates is not None:
-        tls = WorkloadTls(certificates)
-        checker = ObservedPolicyChecker(store_policy_lookup(store), telemetry)
-        registry = ConnectionRegistry(checker, observer=telemetry)
-        closers.append(registry.watch(store))
-        pool = HbonePool(tls, PoolSettings())
-        inbound_hbone = InboundHboneHandler(
-            tls, checker, registry, settings=ServerSettings.from_config(config)
-        )
-        handlers = {
-            OUTBOUND_PORT: OutboundHandler(store, pool, registry, destination_of=destination_of),
-            INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
-            INBOUND_HBONE_PORT: inbound_hbone,
-        }
-        hbone_server = inbound_hbone.server
-        metrics.add_refresh(
-            lambda: metrics.sync_hbone_inbound(
-                open_connections=hbone_server.limits.open,
-                refused_by_reason=hbone_server.limits.refused_by_reason(),
-                timeouts_by_reason=hbone_server.stats.timeouts,
-            )
+        handlers, registry, pool = _mesh_handlers(
+            config, store, certificates, metrics, telemetry, destination_of, closers
         )
     listeners = PodListenerFactory(
         handlers or passthrough_handlers(stats, destination_of=destination_of),
@@ -362,44 +291,19 @@ async def build(
     )
     _refresh_metrics(metrics, xds_client, certificates, node_manager)
     metrics.add_refresh(telemetry.flush)
-    readiness = Readiness()
-    readiness.add("xds-synced", lambda: xds_client is None or xds_client.ready)
-    readiness.add("pods-settled", lambda: node_manager.ready)
-    if certificates is not None:
-        certs = certificates
-        readiness.add(
-            "certificates-held",
-            lambda: all(s.state is CertState.AVAILABLE for s in certs.status()),
-        )
+    readiness = _readiness(xds_client, node_manager, certificates)
+    stop = asyncio.Event()  # set by `AgentHandles.stop()` and by the admin's quitquitquit
     servers: AdminServers | None = None
-    agent: list[AgentHandles] = []  # filled below; the drain hook needs the handles
-
-    async def drain_then_exit() -> None:
-        agent[0].stop()
-
     if admin:
-        pods = NodePodsSource(node_manager, store, config.redirect_backend)
-        live = registry
-        providers = AdminProviders(
-            config_dump=config_dump_sections(store, certificates, config),
-            pods=pods,
-            connections=RegistryConnections(lambda: live if live is not None else ()),
-            log_level=StdlibLogLevelControl(config.log_level),
-            rules=CaptureRulesSource(pods, store, plan_for, capture, config.redirect_backend),
-            explain=MeshExplainer(store, OutboundRouter(store).route),
-            release=node_manager,
-            drain_then_exit=drain_then_exit,
-        )
-        servers = AdminServers(
-            providers=providers,
-            metrics=metrics,
-            readiness=readiness,
-            admin_address=config.admin_address,
-            admin_socket=config.admin_socket,
-            metrics_address=config.metrics_address,
-            readiness_address=config.readiness_address,
-        )
-    handles = AgentHandles(
+
+        async def drain_then_exit() -> None:
+            stop.set()
+
+        servers = _admin_servers(
+            config, store, certificates, node_manager, registry, capture, plan_for,
+            metrics, readiness, drain_then_exit,
+        )  # fmt: skip
+    return AgentHandles(
         config=config,
         store=store,
         updater=updater,
@@ -417,9 +321,161 @@ async def build(
         annotations=annotations,
         _closers=closers,
         _ebpf=ebpf,
+        _stop=stop,
     )
-    agent.append(handles)
-    return handles
+
+
+def _worker(name: str, closers: list[Any]) -> NetnsWorker:
+    worker = NetnsWorker(name)
+    closers.append(worker.close)
+    return worker
+
+
+def _sockets_in(worker: NetnsWorker) -> SocketFactoryMaker:
+    def sockets_for(netns: NetnsHandle) -> NetnsSocketFactory:
+        return NetnsSocketFactory(netns, worker)
+
+    return sockets_for
+
+
+def _kube_client(config: Config, environ: Mapping[str, str]) -> KubeApi | None:
+    endpoint = resolve_endpoint(config, environ)
+    log.info(
+        "kubernetes API: %s",
+        f"{endpoint.url} (pod annotations; upgrade or uninstall at shutdown)"
+        if endpoint is not None
+        else "not used (pods are not annotated; shutdown keeps the rules)",
+    )
+    return KubeClient(endpoint) if endpoint is not None else None
+
+
+def _certificate_manager(config: Config) -> tuple[CaClient, CertificateManager]:
+    try:
+        ca_client = CaClient.connect(
+            config.effective_ca_address,
+            root_ca_path=config.xds_root_ca,
+            token_path=config.auth_token_path,
+            cluster_id=config.cluster_id,
+            ttl=float(config.secret_ttl_seconds),
+        )
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"field 'ca_address': {exc}") from None
+    return ca_client, CertificateManager(ca_client)
+
+
+def _capture_backend(
+    config: Config, closers: list[Any]
+) -> tuple[CaptureBackend, EbpfCapture | None]:
+    iptables = IptablesBackend()
+    closers.append(iptables.close)
+    if config.redirect_backend != "ebpf":
+        return iptables, None
+    ebpf_worker = _worker("ebpf", closers)
+    try:
+        redirect = ConnectRedirect(
+            cgroup=config.cgroup2_path,
+            pin_dir=bpf_pin_dir(config.bpf_pin_dir, config.cluster_id, config.node_name),
+            kernel_headers=kernel_headers(),
+            worker=ebpf_worker,
+        )
+    except CaptureError as exc:
+        for close in reversed(closers):
+            close()
+        raise ConfigError(f"field 'redirect_backend': ebpf: {exc}") from None
+    if redirect.pin_dir is None:
+        log.warning(
+            "eBPF capture is not pinned (bpf_pin_dir %r, no bpffs at /sys/fs/bpf?): "
+            "it ends with the agent, and the pods' connects then go out uncaptured",
+            config.bpf_pin_dir,
+        )
+    ebpf = EbpfCapture(iptables, redirect, ebpf_worker)
+    return ebpf, ebpf
+
+
+def _mesh_handlers(
+    config: Config,
+    store: StateStore,
+    certificates: CertificateManager,
+    metrics: AgentMetrics,
+    telemetry: ConnectionTelemetry,
+    destination_of: Callable[[socket.socket], Any],
+    closers: list[Any],
+) -> tuple[dict[int, ConnectionHandler], ConnectionRegistry, HbonePool]:
+    """The in-pod listeners' handlers: outbound over the HBONE pool, inbound plaintext
+    and HBONE, all authorized and recorded in one connection registry."""
+    tls = WorkloadTls(certificates)
+    checker = ObservedPolicyChecker(store_policy_lookup(store), telemetry)
+    registry = ConnectionRegistry(checker, observer=telemetry)
+    closers.append(registry.watch(store))
+    pool = HbonePool(tls, PoolSettings())
+    inbound_hbone = InboundHboneHandler(
+        tls, checker, registry, settings=ServerSettings.from_config(config)
+    )
+    handlers: dict[int, ConnectionHandler] = {
+        OUTBOUND_PORT: OutboundHandler(store, pool, registry, destination_of=destination_of),
+        INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
+        INBOUND_HBONE_PORT: inbound_hbone,
+    }
+    hbone_server = inbound_hbone.server
+    metrics.add_refresh(
+        lambda: metrics.sync_hbone_inbound(
+            open_connections=hbone_server.limits.open,
+            refused_by_reason=hbone_server.limits.refused_by_reason(),
+            timeouts_by_reason=hbone_server.stats.timeouts,
+        )
+    )
+    return handlers, registry, pool
+
+
+def _readiness(
+    xds_client: XdsClient | None,
+    node_manager: NodeManager,
+    certificates: CertificateManager | None,
+) -> Readiness:
+    readiness = Readiness()
+    readiness.add("xds-synced", lambda: xds_client is None or xds_client.ready)
+    readiness.add("pods-settled", lambda: node_manager.ready)
+    if certificates is not None:
+        certs = certificates
+        readiness.add(
+            "certificates-held",
+            lambda: all(s.state is CertState.AVAILABLE for s in certs.status()),
+        )
+    return readiness
+
+
+def _admin_servers(
+    config: Config,
+    store: StateStore,
+    certificates: CertificateManager | None,
+    node_manager: NodeManager,
+    registry: ConnectionRegistry | None,
+    capture: CaptureBackend,
+    plan_for: PlanBuilder,
+    metrics: AgentMetrics,
+    readiness: Readiness,
+    drain_then_exit: DrainHook,
+) -> AdminServers:
+    pods = NodePodsSource(node_manager, store, config.redirect_backend)
+    providers = AdminProviders(
+        config_dump=config_dump_sections(store, certificates, config),
+        pods=pods,
+        connections=RegistryConnections(lambda: registry if registry is not None else ()),
+        log_level=StdlibLogLevelControl(config.log_level),
+        rules=CaptureRulesSource(pods, store, plan_for, capture, config.redirect_backend),
+        explain=MeshExplainer(store, OutboundRouter(store).route),
+        release=node_manager,
+        drain_then_exit=drain_then_exit,
+    )
+    return AdminServers(
+        providers=providers,
+        metrics=metrics,
+        readiness=readiness,
+        admin_address=config.admin_address,
+        admin_socket=config.admin_socket,
+        metrics_address=config.metrics_address,
+        readiness_address=config.readiness_address,
+    )
 
 
 def _refresh_metrics(
