@@ -76,7 +76,7 @@ from nodeagent.kube.shutdown import ShutdownMode
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff
-from nodeagent.node.manager import NamespaceScanner, NodeManager
+from nodeagent.node.manager import NamespaceScanner, NodeManager, NodeTiming
 from nodeagent.node.shutdown import read_shutdown_decision
 from nodeagent.proxy.connections import (
     ConnectionRegistry,
@@ -281,10 +281,12 @@ async def build(
         listeners=listeners,
         certificates=certificates,
         plan_for=plan_for,
-        scan_interval=scan_interval,
-        backoff=backoff,
-        drain_seconds=config.drain_seconds,
-        drift_interval=config.capture_check_interval,
+        timing=NodeTiming(
+            scan_interval=scan_interval,
+            backoff=backoff or Backoff(),
+            drain_seconds=config.drain_seconds,
+            drift_interval=config.capture_check_interval,
+        ),
         on_setup=metrics.observe_capture_setup,
         annotations=annotations,
         netns_alive=netns_alive or namespace_exists,

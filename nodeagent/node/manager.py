@@ -57,7 +57,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, netns_alive, plan_from_addresses
@@ -205,6 +205,23 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeTiming:
+    """How often and how much the node manager works."""
+
+    scan_interval: float = 1.0
+    """Seconds between namespace scans (one also follows every state change)."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """Retry delays of failed setups."""
+    max_concurrent: int = 4
+    """Kernel operations (capture apply/remove) at once, across pods."""
+    drain_seconds: float = 5.0
+    """How long a pod's live connections may finish when its listeners close."""
+    drift_interval: float = 10.0
+    """Seconds between re-applies of every ready pod's capture: a rule deleted by hand
+    is put back (apply is idempotent and says whether it changed anything)."""
+
+
 class NodeManager:
     """Keeps capture and listeners in place for every local pod."""
 
@@ -219,16 +236,13 @@ class NodeManager:
         certificates: IdentityRegistry | None = None,
         plan_for: PlanBuilder = plan_from_addresses,
         netns_alive: Callable[[NetnsHandle], bool] = netns_alive,
-        scan_interval: float = 1.0,
-        backoff: Backoff | None = None,
-        max_concurrent: int = 4,
-        drain_seconds: float = 5.0,
+        timing: NodeTiming | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_setup: Callable[[float], None] | None = None,
         annotations: PodAnnotationManager | None = None,
-        drift_interval: float = 10.0,
     ) -> None:
+        timing = timing or NodeTiming()
         self._on_setup = on_setup  # observes each pod's setup time (seconds), for metrics
         if not node_name:
             raise ValueError("node_name is required: it selects the workloads on this node")
@@ -241,18 +255,16 @@ class NodeManager:
         self._annotations = annotations
         self._plan_for = plan_for
         self._alive = netns_alive
-        self._scan_interval = scan_interval
-        # Ready pods' capture is re-applied this often: a rule deleted by hand is put
-        # back (apply is idempotent and says whether it changed anything).
-        self._drift_interval = drift_interval
-        self._next_drift_at = clock() + drift_interval
+        self._scan_interval = timing.scan_interval
+        self._drift_interval = timing.drift_interval
+        self._next_drift_at = clock() + timing.drift_interval
         self._drift_task: asyncio.Task[None] | None = None
         self._pod_locks: dict[str, asyncio.Lock] = {}  # setup/teardown vs drift repair
-        self._drain = drain_seconds
+        self._drain = timing.drain_seconds
         self._clock = clock
         self._wall_clock = wall_clock
-        self._sem = asyncio.Semaphore(max_concurrent)
-        self.lifecycle = PodLifecycle(backoff=backoff or Backoff())
+        self._sem = asyncio.Semaphore(timing.max_concurrent)
+        self.lifecycle = PodLifecycle(backoff=timing.backoff)
         self.stats = ManagerStats()
 
         self._workloads: dict[str, Workload] = {}  # local workloads by uid

@@ -20,7 +20,7 @@ from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
 from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff, PodState
-from nodeagent.node.manager import NodeManager
+from nodeagent.node.manager import NodeManager, NodeTiming
 from nodeagent.state.store import StateBatch, StateStore
 
 NODE = "node1"
@@ -191,9 +191,12 @@ async def world(**kwargs: Any) -> Any:
         listeners=listeners,
         certificates=certs,
         netns_alive=scanner.alive,
-        scan_interval=0.01,
-        backoff=Backoff(initial=0.05, cap=0.2),
-        drain_seconds=0.0,
+        timing=NodeTiming(
+            scan_interval=0.01,
+            backoff=Backoff(initial=0.05, cap=0.2),
+            drain_seconds=0.0,
+            **{k: kwargs.pop(k) for k in ("max_concurrent", "drift_interval") if k in kwargs},
+        ),
         **kwargs,
     )
     w = World(store, scanner, capture, listeners, certs, manager)
@@ -475,7 +478,7 @@ async def test_shutdown_leaves_rules_and_next_manager_adopts_them() -> None:
             scanner=w.scanner,
             listeners=w.listeners,
             netns_alive=w.scanner.alive,
-            scan_interval=0.01,
+            timing=NodeTiming(scan_interval=0.01),
         )
         successor.start()
         try:
