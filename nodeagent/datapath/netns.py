@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from nodeagent.model.address import unmap
 from nodeagent.model.constants import (
     INBOUND_HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
@@ -337,16 +337,6 @@ class NetnsSocketFactory:
         return made
 
 
-def _unmap(host: str) -> str:
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return host
-
-
 def _orig_dst_v4(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
     port, addr = struct.unpack_from("!H4s", raw, 2)
@@ -356,7 +346,7 @@ def _orig_dst_v4(sock: socket.socket) -> tuple[str, int]:
 def _orig_dst_v6(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
     port, _flow, addr = struct.unpack_from("!HI16s", raw, 2)
-    return _unmap(socket.inet_ntop(socket.AF_INET6, addr)), port
+    return unmap(socket.inet_ntop(socket.AF_INET6, addr)), port
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -367,7 +357,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     attempts: list[Callable[[socket.socket], tuple[str, int]]]
     if sock.family == socket.AF_INET:
         attempts = [_orig_dst_v4]
-    elif _unmap(local[0]) != local[0]:  # IPv4 client on a dual-stack socket
+    elif unmap(local[0]) != local[0]:  # IPv4 client on a dual-stack socket
         attempts = [_orig_dst_v4, _orig_dst_v6]
     else:
         attempts = [_orig_dst_v6, _orig_dst_v4]
@@ -376,4 +366,4 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
             return attempt(sock)
         except OSError:
             continue
-    return _unmap(local[0]), local[1]
+    return unmap(local[0]), local[1]

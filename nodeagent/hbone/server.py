@@ -41,6 +41,7 @@ from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream, keep
 from nodeagent.hbone.connection import ConnectionConfig, parse_authority
 from nodeagent.hbone.keepalive import KeepaliveSchedule
 from nodeagent.hbone.limits import ConnectionLimits, ConnectionSlot, Refusal
+from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
@@ -122,13 +123,6 @@ class TunnelRequest:
 # Connects to the app, answers 200 or 503 on `request.stream`, relays until the end.
 TunnelHandler = Callable[[TunnelRequest], Awaitable[None]]
 Authorizer = Callable[[ConnectionAttributes], Decision]
-
-
-def _unmap(ip: str) -> str:
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 @dataclass
@@ -226,7 +220,7 @@ class HboneServer:
         except BaseException:
             sock.close()
             raise
-        peer = (_unmap(peer_addr[0]), peer_addr[1])
+        peer = (unmap(peer_addr[0]), peer_addr[1])
         state: dict[str, Identity] = {}
         refusal: list[str] = []
 
@@ -370,8 +364,8 @@ class HboneServer:
         except ValueError as exc:
             self._refuse(stream, 400, workload, peer, f"bad authority: {exc}")
             return None
-        local = {_canonical(a) for a in workload.addresses}
-        if _canonical(ip) not in local:
+        local = {unmap(a) for a in workload.addresses}
+        if unmap(ip) not in local:
             self._refuse(
                 stream,
                 400,
@@ -385,9 +379,9 @@ class HboneServer:
             self._refuse(stream, 503, workload, peer, f"target port {port} is the agent's own")
             return None
         attributes = ConnectionAttributes(
-            source_ip=_canonical(ipaddress.ip_address(peer[0])),
+            source_ip=unmap(ipaddress.ip_address(peer[0])),
             source_identity=identity,
-            destination_ip=_canonical(ip),
+            destination_ip=unmap(ip),
             destination_port=port,
             destination_namespace=workload.namespace,
             destination_name=workload.name,
@@ -413,7 +407,7 @@ class HboneServer:
             stream=stream,
             peer=peer,
             peer_identity=identity,
-            target=(str(_canonical(ip)), port),
+            target=(str(unmap(ip)), port),
             attributes=attributes,
             workload=workload,
         )
@@ -444,9 +438,3 @@ class HboneServer:
                 request.stream.reset()
             except Exception:  # the connection is already gone
                 pass
-
-
-def _canonical(ip: IPAddress) -> IPAddress:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip

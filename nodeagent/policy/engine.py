@@ -32,10 +32,10 @@ Matching:
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from nodeagent.model.address import unmap
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import (
     Action,
@@ -113,13 +113,6 @@ class Decision:
         return text
 
 
-def _canonical(ip: IPAddress) -> IPAddress:
-    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; policies name them as IPv4.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def string_matches(match: StringMatch, value: str | None) -> bool:
     """Whether `value` satisfies `match`; None (no identity) satisfies nothing."""
     if value is None:
@@ -170,8 +163,8 @@ def _peer(conn: ConnectionAttributes) -> _Peer:
         identity,
         identity.principal if identity is not None else None,
         identity.namespace if identity is not None else None,
-        _canonical(conn.source_ip),
-        _canonical(conn.destination_ip),
+        unmap(conn.source_ip),
+        unmap(conn.destination_ip),
         conn.destination_port,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from nodeagent.model.address import unmap
 from nodeagent.model.policy import (
     Action,
     Authorization,
@@ -20,7 +21,7 @@ from nodeagent.model.policy import (
     ServiceAccountMatch,
     StringMatch,
 )
-from nodeagent.policy.engine import _any_ip, _any_sa, _any_string, _canonical
+from nodeagent.policy.engine import _any_ip, _any_sa, _any_string
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +57,8 @@ def match_mismatch(match: Match, conn: ConnectionAttributes) -> str | None:
     who = principal if principal is not None else "a plaintext peer (no identity)"
     ns = namespace if namespace is not None else "a plaintext peer (no identity)"
     src, dst, port = (
-        _canonical(conn.source_ip),
-        _canonical(conn.destination_ip),
+        unmap(conn.source_ip),
+        unmap(conn.destination_ip),
         conn.destination_port,
     )
     if match.destination_ports and port not in match.destination_ports:

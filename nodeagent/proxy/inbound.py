@@ -19,7 +19,6 @@ app sees the real caller. Both register the connection with the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import logging
@@ -27,19 +26,26 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nodeagent.datapath.netns import original_destination, set_transparent
+from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.server import HboneServer, LocalWorkload, ServerSettings, TunnelRequest
+from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.checker import PolicyChecker
-from nodeagent.proxy.connections import HBONE, INBOUND, TCP, ConnectionRegistry, LiveConnection
+from nodeagent.proxy.connections import HBONE, INBOUND, TCP, ConnectionRegistry
 from nodeagent.proxy.listeners import LocalPod
-from nodeagent.proxy.relay import Relay, TcpRelayEnd, connect_tcp_end, relay_pair
+from nodeagent.proxy.relay import connect_tcp_end
+from nodeagent.proxy.sockets import (
+    CONNECT_TIMEOUT,
+    connect_in_pod,
+    hold,
+    hostport,
+    relay_sockets,
+    reset_socket,
+)
 from nodeagent.proxy.tunnel_end import TunnelRelayEnd, WorkloadTls, join
 
 log = logging.getLogger(__name__)
-
-CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -52,58 +58,6 @@ class InboundStats:
     by_port: dict[int, int] = field(default_factory=dict)
 
 
-def unmap(host: str) -> str:
-    """`::ffff:a.b.c.d` -> `a.b.c.d`; other text unchanged (zone ids dropped)."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
-
-
-def family_of(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def reset_socket(sock: socket.socket) -> None:
-    """Close with RST, so the client sees a failure rather than a clean end."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
-
-
-async def connect_in_pod(
-    pod: LocalPod,
-    dst: tuple[str, int],
-    *,
-    source: str | None = None,
-    connect_timeout: float = CONNECT_TIMEOUT,
-) -> tuple[socket.socket, bool]:
-    """A connected, marked socket from inside `pod` to `dst`; from `source` if the kernel lets
-    us (returns whether it did). Raises OSError/TimeoutError if the connect fails."""
-    sock = pod.sockets.upstream(family_of(dst[0]))
-    spoofed = False
-    try:
-        if source is not None and family_of(source) == family_of(dst[0]) and set_transparent(sock):
-            try:
-                sock.bind((source, 0))
-                spoofed = True
-            except OSError as exc:  # no route back to that address: go from the pod
-                log.debug("pod %s: cannot bind to client %s: %s", pod.label, source, exc)
-        loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(sock, dst), connect_timeout)
-    except BaseException:
-        sock.close()
-        raise
-    return sock, spoofed
-
-
 def local_workload(pod: LocalPod) -> LocalWorkload:
     return LocalWorkload(
         uid=pod.uid,
@@ -112,15 +66,6 @@ def local_workload(pod: LocalPod) -> LocalWorkload:
         identity=pod.identity,
         addresses=pod.addresses,
     )
-
-
-async def _hold(relay: Relay) -> None:
-    """Wait for the relay to finish; if we are cancelled (drain over), reset both sides."""
-    try:
-        await asyncio.shield(relay.done)
-    except asyncio.CancelledError:
-        relay.abort("listener closed")
-        raise
 
 
 class InboundHboneHandler:
@@ -214,7 +159,7 @@ class InboundHboneHandler:
                 hostport(*request.peer),
             )
             live.relay = join(tunnel_end, app_end)
-            await _hold(live.relay)
+            await hold(live.relay)
         finally:
             self.registry.remove(live)
 
@@ -309,23 +254,11 @@ class InboundPlaintextHandler:
                 reset_socket(sock)
                 return
             self.stats.transparent += spoofed
-            await relay_sockets(live, sock, app)
+            live.relay = await relay_sockets(sock, app)
+            await hold(live.relay)
             self.stats.relayed += 1
         except BaseException:
             sock.close()
             raise
         finally:
             self.registry.remove(live)
-
-
-async def relay_sockets(live: LiveConnection, down: socket.socket, up: socket.socket) -> None:
-    """Relay two connected sockets (downstream first) until both directions end."""
-    try:
-        down_end: TcpRelayEnd = await connect_tcp_end("downstream", down)
-        up_end = await connect_tcp_end("upstream", up)
-    except BaseException:
-        up.close()
-        down.close()
-        raise
-    live.relay = relay_pair(down_end, up_end)
-    await _hold(live.relay)

@@ -42,20 +42,21 @@ from nodeagent.hbone.pool import (
     forwarded_header,
     traceparent_header,
 )
+from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT, TUNNEL_OPEN_FAILED
 from nodeagent.model.identity import Identity, IdentityError
 from nodeagent.model.workload import TunnelProtocol, Workload
 from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry
-from nodeagent.proxy.inbound import (
+from nodeagent.proxy.listeners import LocalPod
+from nodeagent.proxy.relay import connect_tcp_end
+from nodeagent.proxy.sockets import (
     CONNECT_TIMEOUT,
     connect_in_pod,
+    hold,
     hostport,
     relay_sockets,
     reset_socket,
-    unmap,
 )
-from nodeagent.proxy.listeners import LocalPod
-from nodeagent.proxy.relay import connect_tcp_end
 from nodeagent.proxy.tunnel_end import TunnelRelayEnd, join
 from nodeagent.state.store import StateStore
 from nodeagent.traffic.endpoints import candidates_for
@@ -319,7 +320,8 @@ class OutboundHandler:
                 return
             self._record(route, ok=True)
             self._count(route.kind.value)
-            await relay_sockets(live, sock, upstream)
+            live.relay = await relay_sockets(sock, upstream)
+            await hold(live.relay)
         except BaseException:
             sock.close()
             raise
@@ -380,11 +382,7 @@ class OutboundHandler:
                 stream.reset()
                 raise
             live.relay = join(app_end, tunnel_end)
-            try:
-                await asyncio.shield(live.relay.done)
-            except asyncio.CancelledError:
-                live.relay.abort("listener closed")
-                raise
+            await hold(live.relay)
         except BaseException:
             sock.close()
             raise

@@ -21,15 +21,14 @@ log line. With certificates, app.build registers the HBONE handlers
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from nodeagent.datapath.netns import original_destination, set_transparent
+from nodeagent.datapath.netns import original_destination
+from nodeagent.model.address import unmap
 from nodeagent.model.constants import (
     ILLEGAL_PORTS,
     INBOUND_HBONE_PORT,
@@ -37,11 +36,16 @@ from nodeagent.model.constants import (
     OUTBOUND_PORT,
 )
 from nodeagent.proxy.listeners import ConnectionHandler, LocalPod
-from nodeagent.proxy.relay import connect_tcp_end, relay_pair
+from nodeagent.proxy.sockets import (
+    CONNECT_TIMEOUT,
+    connect_in_pod,
+    family_of,
+    hold,
+    relay_sockets,
+    reset_socket,
+)
 
 log = logging.getLogger(__name__)
-
-CONNECT_TIMEOUT = 10.0
 
 
 @dataclass
@@ -58,33 +62,12 @@ class PassthroughStats:
         table[port] = table.get(port, 0) + 1
 
 
-def _unmap(host: str) -> str:
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 def _is_self(pod: LocalPod, host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
         return False
     return addr.is_loopback or addr.is_unspecified or pod.owns(str(addr))
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with RST, so the client sees a failure rather than a clean end."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    sock.close()
 
 
 class _Passthrough:
@@ -106,7 +89,7 @@ class _Passthrough:
                 dst[1],
             )
             self.stats.count("refused", port)
-            _reset(sock)
+            reset_socket(sock)
             return True
         return False
 
@@ -119,19 +102,11 @@ class _Passthrough:
         *,
         source: str | None = None,
     ) -> None:
-        upstream = pod.sockets.upstream(_family(dst[0]))
         try:
-            if source is not None and set_transparent(upstream):
-                try:
-                    upstream.bind((source, 0))
-                    self.stats.transparent += 1
-                except OSError as exc:  # e.g. no route back to that address: go without
-                    log.debug("pod %s: cannot bind to client %s: %s", pod.label, source, exc)
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self._connect_timeout):
-                await loop.sock_connect(upstream, dst)
+            upstream, spoofed = await connect_in_pod(
+                pod, dst, source=source, connect_timeout=self._connect_timeout
+            )
         except (OSError, TimeoutError) as exc:
-            upstream.close()
             self.stats.count("upstream_failed", port)
             log.info(
                 "pod %s: connection on %d to %s:%d failed: %s",
@@ -141,27 +116,15 @@ class _Passthrough:
                 dst[1],
                 exc or type(exc).__name__,
             )
-            _reset(sock)
+            reset_socket(sock)
             return
         except BaseException:
-            upstream.close()
             sock.close()
             raise
+        self.stats.transparent += spoofed
         self.stats.count("relayed", port)
         log.debug("pod %s: relaying %d -> %s:%d", pod.label, port, dst[0], dst[1])
-        try:
-            down_end = await connect_tcp_end("downstream", sock)
-            up_end = await connect_tcp_end("upstream", upstream)
-        except BaseException:
-            upstream.close()
-            sock.close()
-            raise
-        relay = relay_pair(down_end, up_end)
-        try:
-            await asyncio.shield(relay.done)
-        except asyncio.CancelledError:
-            relay.abort("listener closed")  # drain time is over: reset both sides
-            raise
+        await hold(await relay_sockets(sock, upstream))
 
 
 class OutboundPassthrough(_Passthrough):
@@ -182,9 +145,9 @@ class OutboundPassthrough(_Passthrough):
             dst = self._destination_of(sock)
         except OSError as exc:
             log.info("pod %s: no original destination on %d: %s", pod.label, listener_port, exc)
-            _reset(sock)
+            reset_socket(sock)
             return
-        dst = (_unmap(dst[0]), dst[1])
+        dst = (unmap(dst[0]), dst[1])
         if self._refuse_loop(pod, sock, listener_port, dst):
             return
         await self._connect_and_relay(pod, sock, listener_port, dst)
@@ -206,16 +169,16 @@ class InboundPassthrough(_Passthrough):
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
         try:
             dst = original_destination(sock)
-            peer = _unmap(sock.getpeername()[0])
+            peer = unmap(sock.getpeername()[0])
         except OSError as exc:
             log.info("pod %s: inbound connection lost before use: %s", pod.label, exc)
-            _reset(sock)
+            reset_socket(sock)
             return
-        dst = (_unmap(dst[0]), dst[1])
+        dst = (unmap(dst[0]), dst[1])
         if self._refuse_loop(pod, sock, listener_port, dst):
             return
         # Spoof only across families that match (an IPv4 client to an IPv4 port).
-        source = peer if self._transparent and _family(peer) == _family(dst[0]) else None
+        source = peer if self._transparent and family_of(peer) == family_of(dst[0]) else None
         await self._connect_and_relay(pod, sock, listener_port, dst, source=source)
 
 
@@ -228,7 +191,7 @@ class HboneUnavailable:
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
         log.info("pod %s: HBONE connection on %d closed: no tunnel yet", pod.label, listener_port)
         self.stats.count("refused", listener_port)
-        _reset(sock)
+        reset_socket(sock)
 
 
 def passthrough_handlers(
