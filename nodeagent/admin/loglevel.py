@@ -2,7 +2,9 @@
 
 Specs follow ztunnel's: `info` sets the default level; `access=debug,info`
 sets the `access` logger to debug and the default to info. `off` silences a
-logger, `trace` is finer than debug.
+logger, `trace` is finer than debug. The default level is the agent's own
+(the `nodeagent` logger); third-party loggers (pyroute2, grpc, asyncio) stay
+at WARNING unless named, so `debug` is not a flood of netlink lines.
 """
 
 from __future__ import annotations
@@ -55,20 +57,33 @@ def parse_spec(spec: str) -> tuple[int | None, dict[str, int]]:
 
 
 class StdlibLogLevelControl:
-    """LogLevelControl over `logging`: the root logger plus named loggers.
+    """LogLevelControl over `logging`: the agent's own logger plus named loggers.
 
     Built with the starting level (Config.log_level), which it applies at once.
+    `root` carries third-party loggers: never finer than WARNING unless named.
     """
 
-    def __init__(self, default: str = "info", root: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        default: str = "info",
+        root: logging.Logger | None = None,
+        own: logging.Logger | None = None,
+    ) -> None:
         self._default = _level(default)
         self._root = root or logging.getLogger()
-        self._root.setLevel(self._default)
+        self._own = own or logging.getLogger("nodeagent")
         self._targets: set[str] = set()
+        self._apply_default(self._default)
+
+    def _apply_default(self, level: int) -> None:
+        self._own.setLevel(level)
+        # Records of our own loggers still reach the root's handlers: propagation
+        # ignores ancestors' levels.
+        self._root.setLevel(max(level, logging.WARNING))
 
     def current(self) -> str:
-        root = self._root.getEffectiveLevel()
-        parts = [_NAMES.get(root, str(root))]
+        own = self._own.getEffectiveLevel()
+        parts = [_NAMES.get(own, str(own))]
         for name in sorted(self._targets):
             level = logging.getLogger(name).level
             parts.append(f"{name}={_NAMES.get(level, str(level))}")
@@ -77,7 +92,7 @@ class StdlibLogLevelControl:
     def set_level(self, spec: str) -> str:
         default, targets = parse_spec(spec)  # validate all before changing any
         if default is not None:
-            self._root.setLevel(default)
+            self._apply_default(default)
         for name, level in targets.items():
             logging.getLogger(name).setLevel(level)
             self._targets.add(name)
@@ -87,5 +102,5 @@ class StdlibLogLevelControl:
         for name in self._targets:
             logging.getLogger(name).setLevel(logging.NOTSET)
         self._targets.clear()
-        self._root.setLevel(self._default)
+        self._apply_default(self._default)
         return self.current()

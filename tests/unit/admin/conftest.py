@@ -193,7 +193,9 @@ def providers(drain: DrainRecorder) -> AdminProviders:
         ),
         pods=FakePods(),
         connections=FakeConnections(),
-        log_level=StdlibLogLevelControl("info", root=logging.getLogger("fake-root")),
+        log_level=StdlibLogLevelControl(
+            "info", root=logging.getLogger("fake-root"), own=logging.getLogger("fake-own")
+        ),
         rules=FakeRules(),
         explain=FakeExplain(),
         drain_then_exit=drain,

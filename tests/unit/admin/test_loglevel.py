@@ -22,7 +22,7 @@ def test_bad_specs_are_refused(spec: str) -> None:
 
 def test_bad_spec_changes_nothing() -> None:
     root = logging.getLogger("test-loglevel-root")
-    control = StdlibLogLevelControl("warn", root=root)
+    control = StdlibLogLevelControl("warn", root=root, own=logging.getLogger("test-loglevel-own"))
     with pytest.raises(ValueError):
         control.set_level("test-loglevel-target=debug,loud")
     assert control.current() == "warn"
@@ -31,8 +31,27 @@ def test_bad_spec_changes_nothing() -> None:
 
 def test_set_and_reset() -> None:
     root = logging.getLogger("test-loglevel-root2")
-    control = StdlibLogLevelControl("info", root=root)
+    control = StdlibLogLevelControl("info", root=root, own=logging.getLogger("test-loglevel-own2"))
     assert control.set_level("test-loglevel-x=off,debug") == "debug,test-loglevel-x=off"
     assert not logging.getLogger("test-loglevel-x").isEnabledFor(logging.CRITICAL)
     assert control.reset() == "info"
     assert logging.getLogger("test-loglevel-x").level == logging.NOTSET
+
+
+def test_debug_does_not_flood_with_third_party_loggers() -> None:
+    # `nodeagent log --level debug` once printed only pyroute2.netlink.core lines.
+    root = logging.getLogger("test-loglevel-root3")
+    own = logging.getLogger("test-loglevel-own3")
+    third_party = root.getChild("pyroute2.netlink.core")
+    control = StdlibLogLevelControl("info", root=root, own=own)
+    assert control.set_level("debug") == "debug"
+    assert own.getChild("node").isEnabledFor(logging.DEBUG)
+    assert not third_party.isEnabledFor(logging.DEBUG)
+    assert third_party.isEnabledFor(logging.WARNING)
+    control.set_level("error")
+    assert not third_party.isEnabledFor(logging.WARNING)
+    # Named explicitly, a third-party logger gets the level asked for.
+    control.set_level(f"{third_party.name}=debug,debug")
+    assert third_party.isEnabledFor(logging.DEBUG)
+    assert control.reset() == "info"
+    assert not third_party.isEnabledFor(logging.DEBUG)
