@@ -201,3 +201,14 @@ def rules_summary(rules: Mapping[str, Any]) -> str:
     if not missing and not extra:
         return f"{name}: installed rules match the plan ({len(lines)} lines)"
     return f"{name}: DRIFT: {missing} missing (-), {extra} extra (+)"
+
+
+LOG_LEVEL_PREFIX = "current log level is "
+
+
+def log_level_data(answer: str) -> dict[str, Any]:
+    """`current log level is debug,access=info` -> level and per-logger levels."""
+    spec = answer.strip().removeprefix(LOG_LEVEL_PREFIX)
+    default, *named = spec.split(",")
+    targets = dict(part.partition("=")[::2] for part in named if "=" in part)
+    return {"level": default, "loggers": targets}

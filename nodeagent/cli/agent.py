@@ -176,7 +176,11 @@ def cmd_log(args: argparse.Namespace) -> int:
     if args.level is not None and args.reset:
         raise CliError("use either --level or --reset")
     client = client_for(args)
-    print(_ask(lambda: client.logging(args.level, reset=args.reset)))
+    answer = _ask(lambda: client.logging(args.level, reset=args.reset))
+    if args.output == "table":
+        print(answer)
+    else:
+        _print_data(views.log_level_data(answer), args.output)
     return 0
 
 
@@ -220,7 +224,13 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_rules)
 
     p = _one_line_errors(
-        subparsers.add_parser("explain", help="what the agent would do with a connection, and why")
+        subparsers.add_parser(
+            "explain",
+            help="what the agent would do with a connection, and why",
+            description="Walks one connection from POD to ADDR:PORT through the agent's"
+            " decisions (capture, destination lookup, tunnel or passthrough, authorization)"
+            " and prints the verdict with each step that led to it.",
+        )
     )
     p.add_argument("--from", dest="from_pod", required=True, metavar="POD", help="source pod")
     p.add_argument("--to", required=True, metavar="ADDR:PORT", help="destination")
@@ -239,10 +249,19 @@ def register(subparsers: Any) -> None:
     _add_target_flags(p, output=False)
     p.set_defaults(func=cmd_release)
 
-    p = _one_line_errors(subparsers.add_parser("log", help="show or change the agent's log level"))
+    p = _one_line_errors(
+        subparsers.add_parser(
+            "log",
+            help="show or change the agent's log level",
+            description="With no flag, shows the agent's log level. --level sets the default"
+            " (the agent's own loggers) and/or named loggers, e.g. `debug` or"
+            " `nodeagent.proxy=debug,info`; third-party loggers stay at warn unless named."
+            " --reset goes back to the level the agent started with.",
+        )
+    )
     p.add_argument(
         "--level", help="LEVEL or target=level,... (off, error, warn, info, debug, trace)"
     )
     p.add_argument("--reset", action="store_true", help="back to the starting level")
-    _add_target_flags(p, output=False)
+    _add_target_flags(p)
     p.set_defaults(func=cmd_log)

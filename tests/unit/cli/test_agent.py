@@ -254,3 +254,29 @@ def test_sandbox_flags_resolve_to_the_node_socket(capsys: pytest.CaptureFixture[
     assert main(["pods", "--sandbox", "no-such-sandbox-xyz", "--node", "node1"]) != 0
     _, err = capsys.readouterr()
     assert "/var/run/nodeagent-sandbox/no-such-sandbox-xyz/node1/admin.sock" in err
+
+
+async def test_log_speaks_json_and_yaml(
+    providers: AdminProviders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README presents -o as common to all commands.
+    async with agent(providers, tmp_path) as bound:
+        target = bound.admin_socket or ""
+        rc, out, err = await cli(
+            capsys, "log", "--agent", target, "--level", "x.y=debug,warn", "-o", "json"
+        )
+        assert (rc, err) == (0, "")
+        assert json.loads(out) == {"level": "warn", "loggers": {"x.y": "debug"}}
+        rc, out, _ = await cli(capsys, "log", "--agent", target, "--reset", "-o", "yaml")
+        assert rc == 0 and yaml.safe_load(out) == {"level": "info", "loggers": {}}
+
+
+@pytest.mark.parametrize("command", ["log", "explain"])
+def test_log_and_explain_have_a_help_description(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = capsys.readouterr().out
+    _usage, _, rest = help_text.partition("\n\n")
+    assert not rest.startswith("options:"), help_text
