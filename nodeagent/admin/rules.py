@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from nodeagent.datapath.plan import line_drift
+
 _COUNTERS = re.compile(r"\s*\[\d+:\d+\]\s*$")
 
 
@@ -41,18 +43,28 @@ def normalized_rules(text: str) -> list[tuple[str, str]]:
 
 
 def rule_drift(intended: str, installed: str) -> list[RuleLine]:
-    """Intended lines in order (ok or missing), then installed lines the plan lacks (extra)."""
-    have = Counter(normalized_rules(installed))
+    """Intended lines in order (ok or missing), then installed lines the plan lacks (extra).
+
+    Missing and extra are decided per table by `line_drift`, the same rule the
+    agent's adoption uses, so this view and the agent never disagree.
+    """
+    want, have = normalized_rules(intended), normalized_rules(installed)
+    missing: Counter[tuple[str, str]] = Counter()
+    extra: Counter[tuple[str, str]] = Counter()
+    for table in {t for t, _ in want} | {t for t, _ in have}:
+        gone, more = line_drift(
+            [rule for t, rule in want if t == table], [rule for t, rule in have if t == table]
+        )
+        missing.update((table, rule) for rule in gone)
+        extra.update((table, rule) for rule in more)
     lines: list[RuleLine] = []
-    for table, rule in normalized_rules(intended):
-        if have[(table, rule)] > 0:
-            have[(table, rule)] -= 1
-            lines.append(RuleLine(table=table, rule=rule, status="ok"))
-        else:
-            lines.append(RuleLine(table=table, rule=rule, status="missing"))
-    for table, rule in normalized_rules(installed):
-        if have[(table, rule)] > 0:
-            have[(table, rule)] -= 1
+    for table, rule in want:
+        status = "missing" if missing[(table, rule)] > 0 else "ok"
+        missing[(table, rule)] -= 1
+        lines.append(RuleLine(table=table, rule=rule, status=status))
+    for table, rule in have:
+        if extra[(table, rule)] > 0:
+            extra[(table, rule)] -= 1
             lines.append(RuleLine(table=table, rule=rule, status="extra"))
     return lines
 

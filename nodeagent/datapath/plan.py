@@ -45,7 +45,7 @@ canonical form the kernel prints it back in, so that `parse_iptables_save` +
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -607,30 +607,46 @@ def _lines(view: OwnedTable | None) -> list[str]:
     return [f":{c}" for c in view.chains] + list(view.rules) + list(view.jumps)
 
 
-def drift(plan: FamilyPlan, installed: dict[str, SavedTable]) -> dict[str, Drift]:
-    """Per table, what differs between the plan and installed iptables-save text.
+def _ordered_chain(line: str) -> str:
+    """The chain whose rule order `line` takes part in ('' for declarations and the like)."""
+    words = line.split()
+    return words[1] if len(words) > 1 and words[0] in ("-A", "-I") else ""
 
-    Order matters inside a chain (first match wins), so a chain whose rules
-    are all present but reordered is reported with its rules both missing and
-    unexpected. Tables without any difference are left out.
+
+def line_drift(want: Sequence[str], have: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The one drift rule for one table's lines: (missing, unexpected).
+
+    Counts matter (a doubled rule is unexpected once). Order matters inside a
+    chain (first match wins), so a chain whose rules are all present but
+    reordered has them all both missing and unexpected. Used by the agent's
+    adoption/repair (`drift`) and by `nodeagent rules` (admin/rules.py) so the
+    two never disagree.
     """
+    missing = list(want)
+    unexpected: list[str] = []
+    for line in have:
+        if line in missing:
+            missing.remove(line)
+        else:
+            unexpected.append(line)
+    chains = {_ordered_chain(line) for line in (*want, *have)} - {""}
+    for chain in sorted(chains):
+        w = [line for line in want if _ordered_chain(line) == chain]
+        h = [line for line in have if _ordered_chain(line) == chain]
+        if w != h and sorted(w) == sorted(h):  # same rules, different order
+            missing += w
+            unexpected += h
+    return tuple(missing), tuple(unexpected)
+
+
+def drift(plan: FamilyPlan, installed: dict[str, SavedTable]) -> dict[str, Drift]:
+    """Per table, what differs between the plan and installed iptables-save text
+    (see `line_drift`). Tables without any difference are left out."""
     want = desired_view(plan)
     have = owned_view(installed)
     result: dict[str, Drift] = {}
     for table in sorted(set(want) | set(have)):
-        w, h = want.get(table), have.get(table)
-        if w == h:
-            continue
-        wl, hl = _lines(w), _lines(h)
-        if sorted(wl) == sorted(hl):  # same lines, different order
-            result[table] = Drift(tuple(wl), tuple(hl))
-            continue
-        missing = list(wl)
-        unexpected: list[str] = []
-        for line in hl:
-            if line in missing:
-                missing.remove(line)
-            else:
-                unexpected.append(line)
-        result[table] = Drift(tuple(missing), tuple(unexpected))
+        missing, unexpected = line_drift(_lines(want.get(table)), _lines(have.get(table)))
+        if missing or unexpected:
+            result[table] = Drift(missing, unexpected)
     return result

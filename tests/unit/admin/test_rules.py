@@ -52,3 +52,16 @@ def test_duplicated_rule_in_kernel_is_extra() -> None:
 
 def test_whitespace_is_normalized() -> None:
     assert normalized_rules("*nat\n-A  X   -j Y \n") == [("nat", "-A X -j Y")]
+
+
+def test_reordered_chain_is_drift_here_as_for_the_agent() -> None:
+    # One rule (line_drift) for both views: order inside a chain matters.
+    two = "-A ISTIO_OUTPUT -p udp -j RETURN\n-A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n"
+    plan = PLAN.replace("-A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n", two)
+    swapped = "".join(reversed(two.splitlines(keepends=True)))
+    lines = rule_drift(plan, plan.replace(two, swapped))
+    assert {line.status for line in lines if line.table == "nat" and "-p" in line.rule} == {
+        "missing",
+        "extra",
+    }
+    assert not has_drift(rule_drift(plan, plan))
