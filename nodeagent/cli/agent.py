@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from nodeagent.admin import views
 from nodeagent.admin.client import AdminClient, AdminError
@@ -25,16 +25,6 @@ from nodeagent.config import Config
 from nodeagent.sandbox.state import admin_socket as sandbox_admin_socket
 
 TABLE_WIDTH = 100
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    # A bad flag gets one line, not argparse's usage block.
-    def error(message: str) -> NoReturn:
-        print(f"{parser.prog}: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
 
 
 def _add_target_flags(p: argparse.ArgumentParser, output: bool = True) -> None:
@@ -195,69 +185,57 @@ def register(subparsers: Any) -> None:
         "certs": ("certificates the agent holds", ["certificates", "cert"]),
     }
     for view, (help_text, aliases) in help_texts.items():
-        p = _one_line_errors(subparsers.add_parser(view, aliases=aliases, help=help_text))
+        p = subparsers.add_parser(view, aliases=aliases, help=help_text)
         _add_target_flags(p)
         p.set_defaults(func=cmd_dump_view, view=view)
 
-    p = _one_line_errors(
-        subparsers.add_parser("connections", aliases=["cons"], help="live proxied connections")
-    )
+    p = subparsers.add_parser("connections", aliases=["cons"], help="live proxied connections")
     _add_target_flags(p)
     p.set_defaults(func=cmd_connections)
 
-    p = _one_line_errors(
-        subparsers.add_parser("pods", help="local pods: capture state, listeners, last error")
-    )
+    p = subparsers.add_parser("pods", help="local pods: capture state, listeners, last error")
     _add_target_flags(p)
     p.set_defaults(func=cmd_pods)
 
-    p = _one_line_errors(
-        subparsers.add_parser(
-            "rules",
-            help="a pod's capture rules: installed (kernel) vs intended, drift marked",
-            description="Lines marked '-' are intended but missing from the kernel; "
-            "'+' are in the kernel but not intended.",
-        )
+    p = subparsers.add_parser(
+        "rules",
+        help="a pod's capture rules: installed (kernel) vs intended, drift marked",
+        description="Lines marked '-' are intended but missing from the kernel; "
+        "'+' are in the kernel but not intended.",
     )
     p.add_argument("pod", help="pod as namespace/name, name or uid")
     _add_target_flags(p)
     p.set_defaults(func=cmd_rules)
 
-    p = _one_line_errors(
-        subparsers.add_parser(
-            "explain",
-            help="what the agent would do with a connection, and why",
-            description="Walks one connection from POD to ADDR:PORT through the agent's"
-            " decisions (capture, destination lookup, tunnel or passthrough, authorization)"
-            " and prints the verdict with each step that led to it.",
-        )
+    p = subparsers.add_parser(
+        "explain",
+        help="what the agent would do with a connection, and why",
+        description="Walks one connection from POD to ADDR:PORT through the agent's"
+        " decisions (capture, destination lookup, tunnel or passthrough, authorization)"
+        " and prints the verdict with each step that led to it.",
     )
     p.add_argument("--from", dest="from_pod", required=True, metavar="POD", help="source pod")
     p.add_argument("--to", required=True, metavar="ADDR:PORT", help="destination")
     _add_target_flags(p)
     p.set_defaults(func=cmd_explain)
 
-    p = _one_line_errors(
-        subparsers.add_parser(
-            "release",
-            help="un-mesh a held pod: remove its capture",
-            description="A pod whose workload record is gone (or wrong) is held: captured,"
-            " its traffic refused. This removes its capture, so it talks in plaintext.",
-        )
+    p = subparsers.add_parser(
+        "release",
+        help="un-mesh a held pod: remove its capture",
+        description="A pod whose workload record is gone (or wrong) is held: captured,"
+        " its traffic refused. This removes its capture, so it talks in plaintext.",
     )
     p.add_argument("pod", help="pod as uid or namespace/name (see `nodeagent pods`)")
     _add_target_flags(p, output=False)
     p.set_defaults(func=cmd_release)
 
-    p = _one_line_errors(
-        subparsers.add_parser(
-            "log",
-            help="show or change the agent's log level",
-            description="With no flag, shows the agent's log level. --level sets the default"
-            " (the agent's own loggers) and/or named loggers, e.g. `debug` or"
-            " `nodeagent.proxy=debug,info`; third-party loggers stay at warn unless named."
-            " --reset goes back to the level the agent started with.",
-        )
+    p = subparsers.add_parser(
+        "log",
+        help="show or change the agent's log level",
+        description="With no flag, shows the agent's log level. --level sets the default"
+        " (the agent's own loggers) and/or named loggers, e.g. `debug` or"
+        " `nodeagent.proxy=debug,info`; third-party loggers stay at warn unless named."
+        " --reset goes back to the level the agent started with.",
     )
     p.add_argument(
         "--level", help="LEVEL or target=level,... (off, error, warn, info, debug, trace)"

@@ -14,8 +14,19 @@ import nodeagent
 from nodeagent.cli.errors import CliError
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A parser whose errors are one line, like every other user error, not a usage dump.
+
+    Subcommand parsers are made of the same class, so this holds at every level.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="nodeagent",
         description="Ambient-style service-mesh node agent: capture, HBONE mTLS tunnel, xDS.",
     )
@@ -31,13 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
-
-    def _one_line_error(message: str) -> NoReturn:
-        # Bad flags get one line, like every other user error, not a usage dump.
-        print(f"nodeagent: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-    parser.error = _one_line_error  # type: ignore[method-assign]
     return parser
 
 

@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
     sub.required = True
 
     up = sub.add_parser("up", help="create a sandbox")
-    up.add_argument("--name", required=True, help="sandbox name (prefix of its namespaces)")
+    # NAME is positional like down/status/exec/apply; --name is kept for old scripts.
+    up.add_argument("name", nargs="?", help="sandbox name (prefix of its namespaces)")
+    up.add_argument("--name", dest="name_flag", metavar="NAME", help="same as NAME")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument("--pods-per-node", type=int, default=2, help="pods per node (default 2)")
     up.add_argument(
@@ -104,7 +106,17 @@ def _manager() -> SandboxManager:
     return SandboxManager()
 
 
+def _up_name(args: argparse.Namespace) -> str:
+    if args.name and args.name_flag and args.name != args.name_flag:
+        raise CliError(f"two names given: {args.name!r} and --name {args.name_flag!r}")
+    name = args.name or args.name_flag
+    if not name:
+        raise CliError("sandbox up needs a NAME (see --help)", exit_code=2)
+    return str(name)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    args.name = _up_name(args)
     with _manager() as m:
         try:
             plan = m.up(

@@ -99,3 +99,47 @@ def test_status_shows_what_it_can_and_the_mesh_files_error(
         assert "node1-pod1" in out
         refused = [ln for ln in out.splitlines() if ln.startswith("mesh file refused")]
         assert len(refused) == 1 and error in refused[0], out
+
+
+class _UpRecorder:
+    """Stands in for the manager: records the name `up` was given."""
+
+    names: list[str] = []
+
+    def __enter__(self) -> _UpRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def up(self, name: str, *args: object, **kwargs: object) -> object:
+        self.names.append(name)
+        raise sandbox_cli.SandboxError("recorded")
+
+
+@pytest.mark.parametrize(
+    "argv", [["up", "s1"], ["up", "--name", "s1"], ["up", "s1", "--name", "s1"]]
+)
+def test_up_takes_the_name_positionally_like_every_action(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _UpRecorder.names = []
+    monkeypatch.setattr(sandbox_cli, "_manager", _UpRecorder)
+    main(["sandbox", *argv])
+    assert _UpRecorder.names == ["s1"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["sandbox", "up"], ["sandbox", "up", "a", "--name", "b"], ["sandbox", "down"]]
+)
+def test_bad_sandbox_arguments_are_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert len(err.strip().splitlines()) == 1, err
+    assert "usage:" not in err
