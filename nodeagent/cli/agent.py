@@ -22,7 +22,7 @@ from nodeagent.admin.client import AdminClient, AdminError
 from nodeagent.cli.errors import CliError
 from nodeagent.cli.output import render
 from nodeagent.config import Config
-from nodeagent.sandbox.state import admin_socket as sandbox_admin_socket
+from nodeagent.sandbox.manager import SandboxError, SandboxManager
 
 TABLE_WIDTH = 100
 
@@ -52,9 +52,19 @@ def client_for(args: argparse.Namespace) -> AdminClient:
         if args.sandbox or args.node:
             if not (args.sandbox and args.node):
                 raise CliError("--sandbox and --node go together")
-            return AdminClient(sandbox_admin_socket(args.sandbox, args.node))
+            return AdminClient(_sandbox_socket(args.sandbox, args.node))
         return AdminClient(os.environ.get("ADMIN_SOCKET") or Config().admin_socket)
     except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _sandbox_socket(sandbox: str, node: str) -> str:
+    # Resolved through the sandbox's state, so a typo names the sandbox or node,
+    # not a socket that is not there.
+    try:
+        with SandboxManager() as manager:
+            return manager.admin_socket(sandbox, node)
+    except SandboxError as exc:
         raise CliError(str(exc)) from None
 
 
@@ -118,9 +128,26 @@ def cmd_pods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _elsewhere(args: argparse.Namespace) -> str:
+    """A hint naming the pod's node, when asked of the wrong sandbox node."""
+    if not (args.sandbox and args.node):
+        return ""
+    try:
+        with SandboxManager() as manager:
+            node = manager.pod_node(args.sandbox, args.pod)
+    except SandboxError:
+        return ""
+    if node is None or node == args.node:
+        return ""
+    return f" (pod {args.pod} is on {node}: use --node {node})"
+
+
 def cmd_rules(args: argparse.Namespace) -> int:
     client = client_for(args)
-    rules = _ask(lambda: client.rules(args.pod))
+    try:
+        rules = client.rules(args.pod)
+    except AdminError as exc:
+        raise CliError(f"{exc}{_elsewhere(args)}") from None
     if args.output == "table":
         print(views.rules_summary(rules))
         rows = views.rule_rows(rules)

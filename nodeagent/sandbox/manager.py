@@ -190,6 +190,20 @@ class SandboxManager:
             raise SandboxError(f"unknown sandbox {name!r} (existing: {known})")
         return state, build_plan(state.name, state.nodes, state.pods_per_node)
 
+    def admin_socket(self, name: str, node: str) -> str:
+        """The admin socket of `node`'s agent, or SandboxError naming what does not exist."""
+        _state, plan = self.load(name)
+        nodes = [n.name for n in plan.nodes]
+        if node not in nodes:
+            raise SandboxError(f"sandbox {name!r} has no node {node!r} (nodes: {', '.join(nodes)})")
+        return admin_socket(name, node, root=self.store.root)
+
+    def pod_node(self, name: str, pod: str) -> str | None:
+        """The node a pod of sandbox `name` runs on (pod as name, netns or ns/name)."""
+        _state, plan = self.load(name)
+        found = plan.pod(pod.rpartition("/")[2])
+        return found.node if found else None
+
     def status(self, name: str) -> dict[str, Any]:
         state, plan = self.load(name)
 

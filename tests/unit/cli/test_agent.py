@@ -15,7 +15,10 @@ from nodeagent.admin.metrics import AgentMetrics
 from nodeagent.admin.providers import AdminProviders
 from nodeagent.admin.readiness import Readiness
 from nodeagent.admin.server import AdminServers, BoundAddresses
+from nodeagent.cli import agent as agent_cli
 from nodeagent.cli.main import main
+from nodeagent.sandbox.manager import SandboxManager
+from nodeagent.sandbox.state import SandboxState, StateStore
 from nodeagent.sandbox.state import admin_socket as sandbox_admin_socket
 
 
@@ -253,7 +256,8 @@ def test_sandbox_flags_resolve_to_the_node_socket(capsys: pytest.CaptureFixture[
         sandbox_admin_socket("../x", "node1")
     assert main(["pods", "--sandbox", "no-such-sandbox-xyz", "--node", "node1"]) != 0
     _, err = capsys.readouterr()
-    assert "/var/run/nodeagent-sandbox/no-such-sandbox-xyz/node1/admin.sock" in err
+    # Issue 16: an unknown sandbox is named as such, not as a socket that is not there.
+    assert "unknown sandbox 'no-such-sandbox-xyz'" in err
 
 
 async def test_log_speaks_json_and_yaml(
@@ -280,3 +284,32 @@ def test_log_and_explain_have_a_help_description(
     help_text = capsys.readouterr().out
     _usage, _, rest = help_text.partition("\n\n")
     assert not rest.startswith("options:"), help_text
+
+
+@pytest.fixture
+def sandbox_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StateStore:
+    """A state dir holding sandbox `s` (2 nodes x 2 pods), no agents running."""
+    store = StateStore(tmp_path / "state")
+    assert store.claim(SandboxState(name="s", nodes=2, pods_per_node=2))
+    monkeypatch.setattr(agent_cli, "SandboxManager", lambda: SandboxManager(store=store))
+    return store
+
+
+def test_unknown_sandbox_or_node_is_named(
+    sandbox_store: StateStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["workloads", "--sandbox", "nosuch", "--node", "node1"]) != 0
+    assert capsys.readouterr().err == "nodeagent: unknown sandbox 'nosuch' (existing: s)\n"
+    assert main(["workloads", "--sandbox", "s", "--node", "node9"]) != 0
+    assert "has no node 'node9' (nodes: node1, node2)" in capsys.readouterr().err
+
+
+def test_rules_on_the_wrong_node_says_where_the_pod_is(
+    sandbox_store: StateStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["rules", "node2-pod1", "--sandbox", "s", "--node", "node1"]) != 0
+    err = capsys.readouterr().err
+    assert "pod node2-pod1 is on node2: use --node node2" in err
+    # --sandbox/--node resolve to that node's socket under the state dir.
+    assert str(sandbox_store.root / "s" / "node1" / "admin.sock") in err
+    assert len(err.splitlines()) == 1
