@@ -14,12 +14,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from google.protobuf import empty_pb2
-
 from nodeagent.controlplane.mesh import MeshConfig, PolicySpec, RuleSpec, ServiceSpec, WorkloadSpec
+from nodeagent.model import policy as pm
+from nodeagent.model import workload as wm
 from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
-from nodeagent.pb.istio.security import authorization_pb2 as authorization_pb
-from nodeagent.pb.istio.workload import workload_pb2 as workload_pb
+from nodeagent.state.encode import address_resource_name, address_to_pb, authorization_to_pb
 
 _SPIFFE = "spiffe://"
 S = TypeVar("S", ServiceSpec, PolicySpec)
@@ -66,133 +65,140 @@ def build_snapshot(mesh: MeshConfig) -> dict[str, dict[str, VersionedResource]]:
     addresses: dict[str, VersionedResource] = {}
     services = _SelectorIndex(mesh.services, lambda s: s.selector)
     policies_idx = _SelectorIndex(mesh.policies, lambda p: p.selector)
-    for w in mesh.workloads:
-        uid = w.effective_uid(mesh.cluster_id)
-        msg = workload_pb.Address(
-            workload=workload_message(mesh, w, services.candidates(w), policies_idx.candidates(w))
+    values: list[wm.Workload | wm.Service] = [
+        workload_value(mesh, w, services.candidates(w), policies_idx.candidates(w))
+        for w in mesh.workloads
+    ]
+    values += [service_value(s) for s in mesh.services]
+    for value in values:
+        msg = address_to_pb(value)
+        addresses[address_resource_name(value)] = versioned(
+            msg.SerializeToString(deterministic=True)
         )
-        addresses[uid] = versioned(msg.SerializeToString(deterministic=True))
-    for s in mesh.services:
-        msg = workload_pb.Address(service=service_message(s))
-        addresses[s.key] = versioned(msg.SerializeToString(deterministic=True))
     policies = {
-        p.key: versioned(authorization_message(mesh, p).SerializeToString(deterministic=True))
+        p.key: versioned(
+            authorization_to_pb(authorization_value(mesh, p)).SerializeToString(deterministic=True)
+        )
         for p in mesh.policies
     }
     return {TYPE_URL_ADDRESS: addresses, TYPE_URL_AUTHORIZATION: policies}
 
 
-def _ip_bytes(ip: str) -> bytes:
-    return ipaddress.ip_address(ip).packed
+# The mesh file becomes model values; state/encode.py is the one model -> xDS
+# encoder (the same one tests and benches use), so the wire form has one author.
 
 
-def workload_message(
+def workload_value(
     mesh: MeshConfig,
     w: WorkloadSpec,
     services: Iterable[ServiceSpec] | None = None,
     policies: Iterable[PolicySpec] | None = None,
-) -> workload_pb.Workload:
+) -> wm.Workload:
     """The Workload of `w`; `services`/`policies` narrow the candidates to check."""
     services = mesh.services if services is None else services
     policies = mesh.policies if policies is None else policies
-    msg = workload_pb.Workload(
+    ports: dict[str, tuple[wm.Port, ...]] = {}
+    for s in sorted(services, key=lambda s: s.key):
+        if s.selects(w) and s.key not in ports:
+            ports[s.key] = _ports(s)
+    return wm.Workload(
         uid=w.effective_uid(mesh.cluster_id),
         name=w.name,
         namespace=w.namespace,
-        addresses=[_ip_bytes(ip) for ip in w.ips],
+        addresses=tuple(ipaddress.ip_address(ip) for ip in w.ips),
         network=w.network,
-        tunnel_protocol=workload_pb.HBONE,
+        tunnel_protocol=wm.TunnelProtocol.HBONE,
         trust_domain=mesh.trust_domain,
         service_account=w.service_account,
         node=w.node,
         canonical_name=w.labels.get("app", w.name),
         canonical_revision=w.labels.get("version", "latest"),
-        workload_type=workload_pb.POD,
+        workload_type=wm.WorkloadType.POD,
         workload_name=w.name,
         cluster_id=mesh.cluster_id,
-        authorization_policies=sorted({p.key for p in policies if p.selects(w)}),
+        services=ports,
+        authorization_policies=tuple(sorted({p.key for p in policies if p.selects(w)})),
     )
-    for s in sorted(services, key=lambda s: s.key):
-        if s.selects(w) and s.key not in msg.services:
-            msg.services[s.key].ports.extend(
-                workload_pb.Port(service_port=p.port, target_port=p.target_port) for p in s.ports
-            )
-    return msg
 
 
-def service_message(s: ServiceSpec) -> workload_pb.Service:
-    return workload_pb.Service(
+def _ports(s: ServiceSpec) -> tuple[wm.Port, ...]:
+    return tuple(wm.Port(service_port=p.port, target_port=p.target_port) for p in s.ports)
+
+
+def service_value(s: ServiceSpec) -> wm.Service:
+    return wm.Service(
         name=s.name,
         namespace=s.namespace,
         hostname=s.hostname,
-        addresses=[workload_pb.NetworkAddress(address=_ip_bytes(v)) for v in s.vips],
-        ports=[workload_pb.Port(service_port=p.port, target_port=p.target_port) for p in s.ports],
+        addresses=tuple(wm.NetworkAddress("", ipaddress.ip_address(v)) for v in s.vips),
+        ports=_ports(s),
     )
 
 
-def authorization_message(mesh: MeshConfig, p: PolicySpec) -> authorization_pb.Authorization:
+def authorization_value(mesh: MeshConfig, p: PolicySpec) -> pm.Authorization:
     if p.selector:
-        scope = authorization_pb.WORKLOAD_SELECTOR
+        scope = pm.Scope.WORKLOAD_SELECTOR
     elif p.namespace == mesh.root_namespace:
-        scope = authorization_pb.GLOBAL
+        scope = pm.Scope.GLOBAL
     else:
-        scope = authorization_pb.NAMESPACE
-    return authorization_pb.Authorization(
+        scope = pm.Scope.NAMESPACE
+    return pm.Authorization(
         name=p.name,
         namespace=p.namespace,
         scope=scope,
-        action=authorization_pb.DENY if p.action == "DENY" else authorization_pb.ALLOW,
-        rules=[_rule(r) for r in p.rules],
+        action=pm.Action.DENY if p.action == "DENY" else pm.Action.ALLOW,
+        rules=tuple(_rule(r) for r in p.rules),
     )
 
 
-def _rule(r: RuleSpec) -> authorization_pb.Rule:
+def _rule(r: RuleSpec) -> pm.Rule:
     # `from` entries are OR-ed (one clause of matches), `to` entries likewise;
     # the two clauses are AND-ed. An empty rule has no clauses and matches all.
-    clauses = []
+    clauses: list[pm.Clause] = []
     if r.sources:
         clauses.append(
-            authorization_pb.Clause(
-                matches=[
-                    authorization_pb.Match(
-                        principals=[string_match(x, principal=True) for x in s.principals],
-                        not_principals=[string_match(x, principal=True) for x in s.not_principals],
-                        namespaces=[string_match(x) for x in s.namespaces],
-                        not_namespaces=[string_match(x) for x in s.not_namespaces],
-                        source_ips=[_cidr(x) for x in s.ip_blocks],
-                        not_source_ips=[_cidr(x) for x in s.not_ip_blocks],
+            pm.Clause(
+                tuple(
+                    pm.Match(
+                        principals=tuple(string_match(x, principal=True) for x in s.principals),
+                        not_principals=tuple(
+                            string_match(x, principal=True) for x in s.not_principals
+                        ),
+                        namespaces=tuple(string_match(x) for x in s.namespaces),
+                        not_namespaces=tuple(string_match(x) for x in s.not_namespaces),
+                        source_ips=tuple(_cidr(x) for x in s.ip_blocks),
+                        not_source_ips=tuple(_cidr(x) for x in s.not_ip_blocks),
                     )
                     for s in r.sources
-                ]
+                )
             )
         )
     if r.operations:
         clauses.append(
-            authorization_pb.Clause(
-                matches=[
-                    authorization_pb.Match(
-                        destination_ports=list(o.ports), not_destination_ports=list(o.not_ports)
+            pm.Clause(
+                tuple(
+                    pm.Match(
+                        destination_ports=tuple(o.ports), not_destination_ports=tuple(o.not_ports)
                     )
                     for o in r.operations
-                ]
+                )
             )
         )
-    return authorization_pb.Rule(clauses=clauses)
+    return pm.Rule(tuple(clauses))
 
 
-def string_match(value: str, *, principal: bool = False) -> authorization_pb.StringMatch:
+def string_match(value: str, *, principal: bool = False) -> pm.StringMatch:
     """Istio's string matching: `*` = present, `x*` prefix, `*x` suffix, else exact."""
     if principal and value.startswith(_SPIFFE):
         value = value[len(_SPIFFE) :]
     if value == "*":
-        return authorization_pb.StringMatch(presence=empty_pb2.Empty())
+        return pm.StringMatch.presence()
     if value.endswith("*"):
-        return authorization_pb.StringMatch(prefix=value[:-1])
+        return pm.StringMatch.prefix(value[:-1])
     if value.startswith("*"):
-        return authorization_pb.StringMatch(suffix=value[1:])
-    return authorization_pb.StringMatch(exact=value)
+        return pm.StringMatch.suffix(value[1:])
+    return pm.StringMatch.exact(value)
 
 
-def _cidr(text: str) -> authorization_pb.Address:
-    net = ipaddress.ip_network(text, strict=False)
-    return authorization_pb.Address(address=net.network_address.packed, length=net.prefixlen)
+def _cidr(text: str) -> pm.IPNetwork:
+    return ipaddress.ip_network(text, strict=False)
