@@ -153,4 +153,12 @@ def seeds() -> dict[str, bytes]:
         HeadersFrame(stream_id=7, block=_connect(enc)),
     )
     out["refused-requests"] = Plan(flags(config=3, sinks=False), MIXED, refused).encode()
+
+    # A data sink that raises on whole frames read on their own (the direct path): the
+    # first read ends right after HEADERS, so the DATA frames start the next one.
+    enc = hpack.Encoder()
+    head = _wire(HeadersFrame(stream_id=1, block=_connect(enc)))
+    data = _wire(*(DataFrame(stream_id=1, data=bytes([i]) * 6) for i in range(4)))
+    sink_fails = bytes([len(head), 0, 0, 15, 15, 15, 15, 15])
+    out["sink-fails"] = Plan(flags(sinks=True), sink_fails, head + data).encode()
     return out

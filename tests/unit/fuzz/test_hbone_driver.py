@@ -95,3 +95,6 @@ def test_a_seed_reaches_requests_data_and_the_end_of_a_stream() -> None:
 
     Recording(seeds()["connect-data-end"], client_side=False).run()
     assert {"RequestReceived", "DataReceived", "StreamEnded"} <= set(seen)
+    seen.clear()
+    Recording(seeds()["sink-fails"], client_side=False).run()
+    assert "DataSinkFailed" in seen  # the direct path's failure, which the fuzzer missed alone
