@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +21,12 @@ import pytest
 from nodeagent.datapath.iptables import IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, resolve
 from nodeagent.model.workload import Workload
+from tests.netns.topology import in_ns, sh, two_pods
+
+__all__ = ["in_ns", "sh"]  # tests import them from here
 
 NODE = "node1"
 APP_PORT = 8080
-
-
-def sh(*args: str) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr}"
-    return done.stdout
-
-
-def in_ns(name: str, *args: str) -> str:
-    return sh("ip", "netns", "exec", name, *args)
 
 
 @dataclass(frozen=True)
@@ -67,45 +58,16 @@ class Topology:
 
 @pytest.fixture
 def topology(tmp_path: Path) -> Iterator[Topology]:
-    if os.geteuid() != 0:
-        pytest.skip("netns tests need root")
-    tag = f"nm{os.getpid() % 100000}"
-    k = os.getpid() % 250
-    a, n, b = f"{tag}a", f"{tag}n", f"{tag}b"
-    made: list[str] = []
-    try:
-        for name in (a, n, b):
-            sh("ip", "netns", "add", name)
-            made.append(name)
-            sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "-n", a, "link", "add", "a0", "type", "veth", "peer", "name", "na", "netns", n)
-        sh("ip", "-n", b, "link", "add", "b0", "type", "veth", "peer", "name", "nb", "netns", n)
-        for ns, dev, v4, v6 in (
-            (a, "a0", f"10.241.{k}.2", f"fd00:241:{k}::2"),
-            (n, "na", f"10.241.{k}.1", f"fd00:241:{k}::1"),
-            (n, "nb", f"10.242.{k}.1", f"fd00:242:{k}::1"),
-            (b, "b0", f"10.242.{k}.2", f"fd00:242:{k}::2"),
-        ):
-            sh("ip", "-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            sh("ip", "-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-        for ns, side in ((a, 241), (b, 242)):
-            sh("ip", "-n", ns, "route", "add", "default", "via", f"10.{side}.{k}.1")
-            sh("ip", "-n", ns, "-6", "route", "add", "default", "via", f"fd00:{side}:{k}::1")
-        in_ns(n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        in_ns(n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    with two_pods("nm", (241, 242), ipv6=True) as p:
         netns_dir = tmp_path / "netns"
         netns_dir.mkdir()
         proc_root = tmp_path / "proc"
         proc_root.mkdir()
-        for name in (a, b):
+        for name in (p.a, p.b):
             (netns_dir / name).symlink_to(f"/var/run/netns/{name}")
-        pod_a = Pod(a, "uid-a", f"10.241.{k}.2", f"fd00:241:{k}::2", resolve(str(netns_dir / a)))
-        pod_b = Pod(b, "uid-b", f"10.242.{k}.2", f"fd00:242:{k}::2", resolve(str(netns_dir / b)))
+        pod_a = Pod(p.a, "uid-a", p.ip_a, p.ip6_a, resolve(str(netns_dir / p.a)))
+        pod_b = Pod(p.b, "uid-b", p.ip_b, p.ip6_b, resolve(str(netns_dir / p.b)))
         yield Topology(pod_a, pod_b, netns_dir, proc_root)
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ Names carry this process's pid so concurrent runs never collide.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ import pytest
 
 from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, resolve
+from tests.netns.topology import two_pods
 
 
 @dataclass(frozen=True)
@@ -29,43 +28,10 @@ class Pods:
     ip_b: str
 
 
-def sh(*args: str) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr}"
-    return done.stdout
-
-
 @pytest.fixture
 def pods() -> Iterator[Pods]:
-    if os.geteuid() != 0:
-        pytest.skip("netns tests need root")
-    tag = f"px{os.getpid() % 100000}"
-    k = os.getpid() % 250
-    a, n, b = f"{tag}a", f"{tag}n", f"{tag}b"
-    ip_a, ip_b = f"10.239.{k}.2", f"10.240.{k}.2"
-    made: list[str] = []
-    try:
-        for name in (a, n, b):
-            sh("ip", "netns", "add", name)
-            made.append(name)
-            sh("ip", "-n", name, "link", "set", "lo", "up")
-        sh("ip", "-n", a, "link", "add", "pa0", "type", "veth", "peer", "name", "na", "netns", n)
-        sh("ip", "-n", b, "link", "add", "pb0", "type", "veth", "peer", "name", "nb", "netns", n)
-        for ns, dev, addr in (
-            (a, "pa0", ip_a),
-            (n, "na", f"10.239.{k}.1"),
-            (n, "nb", f"10.240.{k}.1"),
-            (b, "pb0", ip_b),
-        ):
-            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", a, "route", "add", "default", "via", f"10.239.{k}.1")
-        sh("ip", "-n", b, "route", "add", "default", "via", f"10.240.{k}.1")
-        sh("ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        yield Pods(resolve(a), resolve(b), a, b, n, ip_a, ip_b)
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    with two_pods("px", (239, 240), devs=("pa0", "pb0"), ipv6=False) as p:
+        yield Pods(resolve(p.a), resolve(p.b), p.a, p.b, p.node, p.ip_a, p.ip_b)
 
 
 @pytest.fixture
