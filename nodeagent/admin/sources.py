@@ -405,7 +405,7 @@ class MeshExplainer:
         traces = [t.render() for t in trace(policies, attributes)]
         if policies:
             steps.append(
-                f"{len(policies)} polic{'y' if len(policies) == 1 else 'ies'} apply to "
+                f"{len(policies)} polic{'y applies' if len(policies) == 1 else 'ies apply'} to "
                 f"{dest.namespace}/{dest.name}: " + ", ".join(p.key for p in policies)
             )
         steps += traces

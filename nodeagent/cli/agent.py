@@ -10,7 +10,6 @@ else $ADMIN_SOCKET, else the default admin socket (Config.admin_socket).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -76,8 +75,9 @@ def _ask(fn: Callable[[], Any]) -> Any:
 
 
 def _width() -> int:
+    # The terminal's width when there is one; piped, a fixed width (words never break).
     if sys.stdout.isatty():
-        return max(TABLE_WIDTH, shutil.get_terminal_size((TABLE_WIDTH, 24)).columns)
+        return shutil.get_terminal_size((TABLE_WIDTH, 24)).columns
     return TABLE_WIDTH
 
 
@@ -163,14 +163,24 @@ def _explain_text(result: Mapping[str, Any]) -> str:
     for key, value in result.items():
         if key in ("verdict", "steps"):
             continue
-        if isinstance(value, (dict, list)):
-            value = json.dumps(value, separators=(", ", ": "), default=str)
-        lines.append(f"{key}: {value}")
+        lines += _explain_field(key, value)
     steps = result.get("steps") or []
     if steps:
         lines.append("steps:")
         lines += [f"  {i}. {step}" for i, step in enumerate(steps, 1)]
     return "\n".join(lines)
+
+
+def _explain_field(key: str, value: Any, indent: str = "") -> list[str]:
+    """`key: value`, a nested mapping as indented lines (no raw JSON in the text)."""
+    if isinstance(value, Mapping):
+        lines = [f"{indent}{key}:"]
+        for sub, inner in value.items():
+            lines += _explain_field(str(sub), inner, indent + "  ")
+        return lines
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value) or "none"
+    return [f"{indent}{key}: {'' if value is None else value}".rstrip()]
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

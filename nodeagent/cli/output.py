@@ -35,7 +35,8 @@ def table(
     """A plain aligned table; `columns` is (key, HEADER) pairs.
 
     With `max_width`, the widest columns shrink until a line fits, and cells
-    longer than their column wrap onto continuation lines (nothing is cut).
+    longer than their column wrap at spaces onto continuation lines. A word (an
+    identity, a serial) is never broken: its line overflows instead.
     """
     if columns is None:
         keys = list(rows[0].keys()) if rows else []
@@ -71,21 +72,9 @@ def _shrink(widths: Sequence[int], max_width: int) -> list[int]:
     return out
 
 
-_BREAK_AFTER = "/.,:-=@"
-
-
 def _wrap(cell: str, width: int) -> list[str]:
-    """Wrap at spaces, else after a separator (`/`, `.`, ...) so ids split readably."""
-    lines: list[str] = []
-    for part in textwrap.wrap(cell, width, break_long_words=False, break_on_hyphens=False) or [""]:
-        while len(part) > width:
-            cut = max(part.rfind(c, 0, width) for c in _BREAK_AFTER) + 1
-            if cut <= width // 3:
-                cut = width
-            lines.append(part[:cut])
-            part = part[cut:]
-        lines.append(part)
-    return lines
+    """Wrap at spaces only: a SPIFFE id split over lines cannot be copied or grepped."""
+    return textwrap.wrap(cell, width, break_long_words=False, break_on_hyphens=False) or [""]
 
 
 def _wrapped_table(cells: Sequence[Sequence[str]], widths: Sequence[int]) -> str:

@@ -157,7 +157,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         except SandboxError as exc:
             raise CliError(str(exc)) from None
     print(f"sandbox {args.name}: {args.file}: {summary.describe()}")
-    return 0
+    # Deleting what is not there is a failed request (as `kubectl delete` has it).
+    return 1 if summary.missing else 0
 
 
 def controlplane_line(cp: dict[str, Any]) -> str:

@@ -179,6 +179,7 @@ def test_explain_a_denied_port_names_the_policy(store: StateStore) -> None:
     assert result["verdict"] == "deny"
     assert result["policy"]["policy"] == "demo/deny-9090"
     assert "DENY demo/deny-9090: rule 0 matches" in result["steps"]
+    assert any(step.startswith("1 policy applies to ") for step in result["steps"])
 
 
 def test_explain_passthrough_and_refusals(store: StateStore) -> None:

@@ -121,9 +121,9 @@ async def test_services_policies_certs_tables(
         leaf, root = (r for r in rows if r[1:2] in (["Leaf"], ["Root"]))
         assert leaf[1:7] == ["Leaf", "Available", "true", "1a2b", "2099-01-01", "00:00"]
         assert root[1:5] == ["Root", "Available", "false", "ff"]  # expired in 2021
-        # The long SPIFFE id wraps at '/' and '.' to keep lines within 100 columns.
-        assert "".join(r[0] for r in rows[1:4]) == "spiffe://cluster.local/ns/default/sa/client"
-        assert all(len(line) <= 100 for line in out.splitlines())
+        # Issue 16: the SPIFFE id is never broken over lines (it once took three).
+        assert leaf[0] == root[0] == "spiffe://cluster.local/ns/default/sa/client"
+        assert len(rows) == 3
 
 
 async def test_connections_and_pods(
@@ -313,3 +313,17 @@ def test_rules_on_the_wrong_node_says_where_the_pod_is(
     # --sandbox/--node resolve to that node's socket under the state dir.
     assert str(sandbox_store.root / "s" / "node1" / "admin.sock") in err
     assert len(err.splitlines()) == 1
+
+
+def test_explain_text_shows_nested_fields_as_lines_not_json() -> None:
+    text = agent_cli._explain_text(
+        {"verdict": "allow", "route": {"kind": "hbone", "via": ["a", "b"]}, "steps": ["s"]}
+    )
+    assert text.splitlines() == [
+        "verdict: ALLOW",
+        "route:",
+        "  kind: hbone",
+        "  via: a, b",
+        "steps:",
+        "  1. s",
+    ]

@@ -21,16 +21,18 @@ def test_plain_table_is_unchanged_without_width() -> None:
 
 
 def test_wide_table_wraps_within_width_and_keeps_every_character() -> None:
-    out = table(ROWS, COLUMNS, max_width=60)
+    rows = [*ROWS, {"name": "a b c d e f g h i j k l m n o p", "id": "x", "state": "s"}]
+    out = table(rows, COLUMNS, max_width=60)
     lines = out.splitlines()
-    assert all(len(line) <= 60 for line in lines)
     assert lines[0].split() == ["NAME", "IDENTITY", "STATE"]
-    # Short columns keep their width; the long identity wraps on continuation lines.
-    assert lines[1].split()[0] == "client-1" and lines[1].split()[-1] == "ready"
-    second = next(i for i, line in enumerate(lines) if line.startswith("server-1"))
-    # The NAME column is 8 wide plus a 2-space gap: identity text starts at 10.
-    ids = "".join(line[10:].split()[0] for line in lines[1:second])
-    assert ids == ROWS[0]["id"]
+    # Short columns keep their width; an identity is never broken (issue 16):
+    # its line overflows rather than split a SPIFFE id over lines.
+    assert lines[1].split() == ["client-1", ROWS[0]["id"], "ready"]
+    assert all(len(line) <= 60 for line in lines if "spiffe://" not in line)
+    # Text with spaces still wraps onto continuation lines, keeping every word.
+    third = next(i for i, line in enumerate(lines) if line.startswith("a b"))
+    tokens = [t for line in lines[third:] for t in line.split()]
+    assert len(lines) - third > 1 and set("abcdefghijklmnop") <= set(tokens)
 
 
 def test_table_that_fits_is_not_wrapped() -> None:

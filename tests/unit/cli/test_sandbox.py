@@ -143,3 +143,12 @@ def test_bad_sandbox_arguments_are_one_line(
     assert rc != 0
     assert len(err.strip().splitlines()) == 1, err
     assert "usage:" not in err
+
+
+def test_deleting_an_absent_policy_fails(
+    mesh_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    assert main(["sandbox", "apply", "s", str(policy), "--delete"]) != 0
+    assert "not found" in capsys.readouterr().out
