@@ -17,12 +17,11 @@ import ctypes
 import errno
 import os
 import socket
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nodeagent.datapath.netns import NetnsError, NetnsVanishedError, NetnsWorker, resolve
 from nodeagent.sandbox.plan import NamespacePlan, Route
 
 NETNS_DIR = Path("/var/run/netns")
@@ -35,10 +34,6 @@ _MNT_DETACH = 2
 _SCOPE_LINK = 253
 
 T = TypeVar("T")
-
-
-class NetnsError(RuntimeError):
-    """A namespace operation failed; the message names the namespace and step."""
 
 
 def _libc() -> ctypes.CDLL:
@@ -68,13 +63,12 @@ class NetnsAdapter:
 
     def __init__(self) -> None:
         self._libc = _libc()
-        self._local = threading.local()
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="netns", initializer=self._remember_home
-        )
+        # The one namespace-entering worker (datapath/netns.py): it enters,
+        # runs and always returns home, replacing its thread if it cannot.
+        self._worker = NetnsWorker("netns")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._worker.close()
 
     def __enter__(self) -> NetnsAdapter:
         return self
@@ -82,39 +76,15 @@ class NetnsAdapter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- thread plumbing -------------------------------------------------
-
-    def _remember_home(self) -> None:
-        self._local.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-
-    def _setns(self, fd: int, what: str) -> None:
-        if self._libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetnsError(f"setns into {what} failed: {os.strerror(err)}")
-
-    def _go_home(self) -> None:
-        self._setns(self._local.home, "the worker's own namespace")
-
     def call(self, netns: str | None, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the worker thread inside `netns` (None: the worker's own)."""
-
-        def run() -> T:
-            if netns is None:
-                return fn(*args)
-            try:
-                fd = os.open(netns_path(netns), os.O_RDONLY)
-            except FileNotFoundError:
-                raise NetnsError(f"network namespace {netns} does not exist") from None
-            try:
-                self._setns(fd, netns)
-            finally:
-                os.close(fd)
-            try:
-                return fn(*args)
-            finally:
-                self._go_home()
-
-        return self._pool.submit(run).result()
+        if netns is None:
+            return self._worker.call(None, fn, *args)
+        try:
+            handle = resolve(netns_path(netns))
+        except NetnsVanishedError:
+            raise NetnsError(f"network namespace {netns} does not exist") from None
+        return self._worker.call(handle, fn, *args)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -133,27 +103,28 @@ class NetnsAdapter:
     def create(self, names: list[str]) -> None:
         """Create each namespace (bound under /var/run/netns); existing ones are an error."""
 
-        def run() -> None:
-            self._ensure_dir()
-            for name in names:
-                path = netns_path(name)
-                try:
-                    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
-                except FileExistsError:
-                    raise NetnsError(f"network namespace {name} already exists") from None
-                try:
-                    if self._libc.unshare(_CLONE_NEWNET) != 0:
-                        raise NetnsError(f"unshare for {name}: {os.strerror(ctypes.get_errno())}")
-                    src = b"/proc/thread-self/ns/net"
-                    if self._libc.mount(src, str(path).encode(), b"none", _MS_BIND, None) != 0:
-                        raise NetnsError(f"bind {name}: {os.strerror(ctypes.get_errno())}")
-                except NetnsError:
-                    path.unlink(missing_ok=True)
-                    raise
-                finally:
-                    self._go_home()
+        def run(name: str) -> None:
+            path = netns_path(name)
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+            except FileExistsError:
+                raise NetnsError(f"network namespace {name} already exists") from None
+            try:
+                if self._libc.unshare(_CLONE_NEWNET) != 0:
+                    raise NetnsError(f"unshare for {name}: {os.strerror(ctypes.get_errno())}")
+                src = b"/proc/thread-self/ns/net"
+                if self._libc.mount(src, str(path).encode(), b"none", _MS_BIND, None) != 0:
+                    raise NetnsError(f"bind {name}: {os.strerror(ctypes.get_errno())}")
+            except NetnsError:
+                path.unlink(missing_ok=True)
+                raise
 
-        self.call(None, run)
+        self._worker.call(None, self._ensure_dir)
+        # unshare moves the worker thread into the new namespace; running it
+        # "inside" our own namespace makes the worker bring the thread back.
+        own = resolve("/proc/self/ns/net")
+        for name in names:
+            self._worker.call(own, run, name)
 
     def remove(self, name: str) -> None:
         """Unbind and delete a namespace; its interfaces go with it. Missing is fine."""
