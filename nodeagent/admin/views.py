@@ -168,6 +168,18 @@ def cert_rows(dump: Mapping[str, Any], now: datetime | None = None) -> list[Row]
     return rows
 
 
+def connection_data(connections: list[Mapping[str, Any]]) -> list[Row]:
+    """Connections for `-o json|yaml`: `opened_at` (unix seconds) as RFC 3339 UTC."""
+    out = []
+    for c in connections:
+        row = dict(c)
+        if isinstance(row.get("opened_at"), (int, float)):
+            opened = datetime.fromtimestamp(row["opened_at"], UTC)
+            row["opened_at"] = opened.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        out.append(row)
+    return out
+
+
 def connection_rows(connections: list[Mapping[str, Any]]) -> list[Row]:
     rows = [{k: c.get(k, "") for k, _ in CONNECTION_COLUMNS} for c in connections]
     return sorted(rows, key=lambda r: (r["workload"], r["direction"], r["local"], r["remote"]))

@@ -115,7 +115,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
     if args.output == "table":
         _print_table(views.connection_rows(conns), views.CONNECTION_COLUMNS)
     else:
-        _print_data(conns, args.output)
+        _print_data(views.connection_data(conns), args.output)
     return 0
 
 

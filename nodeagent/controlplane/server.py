@@ -422,7 +422,8 @@ class ControlPlaneServer:
         await server.start()
         self._server = server
         self._watch_task = asyncio.create_task(self.watcher.run(), name="mesh-file-watcher")
-        log.info("control plane serving %s on %s", self._mesh_path, self.address)
+        # No "serving ... on ADDR" log here: the entry point prints that one line
+        # (scripts read it for the port), and the sandbox's log would show it twice.
 
     async def stop(self, grace: float | None = 0.5) -> None:
         if self._watch_task is not None:

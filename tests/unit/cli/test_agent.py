@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,11 @@ async def test_connections_and_pods(
         assert all(len(line) <= 100 for line in out.splitlines())
         rc, out, _ = await cli(capsys, "pods", "--agent", bound.admin_url, "-o", "json")
         assert json.loads(out)[1]["attempts"] == 3
+        rc, out, _ = await cli(capsys, "connections", "--agent", bound.admin_url, "-o", "json")
+        # RFC 3339 (UTC), not a raw epoch float.
+        opened = json.loads(out)[0]["opened_at"]
+        assert isinstance(opened, str) and opened.endswith("Z")
+        assert datetime.fromisoformat(opened).tzinfo is not None
 
 
 async def test_rules_marks_missing_and_extra_lines(
