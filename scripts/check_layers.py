@@ -39,6 +39,9 @@ PURE_MODULES = {
     "nodeagent.kube.api",
     "nodeagent.kube.shutdown",
 }
+# Packages a package may not import although the layers would allow it.
+# hbone is a transport: it knows nothing of policy, identity or state (DESIGN.md §3).
+FORBIDDEN: dict[str, set[str]] = {"hbone": {"policy", "proxy", "state", "identity"}}
 IO_MODULES = {
     "asyncio",
     "grpc",
@@ -103,7 +106,9 @@ def check(root: Path) -> list[str]:
             if target is None or target == own or target not in LEVEL or (lineno, target) in seen:
                 continue
             seen.add((lineno, target))
-            if LEVEL[target] <= LEVEL[own]:
+            if target in FORBIDDEN.get(own, set()):
+                errors.append(f"{rel}:{lineno}: {own!r} may not import {target!r} (forbidden)")
+            elif LEVEL[target] <= LEVEL[own]:
                 errors.append(
                     f"{rel}:{lineno}: {own!r} may not import {target!r} "
                     f"({'same' if LEVEL[target] == LEVEL[own] else 'higher'} layer)"

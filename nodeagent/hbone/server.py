@@ -46,7 +46,6 @@ from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.model.workload import IPAddress
-from nodeagent.policy.engine import Decision
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,21 @@ class TunnelRequest:
 
 # Connects to the app, answers 200 or 503 on `request.stream`, relays until the end.
 TunnelHandler = Callable[[TunnelRequest], Awaitable[None]]
-Authorizer = Callable[[ConnectionAttributes], Decision]
+
+
+class Verdict(Protocol):
+    """What an authorizer answers (nodeagent.policy's Decision): hbone names no policy type."""
+
+    @property
+    def allowed(self) -> bool: ...
+
+    @property
+    def error_message(self) -> str: ...
+
+    def explain(self) -> str: ...
+
+
+Authorizer = Callable[[ConnectionAttributes], Verdict]
 
 
 @dataclass
