@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator
 
-from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.datapath.iptables import IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorker
 from nodeagent.datapath.plan import build_plan
 from nodeagent.hbone.pool import HbonePool
-from nodeagent.identity import csr
-from nodeagent.identity.csr import WorkloadCertificate
 from nodeagent.model.identity import Identity
-from nodeagent.model.workload import TunnelProtocol, Workload
+from nodeagent.model.workload import Workload
 from nodeagent.policy.checker import PolicyChecker
 from nodeagent.proxy.connections import ConnectionRegistry, store_policy_lookup
 from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
@@ -27,32 +23,14 @@ from nodeagent.proxy.listeners import LocalPod, PodListeners
 from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateBatch, StateStore
+from tests.builders import FakeCertificates
+from tests.builders import workload as build_workload
 
 SECRET = "payload-that-must-not-appear-on-the-wire"
 
 
-class FakeCertificates:
-    def __init__(self, ca: CertificateAuthority) -> None:
-        self._ca = ca
-        self._certs: dict[Identity, WorkloadCertificate] = {}
-
-    async def wait_for(self, identity: Identity) -> WorkloadCertificate:
-        if identity not in self._certs:
-            key = csr.generate_key()
-            chain = self._ca.sign(csr.build_csr(key, identity), 3600)
-            self._certs[identity] = csr.check_chain(chain, identity, key, self._ca.clock())
-        return self._certs[identity]
-
-
 def workload(uid: str, ns: str, sa: str, ip: str) -> Workload:
-    return Workload(
-        uid=uid,
-        name=uid,
-        namespace=ns,
-        addresses=(ipaddress.ip_address(ip),),
-        tunnel_protocol=TunnelProtocol.HBONE,
-        service_account=sa,
-    )
+    return build_workload(uid, ip, namespace=ns, hbone=True, service_account=sa)
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ real components, serves metrics, and exits on /quitquitquit."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,8 +16,9 @@ from nodeagent.datapath.capture import plan_from_addresses
 from nodeagent.datapath.discovery import MatchResult, match_workloads
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
-from nodeagent.model.workload import TunnelProtocol, Workload
+from nodeagent.model.workload import Workload
 from nodeagent.state.store import StateBatch
+from tests.builders import workload as build_workload
 
 
 class NoNamespaces:
@@ -40,14 +40,8 @@ class NoCapture:
 
 
 def workload(name: str, ip: str, node: str) -> Workload:
-    return Workload(
-        uid=f"uid-{name}",
-        name=name,
-        namespace="demo",
-        addresses=(ipaddress.ip_address(ip),),
-        node=node,
-        tunnel_protocol=TunnelProtocol.HBONE,
-        service_account=name,
+    return build_workload(
+        name, ip, uid=f"uid-{name}", namespace="demo", hbone=True, node=node, service_account=name
     )
 
 

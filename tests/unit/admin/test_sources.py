@@ -23,10 +23,11 @@ from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import build_plan, parse_iptables_save, render_family
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import Action, Authorization, Clause, Match, Rule, Scope
-from nodeagent.model.workload import NetworkAddress, Port, Service, TunnelProtocol, Workload
+from nodeagent.model.workload import NetworkAddress, Port, Service, Workload
 from nodeagent.proxy.connections import INBOUND, OUTBOUND, ConnectionRegistry
 from nodeagent.proxy.outbound import OutboundRouter
 from nodeagent.state.store import StateBatch, StateStore
+from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
 DENY_ADMIN_PORT = Authorization(
@@ -39,17 +40,18 @@ DENY_ADMIN_PORT = Authorization(
 
 
 def workload(name: str, addr: str, sa: str, *, hbone: bool = True) -> Workload:
-    return Workload(
+    services = (
+        {"demo/backend.demo.svc.cluster.local": (Port(80, 8080),)} if name == "server" else {}
+    )
+    return build_workload(
+        name,
+        addr,
         uid=f"uid-{name}",
-        name=name,
         namespace="demo",
-        addresses=(ip(addr),),
-        tunnel_protocol=TunnelProtocol.HBONE if hbone else TunnelProtocol.NONE,
+        hbone=hbone,
         service_account=sa,
         node="node1",
-        services={"demo/backend.demo.svc.cluster.local": (Port(80, 8080),)}
-        if name == "server"
-        else {},
+        services=services,
     )
 
 

@@ -24,7 +24,7 @@ from nodeagent.model.policy import (
     Rule,
     Scope,
 )
-from nodeagent.model.workload import NetworkAddress, Port, Service, TunnelProtocol, Workload
+from nodeagent.model.workload import NetworkAddress, Port, Service, Workload
 from nodeagent.proxy.connections import (
     INBOUND,
     OUTBOUND,
@@ -33,6 +33,7 @@ from nodeagent.proxy.connections import (
     store_policy_lookup,
 )
 from nodeagent.state.store import StateBatch, StateStore
+from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
 CLIENT = Identity("cluster.local", "demo", "frontend")
@@ -47,14 +48,9 @@ DENY_9090 = Authorization(
 
 
 def workload(name: str, addr: str, sa: str) -> Workload:
-    return Workload(
-        uid=f"uid-{name}",
-        name=name,
-        namespace="demo",
-        addresses=(ip(addr),),
-        tunnel_protocol=TunnelProtocol.HBONE,
-        service_account=sa,
-        node="node1" if name == "client" else "node2",
+    node = "node1" if name == "client" else "node2"
+    return build_workload(
+        name, addr, uid=f"uid-{name}", namespace="demo", hbone=True, service_account=sa, node=node
     )
 
 

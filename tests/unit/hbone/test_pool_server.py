@@ -25,8 +25,6 @@ from nodeagent.hbone.pool import (
     forwarded_header,
     traceparent_header,
 )
-from nodeagent.identity import csr
-from nodeagent.identity.csr import WorkloadCertificate
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import (
     Action,
@@ -43,6 +41,7 @@ from nodeagent.proxy.connections import ConnectionRegistry
 from nodeagent.proxy.inbound import InboundHboneHandler
 from nodeagent.proxy.listeners import LocalPod
 from nodeagent.proxy.tunnel_end import WorkloadTls
+from tests.builders import FakeCertificates
 
 ID_A = Identity("cluster.local", "ns-a", "client")
 ID_B = Identity("cluster.local", "ns-b", "server")
@@ -53,21 +52,6 @@ LOOPBACK = "127.0.0.1"
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.create("cluster.local")
-
-
-class FakeCertificates:
-    """A CertificateManager stand-in: issues from a real CA on first request."""
-
-    def __init__(self, ca: CertificateAuthority) -> None:
-        self._ca = ca
-        self._certs: dict[Identity, WorkloadCertificate] = {}
-
-    async def wait_for(self, identity: Identity) -> WorkloadCertificate:
-        if identity not in self._certs:
-            key = csr.generate_key()
-            chain = self._ca.sign(csr.build_csr(key, identity), 3600)
-            self._certs[identity] = csr.check_chain(chain, identity, key, self._ca.clock())
-        return self._certs[identity]
 
 
 class LoopbackSockets:

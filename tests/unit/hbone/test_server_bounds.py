@@ -32,12 +32,11 @@ from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.hbone.aio import HboneConnection, TunnelError
 from nodeagent.hbone.limits import Refusal
 from nodeagent.hbone.server import HboneServer, LocalWorkload, ServerSettings, TunnelRequest
-from nodeagent.identity import csr
-from nodeagent.identity.csr import WorkloadCertificate
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.engine import Decision, DecisionReason
 from nodeagent.proxy.tunnel_end import WorkloadTls
+from tests.builders import FakeCertificates
 
 LOOPBACK = "127.0.0.1"
 SERVER_ID = Identity("cluster.local", "ns-b", "server")
@@ -57,24 +56,6 @@ STALLED = 50
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:
     return CertificateAuthority.create("cluster.local")
-
-
-class FakeCertificates:
-    """A CertificateManager stand-in: issues from a real CA on first request."""
-
-    def __init__(self, ca: CertificateAuthority) -> None:
-        self._ca = ca
-        self._certs: dict[Identity, WorkloadCertificate] = {}
-
-    def issue(self, identity: Identity) -> WorkloadCertificate:
-        if identity not in self._certs:
-            key = csr.generate_key()
-            chain = self._ca.sign(csr.build_csr(key, identity), 3600)
-            self._certs[identity] = csr.check_chain(chain, identity, key, self._ca.clock())
-        return self._certs[identity]
-
-    async def wait_for(self, identity: Identity) -> WorkloadCertificate:
-        return self.issue(identity)
 
 
 def allow(_attributes: ConnectionAttributes) -> Decision:

@@ -14,13 +14,13 @@ from nodeagent.model.workload import (
     NetworkAddress,
     Port,
     Service,
-    TunnelProtocol,
     Workload,
 )
 from nodeagent.proxy.outbound import OutboundRouter, RouteKind
 from nodeagent.state.store import StateBatch, StateStore
 from nodeagent.traffic.outlier import OutlierDetector, OutlierSettings
 from nodeagent.traffic.selection import EndpointSelector
+from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
 SVC = "ns-b/echo.ns-b.svc.cluster.local"
@@ -30,14 +30,9 @@ ID_B = Identity("cluster.local", "ns-b", "server")
 
 
 def workload(uid: str, addr: str, *, hbone: bool = True, **kw: object) -> Workload:
-    return Workload(
-        uid=uid,
-        name=uid,
-        namespace=kw.pop("namespace", "ns-b"),  # type: ignore[arg-type]
-        addresses=(ip(addr),),
-        tunnel_protocol=TunnelProtocol.HBONE if hbone else TunnelProtocol.NONE,
-        service_account="server",
-        **kw,  # type: ignore[arg-type]
+    namespace = str(kw.pop("namespace", "ns-b"))
+    return build_workload(
+        uid, addr, namespace=namespace, hbone=hbone, service_account="server", **kw
     )
 
 

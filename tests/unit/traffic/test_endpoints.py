@@ -6,12 +6,13 @@ import ipaddress
 
 from nodeagent.model.workload import Endpoint, Port, Service, Workload
 from nodeagent.traffic import candidates_for
+from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
 
 
 def _workload(uid: str, *addresses: str) -> Workload:
-    return Workload(uid=uid, name=uid, namespace="default", addresses=tuple(map(ip, addresses)))
+    return build_workload(uid, *addresses)
 
 
 SERVICE = Service(
