@@ -591,7 +591,7 @@ class SandboxManager:
                 self.store.write_private(mesh_file, new_text)
         return summary
 
-    # -- processes (demo apps now; agents and a control plane later) --------
+    # -- processes (demo apps, node agents, the control plane) --------------
 
     def start_processes(
         self, name: str, specs: Sequence[ProcessSpec], timeout: float = APP_READY_TIMEOUT

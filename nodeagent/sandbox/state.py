@@ -1,8 +1,8 @@
 """The sandbox's state file: what it intends to create and what it has started.
 
 Every creation step is recorded *before* it happens, so `down` can undo a
-sandbox whose `up` crashed halfway. Processes of any kind (demo apps now;
-agents and a control plane later) share one record type: kind, name, netns,
+sandbox whose `up` crashed halfway. Processes of every kind (demo apps, node
+agents, the control plane) share one record type: kind, name, netns,
 argv, log file, pid and the pid's start time (so a reused pid is never killed).
 
 Layout: ``<root>/<NAME>/state.json``, ``<root>/<NAME>/logs/<process>.log``, the
@@ -35,7 +35,7 @@ CA_DIR = "ca"
 class ProcessRecord:
     """One process the sandbox started (or is about to start: pid None)."""
 
-    kind: str  # "demoapp", later "agent", "controlplane"
+    kind: str  # "demoapp", "agent" or "controlplane"
     name: str  # unique within the sandbox, e.g. "demoapp-node1-pod1"
     netns: str
     argv: tuple[str, ...]
