@@ -4,55 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream
 from nodeagent.hbone.connection import ErrorCode
+from tests.builders import self_signed
 
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hbone-aio")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    d: Path = tmp_path_factory.mktemp("tls")
-    (d / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "k.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"), "hbone-aio")
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(d / "c.pem", d / "k.pem")
+    server.load_cert_chain(cert, key)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.load_verify_locations(d / "c.pem")
+    client.load_verify_locations(cert)
     for ctx in (server, client):
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.set_alpn_protocols(["h2"])
