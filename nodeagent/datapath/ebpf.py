@@ -24,6 +24,7 @@ outbound, the iptables backend for inbound and IPv6.
 from __future__ import annotations
 
 import ctypes
+import importlib.resources
 import os
 import socket
 from collections.abc import Sequence
@@ -35,7 +36,8 @@ from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, original_destinat
 from nodeagent.datapath.plan import CapturePlan
 from nodeagent.model.constants import OUTBOUND_PORT, PROBE_SNAT_IPV4, PROXY_MARK, PROXY_MASK
 
-SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "connect_redirect.c"
+# Package data (nodeagent/bpf links to the repo's bpf/), so an installed agent finds it.
+SOURCE = Path(str(importlib.resources.files("nodeagent") / "bpf" / "connect_redirect.c"))
 MAX_POD_IPS = 4  # as in the program
 
 _SO_NETNS_COOKIE = 71
@@ -43,6 +45,14 @@ _SO_NETNS_COOKIE = 71
 _CGROUP_INET4_CONNECT = 10
 _CGROUP_SOCK_OPS = 3
 _PROGRAMS = (("connect4", _CGROUP_INET4_CONNECT), ("sockops", _CGROUP_SOCK_OPS))
+
+
+def read_source(path: Path = SOURCE) -> str:
+    """The BPF program's C text; a missing file is a CaptureError naming its path."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CaptureError(f"cannot read BPF source {path}: {exc.strerror or exc}") from None
 
 
 def kernel_headers() -> Path | None:
@@ -145,7 +155,7 @@ class ConnectRedirect:
         except OSError as exc:
             raise CaptureError(f"open cgroup2 {cgroup}: {exc.strerror}") from None
         try:
-            text = SOURCE.read_text()
+            text = read_source()
             if pin_dir is not None:
                 pin_dir.mkdir(parents=True, exist_ok=True)
                 text = _pinned(text, pin_dir)  # the same maps across agent restarts
