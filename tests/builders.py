@@ -7,8 +7,12 @@ identity) in one line.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import ipaddress
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +95,36 @@ def self_signed(directory: Path, name: str = "kube-apiserver") -> tuple[Path, Pa
         )
     )
     return cert_path, key_path
+
+
+@contextlib.asynccontextmanager
+async def loopback_acceptor(
+    serve: Callable[[socket.socket], Awaitable[None]],
+) -> AsyncIterator[tuple[str, int]]:
+    """A 127.0.0.1 listener that hands each accepted (non-blocking) socket to
+    `serve` in its own task, as PodListeners does; yields its address and
+    cancels everything on exit."""
+    loop = asyncio.get_running_loop()
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    lsock.setblocking(False)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def accept() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            conn.setblocking(False)
+            task = asyncio.create_task(serve(conn))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    acceptor = asyncio.create_task(accept())
+    try:
+        yield lsock.getsockname()
+    finally:
+        acceptor.cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+        lsock.close()

@@ -41,7 +41,7 @@ from nodeagent.proxy.connections import ConnectionRegistry
 from nodeagent.proxy.inbound import InboundHboneHandler
 from nodeagent.proxy.listeners import LocalPod
 from nodeagent.proxy.tunnel_end import WorkloadTls
-from tests.builders import FakeCertificates
+from tests.builders import FakeCertificates, loopback_acceptor
 
 ID_A = Identity("cluster.local", "ns-a", "client")
 ID_B = Identity("cluster.local", "ns-b", "server")
@@ -127,30 +127,8 @@ async def hbone_listener(
     handler: InboundHboneHandler, pod: LocalPod
 ) -> AsyncIterator[tuple[str, int]]:
     """A loopback 15008 stand-in: accepts and hands each socket to the handler (as PodListeners)."""
-    loop = asyncio.get_running_loop()
-    lsock = socket.socket()
-    lsock.bind((LOOPBACK, 0))
-    lsock.listen()
-    lsock.setblocking(False)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def accept() -> None:
-        while True:
-            conn, _ = await loop.sock_accept(lsock)
-            conn.setblocking(False)
-            t = asyncio.create_task(handler(pod, conn, 15008))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-
-    acceptor = asyncio.create_task(accept())
-    try:
-        yield lsock.getsockname()
-    finally:
-        acceptor.cancel()
-        for t in list(tasks):
-            t.cancel()
-        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
-        lsock.close()
+    async with loopback_acceptor(lambda conn: handler(pod, conn, 15008)) as address:
+        yield address
 
 
 async def dial(address: tuple[str, int]) -> socket.socket:

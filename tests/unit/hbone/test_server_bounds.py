@@ -36,7 +36,7 @@ from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.engine import Decision, DecisionReason
 from nodeagent.proxy.tunnel_end import WorkloadTls
-from tests.builders import FakeCertificates
+from tests.builders import FakeCertificates, loopback_acceptor
 
 LOOPBACK = "127.0.0.1"
 SERVER_ID = Identity("cluster.local", "ns-b", "server")
@@ -82,30 +82,8 @@ async def hbone_server(ca: CertificateAuthority, settings: ServerSettings) -> As
     """The 15008 server on a loopback listener, as PodListeners runs it."""
     certificates = FakeCertificates(ca)
     server = HboneServer(WorkloadTls(certificates), allow, hold_tunnel, settings=settings)
-    loop = asyncio.get_running_loop()
-    lsock = socket.socket()
-    lsock.bind((LOOPBACK, 0))
-    lsock.listen(128)
-    lsock.setblocking(False)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def accept() -> None:
-        while True:
-            conn, _ = await loop.sock_accept(lsock)
-            conn.setblocking(False)
-            task = asyncio.create_task(server.serve(WORKLOAD, conn))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    acceptor = asyncio.create_task(accept())
-    try:
-        yield Served(server, lsock.getsockname(), certificates)
-    finally:
-        acceptor.cancel()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
-        lsock.close()
+    async with loopback_acceptor(lambda conn: server.serve(WORKLOAD, conn)) as address:
+        yield Served(server, address, certificates)
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:

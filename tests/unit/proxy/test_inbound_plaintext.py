@@ -27,6 +27,7 @@ from nodeagent.proxy.connections import ConnectionRegistry, store_policy_lookup
 from nodeagent.proxy.inbound import InboundPlaintextHandler
 from nodeagent.proxy.listeners import LocalPod
 from nodeagent.state.store import StateBatch, StateStore
+from tests.builders import loopback_acceptor
 
 LOOPBACK = "127.0.0.1"
 ID_B = Identity("cluster.local", "ns-b", "server")
@@ -86,7 +87,6 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def plaintext_inbound() -> AsyncIterator[Setup]:
-    loop = asyncio.get_running_loop()
     store = StateStore()
     store.apply(StateBatch(workloads=(pod_workload(STRICT.key),)))
     checker = PolicyChecker(store_policy_lookup(store))
@@ -103,30 +103,13 @@ async def plaintext_inbound() -> AsyncIterator[Setup]:
     app_server = await asyncio.start_server(app, LOOPBACK, 0)
     app_addr = app_server.sockets[0].getsockname()
     handler = InboundPlaintextHandler(checker, registry, destination_of=lambda _s: app_addr)
-    lsock = socket.socket()
-    lsock.bind((LOOPBACK, 0))
-    lsock.listen()
-    lsock.setblocking(False)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def accept() -> None:
-        while True:
-            conn, _ = await loop.sock_accept(lsock)
-            conn.setblocking(False)
-            t = asyncio.create_task(handler(POD, conn, 15006))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-
-    acceptor = asyncio.create_task(accept())
     try:
-        yield Setup(store, registry, handler, lsock.getsockname(), peers)
+        async with loopback_acceptor(lambda conn: handler(POD, conn, 15006)) as address:
+            try:
+                yield Setup(store, registry, handler, address, peers)
+            finally:
+                unsubscribe()
     finally:
-        unsubscribe()
-        acceptor.cancel()
-        for t in list(tasks):
-            t.cancel()
-        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
-        lsock.close()
         app_server.close()
         await app_server.wait_closed()
 

@@ -8,6 +8,7 @@ import socket
 import struct
 
 from nodeagent.proxy.relay import RelayStats, TcpRelayEnd, relay_pair
+from tests.builders import loopback_acceptor
 
 
 @contextlib.asynccontextmanager
@@ -15,36 +16,18 @@ async def relay_to(upstream: tuple[str, int]):
     """A listener on loopback that relays each accepted connection to `upstream`."""
     loop = asyncio.get_running_loop()
     relays: list = []
-    tasks: set[asyncio.Task] = set()
 
     async def handle(sock: socket.socket) -> None:
         _, down = await loop.connect_accepted_socket(lambda: TcpRelayEnd("down"), sock)
         _, up = await loop.create_connection(lambda: TcpRelayEnd("up"), *upstream)
         relays.append(relay_pair(down, up))
 
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen()
-    lsock.setblocking(False)
-
-    async def accept_loop() -> None:
-        while True:
-            conn, _ = await loop.sock_accept(lsock)
-            t = asyncio.create_task(handle(conn))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-
-    acceptor = asyncio.create_task(accept_loop())
     try:
-        yield lsock.getsockname(), relays
+        async with loopback_acceptor(handle) as address:
+            yield address, relays
     finally:
-        acceptor.cancel()
-        for t in [acceptor, *tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
         for r in relays:
             r.abort("test over")
-        lsock.close()
 
 
 @contextlib.asynccontextmanager
