@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -128,3 +129,27 @@ async def loopback_acceptor(
             task.cancel()
         await asyncio.gather(acceptor, *tasks, return_exceptions=True)
         lsock.close()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    """Poll a condition that spans several components (no single event covers it)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not predicate():  # noqa: ASYNC110 (see the docstring)
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+class MeshFile:
+    """A mesh file whose every write gets a new mtime, so the poller sees it."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self._stamp = 1_000_000_000_000_000_000
+        self.write(text)
+
+    def write(self, text: str) -> None:
+        self.path.write_text(text)
+        self._stamp += 1_000_000_000
+        os.utime(self.path, ns=(self._stamp, self._stamp))

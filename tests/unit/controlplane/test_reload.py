@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from nodeagent.model.constants import TYPE_URL_ADDRESS
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.xds.client import ExponentialBackoff, XdsClient
+from tests.builders import MeshFile, wait_until
 
 NODES = """\
 nodes:
@@ -37,29 +37,6 @@ MESH = NODES + "workloads:\n" + WORKLOAD_A + WORKLOAD_B
 UID_A = "Kubernetes//Pod/shop/a"
 UID_B = "Kubernetes//Pod/shop/b"
 LOGGER = "nodeagent.controlplane.server"
-
-
-class MeshFile:
-    """A mesh file whose every write gets a new mtime, so the poller sees it."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self._stamp = 1_000_000_000_000_000_000
-        self.write(text)
-
-    def write(self, text: str) -> None:
-        self.path.write_text(text)
-        self._stamp += 1_000_000_000
-        os.utime(self.path, ns=(self._stamp, self._stamp))
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(10):
-            while not predicate():  # noqa: ASYNC110 (server, watcher and client together)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @contextlib.asynccontextmanager

@@ -37,6 +37,7 @@ from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.engine import Decision, DecisionReason
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from tests.builders import FakeCertificates, loopback_acceptor
+from tests.builders import wait_until as _wait
 
 LOOPBACK = "127.0.0.1"
 SERVER_ID = Identity("cluster.local", "ns-b", "server")
@@ -87,12 +88,7 @@ async def hbone_server(ca: CertificateAuthority, settings: ServerSettings) -> As
 
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(20):
-            while not predicate():  # noqa: ASYNC110 (server counters, no event to wait on)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    await _wait(predicate, what, seconds=20)  # server counters: slower under load
 
 
 def open_fds() -> int:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from nodeagent.config import Config
@@ -21,6 +20,7 @@ from nodeagent.pb.istio.workload import workload_pb2 as workload_pb
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.xds.client import ExponentialBackoff, XdsClient
+from tests.builders import MeshFile, wait_until
 
 MESH = textwrap.dedent(
     """\
@@ -49,30 +49,6 @@ UID_B = "Kubernetes//Pod/shop/b"
 SVC = "shop/web.shop.svc.cluster.local"
 
 FAST = ExponentialBackoff(initial=0.05, cap=0.2)
-
-
-class MeshFile:
-    """A mesh file whose every write gets a new mtime, so the poller sees it."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self._stamp = 1_000_000_000_000_000_000
-        self.write(text)
-
-    def write(self, text: str) -> None:
-        self.path.write_text(text)
-        self._stamp += 1_000_000_000
-        os.utime(self.path, ns=(self._stamp, self._stamp))
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll a condition spanning several components (store, client, server)."""
-    try:
-        async with asyncio.timeout(10):
-            while not predicate():  # noqa: ASYNC110 (no single event covers all of them)
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def agent_config(tmp_path: Path, port: int, token: str = "tok-1") -> Config:
