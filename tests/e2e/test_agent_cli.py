@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodeagent.sandbox.processes import NSENTER
 
+from .e2e_harness import DENY_FRONTEND
+
 NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
 NODE = "node2"
 CALLER = "node1-pod1"  # sa frontend
@@ -62,19 +64,6 @@ SCRAPE = (
     "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:15020/metrics', timeout=10)"
     ".read().decode())"
 )
-
-DENY_FRONTEND = """\
-authorizationPolicies:
-- metadata: {name: deny-frontend, namespace: demo}
-  spec:
-    action: DENY
-    selector:
-      matchLabels: {role: backend}
-    rules:
-    - from:
-      - source:
-          principals: ["cluster.local/ns/demo/sa/frontend"]
-"""
 
 
 @pytest.fixture(scope="module")

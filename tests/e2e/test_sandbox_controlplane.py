@@ -22,21 +22,10 @@ import pytest
 from nodeagent.sandbox.processes import NSENTER
 from nodeagent.sandbox.state import DEFAULT_STATE_ROOT
 
+from .e2e_harness import DENY_FRONTEND
+
 PROBE = str(Path(__file__).with_name("xds_probe.py"))
 WAIT = 15.0
-
-DENY_FRONTEND = """\
-authorizationPolicies:
-- metadata: {name: deny-frontend, namespace: demo}
-  spec:
-    action: DENY
-    selector:
-      matchLabels: {role: backend}
-    rules:
-    - from:
-      - source:
-          principals: ["cluster.local/ns/demo/sa/frontend"]
-"""
 
 BAD_PORT = """\
 services:
