@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent.sandbox.demo import DENY_FRONTEND as DENY_FRONTEND  # the demo's own policy
 from nodeagent.sandbox.processes import NSENTER
 
 NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
@@ -28,19 +29,6 @@ BACKEND = "spiffe://cluster.local/ns/demo/sa/backend"
 BACKEND_VIP = "10.96.0.10"
 ECHO_VIP = "10.96.0.11"
 POLICY_WAIT = 15.0  # control plane polls its file every 0.5 s, then pushes over xDS
-# The sandbox's demo mesh: a DENY of frontend -> backend (an extra mesh file).
-DENY_FRONTEND = """\
-authorizationPolicies:
-- metadata: {name: deny-frontend, namespace: demo}
-  spec:
-    action: DENY
-    selector:
-      matchLabels: {role: backend}
-    rules:
-    - from:
-      - source:
-          principals: ["cluster.local/ns/demo/sa/frontend"]
-"""
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
