@@ -26,7 +26,7 @@ from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.identity import csr
 from nodeagent.identity.csr import WorkloadCertificate
 from nodeagent.model.identity import Identity
-from nodeagent.model.workload import TunnelProtocol, Workload
+from nodeagent.model.workload import NetworkAddress, Port, Service, TunnelProtocol, Workload
 
 
 def workload(
@@ -44,6 +44,20 @@ def workload(
         namespace=namespace,
         addresses=tuple(ipaddress.ip_address(a) for a in addresses),
         tunnel_protocol=TunnelProtocol.HBONE if hbone else TunnelProtocol.NONE,
+        **fields,
+    )
+
+
+def service(
+    name: str, *vips: str, namespace: str = "default", ports: tuple[Port, ...] = (), **fields: Any
+) -> Service:
+    """A Service `name` in `namespace` (hostname `name.namespace.svc.cluster.local`) at `vips`."""
+    return Service(
+        name=name,
+        namespace=namespace,
+        hostname=f"{name}.{namespace}.svc.cluster.local",
+        addresses=tuple(NetworkAddress("", ipaddress.ip_address(v)) for v in vips),
+        ports=ports,
         **fields,
     )
 

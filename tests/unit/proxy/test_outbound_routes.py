@@ -11,7 +11,6 @@ from nodeagent.model.identity import Identity
 from nodeagent.model.workload import (
     LoadBalancing,
     LoadBalancingMode,
-    NetworkAddress,
     Port,
     Service,
     Workload,
@@ -20,6 +19,7 @@ from nodeagent.proxy.outbound import OutboundRouter, RouteKind
 from nodeagent.state.store import StateBatch, StateStore
 from nodeagent.traffic.outlier import OutlierDetector, OutlierSettings
 from nodeagent.traffic.selection import EndpointSelector
+from tests.builders import service as build_service
 from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
@@ -37,14 +37,7 @@ def workload(uid: str, addr: str, *, hbone: bool = True, **kw: object) -> Worklo
 
 
 def service(name: str, ns: str, vip: str, ports: tuple[Port, ...], **kw: object) -> Service:
-    return Service(
-        name=name,
-        namespace=ns,
-        hostname=f"{name}.{ns}.svc.cluster.local",
-        addresses=(NetworkAddress("", ip(vip)),),
-        ports=ports,
-        **kw,  # type: ignore[arg-type]
-    )
+    return build_service(name, vip, namespace=ns, ports=ports, **kw)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from nodeagent.pb.istio.workload import workload_pb2 as workload_pb
 from nodeagent.state.encode import address_to_pb, authorization_to_pb
 from nodeagent.state.store import KindChange, StateChange, StateStore
 from nodeagent.state.updater import StateUpdater
+from tests.builders import service as build_service
+from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
 SVC = "default/svc-a.default.svc.cluster.local"
@@ -29,11 +31,11 @@ def workload(
     services: dict[str, tuple[wm.Port, ...]] | None = None,
     policies: tuple[str, ...] = (),
 ) -> wm.Workload:
-    return wm.Workload(
+    return build_workload(
+        name,
+        addr,
         uid=f"cluster//Pod/{namespace}/{name}",
-        name=name,
         namespace=namespace,
-        addresses=(ip(addr),),
         network=network,
         services=services or {},
         authorization_policies=policies,
@@ -41,13 +43,7 @@ def workload(
 
 
 def service(host: str = "svc-a", vip: str = "10.96.0.1", namespace: str = "default") -> wm.Service:
-    return wm.Service(
-        name=host,
-        namespace=namespace,
-        hostname=f"{host}.{namespace}.svc.cluster.local",
-        addresses=(wm.NetworkAddress("", ip(vip)),),
-        ports=(wm.Port(80, 8080),),
-    )
+    return build_service(host, vip, namespace=namespace, ports=(wm.Port(80, 8080),))
 
 
 def policy(
