@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from nodeagent.admin.accesslog import ACCESS_LOGGER
+
 TRACE = 5
 _LEVELS = {
     "off": logging.CRITICAL + 10,
@@ -72,11 +74,15 @@ class StdlibLogLevelControl:
         self._default = _level(default)
         self._root = root or logging.getLogger()
         self._own = own or logging.getLogger("nodeagent")
+        # The access log is ours too: one line per connection at info.
+        self._access = logging.getLogger(ACCESS_LOGGER)
         self._targets: set[str] = set()
         self._apply_default(self._default)
 
     def _apply_default(self, level: int) -> None:
         self._own.setLevel(level)
+        if ACCESS_LOGGER not in self._targets:
+            self._access.setLevel(level)
         # Records of our own loggers still reach the root's handlers: propagation
         # ignores ancestors' levels.
         self._root.setLevel(max(level, logging.WARNING))

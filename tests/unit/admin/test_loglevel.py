@@ -55,3 +55,19 @@ def test_debug_does_not_flood_with_third_party_loggers() -> None:
     assert third_party.isEnabledFor(logging.DEBUG)
     assert control.reset() == "info"
     assert not third_party.isEnabledFor(logging.DEBUG)
+
+
+def test_access_log_lines_pass_at_the_default_level_while_third_parties_stay_quiet() -> None:
+    import logging
+
+    from nodeagent.admin.accesslog import ACCESS_LOGGER
+    from nodeagent.admin.loglevel import StdlibLogLevelControl
+
+    root = logging.getLogger("test-root-for-access")
+    control = StdlibLogLevelControl("info", root=root, own=logging.getLogger("test-own"))
+    assert logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)
+    control.set_level("debug")
+    assert logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.DEBUG)
+    assert root.level == logging.WARNING
+    control.reset()
+    assert not logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.DEBUG)
