@@ -23,10 +23,11 @@ from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import build_plan, parse_iptables_save, render_family
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import Action, Authorization, Clause, Match, Rule, Scope
-from nodeagent.model.workload import NetworkAddress, Port, Service, Workload
+from nodeagent.model.workload import Port, Workload
 from nodeagent.proxy.connections import INBOUND, OUTBOUND, ConnectionRegistry
 from nodeagent.proxy.outbound import OutboundRouter
 from nodeagent.state.store import StateBatch, StateStore
+from tests.builders import service
 from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
@@ -65,15 +66,7 @@ def store() -> StateStore:
                 workload("server", "10.2.0.5", "backend"),
                 workload("legacy", "10.3.0.5", "old", hbone=False),
             ),
-            services=(
-                Service(
-                    name="backend",
-                    namespace="demo",
-                    hostname="backend.demo.svc.cluster.local",
-                    addresses=(NetworkAddress("", ip("10.96.0.10")),),
-                    ports=(Port(80, 8080),),
-                ),
-            ),
+            services=(service("backend", "10.96.0.10", namespace="demo", ports=(Port(80, 8080),)),),
             policies=(DENY_ADMIN_PORT,),
         )
     )

@@ -24,7 +24,7 @@ from nodeagent.model.policy import (
     Rule,
     Scope,
 )
-from nodeagent.model.workload import NetworkAddress, Port, Service, Workload
+from nodeagent.model.workload import Port, Workload
 from nodeagent.proxy.connections import (
     INBOUND,
     OUTBOUND,
@@ -33,6 +33,7 @@ from nodeagent.proxy.connections import (
     store_policy_lookup,
 )
 from nodeagent.state.store import StateBatch, StateStore
+from tests.builders import service
 from tests.builders import workload as build_workload
 
 ip = ipaddress.ip_address
@@ -63,15 +64,7 @@ def store() -> StateStore:
                 workload("client", "10.1.0.5", "frontend"),
                 workload("server", "10.2.0.5", "backend"),
             ),
-            services=(
-                Service(
-                    name="backend",
-                    namespace="demo",
-                    hostname="backend.demo.svc.cluster.local",
-                    addresses=(NetworkAddress("", ip("10.96.0.10")),),
-                    ports=(Port(80, 8080),),
-                ),
-            ),
+            services=(service("backend", "10.96.0.10", namespace="demo", ports=(Port(80, 8080),)),),
             policies=(DENY_9090,),
         )
     )
