@@ -403,7 +403,7 @@ def test_unknown_pod_and_unreachable_agent_give_one_line(sandbox: dict[str, Any]
     gone = cli(sandbox, "workloads", node="node9")
     assert gone.returncode != 0
     assert len(gone.stderr.strip().splitlines()) == 1
-    assert "cannot reach agent" in gone.stderr
+    assert "has no node 'node9' (nodes: node1, node2)" in gone.stderr
 
 
 @pytest.fixture(autouse=True)
