@@ -1,19 +1,16 @@
-"""HBONE server: terminate mutual TLS and HTTP/2 on 15008, check and authorize each CONNECT.
+"""HBONE server: terminate mutual TLS and HTTP/2 on 15008, hand each CONNECT to a handler.
 
+A generic TLS server: it knows who the peer is, not what the tunnel may reach.
 `HboneServer.serve` runs one accepted connection to the end. Per connection: TLS
-with the local pod's certificate and a client certificate required, whose SPIFFE
-identity must be in our trust domain (that identity is what authorization sees).
-Per CONNECT stream, in ztunnel's order (istio-ambient.md §2 "Response codes"):
-
-* a method other than CONNECT, an authority that does not parse, or an
-  authority IP that is not one of the local pod's addresses: **400**;
-* a target port that is one of the agent's own ports (it would loop): **503**;
-* authorization (L4 policy, with the peer identity) denies: **401**, and the
-  reason is logged ("connection closed due to policy rejection: ...");
-* otherwise the stream goes to the `TunnelHandler`, which connects to the app
-  and answers **200** only once that connection is up (**503** if it fails),
-  then relays. That part needs the pod's namespace and the relay, which live
-  in nodeagent.proxy (the layer above), so it is injected.
+with the local end's certificate and a client certificate required, whose SPIFFE
+identity must be in the local end's trust domain. Per CONNECT stream, the handler
+given at construction is called synchronously with the local end and an
+`AcceptedStream` (the stream, its request headers, the peer's address and verified
+identity): it answers refusals there and then (the validation, authorization and
+status codes are nodeagent.proxy.inbound's), or returns the coroutine that serves
+the tunnel, which the server runs as a task of the connection (cancelled when the
+connection ends; a failure resets the stream). A request that is not a CONNECT is
+answered 400 by the HTTP/2 adapter before any handler sees it.
 
 No peer holds the server without bound (`ServerSettings`): the TLS handshake must end
 within `handshake_timeout` of accept, and the HTTP/2 client preface and SETTINGS arrive
@@ -27,30 +24,25 @@ is sent.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from nodeagent.config import Config
 from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream, keep_alive
-from nodeagent.hbone.connection import ConnectionConfig, parse_authority
+from nodeagent.hbone.connection import ConnectionConfig
 from nodeagent.hbone.keepalive import KeepaliveSchedule
 from nodeagent.hbone.limits import ConnectionLimits, ConnectionSlot, Refusal
 from nodeagent.model.address import unmap
-from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.identity import Identity
-from nodeagent.model.policy import ConnectionAttributes
-from nodeagent.model.workload import IPAddress
 
 log = logging.getLogger(__name__)
 
 # Once the server itself has closed a connection (GOAWAY), how long the peer gets to
-# finish the TLS close before the socket is dropped.
 CLOSE_GRACE = 5.0
 
 
@@ -92,60 +84,51 @@ class ServerTls(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class LocalWorkload:
-    """The pod this server answers for."""
+class LocalEnd(Protocol):
+    """Whom a connection is for (in the agent: the pod whose 15008 listener accepted)."""
 
-    uid: str
-    namespace: str
-    name: str
-    identity: Identity
-    addresses: tuple[IPAddress, ...]
+    @property
+    def identity(self) -> Identity:
+        """The certificate presented; clients must prove an identity of its trust domain."""
+        ...
 
     @property
     def label(self) -> str:
-        return f"{self.namespace}/{self.name}" if self.name else self.uid
+        """How log lines name it."""
+        ...
+
+
+L = TypeVar("L", bound=LocalEnd)
 
 
 @dataclass(frozen=True, slots=True)
-class TunnelRequest:
-    """A CONNECT that passed validation and authorization, waiting for the app connection."""
+class AcceptedStream:
+    """A CONNECT stream on an authenticated connection, not answered yet."""
 
     stream: TunnelStream
     peer: tuple[str, int]  # the client's address as seen on the TLS connection
-    peer_identity: Identity
-    target: tuple[str, int]  # the pod's ip and the app port (from the authority)
-    attributes: ConnectionAttributes  # what was authorized (re-checked on policy change)
-    workload: LocalWorkload
-
-
-# Connects to the app, answers 200 or 503 on `request.stream`, relays until the end.
-TunnelHandler = Callable[[TunnelRequest], Awaitable[None]]
-
-
-class Verdict(Protocol):
-    """What an authorizer answers (nodeagent.policy's Decision): hbone names no policy type."""
+    peer_identity: Identity  # verified by TLS
 
     @property
-    def allowed(self) -> bool: ...
+    def authority(self) -> str:
+        return self.stream.authority
 
     @property
-    def error_message(self) -> str: ...
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """The request's headers other than the pseudo-headers."""
+        return self.stream.headers
 
-    def explain(self) -> str: ...
 
-
-Authorizer = Callable[[ConnectionAttributes], Verdict]
+# Called synchronously for each CONNECT: answers a refusal itself and returns None, or
+# returns the coroutine that serves the tunnel (answers 200 or an error, relays).
+StreamHandler = Callable[[L, AcceptedStream], Awaitable[None] | None]
 
 
 @dataclass
 class ServerStats:
     connections: int = 0
     handshake_failed: int = 0
-    tunnels: int = 0
-    bad_request: int = 0  # 400
-    denied: int = 0  # 401
-    unavailable: int = 0  # 503 before the app connect
+    tunnels: int = 0  # CONNECT streams handed to the handler
     timeouts: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
             ("handshake_timeout", "preface_timeout", "idle_timeout"), 0
@@ -154,22 +137,20 @@ class ServerStats:
     """Connections the server closed after waiting, by what it waited for."""
 
 
-class HboneServer:
-    """Serves HBONE connections accepted on a pod's 15008 listener (every pod's: the
-    connection limits are the agent's)."""
+class HboneServer(Generic[L]):
+    """Serves HBONE connections accepted on 15008 listeners (every pod's, in the agent:
+    the connection limits are the agent's), handing their streams to `handler`."""
 
     def __init__(
         self,
         tls: ServerTls,
-        authorize: Authorizer,
-        handler: TunnelHandler | None = None,
+        handler: StreamHandler[L],
         *,
         config: ConnectionConfig | None = None,
         settings: ServerSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tls = tls
-        self._authorize = authorize
         self._handler = handler
         self._config = config or ConnectionConfig(client_side=False)
         self.settings = settings or ServerSettings()
@@ -179,37 +160,20 @@ class HboneServer:
         )
         self.stats = ServerStats()
 
-    async def serve(
-        self,
-        workload: LocalWorkload,
-        sock: socket.socket,
-        *,
-        handler: TunnelHandler | None = None,
-    ) -> None:
-        """Run one accepted connection until it closes; owns and closes `sock`. `handler`
-        (default: the one given at construction) serves this connection's tunnels."""
-        tunnel_handler = handler or self._handler
-        if tunnel_handler is None:
-            sock.close()
-            raise ValueError("HboneServer.serve needs a tunnel handler")
+    async def serve(self, local: L, sock: socket.socket) -> None:
+        """Run one connection accepted for `local` until it closes; owns and closes `sock`."""
         slot = self.limits.admit()
         if slot is None:
             # Nothing spent on it yet: no TLS, no HTTP/2 (Envoy's connection limit too).
             sock.close()
-            self._log_refusal(Refusal.CONNECTION_LIMIT, workload, None)
+            self._log_refusal(Refusal.CONNECTION_LIMIT, local, None)
             return
         try:
-            await self._serve(workload, sock, tunnel_handler, slot)
+            await self._serve(local, sock, slot)
         finally:
             slot.release()
 
-    async def _serve(
-        self,
-        workload: LocalWorkload,
-        sock: socket.socket,
-        tunnel_handler: TunnelHandler,
-        slot: ConnectionSlot,
-    ) -> None:
+    async def _serve(self, local: L, sock: socket.socket, slot: ConnectionSlot) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
         tasks: set[asyncio.Task[None]] = set()
@@ -218,15 +182,15 @@ class HboneServer:
         try:
             peer_addr = sock.getpeername()
             ctx = await asyncio.wait_for(
-                self._tls.server_context(workload.identity), settings.handshake_timeout
+                self._tls.server_context(local.identity), settings.handshake_timeout
             )
         except (OSError, TimeoutError) as exc:
             sock.close()
             self.stats.handshake_failed += 1
             log.info(
                 "HBONE %s: connection closed: no certificate for %s yet (%r)",
-                workload.label,
-                workload.identity,
+                local.label,
+                local.identity,
                 exc,
             )
             return
@@ -241,7 +205,7 @@ class HboneServer:
             # TLS is done and nothing of HTTP/2 is sent yet: refuse here, silently.
             try:
                 identity = self._tls.client_identity(
-                    transport.get_extra_info("ssl_object"), workload.identity.trust_domain
+                    transport.get_extra_info("ssl_object"), local.identity.trust_domain
                 )
             except Exception as exc:
                 refusal.append(str(exc))
@@ -258,11 +222,12 @@ class HboneServer:
             if identity is None:  # cannot happen: TLS is done before HTTP/2 starts
                 stream.respond(503)
                 return
-            request = self._check(workload, stream, peer, identity)
-            if request is None:
+            self.stats.tunnels += 1
+            work = self._handler(local, AcceptedStream(stream, peer, identity))
+            if work is None:  # answered already (refused)
                 return
             task = loop.create_task(
-                self._run(tunnel_handler, request), name=f"hbone-tunnel {stream.authority}"
+                self._run(work, stream), name=f"hbone-tunnel {stream.authority}"
             )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -288,7 +253,7 @@ class HboneServer:
             self.stats.timeouts["handshake_timeout"] += 1
             log.info(
                 "HBONE %s from %s:%d: no TLS handshake within %.0fs: closed",
-                workload.label,
+                local.label,
                 *peer,
                 settings.handshake_timeout,
             )
@@ -296,18 +261,18 @@ class HboneServer:
         except (OSError, ssl.SSLError) as exc:
             sock.close()
             self.stats.handshake_failed += 1
-            log.info("HBONE %s from %s:%d: TLS handshake failed: %r", workload.label, *peer, exc)
+            log.info("HBONE %s from %s:%d: TLS handshake failed: %r", local.label, *peer, exc)
             return
         try:
             if conn.refused:
                 if refusal == [Refusal.IDENTITY_LIMIT.value]:
-                    self._log_refusal(Refusal.IDENTITY_LIMIT, workload, state.get("peer"))
+                    self._log_refusal(Refusal.IDENTITY_LIMIT, local, state.get("peer"))
                 else:
                     self.stats.handshake_failed += 1
-                    log.info("HBONE %s from %s:%d refused: %s", workload.label, *peer, *refusal)
+                    log.info("HBONE %s from %s:%d refused: %s", local.label, *peer, *refusal)
                 return
             identity = state["peer"]
-            log.debug("HBONE %s: connection from %s:%d as %s", workload.label, *peer, identity)
+            log.debug("HBONE %s: connection from %s:%d as %s", local.label, *peer, identity)
             try:
                 async with asyncio.timeout(settings.preface_timeout):
                     await asyncio.shield(conn.ready)
@@ -315,7 +280,7 @@ class HboneServer:
                 self.stats.timeouts["preface_timeout"] += 1
                 log.info(
                     "HBONE %s from %s:%d (%s): no HTTP/2 preface and SETTINGS within %.0fs: closed",
-                    workload.label,
+                    local.label,
                     *peer,
                     identity,
                     settings.preface_timeout,
@@ -329,7 +294,7 @@ class HboneServer:
                 self.stats.timeouts["idle_timeout"] += 1
                 log.debug(
                     "HBONE %s from %s:%d (%s): no stream for %.0fs: closed",
-                    workload.label,
+                    local.label,
                     *peer,
                     identity,
                     settings.idle_timeout,
@@ -346,9 +311,7 @@ class HboneServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _log_refusal(
-        self, reason: Refusal, workload: LocalWorkload, identity: Identity | None
-    ) -> None:
+    def _log_refusal(self, reason: Refusal, local: L, identity: Identity | None) -> None:
         # Under a flood this would be a line per connection: log the 1st, 2nd, 4th, ...
         count = self.limits.refused[reason]
         if count & (count - 1):
@@ -358,96 +321,16 @@ class HboneServer:
             what = f"the agent holds {s.max_connections} inbound connections (the limit)"
         else:
             what = f"{identity} holds {s.max_connections_per_identity} connections (the limit)"
-        log.warning(
-            "HBONE %s: connection refused: %s; %d refused so far", workload.label, what, count
-        )
+        log.warning("HBONE %s: connection refused: %s; %d refused so far", local.label, what, count)
 
-    def _check(
-        self,
-        workload: LocalWorkload,
-        stream: TunnelStream,
-        peer: tuple[str, int],
-        identity: Identity,
-    ) -> TunnelRequest | None:
-        """Validate and authorize one CONNECT; answers the refusals itself."""
-        self.stats.tunnels += 1
+    async def _run(self, work: Awaitable[None], stream: TunnelStream) -> None:
         try:
-            host, port = parse_authority(stream.authority)
-            ip = ipaddress.ip_address(host)
-        except ValueError as exc:
-            self._refuse(stream, 400, workload, peer, f"bad authority: {exc}")
-            return None
-        local = {unmap(a) for a in workload.addresses}
-        if unmap(ip) not in local:
-            self._refuse(
-                stream,
-                400,
-                workload,
-                peer,
-                f"authority {stream.authority} is not an address of this pod "
-                f"({', '.join(str(a) for a in workload.addresses)})",
-            )
-            return None
-        if port in ILLEGAL_PORTS:
-            self._refuse(stream, 503, workload, peer, f"target port {port} is the agent's own")
-            return None
-        attributes = ConnectionAttributes(
-            source_ip=unmap(ipaddress.ip_address(peer[0])),
-            source_identity=identity,
-            destination_ip=unmap(ip),
-            destination_port=port,
-            destination_namespace=workload.namespace,
-            destination_name=workload.name,
-            destination_uid=workload.uid,
-        )
-        decision = self._authorize(attributes)
-        if not decision.allowed:
-            self.stats.denied += 1
-            log.info(
-                "HBONE %s: %s from %s (%s:%d) to %s: connection closed due to policy rejection: "
-                "%s (%s)",
-                workload.label,
-                "CONNECT",
-                identity,
-                *peer,
-                stream.authority,
-                decision.error_message,
-                decision.explain(),
-            )
-            stream.respond(401)
-            return None
-        return TunnelRequest(
-            stream=stream,
-            peer=peer,
-            peer_identity=identity,
-            target=(str(unmap(ip)), port),
-            attributes=attributes,
-            workload=workload,
-        )
-
-    def _refuse(
-        self,
-        stream: TunnelStream,
-        status: int,
-        workload: LocalWorkload,
-        peer: tuple[str, int],
-        why: str,
-    ) -> None:
-        if status == 400:
-            self.stats.bad_request += 1
-        else:
-            self.stats.unavailable += 1
-        log.info("HBONE %s from %s:%d: %d: %s", workload.label, *peer, status, why)
-        stream.respond(status)
-
-    async def _run(self, handler: TunnelHandler, request: TunnelRequest) -> None:
-        try:
-            await handler(request)
+            await work
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("HBONE tunnel %s failed", request.stream.authority)
+            log.exception("HBONE tunnel %s failed", stream.authority)
             try:
-                request.stream.reset()
+                stream.reset()
             except Exception:  # the connection is already gone
                 pass

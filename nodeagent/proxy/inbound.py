@@ -6,10 +6,18 @@ port 0; the pod's connmark rules route the app's replies back to us), so the
 app sees the real caller. Both register the connection with the
 `ConnectionRegistry`, whose policy re-check can close it later.
 
-* 15008 (`InboundHboneHandler`): `nodeagent.hbone.server.HboneServer` does TLS,
-  HTTP/2, validation and authorization (400/401/503); this module supplies the
-  part that needs the pod: connect to the app, answer 200 only once that works
-  (503 if not), and relay the stream.
+* 15008 (`InboundHboneHandler`): `nodeagent.hbone.server.HboneServer` does TLS
+  and HTTP/2 and hands over each CONNECT with the peer's verified identity; this
+  module gives it its meaning, in ztunnel's order (istio-ambient.md §2 "Response
+  codes"):
+
+  - an authority that does not parse, or whose IP is not one of the pod's
+    addresses: **400** (a method other than CONNECT got 400 from the adapter);
+  - a target port that is one of the agent's own ports (it would loop): **503**;
+  - authorization (L4 policy, with the peer identity) denies: **401**, and the
+    reason is logged ("connection closed due to policy rejection: ...");
+  - otherwise connect to the app, answer **200** only once that connection is
+    up (**503** if it fails), and relay the stream.
 * 15006 (`InboundPlaintextHandler`): the original destination is the pod's own
   ip:port; authorization runs with no identity, so a workload whose policies
   require mTLS (STRICT: a DENY with `not_principals: [presence]`) refuses it:
@@ -19,17 +27,19 @@ app sees the real caller. Both register the connection with the
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from nodeagent.datapath.netns import original_destination
-from nodeagent.hbone.server import HboneServer, LocalWorkload, ServerSettings, TunnelRequest
+from nodeagent.hbone.aio import TunnelStream
+from nodeagent.hbone.connection import parse_authority
+from nodeagent.hbone.server import AcceptedStream, HboneServer, ServerSettings
 from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS
+from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.policy.checker import PolicyChecker
 from nodeagent.proxy.connections import HBONE, INBOUND, TCP, ConnectionRegistry
@@ -51,21 +61,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class InboundStats:
     relayed: int = 0
-    denied: int = 0
+    denied: int = 0  # by policy (HBONE: 401)
     refused: int = 0  # loops, unusable sockets
+    bad_request: int = 0  # HBONE: 400
+    unavailable: int = 0  # HBONE: 503 before the app connect
     upstream_failed: int = 0
     transparent: int = 0  # app connections made from the client's own address
     by_port: dict[int, int] = field(default_factory=dict)
 
 
-def local_workload(pod: LocalPod) -> LocalWorkload:
-    return LocalWorkload(
-        uid=pod.uid,
-        namespace=pod.namespace,
-        name=pod.name,
-        identity=pod.identity,
-        addresses=pod.addresses,
-    )
+@dataclass(frozen=True, slots=True)
+class TunnelRequest:
+    """A CONNECT that passed validation and authorization, waiting for the app connection."""
+
+    stream: TunnelStream
+    peer: tuple[str, int]  # the client's address as seen on the TLS connection
+    peer_identity: Identity
+    target: tuple[str, int]  # the pod's ip and the app port (from the authority)
+    attributes: ConnectionAttributes  # what was authorized (re-checked on policy change)
 
 
 class InboundHboneHandler:
@@ -85,13 +98,85 @@ class InboundHboneHandler:
         self.stats = InboundStats()
         self._transparent = transparent
         self._connect_timeout = connect_timeout
+        self._checker = checker
         # One server for every pod's 15008 listener: its connection limits are the agent's.
-        self.server = HboneServer(tls, checker.check, settings=settings)
+        self.server: HboneServer[LocalPod] = HboneServer(tls, self._accept, settings=settings)
 
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
-        await self.server.serve(
-            local_workload(pod), sock, handler=functools.partial(self._tunnel, pod)
+        await self.server.serve(pod, sock)
+
+    def _accept(self, pod: LocalPod, accepted: AcceptedStream) -> Awaitable[None] | None:
+        """Validate and authorize one CONNECT; answers the refusals itself (synchronously,
+        inside the connection's read), else returns the tunnel for the server to run."""
+        stream, peer, identity = accepted.stream, accepted.peer, accepted.peer_identity
+        try:
+            host, port = parse_authority(stream.authority)
+            ip = ipaddress.ip_address(host)
+        except ValueError as exc:
+            self._refuse(stream, 400, pod, peer, f"bad authority: {exc}")
+            return None
+        local = {unmap(a) for a in pod.addresses}
+        if unmap(ip) not in local:
+            self._refuse(
+                stream,
+                400,
+                pod,
+                peer,
+                f"authority {stream.authority} is not an address of this pod "
+                f"({', '.join(str(a) for a in pod.addresses)})",
+            )
+            return None
+        if port in ILLEGAL_PORTS:
+            self._refuse(stream, 503, pod, peer, f"target port {port} is the agent's own")
+            return None
+        attributes = ConnectionAttributes(
+            source_ip=unmap(ipaddress.ip_address(peer[0])),
+            source_identity=identity,
+            destination_ip=unmap(ip),
+            destination_port=port,
+            destination_namespace=pod.namespace,
+            destination_name=pod.name,
+            destination_uid=pod.uid,
         )
+        decision = self._checker.check(attributes)
+        if not decision.allowed:
+            self.stats.denied += 1
+            log.info(
+                "HBONE %s: %s from %s (%s:%d) to %s: connection closed due to policy rejection: "
+                "%s (%s)",
+                pod.label,
+                "CONNECT",
+                identity,
+                *peer,
+                stream.authority,
+                decision.error_message,
+                decision.explain(),
+            )
+            stream.respond(401)
+            return None
+        request = TunnelRequest(
+            stream=stream,
+            peer=peer,
+            peer_identity=identity,
+            target=(str(unmap(ip)), port),
+            attributes=attributes,
+        )
+        return self._tunnel(pod, request)
+
+    def _refuse(
+        self,
+        stream: TunnelStream,
+        status: int,
+        pod: LocalPod,
+        peer: tuple[str, int],
+        why: str,
+    ) -> None:
+        if status == 400:
+            self.stats.bad_request += 1
+        else:
+            self.stats.unavailable += 1
+        log.info("HBONE %s from %s:%d: %d: %s", pod.label, *peer, status, why)
+        stream.respond(status)
 
     async def _tunnel(self, pod: LocalPod, request: TunnelRequest) -> None:
         stream = request.stream

@@ -297,7 +297,7 @@ async def test_bad_authority_and_foreign_address_get_400(ca):
         assert await raw_connect(m, ca, f"10.9.9.9:{m.app.port}") == 400
         assert await raw_connect(m, ca, f"{LOOPBACK}:15001") == 503  # the agent's own port
         assert m.app.peers == []
-        assert m.handler.server.stats.bad_request == 2
+        assert m.handler.stats.bad_request == 2
 
 
 async def test_denied_by_policy_gets_401_and_the_app_never_sees_it(ca, caplog):
@@ -310,7 +310,7 @@ async def test_denied_by_policy_gets_401_and_the_app_never_sees_it(ca, caplog):
     )
     async with mesh(ca) as m:
         m.policies.append(deny_a)
-        caplog.set_level("INFO", logger="nodeagent.hbone.server")
+        caplog.set_level("INFO", logger="nodeagent.proxy.inbound")
         with pytest.raises(HboneConnectError, match="401"):
             await m.tunnel()
         assert m.app.peers == []

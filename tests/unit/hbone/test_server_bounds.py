@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +30,8 @@ from nodeagent.config import Config
 from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.hbone.aio import HboneConnection, TunnelError
 from nodeagent.hbone.limits import Refusal
-from nodeagent.hbone.server import HboneServer, LocalWorkload, ServerSettings, TunnelRequest
+from nodeagent.hbone.server import AcceptedStream, HboneServer, ServerSettings
 from nodeagent.model.identity import Identity
-from nodeagent.model.policy import ConnectionAttributes
-from nodeagent.policy.engine import Decision, DecisionReason
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from tests.builders import FakeCertificates, loopback_acceptor
 from tests.builders import wait_until as _wait
@@ -44,14 +41,18 @@ SERVER_ID = Identity("cluster.local", "ns-b", "server")
 ALICE = Identity("cluster.local", "ns-a", "alice")
 BOB = Identity("cluster.local", "ns-a", "bob")
 CAROL = Identity("cluster.local", "ns-a", "carol")
-WORKLOAD = LocalWorkload(
-    uid="uid-b",
-    namespace="ns-b",
-    name="b",
-    identity=SERVER_ID,
-    addresses=(ipaddress.ip_address(LOOPBACK),),
-)
 STALLED = 50
+
+
+@dataclass(frozen=True)
+class Local:
+    """The server's local end (in the agent: the pod whose listener accepted)."""
+
+    identity: Identity
+    label: str
+
+
+WORKLOAD = Local(SERVER_ID, "ns-b/b")
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +60,21 @@ def ca() -> CertificateAuthority:
     return CertificateAuthority.create("cluster.local")
 
 
-def allow(_attributes: ConnectionAttributes) -> Decision:
-    return Decision(allowed=True, reason=DecisionReason.NO_POLICIES)
-
-
-async def hold_tunnel(request: TunnelRequest) -> None:
+def hold_tunnel(_local: Local, accepted: AcceptedStream) -> Awaitable[None]:
     """The app side of a tunnel: answer 200 and keep it until the client ends it."""
-    request.stream.respond(200)
-    while await request.stream.read():
+    return hold(accepted)
+
+
+async def hold(accepted: AcceptedStream) -> None:
+    accepted.stream.respond(200)
+    while await accepted.stream.read():
         pass
-    request.stream.write_eof()
+    accepted.stream.write_eof()
 
 
 @dataclass
 class Served:
-    server: HboneServer
+    server: HboneServer[Local]
     address: tuple[str, int]
     certificates: FakeCertificates
 
@@ -82,7 +83,7 @@ class Served:
 async def hbone_server(ca: CertificateAuthority, settings: ServerSettings) -> AsyncIterator[Served]:
     """The 15008 server on a loopback listener, as PodListeners runs it."""
     certificates = FakeCertificates(ca)
-    server = HboneServer(WorkloadTls(certificates), allow, hold_tunnel, settings=settings)
+    server = HboneServer(WorkloadTls(certificates), hold_tunnel, settings=settings)
     async with loopback_acceptor(lambda conn: server.serve(WORKLOAD, conn)) as address:
         yield Served(server, address, certificates)
 
