@@ -66,7 +66,6 @@ from nodeagent.datapath.netns import (
     NetnsWorker,
     original_destination,
 )
-from nodeagent.hbone.pool import HbonePool, PoolSettings
 from nodeagent.hbone.server import ServerSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager, CertState
@@ -87,6 +86,7 @@ from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
 from nodeagent.proxy.listeners import ConnectionHandler, PodListenerFactory, SocketFactoryMaker
 from nodeagent.proxy.outbound import OutboundHandler, OutboundRouter
 from nodeagent.proxy.passthrough import PassthroughStats, passthrough_handlers
+from nodeagent.proxy.pool import HbonePool, PoolSettings
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater

@@ -426,6 +426,21 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.writable.set()
 
     # --- API ---
+    @property
+    def open_outbound_streams(self) -> int:
+        """Streams we opened that are not closed yet."""
+        return self.conn.open_outbound_streams
+
+    @property
+    def max_outbound_streams(self) -> int:
+        """How many streams the peer lets us hold open (its SETTINGS_MAX_CONCURRENT_STREAMS)."""
+        return self.conn.max_outbound_streams
+
+    @property
+    def can_open_stream(self) -> bool:
+        """A new tunnel may be opened now: below the peer's limit, no GOAWAY either way."""
+        return self.conn.can_open_stream
+
     async def open_tunnel(
         self, authority: str, headers: Iterable[tuple[str, str]] = ()
     ) -> TunnelStream:
@@ -594,7 +609,8 @@ async def keep_alive(
     """Drive `schedule` on `conn` until the connection ends, and say how it ended:
     "closed" (by either side, or elsewhere), "idle" (closed here with GOAWAY after
     idle_timeout without a stream) or "ping_timeout" (a PING went unanswered: aborted).
-    Both the client pool and the 15008 server run their connections through this."""
+    Both the client pool (nodeagent.proxy.pool) and the 15008 server run their
+    connections through this."""
     core = conn.conn
     while not conn.closed.done():
         action = schedule.due(clock(), core.open_outbound_streams + core.open_inbound_streams)

@@ -33,7 +33,13 @@ from dataclasses import dataclass
 
 from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.connection import format_authority
-from nodeagent.hbone.pool import (
+from nodeagent.model.address import unmap
+from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT, TUNNEL_OPEN_FAILED
+from nodeagent.model.identity import Identity, IdentityError
+from nodeagent.model.workload import TunnelProtocol, Workload
+from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry
+from nodeagent.proxy.listeners import LocalPod
+from nodeagent.proxy.pool import (
     Address,
     HboneConnectError,
     HbonePool,
@@ -42,12 +48,6 @@ from nodeagent.hbone.pool import (
     forwarded_header,
     traceparent_header,
 )
-from nodeagent.model.address import unmap
-from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT, TUNNEL_OPEN_FAILED
-from nodeagent.model.identity import Identity, IdentityError
-from nodeagent.model.workload import TunnelProtocol, Workload
-from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry
-from nodeagent.proxy.listeners import LocalPod
 from nodeagent.proxy.relay import connect_tcp_end
 from nodeagent.proxy.sockets import (
     CONNECT_TIMEOUT,
@@ -371,10 +371,7 @@ class OutboundHandler:
             self._record(route, ok=True)
             self._count("hbone")
             tunnel_end = TunnelRelayEnd("tunnel", stream)
-            live.destination_identity = next(
-                (c.peer_identity for c in self.pool.connections(key) if stream.owner is c.conn),
-                None,
-            )
+            live.destination_identity = self.pool.peer_identity(key, stream)
             try:
                 app_end = await connect_tcp_end("app", sock)
             except BaseException:

@@ -207,7 +207,7 @@ class CertificateSource(Protocol):
 class WorkloadTls:
     """Client and server SSLContexts per identity, rebuilt when the certificate rotates.
 
-    Implements both `nodeagent.hbone.pool.ClientTls` and `nodeagent.hbone.server.ServerTls`.
+    Implements both `nodeagent.proxy.pool.ClientTls` and `nodeagent.hbone.server.ServerTls`.
     """
 
     def __init__(self, certificates: CertificateSource) -> None:

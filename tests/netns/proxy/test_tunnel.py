@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from nodeagent.datapath.iptables import IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsSocketFactory, NetnsWorker
 from nodeagent.datapath.plan import build_plan
-from nodeagent.hbone.pool import HbonePool
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
 from nodeagent.policy.checker import PolicyChecker
@@ -21,6 +20,7 @@ from nodeagent.proxy.connections import ConnectionRegistry, store_policy_lookup
 from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
 from nodeagent.proxy.listeners import LocalPod, PodListeners
 from nodeagent.proxy.outbound import OutboundHandler
+from nodeagent.proxy.pool import HbonePool
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateBatch, StateStore
 from tests.builders import FakeCertificates

@@ -1,4 +1,4 @@
-"""HBONE client: a pool of mutual-TLS HTTP/2 connections that carry CONNECT tunnels.
+"""The HBONE client pool: mutual-TLS HTTP/2 connections that carry CONNECT tunnels.
 
 One pool serves a node. Connections are keyed by `PoolKey`: who dials (the source
 pod, whose namespace the socket lives in, and its identity), whom we accept at the
@@ -12,7 +12,9 @@ Each connection has a small keep-alive task: a PING every `ping_interval`, the
 connection dropped if the ACK does not arrive within `ping_timeout`, and closed
 once it carried no stream for `idle_timeout` (ztunnel's defaults: 10 s, 20 s,
 5 min; istio-ambient.md §2). The schedule is `nodeagent.hbone.keepalive`'s, run by
-`aio.keep_alive`: the 15008 server closes idle connections with the same code.
+`nodeagent.hbone.aio.keep_alive`: the 15008 server closes idle connections with the
+same code. The pool composes hbone's public connection API (`HboneConnection`: open a
+tunnel, stream counts and limits, ping, close); the HTTP/2 core is not its business.
 
 The pool does not know namespaces or certificates: the caller passes a `Dialer`
 (in the agent: a marked socket made inside the source pod's namespace, so the
@@ -33,11 +35,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream, keep_alive
-from nodeagent.hbone.connection import (
-    ConnectionConfig,
-    InvalidActionError,
-    format_authority,
-)
+from nodeagent.hbone.connection import ConnectionConfig, InvalidActionError, format_authority
 from nodeagent.hbone.keepalive import KeepaliveSchedule
 from nodeagent.model.identity import Identity
 
@@ -120,13 +118,13 @@ class PooledConnection:
 
     @property
     def open_streams(self) -> int:
-        return self.conn.conn.open_outbound_streams
+        return self.conn.open_outbound_streams
 
     def stream_limit(self, configured: int) -> int:
-        return min(configured, self.conn.conn.max_outbound_streams)
+        return min(configured, self.conn.max_outbound_streams)
 
     def usable(self) -> bool:
-        return not self.conn.closed.done() and self.conn.conn.can_open_stream
+        return not self.conn.closed.done() and self.conn.can_open_stream
 
     def has_room(self, configured: int) -> bool:
         return self.usable() and self.open_streams < self.stream_limit(configured)
@@ -280,6 +278,14 @@ class HbonePool:
             if not conns:
                 del self._connections[pooled.key]
                 self._locks.pop(pooled.key, None)
+
+    def peer_identity(self, key: PoolKey, stream: TunnelStream) -> Identity | None:
+        """The identity the server of `stream` (opened for `key`) proved; None once its
+        connection left the pool."""
+        return next(
+            (c.peer_identity for c in self._connections.get(key, ()) if c.conn is stream.owner),
+            None,
+        )
 
     def connections(self, key: PoolKey | None = None) -> list[PooledConnection]:
         """Live connections (of one key, or all)."""

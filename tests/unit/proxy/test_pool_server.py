@@ -16,15 +16,6 @@ import pytest
 from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream
-from nodeagent.hbone.pool import (
-    HboneConnectError,
-    HbonePool,
-    PoolKey,
-    PoolSettings,
-    baggage_header,
-    forwarded_header,
-    traceparent_header,
-)
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import (
     Action,
@@ -40,6 +31,15 @@ from nodeagent.policy.checker import PolicyChecker
 from nodeagent.proxy.connections import ConnectionRegistry
 from nodeagent.proxy.inbound import InboundHboneHandler
 from nodeagent.proxy.listeners import LocalPod
+from nodeagent.proxy.pool import (
+    HboneConnectError,
+    HbonePool,
+    PoolKey,
+    PoolSettings,
+    baggage_header,
+    forwarded_header,
+    traceparent_header,
+)
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from tests.builders import FakeCertificates, loopback_acceptor
 
@@ -272,6 +272,16 @@ async def test_service_sans_widen_the_accepted_identities(ca):
         stream = await m.tunnel(key=m.key(frozenset({ID_OTHER, ID_B})))
         stream.write_eof()
         assert await asyncio.wait_for(read_all(stream), 10) == b""
+
+
+async def test_the_pool_says_which_identity_the_server_of_a_tunnel_proved(ca):
+    async with mesh(ca) as m:
+        key = m.key(frozenset({ID_OTHER, ID_B}))
+        stream = await m.tunnel(key=key)
+        assert m.pool.peer_identity(key, stream) == ID_B
+        (pooled,) = m.pool.connections(key)
+        assert pooled.open_streams == 1 and pooled.has_room(100)
+        stream.reset()
 
 
 async def raw_connect(m: Mesh, ca: CertificateAuthority, authority: str) -> int:
