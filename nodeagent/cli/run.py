@@ -110,11 +110,10 @@ async def serve(config: Config, *, cleanup: bool = False) -> None:
     # Imported here: the whole agent is heavy to import, and every other
     # command shares this module list.
     from nodeagent import app
-    from nodeagent.hbone.aio import tune_allocator
 
     # This process is a data path: keep glibc from trimming and refaulting the
-    # heap around every large relay buffer (see tune_allocator).
-    tune_allocator()
+    # heap around every large relay buffer (see app.tune_allocator).
+    app.tune_allocator()
     agent = await app.build(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

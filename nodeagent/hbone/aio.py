@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -246,34 +245,6 @@ class TunnelStream:
 # glibc then trims and refaults the heap on every read: about 20 us per small read here,
 # a quarter of the CPU a 64-byte message costs an agent.
 _READ_BUFFER_SIZE = 256 * 1024
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_allocator_tuned = False
-
-
-def tune_allocator() -> bool:
-    """Keep glibc from returning the heap top to the kernel after every large buffer.
-
-    Bulk relaying allocates and frees ~256 KiB buffers (TCP reads, TLS output) many times a
-    second. With glibc's dynamic thresholds each free trims the heap and the next allocation
-    faults the pages back in: measured here, fixed thresholds cut the CPU per Gbit/s of an
-    HBONE relay pair by about a quarter. Fixed values cost at most a few MiB of retained heap.
-    Process-wide and idempotent; False where the C library has no mallopt (not glibc).
-    """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt(_M_TRIM_THRESHOLD, 8 * 1024 * 1024)
-    mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)  # above our largest buffers, below the trim
-    _allocator_tuned = True
-    return True
-
 
 _TLS_RECORD = 16384  # the largest TLS plaintext record
 

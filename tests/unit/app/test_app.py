@@ -300,3 +300,8 @@ def test_cleanup_flag_and_its_old_name() -> None:
     assert _args("--cleanup").cleanup is True
     assert _args("--cleanup-on-exit").cleanup is True
     assert _args().cleanup is False
+
+
+def test_allocator_tuning_is_idempotent() -> None:
+    first = app.tune_allocator()
+    assert app.tune_allocator() == first

@@ -1,4 +1,4 @@
-"""Output regrouping for TLS records and the allocator tuning of the asyncio adapter."""
+"""Output regrouping for TLS records and read-buffer reuse in the asyncio adapter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent.hbone.aio import HboneConnection, coalesce_records, tune_allocator
+from nodeagent.hbone.aio import HboneConnection, coalesce_records
 from nodeagent.hbone.frames import PingFrame, SettingsFrame, serialize
 
 RECORD = 16384
@@ -50,11 +50,6 @@ def test_frame_header_rides_in_the_first_record_of_its_payload() -> None:
 @pytest.mark.parametrize("pieces", [[b"a", b"b", b"c"], [b"x" * 10, memoryview(b"y" * 20)]])
 def test_small_pieces_are_joined_into_one_write(pieces: list[bytes | memoryview]) -> None:
     assert coalesce_records(list(pieces)) == [b"".join(pieces)]
-
-
-def test_allocator_tuning_is_idempotent() -> None:
-    first = tune_allocator()
-    assert tune_allocator() == first
 
 
 async def test_reads_through_a_reused_buffer_survive_frames_split_across_reads() -> None:
