@@ -208,9 +208,10 @@ class EndpointSelector:
         pool, note = self.eligible(candidates, source, load_balancing)
         if not pool:
             return _no_endpoint(note)
-        return Selection(SelectionOutcome.SELECTED, self._pick(pool), note)
+        return Selection(SelectionOutcome.SELECTED, self.pick(pool), note)
 
-    def _pick(self, pool: Sequence[Candidate]) -> Candidate:
+    def pick(self, pool: Sequence[Candidate]) -> Candidate:
+        """A capacity-weighted random pick among `pool` (non-empty)."""
         if len(pool) == 1:
             return pool[0]
         total = sum(c.weight for c in pool)

@@ -1,0 +1,162 @@
+"""Per-cluster state a new connection needs: load balancing, circuit breaking, ejections.
+
+A cluster is Envoy's: a service narrowed to a subset, on a port (`Target.cluster`).
+The route table is immutable; what changes per connection lives here, fed
+events by the data path (`admit`/`release` around a connection, `started`/`ended`
+around an endpoint's use, `record` after each connect attempt). No I/O; the
+random source and the clock are injected.
+
+* `admit`: `connectionPool.tcp.maxConnections` as a circuit breaker, per
+  cluster in this agent: over the limit a connection is refused at once.
+* `pick`: among the eligible endpoints (health, locality, ejections: see
+  `EndpointSelector.eligible`), minus those this connection already tried:
+  ROUND_ROBIN in turn; LEAST_REQUEST the fewer active of two random choices
+  (Envoy's default choice count); RANDOM uniform; `consistentHash.useSourceIp`
+  a rendezvous hash of the source address (the same caller keeps its endpoint
+  while the set allows); unset, today's capacity-weighted random pick.
+* `record`: a connect failure counts towards ejection with the cluster's
+  `outlierDetection` (consecutive 5xx and gateway errors both count connect
+  failures, the smaller threshold ejects), else the agent's default settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+from nodeagent.model.routing import LoadBalancer, OutlierDetection
+from nodeagent.model.workload import LoadBalancing
+from nodeagent.traffic.outlier import OutlierDetector, OutlierSettings
+from nodeagent.traffic.routes import Target
+from nodeagent.traffic.selection import Candidate, EndpointSelector, SourceLocation
+
+Cluster = tuple[str, str, int]
+MAX_EJECTION_TIME = 300.0  # Envoy's max_ejection_time default
+
+
+@dataclass(slots=True)
+class ClusterCounters:
+    """What `nodeagent routes` shows for a cluster."""
+
+    open: int = 0  # connections admitted and not yet released
+    overflows: int = 0  # refused by maxConnections (flag UO)
+
+
+def outlier_settings(outlier: OutlierDetection) -> OutlierSettings | None:
+    """The detector's settings for a DestinationRule's outlierDetection; None when disabled."""
+    threshold = outlier.threshold
+    if threshold == 0:
+        return None
+    return OutlierSettings(
+        consecutive_failures=threshold,
+        base_ejection=outlier.base_ejection_time,
+        max_ejection=max(MAX_EJECTION_TIME, outlier.base_ejection_time),
+        max_ejection_percent=outlier.max_ejection_percent,
+    )
+
+
+class ClusterBalancer:
+    """Load balancing, limits and outlier state for every cluster this agent connects to."""
+
+    def __init__(self, rng: random.Random, outliers: OutlierDetector) -> None:
+        self._rng = rng
+        self.outliers = outliers
+        self._selector = EndpointSelector(rng, outliers)
+        self._counters: dict[Cluster, ClusterCounters] = {}
+        self._active: dict[Hashable, int] = {}
+        self._turn: dict[Cluster, int] = {}
+
+    # -- circuit breaking -----------------------------------------------------------------------
+
+    def counters(self, cluster: Cluster) -> ClusterCounters:
+        return self._counters.setdefault(cluster, ClusterCounters())
+
+    def admit(self, target: Target) -> bool:
+        """Take a connection slot in the target's cluster; False over maxConnections."""
+        counters = self.counters(target.cluster)
+        pool = target.policy.tcp
+        limit = pool.max_connections if pool is not None else None
+        if limit is not None and counters.open >= limit:
+            counters.overflows += 1
+            return False
+        counters.open += 1
+        return True
+
+    def release(self, target: Target) -> None:
+        counters = self._counters.get(target.cluster)
+        if counters is not None and counters.open > 0:
+            counters.open -= 1
+
+    # -- endpoints -----------------------------------------------------------------------------
+
+    def eligible(
+        self,
+        candidates: Iterable[Candidate],
+        source: SourceLocation,
+        load_balancing: LoadBalancing | None,
+    ) -> tuple[tuple[Candidate, ...], str]:
+        return self._selector.eligible(candidates, source, load_balancing)
+
+    def pick(
+        self,
+        target: Target,
+        pool: Sequence[Candidate],
+        tried: Iterable[Hashable] = (),
+        source_ip: str = "",
+    ) -> Candidate | None:
+        """One endpoint of `pool` (already eligible) not in `tried`, by the target's balancer."""
+        skip = set(tried)
+        left = [c for c in pool if c.key not in skip]
+        if not left:
+            return None
+        policy = target.policy
+        if policy.consistent_hash is not None and policy.consistent_hash.use_source_ip:
+            return max(left, key=lambda c: _rendezvous(source_ip, c))
+        lb = policy.load_balancer
+        if lb is LoadBalancer.ROUND_ROBIN:
+            ordered = sorted(left, key=lambda c: c.key)
+            turn = self._turn.get(target.cluster, 0)
+            self._turn[target.cluster] = turn + 1
+            return ordered[turn % len(ordered)]
+        if lb is LoadBalancer.LEAST_REQUEST:
+            if len(left) == 1:
+                return left[0]
+            a, b = self._rng.sample(left, 2)
+            return a if self._active.get(a.key, 0) <= self._active.get(b.key, 0) else b
+        if lb is LoadBalancer.RANDOM:
+            return left[self._rng.randrange(len(left))]
+        return self._selector.pick(left)
+
+    def started(self, candidate: Candidate) -> None:
+        self._active[candidate.key] = self._active.get(candidate.key, 0) + 1
+
+    def ended(self, candidate: Candidate) -> None:
+        count = self._active.get(candidate.key, 0) - 1
+        if count > 0:
+            self._active[candidate.key] = count
+        else:
+            self._active.pop(candidate.key, None)
+
+    def active(self, key: Hashable) -> int:
+        return self._active.get(key, 0)
+
+    def record(
+        self, target: Target, candidate: Candidate, ok: bool, cluster_keys: Sequence[Hashable]
+    ) -> bool:
+        """One connect attempt's outcome; True when this failure ejected the endpoint."""
+        if ok:
+            self.outliers.record_success(candidate.key)
+            return False
+        settings = None
+        if target.policy.outlier is not None:
+            settings = outlier_settings(target.policy.outlier)
+            if settings is None:
+                return False  # the rule disabled ejection for this cluster
+        return self.outliers.record_failure(candidate.key, settings, cluster_keys)
+
+
+def _rendezvous(source: str, candidate: Candidate) -> bytes:
+    digest = hashlib.blake2b(f"{source}|{candidate.key}".encode(), digest_size=8)
+    return digest.digest()

@@ -1,0 +1,368 @@
+"""The route table: VirtualServices and DestinationRules compiled per change, asked per connection.
+
+`RouteTable.compile` resolves every resource's hosts to the services they name
+(Istio's rules: a short host is relative to the resource's namespace), checks
+references (a subset no DestinationRule defines, a host that is no service) and
+indexes the result by service key. `RouteTable.decide` answers, for one new
+connection to a service port, with no I/O and the random draws injected:
+
+* the route: the first `tcp:` route of the service's VirtualService whose
+  match holds (port, the caller's labels and namespace, destination subnet);
+  none (or no VirtualService): the whole service, today's behaviour;
+* the targets in the order a connection tries them: the weighted pick first,
+  then the route's other destinations by weight (the fallback when a subset
+  has no healthy endpoint left);
+* each target's traffic policy (DestinationRule precedence: subset port level >
+  subset > rule port level > rule), the connect attempts allowed, and the
+  faults and mirror the draws selected.
+
+Labels: the workload API carries no label map, so a workload's labels are the
+ones Istio derives its canonical name and revision from (`app`, `version`, and
+their `service.istio.io/` and `app.kubernetes.io/` forms). A subset or
+`sourceLabels` selecting on another key matches nothing, and compile says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from nodeagent.model.routing import (
+    DEFAULT_CONNECT_ATTEMPTS,
+    DestinationRule,
+    L4Match,
+    TcpRoute,
+    TrafficPolicy,
+    VirtualService,
+    resolve_host,
+)
+from nodeagent.model.workload import IPAddress, Service, Workload
+
+NAME_LABELS = ("app", "service.istio.io/canonical-name", "app.kubernetes.io/name")
+REVISION_LABELS = ("version", "service.istio.io/canonical-revision", "app.kubernetes.io/version")
+KNOWN_LABELS = NAME_LABELS + REVISION_LABELS
+_NO_POLICY = TrafficPolicy()
+
+
+def workload_labels(workload: Workload) -> Mapping[str, str]:
+    """The labels the workload API lets us know: canonical name and revision under each key."""
+    out: dict[str, str] = {}
+    if workload.canonical_name:
+        out.update(dict.fromkeys(NAME_LABELS, workload.canonical_name))
+    if workload.canonical_revision:
+        out.update(dict.fromkeys(REVISION_LABELS, workload.canonical_revision))
+    return out
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a connection may go: a service's endpoints, narrowed to a subset, on a port."""
+
+    service: str  # service key (namespace/hostname)
+    port: int  # the service port to connect to
+    subset: str = ""
+    selector: Mapping[str, str] | None = field(default=None, hash=False)  # None: every endpoint
+    policy: TrafficPolicy = _NO_POLICY
+    weight: int = 100
+
+    @property
+    def cluster(self) -> tuple[str, str, int]:
+        """Envoy's cluster: what limits, balancing state and ejections are kept per."""
+        return (self.service, self.subset, self.port)
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}:{self.port}" + (f" subset {self.subset}" if self.subset else "")
+
+    def admits(self, workload: Workload) -> bool:
+        return self.selector is None or labels_match(self.selector, workload_labels(workload))
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """What a route match can see of the connecting workload."""
+
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    namespace: str = ""
+
+    @classmethod
+    def of(cls, workload: Workload | None) -> Caller:
+        if workload is None:
+            return cls()
+        return cls(MappingProxyType(dict(workload_labels(workload))), workload.namespace)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """The answer for one new connection."""
+
+    targets: tuple[Target, ...]  # first: the weighted pick; then the fallbacks in order
+    max_attempts: int = DEFAULT_CONNECT_ATTEMPTS
+    route: str = ""  # `namespace/name tcp[i]`, empty for the service's default route
+    abort: bool = False  # an injected abort (flag FI)
+    delay: float = 0.0  # an injected delay in seconds (flag DI)
+    mirror: Target | None = None
+
+    @property
+    def target(self) -> Target:
+        return self.targets[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Destination:
+    """A route's destination, resolved; `service` empty when it names something unusable."""
+
+    weight: int
+    service: str = ""
+    subset: str = ""
+    port: int = 0  # 0: the connection's port
+    selector: Mapping[str, str] | None = field(default=None, hash=False)
+    rule: DestinationRule | None = None
+
+    def target(self, port: int) -> Target:
+        port = self.port or port
+        policy = self.rule.policy_for(self.subset, port) if self.rule is not None else _NO_POLICY
+        return Target(self.service, port, self.subset, self.selector, policy, self.weight)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    name: str
+    spec: TcpRoute
+    destinations: tuple[_Destination, ...]
+    mirror: _Destination | None
+    subnets: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], ...]
+
+    def matches(self, port: int, caller: Caller, dialled: IPAddress | None) -> bool:
+        if not self.spec.match:
+            return True
+        return any(
+            _holds(m, nets, port, caller, dialled)
+            for m, nets in zip(self.spec.match, self.subnets, strict=True)
+        )
+
+
+def _holds(
+    match: L4Match,
+    nets: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+    port: int,
+    caller: Caller,
+    dialled: IPAddress | None,
+) -> bool:
+    if match.port and match.port != port:
+        return False
+    if match.source_namespace and match.source_namespace != caller.namespace:
+        return False
+    if not labels_match(match.source_labels, caller.labels):
+        return False
+    return not nets or (dialled is not None and any(dialled in n for n in nets))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTraffic:
+    """What the table knows about one service: its routes, its rule, and notes for `routes`."""
+
+    service: str
+    virtual_service: str = ""  # key of the VirtualService in force
+    destination_rule: DestinationRule | None = None
+    routes: tuple[_Route, ...] = ()
+    needs_waypoint: tuple[str, ...] = ()  # `namespace/name: field` the agent does not apply
+
+    def default_target(self, port: int) -> Target:
+        rule = self.destination_rule
+        policy = rule.policy_for("", port) if rule is not None else _NO_POLICY
+        return Target(self.service, port, policy=policy)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    by_service: Mapping[str, ServiceTraffic] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # problems found at compile time, one line each
+
+    @classmethod
+    def compile(
+        cls,
+        virtual_services: Iterable[VirtualService],
+        destination_rules: Iterable[DestinationRule],
+        services: Iterable[Service],
+    ) -> RouteTable:
+        by_host: dict[str, str] = {}
+        for svc in services:
+            by_host.setdefault(svc.hostname, svc.key)
+        notes: list[str] = []
+        rules: dict[str, DestinationRule] = {}
+        for rule in sorted(destination_rules, key=lambda r: _rule_rank(r, by_host)):
+            host = resolve_host(rule.host, rule.namespace)
+            key = by_host.get(host)
+            if key is None:
+                notes.append(f"DestinationRule {rule.key}: host {rule.host} is not a service")
+            elif key in rules:
+                notes.append(
+                    f"DestinationRule {rule.key}: {host} already has {rules[key].key}; ignored"
+                )
+            else:
+                rules[key] = rule
+        traffic: dict[str, ServiceTraffic] = {
+            key: ServiceTraffic(key, destination_rule=rule, needs_waypoint=_needs(rule))
+            for key, rule in rules.items()
+        }
+        for vs in sorted(virtual_services, key=lambda v: v.key):
+            if not vs.applies_to_mesh:
+                continue
+            for host in vs.hosts:
+                full = resolve_host(host, vs.namespace)
+                key = by_host.get(full)
+                if key is None:
+                    notes.append(f"VirtualService {vs.key}: host {host} is not a service")
+                    continue
+                current = traffic.get(key) or ServiceTraffic(key)
+                if current.virtual_service:
+                    notes.append(
+                        f"VirtualService {vs.key}: {full} already routed by "
+                        f"{current.virtual_service}; ignored"
+                    )
+                    continue
+                routes = tuple(
+                    _compile_route(vs, i, r, by_host, rules, notes) for i, r in enumerate(vs.tcp)
+                )
+                traffic[key] = ServiceTraffic(
+                    key,
+                    virtual_service=vs.key,
+                    destination_rule=current.destination_rule,
+                    routes=routes,
+                    needs_waypoint=current.needs_waypoint + _needs(vs),
+                )
+        return cls(MappingProxyType(traffic), tuple(notes))
+
+    def service(self, key: str) -> ServiceTraffic | None:
+        return self.by_service.get(key)
+
+    def decide(
+        self,
+        service: str,
+        port: int,
+        caller: Caller,
+        rng: random.Random,
+        dialled: IPAddress | None = None,
+    ) -> RouteDecision:
+        """The decision for one new connection to `service:port` (never raises, never empty)."""
+        traffic = self.by_service.get(service)
+        if traffic is None:
+            return RouteDecision((Target(service, port),))
+        route = next((r for r in traffic.routes if r.matches(port, caller, dialled)), None)
+        if route is None:
+            return RouteDecision((traffic.default_target(port),))
+        usable = [d for d in route.destinations if d.service]
+        if not usable:
+            # Every destination names something unusable: refuse rather than guess (Envoy: NR).
+            return RouteDecision((), route=route.name)
+        targets = tuple(d.target(port) for d in _weighted_order(usable, rng))
+        spec = route.spec
+        abort = delay = False
+        if spec.fault is not None:
+            if spec.fault.abort_percent is not None:
+                abort = rng.random() < spec.fault.abort_percent.fraction
+            if spec.fault.delay_percent is not None and not abort:
+                delay = rng.random() < spec.fault.delay_percent.fraction
+        mirror = None
+        shadow = route.mirror
+        if shadow is not None and shadow.service and spec.mirror is not None:
+            mirror = shadow.target(port) if rng.random() < spec.mirror.percent.fraction else None
+        return RouteDecision(
+            targets,
+            max_attempts=spec.max_connect_attempts,
+            route=route.name,
+            abort=abort,
+            delay=spec.fault.delay if delay and spec.fault is not None else 0.0,
+            mirror=mirror,
+        )
+
+
+def _rule_rank(rule: DestinationRule, by_host: Mapping[str, str]) -> tuple[int, str]:
+    """Istio prefers the rule in the service's own namespace; then by name, for stability."""
+    key = by_host.get(resolve_host(rule.host, rule.namespace), "")
+    return (0 if key.split("/", 1)[0] == rule.namespace else 1, rule.key)
+
+
+def _needs(resource: VirtualService | DestinationRule | None) -> tuple[str, ...]:
+    if resource is None:
+        return ()
+    return tuple(f"{resource.key}: {path}" for path in resource.needs_waypoint)
+
+
+def _weighted_order(destinations: list[_Destination], rng: random.Random) -> list[_Destination]:
+    """The weighted pick first, then the rest by weight (highest first, then as written)."""
+    total = sum(d.weight for d in destinations)
+    if total <= 0 or len(destinations) == 1:
+        return destinations
+    point = rng.random() * total
+    chosen = len(destinations) - 1
+    for i, d in enumerate(destinations):
+        if point < d.weight:
+            chosen = i
+            break
+        point -= d.weight
+    rest = sorted((d for i, d in enumerate(destinations) if i != chosen), key=lambda d: -d.weight)
+    return [destinations[chosen], *rest]
+
+
+def _compile_route(
+    vs: VirtualService,
+    index: int,
+    route: TcpRoute,
+    by_host: Mapping[str, str],
+    rules: Mapping[str, DestinationRule],
+    notes: list[str],
+) -> _Route:
+    name = f"{vs.key} tcp[{index}]"
+
+    def resolve(host: str, subset: str, port: int, weight: int, what: str) -> _Destination:
+        key = by_host.get(resolve_host(host, vs.namespace))
+        if key is None:
+            notes.append(f"{name}: {what} host {host} is not a service")
+            return _Destination(weight)
+        rule = rules.get(key)
+        selector: Mapping[str, str] | None = None
+        if subset:
+            found = rule.subset(subset) if rule is not None else None
+            if found is None:
+                notes.append(
+                    f"{name}: {what} subset {subset} of {key} is defined by no DestinationRule"
+                )
+                return _Destination(weight)
+            selector = found.labels
+            unknown = sorted(k for k in found.labels if k not in KNOWN_LABELS)
+            if unknown:
+                notes.append(
+                    f"{name}: subset {subset} selects on {', '.join(unknown)}, which the "
+                    "workload API does not carry: it matches no endpoint"
+                )
+        return _Destination(weight, key, subset, port, selector, rule)
+
+    destinations = tuple(
+        resolve(d.destination.host, d.destination.subset, d.destination.port, d.weight, "route")
+        for d in route.route
+    )
+    mirror = None
+    if route.mirror is not None:
+        m = route.mirror.destination
+        mirror = resolve(m.host, m.subset, m.port, 100, "mirror")
+    subnets = tuple(tuple(_networks(m.destination_subnets, name, notes)) for m in route.match)
+    return _Route(name, route, destinations, mirror, subnets)
+
+
+def _networks(
+    texts: Iterable[str], name: str, notes: list[str]
+) -> Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    for text in texts:
+        try:
+            yield ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            notes.append(f"{name}: destinationSubnets entry {text!r} is not a CIDR; ignored")
