@@ -28,6 +28,16 @@ import yaml
 
 from nodeagent.model.constants import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN
 from nodeagent.model.identity import Identity
+from nodeagent.model.routing import (
+    API_VERSIONS,
+    GROUP,
+    DestinationRule,
+    RoutingSpecError,
+    VirtualService,
+    parse_destination_rule,
+    parse_virtual_service,
+    resolve_host,
+)
 from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml, decode_yaml_bytes
 
 T = TypeVar("T")
@@ -151,6 +161,8 @@ class MeshConfig:
     workloads: tuple[WorkloadSpec, ...] = ()
     services: tuple[ServiceSpec, ...] = ()
     policies: tuple[PolicySpec, ...] = ()
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
     workloads_explicitly_empty: bool = False
     """`workloads: []` was written: every node may be left without workloads."""
     where: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -353,7 +365,15 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         root,
         "",
         (),
-        ("meshConfig", "nodes", "workloads", "services", "authorizationPolicies"),
+        (
+            "meshConfig",
+            "nodes",
+            "workloads",
+            "services",
+            "authorizationPolicies",
+            "virtualServices",
+            "destinationRules",
+        ),
     )
     where = {"": r.where(root)}
     for k, _ in root.value:
@@ -387,6 +407,16 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         if "authorizationPolicies" in top
         else []
     )
+    virtual_services = (
+        r.items(top["virtualServices"], "virtualServices", lambda n, p: _routing(r, n, p, _VS))
+        if "virtualServices" in top
+        else []
+    )
+    destination_rules = (
+        r.items(top["destinationRules"], "destinationRules", lambda n, p: _routing(r, n, p, _DR))
+        if "destinationRules" in top
+        else []
+    )
     _check_unique(r, "nodes", nodes, lambda s: s.name, "name")
     _check_unique(r, "nodes", nodes, lambda s: s.token, "token")
     _check_pod_ranges_apart(r, nodes)
@@ -410,6 +440,14 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
             if other != s.key:
                 raise r.error(n, f"services[{i}].vip", f"{vip} is already used by service {other}")
     _check_unique(r, "authorizationPolicies", policies, lambda s: s.key, "metadata.name")
+    _check_unique(r, "virtualServices", virtual_services, lambda s: s.key, "metadata.name")
+    _check_unique(r, "destinationRules", destination_rules, lambda s: s.key, "metadata.name")
+    _check_routing_references(
+        r,
+        {s.hostname for _, s in services},
+        [(n, vs) for n, vs in virtual_services if isinstance(vs, VirtualService)],
+        [(n, dr) for n, dr in destination_rules if isinstance(dr, DestinationRule)],
+    )
     notes = _check_emptiness(r, root, top, nodes, workloads, where)
     return MeshConfig(
         **mesh_kw,
@@ -417,6 +455,8 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         workloads=tuple(s for _, s in workloads),
         services=tuple(s for _, s in services),
         policies=tuple(s for _, s in policies),
+        virtual_services=tuple(s for _, s in virtual_services if isinstance(s, VirtualService)),
+        destination_rules=tuple(s for _, s in destination_rules if isinstance(s, DestinationRule)),
         workloads_explicitly_empty=_explicit_empty_list(top.get("workloads")),
         where=where,
         notes=notes,
@@ -759,3 +799,108 @@ _SOURCE_FIELDS = (
     "ipBlocks",
     "notIpBlocks",
 )
+
+
+# --- VirtualService and DestinationRule ---------------------------------------
+
+_VS = "VirtualService"
+_DR = "DestinationRule"
+_SPEC_READER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualService | DestinationRule:
+    """One Istio resource of `kind`, with errors at the line of the field they name."""
+    m = r.mapping(node, path, ("metadata", "spec"), ("apiVersion", "kind", "status"))
+    if "kind" in m and r.string(m["kind"], f"{path}.kind") != kind:
+        raise r.error(m["kind"], f"{path}.kind", f"must be {kind}")
+    if "apiVersion" in m:
+        version = r.string(m["apiVersion"], f"{path}.apiVersion")
+        allowed = [f"{GROUP}/{v}" for v in API_VERSIONS]
+        if version not in allowed:
+            raise r.error(
+                m["apiVersion"], f"{path}.apiVersion", f"must be one of {', '.join(allowed)}"
+            )
+    md = r.mapping(
+        m["metadata"], f"{path}.metadata", ("name",), ("namespace", "labels", "annotations")
+    )
+    name = r.string(md["name"], f"{path}.metadata.name")
+    namespace = (
+        r.string(md["namespace"], f"{path}.metadata.namespace") if "namespace" in md else "default"
+    )
+    annotations = (
+        r.labels(md["annotations"], f"{path}.metadata.annotations") if "annotations" in md else {}
+    )
+    spec = _SPEC_READER("").construct_document(m["spec"])
+    read = parse_virtual_service if kind == _VS else parse_destination_rule
+    try:
+        return read(namespace, name, spec, annotations)
+    except RoutingSpecError as e:
+        raise r.error(_locate(node, e.path), f"{path}.{e.path}", e.problem) from None
+
+
+def _locate(node: yaml.Node, path: str) -> yaml.Node:
+    """The deepest node of `path` (`spec.tcp[0].route[1].weight`) that exists under `node`."""
+    here = node
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        if isinstance(here, yaml.MappingNode):
+            nxt = next((v for k, v in here.value if k.value == part), None)
+            if nxt is None:
+                nxt = next((k for k, _ in here.value if k.value == part), None)
+        elif isinstance(here, yaml.SequenceNode) and part.isdigit() and int(part) < len(here.value):
+            nxt = here.value[int(part)]
+        else:
+            nxt = None
+        if nxt is None:
+            return here
+        here = nxt
+    return here
+
+
+def _check_routing_references(
+    r: _Reader,
+    hostnames: set[str],
+    virtual_services: list[tuple[yaml.Node, VirtualService]],
+    destination_rules: list[tuple[yaml.Node, DestinationRule]],
+) -> None:
+    """Every host names a service and every subset is defined by that service's rule."""
+    subsets: dict[str, set[str]] = {}
+    for i, (node, dr) in enumerate(destination_rules):
+        host = resolve_host(dr.host, dr.namespace)
+        if host not in hostnames:
+            raise _not_a_service(r, node, f"destinationRules[{i}]", "spec.host", dr.host, host)
+        subsets.setdefault(host, set()).update(s.name for s in dr.subsets)
+    for i, (node, vs) in enumerate(virtual_services):
+        path = f"virtualServices[{i}]"
+        for j, host in enumerate(vs.hosts):
+            full = resolve_host(host, vs.namespace)
+            if full not in hostnames and not host.startswith("*"):
+                raise _not_a_service(r, node, path, f"spec.hosts[{j}]", host, full)
+        for j, route in enumerate(vs.tcp):
+            places = [
+                (f"spec.tcp[{j}].route[{k}].destination", d.destination)
+                for k, d in enumerate(route.route)
+            ]
+            if route.mirror is not None:
+                places.append((f"spec.tcp[{j}].mirror", route.mirror.destination))
+            for where, dest in places:
+                full = resolve_host(dest.host, vs.namespace)
+                if full not in hostnames:
+                    raise _not_a_service(r, node, path, f"{where}.host", dest.host, full)
+                if dest.subset and dest.subset not in subsets.get(full, set()):
+                    defined = ", ".join(sorted(subsets.get(full, ()))) or "none"
+                    raise r.error(
+                        _locate(node, f"{where}.subset"),
+                        f"{path}.{where}.subset",
+                        f"subset {dest.subset!r} is defined by no DestinationRule for {full} "
+                        f"(defined: {defined})",
+                    )
+
+
+def _not_a_service(
+    r: _Reader, node: yaml.Node, path: str, field_path: str, host: str, full: str
+) -> MeshError:
+    return r.error(
+        _locate(node, field_path),
+        f"{path}.{field_path}",
+        f"{host!r} ({full}) is not a service",
+    )
