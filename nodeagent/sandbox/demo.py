@@ -53,7 +53,7 @@ authorizationPolicies:
   spec:
     action: DENY
     selector:
-      matchLabels: {role: backend}
+      matchLabels: {app: backend}
     rules:
     - from: [{source: {principals: ["cluster.local/ns/demo/sa/frontend"]}}]
 """

@@ -234,6 +234,7 @@ class SandboxManager:
                     "name": p.name,
                     "namespace": p.namespace,
                     "service_account": p.service_account,
+                    "labels": p.labels(plan.name),
                     "node": p.node,
                     "ip": p.ip,
                     "netns": p.netns,

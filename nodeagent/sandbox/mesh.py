@@ -7,9 +7,10 @@ that `nodeagent controlplane --mesh` reads (schema: docs/mesh-file.md):
   and its pod range as `podCIDRs` (so the control plane refuses a workload IP
   the node cannot have);
 * one workload per pod in namespace ``demo``: its node, IP, service account and
-  labels ``app=<pod>``, ``role=<service account>`` (frontend|backend) and
-  ``sandbox=<NAME>``;
-* service ``backend`` (VIP 10.96.0.10, 8080 -> 8080, the backend pods) and
+  labels ``app=<service>`` (frontend|backend), ``version=v1|v2`` (alternating over
+  each app's pods), ``role=<service account>`` and ``sandbox=<NAME>``
+  (`PodPlan.labels`);
+* service ``backend`` (VIP 10.96.0.10, 8080 -> 8080, selector ``app=backend``) and
   service ``echo`` (VIP 10.96.0.11, 9000 -> 9000, every pod). VIPs come from
   10.96.0.0/16, which no sandbox route covers, so a VIP only works when a mesh
   agent captures and resolves it.
@@ -86,7 +87,7 @@ def workload_entry(pod: PodPlan, sandbox: str) -> dict[str, Any]:
         "node": pod.node,
         "ip": pod.ip,
         "serviceAccount": pod.service_account,
-        "labels": {"app": pod.name, "role": pod.service_account, "sandbox": sandbox},
+        "labels": pod.labels(sandbox),
     }
 
 
@@ -105,7 +106,7 @@ def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
                 "namespace": plan.pods[0].namespace,
                 "vip": BACKEND_VIP,
                 "ports": [{"port": HTTP_PORT, "targetPort": HTTP_PORT}],
-                "selector": {"role": "backend"},
+                "selector": {"app": "backend"},
             },
             {
                 "name": "echo",

@@ -14,9 +14,11 @@ sandboxes reuse the same addresses without clashing):
 * pod ``node<i>-pod<j>`` (j = 1..M), namespace ``NAME-node<i>-pod<j>``: ``eth0`` =
   10.10.<i>.(10+j)/32, an on-link route to the gateway and a default route via it.
 
-Kubernetes metadata: every pod is in namespace ``demo``; odd-numbered pods run as
-service account ``frontend``, even-numbered ones as ``backend`` (so a 2x2 sandbox
-has both on every node, and a policy can deny one caller).
+Kubernetes metadata: every pod is in namespace ``demo``; odd-numbered pods run the
+app ``frontend`` as service account ``frontend``, even-numbered ones the app
+``backend`` as ``backend`` (so a 2x2 sandbox has both on every node, and a policy
+can deny one caller). Each app's pods, in pod order (node by node), alternate
+version ``v1`` and ``v2``, so a subset can pick half of a service's endpoints.
 
 Interface names are fixed and short because they are only ever created inside
 the sandbox's own namespaces, never in the root namespace.
@@ -36,6 +38,8 @@ UNDERLAY_PREFIXLEN = 16
 UNDERLAY_GATEWAY = "172.30.0.1"
 POD_NAMESPACE = "demo"
 SERVICE_ACCOUNTS = ("frontend", "backend")
+# Each app's pods take these in turn, in pod order (a canary needs two versions).
+VERSIONS = ("v1", "v2")
 BRIDGE = "br0"
 UPLINK = "eth0"
 
@@ -88,6 +92,17 @@ def pod_ip(node_index: int, pod_index: int) -> str:
 
 def service_account(pod_index: int) -> str:
     return SERVICE_ACCOUNTS[(pod_index - 1) % len(SERVICE_ACCOUNTS)]
+
+
+def alternate_versions(apps: list[str]) -> list[str]:
+    """The version of each pod, given its app in pod order: each app's pods take
+    VERSIONS in turn (v1, v2, v1, ...), whatever the other apps' pods between them."""
+    seen: dict[str, int] = {}
+    out = []
+    for app in apps:
+        out.append(VERSIONS[seen.get(app, 0) % len(VERSIONS)])
+        seen[app] = seen.get(app, 0) + 1
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +165,19 @@ class PodPlan:
     ip: str
     netns: str
     index: int
+    app: str
+    """The service the pod serves (its app's name, like a Deployment's `app` label)."""
+    version: str
+
+    def labels(self, sandbox: str) -> dict[str, str]:
+        """The pod's Kubernetes labels. `role` (its service account) is kept for the
+        selectors written before `app` named the service; `sandbox` selects every pod."""
+        return {
+            "app": self.app,
+            "version": self.version,
+            "role": self.service_account,
+            "sandbox": sandbox,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +226,8 @@ def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
         )
         for i in range(1, nodes + 1)
     )
+    slots = [(n, j) for n in node_plans for j in range(1, pods_per_node + 1)]
+    apps = [service_account(j) for _, j in slots]  # each app runs as its own account
     pod_plans = tuple(
         PodPlan(
             name=f"{n.name}-pod{j}",
@@ -207,9 +237,10 @@ def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
             ip=pod_ip(n.index, j),
             netns=f"{n.netns}-pod{j}",
             index=j,
+            app=app,
+            version=version,
         )
-        for n in node_plans
-        for j in range(1, pods_per_node + 1)
+        for (n, j), app, version in zip(slots, apps, alternate_versions(apps), strict=True)
     )
 
     namespaces: list[NamespacePlan] = [

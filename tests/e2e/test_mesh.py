@@ -303,7 +303,7 @@ authorizationPolicies:
   spec:
     action: DENY
     selector:
-      matchLabels: {app: node2-pod2}
+      matchLabels: {app: backend, version: v2}  # node2-pod2 alone
     rules:
     - from: [{source: {notPrincipals: ["*"]}}]
 """

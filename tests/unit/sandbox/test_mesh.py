@@ -56,12 +56,16 @@ def test_mesh_has_a_node_per_node_and_a_workload_per_pod_and_passes_the_control_
         assert (w.namespace, w.node, w.ips, w.service_account) == (
             "demo", pod.node, (pod.ip,), pod.service_account
         )  # fmt: skip
-        assert dict(w.labels) == {"app": pod.name, "role": pod.service_account, "sandbox": "s"}
+        assert dict(w.labels) == {
+            "app": pod.app, "version": pod.version, "role": pod.service_account, "sandbox": "s"
+        }  # fmt: skip
     services = {s.name: s for s in parsed.services}
     assert services["backend"].vips == ("10.96.0.10",)
     backends = {w.name for w in parsed.workloads if services["backend"].selects(w)}
     assert backends == {"node1-pod2", "node2-pod2"}
+    assert dict(services["backend"].selector) == {"app": "backend"}
     assert all(services["echo"].selects(w) for w in parsed.workloads)
+    assert len(parsed.workloads) == len(PLAN.pods)
     assert counts(mesh) == {
         "nodes": 2, "workloads": 4, "services": 2, "authorizationPolicies": 0
     }  # fmt: skip
@@ -316,3 +320,18 @@ def test_a_broken_mesh_file_is_one_line_for_apply_and_status(tmp_path: Path) -> 
     )
     mesh_file.write_text(good)
     assert manager.status("s")["controlplane"]["serves"]["workloads"] == 4
+
+
+def test_status_shows_each_pods_labels_as_the_mesh_file_gives_them(tmp_path: Path) -> None:
+    manager, mesh_file = _sandbox(tmp_path)
+    pods = {p["name"]: p["labels"] for p in manager.status("s")["pods"]}
+    assert pods["node2-pod2"] == {
+        "app": "backend",
+        "version": "v2",
+        "role": "backend",
+        "sandbox": "s",
+    }
+    served = {
+        w["name"]: w["labels"] for w in load_mesh_dict(mesh_file.read_text(), "m")["workloads"]
+    }
+    assert pods == served

@@ -7,6 +7,7 @@ import pytest
 from nodeagent.sandbox.plan import (
     PlanError,
     Route,
+    alternate_versions,
     build_plan,
     netns_pattern,
     validate_name,
@@ -35,6 +36,38 @@ def test_every_node_has_both_service_accounts_in_a_two_by_two() -> None:
         accounts = {p.service_account for p in plan.pods if p.node == node.name}
         assert accounts == {"frontend", "backend"}
     assert {p.namespace for p in plan.pods} == {"demo"}
+
+
+def test_pods_are_labelled_with_the_service_they_serve_and_alternating_versions() -> None:
+    plan = build_plan("demo", 2, 2)
+    assert [(p.name, p.labels("demo")) for p in plan.pods] == [
+        ("node1-pod1", {"app": "frontend", "version": "v1", "role": "frontend", "sandbox": "demo"}),
+        ("node1-pod2", {"app": "backend", "version": "v1", "role": "backend", "sandbox": "demo"}),
+        ("node2-pod1", {"app": "frontend", "version": "v2", "role": "frontend", "sandbox": "demo"}),
+        ("node2-pod2", {"app": "backend", "version": "v2", "role": "backend", "sandbox": "demo"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("apps", "versions"),
+    [
+        ([], []),
+        (["a"], ["v1"]),
+        (["a", "a", "a"], ["v1", "v2", "v1"]),
+        (["a", "b", "b", "a", "a"], ["v1", "v1", "v2", "v2", "v1"]),
+    ],
+)
+def test_each_apps_pods_alternate_versions_in_pod_order(
+    apps: list[str], versions: list[str]
+) -> None:
+    assert alternate_versions(apps) == versions
+
+
+def test_one_node_with_four_pods_has_both_versions_of_each_app() -> None:
+    plan = build_plan("demo", 1, 4)
+    assert [(p.app, p.version) for p in plan.pods] == [
+        ("frontend", "v1"), ("backend", "v1"), ("frontend", "v2"), ("backend", "v2")
+    ]  # fmt: skip
 
 
 def test_plan_is_deterministic() -> None:
