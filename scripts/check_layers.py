@@ -29,6 +29,11 @@ PURE = {"model", "config", "state", "policy", "traffic"}
 PURE_MODULES = {
     "nodeagent.hbone.frames",
     "nodeagent.hbone.connection",
+    "nodeagent.hbone.events",
+    "nodeagent.hbone.stream",
+    "nodeagent.hbone.windows",
+    "nodeagent.hbone.settings",
+    "nodeagent.hbone.headers",
     "nodeagent.xds.protocol",
     "nodeagent.datapath.plan",
     "nodeagent.identity.csr",

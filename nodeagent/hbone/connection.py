@@ -23,27 +23,45 @@ RST_STREAM and yields `StreamReset(remote_reset=False)`; a connection error queu
 and raises `ProtocolError` (whose `events` holds what was parsed before the error).
 Local misuse (sending on a closed stream, a client method on a server) raises
 `InvalidActionError` and queues nothing.
+
+The core is split as h2 splits its own: `events` (what receive_data returns), `stream`
+(the §5.1 state table and the per-stream record), `windows` (how flow-control windows
+grow and when credit is returned), `settings` (ours and the peer's), `headers` (field
+rules and the authority). This module is the connection that ties them together; it
+re-exports their public names.
 """
 
 from __future__ import annotations
 
-import enum
-import re
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
 import hpack
 
+from nodeagent.hbone.events import (
+    ConnectionTerminated,
+    DataReceived,
+    DataSinkFailed,
+    Event,
+    Headers,
+    PingAckReceived,
+    PingReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    SettingsAcked,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
 from nodeagent.hbone.frames import (
     DATA_FRAGMENT,
-    DEFAULT_MAX_FRAME_SIZE,
     DEFAULT_WINDOW,
     FLAG_END_STREAM,
     FLAG_PADDED,
     FRAME_HEADER_SIZE,
-    MAX_FRAME_SIZE_LIMIT,
     MAX_WINDOW,
     PREFACE,
     Buffer,
@@ -70,8 +88,33 @@ from nodeagent.hbone.frames import (
     pack_header,
     unpack_header,
 )
+from nodeagent.hbone.headers import (
+    REQUEST_PSEUDO,
+    check_extra_headers,
+    format_authority,
+    parse_authority,
+    split_pseudo,
+)
+from nodeagent.hbone.settings import (
+    DEFAULT_REMOTE_SETTINGS,
+    MIB,
+    ConnectionConfig,
+    check_remote_setting,
+)
+from nodeagent.hbone.stream import (
+    TRANSITIONS,
+    StreamClosedBy,
+    StreamInput,
+    StreamRecord,
+    StreamState,
+    next_state,
+)
+from nodeagent.hbone.windows import grow, update_threshold
 
 __all__ = [
+    "DEFAULT_REMOTE_SETTINGS",
+    "MIB",
+    "TRANSITIONS",
     "ConnectionConfig",
     "ConnectionTerminated",
     "DataReceived",
@@ -79,6 +122,7 @@ __all__ = [
     "DataSinkFailed",
     "ErrorCode",
     "Event",
+    "Headers",
     "InvalidActionError",
     "PingAckReceived",
     "PingReceived",
@@ -87,22 +131,25 @@ __all__ = [
     "RequestReceived",
     "ResponseReceived",
     "SettingsAcked",
+    "StreamClosedBy",
     "StreamEnded",
     "StreamInput",
+    "StreamRecord",
     "StreamReset",
     "StreamState",
     "TrailersReceived",
     "TunnelConnection",
     "WindowUpdated",
+    "check_extra_headers",
+    "format_authority",
+    "next_state",
     "parse_authority",
 ]
 
-Headers: TypeAlias = tuple[tuple[str, str], ...]
 # Takes one DATA payload (a view of the received bytes); True if the bytes were consumed and
 # their window may be returned now, False if the application acknowledges them later.
 DataSink: TypeAlias = Callable[[memoryview], bool]
 
-MIB = 1 << 20
 # Bound on one (compressed) header block across CONTINUATION frames: a CONTINUATION flood is
 # a known memory DoS, so more than this is ENHANCE_YOUR_CALM.
 _MAX_HEADER_BLOCK = 256 * 1024
@@ -111,332 +158,13 @@ _CLOSED_MEMORY = 1024
 # DATA payloads up to this size are copied next to their frame header: cheaper than writing a
 # separate buffer (and a separate TLS record) for them. Larger payloads are never copied.
 _COPY_LIMIT = 4096
-# A WINDOW_UPDATE goes out once the application has consumed this fraction of a window:
-# often enough that a 1 MiB-frame sender never stalls, rarely enough to cost nothing.
-_UPDATE_DIVISOR = 4
-
-
-# --- events -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RequestReceived:
-    """A peer opened a stream. For CONNECT, `authority` is the tunnel target `host:port`."""
-
-    stream_id: int
-    method: str
-    authority: str
-    headers: Headers  # regular (non-pseudo) headers in arrival order
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ResponseReceived:
-    stream_id: int
-    status: int
-    headers: Headers
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TrailersReceived:
-    stream_id: int
-    headers: Headers
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataReceived:
-    """Tunnel bytes. `data` may be a view of the received buffer; acknowledge
-    `flow_controlled_length` (payload plus padding) once consumed."""
-
-    stream_id: int
-    data: memoryview
-    flow_controlled_length: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DataSinkFailed:
-    """A stream's data sink (see `TunnelConnection.set_data_sink`) raised: its bytes were dropped
-    and their window returned; the application should reset the stream."""
-
-    stream_id: int
-    error: Exception
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamEnded:
-    """The peer half-closed the stream (END_STREAM): a FIN in the peer-to-us direction."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class StreamReset:
-    stream_id: int
-    error_code: int
-    remote_reset: bool = True  # False: we reset it because the peer broke the protocol
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class WindowUpdated:
-    stream_id: int  # 0 = the connection window
-    delta: int
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class SettingsAcked:
-    pass
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RemoteSettingsChanged:
-    changed: Mapping[int, int]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PingReceived:
-    data: bytes  # already answered with PING ACK
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PingAckReceived:
-    data: bytes
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ConnectionTerminated:
-    """The peer sent GOAWAY: streams above `last_stream_id` were not processed."""
-
-    error_code: int
-    last_stream_id: int
-    additional_data: bytes
-
-
-Event: TypeAlias = (
-    RequestReceived
-    | ResponseReceived
-    | TrailersReceived
-    | DataReceived
-    | DataSinkFailed
-    | StreamEnded
-    | StreamReset
-    | WindowUpdated
-    | SettingsAcked
-    | RemoteSettingsChanged
-    | PingReceived
-    | PingAckReceived
-    | ConnectionTerminated
-)
 
 
 class InvalidActionError(Exception):
     """The local application asked for something the protocol state does not allow."""
 
 
-# --- stream state machine (RFC 9113 §5.1, without the push-only reserved states) ---------------
-
-
-class StreamState(enum.Enum):
-    IDLE = "idle"
-    OPEN = "open"
-    HALF_CLOSED_LOCAL = "half-closed (local)"
-    HALF_CLOSED_REMOTE = "half-closed (remote)"
-    CLOSED = "closed"
-
-
-class StreamInput(enum.Enum):
-    SEND_HEADERS = "send HEADERS"
-    RECV_HEADERS = "recv HEADERS"
-    SEND_DATA = "send DATA"
-    RECV_DATA = "recv DATA"
-    SEND_END_STREAM = "send END_STREAM"
-    RECV_END_STREAM = "recv END_STREAM"
-    SEND_RST = "send RST_STREAM"
-    RECV_RST = "recv RST_STREAM"
-    RECV_WINDOW_UPDATE = "recv WINDOW_UPDATE"
-
-
-_S = StreamState
-_I = StreamInput
-TRANSITIONS: Mapping[tuple[StreamState, StreamInput], StreamState] = {
-    (_S.IDLE, _I.SEND_HEADERS): _S.OPEN,
-    (_S.IDLE, _I.RECV_HEADERS): _S.OPEN,
-    (_S.OPEN, _I.SEND_HEADERS): _S.OPEN,
-    (_S.OPEN, _I.RECV_HEADERS): _S.OPEN,
-    (_S.OPEN, _I.SEND_DATA): _S.OPEN,
-    (_S.OPEN, _I.RECV_DATA): _S.OPEN,
-    (_S.OPEN, _I.SEND_END_STREAM): _S.HALF_CLOSED_LOCAL,
-    (_S.OPEN, _I.RECV_END_STREAM): _S.HALF_CLOSED_REMOTE,
-    (_S.OPEN, _I.SEND_RST): _S.CLOSED,
-    (_S.OPEN, _I.RECV_RST): _S.CLOSED,
-    (_S.OPEN, _I.RECV_WINDOW_UPDATE): _S.OPEN,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_HEADERS): _S.HALF_CLOSED_LOCAL,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_DATA): _S.HALF_CLOSED_LOCAL,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_END_STREAM): _S.CLOSED,
-    (_S.HALF_CLOSED_LOCAL, _I.SEND_RST): _S.CLOSED,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_RST): _S.CLOSED,
-    (_S.HALF_CLOSED_LOCAL, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_LOCAL,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_HEADERS): _S.HALF_CLOSED_REMOTE,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_DATA): _S.HALF_CLOSED_REMOTE,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_END_STREAM): _S.CLOSED,
-    (_S.HALF_CLOSED_REMOTE, _I.SEND_RST): _S.CLOSED,
-    (_S.HALF_CLOSED_REMOTE, _I.RECV_RST): _S.CLOSED,
-    (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
-    # Frames racing a close (§5.1 "closed"): a late WINDOW_UPDATE or RST_STREAM is ignored.
-    (_S.CLOSED, _I.RECV_WINDOW_UPDATE): _S.CLOSED,
-    (_S.CLOSED, _I.RECV_RST): _S.CLOSED,
-}
-
-
-def next_state(state: StreamState, event: StreamInput) -> StreamState | None:
-    """The state after `event`, or None when the pair is not allowed."""
-    return TRANSITIONS.get((state, event))
-
-
-class _Closed(enum.Enum):
-    RESET_SENT = "reset sent"
-    RESET_RECEIVED = "reset received"
-    ENDED = "ended"
-
-
-# --- configuration ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConnectionConfig:
-    """Our side's HTTP/2 settings; defaults are ztunnel's (istio-ambient.md §2)."""
-
-    client_side: bool
-    initial_window_size: int = 4 * MIB  # per stream, advertised in SETTINGS
-    connection_window_size: int = 16 * MIB  # 4x the stream window so streams can't starve it
-    max_frame_size: int = 1 * MIB  # the largest frame we accept
-    max_concurrent_streams: int | None = None  # inbound limit; None: 100 client / 200 server
-    max_header_list_size: int | None = None  # None: 16 KiB client / 64 KiB server
-    header_table_size: int = 4096
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.initial_window_size <= MAX_WINDOW:
-            raise ValueError(
-                f"initial_window_size {self.initial_window_size} outside 1..{MAX_WINDOW}"
-            )
-        if not DEFAULT_WINDOW <= self.connection_window_size <= MAX_WINDOW:
-            raise ValueError(
-                f"connection_window_size {self.connection_window_size}"
-                f" outside {DEFAULT_WINDOW}..{MAX_WINDOW}"
-            )
-        if not DEFAULT_MAX_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_SIZE_LIMIT:
-            raise ValueError(
-                f"max_frame_size {self.max_frame_size}"
-                f" outside {DEFAULT_MAX_FRAME_SIZE}..{MAX_FRAME_SIZE_LIMIT}"
-            )
-
-    @property
-    def inbound_stream_limit(self) -> int:
-        if self.max_concurrent_streams is not None:
-            return self.max_concurrent_streams
-        return 100 if self.client_side else 200
-
-    @property
-    def header_list_limit(self) -> int:
-        if self.max_header_list_size is not None:
-            return self.max_header_list_size
-        return 16 * 1024 if self.client_side else 64 * 1024
-
-
-# --- header validation (RFC 9113 §8.2-8.5) ---------------------------------------------------
-
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+$")
-_BAD_VALUE = re.compile(r"[\x00\r\n]|^[ \t]|[ \t]$")
-_CONNECTION_SPECIFIC = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
-)
-_REQUEST_PSEUDO = frozenset({":method", ":scheme", ":authority", ":path"})
-
-
-def _check_field(name: str, value: str) -> None:
-    if not _TOKEN.match(name):
-        raise ValueError(f"header name {name!r} is not a lowercase token")
-    if _BAD_VALUE.search(value):
-        raise ValueError(f"header {name!r} has a value with NUL/CR/LF or surrounding whitespace")
-    if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
-        raise ValueError(f"connection-specific header {name!r} is not allowed in HTTP/2")
-
-
-def _split_pseudo(
-    fields: Sequence[tuple[str, str]], allowed: frozenset[str]
-) -> tuple[dict[str, str], Headers]:
-    pseudo: dict[str, str] = {}
-    regular: list[tuple[str, str]] = []
-    for name, value in fields:
-        if name.startswith(":"):
-            if regular:
-                raise ValueError(f"pseudo-header {name} after a regular header")
-            if name not in allowed:
-                raise ValueError(f"pseudo-header {name} is not allowed here")
-            if name in pseudo:
-                raise ValueError(f"pseudo-header {name} repeated")
-            pseudo[name] = value
-        else:
-            _check_field(name, value)
-            regular.append((name, value))
-    return pseudo, tuple(regular)
-
-
-def check_extra_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    """Validate application-supplied regular headers (no pseudo-headers, lowercase names)."""
-    out = tuple((str(n), str(v)) for n, v in headers)
-    for name, value in out:
-        if name.startswith(":"):
-            raise ValueError(f"pseudo-header {name} cannot be set as an extra header")
-        _check_field(name, value)
-    return out
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """Split a CONNECT authority `host:port` / `[v6]:port` into (host, port); ValueError if bad."""
-    host, sep, port_text = authority.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"authority {authority!r} is not host:port")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"authority {authority!r} has port outside 1..65535")
-    if host.startswith("["):
-        if not host.endswith("]") or len(host) < 3:
-            raise ValueError(f"authority {authority!r} has an unterminated IPv6 literal")
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"authority {authority!r}: an IPv6 address must be in brackets")
-    return host, port
-
-
-def format_authority(host: str, port: int) -> str:
-    """`ip:port`, with IPv6 as `[addr]:port` (as ztunnel writes it)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # --- the connection -----------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Stream:
-    stream_id: int
-    outbound_window: int
-    inbound_window: int
-    state: StreamState = StreamState.IDLE
-    unacked: int = 0  # consumed by the application, not yet returned in a WINDOW_UPDATE
-    pending: deque[memoryview] = field(default_factory=deque)
-    pending_bytes: int = 0
-    pending_end: bool = False
-    headers_sent: bool = False
-    headers_received: bool = False
-
-
-_DEFAULT_REMOTE: Mapping[int, int] = {
-    SettingCode.HEADER_TABLE_SIZE: 4096,
-    SettingCode.ENABLE_PUSH: 1,
-    SettingCode.MAX_CONCURRENT_STREAMS: MAX_WINDOW,  # "unlimited" until the peer says
-    SettingCode.INITIAL_WINDOW_SIZE: DEFAULT_WINDOW,
-    SettingCode.MAX_FRAME_SIZE: DEFAULT_MAX_FRAME_SIZE,
-    SettingCode.MAX_HEADER_LIST_SIZE: MAX_WINDOW,
-}
 
 
 class TunnelConnection:
@@ -445,7 +173,7 @@ class TunnelConnection:
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
         self.client_side = config.client_side
-        self.remote_settings: dict[int, int] = dict(_DEFAULT_REMOTE)
+        self.remote_settings: dict[int, int] = dict(DEFAULT_REMOTE_SETTINGS)
         self._reader = FrameReader(max_frame_size=config.max_frame_size, stream_data=True)
         self._fragment_stream = 0  # stream of the DATA frame still arriving (0: drop its bytes)
         self._encoder = hpack.Encoder()
@@ -453,8 +181,8 @@ class TunnelConnection:
         self._decoder.max_allowed_table_size = config.header_table_size
         self.outgoing: list[Buffer] = []  # queued output, read-only: take it with data_to_send()
         self._out_bytes = 0
-        self._streams: dict[int, _Stream] = {}
-        self._closed_streams: OrderedDict[int, _Closed] = OrderedDict()
+        self._streams: dict[int, StreamRecord] = {}
+        self._closed_streams: OrderedDict[int, StreamClosedBy] = OrderedDict()
         self._next_outbound_id = 1 if config.client_side else 2
         self._highest_inbound_id = 0
         self._preface_pending = b"" if config.client_side else PREFACE
@@ -471,9 +199,9 @@ class TunnelConnection:
         self.goaway_received: ConnectionTerminated | None = None
         self.closed = False  # after a connection error: no more frames are read or sent
         # Streams whose DATA goes straight to a callable during receive_data (set_data_sink).
-        self._sinks: dict[int, tuple[_Stream, DataSink]] = {}
-        self._conn_update_at = config.connection_window_size // _UPDATE_DIVISOR
-        self._stream_update_at = config.initial_window_size // _UPDATE_DIVISOR
+        self._sinks: dict[int, tuple[StreamRecord, DataSink]] = {}
+        self._conn_update_at = update_threshold(config.connection_window_size)
+        self._stream_update_at = update_threshold(config.initial_window_size)
 
     # --- public: sending ------------------------------------------------------------------
 
@@ -639,7 +367,7 @@ class TunnelConnection:
                 raise InvalidActionError(f"stream {stream_id} was never opened")
             return
         self._queue_frame(RstStreamFrame(stream_id=stream_id, error_code=int(error_code)))
-        self._close_stream(stream, _Closed.RESET_SENT)
+        self._close_stream(stream, StreamClosedBy.RESET_SENT)
 
     def acknowledge_received_data(self, stream_id: int, size: int) -> None:
         """The application consumed `size` flow-controlled bytes; reopen the windows."""
@@ -883,7 +611,7 @@ class TunnelConnection:
             raise InvalidActionError("connection is closed after a protocol error")
 
     def _send_headers(
-        self, stream: _Stream, fields: Sequence[tuple[str, str]], end_stream: bool
+        self, stream: StreamRecord, fields: Sequence[tuple[str, str]], end_stream: bool
     ) -> None:
         self._transition(stream, StreamInput.SEND_HEADERS)
         block = memoryview(self._encoder.encode(fields))
@@ -904,7 +632,7 @@ class TunnelConnection:
             stream.pending_end = True
             self._transition(stream, StreamInput.SEND_END_STREAM)
 
-    def _flush_stream(self, stream: _Stream) -> None:
+    def _flush_stream(self, stream: StreamRecord) -> None:
         max_frame = self.remote_settings[SettingCode.MAX_FRAME_SIZE]
         sid = stream.stream_id
         pending = stream.pending
@@ -948,8 +676,8 @@ class TunnelConnection:
 
     # --- internals: streams ----------------------------------------------------------------------
 
-    def _new_stream(self, stream_id: int) -> _Stream:
-        stream = _Stream(
+    def _new_stream(self, stream_id: int) -> StreamRecord:
+        stream = StreamRecord(
             stream_id=stream_id,
             outbound_window=self.remote_settings[SettingCode.INITIAL_WINDOW_SIZE],
             inbound_window=self._local_initial_window,
@@ -957,7 +685,7 @@ class TunnelConnection:
         self._streams[stream_id] = stream
         return stream
 
-    def _live_stream(self, stream_id: int) -> _Stream:
+    def _live_stream(self, stream_id: int) -> StreamRecord:
         stream = self._streams.get(stream_id)
         if stream is None:
             state = "idle" if self._is_idle(stream_id) else "closed"
@@ -970,7 +698,7 @@ class TunnelConnection:
             return stream_id >= self._next_outbound_id
         return stream_id > self._highest_inbound_id
 
-    def _transition(self, stream: _Stream, event: StreamInput) -> None:
+    def _transition(self, stream: StreamRecord, event: StreamInput) -> None:
         new = next_state(stream.state, event)
         if new is None:
             if event.name.startswith("SEND"):
@@ -987,9 +715,9 @@ class TunnelConnection:
         if new is StreamState.HALF_CLOSED_REMOTE:
             self._sinks.pop(stream.stream_id, None)
         elif new is StreamState.CLOSED:
-            self._close_stream(stream, _Closed.ENDED)
+            self._close_stream(stream, StreamClosedBy.ENDED)
 
-    def _close_stream(self, stream: _Stream, how: _Closed) -> None:
+    def _close_stream(self, stream: StreamRecord, how: StreamClosedBy) -> None:
         stream.state = StreamState.CLOSED
         stream.pending.clear()
         stream.pending_bytes = 0
@@ -1004,12 +732,12 @@ class TunnelConnection:
         self._queue_frame(RstStreamFrame(stream_id=sid, error_code=int(err.error_code)))
         stream = self._streams.get(sid)
         if stream is not None:
-            self._close_stream(stream, _Closed.RESET_SENT)
+            self._close_stream(stream, StreamClosedBy.RESET_SENT)
             events.append(
                 StreamReset(stream_id=sid, error_code=int(err.error_code), remote_reset=False)
             )
         else:
-            self._closed_streams[sid] = _Closed.RESET_SENT
+            self._closed_streams[sid] = StreamClosedBy.RESET_SENT
 
     def _connection_error(self, err: ProtocolError) -> None:
         if self.closed:
@@ -1023,7 +751,7 @@ class TunnelConnection:
         )
         self.closed = True
         for stream in list(self._streams.values()):
-            self._close_stream(stream, _Closed.RESET_SENT)
+            self._close_stream(stream, StreamClosedBy.RESET_SENT)
 
     def _unknown_stream(self, stream_id: int, what: str) -> None:
         """A frame for a stream we do not track: an error if it was never opened, an error or
@@ -1031,14 +759,14 @@ class TunnelConnection:
         if self._is_idle(stream_id):
             raise ProtocolError(f"{what} on idle stream {stream_id}")
         how = self._closed_streams.get(stream_id)
-        if how is _Closed.RESET_SENT or what in ("WINDOW_UPDATE", "RST_STREAM"):
+        if how is StreamClosedBy.RESET_SENT or what in ("WINDOW_UPDATE", "RST_STREAM"):
             return  # frames in flight when we reset it, or racing a normal close
         if how is None and what == "HEADERS":
             # §5.1.1: a new stream must use an id above every id the peer used before.
             raise ProtocolError(
                 f"HEADERS on stream {stream_id}, below the peer's highest stream id"
             )
-        if how is _Closed.ENDED:
+        if how is StreamClosedBy.ENDED:
             raise ProtocolError(
                 f"{what} on closed stream {stream_id}", error_code=ErrorCode.STREAM_CLOSED
             )
@@ -1225,7 +953,9 @@ class TunnelConnection:
                 raise ProtocolError(f"server opened stream {sid}, but push is disabled")
             self._highest_inbound_id = sid
             if self._goaway_sent is not None and sid > self._goaway_sent:
-                self._closed_streams[sid] = _Closed.RESET_SENT  # §6.8: ignore it and its frames
+                self._closed_streams[sid] = (
+                    StreamClosedBy.RESET_SENT
+                )  # §6.8: ignore it and its frames
                 return
             if self.open_inbound_streams >= self.config.inbound_stream_limit:
                 raise ProtocolError(
@@ -1250,7 +980,7 @@ class TunnelConnection:
             if not end_stream:
                 raise ProtocolError(f"trailers on stream {sid} without END_STREAM", stream_id=sid)
             try:
-                _, regular = _split_pseudo(fields, frozenset())
+                _, regular = split_pseudo(fields, frozenset())
             except ValueError as exc:
                 raise ProtocolError(
                     f"malformed trailers on stream {sid}: {exc}", stream_id=sid
@@ -1262,7 +992,7 @@ class TunnelConnection:
 
     def _request_event(self, sid: int, fields: Sequence[tuple[str, str]]) -> RequestReceived:
         try:
-            pseudo, regular = _split_pseudo(fields, _REQUEST_PSEUDO)
+            pseudo, regular = split_pseudo(fields, REQUEST_PSEUDO)
             method = pseudo.get(":method")
             if not method:
                 raise ValueError(":method missing")
@@ -1284,7 +1014,7 @@ class TunnelConnection:
         self, sid: int, fields: Sequence[tuple[str, str]], end_stream: bool
     ) -> ResponseReceived | None:
         try:
-            pseudo, regular = _split_pseudo(fields, frozenset({":status"}))
+            pseudo, regular = split_pseudo(fields, frozenset({":status"}))
             text = pseudo.get(":status", "")
             if len(text) != 3 or not text.isdigit():
                 raise ValueError(f"bad :status {text!r}")
@@ -1302,11 +1032,9 @@ class TunnelConnection:
     def _on_window_update(self, frame: WindowUpdateFrame, events: list[Event]) -> None:
         sid = frame.stream_id
         if sid == 0:
-            self._conn_outbound_window += frame.increment
-            if self._conn_outbound_window > MAX_WINDOW:
-                raise ProtocolError(
-                    "connection window over 2^31-1", error_code=ErrorCode.FLOW_CONTROL_ERROR
-                )
+            self._conn_outbound_window = grow(
+                self._conn_outbound_window, frame.increment, "connection window over 2^31-1"
+            )
             events.append(WindowUpdated(stream_id=0, delta=frame.increment))
             self._flush_all()
             return
@@ -1315,13 +1043,12 @@ class TunnelConnection:
             self._unknown_stream(sid, "WINDOW_UPDATE")
             return
         self._transition(stream, StreamInput.RECV_WINDOW_UPDATE)
-        stream.outbound_window += frame.increment
-        if stream.outbound_window > MAX_WINDOW:
-            raise ProtocolError(
-                f"stream {sid} window over 2^31-1",
-                error_code=ErrorCode.FLOW_CONTROL_ERROR,
-                stream_id=sid,
-            )
+        stream.outbound_window = grow(
+            stream.outbound_window,
+            frame.increment,
+            f"stream {sid} window over 2^31-1",
+            stream_id=sid,
+        )
         events.append(WindowUpdated(stream_id=sid, delta=frame.increment))
         if stream.pending or stream.pending_end:
             self._flush_stream(stream)
@@ -1341,30 +1068,18 @@ class TunnelConnection:
             return
         changed: dict[int, int] = {}
         for code, value in frame.settings:
-            if code == SettingCode.ENABLE_PUSH and (value > 1 or (value == 1 and self.client_side)):
-                raise ProtocolError(f"SETTINGS_ENABLE_PUSH {value} not allowed")
-            if code == SettingCode.INITIAL_WINDOW_SIZE and value > MAX_WINDOW:
-                raise ProtocolError(
-                    f"SETTINGS_INITIAL_WINDOW_SIZE {value} over 2^31-1",
-                    error_code=ErrorCode.FLOW_CONTROL_ERROR,
-                )
-            if (
-                code == SettingCode.MAX_FRAME_SIZE
-                and not DEFAULT_MAX_FRAME_SIZE <= value <= MAX_FRAME_SIZE_LIMIT
-            ):
-                raise ProtocolError(f"SETTINGS_MAX_FRAME_SIZE {value} outside 2^14..2^24-1")
-            if code not in _DEFAULT_REMOTE:
+            check_remote_setting(code, value, client_side=self.client_side)
+            if code not in DEFAULT_REMOTE_SETTINGS:
                 continue  # §6.5.2: unknown settings are ignored
             if code == SettingCode.INITIAL_WINDOW_SIZE:
                 # §6.9.2: the change applies to every open stream and may make windows negative.
                 delta = value - self.remote_settings[code]
                 for stream in self._streams.values():
-                    stream.outbound_window += delta
-                    if stream.outbound_window > MAX_WINDOW:
-                        raise ProtocolError(
-                            "SETTINGS_INITIAL_WINDOW_SIZE pushes a stream window over 2^31-1",
-                            error_code=ErrorCode.FLOW_CONTROL_ERROR,
-                        )
+                    stream.outbound_window = grow(
+                        stream.outbound_window,
+                        delta,
+                        "SETTINGS_INITIAL_WINDOW_SIZE pushes a stream window over 2^31-1",
+                    )
             if code == SettingCode.HEADER_TABLE_SIZE:
                 self._encoder.header_table_size = value
             self.remote_settings[code] = value
@@ -1380,7 +1095,7 @@ class TunnelConnection:
             self._unknown_stream(frame.stream_id, "RST_STREAM")
             return
         self._transition(stream, StreamInput.RECV_RST)
-        self._close_stream(stream, _Closed.RESET_RECEIVED)
+        self._close_stream(stream, StreamClosedBy.RESET_RECEIVED)
         events.append(
             StreamReset(stream_id=frame.stream_id, error_code=frame.error_code, remote_reset=True)
         )
@@ -1397,7 +1112,7 @@ class TunnelConnection:
         for sid, stream in list(self._streams.items()):
             if sid % 2 == parity and sid > frame.last_stream_id:
                 # Never processed by the peer: safe to retry elsewhere (§6.8).
-                self._close_stream(stream, _Closed.RESET_RECEIVED)
+                self._close_stream(stream, StreamClosedBy.RESET_RECEIVED)
                 events.append(
                     StreamReset(
                         stream_id=sid, error_code=ErrorCode.REFUSED_STREAM, remote_reset=True

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.aio import TunnelStream
-from nodeagent.hbone.connection import parse_authority
+from nodeagent.hbone.headers import parse_authority
 from nodeagent.hbone.server import AcceptedStream, HboneServer, ServerSettings
 from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS

@@ -32,7 +32,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from nodeagent.datapath.netns import original_destination
-from nodeagent.hbone.connection import format_authority
+from nodeagent.hbone.headers import format_authority
 from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT, TUNNEL_OPEN_FAILED
 from nodeagent.model.identity import Identity, IdentityError

@@ -1,0 +1,95 @@
+"""Stream state of the sans-IO HTTP/2 core: RFC 9113 §5.1 as a table, and the per-stream record.
+
+The state machine is a table of (state, input) -> next state, without the push-only
+reserved states; a pair that is not in it is a protocol error (or, for a local action, an
+`InvalidActionError`), which the connection raises. `StreamRecord` is what the
+connection keeps per open stream: state, both windows and the DATA waiting for window.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class StreamState(enum.Enum):
+    IDLE = "idle"
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"
+    HALF_CLOSED_REMOTE = "half-closed (remote)"
+    CLOSED = "closed"
+
+
+class StreamInput(enum.Enum):
+    SEND_HEADERS = "send HEADERS"
+    RECV_HEADERS = "recv HEADERS"
+    SEND_DATA = "send DATA"
+    RECV_DATA = "recv DATA"
+    SEND_END_STREAM = "send END_STREAM"
+    RECV_END_STREAM = "recv END_STREAM"
+    SEND_RST = "send RST_STREAM"
+    RECV_RST = "recv RST_STREAM"
+    RECV_WINDOW_UPDATE = "recv WINDOW_UPDATE"
+
+
+_S = StreamState
+_I = StreamInput
+TRANSITIONS: Mapping[tuple[StreamState, StreamInput], StreamState] = {
+    (_S.IDLE, _I.SEND_HEADERS): _S.OPEN,
+    (_S.IDLE, _I.RECV_HEADERS): _S.OPEN,
+    (_S.OPEN, _I.SEND_HEADERS): _S.OPEN,
+    (_S.OPEN, _I.RECV_HEADERS): _S.OPEN,
+    (_S.OPEN, _I.SEND_DATA): _S.OPEN,
+    (_S.OPEN, _I.RECV_DATA): _S.OPEN,
+    (_S.OPEN, _I.SEND_END_STREAM): _S.HALF_CLOSED_LOCAL,
+    (_S.OPEN, _I.RECV_END_STREAM): _S.HALF_CLOSED_REMOTE,
+    (_S.OPEN, _I.SEND_RST): _S.CLOSED,
+    (_S.OPEN, _I.RECV_RST): _S.CLOSED,
+    (_S.OPEN, _I.RECV_WINDOW_UPDATE): _S.OPEN,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_HEADERS): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_DATA): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_END_STREAM): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.SEND_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_LOCAL, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_LOCAL,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_HEADERS): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_DATA): _S.HALF_CLOSED_REMOTE,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_END_STREAM): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.SEND_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_RST): _S.CLOSED,
+    (_S.HALF_CLOSED_REMOTE, _I.RECV_WINDOW_UPDATE): _S.HALF_CLOSED_REMOTE,
+    # Frames racing a close (§5.1 "closed"): a late WINDOW_UPDATE or RST_STREAM is ignored.
+    (_S.CLOSED, _I.RECV_WINDOW_UPDATE): _S.CLOSED,
+    (_S.CLOSED, _I.RECV_RST): _S.CLOSED,
+}
+
+
+def next_state(state: StreamState, event: StreamInput) -> StreamState | None:
+    """The state after `event`, or None when the pair is not allowed."""
+    return TRANSITIONS.get((state, event))
+
+
+class StreamClosedBy(enum.Enum):
+    """How a closed stream ended: tells a late frame's right answer (§5.1 "closed")."""
+
+    RESET_SENT = "reset sent"
+    RESET_RECEIVED = "reset received"
+    ENDED = "ended"
+
+
+@dataclass(eq=False)
+class StreamRecord:
+    """One open stream, as the connection tracks it."""
+
+    stream_id: int
+    outbound_window: int
+    inbound_window: int
+    state: StreamState = StreamState.IDLE
+    unacked: int = 0  # consumed by the application, not yet returned in a WINDOW_UPDATE
+    pending: deque[memoryview] = field(default_factory=deque)
+    pending_bytes: int = 0
+    pending_end: bool = False
+    headers_sent: bool = False
+    headers_received: bool = False
