@@ -32,7 +32,7 @@ from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT
 from nodeagent.model.policy import ConnectionAttributes
 from nodeagent.model.workload import Workload
 from nodeagent.policy.engine import evaluate
-from nodeagent.policy.trace import trace
+from nodeagent.policy.trace import trace, unselected
 from nodeagent.state.store import StateStore
 
 LISTENER_ROLES = {
@@ -403,11 +403,14 @@ class MeshExplainer:
         policies = self._store.policies_for(dest)
         decision = evaluate(policies, attributes)
         traces = [t.render() for t in trace(policies, attributes)]
+        dest_name = f"{dest.namespace}/{dest.name}"
         if policies:
             steps.append(
                 f"{len(policies)} polic{'y applies' if len(policies) == 1 else 'ies apply'} to "
-                f"{dest.namespace}/{dest.name}: " + ", ".join(p.key for p in policies)
+                f"{dest_name}: " + ", ".join(p.key for p in policies)
             )
+        missed = unselected(dest, self._store.policies(), self._store.workloads())
+        steps += [m.render(dest_name) for m in missed]
         steps += traces
         verdict = "allow" if decision.allowed else "deny"
         steps.append(f"decision: {decision.explain()}")
@@ -415,5 +418,7 @@ class MeshExplainer:
             "reason": decision.reason.value,
             "policy": decision.policy or "",
             "rule": decision.rule,
+            # Policies of the destination's namespace whose selector picks no workload at all.
+            "selects_nothing": [m.policy for m in missed if not m.selects],
         }
         return {**result, "verdict": verdict, "steps": steps}

@@ -9,7 +9,14 @@ from nodeagent.policy.engine import (
     evaluate,
     matching_rule,
 )
-from nodeagent.policy.trace import PolicyTrace, match_mismatch, trace, trace_policy
+from nodeagent.policy.trace import (
+    PolicyTrace,
+    UnselectedPolicy,
+    match_mismatch,
+    trace,
+    trace_policy,
+    unselected,
+)
 
 __all__ = [
     "Decision",
@@ -19,10 +26,12 @@ __all__ = [
     "PolicyMatch",
     "PolicyTrace",
     "Revocation",
+    "UnselectedPolicy",
     "applicable_policies",
     "evaluate",
     "match_mismatch",
     "matching_rule",
     "trace",
     "trace_policy",
+    "unselected",
 ]

@@ -4,6 +4,11 @@
 the CLI and admin API: per policy, the rule that matched, or for every rule the
 first clause and field that failed, e.g.
 `rule 0 clause 0: principals [*/sa/admin] do not match cluster.local/ns/default/sa/sleep`.
+
+`unselected` answers the other question a user asks when a policy seems to do
+nothing: it exists in the destination's namespace, but does its selector pick
+this workload, or any workload at all? (The control plane resolves selectors; the
+agent only sees which workloads name the policy.)
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from nodeagent.model.policy import (
     Clause,
     ConnectionAttributes,
     Match,
+    Scope,
     ServiceAccountMatch,
     StringMatch,
 )
+from nodeagent.model.workload import Workload
 from nodeagent.policy.engine import _any_ip, _any_sa, _any_string
 
 
@@ -118,3 +125,47 @@ def trace_policy(policy: Authorization, conn: ConnectionAttributes) -> PolicyTra
 def trace(policies: Iterable[Authorization], conn: ConnectionAttributes) -> tuple[PolicyTrace, ...]:
     """How every policy treated `conn`, in the order given."""
     return tuple(trace_policy(p, conn) for p in policies)
+
+
+@dataclass(frozen=True, slots=True)
+class UnselectedPolicy:
+    """A selector policy of the destination's namespace that does not apply to it."""
+
+    policy: str  # namespace/name
+    selects: tuple[str, ...]  # namespace/name of the workloads it does select, sorted
+
+    def render(self, destination: str) -> str:
+        if not self.selects:
+            return (
+                f"policy {self.policy} is in the destination's namespace but its selector "
+                "matches no workload: check its matchLabels against the pods' labels"
+            )
+        shown = ", ".join(self.selects[:3]) + (", ..." if len(self.selects) > 3 else "")
+        return (
+            f"policy {self.policy} does not select {destination}: its selector matches "
+            f"{len(self.selects)} other workload{'' if len(self.selects) == 1 else 's'} ({shown})"
+        )
+
+
+def unselected(
+    destination: Workload, policies: Iterable[Authorization], workloads: Iterable[Workload]
+) -> tuple[UnselectedPolicy, ...]:
+    """The WORKLOAD_SELECTOR policies of `destination`'s namespace that it does not
+    name, each with the workloads that do name it, sorted by key."""
+    candidates = sorted(
+        (
+            p.key
+            for p in policies
+            if p.scope is Scope.WORKLOAD_SELECTOR
+            and p.namespace == destination.namespace
+            and p.key not in destination.authorization_policies
+        ),
+    )
+    if not candidates:
+        return ()
+    selected: dict[str, list[str]] = {key: [] for key in candidates}
+    for w in workloads:
+        for key in w.authorization_policies:
+            if key in selected:
+                selected[key].append(f"{w.namespace}/{w.name}")
+    return tuple(UnselectedPolicy(key, tuple(sorted(selected[key]))) for key in candidates)

@@ -177,6 +177,28 @@ def test_explain_a_denied_port_names_the_policy(store: StateStore) -> None:
     assert any(step.startswith("1 policy applies to ") for step in result["steps"])
 
 
+def test_explain_says_when_a_policy_of_the_namespace_selects_no_workload(
+    store: StateStore,
+) -> None:
+    # What `sandbox apply` of a policy whose matchLabels fit no pod leaves the agent with:
+    # the policy exists, and no workload names it.
+    typo = Authorization(
+        name="deny-typo",
+        namespace="demo",
+        scope=Scope.WORKLOAD_SELECTOR,
+        action=Action.DENY,
+        rules=(Rule((Clause((Match(destination_ports=(8080,)),)),)),),
+    )
+    store.apply(StateBatch(policies=(typo,)))
+    result = explainer(store).explain("client", "10.2.0.5", 8080)
+    assert result["verdict"] == "allow"
+    assert (
+        "policy demo/deny-typo is in the destination's namespace but its selector matches "
+        "no workload: check its matchLabels against the pods' labels"
+    ) in result["steps"]
+    assert result["policy"]["selects_nothing"] == ["demo/deny-typo"]
+
+
 def test_explain_passthrough_and_refusals(store: StateStore) -> None:
     ex = explainer(store)
     assert ex.explain("client", "192.0.2.1", 80)["verdict"] == "allow"  # outside the mesh

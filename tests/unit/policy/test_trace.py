@@ -11,10 +11,12 @@ from nodeagent.model.policy import (
     ConnectionAttributes,
     Match,
     Rule,
+    Scope,
     ServiceAccountMatch,
     StringMatch,
 )
-from nodeagent.policy import match_mismatch, trace
+from nodeagent.policy import UnselectedPolicy, match_mismatch, trace, unselected
+from tests.builders import workload
 
 SLEEP = "spiffe://cluster.local/ns/default/sa/sleep"
 
@@ -80,3 +82,44 @@ def test_mismatch_text_for_each_field_kind() -> None:
     for match, expected in cases.items():
         text = match_mismatch(match, conn)
         assert text is not None and expected in text
+
+
+def _selector(name: str, namespace: str = "demo") -> Authorization:
+    return Authorization(name=name, namespace=namespace, scope=Scope.WORKLOAD_SELECTOR)
+
+
+def test_a_selector_policy_of_the_namespace_that_selects_nothing_is_named() -> None:
+    server = workload("server", namespace="demo", authorization_policies=("demo/mine",))
+    other = workload("other", namespace="demo", authorization_policies=("demo/others",))
+    policies = [
+        _selector("mine"),  # applies: not reported
+        _selector("others"),  # selects another workload
+        _selector("typo"),  # selects nothing at all
+        _selector("elsewhere", namespace="shop"),  # another namespace: not reported
+        Authorization(name="ns-wide", namespace="demo", scope=Scope.NAMESPACE),
+    ]
+    found = unselected(server, policies, [server, other])
+    assert found == (
+        UnselectedPolicy("demo/others", ("demo/other",)),
+        UnselectedPolicy("demo/typo", ()),
+    )
+    assert [f.render("demo/server") for f in found] == [
+        "policy demo/others does not select demo/server: its selector matches 1 other "
+        "workload (demo/other)",
+        "policy demo/typo is in the destination's namespace but its selector matches no "
+        "workload: check its matchLabels against the pods' labels",
+    ]
+    assert unselected(other, policies[:1], [server, other]) == (
+        UnselectedPolicy("demo/mine", ("demo/server",)),
+    )
+    assert unselected(server, [], [server]) == ()
+
+
+def test_many_selected_workloads_are_counted_and_the_first_three_named() -> None:
+    names = [f"w{i}" for i in range(5)]
+    many = [workload(n, namespace="demo", authorization_policies=("demo/p",)) for n in names]
+    found = unselected(workload("server", namespace="demo"), [_selector("p")], many)
+    assert found[0].render("demo/server") == (
+        "policy demo/p does not select demo/server: its selector matches 5 other workloads "
+        "(demo/w0, demo/w1, demo/w2, ...)"
+    )
