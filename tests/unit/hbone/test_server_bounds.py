@@ -238,6 +238,36 @@ async def dial(served: Served, identity: Identity) -> HboneConnection:
     return conn
 
 
+async def test_each_connect_reaches_the_handler_with_its_headers_and_the_peer_identity(ca):
+    seen: list[tuple[Local, AcceptedStream]] = []
+
+    def handler(local: Local, accepted: AcceptedStream) -> Awaitable[None] | None:
+        seen.append((local, accepted))
+        if accepted.authority.endswith(":1"):
+            accepted.stream.respond(401)  # answered here: no task for it
+            return None
+        return hold(accepted)
+
+    certificates = FakeCertificates(ca)
+    server = HboneServer(WorkloadTls(certificates), handler)
+    async with loopback_acceptor(lambda conn: server.serve(WORKLOAD, conn)) as address:
+        conn = await dial(Served(server, address, certificates), ALICE)
+        headers = [("forwarded", 'for="10.0.0.1:4000"'), ("baggage", "k8s.namespace.name=a")]
+        stream = await asyncio.wait_for(conn.open_tunnel(f"{LOOPBACK}:8080", headers), 10)
+        with pytest.raises(TunnelError, match="401"):
+            await asyncio.wait_for(conn.open_tunnel(f"{LOOPBACK}:1"), 10)
+        (local, accepted), (_, refused) = seen
+        assert local is WORKLOAD
+        assert accepted.authority == f"{LOOPBACK}:8080" and accepted.headers == tuple(headers)
+        assert accepted.peer_identity == ALICE and accepted.peer[0] == LOOPBACK
+        assert refused.peer_identity == ALICE
+        assert server.stats.tunnels == 2
+        stream.write(b"x")
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(), 10) == b""
+        conn.close()
+
+
 async def test_idle_connection_is_closed_by_the_server_and_one_with_a_tunnel_is_kept(ca):
     settings = ServerSettings(idle_timeout=0.5)
     async with hbone_server(ca, settings) as served:
