@@ -13,7 +13,7 @@ import datetime
 import ipaddress
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,12 @@ from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.identity import csr
 from nodeagent.identity.csr import WorkloadCertificate
 from nodeagent.model.identity import Identity
+from nodeagent.model.routing import (
+    DestinationRule,
+    VirtualService,
+    parse_destination_rule,
+    parse_virtual_service,
+)
 from nodeagent.model.workload import NetworkAddress, Port, Service, TunnelProtocol, Workload
 
 
@@ -60,6 +66,36 @@ def service(
         ports=ports,
         **fields,
     )
+
+
+def virtual_service(
+    name: str,
+    namespace: str = "default",
+    *,
+    spec: Mapping[str, Any] | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> VirtualService:
+    """A VirtualService read from Istio's JSON shape; by default one tcp route to host `name`."""
+    if spec is None:
+        spec = {"hosts": [name], "tcp": [{"route": [{"destination": {"host": name}}]}]}
+    return parse_virtual_service(namespace, name, spec, annotations or {})
+
+
+def destination_rule(
+    name: str,
+    namespace: str = "default",
+    *,
+    spec: Mapping[str, Any] | None = None,
+    annotations: Mapping[str, str] | None = None,
+) -> DestinationRule:
+    """A DestinationRule read from Istio's JSON shape; by default host `name`, subsets v1 and v2
+    by their `version` label."""
+    if spec is None:
+        spec = {
+            "host": name,
+            "subsets": [{"name": v, "labels": {"version": v}} for v in ("v1", "v2")],
+        }
+    return parse_destination_rule(namespace, name, spec, annotations or {})
 
 
 class FakeCertificates:

@@ -1,4 +1,5 @@
-"""Mesh file -> xDS resources (istio.workload.Address, istio.security.Authorization).
+"""Mesh file -> xDS resources (istio.workload.Address, istio.security.Authorization, and
+VirtualService / DestinationRule in istiod's istio.mcp.v1alpha1.Resource envelope).
 
 Each resource is keyed by its xDS name (workload uid, `namespace/hostname`,
 `namespace/name`) and versioned by a hash of its serialized bytes, so an
@@ -10,15 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from nodeagent.controlplane.mesh import MeshConfig, PolicySpec, RuleSpec, ServiceSpec, WorkloadSpec
 from nodeagent.model import policy as pm
+from nodeagent.model import routing as rm
 from nodeagent.model import workload as wm
-from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
+from nodeagent.model.constants import (
+    TYPE_URL_ADDRESS,
+    TYPE_URL_AUTHORIZATION,
+    TYPE_URL_DESTINATION_RULE,
+    TYPE_URL_VIRTUAL_SERVICE,
+)
+from nodeagent.state import mcp
 from nodeagent.state.encode import address_resource_name, address_to_pb, authorization_to_pb
+
+log = logging.getLogger(__name__)
 
 _SPIFFE = "spiffe://"
 S = TypeVar("S", ServiceSpec, PolicySpec)
@@ -81,7 +92,33 @@ def build_snapshot(mesh: MeshConfig) -> dict[str, dict[str, VersionedResource]]:
         )
         for p in mesh.policies
     }
-    return {TYPE_URL_ADDRESS: addresses, TYPE_URL_AUTHORIZATION: policies}
+    # getattr: the mesh file's routing sections are optional in older MeshConfig values.
+    virtual_services: Iterable[rm.VirtualService] = getattr(mesh, "virtual_services", ())
+    destination_rules: Iterable[rm.DestinationRule] = getattr(mesh, "destination_rules", ())
+    return {
+        TYPE_URL_ADDRESS: addresses,
+        TYPE_URL_AUTHORIZATION: policies,
+        TYPE_URL_VIRTUAL_SERVICE: config_resources(TYPE_URL_VIRTUAL_SERVICE, virtual_services),
+        TYPE_URL_DESTINATION_RULE: config_resources(TYPE_URL_DESTINATION_RULE, destination_rules),
+    }
+
+
+def config_resources(
+    type_url: str, values: Iterable[rm.VirtualService | rm.DestinationRule]
+) -> dict[str, VersionedResource]:
+    """VirtualServices or DestinationRules as istiod's api generator serves them:
+    named `namespace/name`, each an istio.mcp.v1alpha1.Resource."""
+    out: dict[str, VersionedResource] = {}
+    for value in values:
+        spec, annotations = rm.to_wire(value)
+        envelope = mcp.ConfigEnvelope(value.namespace, value.name, spec, annotations)
+        try:
+            out[value.key] = versioned(mcp.encode(type_url, envelope))
+        except mcp.EnvelopeError as e:
+            # The mesh file was validated; a spec that still does not fit the wire
+            # form costs that resource only, and says so.
+            log.error("not serving %s %s: %s", type_url, value.key, e)
+    return out
 
 
 # The mesh file becomes model values; state/encode.py is the one model -> xDS

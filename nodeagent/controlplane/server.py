@@ -30,6 +30,7 @@ from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.pb.envoy.service.discovery.v3 import ads_pb2_grpc
 from nodeagent.pb.envoy.service.discovery.v3 import discovery_pb2 as discovery_pb
+from nodeagent.state.mcp import resource_type_url
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +227,14 @@ def _to_response(resp: StreamResponse) -> discovery_pb.DeltaDiscoveryResponse:
     out = discovery_pb.DeltaDiscoveryResponse(
         type_url=resp.type_url, nonce=resp.nonce, removed_resources=resp.removed
     )
+    # Config kinds travel in istiod's envelope, whose Any type differs from the response's.
+    any_type = resource_type_url(resp.type_url)
     for name, version, value in resp.resources:
         out.resources.append(
             discovery_pb.Resource(
                 name=name,
                 version=version,
-                resource=any_pb2.Any(type_url=resp.type_url, value=value),
+                resource=any_pb2.Any(type_url=any_type, value=value),
             )
         )
     return out
@@ -291,10 +294,13 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             # client's first writes can reach the client as a bare INTERNAL error,
             # hiding the reason from the operator.
             log.warning("xds stream from %s refused: unknown bearer token", context.peer())
-            # Take the client's first request before ending the call, so the
-            # refusal does not race its writes.
+            # Take the client's initial requests (one per type, written back to
+            # back) before ending the call, so the refusal does not race its writes.
+            requests = aiter(request_iterator)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(anext(aiter(request_iterator)), 2)
+                await asyncio.wait_for(anext(requests), 2)
+                while True:
+                    await asyncio.wait_for(anext(requests), 0.1)
             context.set_code(grpc.StatusCode.UNAUTHENTICATED)
             context.set_details("unknown bearer token")
             return

@@ -52,8 +52,23 @@ REDIRECTION_ENABLED: Final = "enabled"
 # with this); telemetry reports it with ztunnel's response flag CONNECT.
 TUNNEL_OPEN_FAILED: Final = "HBONE tunnel failed to open"
 
+# Envoy's response flags for what traffic management does to a connection (Envoy's
+# StreamInfo::ResponseFlag short names), in metrics' `response_flags` and the access log.
+OVERFLOW: Final = "UO"  # circuit breaker (maxConnections) refused it
+UPSTREAM_CONNECT_FAILURE: Final = "UF"  # the one connect attempt failed
+UPSTREAM_RETRY_LIMIT: Final = "URX"  # every connect attempt failed
+NO_HEALTHY_UPSTREAM: Final = "UH"  # the service had no endpoint to try
+FAULT_ABORT: Final = "FI"  # an injected abort
+FAULT_DELAY: Final = "DI"  # an injected delay
+
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 DEFAULT_SERVICE_ACCOUNT: Final = "default"
 
 TYPE_URL_ADDRESS: Final = "type.googleapis.com/istio.workload.Address"
 TYPE_URL_AUTHORIZATION: Final = "type.googleapis.com/istio.security.Authorization"
+# Istio config kinds served over xDS the way istiod's "api" generator serves them:
+# the response type URL names group/version/kind, and each resource is an
+# istio.mcp.v1alpha1.Resource envelope whose body holds the kind's spec message.
+TYPE_URL_VIRTUAL_SERVICE: Final = "networking.istio.io/v1alpha3/VirtualService"
+TYPE_URL_DESTINATION_RULE: Final = "networking.istio.io/v1alpha3/DestinationRule"
+TYPE_URL_MCP_RESOURCE: Final = "type.googleapis.com/istio.mcp.v1alpha1.Resource"

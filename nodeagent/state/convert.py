@@ -17,9 +17,12 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from nodeagent.model import policy as pm
+from nodeagent.model import routing as rm
 from nodeagent.model import workload as wm
+from nodeagent.model.constants import TYPE_URL_DESTINATION_RULE, TYPE_URL_VIRTUAL_SERVICE
 from nodeagent.pb.istio.security import authorization_pb2 as auth_pb
 from nodeagent.pb.istio.workload import workload_pb2 as workload_pb
+from nodeagent.state import mcp
 
 E = TypeVar("E", bound=enum.Enum)
 M = TypeVar("M", bound=Message)
@@ -341,3 +344,34 @@ def _match(m: auth_pb.Match, where: str) -> pm.Match:
         service_accounts=_sa_matches(m.service_accounts),
         not_service_accounts=_sa_matches(m.not_service_accounts),
     )
+
+
+def virtual_service_from_bytes(name: str, data: bytes) -> rm.VirtualService:
+    """Convert one VirtualService resource (an istio.mcp.v1alpha1.Resource) named
+    `namespace/name`: unwrap it, then read its spec as the YAML front end does."""
+    envelope = _envelope(TYPE_URL_VIRTUAL_SERVICE, "virtualservice", name, data)
+    try:
+        return rm.parse_virtual_service(
+            envelope.namespace, envelope.name, envelope.spec, envelope.annotations
+        )
+    except rm.RoutingSpecError as e:
+        raise ConversionError(f"virtualservice {envelope.key}: {e}") from None
+
+
+def destination_rule_from_bytes(name: str, data: bytes) -> rm.DestinationRule:
+    """Convert one DestinationRule resource (an istio.mcp.v1alpha1.Resource) named
+    `namespace/name`."""
+    envelope = _envelope(TYPE_URL_DESTINATION_RULE, "destinationrule", name, data)
+    try:
+        return rm.parse_destination_rule(
+            envelope.namespace, envelope.name, envelope.spec, envelope.annotations
+        )
+    except rm.RoutingSpecError as e:
+        raise ConversionError(f"destinationrule {envelope.key}: {e}") from None
+
+
+def _envelope(type_url: str, kind: str, name: str, data: bytes) -> mcp.ConfigEnvelope:
+    try:
+        return mcp.decode(type_url, name, data)
+    except mcp.EnvelopeError as e:
+        raise ConversionError(f"{kind} {name}: {e}") from None

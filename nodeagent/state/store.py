@@ -1,4 +1,4 @@
-"""The agent's view of the mesh: workloads, services and policies, with indexes.
+"""The agent's view of the mesh: workloads, services, policies and routing config, with indexes.
 
 `StateStore.apply` takes one batch of already-converted values and removal
 names and applies it in one synchronous step, so readers never see half a
@@ -7,7 +7,9 @@ batch; then it tells subscribers what changed (`StateChange`).
 Indexes: workloads by uid, by (network, ip) and by node; services by `namespace/hostname`
 and by (network, VIP); each service's endpoints (workloads whose `services` map
 names it); policies by `namespace/name`, by namespace (NAMESPACE scope) and the
-GLOBAL ones.
+GLOBAL ones; VirtualServices and DestinationRules by `namespace/name`. The
+traffic layer recompiles its route table when a change reports either of those
+kinds (`StateChange.routing`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from nodeagent.model.policy import Authorization, Scope
+from nodeagent.model.routing import DestinationRule, VirtualService
 from nodeagent.model.workload import Endpoint, IPAddress, Port, Service, Workload
 
 log = logging.getLogger(__name__)
@@ -47,9 +50,16 @@ class StateChange:
     workloads: KindChange = KindChange()
     services: KindChange = KindChange()
     policies: KindChange = KindChange()
+    virtual_services: KindChange = KindChange()
+    destination_rules: KindChange = KindChange()
 
     def __bool__(self) -> bool:
-        return bool(self.workloads or self.services or self.policies)
+        return bool(self.workloads or self.services or self.policies or self.routing)
+
+    @property
+    def routing(self) -> bool:
+        """A VirtualService or DestinationRule changed: route tables must be rebuilt."""
+        return bool(self.virtual_services or self.destination_rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,14 +67,19 @@ class StateBatch:
     """Converted upserts and removal names to apply together.
 
     `removed_addresses` are Address resource names: a workload uid or a service's
-    `namespace/hostname`. Removals are applied before upserts.
+    `namespace/hostname`; the other removals name `namespace/name`. Removals are
+    applied before upserts.
     """
 
     workloads: tuple[Workload, ...] = ()
     services: tuple[Service, ...] = ()
     policies: tuple[Authorization, ...] = ()
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
     removed_addresses: tuple[str, ...] = ()
     removed_policies: tuple[str, ...] = ()
+    removed_virtual_services: tuple[str, ...] = ()
+    removed_destination_rules: tuple[str, ...] = ()
 
 
 @dataclass
@@ -94,7 +109,7 @@ class _Tracker:
 
 
 class StateStore:
-    """Workloads, services and policies with lookup indexes and a change feed."""
+    """Workloads, services, policies and routing config with lookup indexes and a change feed."""
 
     def __init__(self) -> None:
         self._workloads: dict[str, Workload] = {}
@@ -109,6 +124,8 @@ class StateStore:
         self._policies: dict[str, Authorization] = {}
         self._global_policies: set[str] = set()
         self._namespace_policies: dict[str, set[str]] = {}
+        self._virtual_services: dict[str, VirtualService] = {}
+        self._destination_rules: dict[str, DestinationRule] = {}
         self._subscribers: list[Subscriber] = []
 
     # --- change feed ---------------------------------------------------------
@@ -141,6 +158,12 @@ class StateStore:
             if name in self._policies:
                 policies.touch(name, True)
                 self._remove_policy(name)
+        virtual_services = _replace_keyed(
+            self._virtual_services, batch.removed_virtual_services, batch.virtual_services
+        )
+        destination_rules = _replace_keyed(
+            self._destination_rules, batch.removed_destination_rules, batch.destination_rules
+        )
         for workload in batch.workloads:
             old = self._workloads.get(workload.uid)
             if old == workload:
@@ -169,6 +192,8 @@ class StateStore:
             workloads.change(self._workloads.__contains__),
             services.change(self._services.__contains__),
             policies.change(self._policies.__contains__),
+            virtual_services.change(self._virtual_services.__contains__),
+            destination_rules.change(self._destination_rules.__contains__),
         )
         if change:
             for subscriber in list(self._subscribers):
@@ -278,13 +303,56 @@ class StateStore:
         keys.update(k for k in workload.authorization_policies if k in self._policies)
         return tuple(self._policies[k] for k in sorted(keys))
 
+    def virtual_service(self, key: str) -> VirtualService | None:
+        """The VirtualService named `namespace/name`."""
+        return self._virtual_services.get(key)
+
+    def virtual_services(self) -> tuple[VirtualService, ...]:
+        """Every VirtualService, by key (a stable order for route-table builds)."""
+        return tuple(self._virtual_services[k] for k in sorted(self._virtual_services))
+
+    def destination_rule(self, key: str) -> DestinationRule | None:
+        """The DestinationRule named `namespace/name`."""
+        return self._destination_rules.get(key)
+
+    def destination_rules(self) -> tuple[DestinationRule, ...]:
+        """Every DestinationRule, by key."""
+        return tuple(self._destination_rules[k] for k in sorted(self._destination_rules))
+
     def counts(self) -> dict[str, int]:
         """Sizes, for metrics and the admin page."""
         return {
             "workloads": len(self._workloads),
             "services": len(self._services),
             "policies": len(self._policies),
+            "virtual_services": len(self._virtual_services),
+            "destination_rules": len(self._destination_rules),
         }
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+_R = TypeVar("_R", bound=_Keyed)
+
+
+def _replace_keyed(
+    table: dict[str, _R], removals: Iterable[str], upserts: Iterable[_R]
+) -> _Tracker:
+    """Apply removals then upserts to a kind with no index but its key; track the change."""
+    tracker = _Tracker()
+    for name in removals:
+        if table.pop(name, None) is not None:
+            tracker.touch(name, True)
+    for value in upserts:
+        old = table.get(value.key)
+        if old == value:
+            continue  # unchanged resend: no event
+        tracker.touch(value.key, old is not None)
+        table[value.key] = value
+    return tracker
 
 
 def _discard(index: dict[_K, dict[str, _V]], key: _K, name: str) -> None:

@@ -10,13 +10,21 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
+from nodeagent.model.constants import (
+    TYPE_URL_ADDRESS,
+    TYPE_URL_AUTHORIZATION,
+    TYPE_URL_DESTINATION_RULE,
+    TYPE_URL_VIRTUAL_SERVICE,
+)
 from nodeagent.model.policy import Authorization
+from nodeagent.model.routing import DestinationRule, VirtualService
 from nodeagent.model.workload import Service, Workload
 from nodeagent.state.convert import (
     ConversionError,
     address_from_bytes,
     authorization_from_bytes,
+    destination_rule_from_bytes,
+    virtual_service_from_bytes,
 )
 from nodeagent.state.store import StateBatch, StateStore
 
@@ -65,6 +73,26 @@ class StateUpdater:
                 if policy is not None:
                     policies.append(policy)
             batch = StateBatch(policies=tuple(policies), removed_policies=tuple(removals))
+        elif type_url == TYPE_URL_VIRTUAL_SERVICE:
+            virtual_services: list[VirtualService] = []
+            for name, data in upserts:
+                vs = _convert(virtual_service_from_bytes, name, data, rejected)
+                if vs is not None:
+                    virtual_services.append(vs)
+            batch = StateBatch(
+                virtual_services=tuple(virtual_services),
+                removed_virtual_services=tuple(removals),
+            )
+        elif type_url == TYPE_URL_DESTINATION_RULE:
+            destination_rules: list[DestinationRule] = []
+            for name, data in upserts:
+                dr = _convert(destination_rule_from_bytes, name, data, rejected)
+                if dr is not None:
+                    destination_rules.append(dr)
+            batch = StateBatch(
+                destination_rules=tuple(destination_rules),
+                removed_destination_rules=tuple(removals),
+            )
         else:
             log.warning(
                 "ignoring %d resources of unknown type %s", len(upserts) + len(removals), type_url

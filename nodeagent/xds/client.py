@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
 from nodeagent.pb.envoy.config.core.v3 import base_pb2 as base_pb
 from nodeagent.pb.envoy.service.discovery.v3 import ads_pb2_grpc
 from nodeagent.pb.envoy.service.discovery.v3 import discovery_pb2 as discovery_pb
+from nodeagent.state.mcp import CONFIG_TYPE_URLS, resource_type_url
 from nodeagent.xds.protocol import (
     DeltaAdsProtocol,
     OutboundRequest,
@@ -36,7 +37,12 @@ from nodeagent.xds.protocol import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TYPES = (TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION)
+# ztunnel's types, then Istio's config kinds (VirtualService, DestinationRule) as
+# istiod's "api" generator serves them on the same stream. The config kinds are
+# optional: readiness never waits for them, so a control plane that does not
+# serve them leaves the agent as it was.
+DEFAULT_TYPES = (TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION, *CONFIG_TYPE_URLS)
+OPTIONAL_TYPES = CONFIG_TYPE_URLS
 MAX_MESSAGE = 200 * 1024 * 1024  # ztunnel's max decode size
 
 
@@ -198,6 +204,7 @@ class XdsClient:
         sink: StateSink,
         *,
         type_urls: Sequence[str] = DEFAULT_TYPES,
+        optional_types: Collection[str] = OPTIONAL_TYPES,
         backoff: ExponentialBackoff | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         on_update: Callable[[str], None] | None = None,
@@ -207,7 +214,11 @@ class XdsClient:
         self._backoff = backoff or ExponentialBackoff()
         self._sleep = sleep or asyncio.sleep
         self._on_update = on_update
-        self.protocol = DeltaAdsProtocol(type_urls)
+        self.protocol = DeltaAdsProtocol(
+            type_urls,
+            optional=optional_types,
+            resource_types={t: resource_type_url(t) for t in type_urls},
+        )
         self.stats = XdsClientStats()
         self._node = node_message(config)
         self._task: asyncio.Task[None] | None = None

@@ -16,7 +16,7 @@ NACKed resources are not recorded, so a reconnect makes the server resend them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -83,12 +83,28 @@ class _TypeState:
 
 
 class DeltaAdsProtocol:
-    """Per-type wildcard subscriptions, accepted versions, ACK/NACK building."""
+    """Per-type wildcard subscriptions, accepted versions, ACK/NACK building.
 
-    def __init__(self, type_urls: Sequence[str]) -> None:
+    `optional` types are subscribed like the others but readiness does not wait
+    for them: a control plane that does not serve a type (ztunnel's types only,
+    say) may never answer it, and the agent must not stay unready for that.
+    `resource_types` maps a type URL to the type URL its resources' `Any` must
+    carry when that differs from the response's (istiod wraps config kinds in
+    istio.mcp.v1alpha1.Resource); by default they are equal.
+    """
+
+    def __init__(
+        self,
+        type_urls: Sequence[str],
+        *,
+        optional: Collection[str] = (),
+        resource_types: Mapping[str, str] | None = None,
+    ) -> None:
         if not type_urls:
             raise ValueError("at least one type URL must be subscribed")
         self._types: dict[str, _TypeState] = {t: _TypeState() for t in type_urls}
+        self._optional = frozenset(optional)
+        self._resource_types = dict(resource_types or {})
         self._pending: str | None = None
         self.streams_started = 0
 
@@ -98,8 +114,9 @@ class DeltaAdsProtocol:
 
     @property
     def ready(self) -> bool:
-        """True once a first ACK/NACK has been sent for every subscribed type."""
-        return all(s.responded for s in self._types.values())
+        """True once a first ACK/NACK has been sent for every subscribed type
+        that is not optional."""
+        return all(s.responded for t, s in self._types.items() if t not in self._optional)
 
     def versions(self, type_url: str) -> dict[str, str]:
         """Accepted `{name: version}` of one type (a copy)."""
@@ -127,6 +144,7 @@ class DeltaAdsProtocol:
         upserts: list[tuple[str, bytes]] = []
         versions: dict[str, str] = {}
         seen: set[str] = set()
+        expected = self._resource_types.get(response.type_url, response.type_url)
         for r in response.resources:
             if r.name in seen:
                 pre_rejected[r.name] = "duplicate resource name in one response"
@@ -134,10 +152,11 @@ class DeltaAdsProtocol:
             seen.add(r.name)
             if not r.name:
                 pre_rejected[r.name] = "resource without a name"
-            elif r.type_url != response.type_url:
-                pre_rejected[r.name] = (
-                    f"resource type {r.type_url!r} does not match "
+            elif r.type_url != expected:
+                pre_rejected[r.name] = f"resource type {r.type_url!r} does not match " + (
                     f"response type {response.type_url!r}"
+                    if expected == response.type_url
+                    else f"{expected!r}, the resource type of {response.type_url!r}"
                 )
             else:
                 upserts.append((r.name, r.value))

@@ -79,7 +79,13 @@ def test_snapshot_indexes_workloads_and_services(updater: StateUpdater) -> None:
     assert store.service(SVC) == s
     assert store.service_by_vip("", ip("10.96.0.1")) == s
     assert store.service_by_vip("", ip("10.96.0.2")) is None
-    assert store.counts() == {"workloads": 2, "services": 1, "policies": 0}
+    assert store.counts() == {
+        "workloads": 2,
+        "services": 1,
+        "policies": 0,
+        "virtual_services": 0,
+        "destination_rules": 0,
+    }
 
 
 def test_update_that_changes_ip_drops_the_old_index_entry(updater: StateUpdater) -> None:

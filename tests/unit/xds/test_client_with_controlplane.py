@@ -13,14 +13,25 @@ import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
+
 from nodeagent.config import Config
+from nodeagent.controlplane.resources import config_resources
 from nodeagent.controlplane.server import ControlPlaneServer
-from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
+from nodeagent.model.constants import (
+    TYPE_URL_ADDRESS,
+    TYPE_URL_AUTHORIZATION,
+    TYPE_URL_VIRTUAL_SERVICE,
+)
+from nodeagent.model.routing import DestinationRule, VirtualService
+from nodeagent.pb.envoy.service.discovery.v3 import ads_pb2_grpc
+from nodeagent.pb.envoy.service.discovery.v3 import discovery_pb2 as discovery_pb
 from nodeagent.pb.istio.workload import workload_pb2 as workload_pb
+from nodeagent.state.mcp import ConfigEnvelope, encode
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
-from nodeagent.xds.client import ExponentialBackoff, XdsClient
-from tests.builders import MeshFile, wait_until
+from nodeagent.xds.client import DEFAULT_TYPES, ExponentialBackoff, XdsClient
+from tests.builders import MeshFile, destination_rule, virtual_service, wait_until
 
 MESH = textwrap.dedent(
     """\
@@ -106,7 +117,7 @@ async def test_snapshot_arrives_with_node_id_metadata_and_token(tmp_path: Path) 
         assert info.metadata["authorization"] == "Bearer tok-1"
         assert info.metadata["clusterid"] == "Kubernetes"
         assert info.token_node == "node1"
-        assert info.initial_resource_versions == {TYPE_URL_ADDRESS: {}, TYPE_URL_AUTHORIZATION: {}}
+        assert info.initial_resource_versions == {t: {} for t in DEFAULT_TYPES}
 
 
 async def test_mesh_edit_pushes_update_and_removal(tmp_path: Path) -> None:
@@ -180,8 +191,11 @@ async def test_server_restart_client_keeps_state_and_resumes_with_versions(tmp_p
         try:
             await wait_until(lambda: bool(restarted.servicer.streams), "the client to reconnect")
             await wait_until(
-                lambda: len(restarted.servicer.streams[-1].initial_resource_versions) == 2,
-                "both initial requests",
+                lambda: (
+                    len(restarted.servicer.streams[-1].initial_resource_versions)
+                    == len(DEFAULT_TYPES)
+                ),
+                "every initial request",
             )
             info = restarted.servicer.streams[-1]
             assert info.initial_resource_versions[TYPE_URL_ADDRESS] == known
@@ -216,3 +230,97 @@ async def test_bad_mesh_edit_is_refused_and_client_keeps_previous_config(tmp_pat
             "the good edit",
         )
         assert server.watcher.last_error is None and client.stats.nacks == 0
+
+
+class WithRouting:
+    """A mesh with VirtualServices and DestinationRules (the mesh file's routing sections)."""
+
+    def __init__(
+        self,
+        mesh: object,
+        virtual_services: tuple[VirtualService, ...] = (),
+        destination_rules: tuple[DestinationRule, ...] = (),
+    ) -> None:
+        self._mesh = mesh
+        self.virtual_services = virtual_services
+        self.destination_rules = destination_rules
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._mesh, name)
+
+
+CANARY = {
+    "hosts": ["web"],
+    "tcp": [
+        {
+            "match": [{"port": 80}],
+            "route": [
+                {"destination": {"host": "web", "subset": "v1"}, "weight": 90},
+                {"destination": {"host": "web", "subset": "v2"}, "weight": 10},
+            ],
+        }
+    ],
+}
+
+
+async def test_virtual_service_of_the_mesh_reaches_the_agent_store(tmp_path: Path) -> None:
+    async with mesh_and_agent(tmp_path) as (server, client, store, _):
+        assert store.virtual_services() == () and client.ready
+        canary = virtual_service("web", "shop", spec=CANARY)
+        rule = destination_rule("web", "shop")
+        mesh = server.mesh_store.mesh
+        server.mesh_store.replace(WithRouting(mesh, (canary,), (rule,)))  # type: ignore[arg-type]
+        await wait_until(
+            lambda: store.virtual_services() == (canary,) and store.destination_rules() == (rule,),
+            "the VirtualService and DestinationRule",
+        )
+        assert client.stats.nacks == 0
+        assert client.protocol.versions(TYPE_URL_VIRTUAL_SERVICE).keys() == {"shop/web"}
+        # Removing it from the mesh removes it from the agent.
+        server.mesh_store.replace(WithRouting(mesh, (), (rule,)))  # type: ignore[arg-type]
+        await wait_until(lambda: store.virtual_services() == (), "the removal")
+        assert store.destination_rules() == (rule,)
+
+
+async def test_bad_virtual_service_is_nacked_by_name_over_the_wire(tmp_path: Path) -> None:
+    async with mesh_and_agent(tmp_path) as (server, client, store, _):
+        good = virtual_service("web", "shop", spec=CANARY)
+        served = config_resources(TYPE_URL_VIRTUAL_SERVICE, [good])
+        split_70 = {**CANARY, "tcp": [{"route": CANARY["tcp"][0]["route"][:1]}]}
+        split_70["tcp"][0]["route"] = [{"destination": {"host": "web"}, "weight": 70}]
+        bad = encode(TYPE_URL_VIRTUAL_SERVICE, ConfigEnvelope("shop", "split", split_70))
+        server.mesh_store.inject(
+            TYPE_URL_VIRTUAL_SERVICE, {"shop/web": served["shop/web"].value, "shop/split": bad}
+        )
+        await wait_until(lambda: client.stats.nacks == 1, "a NACK")
+        assert client.stats.last_nack.startswith("shop/split: virtualservice shop/split: spec.tcp")
+        assert store.virtual_services() == (good,)
+
+
+class ZtunnelTypesOnly(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """A control plane that answers ztunnel's two types and ignores every other."""
+
+    async def DeltaAggregatedResources(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for req in request_iterator:
+            if (
+                req.type_url in (TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION)
+                and not req.response_nonce
+            ):
+                yield discovery_pb.DeltaDiscoveryResponse(type_url=req.type_url, nonce="1")
+
+
+async def test_control_plane_without_config_kinds_leaves_the_agent_ready(tmp_path: Path) -> None:
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ZtunnelTypesOnly(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        store = StateStore()
+        cfg = agent_config(tmp_path, port)
+        async with XdsClient(cfg, StateUpdater(store), backoff=FAST) as client:
+            await asyncio.wait_for(client.wait_ready(), 10)
+            assert client.ready and client.stats.nacks == 0
+            assert TYPE_URL_VIRTUAL_SERVICE not in client.stats.by_type
+            assert store.virtual_services() == ()
+    finally:
+        await server.stop(None)

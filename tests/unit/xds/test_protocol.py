@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 
 from nodeagent.model.constants import TYPE_URL_ADDRESS as ADDR
 from nodeagent.model.constants import TYPE_URL_AUTHORIZATION as AUTHZ
+from nodeagent.model.constants import TYPE_URL_DESTINATION_RULE as DR
+from nodeagent.model.constants import TYPE_URL_MCP_RESOURCE as MCP
+from nodeagent.model.constants import TYPE_URL_VIRTUAL_SERVICE as VS
 from nodeagent.xds.protocol import (
     DeltaAdsProtocol,
     ProtocolError,
@@ -165,3 +168,28 @@ def test_versions_always_equal_the_accepted_state_across_reconnects(
         assert reply.is_nack == bool(rejected)
         assert all(f"{n}: bad" in (reply.error_message or "") for n in rejected)
         assert proto.versions(ADDR) == model
+
+
+def test_optional_types_are_subscribed_but_never_hold_readiness() -> None:
+    # A control plane that serves only ztunnel's types never answers the config kinds.
+    proto = DeltaAdsProtocol([ADDR, AUTHZ, VS, DR], optional=[VS, DR])
+    assert [r.type_url for r in proto.start_stream()] == [ADDR, AUTHZ, VS, DR]
+    proto.complete(proto.receive(response("n1", res("a"))), {})
+    assert not proto.ready
+    proto.complete(proto.receive(response("n2", type_url=AUTHZ)), {})
+    assert proto.ready
+
+
+def test_optional_type_is_acked_and_versioned_when_it_is_served() -> None:
+    proto = DeltaAdsProtocol([ADDR, VS], optional=[VS], resource_types={VS: MCP})
+    proto.start_stream()
+    ack = proto.complete(proto.receive(response("n1", res("shop/r", "7", MCP), type_url=VS)), {})
+    assert not ack.is_nack and proto.versions(VS) == {"shop/r": "7"}
+
+
+def test_config_kind_resources_must_be_envelopes() -> None:
+    proto = DeltaAdsProtocol([VS], resource_types={VS: MCP})
+    proto.start_stream()
+    action = proto.receive(response("n1", res("shop/a", type_url=VS), type_url=VS))
+    assert action.upserts == ()
+    assert "istio.mcp.v1alpha1.Resource" in action.pre_rejected["shop/a"]
