@@ -517,30 +517,23 @@ def _refresh_metrics(
     certificates: CertificateManager | None,
     node_manager: NodeManager,
 ) -> None:
-    """Read the agent's own gauges from their components at every scrape."""
-
-    held: set[str] = set()
-
-    def refresh() -> None:
-        if xds is not None:
-            stats = xds.stats
-            metrics.sync_xds(
-                connected=stats.connected,
-                pushes_by_type=stats.by_type,
-                nacks_by_type=stats.nacks_by_type,
-                terminations_by_reason=stats.terminations,
+    """Read the agent's own series from their components at every scrape."""
+    if xds is not None:
+        client = xds
+        metrics.add_refresh(
+            lambda: metrics.sync_xds(
+                connected=client.stats.connected,
+                pushes_by_type=client.stats.by_type,
+                nacks_by_type=client.stats.nacks_by_type,
+                terminations_by_reason=client.stats.terminations,
             )
-        if certificates is not None:
-            now_held = set()
-            for status in certificates.status():
-                if status.chain:
-                    now_held.add(str(status.identity))
-                    metrics.set_certificate_expiry(str(status.identity), status.chain[0].not_after)
-            for gone in held - now_held:  # identities no longer on this node
-                metrics.set_certificate_expiry(gone, None)
-            held.clear()
-            held.update(now_held)
-        metrics.set_pod_counts(node_manager.counts())
-        metrics.sync_capture_repairs(node_manager.stats.repairs, node_manager.stats.repair_failures)
-
-    metrics.add_refresh(refresh)
+        )
+    if certificates is not None:
+        certs = certificates
+        metrics.add_refresh(lambda: metrics.sync_certificates(certs.expiries()))
+    metrics.add_refresh(lambda: metrics.set_pod_counts(node_manager.counts()))
+    metrics.add_refresh(
+        lambda: metrics.sync_capture_repairs(
+            node_manager.stats.repairs, node_manager.stats.repair_failures
+        )
+    )

@@ -324,6 +324,7 @@ class AgentMetrics:
         self._refreshers: list[Callable[[], None]] = []
         self._xds_seen: dict[str, int] = {}
         self._xds_nacks_seen: dict[str, int] = {}
+        self._certificates_held: set[str] = set()
 
     def add_refresh(self, refresh: Callable[[], None]) -> None:
         """Call `refresh` before every scrape (gauges read from their source then)."""
@@ -380,6 +381,15 @@ class AgentMetrics:
                 pass
             return
         self.certificate_expiry.labels(identity=identity).set(not_after)
+
+    def sync_certificates(self, expiries: Mapping[str, float]) -> None:
+        """Bring the expiry gauge up to date with the certificates held now (identity ->
+        notAfter): a series per identity held, none for an identity no longer on the node."""
+        for identity, not_after in expiries.items():
+            self.set_certificate_expiry(identity, not_after)
+        for gone in self._certificates_held - expiries.keys():
+            self.set_certificate_expiry(gone, None)
+        self._certificates_held = set(expiries)
 
     def set_pod_counts(self, counts: Mapping[str, int]) -> None:
         """Replace the per-state pod counts (states absent from `counts` drop to 0)."""

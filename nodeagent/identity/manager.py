@@ -349,6 +349,11 @@ class CertificateManager:
     def status(self) -> list[CertificateStatus]:
         return self.planner.status(self._clock())
 
+    def expiries(self) -> dict[str, float]:
+        """notAfter (unix seconds) of the leaf held for each identity that has one, for
+        the expiry gauge; identities still waiting for their first certificate are absent."""
+        return {str(s.identity): s.chain[0].not_after for s in self.status() if s.chain}
+
     # -- driver
 
     async def run(self) -> None:

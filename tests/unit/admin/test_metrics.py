@@ -170,3 +170,19 @@ def test_labels_from_workloads_and_service() -> None:
     values = dict(zip(TRAFFIC_LABELS, labels.values(), strict=True))
     assert values["destination_workload"] == "unknown"
     assert values["source_cluster"] == "unknown"
+
+
+def test_certificate_expiry_follows_the_identities_held_at_each_scrape() -> None:
+    metrics = AgentMetrics()
+    alice, bob = "spiffe://cluster.local/ns/a/sa/alice", "spiffe://cluster.local/ns/a/sa/bob"
+
+    def expiries() -> dict[str, float]:
+        samples = _samples(metrics).get("nodeagent_certificate_expiration_timestamp_seconds", [])
+        return {lab["identity"]: v for lab, v in samples}
+
+    metrics.sync_certificates({alice: 100, bob: 200})
+    assert expiries() == {alice: 100, bob: 200}
+    metrics.sync_certificates({alice: 150})  # rotated; bob's pods left the node
+    assert expiries() == {alice: 150}
+    metrics.sync_certificates({})
+    assert expiries() == {}

@@ -115,12 +115,14 @@ async def test_certificate_is_fetched_when_first_workload_appears() -> None:
     async with running(manager):
         assert manager.status() == []
         manager.add_workload_identity(ALICE)
+        assert manager.expiries() == {}  # no certificate yet: no expiry to report
         cert = await asyncio.wait_for(manager.wait_for(ALICE), 5)
         assert cert.identity == ALICE
         assert csr.uri_sans(cert.leaf) == [str(ALICE)]
         [status] = manager.status()
         assert status.state is CertState.AVAILABLE
         assert status.chain[0].serial == f"{cert.serial:x}"
+        assert manager.expiries() == {str(ALICE): status.chain[0].not_after}
         assert status.roots[0].serial == f"{ca.ca.root_cert.serial_number:x}"
         assert len(ca.calls) == 1
         dump = status.to_json()
