@@ -18,6 +18,8 @@ POD_COLUMNS = [
     ("name", "POD"),
     ("namespace", "NAMESPACE"),
     ("service_account", "SERVICE ACCOUNT"),
+    ("app", "APP"),
+    ("version", "VERSION"),
     ("node", "NODE"),
     ("ip", "IP"),
     ("app_pid", "APP PID"),
@@ -201,7 +203,8 @@ def format_status(status: dict[str, Any]) -> str:
         "",
         table(status["nodes"], NODE_COLUMNS),
         "",
-        table(status["pods"], POD_COLUMNS),
+        # The labels a selector is written against; -o json has them all.
+        table([{**p, **(p.get("labels") or {})} for p in status["pods"]], POD_COLUMNS),
     ]
     if status["agents"]:
         parts += ["", table(status["agents"], PROC_COLUMNS)]

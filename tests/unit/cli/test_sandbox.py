@@ -101,6 +101,25 @@ def test_status_shows_what_it_can_and_the_mesh_files_error(
         assert len(refused) == 1 and error in refused[0], out
 
 
+def test_status_shows_each_pods_app_and_version(
+    mesh_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sandbox", "status", "s", "-o", "json"]) == 0
+    pods = {p["name"]: p["labels"] for p in json.loads(capsys.readouterr().out)["pods"]}
+    assert pods["node1-pod2"] == {
+        "app": "backend",
+        "version": "v1",
+        "role": "backend",
+        "sandbox": "s",
+    }
+    assert main(["sandbox", "status", "s"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(ln for ln in lines if ln.startswith("POD "))
+    assert header.split()[:6] == ["POD", "NAMESPACE", "SERVICE", "ACCOUNT", "APP", "VERSION"]
+    rows = {ln.split()[0]: ln.split()[3:5] for ln in lines if ln.startswith("node2-pod")}
+    assert rows == {"node2-pod1": ["frontend", "v2"], "node2-pod2": ["backend", "v2"]}
+
+
 class _UpRecorder:
     """Stands in for the manager: records the name `up` was given."""
 
