@@ -321,6 +321,17 @@ def _curl(sandbox: dict[str, Any], target: str) -> bool:
     return done.returncode == 0
 
 
+def apply_file(sandbox: dict[str, Any], path: Path, *extra: str) -> None:
+    """`sandbox apply NAME FILE [extra...]`, which must succeed."""
+    done = subprocess.run(
+        [NODEAGENT, "sandbox", "apply", sandbox["name"], str(path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -344,16 +355,7 @@ def test_the_readme_policy_example_works_as_written(
     policy = tmp_path / "readme-policy.yaml"
     policy.write_text(readme_policy_example())
 
-    def apply(*extra: str) -> None:
-        done = subprocess.run(
-            [NODEAGENT, "sandbox", "apply", sandbox["name"], str(policy), *extra],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-
-    apply()
+    apply_file(sandbox, policy)
     try:
         # The README's selector {app: backend} selects the backend pods: the frontend's
         # calls to port 8080 are refused, its echo (9000, not in the rule) still answered.
@@ -366,10 +368,40 @@ def test_the_readme_policy_example_works_as_written(
         echo = transfer(sandbox, CALLER, pod(sandbox, "node2-pod2")["ip"], ECHO_PORT, "100")
         assert echo == {"sent": 100, "received": 100}
     finally:
-        apply("--delete")
+        apply_file(sandbox, policy, "--delete")
     wait_until("backend:8080 answers the frontend again", lambda: _curl(sandbox, target))
     wait_until(
         "the policy is gone from node2", lambda: "deny-frontend" not in ok(sandbox, "policies")
+    )
+
+
+def test_explain_says_when_a_policys_selector_matches_no_workload(
+    sandbox: dict[str, Any], tmp_path: Path
+) -> None:
+    # A typo in matchLabels: the policy reaches the agent, but selects nothing.
+    policy = tmp_path / "typo.yaml"
+    policy.write_text(
+        readme_policy_example()
+        .replace("name: deny-frontend", "name: deny-typo")
+        .replace("app: backend", "app: backnd")
+    )
+
+    target = f"{pod(sandbox, 'node2-pod2')['ip']}:{HTTP_PORT}"
+    apply_file(sandbox, policy)
+    try:
+        wait_until(
+            "node1 has the policy", lambda: "deny-typo" in ok(sandbox, "policies", node="node1")
+        )
+        result = ask_json(sandbox, "explain", "--from", CALLER, "--to", target, node="node1")
+        assert result["verdict"] == "allow"
+        assert result["policy"]["selects_nothing"] == ["demo/deny-typo"]
+        text = ok(sandbox, "explain", "--from", CALLER, "--to", target, node="node1")
+        assert "policy demo/deny-typo is in the destination's namespace but its selector " in text
+        assert _curl(sandbox, target)
+    finally:
+        apply_file(sandbox, policy, "--delete")
+    wait_until(
+        "the policy is gone", lambda: "deny-typo" not in ok(sandbox, "policies", node="node1")
     )
 
 
@@ -383,13 +415,7 @@ def test_explain_agrees_with_the_real_outcome(sandbox: dict[str, Any], tmp_path:
 
     policy = tmp_path / "deny.yaml"
     policy.write_text(DENY_FRONTEND)
-    applied = subprocess.run(
-        [NODEAGENT, "sandbox", "apply", sandbox["name"], str(policy)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert applied.returncode == 0, applied.stderr
+    apply_file(sandbox, policy)
     for _ in range(20):  # the push reaches the agent within moments
         if "deny-frontend" in ok(sandbox, "policies"):
             break
