@@ -30,22 +30,24 @@ test-fuzz: setup
 	$(BIN)/pytest -m fuzz
 
 lint: setup
-	$(BIN)/ruff check nodeagent tests scripts fuzz
-	$(BIN)/ruff format --check nodeagent tests scripts fuzz
-	$(BIN)/mypy nodeagent fuzz
+	$(BIN)/ruff check nodeagent tests scripts fuzz bench
+	$(BIN)/ruff format --check nodeagent tests scripts fuzz bench
+	$(BIN)/mypy nodeagent fuzz bench
 	$(PY) scripts/check_layers.py
 	PY=$(PY) bash scripts/gen_protos.sh --check
 	$(PY) scripts/validate_manifests.py
 
 fmt: setup
-	$(BIN)/ruff format nodeagent tests scripts fuzz
-	$(BIN)/ruff check --fix nodeagent tests scripts fuzz
+	$(BIN)/ruff format nodeagent tests scripts fuzz bench
+	$(BIN)/ruff check --fix nodeagent tests scripts fuzz bench
 
 gen: setup
 	PY=$(PY) bash scripts/gen_protos.sh
 
+# Every benchmark family (bench/), each in its own process, into reports/bench.{json,md};
+# `$(PY) -m bench mesh` runs one family, `$(PY) -m bench.mesh --rounds 3` one with its options.
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) -m bench
 
 # Coverage-guided fuzzing (fuzz/README.md): each target for FUZZ_SECONDS, FUZZ_JOBS at a time,
 # learning into .cache/fuzz; crash inputs land in fuzz/crashes/TARGET/ and fail the run.

@@ -2,7 +2,7 @@
 
 Why: the iptables capture puts conntrack and NAT on every packet of the app's connection,
 which costs a native TLS proxy 17-29% of its throughput here, while a connect-time rewrite
-costs nothing measurable (`scripts/bench_capture_cost.py`, docs/performance.md).
+costs nothing measurable (`python -m bench.capture_cost`, docs/performance.md).
 
 `ConnectRedirect` compiles the programs with bcc, attaches `connect4` and `sockops` at the
 cgroup2 root through BPF links (one pair per agent; each acts only in the namespaces in its

@@ -1,33 +1,12 @@
-"""Scripts under scripts/ are not a package: tests load them by path."""
+"""Fixtures for the benchmark package's tests."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Iterator
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def load_script(name: str) -> ModuleType:
-    """Import scripts/<name>.py as module `name` (registered, so dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def scripts() -> Callable[[str], ModuleType]:
-    return load_script
 
 
 @pytest.fixture
@@ -51,5 +30,6 @@ def echo_port() -> Iterator[int]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield server.getsockname()[1]
+    server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
     server.close()
     thread.join(timeout=5)

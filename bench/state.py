@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: convert and index N workloads and M services in one xDS batch.
 
 Builds realistic `istio.workload.Address` resources (each workload in one service,
@@ -8,7 +7,7 @@ then times `StateUpdater.apply_delta` on one batch. A second, separate run under
 tracemalloc gives the peak and retained Python memory (tracemalloc slows the code,
 so time is measured without it).
 
-    .venv/bin/python scripts/bench_state.py [--workloads 10000] [--services 1000]
+    python -m bench.state [--workloads 10000] [--services 1000]
 
 Prints one JSON object.
 """
@@ -18,11 +17,11 @@ from __future__ import annotations
 import argparse
 import gc
 import ipaddress
-import json
 import resource
 import time
 import tracemalloc
 
+from bench.harness import emit
 from nodeagent.model import workload as wm
 from nodeagent.model.constants import TYPE_URL_ADDRESS
 from nodeagent.state.encode import address_resource_name, address_to_pb
@@ -105,23 +104,21 @@ def main() -> int:
     assert first is not None
     assert len(store.endpoints(first.key)) == args.workloads // args.services
 
-    print(
-        json.dumps(
-            {
-                "workloads": args.workloads,
-                "services": args.services,
-                "resources": len(batch),
-                "input_bytes": input_bytes,
-                "apply_delta_seconds_best": round(min(times), 3),
-                "apply_delta_seconds_all": [round(t, 3) for t in times],
-                "per_resource_us": round(min(times) / len(batch) * 1e6, 1),
-                "tracemalloc_peak_mib": round((peak - base) / 2**20, 1),
-                "tracemalloc_retained_mib": round((retained - base) / 2**20, 1),
-                "max_rss_mib_before_traced_run": round(rss_before_kib / 1024, 1),
-                "counts": store.counts(),
-            },
-            indent=2,
-        )
+    emit(
+        {
+            "workloads": args.workloads,
+            "services": args.services,
+            "resources": len(batch),
+            "input_bytes": input_bytes,
+            "apply_delta_seconds_best": round(min(times), 3),
+            "apply_delta_seconds_all": [round(t, 3) for t in times],
+            "per_resource_us": round(min(times) / len(batch) * 1e6, 1),
+            "tracemalloc_peak_mib": round((peak - base) / 2**20, 1),
+            "tracemalloc_retained_mib": round((retained - base) / 2**20, 1),
+            "max_rss_mib_before_traced_run": round(rss_before_kib / 1024, 1),
+            "counts": store.counts(),
+        },
+        indent=2,
     )
     return 0
 

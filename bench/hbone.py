@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: in-memory HTTP/2 DATA throughput of our HBONE framing vs the `h2` package.
 
 One CONNECT stream; the client sends N MiB to a server connection, the server acknowledges
@@ -9,7 +8,7 @@ Both sides are ours, then both sides are h2 with the same settings (4 MiB stream
 16 MiB connection window, 1 MiB max frame size). CPU time of the whole exchange is measured
 on one core, so Gbit/s here is "payload per CPU-second of framing".
 
-    .venv/bin/python scripts/bench_hbone.py [--mib 512] [--chunk-kib 256] [--rounds 3]
+    python -m bench.hbone [--mib 512] [--chunk-kib 256] [--rounds 3] [--tls]
 
 Prints one JSON object.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import ssl
 import time
 
@@ -27,12 +25,16 @@ import h2.connection
 import h2.events
 import h2.settings
 
+from bench.harness import emit
+from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.hbone.connection import (
     ConnectionConfig,
     DataReceived,
     ResponseReceived,
     TunnelConnection,
 )
+from nodeagent.identity import csr, tls
+from nodeagent.model.identity import Identity
 
 READ_SIZE = 256 * 1024
 MIB = 1 << 20
@@ -145,50 +147,16 @@ def bench_h2(total: int, chunk: int) -> float:
 
 
 def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    import datetime
-    import ipaddress
-    import tempfile
-    from pathlib import Path
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        c, k = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-        c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        k.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server.load_cert_chain(c, k)
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.load_verify_locations(c)
-    for ctx in (server, client):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-        ctx.set_alpn_protocols(["h2"])
-    return server, client
+    """The agents' own mutual-TLS contexts, with workload certificates from the control
+    plane's CA (what two agents present to each other)."""
+    ca = CertificateAuthority.create("cluster.local")
+    certs = []
+    for sa in ("backend", "frontend"):
+        identity = Identity("cluster.local", "bench", sa)
+        key = csr.generate_key()
+        chain = ca.sign(csr.build_csr(key, identity), 3600)
+        certs.append(csr.check_chain(chain, identity, key, ca.clock()))
+    return tls.server_context(certs[0]), tls.client_context(certs[1])
 
 
 class _Sink(asyncio.Protocol):
@@ -302,7 +270,7 @@ async def _pingpong(round_trips: int) -> float:
 
     def on_request(stream: TunnelStream) -> None:
         stream.respond(200)
-        stream.on_data = stream.write  # echo
+        stream.on_data = stream.write  # type: ignore[assignment]  # echo (its bool unused)
 
     server = HboneConnection(client_side=False, on_request=on_request)
     client = HboneConnection(client_side=True)
@@ -358,26 +326,24 @@ def main() -> None:
                 "hbone_gbps": gbps(total, tunnel),
             }
         }
-    print(
-        json.dumps(
-            {
-                **extra,
-                "payload_mib": args.mib,
-                "chunk_kib": args.chunk_kib,
-                "read_kib": READ_SIZE // 1024,
-                "ours_gbps": gbps(total, ours),
-                "ours_sender_only_gbps": gbps(total, sender),
-                "h2_gbps": gbps(total, theirs),
-                "speedup_vs_h2": round(theirs / ours, 1),
-                "pingpong_cpu_us_per_round_trip": round(pingpong, 2),
-                "cpu_seconds": {
-                    "ours": round(ours, 3),
-                    "ours_sender_only": round(sender, 4),
-                    "h2": round(theirs, 3),
-                },
+    emit(
+        {
+            **extra,
+            "payload_mib": args.mib,
+            "chunk_kib": args.chunk_kib,
+            "read_kib": READ_SIZE // 1024,
+            "ours_gbps": gbps(total, ours),
+            "ours_sender_only_gbps": gbps(total, sender),
+            "h2_gbps": gbps(total, theirs),
+            "speedup_vs_h2": round(theirs / ours, 1),
+            "pingpong_cpu_us_per_round_trip": round(pingpong, 2),
+            "cpu_seconds": {
+                "ours": round(ours, 3),
+                "ours_sender_only": round(sender, 4),
+                "h2": round(theirs, 3),
             },
-            indent=2,
-        )
+        },
+        indent=2,
     )
 
 

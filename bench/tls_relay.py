@@ -1,11 +1,10 @@
-#!/usr/bin/env python3
-"""A bare mutual-TLS relay pair in Python (uvloop, Protocol API), for `bench_mesh`'s `py_relay`.
+"""A bare mutual-TLS relay pair in Python (uvloop, Protocol API), for `bench.mesh`'s `py_relay`.
 
 The floor under any Python tunnel on the benchmark's path: the same event loop and the same
 OpenSSL memory-BIO transport as our agents, but no HTTP/2, no capture, no policy. Set beside
 stunnel and the mesh, it splits the mesh's cost into "Python relaying TLS at all" and "ours".
 
-    tls_relay.py client|server CERT KEY CA LISTEN_HOST:PORT=CONNECT_HOST:PORT ...
+    python -m bench.tls_relay client|server CERT KEY CA LISTEN_HOST:PORT=CONNECT_HOST:PORT ...
 
 The client side listens in plain TCP and connects with TLS; the server side the reverse.
 Runs until killed. A FIN closes the TLS connection (asyncio's TLS transports have no
@@ -18,6 +17,8 @@ import asyncio
 import socket
 import ssl
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import uvloop
 
@@ -91,7 +92,22 @@ class End(asyncio.Protocol):
                 end.peer.send_eof()  # type: ignore[union-attr]
 
 
-async def serve(role: str, ctx: ssl.SSLContext, listen: tuple[str, int], upstream: tuple[str, int]):
+class Accepted(End):
+    """An accepted connection: once it is made, it dials its upstream (`dial`)."""
+
+    def __init__(self, dial: Callable[[End], Coroutine[Any, Any, None]]) -> None:
+        super().__init__()
+        self.dial = dial
+        self.dialing: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.dialing = asyncio.get_running_loop().create_task(self.dial(self))
+
+
+async def serve(
+    role: str, ctx: ssl.SSLContext, listen: tuple[str, int], upstream: tuple[str, int]
+) -> asyncio.Server:
     loop = asyncio.get_running_loop()
 
     async def connect(accepted: End) -> None:
@@ -108,22 +124,12 @@ async def serve(role: str, ctx: ssl.SSLContext, listen: tuple[str, int], upstrea
             return
         accepted.join(out)
 
-    def accept() -> End:
-        end = End()
-        end.connection_made = _then(end.connection_made, lambda: loop.create_task(connect(end)))
-        return end
-
     return await loop.create_server(
-        accept, *listen, ssl=ctx if role == "server" else None, reuse_address=True
+        lambda: Accepted(connect),
+        *listen,
+        ssl=ctx if role == "server" else None,
+        reuse_address=True,
     )
-
-
-def _then(first, after):  # type: ignore[no-untyped-def]
-    def both(transport):  # type: ignore[no-untyped-def]
-        first(transport)
-        after()
-
-    return both
 
 
 def address(text: str) -> tuple[str, int]:

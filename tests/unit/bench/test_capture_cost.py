@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import socket
 
+from bench import harness
+from bench.capture_cost import EBPF_PORTS, connect4_source
 
-def test_connect4_rewrites_each_app_port_of_the_server_pod_only_in_its_namespace(scripts):
-    cost = scripts("bench_capture_cost")
-    source = cost.connect4_source(1234567890123, "10.10.2.11")
+
+def test_connect4_rewrites_each_app_port_of_the_server_pod_only_in_its_namespace() -> None:
+    source = connect4_source(1234567890123, "10.10.2.11")
     assert "bpf_get_netns_cookie(ctx) != 1234567890123ull) return 1;" in source
     # user_ip4 holds the address in network byte order: read as a little-endian u32 here.
     ip = int.from_bytes(socket.inet_aton("10.10.2.11"), "little")
@@ -18,14 +20,13 @@ def test_connect4_rewrites_each_app_port_of_the_server_pod_only_in_its_namespace
         source,
     )
     assert {int(app): int(local) for app, local in rewrites} == {
-        app: local for app, (local, _) in cost.EBPF_PORTS.items()
+        app: local for app, (local, _) in EBPF_PORTS.items()
     }
     # its ports must not collide with the other stunnel pairs' (one sandbox holds all three)
-    mesh = scripts("bench_mesh")
     used = {
         p
-        for ports in (mesh.STUNNEL, mesh.STUNNEL_CAPTURED)
+        for ports in (harness.STUNNEL, harness.STUNNEL_CAPTURED)
         for pair in ports.values()
         for p in pair
     }
-    assert not used & {p for pair in cost.EBPF_PORTS.values() for p in pair}
+    assert not used & {p for pair in EBPF_PORTS.values() for p in pair}

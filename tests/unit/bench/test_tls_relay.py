@@ -1,6 +1,6 @@
-"""scripts/tls_relay.py, the benchmark's bare Python TLS relay: byte-exact both ways, mutual.
+"""bench.tls_relay, the benchmark's bare Python TLS relay: byte-exact both ways, mutual.
 
-Real processes and real TLS on loopback; `bench_mesh`'s `py_relay` only means something if
+Real processes and real TLS on loopback; `bench.mesh`'s `py_relay` only means something if
 the relay really carries the bytes the way the mesh and stunnel do.
 """
 
@@ -10,15 +10,15 @@ import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-RELAY = ROOT / "scripts" / "tls_relay.py"
+from bench.harness import ROOT, program, workload_certs
+
+RelayPair = tuple[int, dict[str, str]]
 
 
 def free_port() -> int:
@@ -28,15 +28,17 @@ def free_port() -> int:
 
 
 def start_relay(*args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, str(RELAY), *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        program("tls_relay", *args), stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
 
 
 @pytest.fixture
-def relay_pair(tmp_path, scripts, echo_port) -> Iterator[tuple[int, dict[str, str]]]:  # type: ignore[no-untyped-def]
-    certs = scripts("bench_mesh").make_certs(tmp_path)
+def relay_pair(tmp_path: Path, echo_port: int) -> Iterator[RelayPair]:
+    certs = workload_certs(tmp_path)
     tls_port, plain_port = free_port(), free_port()
     procs = [
         start_relay(
@@ -62,7 +64,7 @@ def relay_pair(tmp_path, scripts, echo_port) -> Iterator[tuple[int, dict[str, st
             proc.wait(timeout=10)
 
 
-def test_carries_bytes_exactly_both_ways(relay_pair) -> None:  # type: ignore[no-untyped-def]
+def test_carries_bytes_exactly_both_ways(relay_pair: RelayPair) -> None:
     port, _ = relay_pair
     payload = os.urandom(3 * 1024 * 1024 + 7)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
@@ -75,7 +77,7 @@ def test_carries_bytes_exactly_both_ways(relay_pair) -> None:  # type: ignore[no
     assert bytes(got) == payload
 
 
-def test_the_tls_side_refuses_a_client_without_a_certificate(relay_pair) -> None:  # type: ignore[no-untyped-def]
+def test_the_tls_side_refuses_a_client_without_a_certificate(relay_pair: RelayPair) -> None:
     _, certs = relay_pair
     ctx = ssl.create_default_context(cafile=certs["ca"])
     ctx.check_hostname = False

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Time from a pod appearing to its capture being ready, through the real agent wiring.
 
 For each of N pods (fresh network namespaces with a veth holding the
@@ -11,7 +10,10 @@ the second of (workload record, namespace) exists to the pod being `ready`:
 * workload record first, then the namespace (found by the periodic scan, so
   this includes waiting for the next scan: about half the scan interval).
 
-Needs root. Prints one JSON object. Usage: bench_capture.py [--pods 20] [--scan-interval 1.0]
+Pods are made the way the sandbox makes its namespaces (`nodeagent.sandbox.netns.NetnsAdapter`
+and a `NamespacePlan`). Needs root. Prints one JSON object.
+
+    python -m bench.capture [--pods 20] [--scan-interval 1.0]
 """
 
 from __future__ import annotations
@@ -19,35 +21,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.harness import emit, require_root
 from nodeagent import app
 from nodeagent.config import Config
 from nodeagent.model.workload import Workload
 from nodeagent.node.lifecycle import PodState
+from nodeagent.sandbox.netns import NetnsAdapter
+from nodeagent.sandbox.plan import Interface, NamespacePlan, Veth
 from nodeagent.state.store import StateBatch
 
 NODE = "bench-node"
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-def make_pod(name: str, ip: str, made: list[str]) -> None:
-    sh("ip", "netns", "add", name)
+def make_pod(netns: NetnsAdapter, name: str, ip: str, made: list[str]) -> None:
+    """A pod namespace holding `ip` on an interface that is up (a veth whose peer stays
+    inside, down: the agent needs the address, not a path out)."""
+    netns.create([name])
     made.append(name)
-    sh("ip", "-n", name, "link", "set", "lo", "up")
-    sh("ip", "-n", name, "link", "add", "d0", "type", "veth", "peer", "name", "d1")
-    sh("ip", "-n", name, "addr", "add", f"{ip}/32", "dev", "d0")
-    sh("ip", "-n", name, "link", "set", "d0", "up")
+    veth = Veth(netns=name, ifname="d0", peer_netns=name, peer_ifname="d1")
+    interface = Interface(ifname="d0", addresses=(f"{ip}/32",))
+    netns.apply(NamespacePlan(name=name, role="pod", veths=(veth,), interfaces=(interface,)))
 
 
 def workload(uid: str, ip: str) -> Workload:
@@ -69,8 +69,14 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 async def bench(
-    pods: int, scan_interval: float, tag: str, netns_dir: Path, proc: Path, made: list[str]
-) -> dict:
+    netns: NetnsAdapter,
+    pods: int,
+    scan_interval: float,
+    tag: str,
+    netns_dir: Path,
+    proc: Path,
+    made: list[str],
+) -> dict[str, object]:
     config = Config(node_name=NODE, netns_dir=str(netns_dir), proc_root=str(proc))
     agent = await app.build(config, xds=False, ca=False, scan_interval=scan_interval)
     agent.start()
@@ -82,14 +88,14 @@ async def bench(
                 n = len(made)
                 name, uid, ip = f"{tag}{n}", f"{tag}-uid{n}", f"10.250.{n // 250}.{n % 250 + 1}"
                 if order == "namespace_then_record":
-                    make_pod(name, ip, made)
+                    make_pod(netns, name, ip, made)
                     (netns_dir / name).symlink_to(f"/var/run/netns/{name}")
                     start = time.monotonic()
                     agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
                 else:
                     agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
                     await asyncio.sleep(0.05)
-                    make_pod(name, ip, made)
+                    make_pod(netns, name, ip, made)
                     start = time.monotonic()
                     (netns_dir / name).symlink_to(f"/var/run/netns/{name}")
                 async with asyncio.timeout(30):
@@ -111,21 +117,22 @@ def main() -> int:
     parser.add_argument("--pods", type=int, default=20)
     parser.add_argument("--scan-interval", type=float, default=1.0)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench_capture.py needs root (network namespaces, iptables)", file=sys.stderr)
+    if not require_root("bench.capture"):
         return 1
     tag = f"bc{os.getpid() % 100000}p"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, NetnsAdapter() as netns:
         netns_dir, proc = Path(tmp, "netns"), Path(tmp, "proc")
         netns_dir.mkdir()
         proc.mkdir()
         made: list[str] = []
         try:
-            result = asyncio.run(bench(args.pods, args.scan_interval, tag, netns_dir, proc, made))
+            result = asyncio.run(
+                bench(netns, args.pods, args.scan_interval, tag, netns_dir, proc, made)
+            )
         finally:
             for name in made:
-                subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-    print(json.dumps(result, indent=2))
+                netns.remove(name)
+    emit(result, indent=2)
     return 0
 
 

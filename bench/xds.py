@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Time and memory to receive and index a large mesh over delta xDS; print JSON.
 
 The real control plane (ControlPlaneServer, fed by a generated mesh file) and
@@ -15,7 +14,7 @@ loopback. Measured:
   run alone, from its start until indexed (tracemalloc slows the run down, so
   it is a separate run and its time is not reported).
 
-Usage: .venv/bin/python scripts/bench_xds.py [--workloads 10000] [--services 1000] [--runs 3]
+    python -m bench.xds [--workloads 10000] [--services 1000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import argparse
 import asyncio
 import gc
 import ipaddress
-import json
 import os
 import resource
 import statistics
@@ -35,6 +33,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.harness import emit
 from nodeagent.config import Config
 from nodeagent.controlplane.server import ControlPlaneServer
 from nodeagent.state.store import StateStore
@@ -164,8 +163,7 @@ def main() -> None:
         "--tracemalloc", action="store_true", help="also measure one client's allocations"
     )
     args = p.parse_args()
-    # One line: `make bench` (scripts/bench.py) reads the last stdout line.
-    print(json.dumps(asyncio.run(bench(args))))
+    emit(asyncio.run(bench(args)))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,26 @@
-#!/usr/bin/env python3
 """Time `nodeagent sandbox up` for 2x2 and 4x10 sandboxes; print JSON.
 
 For each size: the median of 5 runs (down between runs) of
 * `cli`: the whole `nodeagent sandbox up` command, as a user waits for it
   (interpreter start and imports included), and
 * `inprocess`: SandboxManager.up alone.
-Needs root. Usage: .venv/bin/python scripts/bench_sandbox.py [--runs N]
+Needs root.
+
+    python -m bench.sandbox [--runs N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from bench.harness import NODEAGENT, emit, require_root
 from nodeagent.sandbox.manager import SandboxManager
 
-NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
 SIZES = ((2, 2), (4, 10))
 
 
@@ -46,8 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench_sandbox: needs root", file=sys.stderr)
+    if not require_root("bench.sandbox"):
         return 1
     name = f"bench{os.getpid() % 100000}"
     results = []
@@ -68,7 +66,7 @@ def main() -> int:
                 results.append(row)
         finally:
             manager.down(name)
-    print(json.dumps({"benchmark": "sandbox_up", "runs": args.runs, "results": results}, indent=2))
+    emit({"benchmark": "sandbox_up", "runs": args.runs, "results": results}, indent=2)
     return 0
 
 

@@ -1,0 +1,10 @@
+"""Benchmarks: `make bench` runs `python -m bench`, which runs each family in its own process
+and writes reports/bench.json and reports/bench.md.
+
+One module per family (`bench.sandbox`, `bench.state`, `bench.xds`, `bench.hbone`,
+`bench.capture`, `bench.mesh`, `bench.capture_cost`), each runnable alone with `python -m`;
+`bench.harness` holds what they share (sandboxes, processes, interleaved rounds, the stunnel
+and Python relay references, the report); `bench.probe` and `bench.tls_relay` are the
+programs the harness starts inside pods. Benchmarks are figures to read and compare, never
+pass/fail tests.
+"""

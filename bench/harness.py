@@ -1,0 +1,562 @@
+"""What the benchmark families share: processes in pods, sandboxes, interleaved rounds, the
+stunnel and Python relay references, certificates, and the report.
+
+Pods are the sandbox's own (`nodeagent sandbox up/status/down`, the command a user runs), and
+a program runs inside one the way the sandbox starts its processes: `nsenter --net=` on the
+pod's namespace (`nodeagent.sandbox.processes.NSENTER`; not `ip netns exec`, which remounts
+/sys). The programs started there are modules of this package (`bench.probe`,
+`bench.tls_relay`) run with `python -m` from the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from nodeagent.controlplane.ca import CertificateAuthority
+from nodeagent.identity import csr
+from nodeagent.model.constants import OUTBOUND_PORT
+from nodeagent.model.identity import Identity
+from nodeagent.sandbox.netns import netns_path
+from nodeagent.sandbox.processes import NSENTER
+
+ROOT = Path(__file__).resolve().parents[1]
+NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
+IPERF_PORT, ECHO_PORT, HTTP_PORT = 5201, 9000, 8080
+# Each reference pair's ports per app port: (client side on loopback in the client pod,
+# server side on the server pod). Distinct, since one sandbox holds every pair.
+STUNNEL = {IPERF_PORT: (25201, 35201), ECHO_PORT: (29000, 39000), HTTP_PORT: (28080, 38080)}
+PY_RELAY = {IPERF_PORT: (24201, 34201), ECHO_PORT: (24900, 34900), HTTP_PORT: (24080, 34080)}
+STUNNEL_CAPTURED = {
+    IPERF_PORT: (26201, 36201),
+    ECHO_PORT: (26900, 36900),
+    HTTP_PORT: (26080, 36080),
+}
+Figures = dict[str, dict[str, float]]  # variant -> figure name -> value
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def sh(
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command from the repository root (so `python -m bench.*` finds this package);
+    `env` adds variables to ours (a sandbox's agents inherit them)."""
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+        input=input,
+        cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def in_ns(netns: str, *cmd: str) -> list[str]:
+    """`cmd` run inside the named network namespace, as the sandbox runs its processes."""
+    return [NSENTER, f"--net={netns_path(netns)}", *cmd]
+
+
+def program(module: str, *args: str) -> list[str]:
+    """argv of one of this package's programs (`bench.probe`, `bench.tls_relay`)."""
+    return [sys.executable, "-m", f"bench.{module}", *args]
+
+
+def require_root(name: str) -> bool:
+    if os.geteuid() != 0:
+        print(f"{name}: needs root (network namespaces)", file=sys.stderr)
+        return False
+    return True
+
+
+def emit(result: object, indent: int | None = None) -> None:
+    """A family's result: one JSON object ending its standard output (`trailing_json`)."""
+    print(json.dumps(result, indent=indent))
+
+
+class Procs:
+    """Processes a benchmark started, stopped by PID at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the processes (exited threads included)."""
+    user = system = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return user, system
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_split(pids))
+
+
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def with_children(pids: list[int]) -> list[int]:
+    """The processes and their descendants (an agent may run data-path workers)."""
+    out: list[int] = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out += [pid, *(c.pid for c in proc.children(recursive=True))]
+        except psutil.Error:
+            pass
+    return out
+
+
+def wait_port(netns: str, host: str, port: int, timeout: float = 10) -> None:
+    wait = in_ns(netns, *program("probe", "wait", host, str(port), str(timeout)))
+    if sh(*wait, check=False).returncode != 0:
+        raise RuntimeError(f"{host}:{port} not reachable from {netns}")
+
+
+# -- sandboxes -------------------------------------------------------------------------------
+
+
+class Sandbox:
+    """One 2-node sandbox (client pod node1-pod1, server pod node2-pod1) with iperf3 serving."""
+
+    def __init__(
+        self,
+        name: str,
+        procs: Procs,
+        *,
+        agents: bool,
+        pods_per_node: int = 1,
+        redirect_backend: str = "iptables",
+    ) -> None:
+        self.name = name
+        flags = [] if agents else ["--no-controlplane"]
+        up = sh(
+            NODEAGENT,
+            "sandbox",
+            "up",
+            "--name",
+            name,
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            str(pods_per_node),
+            *flags,
+            check=False,
+            timeout=180,
+            env={"REDIRECT_BACKEND": redirect_backend},
+        )
+        if up.returncode != 0:
+            raise RuntimeError(f"sandbox up {name} failed: {up.stderr.strip()}")
+        status = json.loads(sh(NODEAGENT, "sandbox", "status", name, "-o", "json").stdout)
+        self.pods: dict[str, dict[str, Any]] = {p["name"]: p for p in status["pods"]}
+        self.client, self.server = self.pods["node1-pod1"], self.pods["node2-pod1"]
+        # A second client pod, for a variant that installs capture rules of its own.
+        self.client2 = self.pods.get("node1-pod2")
+        self.agent_pids = [a["pid"] for a in status.get("agents") or [] if a.get("pid")]
+        if agents and len(self.agent_pids) != 2:
+            raise RuntimeError(f"sandbox {name}: expected 2 running agents, got {status['agents']}")
+        procs.start(in_ns(self.server["netns"], "iperf3", "-s", "-p", str(IPERF_PORT)))
+        wait_port(self.client["netns"], self.server["ip"], IPERF_PORT)
+
+
+class Session:
+    """A benchmark's sandboxes, processes and scratch directory, all removed on exit."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.tag = os.getpid() % 100000
+        self.procs = Procs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{prefix}-"))
+        self.names: list[str] = []
+
+    def sandbox(self, letter: str, **kw: Any) -> Sandbox:
+        """A sandbox named from `letter` and this process (removed at exit, whatever happens)."""
+        self.names.append(f"{letter}{self.tag}")
+        return Sandbox(self.names[-1], self.procs, **kw)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.procs.stop()
+        for name in self.names:
+            sh(NODEAGENT, "sandbox", "down", name, check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+def iperf(client_ns: str, host: str, port: int, seconds: float, streams: int = 1) -> str:
+    """`iperf3 -J` from the client pod; its JSON report (read it with `iperf_gbps`)."""
+    argv = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"]
+    return sh(*in_ns(client_ns, *argv), check=False, timeout=seconds + 30).stdout
+
+
+def iperf_gbps(stdout: str) -> tuple[float, str | None]:
+    """Received Gbit/s from `iperf3 -J` output, or the reason there is none."""
+    try:
+        report = json.loads(stdout)
+    except json.JSONDecodeError:
+        return 0.0, f"no JSON output: {stdout.strip()[:200]!r}"
+    if report.get("error"):
+        return 0.0, str(report["error"])
+    try:
+        return report["end"]["sum_received"]["bits_per_second"] / 1e9, None
+    except (KeyError, TypeError):
+        return 0.0, "no received total in the report"
+
+
+def ping_block(argv: list[str], host: str, port: int, count: int) -> list[int]:
+    """`count` 64-byte round trips to host:port from a client run as `argv` + python; their
+    times in nanoseconds."""
+    run = sh(*argv, *program("probe", "ping", host, str(port), str(count)), check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"ping-pong to {host}:{port} failed: {run.stderr.strip()[-300:]}")
+    samples = [int(x) for x in run.stdout.split()]
+    if len(samples) != count:
+        raise RuntimeError(f"asked for {count} round trips to {host}:{port}, got {len(samples)}")
+    return samples
+
+
+def percentile(sorted_samples: list[int], fraction: float) -> float:
+    return float(sorted_samples[min(len(sorted_samples) - 1, int(len(sorted_samples) * fraction))])
+
+
+class Variant:
+    """How a client in the client pod reaches the server pod's port."""
+
+    name = ""
+
+    def target(self, port: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def tunnel_pids(self) -> list[int]:
+        return []
+
+
+def latency_round(variants: list[tuple[Variant, list[str]]], pings: int, blocks: int) -> Figures:
+    """Every variant's 64-byte ping-pong, `pings` round trips each in `blocks` alternating
+    blocks (the starting variant rotates), the client run as the variant's `argv`: p50/p99,
+    and the tunnel's CPU per round trip."""
+    per_block = max(1, pings // blocks)
+    samples: dict[str, list[int]] = {v.name: [] for v, _ in variants}
+    user = {v.name: 0.0 for v, _ in variants}
+    system = {v.name: 0.0 for v, _ in variants}
+    for b in range(blocks):
+        for v, argv in variants[b % len(variants) :] + variants[: b % len(variants)]:
+            host, port = v.target(ECHO_PORT)
+            pids = v.tunnel_pids()
+            user0, system0 = cpu_split(pids)
+            samples[v.name] += ping_block(argv, host, port, per_block)
+            user1, system1 = cpu_split(pids)
+            user[v.name] += user1 - user0
+            system[v.name] += system1 - system0
+    out: Figures = {}
+    for v, _ in variants:
+        got = sorted(samples[v.name])
+        result = {
+            "p50_us": round(percentile(got, 0.5) / 1000, 1),
+            "p99_us": round(percentile(got, 0.99) / 1000, 1),
+        }
+        if v.tunnel_pids():
+            # CPU the tunnel spends per 64-byte round trip: steadier than p50, which moves
+            # with where the scheduler puts four busy processes on two cores.
+            result["cpu_us_per_rtt"] = round((user[v.name] + system[v.name]) / len(got) * 1e6, 1)
+            # The user share is where a Python relay differs from stunnel; the kernel's is alike.
+            result["user_us_per_rtt"] = round(user[v.name] / len(got) * 1e6, 1)
+        out[v.name] = result
+    return out
+
+
+def interleaved(count: int, one_round: Callable[[], Figures]) -> tuple[list[Figures], Figures]:
+    """`count` rounds, each measuring every variant in turn (so a drift of the machine's speed
+    lands on all of them alike); every round's figures and their medians."""
+    rounds: list[Figures] = []
+    for i in range(count):
+        rnd = one_round()
+        for name, figures in rnd.items():
+            print(f"round {i + 1} {name}: {figures}", file=sys.stderr, flush=True)
+        rounds.append(rnd)
+    return rounds, summarize(rounds)
+
+
+def summarize(rounds: list[Figures]) -> Figures:
+    out: Figures = {}
+    for variant in rounds[0]:
+        keys = rounds[0][variant].keys()
+        out[variant] = {
+            k: round(statistics.median(r[variant][k] for r in rounds if k in r[variant]), 3)
+            for k in keys
+        }
+    return out
+
+
+# -- certificates ----------------------------------------------------------------------------
+
+
+def workload_certs(workdir: Path) -> dict[str, str]:
+    """Files for one mutual-TLS pair from the control plane's own CA: `ca` (the root) and
+    `client_cert`/`client_key`, `server_cert`/`server_key` (workload certificates, ECDSA P-256
+    like the mesh's, for the demo's frontend and backend identities)."""
+    ca = CertificateAuthority.create("cluster.local")
+    out = {"ca": str(workdir / "ca.pem")}
+    (workdir / "ca.pem").write_text(ca.root_pem())
+    for role, sa in (("client", "frontend"), ("server", "backend")):
+        key = csr.generate_key()
+        leaf, _root = ca.sign(csr.build_csr(key, Identity("cluster.local", "demo", sa)), 7200)
+        cert_path, key_path = workdir / f"{role}.pem", workdir / f"{role}.key"
+        cert_path.write_text(leaf)
+        key_path.write_bytes(csr.key_to_pem(key))
+        key_path.chmod(0o600)
+        out[f"{role}_cert"], out[f"{role}_key"] = str(cert_path), str(key_path)
+    return out
+
+
+# -- references ------------------------------------------------------------------------------
+
+
+class RelayPair(Variant):
+    """A reference: a pair of relay processes, client side on loopback in the client pod,
+    server side on the server pod (`ports`: app port -> (client side, server side))."""
+
+    ports: dict[int, tuple[int, int]] = {}
+    pids: list[int]
+
+    def target(self, port: int) -> tuple[str, int]:
+        return "127.0.0.1", self.ports[port][0]
+
+    def tunnel_pids(self) -> list[int]:
+        return self.pids
+
+
+class Stunnel(RelayPair):
+    """The native reference: an OpenSSL mutual TLS 1.3 stunnel pair."""
+
+    name = "stunnel"
+    ports = STUNNEL
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        self.pids: list[int] = []
+        self.server_ip = server_ip
+        workdir = workdir / self.name  # each pair its own CA and files
+        workdir.mkdir(exist_ok=True)
+        certs = workload_certs(workdir)
+        common = [
+            "foreground = yes",
+            "pid =",
+            "sslVersionMin = TLSv1.3",
+            "socket = l:TCP_NODELAY=1",
+            "socket = r:TCP_NODELAY=1",
+            "debug = 3",
+        ]
+        client_conf = [*common]
+        server_conf = [*common]
+        for app_port, (local, remote) in self.ports.items():
+            client_conf += [
+                f"[c{app_port}]",
+                "client = yes",
+                f"accept = 127.0.0.1:{local}",
+                f"connect = {server_ip}:{remote}",
+                f"cert = {certs['client_cert']}",
+                f"key = {certs['client_key']}",
+                f"CAfile = {certs['ca']}",
+                "verifyChain = yes",
+            ]
+            server_conf += [
+                f"[s{app_port}]",
+                f"accept = {server_ip}:{remote}",
+                f"connect = 127.0.0.1:{app_port}",
+                f"cert = {certs['server_cert']}",
+                f"key = {certs['server_key']}",
+                f"CAfile = {certs['ca']}",
+                "verifyChain = yes",
+                "requireCert = yes",
+            ]
+        client_file = workdir / f"{self.name}-client.conf"
+        server_file = workdir / f"{self.name}-server.conf"
+        client_file.write_text("\n".join(client_conf) + "\n")
+        server_file.write_text("\n".join(server_conf) + "\n")
+        stunnel = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel4"
+        self.pids.append(procs.start(in_ns(server_ns, stunnel, str(server_file))).pid)
+        self.pids.append(procs.start(in_ns(client_ns, stunnel, str(client_file))).pid)
+        for local, _ in self.ports.values():
+            wait_port(client_ns, "127.0.0.1", local)
+
+
+class PyRelay(RelayPair):
+    """`bench.tls_relay`, a bare Python mutual-TLS relay pair on stunnel's path: what relaying
+    TLS from Python costs before any HTTP/2, capture or policy (the mesh's floor)."""
+
+    name = "py_relay"
+    ports = PY_RELAY
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        workdir = workdir / self.name
+        workdir.mkdir(exist_ok=True)
+        certs = workload_certs(workdir)
+        pairs = [(app, local, remote) for app, (local, remote) in PY_RELAY.items()]
+        server_maps = [f"{server_ip}:{remote}=127.0.0.1:{app}" for app, _, remote in pairs]
+        client_maps = [f"127.0.0.1:{local}={server_ip}:{remote}" for _, local, remote in pairs]
+        server = [certs["server_cert"], certs["server_key"], certs["ca"]]
+        client = [certs["client_cert"], certs["client_key"], certs["ca"]]
+        relays = [
+            in_ns(server_ns, *program("tls_relay", "server", *server, *server_maps)),
+            in_ns(client_ns, *program("tls_relay", "client", *client, *client_maps)),
+        ]
+        self.pids = [procs.start(argv).pid for argv in relays]
+        for _, remote in PY_RELAY.values():
+            wait_port(client_ns, server_ip, remote)
+        for local, _ in PY_RELAY.values():
+            wait_port(client_ns, "127.0.0.1", local)
+
+
+class CapturedStunnel(Stunnel):
+    """The stunnel pair reached the way the mesh is: the client pod gets the agent's own capture
+    rules (the plan `nodeagent.datapath.plan` renders, mangle and nat), except that the outbound
+    REDIRECT sends each app port to its stunnel client port instead of to 15001 (stunnel cannot
+    read the original destination). The app connects straight to the server pod, as with the
+    mesh, so this reference pays the same kernel capture cost (conntrack and NAT on every packet
+    of the app's connection) and the ratio to it isolates what our user space adds."""
+
+    name = "stunnel_captured"
+    ports = STUNNEL_CAPTURED
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        super().__init__(procs, workdir, client_ns, server_ns, server_ip)
+        sh(*in_ns(client_ns, "iptables-legacy-restore", "--noflush"), input=self.rules(server_ip))
+
+    @classmethod
+    def rules(cls, server_ip: str) -> str:
+        from nodeagent.datapath.plan import build_plan, render_iptables_save
+
+        redirect = f"-j REDIRECT --to-ports {OUTBOUND_PORT}"
+        lines, swapped = [], 0
+        for line in render_iptables_save(build_plan(ipv6=False)).splitlines():
+            if line.startswith("-A ") and line.endswith(redirect):
+                # "not to loopback" narrows to "to the server pod" (iptables takes one -d).
+                head = line[: -len(redirect)].replace("! -d 127.0.0.1/32", f"-d {server_ip}/32")
+                for app_port, (local, _) in cls.ports.items():
+                    lines.append(f"{head}-m tcp --dport {app_port} -j REDIRECT --to-ports {local}")
+                swapped += 1
+            else:
+                lines.append(line)
+        if swapped != 1:
+            raise RuntimeError(f"capture plan has {swapped} outbound REDIRECT rules, expected 1")
+        return "\n".join(lines) + "\n"
+
+    def target(self, port: int) -> tuple[str, int]:
+        return self.server_ip, port
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def trailing_json(stdout: str) -> object | None:
+    """The JSON object a benchmark printed last, on one line or indented over several.
+
+    Progress lines may come before it; it must end the output.
+    """
+    lines = stdout.rstrip().splitlines()
+    for start in range(len(lines) - 1, -1, -1):
+        if lines[start].startswith("{"):
+            try:
+                return json.loads("\n".join(lines[start:]))
+            except json.JSONDecodeError:
+                continue  # an inner line of an indented object; keep looking upwards
+    return None
+
+
+def run_family(argv: list[str]) -> dict[str, object]:
+    """Run one family's process; its result (the JSON object ending its output) or its error
+    (the last lines it wrote), and how long it took."""
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    elapsed = round(time.monotonic() - started, 1)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}", "detail": tail, "seconds": elapsed}
+    result = trailing_json(proc.stdout)
+    if result is None:
+        return {"error": "no JSON object at the end of its output", "seconds": elapsed}
+    return {"result": result, "seconds": elapsed}
+
+
+def to_markdown(report: Mapping[str, Mapping[str, Any]]) -> str:
+    out = ["# nodeagent benchmark report", ""]
+    for area, entry in report.items():
+        out.append(f"## {area} ({entry.get('seconds')} s)")
+        out.append("")
+        if "error" in entry:
+            out.append(f"**failed**: {entry['error']}")
+            out.extend(f"    {line}" for line in entry.get("detail", []))
+        else:
+            out.append("```json")
+            out.append(json.dumps(entry["result"], indent=2))
+            out.append("```")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(report: Mapping[str, Mapping[str, Any]], outdir: Path) -> None:
+    outdir.mkdir(exist_ok=True)
+    (outdir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (outdir / "bench.md").write_text(to_markdown(report))
+    print(f"bench: wrote {outdir / 'bench.json'} and {outdir / 'bench.md'}")

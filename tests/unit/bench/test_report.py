@@ -1,0 +1,72 @@
+"""`make bench`'s driver reads each family's result from the end of its output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.harness import run_family, to_markdown, trailing_json
+
+RESULT = {"runs": [1.5, 2.0], "nested": {"a": [1, {"b": 2}]}}
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        json.dumps(RESULT) + "\n",
+        "progress 1\nprogress 2\n" + json.dumps(RESULT, indent=2) + "\n",
+        "{not json\n" + json.dumps(RESULT, indent=2),
+    ],
+    ids=["one-line", "indented-after-progress", "after-a-brace-line"],
+)
+def test_result_is_found_one_line_or_indented(stdout: str) -> None:
+    assert trailing_json(stdout) == RESULT
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    ["", "just text\n", json.dumps(RESULT) + "\ntrailing words\n", '{"cut": '],
+    ids=["empty", "no-json", "json-not-last", "truncated"],
+)
+def test_output_without_a_trailing_object_is_an_error(stdout: str) -> None:
+    assert trailing_json(stdout) is None
+
+
+def test_a_failing_family_is_reported_with_its_output(tmp_path: Path) -> None:
+    script = tmp_path / "bench_fail.py"
+    script.write_text("import sys\nprint('broke here', file=sys.stderr)\nsys.exit(3)\n")
+    entry = run_family([sys.executable, str(script)])
+    assert entry["error"] == "exit 3"
+    assert entry["detail"] == ["broke here"]
+
+
+def test_a_pretty_printing_family_yields_its_result(tmp_path: Path) -> None:
+    script = tmp_path / "bench_ok.py"
+    script.write_text(
+        f"import json\nprint('warming up')\nprint(json.dumps({RESULT!r}, indent=2))\n"
+    )
+    entry = run_family([sys.executable, str(script)])
+    assert entry["result"] == RESULT, entry
+
+
+def test_the_markdown_report_shows_results_and_failures() -> None:
+    text = to_markdown(
+        {
+            "state": {"result": RESULT, "seconds": 1.5},
+            "mesh": {"error": "exit 1", "detail": ["boom"], "seconds": 2.0},
+        }
+    )
+    assert "## state (1.5 s)" in text and '"runs": [' in text
+    assert "## mesh (2.0 s)" in text and "**failed**: exit 1" in text and "    boom" in text
+
+
+def test_an_unknown_family_is_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bench.__main__ import main
+
+    assert main(["nosuch"]) == 2
+    assert "unknown families ['nosuch']" in capsys.readouterr().err
