@@ -92,14 +92,13 @@ def build_snapshot(mesh: MeshConfig) -> dict[str, dict[str, VersionedResource]]:
         )
         for p in mesh.policies
     }
-    # getattr: the mesh file's routing sections are optional in older MeshConfig values.
-    virtual_services: Iterable[rm.VirtualService] = getattr(mesh, "virtual_services", ())
-    destination_rules: Iterable[rm.DestinationRule] = getattr(mesh, "destination_rules", ())
     return {
         TYPE_URL_ADDRESS: addresses,
         TYPE_URL_AUTHORIZATION: policies,
-        TYPE_URL_VIRTUAL_SERVICE: config_resources(TYPE_URL_VIRTUAL_SERVICE, virtual_services),
-        TYPE_URL_DESTINATION_RULE: config_resources(TYPE_URL_DESTINATION_RULE, destination_rules),
+        TYPE_URL_VIRTUAL_SERVICE: config_resources(TYPE_URL_VIRTUAL_SERVICE, mesh.virtual_services),
+        TYPE_URL_DESTINATION_RULE: config_resources(
+            TYPE_URL_DESTINATION_RULE, mesh.destination_rules
+        ),
     }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
+from nodeagent.model import routing as rm
 from nodeagent.model.constants import (
     TYPE_URL_DESTINATION_RULE,
     TYPE_URL_MCP_RESOURCE,
@@ -78,8 +79,9 @@ def encode(type_url: str, envelope: ConfigEnvelope) -> bytes:
     spec_cls = SPEC_MESSAGES.get(type_url)
     if spec_cls is None:
         raise EnvelopeError(f"{type_url!r} is not a config type URL")
+    spec_json = _protobuf_durations(envelope.spec, spec_cls.DESCRIPTOR)
     try:
-        spec = json_format.ParseDict(dict(envelope.spec), spec_cls())
+        spec = json_format.ParseDict(spec_json, spec_cls())
     except json_format.ParseError as e:
         # A field Istio added after our copy of its protos has no number here, so it
         # cannot travel; the model reads such fields only to report them as needing a
@@ -137,3 +139,41 @@ def decode(type_url: str, name: str, data: bytes) -> ConfigEnvelope:
         labels=dict(resource.metadata.labels),
         version=resource.metadata.version,
     )
+
+
+def _protobuf_durations(value: Mapping[str, Any], descriptor: Any) -> dict[str, Any]:
+    """`value` with every Duration field rewritten from Istio's YAML form (Go's: `250ms`,
+    `1m30s`) to the only form protobuf's JSON accepts (`0.250s`); the rest as it is."""
+    fields = {f.json_name: f for f in descriptor.fields}
+    fields.update((f.name, f) for f in descriptor.fields)
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        f = fields.get(key)
+        kind = f.message_type if f is not None else None
+        if kind is None:
+            out[key] = item
+        elif kind.GetOptions().map_entry:
+            entry = kind.fields_by_name["value"].message_type
+            out[key] = (
+                {k: _duration_or_message(v, entry) for k, v in item.items()}
+                if entry is not None and isinstance(item, Mapping)
+                else item
+            )
+        elif isinstance(item, list):
+            out[key] = [_duration_or_message(v, kind) for v in item]
+        else:
+            out[key] = _duration_or_message(item, kind)
+    return out
+
+
+def _duration_or_message(item: Any, descriptor: Any) -> Any:
+    if descriptor.full_name == "google.protobuf.Duration":
+        if isinstance(item, str):
+            try:
+                return rm.format_duration(rm.parse_duration(item, ""))
+            except rm.RoutingSpecError:
+                return item  # ParseDict names the field and the bad value
+        return item
+    if isinstance(item, Mapping):
+        return _protobuf_durations(item, descriptor)
+    return item

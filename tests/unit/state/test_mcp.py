@@ -141,3 +141,32 @@ def test_body_that_does_not_decode_is_refused() -> None:
     out.body.value = b"\x0a\xff"  # hosts: a length running past the end
     with pytest.raises(mcp.EnvelopeError, match="body does not decode"):
         mcp.decode(TYPE_URL_VIRTUAL_SERVICE, "shop/r", out.SerializeToString())
+
+
+def test_durations_as_istio_users_write_them_go_on_the_wire() -> None:
+    # YAML says 250ms or 1m30s (Go's form); protobuf's JSON takes only seconds.
+    spec = {
+        "host": "backend",
+        "trafficPolicy": {"outlierDetection": {"interval": "1m30s", "baseEjectionTime": "2h"}},
+        "subsets": [
+            {
+                "name": "v1",
+                "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "250ms"}}},
+            }
+        ],
+    }
+    data = mcp.encode(TYPE_URL_DESTINATION_RULE, mcp.ConfigEnvelope("shop", "b", spec))
+    got = mcp.decode(TYPE_URL_DESTINATION_RULE, "shop/b", data).spec
+    assert got["trafficPolicy"]["outlierDetection"] == {
+        "interval": "90s",
+        "baseEjectionTime": "7200s",
+    }
+    assert got["subsets"][0]["trafficPolicy"]["connectionPool"]["tcp"] == {
+        "connectTimeout": "0.250s"
+    }
+
+
+def test_unparsable_duration_is_refused_naming_the_field() -> None:
+    spec = {"host": "b", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "soon"}}}}
+    with pytest.raises(mcp.EnvelopeError, match="connectTimeout"):
+        mcp.encode(TYPE_URL_DESTINATION_RULE, mcp.ConfigEnvelope("shop", "b", spec))

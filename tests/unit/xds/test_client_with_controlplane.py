@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,6 @@ from nodeagent.model.constants import (
     TYPE_URL_AUTHORIZATION,
     TYPE_URL_VIRTUAL_SERVICE,
 )
-from nodeagent.model.routing import DestinationRule, VirtualService
 from nodeagent.pb.envoy.service.discovery.v3 import ads_pb2_grpc
 from nodeagent.pb.envoy.service.discovery.v3 import discovery_pb2 as discovery_pb
 from nodeagent.pb.istio.workload import workload_pb2 as workload_pb
@@ -232,23 +232,6 @@ async def test_bad_mesh_edit_is_refused_and_client_keeps_previous_config(tmp_pat
         assert server.watcher.last_error is None and client.stats.nacks == 0
 
 
-class WithRouting:
-    """A mesh with VirtualServices and DestinationRules (the mesh file's routing sections)."""
-
-    def __init__(
-        self,
-        mesh: object,
-        virtual_services: tuple[VirtualService, ...] = (),
-        destination_rules: tuple[DestinationRule, ...] = (),
-    ) -> None:
-        self._mesh = mesh
-        self.virtual_services = virtual_services
-        self.destination_rules = destination_rules
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._mesh, name)
-
-
 CANARY = {
     "hosts": ["web"],
     "tcp": [
@@ -269,7 +252,9 @@ async def test_virtual_service_of_the_mesh_reaches_the_agent_store(tmp_path: Pat
         canary = virtual_service("web", "shop", spec=CANARY)
         rule = destination_rule("web", "shop")
         mesh = server.mesh_store.mesh
-        server.mesh_store.replace(WithRouting(mesh, (canary,), (rule,)))  # type: ignore[arg-type]
+        server.mesh_store.replace(
+            replace(mesh, virtual_services=(canary,), destination_rules=(rule,))
+        )
         await wait_until(
             lambda: store.virtual_services() == (canary,) and store.destination_rules() == (rule,),
             "the VirtualService and DestinationRule",
@@ -277,7 +262,7 @@ async def test_virtual_service_of_the_mesh_reaches_the_agent_store(tmp_path: Pat
         assert client.stats.nacks == 0
         assert client.protocol.versions(TYPE_URL_VIRTUAL_SERVICE).keys() == {"shop/web"}
         # Removing it from the mesh removes it from the agent.
-        server.mesh_store.replace(WithRouting(mesh, (), (rule,)))  # type: ignore[arg-type]
+        server.mesh_store.replace(replace(mesh, destination_rules=(rule,)))
         await wait_until(lambda: store.virtual_services() == (), "the removal")
         assert store.destination_rules() == (rule,)
 
@@ -324,3 +309,56 @@ async def test_control_plane_without_config_kinds_leaves_the_agent_ready(tmp_pat
             assert store.virtual_services() == ()
     finally:
         await server.stop(None)
+
+
+ROUTED_MESH = MESH + textwrap.dedent(
+    """\
+    virtualServices:
+    - apiVersion: networking.istio.io/v1
+      kind: VirtualService
+      metadata: {name: web-canary, namespace: shop, annotations: {owner: team-web}}
+      spec:
+        hosts: [web]
+        tcp:
+        - fault: {delay: {fixedDelay: 1.5s, percentage: {value: 10}}}
+          route:
+          - {destination: {host: web, subset: v1}, weight: 90}
+          - {destination: {host: web, subset: v2}, weight: 10}
+    destinationRules:
+    - apiVersion: networking.istio.io/v1
+      kind: DestinationRule
+      metadata: {name: web, namespace: shop}
+      spec:
+        host: web
+        trafficPolicy:
+          connectionPool: {tcp: {maxConnections: 10, connectTimeout: 250ms}}
+        subsets:
+        - {name: v1, labels: {version: v1}}
+        - {name: v2, labels: {version: v2}}
+    """
+)
+
+
+async def test_mesh_files_routing_sections_reach_the_agent_as_the_control_plane_read_them(
+    tmp_path: Path,
+) -> None:
+    async with mesh_and_agent(tmp_path) as (server, client, store, mesh):
+        mesh.write(ROUTED_MESH)
+        await wait_until(
+            lambda: bool(store.virtual_services() and store.destination_rules()),
+            "the mesh file's VirtualService and DestinationRule",
+        )
+        served = server.mesh_store.mesh
+        (vs,) = store.virtual_services()
+        (dr,) = store.destination_rules()
+        (want_vs,) = served.virtual_services
+        (want_dr,) = served.destination_rules
+        assert (vs.key, vs.hosts, vs.tcp) == (want_vs.key, want_vs.hosts, want_vs.tcp)
+        assert vs.tcp[0].fault is not None  # the extension came as an annotation
+        assert vs.annotations["owner"] == "team-web"
+        assert (dr.key, dr.subsets, dr.traffic_policy) == (
+            want_dr.key,
+            want_dr.subsets,
+            want_dr.traffic_policy,
+        )
+        assert client.stats.nacks == 0
