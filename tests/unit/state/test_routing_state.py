@@ -169,3 +169,94 @@ def test_removal_and_re_add_in_one_batch_is_an_update(store: StateStore) -> None
     updater.apply_delta(VS, [wire(changed)], ["shop/backend"])
     assert seen[-1].virtual_services.updated == {"shop/backend"}
     assert store.virtual_service("shop/backend") == changed
+
+
+ROUND_TRIP_VS = [
+    {"hosts": ["backend"], "tcp": [{"route": [{"destination": {"host": "backend"}}]}]},
+    {
+        "hosts": ["backend", "backend.shop.svc.cluster.local"],
+        "gateways": ["mesh"],
+        "tcp": [
+            {
+                "match": [
+                    {"port": 9000, "sourceLabels": {"app": "web"}, "sourceNamespace": "shop"}
+                ],
+                "route": [
+                    {"destination": {"host": "backend", "subset": "v1", "port": {"number": 9000}}},
+                ],
+                "fault": {"delay": {"fixedDelay": "1500ms", "percentage": {"value": 12.5}}},
+                "mirror": {"host": "backend", "subset": "v2"},
+                "mirrorPercentage": {"value": 5},
+                "maxConnectAttempts": 2,
+            },
+            {
+                "route": [
+                    {"destination": {"host": "backend", "subset": "v1"}, "weight": 100},
+                    {"destination": {"host": "backend", "subset": "v2"}, "weight": 0},
+                ]
+            },
+        ],
+        "http": [
+            {
+                "match": [{"uri": {"prefix": "/api"}}],
+                "route": [{"destination": {"host": "backend"}}],
+                "retries": {"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx"},
+                "timeout": "10s",
+            }
+        ],
+        "tls": [
+            {
+                "match": [{"sniHosts": ["backend.example.com"], "port": 443}],
+                "route": [{"destination": {"host": "backend"}}],
+            }
+        ],
+    },
+]
+ROUND_TRIP_DR = [
+    {"host": "backend"},
+    {
+        "host": "backend",
+        "trafficPolicy": {
+            "loadBalancer": {"consistentHash": {"useSourceIp": True}},
+            "connectionPool": {
+                "tcp": {"maxConnections": 10, "connectTimeout": "250ms", "idleTimeout": "1h"},
+                "http": {"http1MaxPendingRequests": 5},
+            },
+            "outlierDetection": {
+                "consecutive5xxErrors": 0,
+                "consecutiveGatewayErrors": 2,
+                "interval": "1m30s",
+                "baseEjectionTime": "30s",
+                "maxEjectionPercent": 50,
+            },
+            "portLevelSettings": [
+                {"port": {"number": 9000}, "loadBalancer": {"simple": "RANDOM"}},
+            ],
+            "tls": {"mode": "ISTIO_MUTUAL"},
+        },
+        "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {
+                "name": "v2",
+                "labels": {"version": "v2"},
+                "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}},
+            },
+        ],
+    },
+]
+
+
+@pytest.mark.parametrize("spec", ROUND_TRIP_VS)
+def test_virtual_service_reads_the_same_after_the_wire(spec: dict[str, Any]) -> None:
+    sent = virtual_service("backend", "shop", spec=spec)
+    got = virtual_service_from_bytes(*wire(sent))
+    for name in ("namespace", "name", "hosts", "tcp", "gateways", "needs_waypoint"):
+        assert getattr(got, name) == getattr(sent, name), name
+
+
+@pytest.mark.parametrize("spec", ROUND_TRIP_DR)
+def test_destination_rule_reads_the_same_after_the_wire(spec: dict[str, Any]) -> None:
+    sent = destination_rule("backend", "shop", spec=spec)
+    got = destination_rule_from_bytes(*wire(sent))
+    for name in ("namespace", "name", "host", "traffic_policy", "subsets", "needs_waypoint"):
+        assert getattr(got, name) == getattr(sent, name), name
