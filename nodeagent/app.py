@@ -37,6 +37,7 @@ import ctypes
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,9 +89,11 @@ from nodeagent.proxy.listeners import ConnectionHandler, PodListenerFactory, Soc
 from nodeagent.proxy.outbound import OutboundHandler, OutboundRouter
 from nodeagent.proxy.passthrough import PassthroughStats, passthrough_handlers
 from nodeagent.proxy.pool import HbonePool, PoolSettings
+from nodeagent.proxy.routing import ServiceRouting
 from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
+from nodeagent.traffic.outlier import OutlierDetector
 from nodeagent.xds.client import XdsClient
 
 log = logging.getLogger(__name__)
@@ -265,9 +268,10 @@ async def build(
     telemetry = ConnectionTelemetry(store, metrics)
     registry: ConnectionRegistry | None = None
     pool: HbonePool | None = None
+    routing = ServiceRouting(store, OutlierDetector(time.monotonic))
     if handlers is None and certificates is not None:
         handlers, registry, pool = _mesh_handlers(
-            config, store, certificates, metrics, telemetry, destination_of, closers
+            config, store, certificates, metrics, telemetry, destination_of, routing, closers
         )
     listeners = PodListenerFactory(
         handlers or passthrough_handlers(stats, destination_of=destination_of),
@@ -304,7 +308,7 @@ async def build(
 
         servers = _admin_servers(
             config, store, certificates, node_manager, registry, capture, plan_for,
-            metrics, readiness, drain_then_exit,
+            metrics, readiness, routing, drain_then_exit,
         )  # fmt: skip
     return AgentHandles(
         config=config,
@@ -432,6 +436,7 @@ def _mesh_handlers(
     metrics: AgentMetrics,
     telemetry: ConnectionTelemetry,
     destination_of: Callable[[socket.socket], Any],
+    routing: ServiceRouting,
     closers: list[Any],
 ) -> tuple[dict[int, ConnectionHandler], ConnectionRegistry, HbonePool]:
     """The in-pod listeners' handlers: outbound over the HBONE pool, inbound plaintext
@@ -445,7 +450,9 @@ def _mesh_handlers(
         tls, checker, registry, settings=ServerSettings.from_config(config)
     )
     handlers: dict[int, ConnectionHandler] = {
-        OUTBOUND_PORT: OutboundHandler(store, pool, registry, destination_of=destination_of),
+        OUTBOUND_PORT: OutboundHandler(
+            store, pool, registry, routing=routing, destination_of=destination_of
+        ),
         INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
         INBOUND_HBONE_PORT: inbound_hbone,
     }
@@ -487,6 +494,7 @@ def _admin_servers(
     plan_for: PlanBuilder,
     metrics: AgentMetrics,
     readiness: Readiness,
+    routing: ServiceRouting,
     drain_then_exit: DrainHook,
 ) -> AdminServers:
     pods = NodePodsSource(node_manager, store, config.redirect_backend)
@@ -496,7 +504,7 @@ def _admin_servers(
         connections=RegistryConnections(lambda: registry if registry is not None else ()),
         log_level=StdlibLogLevelControl(config.log_level),
         rules=CaptureRulesSource(pods, store, plan_for, capture, config.redirect_backend),
-        explain=MeshExplainer(store, OutboundRouter(store).route),
+        explain=MeshExplainer(store, OutboundRouter(store, routing).route),
         release=node_manager,
         drain_then_exit=drain_then_exit,
     )

@@ -79,6 +79,8 @@ class LiveConnectionView(Protocol):
     @property
     def closed_reason(self) -> str: ...
     @property
+    def response_flags(self) -> str: ...
+    @property
     def bytes_in(self) -> int: ...
     @property
     def bytes_out(self) -> int: ...
@@ -168,7 +170,7 @@ class ConnectionTelemetry:
                 entry[1], entry[2] = conn.bytes_in, conn.bytes_out
 
     def closed(self, conn: LiveConnectionView) -> None:
-        flags = _response_flags(conn.closed_reason)
+        flags = conn.response_flags or _response_flags(conn.closed_reason)
         # Labels as at close: the outbound peer identity is known once the tunnel is up.
         labels = self.labels_for(conn, flags)
         _, counted_in, counted_out = self._live.pop(id(conn), (conn, 0, 0))

@@ -72,6 +72,7 @@ class LiveConnection:
     relay: Relay | None = None
     task: asyncio.Task[object] | None = None  # ends it before the relay exists
     closed_reason: str = ""
+    response_flags: str = ""  # Envoy's flags for what traffic management did (UO, URX, FI, ...)
 
     @property
     def bytes_in(self) -> int:

@@ -28,17 +28,30 @@ import enum
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
 
 from nodeagent.datapath.netns import original_destination
+from nodeagent.hbone.aio import TunnelStream
 from nodeagent.hbone.headers import format_authority
 from nodeagent.model.address import unmap
-from nodeagent.model.constants import ILLEGAL_PORTS, INBOUND_HBONE_PORT, TUNNEL_OPEN_FAILED
+from nodeagent.model.constants import (
+    FAULT_ABORT,
+    FAULT_DELAY,
+    ILLEGAL_PORTS,
+    INBOUND_HBONE_PORT,
+    NO_HEALTHY_UPSTREAM,
+    OVERFLOW,
+    TUNNEL_OPEN_FAILED,
+    UPSTREAM_CONNECT_FAILURE,
+    UPSTREAM_RETRY_LIMIT,
+)
 from nodeagent.model.identity import Identity, IdentityError
-from nodeagent.model.workload import TunnelProtocol, Workload
-from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry
+from nodeagent.model.workload import LoadBalancingMode, Service, TunnelProtocol, Workload
+from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry, LiveConnection
 from nodeagent.proxy.listeners import LocalPod
+from nodeagent.proxy.mirror import Mirror, MirroredTcpEnd
 from nodeagent.proxy.pool import (
     Address,
     HboneConnectError,
@@ -48,20 +61,18 @@ from nodeagent.proxy.pool import (
     forwarded_header,
     traceparent_header,
 )
-from nodeagent.proxy.relay import connect_tcp_end
+from nodeagent.proxy.relay import Relay, TcpRelayEnd, connect_tcp_end, relay_pair
+from nodeagent.proxy.routing import Pick, ServicePlan, ServiceRouting
 from nodeagent.proxy.sockets import (
     CONNECT_TIMEOUT,
     connect_in_pod,
     hold,
     hostport,
-    relay_sockets,
     reset_socket,
 )
 from nodeagent.proxy.tunnel_end import TunnelRelayEnd, join
 from nodeagent.state.store import StateStore
-from nodeagent.traffic.endpoints import candidates_for
 from nodeagent.traffic.outlier import OutlierDetector
-from nodeagent.traffic.selection import EndpointSelector, SelectionOutcome, SourceLocation
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,8 @@ class Route:
     service_hostname: str = ""
     endpoint_key: Hashable | None = None  # for the outlier detector
     reason: str = ""  # REFUSE: why; otherwise a note
+    plan: ServicePlan | None = field(default=None, compare=False)  # a service's traffic plan
+    pick: Pick | None = field(default=None, compare=False)  # the endpoint this route tries
 
     def describe(self) -> str:
         if self.kind is RouteKind.HBONE:
@@ -116,15 +129,16 @@ def _hbone(workload: Workload, ip: str, port: int, sans: tuple[str, ...] = ()) -
 class OutboundRouter:
     """Decides where an outbound connection goes, from the mesh state."""
 
-    def __init__(self, store: StateStore, selector: EndpointSelector | None = None) -> None:
+    def __init__(self, store: StateStore, routing: ServiceRouting | None = None) -> None:
         self._store = store
-        self._selector = selector or EndpointSelector()
+        self.routing = routing or ServiceRouting(store, OutlierDetector(time.monotonic))
 
     def route(
         self,
         source: Workload | None,
         dst: Address,
         owns: Callable[[str], bool] = lambda _ip: False,
+        source_ip: str = "",
     ) -> Route:
         """The route for a connection from `source` to the original destination `dst`;
         `owns(ip)` says whether ip is the source pod's own address."""
@@ -146,7 +160,7 @@ class OutboundRouter:
         network = source.network if source is not None else ""
         service = self._store.service_by_vip(network, ip)
         if service is not None:
-            return self._via_service(source, service.key, ip, port)
+            return self._via_service(source, service, ip, port, source_ip)
         workload = self._store.workload_by_address(network, ip)
         if workload is not None and workload.tunnel_protocol is TunnelProtocol.HBONE:
             return _hbone(workload, str(ip), port)
@@ -161,39 +175,37 @@ class OutboundRouter:
     def _via_service(
         self,
         source: Workload | None,
-        service_key: str,
+        service: Service,
         vip: ipaddress.IPv4Address | ipaddress.IPv6Address,
         port: int,
+        source_ip: str,
     ) -> Route:
-        service = self._store.service(service_key)
-        assert service is not None
-        candidates, skipped = candidates_for(
-            service, self._store.endpoints(service_key), port, dialled=vip
-        )
-        location = SourceLocation.of(source) if source is not None else SourceLocation()
-        selection = self._selector.select(candidates, location, service.load_balancing)
-        if selection.outcome is SelectionOutcome.PASSTHROUGH:
-            return Route(RouteKind.PASSTHROUGH, (str(vip), port), service=service_key)
-        if selection.endpoint is None:
-            why = selection.reason or "no endpoint"
-            if skipped:
-                why += f" ({len(skipped)} skipped: {skipped[0].reason})"
+        lb = service.load_balancing
+        if lb is not None and lb.mode is LoadBalancingMode.PASSTHROUGH:
+            return Route(RouteKind.PASSTHROUGH, (str(vip), port), service=service.key)
+        plan = self.routing.plan(source, service, port, vip, source_ip)
+        return self.next_route(plan)
+
+    def next_route(self, plan: ServicePlan) -> Route:
+        """The route to the plan's next endpoint (a REFUSE route when none is left)."""
+        service, port = plan.service, plan.port
+        pick = self.routing.next_pick(plan)
+        if pick is None:
             return Route(
                 RouteKind.REFUSE,
-                (str(vip), port),
-                service=service_key,
-                reason=f"service {service_key} port {port}: {why}",
+                (str(plan.dialled), port),
+                service=service.key,
+                reason=f"service {service.key} port {port}: {plan.note or 'no endpoint'}",
+                plan=plan,
             )
-        ep = selection.endpoint
-        workload = self._store.workload(ep.workload_uid)
-        assert workload is not None
+        ep, workload = pick.candidate, pick.workload
         if workload.tunnel_protocol is TunnelProtocol.HBONE:
-            route = _hbone(workload, str(ep.address), ep.port, service.subject_alt_names)
+            base = _hbone(workload, str(ep.address), ep.port, service.subject_alt_names)
             kind, dest, authority, identities = (
-                route.kind,
-                route.destination,
-                route.authority,
-                route.identities,
+                base.kind,
+                base.destination,
+                base.authority,
+                base.identities,
             )
         else:
             kind, dest, authority, identities = (
@@ -208,9 +220,11 @@ class OutboundRouter:
             authority=authority,
             identities=identities,
             workload_uid=workload.uid,
-            service=service_key,
+            service=service.key,
             service_hostname=service.hostname,
             endpoint_key=ep.key,
+            plan=plan,
+            pick=pick,
         )
 
 
@@ -239,19 +253,21 @@ class OutboundHandler:
         pool: HbonePool,
         registry: ConnectionRegistry,
         *,
-        selector: EndpointSelector | None = None,
-        outliers: OutlierDetector | None = None,
+        routing: ServiceRouting | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
         destination_of: Callable[[socket.socket], Address] = original_destination,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._destination_of = destination_of  # injected: tests have no REDIRECT
         self._store = store
         self.pool = pool
         self.registry = registry
-        self._outliers = outliers
-        self.router = OutboundRouter(store, selector or EndpointSelector(outliers=outliers))
+        self.router = OutboundRouter(store, routing)
+        self.routing = self.router.routing
         self._connect_timeout = connect_timeout
+        self._sleep = sleep
         self.counts: dict[str, int] = {}
+        self.mirrors: set[Mirror] = set()
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -273,70 +289,81 @@ class OutboundHandler:
             if ipv4 is not None:
                 client = (ipv4, app_port)
         source = self._store.workload(pod.uid)
-        route = self.router.route(source, dst, pod.owns)
+        route = self.router.route(source, dst, pod.owns, client[0])
         log.debug(
             "pod %s: %s -> %s: %s", pod.label, hostport(*client), hostport(*dst), route.describe()
         )
         if route.kind is RouteKind.REFUSE:
             self._count("refused")
             log.info("pod %s: outbound %s refused: %s", pod.label, hostport(*dst), route.reason)
+            if route.plan is not None and route.plan.decision.targets:
+                # The service's endpoints exist but none could be picked: Envoy's UH.
+                self._refused(pod, client, dst, route, NO_HEALTHY_UPSTREAM)
             reset_socket(sock)
             return
-        if route.kind is RouteKind.HBONE:
-            await self._tunnel(pod, source, sock, client, dst, route)
-        else:
-            await self._plain(pod, sock, client, dst, route)
+        plan, flags = route.plan, ""
+        if plan is None:
+            await self._serve(pod, source, sock, client, dst, route, "")
+            return
+        decision = plan.decision
+        if decision.abort:
+            self._count("fault_abort")
+            self._refused(pod, client, dst, route, FAULT_ABORT)
+            reset_socket(sock)
+            return
+        if decision.delay:
+            self._count("fault_delay")
+            flags = FAULT_DELAY
+            await self._sleep(decision.delay)
+        if route.pick is not None and not self.routing.admit(plan, route.pick.target):
+            self._count("overflow")
+            log.info(
+                "pod %s: outbound %s refused: %s is at maxConnections",
+                pod.label,
+                hostport(*dst),
+                route.pick.target.label,
+            )
+            self._refused(pod, client, dst, route, OVERFLOW)
+            reset_socket(sock)
+            return
+        try:
+            await self._serve(pod, source, sock, client, dst, route, flags)
+        finally:
+            self.routing.release(plan)
 
-    async def _plain(
-        self, pod: LocalPod, sock: socket.socket, client: Address, dst: Address, route: Route
+    def _refused(
+        self, pod: LocalPod, client: Address, dst: Address, route: Route, flags: str
     ) -> None:
+        """Count a connection refused before any upstream was tried, with its response flag."""
         live = self.registry.register(
             workload=pod.label,
             workload_uid=pod.uid,
             direction=OUTBOUND,
-            protocol=TCP,
+            protocol=HBONE if route.kind is RouteKind.HBONE else TCP,
             local=hostport(*client),
             remote=hostport(*dst),
-            target=hostport(*route.destination),
+            target=route.authority or hostport(*route.destination),
             source_identity=pod.identity,
-            task=asyncio.current_task(),
         )
-        try:
-            try:
-                upstream, _ = await connect_in_pod(
-                    pod, route.destination, connect_timeout=self._connect_timeout
-                )
-            except (OSError, TimeoutError) as exc:
-                self._count("upstream_failed")
-                self._record(route, ok=False)
-                log.info(
-                    "pod %s: outbound %s (%s) failed: %s",
-                    pod.label,
-                    hostport(*dst),
-                    route.describe(),
-                    exc or type(exc).__name__,
-                )
-                reset_socket(sock)
-                return
-            self._record(route, ok=True)
-            self._count(route.kind.value)
-            live.relay = await relay_sockets(sock, upstream)
-            await hold(live.relay)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            self.registry.remove(live)
+        live.response_flags = flags
+        live.closed_reason = route.reason or flags
+        self.registry.remove(live)
 
-    async def _tunnel(
-        self,
-        pod: LocalPod,
-        source: Workload | None,
-        sock: socket.socket,
-        client: Address,
-        dst: Address,
-        route: Route,
-    ) -> None:
+    async def _open(
+        self, pod: LocalPod, source: Workload | None, client: Address, route: Route
+    ) -> TunnelStream | socket.socket:
+        """Connect to the route's destination: a CONNECT stream, or a plain TCP socket.
+        Raises ConnectFailed naming the cause."""
+        timeout = self._connect_timeout
+        policy = route.pick.target.policy if route.pick is not None else None
+        if policy is not None and policy.tcp is not None and policy.tcp.connect_timeout:
+            timeout = policy.tcp.connect_timeout
+        if route.kind is not RouteKind.HBONE:
+            try:
+                upstream, _ = await connect_in_pod(pod, route.destination, connect_timeout=timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ConnectFailed(f"{route.describe()}: {exc or type(exc).__name__}") from None
+            return upstream
         key = PoolKey(pod.uid, pod.identity, route.identities, route.destination)
         headers = [forwarded_header(client, route.service_hostname), traceparent_header()]
         baggage = source_baggage(source, pod)
@@ -344,52 +371,208 @@ class OutboundHandler:
             headers.append(baggage)
 
         async def dial(address: Address) -> socket.socket:
-            upstream, _ = await connect_in_pod(pod, address, connect_timeout=self._connect_timeout)
+            upstream, _ = await connect_in_pod(pod, address, connect_timeout=timeout)
             return upstream
 
+        try:
+            opening = self.pool.open_tunnel(key, route.authority, headers, dial)
+            if policy is not None and policy.tcp is not None and policy.tcp.connect_timeout:
+                return await asyncio.wait_for(opening, timeout)
+            return await opening
+        except HboneConnectError as exc:
+            raise ConnectFailed(str(exc)) from None
+        except TimeoutError:
+            raise ConnectFailed(f"{route.describe()}: connect timeout after {timeout:g}s") from None
+
+    async def _serve(
+        self,
+        pod: LocalPod,
+        source: Workload | None,
+        sock: socket.socket,
+        client: Address,
+        dst: Address,
+        route: Route,
+        flags: str,
+    ) -> None:
+        """Open the upstream (trying the plan's next endpoints as attempts fail), then relay."""
         live = self.registry.register(
             workload=pod.label,
             workload_uid=pod.uid,
             direction=OUTBOUND,
-            protocol=HBONE,
+            protocol=HBONE if route.kind is RouteKind.HBONE else TCP,
             local=hostport(*client),
             remote=hostport(*dst),
-            target=route.authority,
+            target=route.authority or hostport(*route.destination),
             source_identity=pod.identity,
             task=asyncio.current_task(),
         )
+        live.response_flags = flags
+        plan, failures = route.plan, 0
         try:
+            while True:
+                try:
+                    upstream = await self._open(pod, source, client, route)
+                    break
+                except ConnectFailed as exc:
+                    failures += 1
+                    self._failed(pod, dst, route, str(exc))
+                    following = self.router.next_route(plan) if plan is not None else None
+                    if following is None or following.kind is RouteKind.REFUSE:
+                        self._give_up(live, sock, route, failures, str(exc))
+                        return
+                    assert following.pick is not None and plan is not None
+                    if not self.routing.admit(plan, following.pick.target):
+                        self._count("overflow")
+                        live.response_flags = _join_flags(flags, OVERFLOW)
+                        live.closed_reason = f"{following.pick.target.label} is at maxConnections"
+                        reset_socket(sock)
+                        return
+                    self._count("retry")
+                    route = following
+                    live.protocol = HBONE if route.kind is RouteKind.HBONE else TCP
+                    live.target = route.authority or hostport(*route.destination)
+            if route.pick is not None:
+                self.routing.record(route.pick, ok=True)
+                self.routing.balancer.started(route.pick.candidate)
             try:
-                stream = await self.pool.open_tunnel(key, route.authority, headers, dial)
-            except HboneConnectError as exc:
-                self._count("tunnel_failed")
-                self._record(route, ok=False)
-                live.closed_reason = f"{TUNNEL_OPEN_FAILED}: {exc}"
-                log.info("pod %s: outbound %s: %s", pod.label, hostport(*dst), exc)
-                sock.close()  # as ztunnel: the app sees a normal close
-                return
-            self._record(route, ok=True)
-            self._count("hbone")
-            tunnel_end = TunnelRelayEnd("tunnel", stream)
-            live.destination_identity = self.pool.peer_identity(key, stream)
-            try:
-                app_end = await connect_tcp_end("app", sock)
-            except BaseException:
-                tunnel_end.detach()
-                stream.reset()
-                raise
-            live.relay = join(app_end, tunnel_end)
-            await hold(live.relay)
+                await self._relay(pod, source, sock, client, route, live, upstream)
+            finally:
+                if route.pick is not None:
+                    self.routing.balancer.ended(route.pick.candidate)
         except BaseException:
             sock.close()
             raise
         finally:
             self.registry.remove(live)
 
-    def _record(self, route: Route, *, ok: bool) -> None:
-        if self._outliers is None or route.endpoint_key is None:
+    def _failed(self, pod: LocalPod, dst: Address, route: Route, why: str) -> None:
+        self._count("tunnel_failed" if route.kind is RouteKind.HBONE else "upstream_failed")
+        log.info("pod %s: outbound %s: %s", pod.label, hostport(*dst), why)
+        if route.pick is not None and self.routing.record(route.pick, ok=False):
+            self._count("ejection")
+            log.warning(
+                "endpoint %s of %s ejected as an outlier", route.pick.candidate.key, route.service
+            )
+
+    def _give_up(
+        self, live: LiveConnection, sock: socket.socket, route: Route, failures: int, why: str
+    ) -> None:
+        """No attempt opened an upstream: URX after retries (Envoy), else UF for plain TCP and
+        ztunnel's CONNECT (from the close reason) for a tunnel."""
+        if failures > 1:
+            live.response_flags = _join_flags(live.response_flags, UPSTREAM_RETRY_LIMIT)
+        elif route.kind is not RouteKind.HBONE:
+            live.response_flags = _join_flags(live.response_flags, UPSTREAM_CONNECT_FAILURE)
+        if route.kind is RouteKind.HBONE:
+            live.closed_reason = f"{TUNNEL_OPEN_FAILED}: {why}"
+            sock.close()  # as ztunnel: the app sees a normal close
+        else:
+            live.closed_reason = why
+            reset_socket(sock)
+
+    async def _relay(
+        self,
+        pod: LocalPod,
+        source: Workload | None,
+        sock: socket.socket,
+        client: Address,
+        route: Route,
+        live: LiveConnection,
+        upstream: TunnelStream | socket.socket,
+    ) -> None:
+        plan = route.plan
+        mirror = None
+        if plan is not None and plan.decision.mirror is not None:
+            mirror = self._mirror(pod, source, client, plan)
+        if isinstance(upstream, socket.socket):
+            self._count(route.kind.value)
+            try:
+                app = await self._app_end("downstream", sock, mirror)
+                up_end = await connect_tcp_end("upstream", upstream)
+            except BaseException:
+                upstream.close()
+                raise
+            live.relay = relay_pair(app, up_end)
+        else:
+            self._count("hbone")
+            tunnel_end = TunnelRelayEnd("tunnel", upstream)
+            live.destination_identity = self.pool.peer_identity(
+                PoolKey(pod.uid, pod.identity, route.identities, route.destination), upstream
+            )
+            try:
+                app = await self._app_end("app", sock, mirror)
+            except BaseException:
+                tunnel_end.detach()
+                upstream.reset()
+                raise
+            live.relay = join(app, tunnel_end)
+        idle = None
+        policy = route.pick.target.policy if route.pick is not None else None
+        if policy is not None and policy.tcp is not None and policy.tcp.idle_timeout:
+            idle = asyncio.get_running_loop().create_task(
+                close_when_idle(live.relay, policy.tcp.idle_timeout, self._sleep)
+            )
+        try:
+            await hold(live.relay)
+        finally:
+            if idle is not None:
+                idle.cancel()
+            if mirror is not None:
+                mirror.close()
+
+    @staticmethod
+    async def _app_end(name: str, sock: socket.socket, mirror: Mirror | None) -> TcpRelayEnd:
+        if mirror is None:
+            return await connect_tcp_end(name, sock)
+        end = await connect_tcp_end(name, sock, end=MirroredTcpEnd)
+        assert isinstance(end, MirroredTcpEnd)
+        end.tap = mirror.feed  # before the relay is joined: the early bytes are copied too
+        return end
+
+    def _mirror(
+        self, pod: LocalPod, source: Workload | None, client: Address, plan: ServicePlan
+    ) -> Mirror | None:
+        """Start copying this connection's client bytes to the plan's mirror target."""
+        target = plan.decision.mirror
+        assert target is not None
+        shadow = self.routing.mirror_plan(plan, target)
+        route = self.router.next_route(shadow) if shadow is not None else None
+        if route is None or route.kind is RouteKind.REFUSE:
+            self._count("mirror_dropped")
+            return None
+
+        async def open_mirror() -> TunnelStream | socket.socket:
+            return await self._open(pod, source, client, route)
+
+        mirror = Mirror(open_mirror, on_drop=lambda why: self._mirror_dropped(pod, why))
+        self.mirrors.add(mirror)
+        mirror.closed.add_done_callback(lambda _f: self.mirrors.discard(mirror))
+        return mirror
+
+    def _mirror_dropped(self, pod: LocalPod, why: str) -> None:
+        self._count("mirror_dropped")
+        log.info("pod %s: mirror dropped: %s", pod.label, why)
+
+
+class ConnectFailed(Exception):
+    """One connect attempt failed; the message names the destination and the cause."""
+
+
+def _join_flags(first: str, second: str) -> str:
+    return f"{first},{second}" if first else second
+
+
+async def close_when_idle(
+    relay: Relay, idle: float, sleep: Callable[[float], Awaitable[None]]
+) -> None:
+    """`connectionPool.tcp.idleTimeout`: close both sides once no byte moved for `idle` s."""
+    moved, quiet = -1, 0.0
+    step = idle / 4
+    while not relay.done.done():
+        now = relay.a.received + relay.b.received
+        quiet = quiet + step if now == moved else 0.0
+        if quiet >= idle:
+            relay.finish("idle timeout")
             return
-        if ok:
-            self._outliers.record_success(route.endpoint_key)
-        elif self._outliers.record_failure(route.endpoint_key):
-            log.info("endpoint %s of %s ejected as an outlier", route.endpoint_key, route.service)
+        moved = now
+        await sleep(step)

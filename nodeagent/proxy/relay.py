@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -272,14 +273,18 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
 
 
 async def connect_tcp_end(
-    name: str, sock: socket.socket, *, connect_to: tuple[str, int] | None = None
+    name: str,
+    sock: socket.socket,
+    *,
+    connect_to: tuple[str, int] | None = None,
+    end: Callable[[str], TcpRelayEnd] = TcpRelayEnd,
 ) -> TcpRelayEnd:
-    """Wrap a socket (already connected, or connected here) as a relay end."""
+    """Wrap a socket (already connected, or connected here) as a relay end of type `end`."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     if connect_to is not None:
         await loop.sock_connect(sock, connect_to)
-    _, proto = await loop.connect_accepted_socket(lambda: TcpRelayEnd(name), sock)
+    _, proto = await loop.connect_accepted_socket(lambda: end(name), sock)
     return proto
 
 

@@ -16,7 +16,8 @@ random source and the clock are injected.
   while the set allows); unset, today's capacity-weighted random pick.
 * `record`: a connect failure counts towards ejection with the cluster's
   `outlierDetection` (consecutive 5xx and gateway errors both count connect
-  failures, the smaller threshold ejects), else the agent's default settings.
+  failures, the smaller threshold ejects); without one, nothing is ejected
+  (Envoy's default: outlier detection only where a cluster configures it).
 """
 
 from __future__ import annotations
@@ -149,11 +150,11 @@ class ClusterBalancer:
         if ok:
             self.outliers.record_success(candidate.key)
             return False
-        settings = None
-        if target.policy.outlier is not None:
-            settings = outlier_settings(target.policy.outlier)
-            if settings is None:
-                return False  # the rule disabled ejection for this cluster
+        if target.policy.outlier is None:
+            return False  # as Envoy: no outlierDetection, no ejection
+        settings = outlier_settings(target.policy.outlier)
+        if settings is None:
+            return False  # the rule disabled ejection for this cluster
         return self.outliers.record_failure(candidate.key, settings, cluster_keys)
 
 

@@ -85,6 +85,7 @@ class FakeConnection:
     destination_identity: Identity | None = None
     started: float = 0.0
     closed_reason: str = ""
+    response_flags: str = ""
     bytes_in: int = 0
     bytes_out: int = 0
     id: int = 1

@@ -16,9 +16,9 @@ from nodeagent.model.workload import (
     Workload,
 )
 from nodeagent.proxy.outbound import OutboundRouter, RouteKind
+from nodeagent.proxy.routing import ServiceRouting
 from nodeagent.state.store import StateBatch, StateStore
 from nodeagent.traffic.outlier import OutlierDetector, OutlierSettings
-from nodeagent.traffic.selection import EndpointSelector
 from tests.builders import service as build_service
 from tests.builders import workload as build_workload
 
@@ -122,7 +122,7 @@ def test_outlier_ejection_steers_away_from_a_failing_endpoint(store):
     )
     now = [0.0]
     outliers = OutlierDetector(lambda: now[0], OutlierSettings())
-    router = OutboundRouter(store, EndpointSelector(random.Random(1), outliers))
+    router = OutboundRouter(store, ServiceRouting(store, outliers, random.Random(1)))
     for _ in range(20):
         outliers.record_failure(("b", ip("10.0.0.5"), 8080))
     picked = {
