@@ -10,7 +10,9 @@ Plain wiring, no logic. `build` creates
   with their connection handlers: the HBONE tunnel (outbound 15001 over a
   client pool, the 15008 server, plaintext 15006, with authorization and a
   registry of live connections that policy changes re-check) when workload
-  certificates are available, plain passthrough otherwise;
+  certificates are available; without them (an agent built without a CA, in
+  tests) the same handlers with no tunnel: outbound in plaintext to what the
+  tunnel would reach, 15008 refused;
 * the NodeManager that drives it all, with the pod annotation manager when
   there is a Kubernetes API server (in a pod, or `kube_api_address`);
 * the admin, metrics and readiness servers, with providers over all of the
@@ -84,10 +86,13 @@ from nodeagent.proxy.connections import (
     ObservedPolicyChecker,
     store_policy_lookup,
 )
-from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
+from nodeagent.proxy.inbound import (
+    HboneUnavailable,
+    InboundHboneHandler,
+    InboundPlaintextHandler,
+)
 from nodeagent.proxy.listeners import ConnectionHandler, PodListenerFactory, SocketFactoryMaker
 from nodeagent.proxy.outbound import OutboundHandler, OutboundRouter
-from nodeagent.proxy.passthrough import PassthroughStats, passthrough_handlers
 from nodeagent.proxy.pool import HbonePool, PoolSettings
 from nodeagent.proxy.routing import ServiceRouting
 from nodeagent.proxy.tunnel_end import WorkloadTls
@@ -110,7 +115,6 @@ class AgentHandles:
     ca_client: CaClient | None
     certificates: CertificateManager | None
     listeners: PodListenerFactory
-    passthrough: PassthroughStats
     node_manager: NodeManager
     connections: ConnectionRegistry | None = None
     pool: HbonePool | None = None
@@ -263,18 +267,17 @@ async def build(
         )
 
     destination_of = ebpf.destination_of if ebpf is not None else original_destination
-    stats = PassthroughStats()
     metrics = AgentMetrics()
     telemetry = ConnectionTelemetry(store, metrics)
     registry: ConnectionRegistry | None = None
     pool: HbonePool | None = None
     routing = ServiceRouting(store, OutlierDetector(time.monotonic))
-    if handlers is None and certificates is not None:
+    if handlers is None:
         handlers, registry, pool = _mesh_handlers(
             config, store, certificates, metrics, telemetry, destination_of, routing, closers
         )
     listeners = PodListenerFactory(
-        handlers or passthrough_handlers(stats, destination_of=destination_of),
+        handlers,
         sockets_for,
         on_drained=pool.close_source if pool is not None else None,
     )
@@ -318,7 +321,6 @@ async def build(
         ca_client=ca_client,
         certificates=certificates,
         listeners=listeners,
-        passthrough=stats,
         node_manager=node_manager,
         connections=registry,
         pool=pool,
@@ -432,19 +434,32 @@ def _capture_backend(
 def _mesh_handlers(
     config: Config,
     store: StateStore,
-    certificates: CertificateManager,
+    certificates: CertificateManager | None,
     metrics: AgentMetrics,
     telemetry: ConnectionTelemetry,
     destination_of: Callable[[socket.socket], Any],
     routing: ServiceRouting,
     closers: list[Any],
-) -> tuple[dict[int, ConnectionHandler], ConnectionRegistry, HbonePool]:
+) -> tuple[dict[int, ConnectionHandler], ConnectionRegistry, HbonePool | None]:
     """The in-pod listeners' handlers: outbound over the HBONE pool, inbound plaintext
-    and HBONE, all authorized and recorded in one connection registry."""
-    tls = WorkloadTls(certificates)
+    and HBONE, all authorized and recorded in one connection registry. Without
+    certificates: no pool (outbound goes in plaintext) and 15008 refuses."""
     checker = ObservedPolicyChecker(store_policy_lookup(store), telemetry)
     registry = ConnectionRegistry(checker, observer=telemetry)
     closers.append(registry.watch(store))
+    if certificates is None:
+        return (
+            {
+                OUTBOUND_PORT: OutboundHandler(
+                    store, None, registry, routing=routing, destination_of=destination_of
+                ),
+                INBOUND_PLAINTEXT_PORT: InboundPlaintextHandler(checker, registry),
+                INBOUND_HBONE_PORT: HboneUnavailable(),
+            },
+            registry,
+            None,
+        )
+    tls = WorkloadTls(certificates)
     pool = HbonePool(tls, PoolSettings())
     inbound_hbone = InboundHboneHandler(
         tls, checker, registry, settings=ServerSettings.from_config(config)

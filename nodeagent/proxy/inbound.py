@@ -22,6 +22,8 @@ app sees the real caller. Both register the connection with the
   ip:port; authorization runs with no identity, so a workload whose policies
   require mTLS (STRICT: a DENY with `not_principals: [presence]`) refuses it:
   the connection is closed without connecting upstream.
+* 15008 without workload certificates (an agent built without a CA, tests):
+  `HboneUnavailable` refuses every connection (fail closed).
 """
 
 from __future__ import annotations
@@ -340,10 +342,22 @@ class InboundPlaintextHandler:
                 return
             self.stats.transparent += spoofed
             live.relay = await relay_sockets(sock, app)
+            self.stats.relayed += 1  # counted as relaying starts, as on 15008
             await hold(live.relay)
-            self.stats.relayed += 1
         except BaseException:
             sock.close()
             raise
         finally:
             self.registry.remove(live)
+
+
+class HboneUnavailable:
+    """15008 while there is no tunnel (no workload certificates): refuse, fail closed."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        log.info("pod %s: HBONE connection on %d closed: no tunnel yet", pod.label, listener_port)
+        self.refused += 1
+        reset_socket(sock)

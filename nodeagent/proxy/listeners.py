@@ -7,10 +7,9 @@ carries SO_MARK 0x539 and SO_REUSEPORT: during a restart the old and the new
 agent listen side by side and the kernel spreads new connections over both.
 
 Each accepted connection goes to the `ConnectionHandler` registered for its
-port: with certificates the agent registers the HBONE handlers
-(nodeagent.proxy.outbound on 15001, nodeagent.proxy.inbound on 15006 and
-15008); an agent built without a CA (tests) registers the plain-TCP ones of
-nodeagent.proxy.passthrough. A handler:
+port: nodeagent.proxy.outbound on 15001, nodeagent.proxy.inbound on 15006 and
+15008 (an agent built without a CA, in tests, registers the same handlers with
+no tunnel: outbound in plaintext, 15008 refused). A handler:
 
 * receives the `LocalPod` (who the pod is: uid, name, identity, IPs, its
   namespace and socket factory), the accepted non-blocking socket, and the
@@ -261,6 +260,11 @@ class PodListenerFactory:
         self.open_pods: dict[str, PodListeners] = {}  # by workload uid
         # Totals over every set this factory opened (closed ones included).
         self.totals = ListenerStats()
+
+    @property
+    def handlers(self) -> Mapping[int, ConnectionHandler]:
+        """The handler of each port."""
+        return self._handlers
 
     async def open(self, workload: Workload, netns: NetnsHandle) -> PodListeners:
         pod = LocalPod.from_workload(workload, netns, self._sockets_for(netns))

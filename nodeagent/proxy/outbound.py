@@ -30,11 +30,11 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.aio import TunnelStream
-from nodeagent.hbone.headers import format_authority
+from nodeagent.hbone.headers import format_authority, parse_authority
 from nodeagent.model.address import unmap
 from nodeagent.model.constants import (
     FAULT_ABORT,
@@ -250,7 +250,7 @@ class OutboundHandler:
     def __init__(
         self,
         store: StateStore,
-        pool: HbonePool,
+        pool: HbonePool | None,
         registry: ConnectionRegistry,
         *,
         routing: ServiceRouting | None = None,
@@ -289,7 +289,7 @@ class OutboundHandler:
             if ipv4 is not None:
                 client = (ipv4, app_port)
         source = self._store.workload(pod.uid)
-        route = self.router.route(source, dst, pod.owns, client[0])
+        route = self._plain_if_no_tunnel(self.router.route(source, dst, pod.owns, client[0]))
         log.debug(
             "pod %s: %s -> %s: %s", pod.label, hostport(*client), hostport(*dst), route.describe()
         )
@@ -331,6 +331,20 @@ class OutboundHandler:
         finally:
             self.routing.release(plan)
 
+    def _plain_if_no_tunnel(self, route: Route) -> Route:
+        """Without a pool (an agent built without workload certificates, in tests) a tunnel
+        route becomes plain TCP to what the tunnel would reach (the CONNECT authority)."""
+        if self.pool is not None or route.kind is not RouteKind.HBONE:
+            return route
+        return replace(
+            route,
+            kind=RouteKind.PASSTHROUGH,
+            destination=parse_authority(route.authority),
+            authority="",
+            identities=frozenset(),
+            reason="no tunnel (no workload certificates)",
+        )
+
     def _refused(
         self, pod: LocalPod, client: Address, dst: Address, route: Route, flags: str
     ) -> None:
@@ -364,6 +378,7 @@ class OutboundHandler:
             except (OSError, TimeoutError) as exc:
                 raise ConnectFailed(f"{route.describe()}: {exc or type(exc).__name__}") from None
             return upstream
+        assert self.pool is not None  # routes without a pool are plain (_plain_if_no_tunnel)
         key = PoolKey(pod.uid, pod.identity, route.identities, route.destination)
         headers = [forwarded_header(client, route.service_hostname), traceparent_header()]
         baggage = source_baggage(source, pod)
@@ -428,7 +443,7 @@ class OutboundHandler:
                         reset_socket(sock)
                         return
                     self._count("retry")
-                    route = following
+                    route = self._plain_if_no_tunnel(following)
                     live.protocol = HBONE if route.kind is RouteKind.HBONE else TCP
                     live.target = route.authority or hostport(*route.destination)
             if route.pick is not None:
@@ -495,6 +510,7 @@ class OutboundHandler:
             live.relay = relay_pair(app, up_end)
         else:
             self._count("hbone")
+            assert self.pool is not None  # a stream came from it
             tunnel_end = TunnelRelayEnd("tunnel", upstream)
             live.destination_identity = self.pool.peer_identity(
                 PoolKey(pod.uid, pod.identity, route.identities, route.destination), upstream

@@ -1,5 +1,5 @@
-"""The real agent wiring (app.build: NodeManager, iptables, PodListeners, passthrough)
-capturing two real pod namespaces, driven by a StateStore filled directly."""
+"""The real agent wiring (app.build: NodeManager, iptables, PodListeners, the handlers
+without a tunnel) capturing two real pod namespaces, driven by a StateStore filled directly."""
 
 from __future__ import annotations
 
@@ -25,12 +25,36 @@ from nodeagent.model.constants import (
     OUTBOUND_PORT,
     REDIRECTION_ANNOTATION,
 )
+from nodeagent.model.workload import TunnelProtocol
 from nodeagent.node.lifecycle import Backoff, PodState
+from nodeagent.proxy.inbound import HboneUnavailable, InboundPlaintextHandler
+from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.state.store import StateBatch, StateStore
 
 from .conftest import NODE, DemoApp, Topology, call, in_ns, listening_ports, sh
 
 WAIT = 15.0
+
+
+def relayed(handles: app.AgentHandles) -> dict[int, int]:
+    """Connections relayed in plaintext, per listener port (no certificates: no tunnel)."""
+    outbound, inbound = handles.listeners.handlers[OUTBOUND_PORT], plaintext(handles)
+    assert isinstance(outbound, OutboundHandler)
+    counts = {OUTBOUND_PORT: outbound.counts.get("passthrough", 0)}
+    counts[INBOUND_PLAINTEXT_PORT] = inbound.stats.relayed
+    return {port: n for port, n in counts.items() if n}
+
+
+def plaintext(handles: app.AgentHandles) -> InboundPlaintextHandler:
+    handler = handles.listeners.handlers[INBOUND_PLAINTEXT_PORT]
+    assert isinstance(handler, InboundPlaintextHandler)
+    return handler
+
+
+def hbone_refused(handles: app.AgentHandles) -> int:
+    handler = handles.listeners.handlers[INBOUND_HBONE_PORT]
+    assert isinstance(handler, HboneUnavailable)
+    return handler.refused
 
 
 async def build_agent(
@@ -91,8 +115,8 @@ async def test_outbound_connection_goes_through_the_agent_with_original_destinat
             pods = handles.listeners.open_pods
             assert pods[a.uid].stats.accepted == {OUTBOUND_PORT: 1}
             assert pods[b.uid].stats.accepted == {INBOUND_PLAINTEXT_PORT: 1}
-            assert handles.passthrough.relayed == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
-            assert handles.passthrough.transparent == 1
+            assert relayed(handles) == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
+            assert plaintext(handles).stats.transparent == 1
             # IPv6 is captured too.
             assert await call(worker, a, b.ip6) == a.ip6
             assert pods[a.uid].stats.accepted == {OUTBOUND_PORT: 2}
@@ -102,6 +126,28 @@ async def test_outbound_connection_goes_through_the_agent_with_original_destinat
                 INBOUND_PLAINTEXT_PORT,
                 INBOUND_HBONE_PORT,
             )
+    finally:
+        await demo.stop()
+
+
+async def test_without_certificates_a_tunnel_destination_is_reached_in_plaintext(
+    topology: Topology, worker: NetnsWorker, capture: IptablesBackend
+) -> None:
+    a, b = topology.a, topology.b
+    demo = DemoApp()
+    await demo.start(worker, b)
+    store = StateStore()
+    hbone_b = dataclasses.replace(b.workload(), tunnel_protocol=TunnelProtocol.HBONE)
+    try:
+        async with agent(topology, store, capture) as handles:
+            store.apply(StateBatch(workloads=(a.workload(), hbone_b)))
+            await wait_state(handles, a.uid, PodState.READY)
+            await wait_state(handles, b.uid, PodState.READY)
+            # B speaks HBONE, but an agent without certificates has no tunnel: the original
+            # destination in plaintext, captured again on B's side.
+            assert await call(worker, a, b.ip) == a.ip
+            assert relayed(handles) == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
+            assert handles.pool is None
     finally:
         await demo.stop()
 
@@ -121,7 +167,7 @@ async def test_connection_to_the_agents_own_port_is_refused_not_looped(
             raise AssertionError("a connection to 15008 was answered")
         except (ConnectionError, OSError):
             pass
-        assert handles.passthrough.refused.get(INBOUND_HBONE_PORT) == 1
+        assert hbone_refused(handles) == 1
 
 
 async def test_removed_workload_is_held_refused_and_release_removes_every_rule_and_listener(
@@ -289,7 +335,7 @@ def test_relay_works_under_uvloop_as_nodeagent_run_uses_it(
                 await wait_state(handles, b.uid, PodState.READY)
                 async with asyncio.timeout(WAIT):
                     answer = await call(worker, a, b.ip)
-                assert handles.passthrough.relayed == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
+                assert relayed(handles) == {OUTBOUND_PORT: 1, INBOUND_PLAINTEXT_PORT: 1}
                 return answer
         finally:
             await demo.stop()

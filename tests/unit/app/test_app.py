@@ -22,7 +22,7 @@ from nodeagent.datapath.plan import CapturePlan
 from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.model.workload import Workload
 from nodeagent.node.lifecycle import PodState
-from nodeagent.proxy.inbound import InboundHboneHandler, InboundPlaintextHandler
+from nodeagent.proxy.inbound import HboneUnavailable, InboundHboneHandler, InboundPlaintextHandler
 from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.state.store import StateBatch
 
@@ -119,7 +119,8 @@ async def test_built_agent_captures_a_local_pod_and_stops_leaving_capture() -> N
     await runner
     assert 7 in capture.installed  # a normal stop leaves capture for the next agent
     assert agent.listeners.open_pods == {}
-    assert agent.passthrough.refused == {15008: 1}
+    hbone = agent.listeners.handlers[15008]
+    assert isinstance(hbone, HboneUnavailable) and hbone.refused == 1
 
 
 async def test_build_wires_xds_and_certificates_without_connecting() -> None:
@@ -128,8 +129,8 @@ async def test_build_wires_xds_and_certificates_without_connecting() -> None:
     )
     assert agent.xds is not None and agent.certificates is not None
     assert not agent.ready  # no config from the control plane yet
-    # With certificates the tunnel serves the in-pod ports, not the passthrough.
-    handlers = agent.listeners._handlers
+    # With certificates the tunnel serves the in-pod ports; 15008 is the HBONE server.
+    handlers = agent.listeners.handlers
     assert isinstance(handlers[15001], OutboundHandler)
     assert isinstance(handlers[15006], InboundPlaintextHandler)
     assert isinstance(handlers[15008], InboundHboneHandler)
