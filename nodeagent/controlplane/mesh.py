@@ -38,7 +38,13 @@ from nodeagent.model.routing import (
     parse_virtual_service,
     resolve_host,
 )
-from nodeagent.model.yamlfile import YamlSyntaxError, compose_yaml, decode_yaml_bytes
+from nodeagent.model.yamlfile import (
+    YamlSyntaxError,
+    compose_yaml,
+    construct,
+    decode_yaml_bytes,
+    locate_node,
+)
 
 T = TypeVar("T")
 
@@ -805,7 +811,6 @@ _SOURCE_FIELDS = (
 
 _VS = "VirtualService"
 _DR = "DestinationRule"
-_SPEC_READER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualService | DestinationRule:
@@ -830,30 +835,12 @@ def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualServic
     annotations = (
         r.labels(md["annotations"], f"{path}.metadata.annotations") if "annotations" in md else {}
     )
-    spec = _SPEC_READER("").construct_document(m["spec"])
+    spec = construct(m["spec"])
     read = parse_virtual_service if kind == _VS else parse_destination_rule
     try:
         return read(namespace, name, spec, annotations)
     except RoutingSpecError as e:
-        raise r.error(_locate(node, e.path), f"{path}.{e.path}", e.problem) from None
-
-
-def _locate(node: yaml.Node, path: str) -> yaml.Node:
-    """The deepest node of `path` (`spec.tcp[0].route[1].weight`) that exists under `node`."""
-    here = node
-    for part in path.replace("]", "").replace("[", ".").split("."):
-        if isinstance(here, yaml.MappingNode):
-            nxt = next((v for k, v in here.value if k.value == part), None)
-            if nxt is None:
-                nxt = next((k for k, _ in here.value if k.value == part), None)
-        elif isinstance(here, yaml.SequenceNode) and part.isdigit() and int(part) < len(here.value):
-            nxt = here.value[int(part)]
-        else:
-            nxt = None
-        if nxt is None:
-            return here
-        here = nxt
-    return here
+        raise r.error(locate_node(node, e.path), f"{path}.{e.path}", e.problem) from None
 
 
 def _check_routing_references(
@@ -889,7 +876,7 @@ def _check_routing_references(
                 if dest.subset and dest.subset not in subsets.get(full, set()):
                     defined = ", ".join(sorted(subsets.get(full, ()))) or "none"
                     raise r.error(
-                        _locate(node, f"{where}.subset"),
+                        locate_node(node, f"{where}.subset"),
                         f"{path}.{where}.subset",
                         f"subset {dest.subset!r} is defined by no DestinationRule for {full} "
                         f"(defined: {defined})",
@@ -900,7 +887,7 @@ def _not_a_service(
     r: _Reader, node: yaml.Node, path: str, field_path: str, host: str, full: str
 ) -> MeshError:
     return r.error(
-        _locate(node, field_path),
+        locate_node(node, field_path),
         f"{path}.{field_path}",
         f"{host!r} ({full}) is not a service",
     )

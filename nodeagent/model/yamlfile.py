@@ -72,9 +72,42 @@ def compose_yaml(text: str, source: str) -> yaml.Node | None:
         raise YamlSyntaxError(yaml_error_line(exc, source, text)) from None
 
 
+def compose_yaml_documents(text: str, source: str) -> list[yaml.Node | None]:
+    """Every document of a multi-document text (`---` between them); YamlSyntaxError if broken."""
+    try:
+        return list(yaml.compose_all(text, Loader=LOADER))
+    except yaml.YAMLError as exc:
+        raise YamlSyntaxError(yaml_error_line(exc, source, text)) from None
+
+
+def construct(node: yaml.Node) -> Any:
+    """A composed node as plain data (safe types only)."""
+    return LOADER("").construct_document(node)
+
+
 def load_yaml(text: str, source: str) -> Any:
     """`text` as plain data (safe types only); YamlSyntaxError if broken."""
     try:
         return yaml.load(text, Loader=LOADER)
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(yaml_error_line(exc, source, text)) from None
+
+
+def locate_node(node: yaml.Node, path: str) -> yaml.Node:
+    """The deepest node of `path` (`spec.tcp[0].route[1].weight`) that exists under `node`,
+    so an error about a field, even a missing one, is placed on the nearest line the user
+    wrote."""
+    here = node
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        nxt: yaml.Node | None = None
+        if isinstance(here, yaml.MappingNode):
+            for key, value in here.value:
+                if key.value == part:
+                    nxt = value
+                    break
+        elif isinstance(here, yaml.SequenceNode) and part.isdigit() and int(part) < len(here.value):
+            nxt = here.value[int(part)]
+        if nxt is None:
+            return here
+        here = nxt
+    return here

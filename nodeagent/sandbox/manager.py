@@ -561,7 +561,9 @@ class SandboxManager:
             )
         try:
             user = mesh_mod.parse_user_file(text, source)
-            if not delete:  # a deletion needs only names
+            if not delete and not user.documents:  # a deletion needs only names
+                # Documents are checked field by field as they are read; what refers to the
+                # sandbox (hosts, subsets) is checked on the merged mesh below.
                 validate(mesh_mod.standalone_text(text, plan), source)
         except ValueError as exc:
             raise SandboxError(str(exc)) from None
@@ -585,8 +587,9 @@ class SandboxManager:
             try:
                 validate(new_text, str(mesh_file))
             except ValueError as exc:
+                placed = mesh_mod.place_error(str(exc), merged, user)
                 raise SandboxError(
-                    f"{source} does not fit sandbox {name}'s mesh, nothing changed: {exc}"
+                    f"{source} does not fit sandbox {name}'s mesh, nothing changed: {placed}"
                 ) from None
             if summary.added or summary.replaced or summary.deleted:
                 self.store.write_private(mesh_file, new_text)

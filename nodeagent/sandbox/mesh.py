@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,11 +38,19 @@ from typing import Any
 import yaml
 
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
+from nodeagent.model.routing import (
+    RoutingSpecError,
+    parse_destination_rule,
+    parse_virtual_service,
+)
 from nodeagent.model.yamlfile import (
     YamlSyntaxError,
     compose_yaml,
+    compose_yaml_documents,
+    construct,
     decode_yaml_bytes,
     load_yaml,
+    locate_node,
 )
 from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan, SandboxPlan
 
@@ -52,8 +61,27 @@ BACKEND_VIP = "10.96.0.10"
 ECHO_VIP = "10.96.0.11"
 
 # Top-level sections of the mesh file a user may apply, and how a resource is keyed.
-APPLY_SECTIONS = ("workloads", "services", "authorizationPolicies")
-_KINDS = {"workloads": "workload", "services": "service", "authorizationPolicies": "policy"}
+APPLY_SECTIONS = (
+    "workloads",
+    "services",
+    "authorizationPolicies",
+    "virtualServices",
+    "destinationRules",
+)
+_KINDS = {
+    "workloads": "workload",
+    "services": "service",
+    "authorizationPolicies": "policy",
+    "virtualServices": "virtualservice",
+    "destinationRules": "destinationrule",
+}
+# Istio kinds an apply file may hold as Kubernetes documents (`kind:` each, `---` between).
+ISTIO_KINDS = {
+    "AuthorizationPolicy": "authorizationPolicies",
+    "VirtualService": "virtualServices",
+    "DestinationRule": "destinationRules",
+}
+_METADATA_SECTIONS = ("authorizationPolicies", "virtualServices", "destinationRules")
 _OWNED_SECTIONS = ("meshConfig", "nodes")
 DEFAULT_NAMESPACE = "default"  # the mesh file's default (docs/mesh-file.md)
 
@@ -164,7 +192,7 @@ def resource_key(section: str, item: Any) -> tuple[str, str, str] | None:
     """(kind, namespace, name) of one resource, None if it has no usable name."""
     if not isinstance(item, dict):
         return None
-    meta = item.get("metadata") if section == "authorizationPolicies" else item
+    meta = item.get("metadata") if section in _METADATA_SECTIONS else item
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         return None
     namespace = meta.get("namespace", DEFAULT_NAMESPACE)
@@ -182,6 +210,11 @@ class UserFile:
     sections: dict[str, list[Any]]
     where: dict[tuple[str, int], str] = field(default_factory=dict)
     """(section, index) -> `FILE:LINE:COL` of that resource."""
+    nodes: dict[tuple[str, int], yaml.Node] = field(default_factory=dict)
+    """(section, index) -> the resource's YAML node, to place errors on the user's lines."""
+    documents: bool = False
+    """The file was Kubernetes documents (`kind:` each), not mesh-file sections."""
+    source: str = "<apply>"
 
 
 def parse_user_file(text: str, source: str) -> UserFile:
@@ -192,12 +225,20 @@ def parse_user_file(text: str, source: str) -> UserFile:
     validator (see `standalone_text`).
     """
     try:
-        root = compose_yaml(text, source)
-        data = load_yaml(text, source)
+        roots = compose_yaml_documents(text, source)
     except YamlSyntaxError as e:
         raise ApplyError(str(e)) from None
+    if any(_is_kind_document(r) for r in roots):
+        return _parse_documents(roots, source)
+    if len(roots) > 1:
+        raise ApplyError(
+            f"{source}: several YAML documents, but none has a `kind:` "
+            f"(give Istio resources as documents, or one mapping of {', '.join(APPLY_SECTIONS)})"
+        )
+    root = roots[0] if roots else None
     if root is None:
         raise ApplyError(f"{source}: the file is empty (expected {', '.join(APPLY_SECTIONS)})")
+    data = construct(root)
     if not isinstance(root, yaml.MappingNode):
         raise ApplyError(
             f"{_where(source, root)}: expected a mapping of {', '.join(APPLY_SECTIONS)}"
@@ -211,6 +252,7 @@ def parse_user_file(text: str, source: str) -> UserFile:
             raise ApplyError(f"{_where(source, key_node)}: {key_node.value}: duplicate section")
         seen.add(key_node.value)
     where: dict[tuple[str, int], str] = {}
+    nodes: dict[tuple[str, int], yaml.Node] = {}
     for key_node, value_node in root.value:
         key = key_node.value
         if key in _OWNED_SECTIONS:
@@ -227,10 +269,102 @@ def parse_user_file(text: str, source: str) -> UserFile:
             raise ApplyError(f"{_where(source, value_node)}: {key}: expected a list")
         for i, (item_node, item) in enumerate(zip(value_node.value, data[key], strict=True)):
             if resource_key(key, item) is None:
-                name = "metadata.name" if key == "authorizationPolicies" else "name"
+                name = "metadata.name" if key in _METADATA_SECTIONS else "name"
                 raise ApplyError(f"{_where(source, item_node)}: {key}[{i}].{name}: required")
             where[(key, i)] = _where(source, item_node)
-    return UserFile({k: list(v) for k, v in data.items()}, where)
+            nodes[(key, i)] = item_node
+    return UserFile({k: list(v) for k, v in data.items()}, where, nodes, source=source)
+
+
+def _is_kind_document(root: yaml.Node | None) -> bool:
+    return isinstance(root, yaml.MappingNode) and any(
+        isinstance(k, yaml.ScalarNode) and k.value == "kind" for k, _ in root.value
+    )
+
+
+def _parse_documents(roots: list[yaml.Node | None], source: str) -> UserFile:
+    """Kubernetes documents of Istio kinds, as mesh-file sections; the fields of
+    VirtualServices and DestinationRules are checked here, each error on its line."""
+    sections: dict[str, list[Any]] = {}
+    where: dict[tuple[str, int], str] = {}
+    nodes: dict[tuple[str, int], yaml.Node] = {}
+    for number, root in enumerate(roots, 1):
+        if root is None:
+            continue  # an empty document (`---` twice, a trailing `---`)
+        if not _is_kind_document(root):
+            raise ApplyError(
+                f"{_where(source, root)}: document {number}: kind: required "
+                f"(one of {', '.join(ISTIO_KINDS)})"
+            )
+        doc = construct(root)
+        kind = doc.get("kind")
+        section = ISTIO_KINDS.get(kind) if isinstance(kind, str) else None
+        if section is None:
+            at = locate_node(root, "kind")
+            raise ApplyError(
+                f"{_where(source, at)}: kind: {kind!r} cannot be applied to the sandbox "
+                f"(known: {', '.join(ISTIO_KINDS)})"
+            )
+        items = sections.setdefault(section, [])
+        key = resource_key(section, doc)
+        if key is None:
+            raise ApplyError(f"{_where(source, root)}: {kind}: metadata.name: required")
+        _check_fields(doc, root, source)
+        where[(section, len(items))] = _where(source, root)
+        nodes[(section, len(items))] = root
+        items.append(doc)
+    if not sections:
+        raise ApplyError(f"{source}: the file is empty (expected Istio resources or sections)")
+    return UserFile(sections, where, nodes, documents=True, source=source)
+
+
+def _check_fields(doc: Mapping[str, Any], root: yaml.Node, source: str) -> None:
+    """A VirtualService's or DestinationRule's own fields, with the line of the bad one."""
+    read = {"VirtualService": parse_virtual_service, "DestinationRule": parse_destination_rule}
+    parse = read.get(str(doc.get("kind")))
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    if parse is None or not isinstance(meta, dict):
+        return
+    annotations = meta.get("annotations") if isinstance(meta.get("annotations"), dict) else {}
+    name = f"{meta.get('namespace', DEFAULT_NAMESPACE)}/{meta.get('name')}"
+    try:
+        parse(
+            str(meta.get("namespace", DEFAULT_NAMESPACE)),
+            str(meta.get("name")),
+            doc.get("spec") or {},
+            {str(k): str(v) for k, v in (annotations or {}).items()},
+        )
+    except RoutingSpecError as e:
+        at = locate_node(root, e.path)
+        raise ApplyError(
+            f"{_where(source, at)}: {doc['kind']} {name}: {e.path}: {e.problem}"
+        ) from None
+
+
+_PLACED = re.compile(
+    r"^.+?:\d+:\d+: (?P<section>\w+)\[(?P<index>\d+)\]\.?(?P<rest>\S*): (?P<problem>.*)$", re.S
+)
+
+
+def place_error(message: str, merged: Mapping[str, Any], user: UserFile) -> str:
+    """A validator's error about the merged mesh, placed on the user's own line when it is
+    about a resource of the user's file (`FILE:LINE:COL: Kind ns/name: field: problem`)."""
+    m = _PLACED.match(message)
+    if m is None:
+        return message
+    section, index = m["section"], int(m["index"])
+    items = merged.get(section) or []
+    if section not in _KINDS or index >= len(items):
+        return message
+    key = resource_key(section, items[index])
+    if key is None:
+        return message
+    for (user_section, i), node in user.nodes.items():
+        if user_section == section and resource_key(section, user.sections[section][i]) == key:
+            at = locate_node(node, m["rest"]) if m["rest"] else node
+            field_path = m["rest"] or "(resource)"
+            return f"{_where(user.source, at)}: {_label(key)}: {field_path}: {m['problem']}"
+    return message
 
 
 def standalone_text(text: str, plan: SandboxPlan) -> str:
@@ -379,5 +513,8 @@ def merge_resources(
 
 
 def counts(mesh: Mapping[str, Any]) -> dict[str, int]:
-    """How many resources of each kind a mesh dict holds."""
-    return {s: len(mesh.get(s) or []) for s in ("nodes", *APPLY_SECTIONS)}
+    """How many resources of each kind a mesh dict holds (routing kinds only when present)."""
+    always = ("nodes", "workloads", "services", "authorizationPolicies")
+    return {
+        s: len(mesh.get(s) or []) for s in ("nodes", *APPLY_SECTIONS) if s in always or mesh.get(s)
+    }
