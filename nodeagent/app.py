@@ -301,6 +301,7 @@ async def build(
     )
     _refresh_metrics(metrics, xds_client, certificates, node_manager)
     metrics.add_refresh(telemetry.flush)
+    metrics.add_refresh(lambda: metrics.sync_traffic_clusters(routing.cluster_stats()))
     readiness = _readiness(xds_client, node_manager, certificates)
     stop = asyncio.Event()  # set by `AgentHandles.stop()` and by the admin's quitquitquit
     servers: AdminServers | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 import nodeagent
 from nodeagent.model import workload as wm
+from nodeagent.traffic.balancer import EVENTS, ClusterStats
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,55 @@ class TrafficMetrics(Collector):
             yield family
 
 
+class ClusterTrafficMetrics(Collector):
+    """Traffic management per destination service and subset, set from the route state at
+    scrape time (the data path only adds to plain ints: no per-connection labelling):
+
+    * `nodeagent_traffic_events_total{service,subset,event}`: overflows (UO), injected
+      aborts (FI) and delays (DI), connect retries, mirror drops, ejections;
+    * `nodeagent_traffic_ejected_endpoints{service,subset}`: endpoints ejected now;
+    * `nodeagent_traffic_open_connections{service,subset}`: connections holding a slot
+      (what `connectionPool.tcp.maxConnections` limits).
+
+    `service` is the hostname (as Istio's `destination_service`), `subset` empty for
+    the whole service (a route without subsets, or no VirtualService)."""
+
+    def __init__(self) -> None:
+        self._stats: tuple[ClusterStats, ...] = ()
+
+    def set_stats(self, stats: Iterable[ClusterStats]) -> None:
+        self._stats = tuple(stats)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("service", "subset")
+        events = CounterMetricFamily(
+            "nodeagent_traffic_events",
+            "Traffic management events per destination service and subset: `event` overflow"
+            " (maxConnections, UO), fault_abort (FI), fault_delay (DI), retry, mirror_dropped,"
+            " ejection",
+            labels=(*labels, "event"),
+        )
+        ejected = GaugeMetricFamily(
+            "nodeagent_traffic_ejected_endpoints",
+            "Endpoints of a service's subset ejected as outliers now",
+            labels=labels,
+        )
+        open_ = GaugeMetricFamily(
+            "nodeagent_traffic_open_connections",
+            "Outbound connections to a service's subset holding a maxConnections slot",
+            labels=labels,
+        )
+        for stat in self._stats:
+            key = (stat.service.split("/", 1)[-1], stat.subset)
+            for event in EVENTS:
+                events.add_metric((*key, event), stat.events.get(event, 0))
+            ejected.add_metric(key, stat.ejected)
+            open_.add_metric(key, stat.open)
+        yield events
+        yield ejected
+        yield open_
+
+
 class _BuildInfo(Collector):
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
@@ -320,6 +370,8 @@ class AgentMetrics:
             HBONE_CLOSES,
         )
         r.register(self.hbone_inbound_timeouts)
+        self.traffic_clusters = ClusterTrafficMetrics()
+        r.register(self.traffic_clusters)
         self.set_xds_state("disconnected")
         self._refreshers: list[Callable[[], None]] = []
         self._xds_seen: dict[str, int] = {}
@@ -360,6 +412,10 @@ class AgentMetrics:
     def sync_capture_repairs(self, repaired: int, failed: int) -> None:
         """Bring the repair counts up to date with the node manager's."""
         self.capture_repairs.set_totals({"repaired": repaired, "failed": failed})
+
+    def sync_traffic_clusters(self, stats: Iterable[ClusterStats]) -> None:
+        """Replace the per service and subset traffic series with the route state's."""
+        self.traffic_clusters.set_stats(stats)
 
     def set_xds_state(self, state: str) -> None:
         if state not in XDS_STATES:

@@ -73,6 +73,7 @@ from nodeagent.proxy.sockets import (
 from nodeagent.proxy.tunnel_end import TunnelRelayEnd, join
 from nodeagent.state.store import StateStore
 from nodeagent.traffic.outlier import OutlierDetector
+from nodeagent.traffic.routes import Target
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +270,12 @@ class OutboundHandler:
         self.counts: dict[str, int] = {}
         self.mirrors: set[Mirror] = set()
 
-    def _count(self, what: str) -> None:
+    def _count(self, what: str, target: Target | None = None) -> None:
+        """Count an event for the handler's stats and, given the target it hit, for the
+        target's cluster (metrics, `nodeagent routes`)."""
         self.counts[what] = self.counts.get(what, 0) + 1
+        if target is not None:
+            self.routing.count(what, target)
 
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
         try:
@@ -307,12 +312,12 @@ class OutboundHandler:
             return
         decision = plan.decision
         if decision.abort:
-            self._count("fault_abort")
+            self._count("fault_abort", decision.target)
             self._refused(pod, client, dst, route, FAULT_ABORT)
             reset_socket(sock)
             return
         if decision.delay:
-            self._count("fault_delay")
+            self._count("fault_delay", decision.target)
             flags = FAULT_DELAY
             await self._sleep(decision.delay)
         if route.pick is not None and not self.routing.admit(plan, route.pick.target):
@@ -442,7 +447,7 @@ class OutboundHandler:
                         live.closed_reason = f"{following.pick.target.label} is at maxConnections"
                         reset_socket(sock)
                         return
-                    self._count("retry")
+                    self._count("retry", following.pick.target)
                     route = self._plain_if_no_tunnel(following)
                     live.protocol = HBONE if route.kind is RouteKind.HBONE else TCP
                     live.target = route.authority or hostport(*route.destination)
@@ -554,19 +559,19 @@ class OutboundHandler:
         shadow = self.routing.mirror_plan(plan, target)
         route = self.router.next_route(shadow) if shadow is not None else None
         if route is None or route.kind is RouteKind.REFUSE:
-            self._count("mirror_dropped")
+            self._count("mirror_dropped", target)
             return None
 
         async def open_mirror() -> TunnelStream | socket.socket:
             return await self._open(pod, source, client, route)
 
-        mirror = Mirror(open_mirror, on_drop=lambda why: self._mirror_dropped(pod, why))
+        mirror = Mirror(open_mirror, on_drop=lambda why: self._mirror_dropped(pod, target, why))
         self.mirrors.add(mirror)
         mirror.closed.add_done_callback(lambda _f: self.mirrors.discard(mirror))
         return mirror
 
-    def _mirror_dropped(self, pod: LocalPod, why: str) -> None:
-        self._count("mirror_dropped")
+    def _mirror_dropped(self, pod: LocalPod, target: Target, why: str) -> None:
+        self._count("mirror_dropped", target)
         log.info("pod %s: mirror dropped: %s", pod.label, why)
 
 

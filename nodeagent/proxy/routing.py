@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from nodeagent.model.workload import IPAddress, Service, Workload
 from nodeagent.state.store import StateChange, StateStore
-from nodeagent.traffic.balancer import ClusterBalancer
-from nodeagent.traffic.endpoints import candidates_for
+from nodeagent.traffic.balancer import EVENTS, ClusterBalancer, ClusterCounters, ClusterStats
+from nodeagent.traffic.endpoints import Skipped, candidates_for
 from nodeagent.traffic.outlier import OutlierDetector
 from nodeagent.traffic.routes import Caller, RouteDecision, RouteTable, Target
 from nodeagent.traffic.selection import Candidate, SourceLocation
@@ -120,6 +120,38 @@ class ServiceRouting:
         location = SourceLocation.of(source) if source is not None else SourceLocation()
         return ServicePlan(decision, service, location, source_ip, dialled, port)
 
+    def endpoints_of(
+        self, target: Target, dialled: IPAddress | None = None
+    ) -> tuple[tuple[Candidate, ...], tuple[Skipped, ...]]:
+        """Every endpoint of a target (healthy or not, ejected or not), and those left out."""
+        service = self._store.service(target.service)
+        if service is None:
+            return (), ()
+        endpoints = [e for e in self._store.endpoints(service.key) if target.admits(e.workload)]
+        return candidates_for(service, endpoints, target.port, dialled)
+
+    def cluster_stats(self) -> list[ClusterStats]:
+        """Per service and subset this agent connected to: open connections, endpoints ejected
+        now, event counts (read at scrape time; the clusters' ports are summed)."""
+        table, outliers = self.table, self.balancer.outliers
+        grouped: dict[tuple[str, str], list[tuple[int, ClusterCounters]]] = {}
+        for (service, subset, port), counters in self.balancer.clusters().items():
+            grouped.setdefault((service, subset), []).append((port, counters))
+        out = []
+        for (service, subset), clusters in sorted(grouped.items()):
+            keys: set[Hashable] = set()
+            events = dict.fromkeys(EVENTS, 0)
+            for port, counters in clusters:
+                target = table.target(service, port, subset)
+                if target is not None:
+                    keys.update(c.key for c in self.endpoints_of(target)[0])
+                for event, n in counters.events().items():
+                    events[event] += n
+            ejected = sum(1 for key in keys if outliers.is_ejected(key))
+            opened = sum(c.open for _, c in clusters)
+            out.append(ClusterStats(service, subset, opened, ejected, events))
+        return out
+
     def candidates(
         self, plan: ServicePlan, target: Target
     ) -> tuple[tuple[Candidate, ...], tuple[Hashable, ...], str]:
@@ -199,5 +231,10 @@ class ServiceRouting:
             plan.admitted = None
 
     def record(self, pick: Pick, *, ok: bool) -> bool:
-        """A connect attempt's outcome; True when it ejected the endpoint."""
+        """A connect attempt's outcome; True when it ejected the endpoint (counted)."""
         return self.balancer.record(pick.target, pick.candidate, ok, pick.cluster_keys)
+
+    def count(self, event: str, target: Target) -> None:
+        """An event of the data path (a fault, a retry, a mirror drop) in the target's cluster,
+        for the metrics and `nodeagent routes` (overflows and ejections count themselves)."""
+        self.balancer.count(target.cluster, event)

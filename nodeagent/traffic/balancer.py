@@ -18,14 +18,18 @@ random source and the clock are injected.
   `outlierDetection` (consecutive 5xx and gateway errors both count connect
   failures, the smaller threshold ejects); without one, nothing is ejected
   (Envoy's default: outlier detection only where a cluster configures it).
+* `count`: what happened to the cluster's connections, for metrics and
+  `nodeagent routes` (`EVENTS`); overflows and ejections are counted here
+  by `admit` and `record`, the others by the data path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from nodeagent.model.routing import LoadBalancer, OutlierDetection
 from nodeagent.model.workload import LoadBalancing
@@ -36,13 +40,60 @@ from nodeagent.traffic.selection import Candidate, EndpointSelector, SourceLocat
 Cluster = tuple[str, str, int]
 MAX_EJECTION_TIME = 300.0  # Envoy's max_ejection_time default
 
+# What can happen to a cluster's connections, by the names metrics and `routes` use.
+OVERFLOW = "overflow"  # refused by maxConnections (flag UO)
+FAULT_ABORT = "fault_abort"  # an injected abort (FI)
+FAULT_DELAY = "fault_delay"  # an injected delay (DI)
+RETRY = "retry"  # a connect attempt after a failed one (URX when all fail)
+MIRROR_DROPPED = "mirror_dropped"  # a mirror copy not opened, or dropped as it lagged or failed
+EJECTION = "ejection"  # an endpoint ejected as an outlier
+EVENTS = (OVERFLOW, FAULT_ABORT, FAULT_DELAY, RETRY, MIRROR_DROPPED, EJECTION)
+
 
 @dataclass(slots=True)
 class ClusterCounters:
-    """What `nodeagent routes` shows for a cluster."""
+    """What `nodeagent routes` and the metrics show for a cluster: its open connections and a
+    count per event of `EVENTS` (cumulative; plain ints, so counting costs one addition)."""
 
     open: int = 0  # connections admitted and not yet released
-    overflows: int = 0  # refused by maxConnections (flag UO)
+    overflows: int = 0
+    fault_aborts: int = 0
+    fault_delays: int = 0
+    retries: int = 0
+    mirror_drops: int = 0
+    ejections: int = 0
+
+    def count(self, event: str) -> None:
+        attr = _EVENT_FIELDS.get(event)
+        if attr is None:
+            raise ValueError(f"unknown cluster event {event!r} (known: {', '.join(EVENTS)})")
+        setattr(self, attr, getattr(self, attr) + 1)
+
+    def events(self) -> dict[str, int]:
+        """Every event's count, by its name in `EVENTS`."""
+        return {event: getattr(self, attr) for event, attr in _EVENT_FIELDS.items()}
+
+
+_EVENT_FIELDS = {
+    OVERFLOW: "overflows",
+    FAULT_ABORT: "fault_aborts",
+    FAULT_DELAY: "fault_delays",
+    RETRY: "retries",
+    MIRROR_DROPPED: "mirror_drops",
+    EJECTION: "ejections",
+}
+assert tuple(_EVENT_FIELDS) == EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStats:
+    """A service's subset as the metrics show it: its clusters (one per port) summed."""
+
+    service: str  # service key (namespace/hostname)
+    subset: str  # empty: the whole service
+    open: int
+    ejected: int  # endpoints of the subset ejected now
+    events: Mapping[str, int]  # cumulative count per event of EVENTS
 
 
 def outlier_settings(outlier: OutlierDetection) -> OutlierSettings | None:
@@ -73,6 +124,14 @@ class ClusterBalancer:
 
     def counters(self, cluster: Cluster) -> ClusterCounters:
         return self._counters.setdefault(cluster, ClusterCounters())
+
+    def clusters(self) -> Mapping[Cluster, ClusterCounters]:
+        """Every cluster this agent has connected to (or refused), with its counters."""
+        return MappingProxyType(self._counters)
+
+    def count(self, cluster: Cluster, event: str) -> None:
+        """One event of `EVENTS` in a cluster (ValueError for an unknown name)."""
+        self.counters(cluster).count(event)
 
     def admit(self, target: Target) -> bool:
         """Take a connection slot in the target's cluster; False over maxConnections."""
@@ -155,7 +214,10 @@ class ClusterBalancer:
         settings = outlier_settings(target.policy.outlier)
         if settings is None:
             return False  # the rule disabled ejection for this cluster
-        return self.outliers.record_failure(candidate.key, settings, cluster_keys)
+        ejected = self.outliers.record_failure(candidate.key, settings, cluster_keys)
+        if ejected:
+            self.counters(target.cluster).ejections += 1
+        return ejected
 
 
 def _rendezvous(source: str, candidate: Candidate) -> bytes:

@@ -103,6 +103,11 @@ class OutlierDetector:
             return None
         return record.ejected_until
 
+    def time_left(self, key: Hashable) -> float | None:
+        """Seconds until the ejection ends, or None when not ejected."""
+        until = self.ejected_until(key)
+        return None if until is None else until - self._clock()
+
     def forget(self, key: Hashable) -> None:
         """Drop an endpoint that no longer exists."""
         self._records.pop(key, None)

@@ -244,6 +244,18 @@ class RouteTable:
     def service(self, key: str) -> ServiceTraffic | None:
         return self.by_service.get(key)
 
+    def target(self, service: str, port: int, subset: str = "") -> Target | None:
+        """The target `service:port` narrowed to `subset` with its policy, as a route would
+        build it; None for a subset no DestinationRule of the service defines."""
+        traffic = self.by_service.get(service)
+        rule = traffic.destination_rule if traffic is not None else None
+        if not subset:
+            return traffic.default_target(port) if traffic is not None else Target(service, port)
+        found = rule.subset(subset) if rule is not None else None
+        if rule is None or found is None:
+            return None
+        return Target(service, port, subset, found.labels, rule.policy_for(subset, port))
+
     def decide(
         self,
         service: str,

@@ -186,3 +186,22 @@ def test_certificate_expiry_follows_the_identities_held_at_each_scrape() -> None
     assert expiries() == {alice: 150}
     metrics.sync_certificates({})
     assert expiries() == {}
+
+
+def test_traffic_cluster_series_per_service_and_subset() -> None:
+    from nodeagent.traffic.balancer import EVENTS, ClusterStats
+
+    metrics = AgentMetrics()
+    events = dict.fromkeys(EVENTS, 0) | {"overflow": 20, "ejection": 1}
+    metrics.add_refresh(
+        lambda: metrics.sync_traffic_clusters(
+            [ClusterStats("demo/backend.demo.svc.cluster.local", "v2", 10, 1, events)]
+        )
+    )
+    samples = _samples(metrics)
+    where = {"service": "backend.demo.svc.cluster.local", "subset": "v2"}
+    got = {s["event"]: v for s, v in samples["nodeagent_traffic_events_total"]}
+    assert got == {e: float(events[e]) for e in EVENTS}
+    assert samples["nodeagent_traffic_ejected_endpoints"] == [(where, 1.0)]
+    assert samples["nodeagent_traffic_open_connections"] == [(where, 10.0)]
+    assert "nodeagent_traffic_events_created" not in samples

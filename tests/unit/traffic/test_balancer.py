@@ -127,3 +127,22 @@ def test_gateway_errors_threshold_counts_connect_failures_too() -> None:
     od = OutlierDetection(consecutive_5xx_errors=0, consecutive_gateway_errors=3)
     settings = outlier_settings(od)
     assert settings is not None and settings.consecutive_failures == 3
+
+
+def test_events_are_counted_per_cluster() -> None:
+    b, _ = balancer()
+    t = target(outlier=OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100))
+    [ep] = endpoints(1)
+    assert b.record(t, ep, False, [ep.key])
+    b.count(t.cluster, "retry")
+    assert b.counters(t.cluster).events() == {
+        "overflow": 0,
+        "fault_abort": 0,
+        "fault_delay": 0,
+        "retry": 1,
+        "mirror_dropped": 0,
+        "ejection": 1,
+    }
+    assert dict(b.clusters()) == {t.cluster: b.counters(t.cluster)}
+    with pytest.raises(ValueError):
+        b.count(t.cluster, "nope")
