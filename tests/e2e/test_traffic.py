@@ -1,0 +1,379 @@
+"""Traffic management in the node agent, end to end in a 2x2 sandbox (issue 17's acceptance).
+
+The sandbox's backend service has two pods: node1-pod2 (`version: v1`) and
+node2-pod2 (`version: v2`); the client is node1-pod1. Statistical checks use
+the binomial 99.9% interval (z = 3.29) around the configured share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.sandbox.processes import NSENTER
+
+from .e2e_harness import BACKEND_VIP, ECHO_VIP, Mesh, _cli, sandbox, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CLIENT = "node1-pod1"
+V1, V2 = "node1-pod2", "node2-pod2"
+SHADOW = "node2-pod1"
+SHADOW_VIP = "10.96.0.20"
+SHADOW_PORT = 9100
+CLIENT_SCRIPT = str(Path(__file__).with_name("traffic_client.py"))
+Z999 = 3.29
+
+SUBSETS = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend, namespace: demo}
+spec:
+  host: backend
+  trafficPolicy:
+    outlierDetection:
+      {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 4s, maxEjectionPercent: 50}
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+"""
+
+
+def split(v1: int, v2: int) -> str:
+    return f"""\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: backend-split, namespace: demo}}
+spec:
+  hosts: [backend]
+  tcp:
+    - route:
+        - destination: {{host: backend, subset: v1}}
+          weight: {v1}
+        - destination: {{host: backend, subset: v2}}
+          weight: {v2}
+"""
+
+
+def within_binomial(hits: int, n: int, p: float) -> bool:
+    sd = math.sqrt(n * p * (1 - p))
+    return abs(hits - n * p) <= Z999 * sd
+
+
+def client(mesh: Mesh, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+    result = mesh.run_in(CLIENT, [sys.executable, CLIENT_SCRIPT, *args], timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def calls(mesh: Mesh, count: int, host: str = BACKEND_VIP, port: int = 8080) -> dict[str, Any]:
+    return client(mesh, "calls", host, str(port), str(count))
+
+
+def routes(mesh: Mesh) -> str:
+    result = _cli("routes", "--sandbox", mesh.name, "--node", "node1", "-o", "json")
+    return result.stdout if result.returncode == 0 else ""
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with sandbox(tmp_path_factory.mktemp("traffic"), "iptables") as m:
+        m.apply(SUBSETS)
+        yield m
+
+
+@pytest.fixture
+def routing(mesh: Mesh) -> Iterator[Mesh]:
+    """Each test starts from the subsets only (no VirtualService) and leaves it so."""
+    yield mesh
+    path = mesh.tmp / "cleanup.yaml"
+    path.write_text(split(90, 10))
+    _cli("sandbox", "apply", mesh.name, str(path), "--delete")
+    wait_until("the default route is back", lambda: calls(mesh, 10)["failures"] == 0)
+
+
+def test_canary_split_lands_within_the_interval_and_moves_live(routing: Mesh) -> None:
+    mesh = routing
+    mesh.apply(split(90, 10))
+    wait_until(
+        "the 90/10 split reaches the agent",
+        lambda: 0 < calls(mesh, 60)["pods"].get(V2, 0) < 30,
+    )
+    out = calls(mesh, 2000)
+    assert out["failures"] == 0, out
+    assert set(out["pods"]) <= {V1, V2}
+    assert within_binomial(out["pods"].get(V2, 0), 2000, 0.10), out
+    # A weight change applies to new connections within 2 s (plus one batch of calls).
+    mesh.apply(split(10, 90))
+    applied = time.monotonic()
+    wait_until(
+        "the 10/90 split reaches the agent",
+        lambda: calls(mesh, 40)["pods"].get(V2, 0) > 25,
+        timeout=2.0 + 3.0,
+    )
+    assert time.monotonic() - applied <= 2.0 + 3.0  # 2 s plus one batch of 40 calls
+    later = calls(mesh, 400)
+    assert within_binomial(later["pods"].get(V2, 0), 400, 0.90), later
+
+
+def test_a_held_connection_keeps_its_endpoint_across_a_weight_change(routing: Mesh) -> None:
+    mesh = routing
+    mesh.apply(split(100, 0))
+    wait_until("all traffic on v1", lambda: calls(mesh, 20)["pods"] == {V1: 20})
+    script = (
+        "import socket,sys,time,json\n"
+        f"s=socket.create_connection(('{BACKEND_VIP}',8080))\n"
+        "req=b'GET / HTTP/1.1\\r\\nHost: b\\r\\n\\r\\n'\n"
+        "def ask():\n"
+        "    s.sendall(req); d=b''\n"
+        "    while b'}' not in d: d+=s.recv(4096)\n"
+        "    return json.loads(d.split(b'\\r\\n\\r\\n',1)[1])['pod']\n"
+        "print(ask(), flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(ask(), flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [NSENTER, f"--net=/var/run/netns/{mesh.netns(CLIENT)}", "--", sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == V1
+        mesh.apply(split(0, 100))
+        wait_until("all new traffic on v2", lambda: calls(mesh, 20)["pods"] == {V2: 20})
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == V1  # the old connection is left alone
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_automatic_fallback_when_v2_dies(routing: Mesh) -> None:
+    mesh = routing
+    mesh.apply(split(50, 50))
+    wait_until("traffic on both", lambda: len(calls(mesh, 40)["pods"]) == 2)
+    pid = mesh.pod(V2)["app_pid"]
+    argv = _app_argv(pid)
+    os.kill(pid, signal.SIGKILL)
+    restarted: subprocess.Popen[bytes] | None = None
+    try:
+        out = calls(mesh, 1000)
+        assert out["failures"] == 0, out
+        assert out["pods"] == {V1: 1000}
+        log = mesh.agent_log("node1")
+        assert "ejected as an outlier" in log
+        shown = routes(mesh)
+        if shown:  # `nodeagent routes` shows the ejection while it lasts
+            assert "ejected" in shown
+        restarted = subprocess.Popen(
+            [NSENTER, f"--net=/var/run/netns/{mesh.netns(V2)}", "--", *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # v2 gets its share again once its ejection (4 s, doubled at most once here) ends.
+        wait_until(
+            "v2 receives its share again",
+            lambda: calls(mesh, 100)["pods"].get(V2, 0) > 20,
+            timeout=20.0,
+        )
+    finally:
+        if restarted is not None:
+            os.kill(restarted.pid, signal.SIGTERM)
+            restarted.wait(timeout=10)
+
+
+def _app_argv(pid: int) -> list[str]:
+    """The demo app's command line (it is restarted as it was started, minus the ready fd)."""
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    argv = [a.decode() for a in raw if a]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--ready-fd":
+            skip = True
+            continue
+        if a.startswith("--ready-fd="):
+            continue
+        out.append(a)
+    return out
+
+
+def test_circuit_breaker_refuses_at_once_over_max_connections(routing: Mesh) -> None:
+    mesh = routing
+    limited = SUBSETS.replace(
+        "  trafficPolicy:\n", "  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 10}}\n"
+    )
+    mesh.apply(limited)
+    try:
+
+        def overflowing() -> bool:
+            out = client(mesh, "hold", BACKEND_VIP, "8080", "12", "3")
+            return out["answered"] == 10
+
+        wait_until("maxConnections reaches the agent", overflowing)
+        out = client(mesh, "hold", BACKEND_VIP, "8080", "30", "5")
+        assert out["answered"] == 10 and out["refused"] == 20, out
+        assert all(t <= 1.0 for t in out["refused_within"]), out
+    finally:
+        mesh.apply(SUBSETS)
+
+
+def test_injected_abort_and_delay(routing: Mesh) -> None:
+    mesh = routing
+    abort = split(100, 0).replace(
+        "    - route:\n", "    - fault: {abort: {percentage: {value: 50}}}\n      route:\n"
+    )
+    mesh.apply(abort)
+    wait_until("the abort reaches the agent", lambda: calls(mesh, 40)["failures"] > 5)
+    out = calls(mesh, 1000)
+    assert within_binomial(out["failures"], 1000, 0.5), out
+    delay = split(100, 0).replace(
+        "    - route:\n",
+        "    - fault: {delay: {fixedDelay: 1s, percentage: {value: 100}}}\n      route:\n",
+    )
+    mesh.apply(delay)
+
+    def delayed() -> bool:
+        # While the abort is still in force a call may be reset: that is "not yet".
+        probe = mesh.run_in(
+            CLIENT, [sys.executable, CLIENT_SCRIPT, "first-byte", BACKEND_VIP, "8080", "1"]
+        )
+        return probe.returncode == 0 and json.loads(probe.stdout)["seconds"][0] >= 1.0
+
+    wait_until("the delay reaches the agent", delayed)
+    timed = client(mesh, "first-byte", BACKEND_VIP, "8080", "10")
+    assert all(s >= 1.0 for s in timed["seconds"]), timed
+
+
+def test_fault_as_an_annotation(routing: Mesh) -> None:
+    mesh = routing
+    annotated = split(100, 0).replace(
+        "metadata: {name: backend-split, namespace: demo}",
+        "metadata:\n  name: backend-split\n  namespace: demo\n  annotations:\n"
+        '    traffic.nodeagent.io/tcp-fault: \'{"0": {"abort": {"percentage": {"value": 100}}}}\'',
+    )
+    mesh.apply(annotated)
+    wait_until("every call aborted", lambda: calls(mesh, 20)["failures"] == 20)
+
+
+def test_mirror_copies_client_bytes_byte_exact_and_never_hurts_the_primary(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    mesh.apply(
+        f"""\
+services:
+  - name: shadow
+    namespace: demo
+    vip: {SHADOW_VIP}
+    ports: [{{port: {SHADOW_PORT}}}]
+    selector: {{app: frontend, version: v2}}
+"""
+    )
+    mirror = f"""\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo-mirror, namespace: demo}}
+spec:
+  hosts: [echo]
+  tcp:
+    - route:
+        - destination: {{host: echo}}
+      mirror: {{host: shadow, port: {{number: {SHADOW_PORT}}}}}
+      mirrorPercentage: {{value: 100}}
+"""
+    captured = tmp_path / "mirrored.bin"
+    sink = subprocess.Popen(
+        [
+            NSENTER, f"--net=/var/run/netns/{mesh.netns(SHADOW)}", "--", sys.executable, "-c",
+            "import socket,sys\n"
+            f"l=socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"l.bind(('0.0.0.0',{SHADOW_PORT})); l.listen(16)\n"
+            "while True:\n"
+            "    c,_=l.accept(); f=open(sys.argv[1],'ab')\n"
+            "    while d:=c.recv(65536): f.write(d); f.flush()\n"
+            "    c.sendall(b'ignored reply'); c.close(); f.close()\n",
+            str(captured),
+        ],
+    )  # fmt: skip
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(random.Random(7).randbytes(200_000))
+    try:
+        mesh.apply(mirror)
+        wait_until(
+            "the mirror receives the connection's bytes",
+            lambda: (
+                client(mesh, "echo", ECHO_VIP, "9000", str(payload))["ok"]
+                and captured.exists()
+                and captured.stat().st_size >= 200_000
+            ),
+        )
+        captured.write_bytes(b"")
+        out = client(mesh, "echo", ECHO_VIP, "9000", str(payload))
+        assert out["ok"], out
+        wait_until("the copy is complete", lambda: captured.stat().st_size >= 200_000)
+        assert captured.read_bytes() == payload.read_bytes()
+    finally:
+        os.kill(sink.pid, signal.SIGTERM)
+        sink.wait(timeout=10)
+    # The mirror's app is gone: the primary connections see no failure.
+    results = [client(mesh, "echo", ECHO_VIP, "9000", str(payload)) for _ in range(20)]
+    assert all(r["ok"] for r in results), results
+    path = mesh.tmp / "mirror-cleanup.yaml"
+    path.write_text(mirror)
+    _cli("sandbox", "apply", mesh.name, str(path), "--delete")
+
+
+def test_bad_routing_is_refused_with_line_and_field_and_the_old_one_stays(routing: Mesh) -> None:
+    mesh = routing
+    mesh.apply(split(100, 0))
+    wait_until("all traffic on v1", lambda: calls(mesh, 20)["pods"] == {V1: 20})
+    bad = mesh.tmp / "bad.yaml"
+    vs, dr = "VirtualService demo/backend-split", "DestinationRule demo/backend"
+    route = "spec.tcp[0].route"
+    cases = [
+        (split(60, 30), f"bad.yaml:8:9: {vs}: {route}: weights must sum to 100, got 60 + 30"),
+        (
+            split(90, 10).replace("subset: v2", "subset: v9"),
+            f"bad.yaml:10:48: {vs.lower()}: {route}[1].destination.subset: subset 'v9' is defined",
+        ),
+        (
+            split(90, 10).replace("host: backend, subset: v1", "host: nosuch, subset: v1"),
+            f"bad.yaml:8:31: {vs.lower()}: {route}[0].destination.host: 'nosuch'",
+        ),
+        (
+            SUBSETS.replace("interval: 1s", "interval: -1s"),
+            f"bad.yaml:8:43: {dr}: spec.trafficPolicy.outlierDetection.interval: "
+            "a duration must not be negative",
+        ),
+        (
+            SUBSETS.replace(
+                "outlierDetection:", "loadBalancer: {simple: SOMETIMES}\n    outlierDetection:"
+            ),
+            f"bad.yaml:7:28: {dr}: spec.trafficPolicy.loadBalancer.simple: "
+            "unknown load balancer 'SOMETIMES'",
+        ),
+    ]
+    for text, where in cases:
+        bad.write_text(text)
+        result = _cli("sandbox", "apply", mesh.name, str(bad))
+        assert result.returncode != 0
+        assert where in result.stderr, result.stderr
+    # The last good configuration keeps being served.
+    assert calls(mesh, 50)["pods"] == {V1: 50}
