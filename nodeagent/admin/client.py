@@ -109,6 +109,12 @@ class AdminClient:
     def explain(self, from_pod: str, to: str) -> dict[str, Any]:
         return dict(self.get_json("/explain", {"from": from_pod, "to": to}))
 
+    def routes(self) -> dict[str, Any]:
+        data = self.get_json("/routes")
+        if not isinstance(data, dict):
+            raise AdminError(f"agent at {self.target} sent routes that are not an object")
+        return data
+
     def release(self, pod: str) -> str:
         return self.request("POST", "/release", {"pod": pod}).strip()
 

@@ -143,6 +143,14 @@ class ExplainSource(Protocol):
     def explain(self, from_pod: str, to_host: str, to_port: int) -> Mapping[str, Json]: ...
 
 
+class RoutesSource(Protocol):
+    """Traffic management per service (`/routes`): a JSON-able dict with `services` (one
+    entry per service with a VirtualService, a DestinationRule or traffic through this
+    agent) and `notes` (the route table's compile problems)."""
+
+    def routes(self) -> Mapping[str, Json]: ...
+
+
 class PodReleaser(Protocol):
     """Release a held pod (uid or namespace/name): remove its capture. Returns the uid(s);
     raises LookupError for an unknown pod, ValueError for one that is not held."""
@@ -163,5 +171,6 @@ class AdminProviders:
     log_level: LogLevelControl | None = None
     rules: PodRulesSource | None = None
     explain: ExplainSource | None = None
+    routes: RoutesSource | None = None
     release: PodReleaser | None = None
     drain_then_exit: DrainHook | None = None

@@ -1,7 +1,7 @@
 """The agent's three HTTP surfaces, started and stopped together by `AdminServers`.
 
 * admin (localhost:15000 and a Unix socket): `/config_dump` in ztunnel's
-  shape, `/connections`, `/pods`, `/rules?pod=`, `/explain?from=&to=`,
+  shape, `/connections`, `/pods`, `/rules?pod=`, `/explain?from=&to=`, `/routes`,
   `POST /logging?level=`, `POST /quitquitquit`;
 * metrics (:15020): `/metrics` and `/stats/prometheus`;
 * readiness (:15021): `/healthz/ready`.
@@ -44,6 +44,7 @@ ADMIN_ENDPOINTS = (
     ("/pods", "GET", "local pods: capture state, listeners, last error"),
     ("/rules", "GET", "?pod=POD: intended vs installed capture rules, with drift"),
     ("/explain", "GET", "?from=POD&to=ADDR:PORT: what the agent would do and why"),
+    ("/routes", "GET", "per service: routes, subsets, endpoints, ejections, limits, notes"),
     ("/logging", "POST", "?level=LEVEL or ?level=target=level,...; ?reset; no params lists"),
     ("/release", "POST", "?pod=POD: un-mesh a held pod (remove its capture)"),
     ("/quitquitquit", "POST", "drain, then exit"),
@@ -86,6 +87,7 @@ class AdminApi:
             "/pods": route(self.pods),
             "/rules": route(self.rules),
             "/explain": route(self.explain),
+            "/routes": route(self.routes_view),
             "/logging": route(self.logging, "POST"),
             "/release": route(self.release, "POST"),
             "/quitquitquit": route(self.quitquitquit, "POST"),
@@ -191,6 +193,11 @@ class AdminApi:
         except ValueError as exc:
             return Response.text(400, f"{_one_line(exc)}\n")
         return Response.json(dict(result))
+
+    def routes_view(self, _req: Request) -> Response:
+        if self.providers.routes is None:
+            return Response.text(501, "traffic management is not available from this agent\n")
+        return Response.json(dict(self.providers.routes.routes()))
 
     def release(self, req: Request) -> Response:
         pod = req.param("pod")

@@ -224,3 +224,141 @@ def log_level_data(answer: str) -> dict[str, Any]:
     default, *named = spec.split(",")
     targets = dict(part.partition("=")[::2] for part in named if "=" in part)
     return {"level": default, "loggers": targets}
+
+
+# -- routes ----------------------------------------------------------------------------------
+
+ROUTE_COLUMNS = [
+    ("route", "ROUTE"),
+    ("match", "MATCH"),
+    ("destinations", "DESTINATIONS"),
+    ("extensions", "FAULT / MIRROR"),
+    ("attempts", "ATTEMPTS"),
+]
+SUBSET_COLUMNS = [
+    ("subset", "SUBSET"),
+    ("connections", "CONNECTIONS"),
+    ("endpoint", "ENDPOINT"),
+    ("workload", "WORKLOAD"),
+    ("version", "VERSION"),
+    ("active", "ACTIVE"),
+    ("ejected", "EJECTED"),
+]
+WHOLE_SERVICE = "(all)"  # the subset cell of the whole service
+
+
+def routes_for(data: Mapping[str, Any], name: str | None) -> list[Mapping[str, Any]]:
+    """The `/routes` services, or those `name` designates (`ns/name`, name, hostname, key)."""
+    services = list(data.get("services") or [])
+    if not name:
+        return services
+    out = []
+    for s in services:
+        hostname = str(s.get("hostname", ""))
+        short, _, rest = hostname.partition(".")
+        namespace = rest.split(".", 1)[0]
+        if name in (s.get("service"), hostname, short, f"{namespace}/{short}"):
+            out.append(s)
+    return out
+
+
+def service_heading(service: Mapping[str, Any]) -> str:
+    parts = [str(service.get("hostname") or service.get("service", ""))]
+    parts.append(f"VirtualService {service.get('virtualService') or 'none'}")
+    parts.append(f"DestinationRule {service.get('destinationRule') or 'none'}")
+    return "  ".join(parts)
+
+
+def _destination_text(d: Mapping[str, Any], own: str) -> str:
+    where = d.get("subset") or WHOLE_SERVICE
+    if d.get("service") != own:
+        where = f"{d.get('host', '')} {d.get('subset', '')}".strip()
+    port = f":{d['port']}" if d.get("port") else ""
+    text = f"{where}{port}"
+    if not d.get("service"):
+        text += " (unresolved)"
+    return text
+
+
+def _percent(value: Any) -> str:
+    return f"{float(value):g}%"
+
+
+def route_rows(service: Mapping[str, Any]) -> list[Row]:
+    own = service.get("service", "")
+    rows = []
+    for r in service.get("routes") or []:
+        destinations = [
+            f"{_destination_text(d, own)} {_percent(d.get('weight', 0))}"
+            for d in r.get("destinations") or []
+        ]
+        extensions = []
+        fault = r.get("fault") or {}
+        if fault.get("abortPercent") is not None:
+            extensions.append(f"abort {_percent(fault['abortPercent'])}")
+        if fault.get("delaySeconds") is not None:
+            extensions.append(
+                f"delay {fault['delaySeconds']:g}s at {_percent(fault.get('delayPercent', 100))}"
+            )
+        mirror = r.get("mirror")
+        if mirror:
+            extensions.append(
+                f"mirror {_destination_text(mirror, own)} at {_percent(mirror.get('percent', 100))}"
+            )
+        rows.append(
+            {
+                "route": r.get("name", ""),
+                "match": "; ".join(r.get("match") or []) or "any",
+                "destinations": ", ".join(destinations),
+                "extensions": ", ".join(extensions) or "-",
+                "attempts": r.get("maxConnectAttempts", ""),
+            }
+        )
+    return rows
+
+
+def _connections(ports: list[Mapping[str, Any]]) -> str:
+    """`open/limit` per port (`open` alone without a limit); the port named when several."""
+    cells = []
+    for p in ports:
+        limit = p.get("maxConnections")
+        cell = f"{p.get('open', 0)}/{limit}" if limit is not None else str(p.get("open", 0))
+        cells.append(f"{p.get('port')}: {cell}" if len(ports) > 1 else cell)
+    return ", ".join(cells) or "-"
+
+
+def _ejected(endpoint: Mapping[str, Any]) -> str:
+    left = endpoint.get("ejectedSeconds")
+    return "no" if left is None else f"{float(left):g}s left"
+
+
+def subset_rows(service: Mapping[str, Any]) -> list[Row]:
+    """One row per endpoint; the subset and its connections on the subset's first row."""
+    rows: list[Row] = []
+    for s in service.get("subsets") or []:
+        head = {
+            "subset": s.get("name") or WHOLE_SERVICE,
+            "connections": _connections(list(s.get("ports") or [])),
+        }
+        endpoints = s.get("endpoints") or []
+        if not endpoints:
+            rows.append({**head, "endpoint": "no endpoint"})
+            continue
+        for i, e in enumerate(endpoints):
+            rows.append(
+                {
+                    **(head if i == 0 else {"subset": "", "connections": ""}),
+                    "endpoint": e.get("address", ""),
+                    "workload": e.get("workload", ""),
+                    "version": e.get("version") or "-",
+                    "active": e.get("active", 0),
+                    "ejected": _ejected(e) + ("" if e.get("healthy", True) else ", unhealthy"),
+                }
+            )
+    return rows
+
+
+def routes_unattributed_notes(data: Mapping[str, Any]) -> list[str]:
+    """Compile notes no service claims (a host that is no service, say)."""
+    claimed = {n for s in data.get("services") or [] for n in s.get("notes") or []}
+    return [n for n in data.get("notes") or [] if n not in claimed]

@@ -1,7 +1,7 @@
 """Node-level debugging commands that ask a running agent over its admin API.
 
 `nodeagent workloads | services | policies | certs | connections | pods`,
-`nodeagent rules POD`, `nodeagent explain --from POD --to ADDR:PORT`,
+`nodeagent routes [SERVICE]`, `nodeagent rules POD`, `nodeagent explain --from POD --to ADDR:PORT`,
 `nodeagent log [--level LEVEL | --reset]`. The agent is chosen by `--agent`
 (Unix socket path or http://host:port), or `--sandbox NAME --node NODE`,
 else $ADMIN_SOCKET, else the default admin socket (Config.admin_socket).
@@ -193,6 +193,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def routes_text(data: Mapping[str, Any], services: list[Mapping[str, Any]], width: int) -> str:
+    """Per service: a heading, its routes, its subsets' endpoints, its notes."""
+    blocks = []
+    for service in services:
+        lines = [views.service_heading(service)]
+        routes = views.route_rows(service)
+        if routes:
+            lines.append(render(routes, "table", views.ROUTE_COLUMNS, max_width=width))
+        else:
+            lines.append("no route: every connection goes to the whole service")
+        subsets = views.subset_rows(service)
+        lines.append(render(subsets, "table", views.SUBSET_COLUMNS, max_width=width))
+        lines += [f"note: {n}" for n in service.get("notes") or []]
+        waypoint = service.get("needsWaypoint") or []
+        lines += [f"needs a waypoint (not applied): {f}" for f in waypoint]
+        blocks.append("\n".join(lines))
+    rest = views.routes_unattributed_notes(data)
+    if rest:
+        blocks.append("\n".join(f"note: {n}" for n in rest))
+    return "\n\n".join(blocks) or "no service has routes, rules or traffic through this agent"
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    data = _ask(client_for(args).routes)
+    services = views.routes_for(data, args.service)
+    if args.service and not services:
+        raise CliError(f"no routes, rules or traffic for service {args.service!r} on this agent")
+    if args.output == "table":
+        print(routes_text(data, services, _width()))
+    else:
+        _print_data({**data, "services": services} if args.service else data, args.output)
+    return 0
+
+
 def cmd_release(args: argparse.Namespace) -> int:
     client = client_for(args)
     print(_ask(lambda: client.release(args.pod)))
@@ -233,6 +267,21 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("pods", help="local pods: capture state, listeners, last error")
     _add_target_flags(p)
     p.set_defaults(func=cmd_pods)
+
+    p = subparsers.add_parser(
+        "routes",
+        help="traffic management per service: routes, subsets, endpoints, ejections, limits",
+        description="Per service with a VirtualService, a DestinationRule or traffic through"
+        " this agent: its routes (match, destinations with weights, fault, mirror), its"
+        " subsets with their endpoints (ejected ones with the time left, active connections),"
+        " open connections against maxConnections, unresolvable references and the fields"
+        " that need a waypoint.",
+    )
+    p.add_argument(
+        "service", nargs="?", help="only this service (namespace/name, name or hostname)"
+    )
+    _add_target_flags(p)
+    p.set_defaults(func=cmd_routes)
 
     p = subparsers.add_parser(
         "rules",

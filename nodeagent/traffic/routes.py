@@ -32,6 +32,7 @@ from types import MappingProxyType
 
 from nodeagent.model.routing import (
     DEFAULT_CONNECT_ATTEMPTS,
+    Destination,
     DestinationRule,
     L4Match,
     TcpRoute,
@@ -166,6 +167,43 @@ def _holds(
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationSummary:
+    """A route's destination as written and as resolved (`service` empty: unusable)."""
+
+    host: str
+    service: str
+    subset: str
+    port: int  # 0: the connection's port
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSummary:
+    """A compiled `tcp:` route, for `nodeagent routes` and explain (`spec` has the match,
+    fault, mirror percentage and connect attempts as written)."""
+
+    name: str  # `namespace/name tcp[i]`
+    spec: TcpRoute
+    destinations: tuple[DestinationSummary, ...]
+    mirror: DestinationSummary | None
+
+
+def _summary(route: _Route) -> RouteSummary:
+    def one(written: Destination, d: _Destination) -> DestinationSummary:
+        # As written: an unresolved destination keeps its subset and port for the reader.
+        return DestinationSummary(written.host, d.service, written.subset, written.port, d.weight)
+
+    spec = route.spec
+    destinations = tuple(
+        one(w.destination, d) for w, d in zip(spec.route, route.destinations, strict=True)
+    )
+    mirror = None
+    if route.mirror is not None and spec.mirror is not None:
+        mirror = one(spec.mirror.destination, route.mirror)
+    return RouteSummary(route.name, spec, destinations, mirror)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceTraffic:
     """What the table knows about one service: its routes, its rule, and notes for `routes`."""
 
@@ -174,6 +212,10 @@ class ServiceTraffic:
     destination_rule: DestinationRule | None = None
     routes: tuple[_Route, ...] = ()
     needs_waypoint: tuple[str, ...] = ()  # `namespace/name: field` the agent does not apply
+
+    def route_summaries(self) -> tuple[RouteSummary, ...]:
+        """The service's `tcp:` routes in match order."""
+        return tuple(_summary(r) for r in self.routes)
 
     def default_target(self, port: int) -> Target:
         rule = self.destination_rule
@@ -243,6 +285,17 @@ class RouteTable:
 
     def service(self, key: str) -> ServiceTraffic | None:
         return self.by_service.get(key)
+
+    def match(
+        self, service: str, port: int, caller: Caller, dialled: IPAddress | None = None
+    ) -> RouteSummary | None:
+        """The route a new connection to `service:port` takes (no draw, no state); None for
+        the service's default route (no VirtualService, or no route matches)."""
+        traffic = self.by_service.get(service)
+        if traffic is None:
+            return None
+        found = next((r for r in traffic.routes if r.matches(port, caller, dialled)), None)
+        return _summary(found) if found is not None else None
 
     def target(self, service: str, port: int, subset: str = "") -> Target | None:
         """The target `service:port` narrowed to `subset` with its policy, as a route would

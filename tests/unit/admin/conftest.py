@@ -168,6 +168,117 @@ class FakeExplain:
         }
 
 
+def _events(**counts: int) -> dict[str, int]:
+    names = ("overflow", "fault_abort", "fault_delay", "retry", "mirror_dropped", "ejection")
+    return {name: counts.get(name, 0) for name in names}
+
+
+def _endpoint(workload: str, address: str, version: str, **state: Any) -> dict[str, Any]:
+    return {
+        "workload": workload,
+        "address": address,
+        "servicePort": 80,
+        "version": version,
+        "healthy": True,
+        "ejectedSeconds": None,
+        "ejections": 0,
+        "active": 0,
+        **state,
+    }
+
+
+BACKEND = "demo/backend.demo.svc.cluster.local"
+# `/routes` as the agent answers it (tests/unit/admin/test_traffic.py builds the real one).
+ROUTES: dict[str, Any] = {
+    "services": [
+        {
+            "service": BACKEND,
+            "hostname": "backend.demo.svc.cluster.local",
+            "virtualService": "demo/canary",
+            "destinationRule": "demo/backend",
+            "routes": [
+                {
+                    "name": "demo/canary tcp[0]",
+                    "match": ["port 80, sourceLabels app=web"],
+                    "destinations": [
+                        {
+                            "host": "backend",
+                            "service": BACKEND,
+                            "subset": "v1",
+                            "port": None,
+                            "weight": 90,
+                        },
+                        {
+                            "host": "backend",
+                            "service": BACKEND,
+                            "subset": "v2",
+                            "port": None,
+                            "weight": 10,
+                        },
+                    ],
+                    "maxConnectAttempts": 3,
+                    "fault": {"abortPercent": 5.0, "delaySeconds": 1.0, "delayPercent": 20.0},
+                    "mirror": {
+                        "host": "echo",
+                        "service": "demo/echo.demo.svc.cluster.local",
+                        "subset": "",
+                        "port": None,
+                        "weight": 100,
+                        "percent": 50.0,
+                    },
+                },
+            ],
+            "subsets": [
+                {
+                    "name": "v1",
+                    "labels": {"version": "v1"},
+                    "ports": [
+                        {
+                            "port": 80,
+                            "open": 3,
+                            "maxConnections": 10,
+                            "loadBalancer": "",
+                            "events": _events(overflow=2),
+                        }
+                    ],
+                    "endpoints": [_endpoint("demo/backend-1", "10.1.0.7:8080", "v1", active=3)],
+                },
+                {
+                    "name": "v2",
+                    "labels": {"version": "v2"},
+                    "ports": [
+                        {
+                            "port": 80,
+                            "open": 0,
+                            "maxConnections": 10,
+                            "loadBalancer": "",
+                            "events": _events(ejection=1, retry=4),
+                        }
+                    ],
+                    "endpoints": [
+                        _endpoint(
+                            "demo/backend-2",
+                            "10.2.0.7:8080",
+                            "v2",
+                            ejectedSeconds=21.5,
+                            ejections=1,
+                        ),
+                    ],
+                },
+            ],
+            "notes": [],
+            "needsWaypoint": ["demo/canary: spec.http"],
+        },
+    ],
+    "notes": ["VirtualService demo/typo: host nosuch is not a service"],
+}
+
+
+class FakeRoutes:
+    def routes(self) -> Mapping[str, Any]:
+        return ROUTES
+
+
 class DrainRecorder:
     def __init__(self) -> None:
         self.calls = 0
@@ -198,6 +309,7 @@ def providers(drain: DrainRecorder) -> AdminProviders:
         ),
         rules=FakeRules(),
         explain=FakeExplain(),
+        routes=FakeRoutes(),
         drain_then_exit=drain,
     )
 

@@ -140,6 +140,21 @@ async def test_explain_answers_and_maps_errors_to_statuses(
         assert status == 400
 
 
+async def test_routes_answers_json_or_501_without_a_source(
+    providers: AdminProviders, tmp_path: Path, fetch: Any
+) -> None:
+    async with _servers(providers, tmp_path) as servers:
+        addr = servers.bound.admin if servers.bound else None
+        status, _, body = await fetch("GET", "/routes", tcp=addr)
+        assert status == 200
+        assert json.loads(body)["services"][0]["virtualService"] == "demo/canary"
+    bare = dataclasses.replace(providers, routes=None)
+    async with _servers(bare, tmp_path) as servers:
+        addr = servers.bound.admin if servers.bound else None
+        status, _, body = await fetch("GET", "/routes", tcp=addr)
+        assert status == 501 and b"traffic management" in body
+
+
 async def test_logging_is_post_only_lists_sets_and_rejects_bad_levels(
     providers: AdminProviders, tmp_path: Path, fetch: Any
 ) -> None:

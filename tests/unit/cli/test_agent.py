@@ -208,6 +208,60 @@ async def test_explain_prints_verdict_and_steps(
         assert rc != 0 and len(err.splitlines()) == 1 and "bad destination" in err
 
 
+async def test_routes_table_shows_routes_endpoints_and_notes(
+    providers: AdminProviders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with agent(providers, tmp_path) as bound:
+        rc, out, _ = await cli(capsys, "routes", "--agent", bound.admin_socket or "")
+        assert rc == 0
+        lines = out.splitlines()
+        assert lines[0].split("  ") == [
+            "backend.demo.svc.cluster.local",
+            "VirtualService demo/canary",
+            "DestinationRule demo/backend",
+        ]
+        assert lines[1].split() == [
+            "ROUTE",
+            "MATCH",
+            "DESTINATIONS",
+            "FAULT",
+            "/",
+            "MIRROR",
+            "ATTEMPTS",
+        ]
+        assert "v1 90%, v2 10%" in out
+        assert "abort 5%, delay 1s at 20%," in out and "mirror echo at 50%" in out
+        rows = {line[0]: line for line in _lines(out) if line and line[0] in ("v1", "v2")}
+        assert rows["v1"] == ["v1", "3/10", "10.1.0.7:8080", "demo/backend-1", "v1", "3", "no"]
+        assert rows["v2"][1:] == [
+            "0/10",
+            "10.2.0.7:8080",
+            "demo/backend-2",
+            "v2",
+            "0",
+            "21.5s",
+            "left",
+        ]
+        assert "needs a waypoint (not applied): demo/canary: spec.http" in out
+        assert out.rstrip().endswith("note: VirtualService demo/typo: host nosuch is not a service")
+        assert all(len(line) <= 100 for line in lines)
+
+
+async def test_routes_filters_by_service_and_renders_json_and_yaml(
+    providers: AdminProviders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with agent(providers, tmp_path) as bound:
+        target = bound.admin_socket or ""
+        for name in ("backend", "demo/backend", "backend.demo.svc.cluster.local"):
+            rc, out, _ = await cli(capsys, "routes", name, "--agent", target, "-o", "json")
+            assert rc == 0 and len(json.loads(out)["services"]) == 1, name
+        rc, out, _ = await cli(capsys, "routes", "--agent", target, "-o", "yaml")
+        data = yaml.safe_load(out)
+        assert data["services"][0]["subsets"][1]["endpoints"][0]["ejectedSeconds"] == 21.5
+        rc, _, err = await cli(capsys, "routes", "nosuch", "--agent", target)
+        assert rc != 0 and "no routes, rules or traffic for service 'nosuch'" in err
+
+
 async def test_log_shows_sets_and_refuses_bad_level(
     providers: AdminProviders, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -281,7 +335,7 @@ async def test_log_speaks_json_and_yaml(
         assert rc == 0 and yaml.safe_load(out) == {"level": "info", "loggers": {}}
 
 
-@pytest.mark.parametrize("command", ["log", "explain"])
+@pytest.mark.parametrize("command", ["log", "explain", "routes"])
 def test_log_and_explain_have_a_help_description(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
