@@ -58,7 +58,7 @@ from nodeagent.admin.sources import (
     config_dump_sections,
 )
 from nodeagent.admin.telemetry import ConnectionTelemetry
-from nodeagent.admin.traffic import RoutesReport
+from nodeagent.admin.traffic import RoutePreviewer, RoutesReport
 from nodeagent.config import Config, ConfigError
 from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, plan_from_namespace
 from nodeagent.datapath.capture import netns_alive as namespace_exists
@@ -521,7 +521,12 @@ def _admin_servers(
         connections=RegistryConnections(lambda: registry if registry is not None else ()),
         log_level=StdlibLogLevelControl(config.log_level),
         rules=CaptureRulesSource(pods, store, plan_for, capture, config.redirect_backend),
-        explain=MeshExplainer(store, OutboundRouter(store, routing).route),
+        explain=MeshExplainer(
+            store,
+            # Over a preview copy: explaining takes no round-robin turn and no draw.
+            lambda *args: OutboundRouter(store, routing.preview()).route(*args),
+            RoutePreviewer(store, routing),
+        ),
         routes=RoutesReport(store, routing),
         release=node_manager,
         drain_then_exit=drain_then_exit,

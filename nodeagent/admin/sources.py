@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from nodeagent.admin.dump import policy_json, service_json, workload_json
 from nodeagent.admin.providers import ConfigDumpSections, ConnectionInfo, PodRules, PodStatus
 from nodeagent.admin.telemetry import LiveConnectionView, split_hostport
+from nodeagent.admin.traffic import RoutePreview, preview_steps
 from nodeagent.datapath.iptables import InstalledCapture
 from nodeagent.datapath.netns import NetnsHandle, resolve
 from nodeagent.datapath.plan import (
@@ -312,11 +313,17 @@ RouteFn = Callable[[Workload | None, tuple[str, int], Callable[[str], bool]], Ro
 
 class MeshExplainer:
     """ExplainSource: route a would-be connection as the source's agent would, then
-    authorize it as the destination's agent would, saying why at each step."""
+    authorize it as the destination's agent would, saying why at each step. To a service,
+    `traffic` adds the route, subsets, candidate endpoints, fault and mirror it could get.
+    Neither `route` nor `traffic` may change the agent's state (app.py routes over a
+    preview copy of the route state)."""
 
-    def __init__(self, store: StateStore, route: RouteFn) -> None:
+    def __init__(
+        self, store: StateStore, route: RouteFn, traffic: RoutePreview | None = None
+    ) -> None:
         self._store = store
         self._route = route
+        self._traffic = traffic
 
     def _find_pod(self, ref: str) -> Workload:
         matches = [
@@ -357,6 +364,12 @@ class MeshExplainer:
         if route.service:
             steps.append(f"{to_host}:{to_port} is the VIP of service {route.service}")
             result["destination"]["service"] = route.service
+            if self._traffic is not None and kind != "passthrough":
+                preview = self._traffic.preview(
+                    source, route.service, to_port, ipaddress.ip_address(to_host)
+                )
+                result["traffic"] = dict(preview)
+                steps += preview_steps(preview, route.service, to_port)
         if kind == "refuse":
             steps.append(f"the source's agent refuses the connection: {route.reason}")
             return {**result, "verdict": "deny", "steps": steps}

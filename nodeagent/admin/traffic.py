@@ -17,13 +17,14 @@ from nodeagent.state.store import StateStore
 from nodeagent.traffic.balancer import ClusterBalancer, ClusterCounters
 from nodeagent.traffic.endpoints import Skipped
 from nodeagent.traffic.routes import (
+    Caller,
     DestinationSummary,
     RouteSummary,
     RouteTable,
     ServiceTraffic,
     Target,
 )
-from nodeagent.traffic.selection import Candidate
+from nodeagent.traffic.selection import Candidate, SourceLocation
 
 
 class RoutingState(Protocol):
@@ -36,6 +37,14 @@ class RoutingState(Protocol):
     def endpoints_of(
         self, target: Target, dialled: IPAddress | None = None
     ) -> tuple[tuple[Candidate, ...], tuple[Skipped, ...]]: ...
+
+
+class RoutePreview(Protocol):
+    """Explain's route part for a connection from a workload to `service:port` (JSON-able)."""
+
+    def preview(
+        self, source: Workload | None, service: str, port: int, dialled: IPAddress
+    ) -> Mapping[str, Any]: ...
 
 
 def address_text(address: IPAddress, port: int) -> str:
@@ -217,3 +226,145 @@ def endpoint_json(
         "ejections": balancer.outliers.ejections(candidate.key),
         "active": balancer.active(candidate.key),
     }
+
+
+class RoutePreviewer:
+    """Explain's route part: for a new connection from `source` to `service:port`, the route
+    it takes, each destination subset with its weight, limit and candidate endpoints, and
+    the fault and mirror it could draw. Computed from the table and the endpoints without
+    a draw: every subset a draw could pick is listed with its weight."""
+
+    def __init__(self, store: StateStore, routing: RoutingState) -> None:
+        self._store = store
+        self._routing = routing
+
+    def preview(
+        self, source: Workload | None, service: str, port: int, dialled: IPAddress
+    ) -> dict[str, Any]:
+        table = self._routing.table
+        route = table.match(service, port, Caller.of(source), dialled)
+        targets: list[tuple[int, Target | None, DestinationSummary | None]]
+        if route is None:
+            targets = [(100, table.target(service, port), None)]
+        else:
+            targets = [
+                (
+                    d.weight,
+                    table.target(d.service, d.port or port, d.subset) if d.service else None,
+                    d,
+                )
+                for d in route.destinations
+            ]
+        out: dict[str, Any] = {
+            "route": route.name if route is not None else "",
+            "match": ([match_text(m) for m in route.spec.match] or ["any"]) if route else [],
+            "destinations": [
+                self._destination(weight, target, written, source, dialled)
+                for weight, target, written in targets
+            ],
+            "maxConnectAttempts": route.spec.max_connect_attempts if route else None,
+        }
+        if route is not None:
+            extras = route_json(route)
+            out["fault"] = extras.get("fault")
+            out["mirror"] = extras.get("mirror")
+        return out
+
+    def _destination(
+        self,
+        weight: int,
+        target: Target | None,
+        written: DestinationSummary | None,
+        source: Workload | None,
+        dialled: IPAddress,
+    ) -> dict[str, Any]:
+        if target is None:
+            assert written is not None
+            return {
+                "service": written.service,
+                "subset": written.subset,
+                "weight": weight,
+                "note": f"{written.host} {written.subset}".strip() + " resolves to nothing",
+                "candidates": [],
+            }
+        balancer = self._routing.balancer
+        counters = balancer.clusters().get(target.cluster) or ClusterCounters()
+        pool = target.policy.tcp
+        lb = target.policy.load_balancer
+        out: dict[str, Any] = {
+            "service": target.service,
+            "subset": target.subset,
+            "port": target.port,
+            "weight": weight,
+            "open": counters.open,
+            "maxConnections": pool.max_connections if pool is not None else None,
+            "loadBalancer": lb.value if lb is not None else "",
+        }
+        found, skipped = self._routing.endpoints_of(target, dialled)
+        service = self._store.service(target.service)
+        location = SourceLocation.of(source) if source is not None else SourceLocation()
+        eligible, note = balancer.eligible(
+            found, location, service.load_balancing if service is not None else None
+        )
+        usable = {c.key for c in eligible}
+        out["candidates"] = [
+            {
+                **endpoint_json(c, self._store.workload(c.workload_uid), target.port, balancer),
+                "eligible": c.key in usable,
+            }
+            for c in found
+        ]
+        if note or skipped:
+            out["note"] = "; ".join(
+                [note] * bool(note) + [f"{s.workload_uid}: {s.reason}" for s in skipped]
+            )
+        return out
+
+
+def preview_steps(preview: Mapping[str, Any], service: str, port: int) -> list[str]:
+    """Explain's one-line steps for a route preview."""
+    steps = []
+    name = preview.get("route")
+    destinations = preview.get("destinations") or []
+    if not name:
+        steps.append(f"no route of a VirtualService for {service}:{port}: the whole service")
+    else:
+        split = ", ".join(f"{d.get('subset') or '(all)'} {d.get('weight')}%" for d in destinations)
+        match = "; ".join(preview.get("match") or [])
+        steps.append(f"route {name} (match {match}): {split}")
+    for d in destinations:
+        label = f"subset {d['subset']}" if d.get("subset") else "the whole service"
+        if "open" not in d:
+            steps.append(f"{label}: {d.get('note', 'unusable')}")
+            continue
+        cands = d.get("candidates") or []
+        ready = [c for c in cands if c.get("eligible") and c.get("ejectedSeconds") is None]
+        ejected = [c for c in cands if c.get("ejectedSeconds") is not None]
+        limit = d.get("maxConnections")
+        text = f"{label} ({d.get('weight')}%): "
+        text += ", ".join(c["address"] for c in ready) if ready else "no candidate endpoint"
+        if ejected:
+            text += "; ejected: " + ", ".join(
+                f"{c['address']} ({c['ejectedSeconds']:g}s left)" for c in ejected
+            )
+        if limit is not None:
+            text += f"; {d.get('open', 0)}/{limit} connections"
+        if d.get("note"):
+            text += f" ({d['note']})"
+        steps.append(text)
+    fault = preview.get("fault") or {}
+    if fault.get("abortPercent"):
+        steps.append(f"fault: {fault['abortPercent']:g}% of connections are refused (FI)")
+    if fault.get("delaySeconds"):
+        steps.append(
+            f"fault: {fault.get('delayPercent', 100):g}% of connections are held "
+            f"{fault['delaySeconds']:g}s before they open (DI)"
+        )
+    mirror = preview.get("mirror")
+    if mirror:
+        target = f"{mirror.get('host')} {mirror.get('subset', '')}".strip()
+        steps.append(
+            f"mirror: {mirror.get('percent', 100):g}% of connections copy their client bytes "
+            f"to {target}" + ("" if mirror.get("service") else " (resolves to nothing)")
+        )
+    return steps

@@ -178,6 +178,19 @@ def _explain_field(key: str, value: Any, indent: str = "") -> list[str]:
         for sub, inner in value.items():
             lines += _explain_field(str(sub), inner, indent + "  ")
         return lines
+    if isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+        lines = [f"{indent}{key}:"]
+        for item in value:
+            if not isinstance(item, Mapping):
+                lines.append(f"{indent}  - {item}")
+                continue
+            entry: list[str] = []
+            for sub, v in item.items():
+                entry += _explain_field(str(sub), v, indent + "    ")
+            if entry:  # the item's first line carries the list marker
+                entry[0] = f"{indent}  - {entry[0].lstrip()}"
+            lines += entry
+        return lines
     if isinstance(value, list):
         value = ", ".join(str(v) for v in value) or "none"
     return [f"{indent}{key}: {'' if value is None else value}".rstrip()]
@@ -298,7 +311,9 @@ def register(subparsers: Any) -> None:
         help="what the agent would do with a connection, and why",
         description="Walks one connection from POD to ADDR:PORT through the agent's"
         " decisions (capture, destination lookup, tunnel or passthrough, authorization)"
-        " and prints the verdict with each step that led to it.",
+        " and prints the verdict with each step that led to it. To a service: the route,"
+        " the subsets it could get with their weights and candidate endpoints, and any"
+        " fault or mirror it could draw (nothing is consumed by asking).",
     )
     p.add_argument("--from", dest="from_pod", required=True, metavar="POD", help="source pod")
     p.add_argument("--to", required=True, metavar="ADDR:PORT", help="destination")

@@ -74,14 +74,30 @@ class ServiceRouting:
     """The route table and cluster state of one agent, fed by its state store."""
 
     def __init__(
-        self, store: StateStore, outliers: OutlierDetector, rng: random.Random | None = None
+        self,
+        store: StateStore,
+        outliers: OutlierDetector,
+        rng: random.Random | None = None,
+        *,
+        follow: bool = True,
     ) -> None:
         self._store = store
         self._rng = rng or random.Random()
         self.balancer = ClusterBalancer(self._rng, outliers)
         self._table: RouteTable | None = None
         self._notes: tuple[str, ...] = ()
-        store.subscribe(self._changed)
+        if follow:  # a preview copy does not: it lives for one question
+            store.subscribe(self._changed)
+
+    def preview(self) -> ServiceRouting:
+        """A what-if copy for explain: the same route table, endpoints and ejections, with its
+        own round-robin turns, active counts, connection slots and random source, so asking
+        what a connection would get takes nothing from the real ones. Use once and drop."""
+        rng = random.Random()
+        copy = ServiceRouting(self._store, self.balancer.outliers, rng, follow=False)
+        copy.balancer = self.balancer.snapshot(rng)
+        copy._table, copy._notes = self.table, self._notes
+        return copy
 
     def _changed(self, change: StateChange) -> None:
         if change.routing or change.services:

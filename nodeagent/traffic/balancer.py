@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from nodeagent.model.routing import LoadBalancer, OutlierDetection
@@ -119,6 +119,16 @@ class ClusterBalancer:
         self._counters: dict[Cluster, ClusterCounters] = {}
         self._active: dict[Hashable, int] = {}
         self._turn: dict[Cluster, int] = {}
+
+    def snapshot(self, rng: random.Random) -> ClusterBalancer:
+        """A copy for what-if questions (explain): the same outlier detector (read, not fed:
+        nothing is recorded through a copy), copies of the turns, active counts and
+        counters, and its own random source, so using the copy changes nothing here."""
+        copy = ClusterBalancer(rng, self.outliers)
+        copy._turn = dict(self._turn)
+        copy._active = dict(self._active)
+        copy._counters = {k: replace(v) for k, v in self._counters.items()}
+        return copy
 
     # -- circuit breaking -----------------------------------------------------------------------
 

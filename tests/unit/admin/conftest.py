@@ -164,6 +164,13 @@ class FakeExplain:
             "destination": f"{to_host}:{to_port}",
             "endpoint": "10.2.0.5:8080",
             "policy": "default/deny-client" if verdict == "deny" else "",
+            "traffic": {
+                "route": "default/canary tcp[0]",
+                "destinations": [
+                    {"subset": "v1", "weight": 90, "candidates": [{"address": "10.2.0.5:8080"}]},
+                    {"subset": "v2", "weight": 10, "candidates": []},
+                ],
+            },
             "steps": [f"{to_host} is service default/server", f"verdict {verdict}"],
         }
 

@@ -7,8 +7,10 @@ import random
 
 import pytest
 
-from nodeagent.admin.traffic import RoutesReport
+from nodeagent.admin.sources import MeshExplainer
+from nodeagent.admin.traffic import RoutePreviewer, RoutesReport
 from nodeagent.model.workload import Port, Workload
+from nodeagent.proxy.outbound import OutboundRouter
 from nodeagent.proxy.routing import ServiceRouting
 from nodeagent.state.store import StateBatch, StateStore
 from nodeagent.traffic.outlier import OutlierDetector
@@ -173,3 +175,86 @@ def test_a_service_without_config_shows_once_traffic_went_to_it(routing) -> None
     assert whole["name"] == "" and whole["ports"][0]["open"] == 1
     assert whole["ports"][0]["maxConnections"] is None
     assert [e["workload"] for e in whole["endpoints"]] == ["demo/e"]
+
+
+def explainer(r: ServiceRouting, store: StateStore) -> MeshExplainer:
+    """As app.py builds it: routing over a preview copy, plus the route preview."""
+    return MeshExplainer(
+        store,
+        lambda *args: OutboundRouter(store, r.preview()).route(*args),
+        RoutePreviewer(store, r),
+    )
+
+
+def test_explain_names_route_subsets_candidates_fault_and_mirror(routing) -> None:
+    r, store, clock = routing
+    target = r.table.target(KEY, 80, "v2")
+    assert target is not None
+    b = r.endpoints_of(target)[0][0]
+    r.balancer.record(target, b, False, [b.key])  # b ejected for 30 s
+    clock.now += 9
+    result = explainer(r, store).explain("demo/a", "10.96.0.10", 80)
+    traffic = result["traffic"]
+    assert traffic["route"] == "demo/canary tcp[1]"  # a has no app=web label: not tcp[0]
+    v1, v2 = traffic["destinations"]
+    assert (v1["subset"], v1["weight"], v2["subset"], v2["weight"]) == ("v1", 90, "v2", 10)
+    assert (v2["open"], v2["maxConnections"], v2["loadBalancer"]) == (0, 10, "ROUND_ROBIN")
+    cands = {c["address"]: c for c in v2["candidates"]}
+    assert cands["10.0.0.2:8080"]["ejectedSeconds"] == 21.0
+    assert not cands["10.0.0.2:8080"]["eligible"] and cands["10.0.0.3:8080"]["eligible"]
+    assert traffic["fault"]["delayPercent"] == 20.0 and traffic["fault"]["abortPercent"] is None
+    assert traffic["mirror"]["service"] == ECHO.key and traffic["mirror"]["percent"] == 50.0
+    steps = result["steps"]
+    assert "route demo/canary tcp[1] (match any): v1 90%, v2 10%" in steps
+    assert (
+        "subset v2 (10%): 10.0.0.3:8080; ejected: 10.0.0.2:8080 (21s left); 0/10 connections"
+        in steps
+    )
+    assert "fault: 20% of connections are held 1s before they open (DI)" in steps
+    assert "mirror: 50% of connections copy their client bytes to echo" in steps
+
+
+def test_explain_from_a_matching_caller_shows_the_unresolved_subset(routing) -> None:
+    r, store, _ = routing
+    result = explainer(r, store).explain("demo/web", "10.96.0.10", 80)
+    traffic = result["traffic"]
+    assert traffic["route"] == "demo/canary tcp[0]"
+    assert traffic["destinations"][1] == {
+        "service": "",
+        "subset": "v3",
+        "weight": 10,
+        "note": "backend v3 resolves to nothing",
+        "candidates": [],
+    }
+    assert "fault: 5% of connections are refused (FI)" in result["steps"]
+    assert "subset v3: backend v3 resolves to nothing" in result["steps"]
+
+
+def test_explain_takes_no_turn_no_draw_and_no_slot(routing) -> None:
+    r, store, _ = routing
+    twin = ServiceRouting(store, r.balancer.outliers, random.Random(1))
+    explain = explainer(r, store)
+    for _ in range(5):
+        explain.explain("demo/a", "10.96.0.10", 80)
+    assert dict(r.balancer.clusters()) == {}
+
+    def picks(routing: ServiceRouting) -> list[str]:
+        out = []
+        for _ in range(6):
+            plan = routing.plan(None, BACKEND, 80, VIP, "10.0.0.9")
+            pick = routing.next_pick(plan)
+            assert pick is not None
+            out.append(pick.workload.name)
+        return out
+
+    assert picks(r) == picks(twin)  # the same draws and round-robin turns as if never asked
+
+
+def test_explain_of_a_service_without_config_shows_the_whole_service(routing) -> None:
+    r, store, _ = routing
+    result = explainer(r, store).explain("demo/a", "10.96.0.11", 80)
+    traffic = result["traffic"]
+    assert traffic["route"] == "" and traffic.get("fault") is None
+    [whole] = traffic["destinations"]
+    assert whole["subset"] == "" and [c["workload"] for c in whole["candidates"]] == ["demo/e"]
+    assert f"no route of a VirtualService for {ECHO.key}:80: the whole service" in result["steps"]

@@ -202,6 +202,24 @@ async def test_explain_prints_verdict_and_steps(
         assert out.splitlines()[0] == "verdict: DENY"
         assert "policy: default/deny-client" in out
         assert "  2. verdict deny" in out
+        # A list of mappings reads as indented items, not as raw Python or JSON.
+        assert (
+            "\n".join(
+                [
+                    "traffic:",
+                    "  route: default/canary tcp[0]",
+                    "  destinations:",
+                    "    - subset: v1",
+                    "      weight: 90",
+                    "      candidates:",
+                    "        - address: 10.2.0.5:8080",
+                    "    - subset: v2",
+                    "      weight: 10",
+                    "      candidates: none",
+                ]
+            )
+            in out
+        )
         rc, out, _ = await cli(capsys, *args, "--to", "10.96.0.10:80", "-o", "json")
         assert json.loads(out)["verdict"] == "allow"
         rc, _, err = await cli(capsys, *args, "--to", "10.96.0.10")
