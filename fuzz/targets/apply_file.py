@@ -22,6 +22,7 @@ from nodeagent.sandbox.mesh import (
     load_mesh_dict,
     merge_resources,
     parse_user_file,
+    place_error,
     standalone_text,
 )
 from nodeagent.sandbox.plan import build_plan
@@ -53,12 +54,13 @@ def fuzz_one(data: bytes) -> None:
     except ApplyError as err:
         assert str(err).startswith(SOURCE), f"error does not name the apply file: {err}"
         return
-    try:
-        parse_mesh(standalone_text(user_text, _PLAN), SOURCE)
-        valid = True
-    except MeshError as err:
-        assert str(err).startswith(SOURCE), f"error does not name the apply file: {err}"
-        valid = False
+    valid = True
+    if not user.documents:  # as the manager: documents are checked as they are read
+        try:
+            parse_mesh(standalone_text(user_text, _PLAN), SOURCE)
+        except MeshError as err:
+            assert str(err).startswith(SOURCE), f"error does not name the apply file: {err}"
+            valid = False
     if current is None:
         return
     for delete, replace in _MODES:
@@ -71,8 +73,8 @@ def fuzz_one(data: bytes) -> None:
         summary.describe()
         try:
             parse_mesh(dump_mesh(merged), MESH)
-        except MeshError:
-            pass  # "does not fit the sandbox's mesh": refused, nothing written
+        except MeshError as err:
+            place_error(str(err), merged, user)  # "does not fit the sandbox's mesh": refused
 
 
 _WORKLOAD = """\
@@ -109,6 +111,33 @@ authorizationPolicies:
       - operation: {ports: ["8080"], notPorts: [9000]}
 """
 
+_DOCUMENTS = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend, namespace: demo}
+spec:
+  host: backend
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 10, connectTimeout: 250ms}}
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 5s}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: canary
+  namespace: demo
+  annotations: {traffic.nodeagent.io/tcp-fault: '{"0": {"abort": {"percentage": {"value": 5}}}}'}
+spec:
+  hosts: [backend]
+  tcp:
+  - route:
+    - {destination: {host: backend, subset: v1}, weight: 90}
+    - {destination: {host: backend, subset: v2}, weight: 10}
+"""
+
 
 def seeds() -> dict[str, bytes]:
     return {
@@ -120,6 +149,7 @@ def seeds() -> dict[str, bytes]:
         b" namespace: demo}\n",
         "flow-style": b'{"services": [{"name": "s", "namespace": "demo", "vip": "10.96.0.30"}]}',
         "owned-section": b"nodes: []\n",
+        "istio-documents": _DOCUMENTS.encode(),
         "hand-edited-mesh": _MESH_TEXT.replace("10.10.2.12", "10.10.2.13").encode()
         + b"\0"
         + _WORKLOAD.encode(),

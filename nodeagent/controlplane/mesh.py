@@ -835,7 +835,10 @@ def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualServic
     annotations = (
         r.labels(md["annotations"], f"{path}.metadata.annotations") if "annotations" in md else {}
     )
-    spec = construct(m["spec"])
+    try:
+        spec = construct(m["spec"], r.source)
+    except YamlSyntaxError as e:
+        raise MeshError(str(e)) from None
     read = parse_virtual_service if kind == _VS else parse_destination_rule
     try:
         return read(namespace, name, spec, annotations)

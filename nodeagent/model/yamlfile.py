@@ -80,9 +80,13 @@ def compose_yaml_documents(text: str, source: str) -> list[yaml.Node | None]:
         raise YamlSyntaxError(yaml_error_line(exc, source, text)) from None
 
 
-def construct(node: yaml.Node) -> Any:
-    """A composed node as plain data (safe types only)."""
-    return LOADER("").construct_document(node)
+def construct(node: yaml.Node, source: str) -> Any:
+    """A composed node as plain data (safe types only); YamlSyntaxError if it cannot be
+    (a mapping key that is itself a mapping, an unknown tag)."""
+    try:
+        return LOADER("").construct_document(node)
+    except yaml.YAMLError as exc:
+        raise YamlSyntaxError(yaml_error_line(exc, source)) from None
 
 
 def load_yaml(text: str, source: str) -> Any:

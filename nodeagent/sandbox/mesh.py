@@ -238,7 +238,10 @@ def parse_user_file(text: str, source: str) -> UserFile:
     root = roots[0] if roots else None
     if root is None:
         raise ApplyError(f"{source}: the file is empty (expected {', '.join(APPLY_SECTIONS)})")
-    data = construct(root)
+    try:
+        data = construct(root, source)
+    except YamlSyntaxError as e:
+        raise ApplyError(str(e)) from None
     if not isinstance(root, yaml.MappingNode):
         raise ApplyError(
             f"{_where(source, root)}: expected a mapping of {', '.join(APPLY_SECTIONS)}"
@@ -296,7 +299,10 @@ def _parse_documents(roots: list[yaml.Node | None], source: str) -> UserFile:
                 f"{_where(source, root)}: document {number}: kind: required "
                 f"(one of {', '.join(ISTIO_KINDS)})"
             )
-        doc = construct(root)
+        try:
+            doc = construct(root, source)
+        except YamlSyntaxError as e:
+            raise ApplyError(str(e)) from None
         kind = doc.get("kind")
         section = ISTIO_KINDS.get(kind) if isinstance(kind, str) else None
         if section is None:

@@ -106,3 +106,12 @@ def test_a_merged_mesh_error_is_placed_on_the_users_line() -> None:
     )
     other = "/var/run/mesh.yaml:3:1: virtualServices[0].spec.hosts: problem"
     assert place_error(other, merged, user) == other  # not the user's resource: as it was
+
+
+def test_a_key_yaml_cannot_construct_is_a_one_line_refusal() -> None:
+    # Found by the apply_file fuzz target (fuzz/crashes/apply_file/crash-c3216cf...): `[]: x`
+    # composes, but a list cannot be a mapping key.
+    with pytest.raises(ApplyError, match=r"^x\.yaml:1:1: YAML syntax error: "):
+        parse_user_file("[]: x\n", "x.yaml")
+    with pytest.raises(ApplyError, match=r"^x\.yaml:2:1: YAML syntax error: "):
+        parse_user_file("kind: VirtualService\n[]: x\n", "x.yaml")
