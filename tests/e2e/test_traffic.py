@@ -43,7 +43,7 @@ spec:
   host: backend
   trafficPolicy:
     outlierDetection:
-      {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 4s, maxEjectionPercent: 50}
+      {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 10s, maxEjectionPercent: 50}
   subsets:
     - {name: v1, labels: {version: v1}}
     - {name: v2, labels: {version: v2}}
@@ -82,9 +82,45 @@ def calls(mesh: Mesh, count: int, host: str = BACKEND_VIP, port: int = 8080) -> 
     return client(mesh, "calls", host, str(port), str(count))
 
 
-def routes(mesh: Mesh) -> str:
+def routes(mesh: Mesh) -> Any:
     result = _cli("routes", "--sandbox", mesh.name, "--node", "node1", "-o", "json")
-    return result.stdout if result.returncode == 0 else ""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _endpoints(data: Any) -> list[dict[str, Any]]:
+    """Every endpoint mapping (one with an address and ejectedSeconds) in `routes` output."""
+    found: list[dict[str, Any]] = []
+    if isinstance(data, dict):
+        if "address" in data and "ejectedSeconds" in data:
+            found.append(data)
+        for value in data.values():
+            found.extend(_endpoints(value))
+    elif isinstance(data, list):
+        for value in data:
+            found.extend(_endpoints(value))
+    return found
+
+
+SCRAPE = (
+    "import urllib.request, sys; "
+    "sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:15020/metrics', timeout=10)"
+    ".read().decode())"
+)
+
+
+def _metric(mesh: Mesh, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples with `labels` on node1's agent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    done = mesh.python_in("node1", SCRAPE)
+    assert done.returncode == 0, done.stderr
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(done.stdout)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +202,7 @@ def test_a_held_connection_keeps_its_endpoint_across_a_weight_change(routing: Me
 def test_automatic_fallback_when_v2_dies(routing: Mesh) -> None:
     mesh = routing
     mesh.apply(split(50, 50))
+    wait_until("the split is in force", lambda: "demo/backend-split" in json.dumps(routes(mesh)))
     wait_until("traffic on both", lambda: len(calls(mesh, 40)["pods"]) == 2)
     pid = mesh.pod(V2)["app_pid"]
     argv = _app_argv(pid)
@@ -175,21 +212,23 @@ def test_automatic_fallback_when_v2_dies(routing: Mesh) -> None:
         out = calls(mesh, 1000)
         assert out["failures"] == 0, out
         assert out["pods"] == {V1: 1000}
-        log = mesh.agent_log("node1")
-        assert "ejected as an outlier" in log
-        shown = routes(mesh)
-        if shown:  # `nodeagent routes` shows the ejection while it lasts
-            assert "ejected" in shown
+        assert "ejected as an outlier" in mesh.agent_log("node1")
+        # `nodeagent routes` and the metrics show v2's endpoint ejected while it lasts.
+        v2_ip = mesh.pod(V2)["ip"]
+        ejected = [e for e in _endpoints(routes(mesh)) if e["address"].startswith(f"{v2_ip}:")]
+        assert ejected and all(e["ejectedSeconds"] is not None for e in ejected), ejected
+        assert _metric(mesh, "nodeagent_traffic_events_total", subset="v2", event="ejection") >= 1
+        assert _metric(mesh, "nodeagent_traffic_events_total", event="retry") >= 1
         restarted = subprocess.Popen(
             [NSENTER, f"--net=/var/run/netns/{mesh.netns(V2)}", "--", *argv],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # v2 gets its share again once its ejection (4 s, doubled at most once here) ends.
+        # v2 gets its share again once its ejection (10 s, doubled at most once here) ends.
         wait_until(
             "v2 receives its share again",
             lambda: calls(mesh, 100)["pods"].get(V2, 0) > 20,
-            timeout=20.0,
+            timeout=40.0,
         )
     finally:
         if restarted is not None:
