@@ -9,7 +9,10 @@ policy for the `frontend` service account and show its call refused while the
 `backend` caller still gets through, with the agent's log line naming the
 refused identity; then make an operator's slip, removing a pod's workload
 record from the control plane, and show the pod's calls refused (held by its
-agent, never sent in plaintext) until the record is restored.
+agent, never sent in plaintext) until the record is restored; last, a canary:
+a VirtualService sends 10% of the backend's connections to v2, and when v2's
+app dies every call is still answered, by v1 (the agent retries the refused
+connect on v1 and ejects v2).
 
 The caller supplies how to print lines and the status (rendering belongs to the
 CLI), and the validator for the policy file (the control plane's parser, which
@@ -57,6 +60,30 @@ authorizationPolicies:
     rules:
     - from: [{source: {principals: ["cluster.local/ns/demo/sa/frontend"]}}]
 """
+
+CANARY = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend, namespace: demo}
+spec:
+  host: backend
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 30s}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend-canary, namespace: demo}
+spec:
+  hosts: [backend]
+  tcp:
+  - route:
+    - {destination: {host: backend, subset: v1}, weight: 90}
+    - {destination: {host: backend, subset: v2}, weight: 10}
+"""
+CANARY_CALLS = 300
 
 Say = Callable[[str], None]
 
@@ -112,6 +139,7 @@ def run_demo(
         ok = _policy(manager, name, validate, pods, logs["node2"], say) and ok
         forgotten, target = pods["node1-pod2"], pods["node2-pod1"]
         ok = _fail_closed(manager, name, validate, forgotten, target, logs["node1"], say) and ok
+        ok = _canary(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         say("\nevery step showed what it should" if ok else "\nsome steps FAILED")
         return ok
     finally:
@@ -387,3 +415,63 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _canary(
+    manager: SandboxManager,
+    name: str,
+    validate: MeshValidator | None,
+    plan: SandboxPlan,
+    client: PodPlan,
+    say: Say,
+) -> bool:
+    """A 90/10 split over new connections, then v2's app dies and v1 answers every call."""
+    backends = {p.version: p for p in plan.pods if p.app == "backend"}
+    v1, v2 = backends["v1"], backends["v2"]
+    say("\n== canary: 90% of the backend's connections to v1, 10% to v2, then v2 fails")
+    manager.apply(name, DENY_FRONTEND, "deny-frontend.yaml", validate or _accept_any, delete=True)
+    say("  (the deny-frontend policy is deleted first: the caller is a frontend pod)")
+    say("\n".join("  " + line for line in CANARY.splitlines()))
+    summary = manager.apply(name, CANARY, "canary.yaml", validate or _accept_any)
+    say(f"  applied ({', '.join(summary.added)})")
+
+    def calls(count: int) -> tuple[dict[str, int], int]:
+        seen: dict[str, int] = {}
+        failed = 0
+        for _ in range(count):
+            try:
+                pod = str(
+                    probe.http_get(manager.adapter, client.netns, BACKEND_VIP, HTTP_PORT)["pod"]
+                )
+            except probe.ProbeError:
+                failed += 1
+                continue
+            seen[pod] = seen.get(pod, 0) + 1
+        return seen, failed
+
+    deadline = time.monotonic() + POLICY_WAIT
+    while time.monotonic() < deadline:  # until the split reaches the caller's agent
+        seen, _ = calls(40)
+        if 0 < seen.get(v2.name, 0) < 15:
+            break
+        time.sleep(0.2)
+    seen, failed = calls(CANARY_CALLS)
+    share = 100 * seen.get(v2.name, 0) / CANARY_CALLS
+    say(
+        f"\n{CANARY_CALLS} new connections {client.name} -> backend: v1 ({v1.name}) "
+        f"{seen.get(v1.name, 0)}, v2 ({v2.name}) {seen.get(v2.name, 0)} ({share:.0f}%), "
+        f"{failed} failed"
+    )
+    # 99.9% binomial interval around 10% of 300: 30 +- 17.
+    ok = failed == 0 and abs(seen.get(v2.name, 0) - CANARY_CALLS / 10) <= 17
+    status = manager.status(name)["pods"]
+    app_pid = next((p.get("app_pid") for p in status if p["name"] == v2.name), None)
+    if app_pid:
+        os.kill(app_pid, signal.SIGKILL)
+    say(f"\nv2's app on {v2.name} is killed (pid {app_pid})")
+    seen, failed = calls(CANARY_CALLS)
+    say(
+        f"{CANARY_CALLS} new connections: v1 {seen.get(v1.name, 0)}, v2 {seen.get(v2.name, 0)}, "
+        f"{failed} failed: the agent retried v2's refused connects on v1 and ejected v2"
+    )
+    return ok and failed == 0 and seen == {v1.name: CANARY_CALLS}
