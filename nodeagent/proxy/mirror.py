@@ -58,6 +58,8 @@ class Mirror:
         self.sent = 0
         self.closed: asyncio.Future[None] = loop.create_future()
         self._task = loop.create_task(self._run(open_upstream))
+        # Also when the task is cancelled before it ever ran (a drop right after start).
+        self._task.add_done_callback(self._ended)
 
     def feed(self, data: bytes) -> None:
         if self._dropped or self._ending:
@@ -68,6 +70,10 @@ class Mirror:
         self._queue.append(data)
         self._queued += len(data)
         self._ready.set()
+
+    def _ended(self, _task: asyncio.Task[None]) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def close(self) -> None:
         """The primary ended: send what is queued, then end the shadow connection."""
@@ -121,8 +127,6 @@ class Mirror:
                 reader.cancel()
             if upstream is not None:
                 _close(upstream, abort=self._dropped)
-            if not self.closed.done():
-                self.closed.set_result(None)
 
 
 async def _send(upstream: TunnelStream | socket.socket, data: bytes) -> None:
