@@ -256,19 +256,13 @@ class DestinationRule:
 
 
 def resolve_host(host: str, namespace: str) -> str:
-    """A host as Istio resolves it: a short name is relative to the resource's namespace.
-
-    `backend` in `demo` is `backend.demo.svc.cluster.local`; `backend.other` is
-    `backend.other.svc.cluster.local`; a name with more dots is already full.
-    """
-    if host == "*" or host.startswith("*."):
+    """A host as Istio resolves it (`ResolveShortnameToFQDN` in istio/istio pkg/config/model.go):
+    a name without a dot is a service of the resource's namespace (`backend` in `demo` is
+    `backend.demo.svc.cluster.local`); anything with a dot, `*` and IP addresses are taken
+    as written."""
+    if host == "*" or "." in host or ":" in host:
         return host
-    dots = host.count(".")
-    if dots == 0:
-        return f"{host}.{namespace}.{DOMAIN_SUFFIX}"
-    if dots == 1:
-        return f"{host}.{DOMAIN_SUFFIX}"
-    return host
+    return f"{host}.{namespace}.{DOMAIN_SUFFIX}"
 
 
 # -- durations -------------------------------------------------------------------------------

@@ -363,7 +363,8 @@ def test_bad_durations_are_refused(text: str) -> None:
     ("host", "namespace", "full"),
     [
         ("backend", "demo", "backend.demo.svc.cluster.local"),
-        ("backend.other", "demo", "backend.other.svc.cluster.local"),
+        ("backend.other", "demo", "backend.other"),  # a dot: taken as a full name (Istio)
+        ("10.96.0.10", "demo", "10.96.0.10"),
         ("backend.demo.svc.cluster.local", "x", "backend.demo.svc.cluster.local"),
         ("*.example.com", "demo", "*.example.com"),
     ],
