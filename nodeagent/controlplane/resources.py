@@ -147,8 +147,8 @@ def workload_value(
         trust_domain=mesh.trust_domain,
         service_account=w.service_account,
         node=w.node,
-        canonical_name=w.labels.get("app", w.name),
-        canonical_revision=w.labels.get("version", "latest"),
+        canonical_name=_first_label(w.labels, rm.CANONICAL_NAME_LABELS, w.name),
+        canonical_revision=_first_label(w.labels, rm.CANONICAL_REVISION_LABELS, "latest"),
         workload_type=wm.WorkloadType.POD,
         workload_name=w.name,
         cluster_id=mesh.cluster_id,
@@ -238,3 +238,7 @@ def string_match(value: str, *, principal: bool = False) -> pm.StringMatch:
 
 def _cidr(text: str) -> pm.IPNetwork:
     return ipaddress.ip_network(text, strict=False)
+
+
+def _first_label(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
+    return next((labels[k] for k in keys if k in labels), default)

@@ -41,6 +41,15 @@ MIRROR_ANNOTATION = "traffic.nodeagent.io/tcp-mirror"
 CONNECT_ATTEMPTS_ANNOTATION = "traffic.nodeagent.io/tcp-max-connect-attempts"
 EXTENSION_ANNOTATIONS = (FAULT_ANNOTATION, MIRROR_ANNOTATION, CONNECT_ATTEMPTS_ANNOTATION)
 
+# Istio's canonical service labels, most specific first (CanonicalService in istio/istio
+# pkg/kube/labels/labels.go). The workload API carries only the values they give.
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = (
+    "service.istio.io/canonical-revision",
+    "app.kubernetes.io/version",
+    "version",
+)
+
 DEFAULT_CONNECT_ATTEMPTS = 3  # tries in all for one connection (first + 2 on other endpoints)
 MAX_CONNECT_ATTEMPTS = 10
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from nodeagent.model.routing import (
+    CANONICAL_NAME_LABELS,
+    CANONICAL_REVISION_LABELS,
     DEFAULT_CONNECT_ATTEMPTS,
     Destination,
     DestinationRule,
@@ -42,9 +44,7 @@ from nodeagent.model.routing import (
 )
 from nodeagent.model.workload import IPAddress, Service, Workload
 
-NAME_LABELS = ("app", "service.istio.io/canonical-name", "app.kubernetes.io/name")
-REVISION_LABELS = ("version", "service.istio.io/canonical-revision", "app.kubernetes.io/version")
-KNOWN_LABELS = NAME_LABELS + REVISION_LABELS
+KNOWN_LABELS = CANONICAL_NAME_LABELS + CANONICAL_REVISION_LABELS
 _NO_POLICY = TrafficPolicy()
 
 
@@ -52,9 +52,9 @@ def workload_labels(workload: Workload) -> Mapping[str, str]:
     """The labels the workload API lets us know: canonical name and revision under each key."""
     out: dict[str, str] = {}
     if workload.canonical_name:
-        out.update(dict.fromkeys(NAME_LABELS, workload.canonical_name))
+        out.update(dict.fromkeys(CANONICAL_NAME_LABELS, workload.canonical_name))
     if workload.canonical_revision:
-        out.update(dict.fromkeys(REVISION_LABELS, workload.canonical_revision))
+        out.update(dict.fromkeys(CANONICAL_REVISION_LABELS, workload.canonical_revision))
     return out
 
 

@@ -127,3 +127,19 @@ def test_duplicate_virtual_service_names_are_refused() -> None:
     text = GOOD + GOOD[GOOD.index("  - apiVersion: networking.istio.io/v1beta1") :]
     with pytest.raises(MeshError, match="virtualServices"):
         parse_mesh(text, "mesh.yaml")
+
+
+def test_canonical_name_and_revision_follow_istios_label_precedence() -> None:
+    from nodeagent.controlplane.resources import workload_value
+
+    mesh = parse_mesh(
+        HEAD
+        + "workloads:\n"
+        + "  - name: b1\n    namespace: demo\n    node: n1\n    ip: 10.1.0.5\n"
+        + "    labels: {app: backend, version: v1, app.kubernetes.io/version: v3}\n"
+        + "  - name: b2\n    namespace: demo\n    node: n1\n    ip: 10.1.0.6\n",
+        "mesh.yaml",
+    )
+    first, second = (workload_value(mesh, w) for w in mesh.workloads)
+    assert (first.canonical_name, first.canonical_revision) == ("backend", "v3")
+    assert (second.canonical_name, second.canonical_revision) == ("b2", "latest")
