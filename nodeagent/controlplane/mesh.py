@@ -894,3 +894,17 @@ def _not_a_service(
         f"{path}.{field_path}",
         f"{host!r} ({full}) is not a service",
     )
+
+
+def waypoint_fields(mesh: MeshConfig) -> list[str]:
+    """`Kind namespace/name: field` for each field the node agents accept but do not apply
+    (HTTP routes, HTTP-only policies): they need a waypoint."""
+    return [
+        f"{kind} {r.key}: {path}"
+        for kind, resources in (
+            ("VirtualService", mesh.virtual_services),
+            ("DestinationRule", mesh.destination_rules),
+        )
+        for r in resources
+        for path in r.needs_waypoint
+    ]

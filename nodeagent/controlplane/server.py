@@ -23,7 +23,13 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2, json_format
 
-from nodeagent.controlplane.mesh import MeshConfig, MeshError, check_reload, load_mesh
+from nodeagent.controlplane.mesh import (
+    MeshConfig,
+    MeshError,
+    check_reload,
+    load_mesh,
+    waypoint_fields,
+)
 from nodeagent.controlplane.resources import Snapshot, VersionedResource, build_snapshot, versioned
 from nodeagent.controlplane.stream import DeltaStreamCore, StreamRequest, StreamResponse
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
@@ -83,6 +89,15 @@ class MeshStore:
         self._overrides: dict[str, dict[str, VersionedResource]] = {}
         self._snapshot: Snapshot = self._merge()
         self._listeners: set[Callable[[Snapshot], None]] = set()
+        self._waypoint_fields: set[str] = set()
+        self.report_waypoint_fields()
+
+    def report_waypoint_fields(self) -> None:
+        """Log, once per resource and field, what the node agents accept but do not apply."""
+        for line in waypoint_fields(self._mesh):
+            if line not in self._waypoint_fields:
+                self._waypoint_fields.add(line)
+                log.warning("%s needs a waypoint; the node agents do not apply it", line)
 
     @property
     def mesh(self) -> MeshConfig:
@@ -193,6 +208,7 @@ class MeshFileWatcher:
         self.last_error = None
         self.reloads += 1
         self._store.replace(*loaded)
+        self._store.report_waypoint_fields()
         for note in (*loaded[0].notes, *notes):
             log.warning("mesh file accepted as written: %s", note)
         log.info("mesh file %s reloaded", self._path)

@@ -143,3 +143,21 @@ def test_canonical_name_and_revision_follow_istios_label_precedence() -> None:
     first, second = (workload_value(mesh, w) for w in mesh.workloads)
     assert (first.canonical_name, first.canonical_revision) == ("backend", "v3")
     assert (second.canonical_name, second.canonical_revision) == ("b2", "latest")
+
+
+def test_http_fields_are_reported_once_as_needing_a_waypoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from nodeagent.controlplane.server import MeshStore
+
+    text = GOOD.replace(
+        "      tcp:\n", "      http: [{route: [{destination: {host: backend}}]}]\n      tcp:\n"
+    )
+    caplog.set_level("WARNING", logger="nodeagent.controlplane.server")
+    store = MeshStore(parse_mesh(text, "mesh.yaml"))
+    store.replace(parse_mesh(text, "mesh.yaml"))
+    store.report_waypoint_fields()
+    lines = [r.getMessage() for r in caplog.records if "needs a waypoint" in r.getMessage()]
+    assert lines == [
+        "VirtualService demo/canary: spec.http needs a waypoint; the node agents do not apply it"
+    ]
