@@ -354,6 +354,19 @@ class OutboundHandler:
         self, pod: LocalPod, client: Address, dst: Address, route: Route, flags: str
     ) -> None:
         """Count a connection refused before any upstream was tried, with its response flag."""
+        live = self._register(pod, client, dst, route, flags, task=None)
+        live.closed_reason = route.reason or flags
+        self.registry.remove(live)
+
+    def _register(
+        self,
+        pod: LocalPod,
+        client: Address,
+        dst: Address,
+        route: Route,
+        flags: str,
+        task: asyncio.Task[object] | None,
+    ) -> LiveConnection:
         live = self.registry.register(
             workload=pod.label,
             workload_uid=pod.uid,
@@ -363,10 +376,10 @@ class OutboundHandler:
             remote=hostport(*dst),
             target=route.authority or hostport(*route.destination),
             source_identity=pod.identity,
+            task=task,
         )
         live.response_flags = flags
-        live.closed_reason = route.reason or flags
-        self.registry.remove(live)
+        return live
 
     async def _open(
         self, pod: LocalPod, source: Workload | None, client: Address, route: Route
@@ -415,18 +428,7 @@ class OutboundHandler:
         flags: str,
     ) -> None:
         """Open the upstream (trying the plan's next endpoints as attempts fail), then relay."""
-        live = self.registry.register(
-            workload=pod.label,
-            workload_uid=pod.uid,
-            direction=OUTBOUND,
-            protocol=HBONE if route.kind is RouteKind.HBONE else TCP,
-            local=hostport(*client),
-            remote=hostport(*dst),
-            target=route.authority or hostport(*route.destination),
-            source_identity=pod.identity,
-            task=asyncio.current_task(),
-        )
-        live.response_flags = flags
+        live = self._register(pod, client, dst, route, flags, task=asyncio.current_task())
         plan, failures = route.plan, 0
         try:
             while True:
