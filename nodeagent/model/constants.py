@@ -71,4 +71,9 @@ TYPE_URL_AUTHORIZATION: Final = "type.googleapis.com/istio.security.Authorizatio
 # istio.mcp.v1alpha1.Resource envelope whose body holds the kind's spec message.
 TYPE_URL_VIRTUAL_SERVICE: Final = "networking.istio.io/v1alpha3/VirtualService"
 TYPE_URL_DESTINATION_RULE: Final = "networking.istio.io/v1alpha3/DestinationRule"
+# istiod's api generator lists its config store by the exact group/version/kind of the
+# type URL, and since Istio 1.22 the store keys these kinds by v1 (v1alpha3 is an alias),
+# so the agent asks for both versions; the body is the v1alpha3 message either way.
+TYPE_URL_VIRTUAL_SERVICE_V1: Final = "networking.istio.io/v1/VirtualService"
+TYPE_URL_DESTINATION_RULE_V1: Final = "networking.istio.io/v1/DestinationRule"
 TYPE_URL_MCP_RESOURCE: Final = "type.googleapis.com/istio.mcp.v1alpha1.Resource"

@@ -22,8 +22,10 @@ from google.protobuf.message import DecodeError, Message
 from nodeagent.model import routing as rm
 from nodeagent.model.constants import (
     TYPE_URL_DESTINATION_RULE,
+    TYPE_URL_DESTINATION_RULE_V1,
     TYPE_URL_MCP_RESOURCE,
     TYPE_URL_VIRTUAL_SERVICE,
+    TYPE_URL_VIRTUAL_SERVICE_V1,
 )
 from nodeagent.pb.istio.mcp.v1alpha1 import resource_pb2 as mcp_pb
 from nodeagent.pb.istio.networking.v1alpha3 import destination_rule_pb2 as dr_pb
@@ -37,8 +39,12 @@ _ANY_PREFIX = "type.googleapis.com/"
 SPEC_MESSAGES: Mapping[str, type[Message]] = {
     TYPE_URL_VIRTUAL_SERVICE: vs_pb.VirtualService,
     TYPE_URL_DESTINATION_RULE: dr_pb.DestinationRule,
+    TYPE_URL_VIRTUAL_SERVICE_V1: vs_pb.VirtualService,
+    TYPE_URL_DESTINATION_RULE_V1: dr_pb.DestinationRule,
 }
 CONFIG_TYPE_URLS = tuple(SPEC_MESSAGES)
+VIRTUAL_SERVICE_TYPE_URLS = frozenset((TYPE_URL_VIRTUAL_SERVICE, TYPE_URL_VIRTUAL_SERVICE_V1))
+DESTINATION_RULE_TYPE_URLS = frozenset((TYPE_URL_DESTINATION_RULE, TYPE_URL_DESTINATION_RULE_V1))
 
 
 class EnvelopeError(ValueError):

@@ -10,12 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from nodeagent.model.constants import (
-    TYPE_URL_ADDRESS,
-    TYPE_URL_AUTHORIZATION,
-    TYPE_URL_DESTINATION_RULE,
-    TYPE_URL_VIRTUAL_SERVICE,
-)
+from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
 from nodeagent.model.policy import Authorization
 from nodeagent.model.routing import DestinationRule, VirtualService
 from nodeagent.model.workload import Service, Workload
@@ -26,6 +21,7 @@ from nodeagent.state.convert import (
     destination_rule_from_bytes,
     virtual_service_from_bytes,
 )
+from nodeagent.state.mcp import DESTINATION_RULE_TYPE_URLS, VIRTUAL_SERVICE_TYPE_URLS
 from nodeagent.state.store import StateBatch, StateStore
 
 log = logging.getLogger(__name__)
@@ -73,7 +69,7 @@ class StateUpdater:
                 if policy is not None:
                     policies.append(policy)
             batch = StateBatch(policies=tuple(policies), removed_policies=tuple(removals))
-        elif type_url == TYPE_URL_VIRTUAL_SERVICE:
+        elif type_url in VIRTUAL_SERVICE_TYPE_URLS:
             virtual_services: list[VirtualService] = []
             for name, data in upserts:
                 vs = _convert(virtual_service_from_bytes, name, data, rejected)
@@ -83,7 +79,7 @@ class StateUpdater:
                 virtual_services=tuple(virtual_services),
                 removed_virtual_services=tuple(removals),
             )
-        elif type_url == TYPE_URL_DESTINATION_RULE:
+        elif type_url in DESTINATION_RULE_TYPE_URLS:
             destination_rules: list[DestinationRule] = []
             for name, data in upserts:
                 dr = _convert(destination_rule_from_bytes, name, data, rejected)

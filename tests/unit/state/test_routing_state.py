@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from nodeagent.model.constants import TYPE_URL_DESTINATION_RULE as DR
+from nodeagent.model.constants import TYPE_URL_DESTINATION_RULE_V1, TYPE_URL_VIRTUAL_SERVICE_V1
 from nodeagent.model.constants import TYPE_URL_VIRTUAL_SERVICE as VS
 from nodeagent.model.routing import DestinationRule, VirtualService, to_wire
 from nodeagent.state import mcp
@@ -260,3 +261,15 @@ def test_destination_rule_reads_the_same_after_the_wire(spec: dict[str, Any]) ->
     got = destination_rule_from_bytes(*wire(sent))
     for name in ("namespace", "name", "host", "traffic_policy", "subsets", "needs_waypoint"):
         assert getattr(got, name) == getattr(sent, name), name
+
+
+def test_v1_type_url_carries_the_same_kind(store: StateStore) -> None:
+    # A recent istiod answers the v1 type URL (its store's version); the body is the same.
+    updater = StateUpdater(store)
+    rule = destination_rule("backend", "shop")
+    canary = virtual_service("backend", "shop")
+    assert updater.apply_delta(TYPE_URL_DESTINATION_RULE_V1, [wire(rule)], []) == {}
+    assert updater.apply_delta(TYPE_URL_VIRTUAL_SERVICE_V1, [wire(canary)], []) == {}
+    assert store.destination_rules() == (rule,) and store.virtual_services() == (canary,)
+    updater.apply_delta(TYPE_URL_VIRTUAL_SERVICE_V1, [], [canary.key])
+    assert store.virtual_services() == ()

@@ -94,6 +94,19 @@ async def mesh_and_agent(
         await server.stop(grace=None)
 
 
+async def all_acked(client: XdsClient, *, streams: int) -> None:
+    """Wait until the first response of every type on each of `streams` streams is ACKed.
+
+    Readiness waits only for ztunnel's types; an ACK still being written when the test
+    stops the server fails as a bare INTERNAL and leaves grpc's status task pending.
+    """
+    await wait_until(
+        lambda: client.stats.acks + client.stats.nacks >= streams * len(DEFAULT_TYPES),
+        "every type's first response answered",
+    )
+    await asyncio.sleep(0.05)  # the last ACK's write, which follows the count
+
+
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
@@ -173,6 +186,7 @@ async def test_server_restart_client_keeps_state_and_resumes_with_versions(tmp_p
     async with mesh_and_agent(tmp_path) as (server, client, store, mesh):
         port = server.port
         known = client.protocol.versions(TYPE_URL_ADDRESS)
+        await all_acked(client, streams=1)
         await server.stop(grace=None)
         await wait_until(lambda: not client.stats.connected, "the client to see the disconnect")
         # While the control plane is down the agent keeps serving what it had.
@@ -209,6 +223,7 @@ async def test_server_restart_client_keeps_state_and_resumes_with_versions(tmp_p
             )
             assert store.workload(UID_A) is not None
             assert client.stats.connected and client.stats.connects == 2
+            await all_acked(client, streams=2)
         finally:
             await restarted.stop(grace=None)
 
