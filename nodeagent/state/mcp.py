@@ -136,11 +136,15 @@ def decode(type_url: str, name: str, data: bytes) -> ConfigEnvelope:
         spec.ParseFromString(resource.body.value)
     except DecodeError as e:
         raise EnvelopeError(f"body does not decode as {expected}: {e}") from None
+    try:
+        # Defaults are left out, as Istio's own JSON leaves them out.
+        spec_json = json_format.MessageToDict(spec)
+    except json_format.Error as e:  # e.g. a Duration whose nanos exceed a second
+        raise EnvelopeError(f"body has no JSON form: {e}") from None
     return ConfigEnvelope(
         namespace=namespace,
         name=short,
-        # Defaults are left out, as Istio's own JSON leaves them out.
-        spec=json_format.MessageToDict(spec),
+        spec=spec_json,
         annotations=dict(resource.metadata.annotations),
         labels=dict(resource.metadata.labels),
         version=resource.metadata.version,

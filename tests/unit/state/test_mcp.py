@@ -170,3 +170,11 @@ def test_unparsable_duration_is_refused_naming_the_field() -> None:
     spec = {"host": "b", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "soon"}}}}
     with pytest.raises(mcp.EnvelopeError, match="connectTimeout"):
         mcp.encode(TYPE_URL_DESTINATION_RULE, mcp.ConfigEnvelope("shop", "b", spec))
+
+
+def test_body_without_a_json_form_is_refused() -> None:
+    # Found by fuzzing: a Duration's nanos beyond a second decode, but have no JSON form.
+    spec = vs_pb.VirtualService(hosts=["h"])
+    spec.http.add().retries.per_try_timeout.nanos = 1_036_870_912
+    with pytest.raises(mcp.EnvelopeError, match=r"body has no JSON form: .*per_try_timeout"):
+        mcp.decode(TYPE_URL_VIRTUAL_SERVICE, "shop/r", istiod_bytes("shop/r", spec))
