@@ -26,6 +26,7 @@ TARGETS: dict[str, str] = {
     "hbone_client": "fuzz.targets.hbone_client",
     "xds_address": "fuzz.targets.xds_address",
     "xds_authorization": "fuzz.targets.xds_authorization",
+    "xds_routing": "fuzz.targets.xds_routing",
     "mesh_file": "fuzz.targets.mesh_file",
     "apply_file": "fuzz.targets.apply_file",
 }

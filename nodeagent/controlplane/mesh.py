@@ -854,11 +854,20 @@ def _check_routing_references(
 ) -> None:
     """Every host names a service and every subset is defined by that service's rule."""
     subsets: dict[str, set[str]] = {}
+    owner: dict[str, str] = {}
     for i, (node, dr) in enumerate(destination_rules):
         host = resolve_host(dr.host, dr.namespace)
         if host not in hostnames:
             raise _not_a_service(r, node, f"destinationRules[{i}]", "spec.host", dr.host, host)
-        subsets.setdefault(host, set()).update(s.name for s in dr.subsets)
+        if host in owner:
+            # The agents apply one rule per service; a second would be silently ignored.
+            raise r.error(
+                locate_node(node, "spec.host"),
+                f"destinationRules[{i}].spec.host",
+                f"{host} already has DestinationRule {owner[host]}: give each host one rule",
+            )
+        owner[host] = dr.key
+        subsets[host] = {s.name for s in dr.subsets}
     for i, (node, vs) in enumerate(virtual_services):
         path = f"virtualServices[{i}]"
         for j, host in enumerate(vs.hosts):

@@ -23,6 +23,7 @@ them as annotations, since the protobuf message has no field for them.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import math
 import re
@@ -488,14 +489,19 @@ def _extension_annotations(annotations: Mapping[str, str]) -> dict[int, dict[str
             entry = out.setdefault(int(key), {})
             if len(names) == 1:
                 entry[names[0]] = (annotation, block)
-            else:
-                if not isinstance(block, dict):
-                    raise RoutingSpecError(
-                        f"{path}.{key}", "expected {mirror: ..., mirrorPercentage: ...}"
-                    )
-                for name in names:
-                    if name in block:
-                        entry[name] = (annotation, block[name])
+                continue
+            if not isinstance(block, dict) or "mirror" not in block:
+                raise RoutingSpecError(
+                    f"{path}.{key}", "expected {mirror: ..., mirrorPercentage: ...}"
+                )
+            unknown = sorted(str(k) for k in block if k not in names)
+            if unknown:
+                raise RoutingSpecError(
+                    f"{path}.{key}.{unknown[0]}", f"unknown field (allowed: {', '.join(names)})"
+                )
+            for name in names:
+                if name in block:
+                    entry[name] = (annotation, block[name])
     return out
 
 
@@ -541,7 +547,7 @@ def _l4_match(value: Any, path: str) -> L4Match:
     if "sourceSubnet" in data:
         raise RoutingSpecError(_sub(path, "sourceSubnet"), "applies only to gateways")
     subnets = tuple(
-        _READ.string(s, _sub(_sub(path, "destinationSubnets"), i))
+        _cidr(s, _sub(_sub(path, "destinationSubnets"), i))
         for i, s in enumerate(
             _READ.sequence(data.get("destinationSubnets"), _sub(path, "destinationSubnets"))
         )
@@ -552,6 +558,14 @@ def _l4_match(value: Any, path: str) -> L4Match:
         source_namespace=str(data.get("sourceNamespace", "")),
         destination_subnets=subnets,
     )
+
+
+def _cidr(value: Any, path: str) -> str:
+    text = _READ.string(value, path)
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise RoutingSpecError(path, f"{text!r} is not an IP address or CIDR") from None
 
 
 def _destination(value: Any, path: str) -> Destination:

@@ -42,6 +42,7 @@ from nodeagent.model.constants import (
     ILLEGAL_PORTS,
     INBOUND_HBONE_PORT,
     NO_HEALTHY_UPSTREAM,
+    NO_ROUTE,
     OVERFLOW,
     TUNNEL_OPEN_FAILED,
     UPSTREAM_CONNECT_FAILURE,
@@ -301,9 +302,13 @@ class OutboundHandler:
         if route.kind is RouteKind.REFUSE:
             self._count("refused")
             log.info("pod %s: outbound %s refused: %s", pod.label, hostport(*dst), route.reason)
-            if route.plan is not None and route.plan.decision.targets:
-                # The service's endpoints exist but none could be picked: Envoy's UH.
-                self._refused(pod, client, dst, route, NO_HEALTHY_UPSTREAM)
+            if route.plan is not None:
+                # A route whose every destination is unusable is Envoy's NR; endpoints that
+                # exist but none could be picked, UH.
+                no_route = not route.plan.decision.targets
+                self._refused(
+                    pod, client, dst, route, NO_ROUTE if no_route else NO_HEALTHY_UPSTREAM
+                )
             reset_socket(sock)
             return
         plan, flags = route.plan, ""

@@ -86,6 +86,7 @@ class ServiceRouting:
         self.balancer = ClusterBalancer(self._rng, outliers)
         self._table: RouteTable | None = None
         self._notes: tuple[str, ...] = ()
+        self._waypoint_fields: set[str] = set()
         if follow:  # a preview copy does not: it lives for one question
             store.subscribe(self._changed)
 
@@ -119,9 +120,11 @@ class ServiceRouting:
             self._notes = table.notes
             for traffic in table.by_service.values():
                 for field_path in traffic.needs_waypoint:
-                    log.info(
-                        "routing: %s needs a waypoint; the agent does not apply it", field_path
-                    )
+                    if field_path not in self._waypoint_fields:  # once, not per rebuild
+                        self._waypoint_fields.add(field_path)
+                        log.info(
+                            "routing: %s needs a waypoint; the agent does not apply it", field_path
+                        )
         return table
 
     def plan(

@@ -163,7 +163,10 @@ def _holds(
         return False
     if not labels_match(match.source_labels, caller.labels):
         return False
-    return not nets or (dialled is not None and any(dialled in n for n in nets))
+    if not match.destination_subnets:
+        return True
+    # Subnets were given: only an address in one of them matches (none usable: no match).
+    return dialled is not None and any(dialled in n for n in nets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,15 +422,16 @@ def _compile_route(
     if route.mirror is not None:
         m = route.mirror.destination
         mirror = resolve(m.host, m.subset, m.port, 100, "mirror")
-    subnets = tuple(tuple(_networks(m.destination_subnets, name, notes)) for m in route.match)
+    # The reader checked every entry is an address or CIDR.
+    subnets = tuple(
+        tuple(ipaddress.ip_network(t, strict=False) for t in m.destination_subnets)
+        for m in route.match
+    )
+    for match in route.match:
+        unknown = sorted(k for k in match.source_labels if k not in KNOWN_LABELS)
+        if unknown:
+            notes.append(
+                f"{name}: sourceLabels selects on {', '.join(unknown)}, which the workload "
+                "API does not carry: that match holds for no caller"
+            )
     return _Route(name, route, destinations, mirror, subnets)
-
-
-def _networks(
-    texts: Iterable[str], name: str, notes: list[str]
-) -> Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    for text in texts:
-        try:
-            yield ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            notes.append(f"{name}: destinationSubnets entry {text!r} is not a CIDR; ignored")

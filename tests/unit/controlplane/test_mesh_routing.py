@@ -161,3 +161,14 @@ def test_http_fields_are_reported_once_as_needing_a_waypoint(
     assert lines == [
         "VirtualService demo/canary: spec.http needs a waypoint; the node agents do not apply it"
     ]
+
+
+def test_a_second_destination_rule_for_a_host_is_refused() -> None:
+    second = GOOD[
+        GOOD.index("  - apiVersion: networking.istio.io/v1\n") : GOOD.index("virtualServices:")
+    ]
+    text = GOOD.replace(
+        "virtualServices:", second.replace("name: backend,", "name: other,") + "virtualServices:"
+    )
+    with pytest.raises(MeshError, match="already has DestinationRule demo/backend"):
+        parse_mesh(text, "mesh.yaml")

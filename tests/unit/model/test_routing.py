@@ -371,3 +371,34 @@ def test_bad_durations_are_refused(text: str) -> None:
 )
 def test_hosts_resolve_as_istio_resolves_them(host: str, namespace: str, full: str) -> None:
     assert resolve_host(host, namespace) == full
+
+
+@pytest.mark.parametrize(
+    "block",
+    [{"1": {"mibror": {"host": "b"}}}, {"0": {"mirror": {"host": "b"}, "extra": 1}}, {"0": 5}],
+)
+def test_a_bad_mirror_annotation_is_refused_by_name(block: dict[str, Any]) -> None:
+    # {"1": {"mibror": ...}} used to raise StopIteration (found by fuzzing the xDS converter).
+    with pytest.raises(RoutingSpecError) as err:
+        parse_virtual_service(
+            "d",
+            "x",
+            {"hosts": ["b"], "tcp": [{"route": [{"destination": {"host": "b"}}]}]},
+            {MIRROR_ANNOTATION: json.dumps(block)},
+        )
+    assert err.value.path.startswith(f"metadata.annotations[{MIRROR_ANNOTATION}]")
+
+
+def test_destination_subnets_must_be_addresses_or_cidrs() -> None:
+    spec = {
+        "hosts": ["b"],
+        "tcp": [
+            {
+                "match": [{"destinationSubnets": ["10.0.0.0/8", "nope"]}],
+                "route": [{"destination": {"host": "b"}}],
+            }
+        ],
+    }
+    with pytest.raises(RoutingSpecError) as err:
+        parse_virtual_service("d", "x", spec)
+    assert err.value.path == "spec.tcp[0].match[0].destinationSubnets[1]"

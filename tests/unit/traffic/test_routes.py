@@ -262,3 +262,18 @@ def test_every_connection_gets_a_decision_within_the_weights(
     if len(weights) > 1:
         # The pick never lands on a zero-weight destination while another has weight.
         assert decision.target.weight > 0
+
+
+def test_a_source_label_the_workload_api_lacks_is_noted() -> None:
+    vs = split(100, 0, match=[{"sourceLabels": {"team": "a"}}])
+    assert any("sourceLabels selects on team" in n for n in table(vs, rule()).notes)
+
+
+def test_destination_subnets_match_only_addresses_inside_them() -> None:
+    import ipaddress
+
+    vs = split(0, 100, match=[{"destinationSubnets": ["10.96.0.0/24"]}])
+    t = table(vs, rule())
+    inside = t.decide(KEY, 80, Caller(), Draws(0.0), ipaddress.ip_address("10.96.0.10"))
+    outside = t.decide(KEY, 80, Caller(), Draws(0.0), ipaddress.ip_address("10.97.0.10"))
+    assert inside.target.subset == "v2" and outside.target.subset == ""
