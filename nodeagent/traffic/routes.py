@@ -46,6 +46,7 @@ from nodeagent.model.workload import IPAddress, Service, Workload
 
 KNOWN_LABELS = CANONICAL_NAME_LABELS + CANONICAL_REVISION_LABELS
 _NO_POLICY = TrafficPolicy()
+_OTHER_PORT = -1  # the route index's key for ports no match names
 
 
 def workload_labels(workload: Workload) -> Mapping[str, str]:
@@ -141,6 +142,12 @@ class _Route:
     mirror: _Destination | None
     subnets: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], ...]
 
+    def ports(self) -> frozenset[int] | None:
+        """The ports a match of this route can hold on; None for any port."""
+        if not self.spec.match or any(m.port == 0 for m in self.spec.match):
+            return None
+        return frozenset(m.port for m in self.spec.match if m.port > 0)
+
     def matches(self, port: int, caller: Caller, dialled: IPAddress | None) -> bool:
         if not self.spec.match:
             return True
@@ -215,6 +222,32 @@ class ServiceTraffic:
     destination_rule: DestinationRule | None = None
     routes: tuple[_Route, ...] = ()
     needs_waypoint: tuple[str, ...] = ()  # `namespace/name: field` the agent does not apply
+    # Port -> the routes that can match it, in order (key -1: any port no match names), so
+    # a decision walks only those, not every route of the service.
+    by_port: Mapping[int, tuple[_Route, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        lists: dict[int, list[_Route]] = {_OTHER_PORT: []}
+        for route in self.routes:  # one pass: a route joins the lists of the ports it names
+            ports = route.ports()
+            if ports is None:  # any port
+                for found in lists.values():
+                    found.append(route)
+                continue
+            for port in ports:
+                if port not in lists:
+                    # A newly named port starts with the any-port routes seen so far.
+                    lists[port] = list(lists[_OTHER_PORT])
+                lists[port].append(route)
+        index = {p: tuple(found) for p, found in lists.items()}
+        object.__setattr__(self, "by_port", MappingProxyType(index))
+
+    def routes_for(self, port: int) -> tuple[_Route, ...]:
+        """The routes that may match a connection to `port`, in match order."""
+        found = self.by_port.get(port)
+        return found if found is not None else self.by_port[_OTHER_PORT]
 
     def route_summaries(self) -> tuple[RouteSummary, ...]:
         """The service's `tcp:` routes in match order."""
@@ -297,7 +330,9 @@ class RouteTable:
         traffic = self.by_service.get(service)
         if traffic is None:
             return None
-        found = next((r for r in traffic.routes if r.matches(port, caller, dialled)), None)
+        found = next(
+            (r for r in traffic.routes_for(port) if r.matches(port, caller, dialled)), None
+        )
         return _summary(found) if found is not None else None
 
     def target(self, service: str, port: int, subset: str = "") -> Target | None:
@@ -324,7 +359,9 @@ class RouteTable:
         traffic = self.by_service.get(service)
         if traffic is None:
             return RouteDecision((Target(service, port),))
-        route = next((r for r in traffic.routes if r.matches(port, caller, dialled)), None)
+        route = next(
+            (r for r in traffic.routes_for(port) if r.matches(port, caller, dialled)), None
+        )
         if route is None:
             return RouteDecision((traffic.default_target(port),))
         usable = [d for d in route.destinations if d.service]
@@ -425,11 +462,14 @@ def _compile_route(
     # The reader checked every entry is an address or CIDR.
     subnets = tuple(
         tuple(ipaddress.ip_network(t, strict=False) for t in m.destination_subnets)
+        if m.destination_subnets
+        else ()
         for m in route.match
     )
     for match in route.match:
-        unknown = sorted(k for k in match.source_labels if k not in KNOWN_LABELS)
+        unknown = [k for k in match.source_labels if k not in KNOWN_LABELS]
         if unknown:
+            unknown.sort()
             notes.append(
                 f"{name}: sourceLabels selects on {', '.join(unknown)}, which the workload "
                 "API does not carry: that match holds for no caller"

@@ -277,3 +277,38 @@ def test_destination_subnets_match_only_addresses_inside_them() -> None:
     inside = t.decide(KEY, 80, Caller(), Draws(0.0), ipaddress.ip_address("10.96.0.10"))
     outside = t.decide(KEY, 80, Caller(), Draws(0.0), ipaddress.ip_address("10.97.0.10"))
     assert inside.target.subset == "v2" and outside.target.subset == ""
+
+
+def test_the_port_index_answers_as_a_walk_over_every_route() -> None:
+    spec = {
+        "hosts": ["backend"],
+        "tcp": [
+            {
+                "match": [{"port": 9000}],
+                "route": [{"destination": {"host": "backend", "subset": "v2"}}],
+            },
+            {
+                "match": [{"port": 8080, "sourceLabels": {"app": "x"}}, {"port": 7000}],
+                "route": [{"destination": {"host": "backend", "subset": "v1"}}],
+            },
+            {
+                "match": [{"gateways": ["ingress"]}],
+                "route": [{"destination": {"host": "backend", "subset": "v2"}}],
+            },
+            {
+                "match": [{"sourceNamespace": "other"}],
+                "route": [{"destination": {"host": "backend", "subset": "v2"}}],
+            },
+            {
+                "match": [{"port": 8080}],
+                "route": [{"destination": {"host": "backend", "subset": "v1"}}],
+            },
+        ],
+    }
+    t = table(parse_virtual_service("demo", "ports", spec), rule())
+    traffic = t.by_service[KEY]
+    for port in (7000, 8080, 9000, 1234):
+        for caller in (Caller(), Caller({"app": "x"}, "other")):
+            walked = next((r for r in traffic.routes if r.matches(port, caller, None)), None)
+            indexed = t.match(KEY, port, caller)
+            assert (indexed.name if indexed else None) == (walked.name if walked else None)
