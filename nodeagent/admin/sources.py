@@ -305,6 +305,8 @@ class RouteView(Protocol):
     def endpoint_key(self) -> Hashable | None: ...
     @property
     def reason(self) -> str: ...
+    @property
+    def waypoint(self) -> str: ...
     def describe(self) -> str: ...
 
 
@@ -364,7 +366,13 @@ class MeshExplainer:
         if route.service:
             steps.append(f"{to_host}:{to_port} is the VIP of service {route.service}")
             result["destination"]["service"] = route.service
-            if self._traffic is not None and kind != "passthrough":
+            if route.waypoint:
+                # The waypoint does the service's L7 routing: the agent applies none of it.
+                steps.append(
+                    f"service {route.service} is behind waypoint {route.waypoint}: "
+                    "its traffic management is the waypoint's"
+                )
+            elif self._traffic is not None and kind != "passthrough":
                 preview = self._traffic.preview(
                     source, route.service, to_port, ipaddress.ip_address(to_host)
                 )
@@ -373,6 +381,22 @@ class MeshExplainer:
         if kind == "refuse":
             steps.append(f"the source's agent refuses the connection: {route.reason}")
             return {**result, "verdict": "deny", "steps": steps}
+        if route.waypoint:
+            waypoint = self._store.workload(route.workload_uid)
+            who = f"{waypoint.namespace}/{waypoint.name}" if waypoint else route.workload_uid
+            host, port = route.destination
+            result["waypoint"] = {
+                "name": route.waypoint,
+                "workload": who,
+                "endpoint": f"{host}:{port}",
+                "authority": route.authority,
+            }
+            steps.append(
+                f"through waypoint {route.waypoint} ({who} at {host}:{port}): HBONE as "
+                f"{src_identity}, CONNECT {route.authority}; the waypoint applies L7 routing "
+                "and policy and opens the connection to the destination as itself"
+            )
+            return {**result, "verdict": "allow", "steps": steps}
         dest = self._store.workload(route.workload_uid) if route.workload_uid else None
         dst_host, dst_port = split_hostport(route.authority) if route.authority else ("", 0)
         if not dst_host:

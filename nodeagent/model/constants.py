@@ -58,6 +58,7 @@ OVERFLOW: Final = "UO"  # circuit breaker (maxConnections) refused it
 UPSTREAM_CONNECT_FAILURE: Final = "UF"  # the one connect attempt failed
 UPSTREAM_RETRY_LIMIT: Final = "URX"  # every connect attempt failed
 NO_HEALTHY_UPSTREAM: Final = "UH"  # the service had no endpoint to try
+NO_CLUSTER_FOUND: Final = "NC"  # a named waypoint is unknown (Envoy: no cluster found)
 NO_ROUTE: Final = "NR"  # the route's every destination is unusable (unknown host or subset)
 FAULT_ABORT: Final = "FI"  # an injected abort
 FAULT_DELAY: Final = "DI"  # an injected delay

@@ -16,6 +16,20 @@
 * a known workload without HBONE, or anything else: passthrough TCP to the
   original destination.
 
+Waypoints (ztunnel's `build_request`, `fetch_service_waypoint`,
+`fetch_workload_waypoint`): a service VIP whose Service names a waypoint, or a
+workload (dialled by its own address) whose Workload names one, goes over HBONE
+to the waypoint instead: the TCP destination is a waypoint endpoint on the
+GatewayAddress's `hbone_mtls_port` (an address names a waypoint workload or the
+VIP of its service; a host name names its service), the CONNECT authority is the
+original destination the app dialled (`VIP:port` or `podIP:port`, untranslated),
+and the server must prove the waypoint workload's identity or one of its
+service's subject_alt_names. The agent's own VirtualService routing does not
+apply (the waypoint does L7). A connection from the workload's waypoint itself
+(its identity and address) goes direct, so it does not loop. A waypoint that is
+named but unknown (`NC`) or has no ready endpoint (`UH`) refuses the connection:
+never a silent bypass.
+
 `OutboundHandler` is the ConnectionHandler: every socket it makes lives in the
 source pod's namespace and carries the agent's mark (the capture rules skip
 it). The source identity is the pod's, whose listener accepted the connection.
@@ -41,6 +55,7 @@ from nodeagent.model.constants import (
     FAULT_DELAY,
     ILLEGAL_PORTS,
     INBOUND_HBONE_PORT,
+    NO_CLUSTER_FOUND,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
     OVERFLOW,
@@ -49,7 +64,15 @@ from nodeagent.model.constants import (
     UPSTREAM_RETRY_LIMIT,
 )
 from nodeagent.model.identity import Identity, IdentityError
-from nodeagent.model.workload import LoadBalancingMode, Service, TunnelProtocol, Workload
+from nodeagent.model.workload import (
+    GatewayAddress,
+    LoadBalancingMode,
+    NamespacedHostname,
+    Service,
+    TunnelProtocol,
+    Workload,
+    WorkloadStatus,
+)
 from nodeagent.proxy.connections import HBONE, OUTBOUND, TCP, ConnectionRegistry, LiveConnection
 from nodeagent.proxy.listeners import LocalPod
 from nodeagent.proxy.mirror import Mirror, MirroredTcpEnd
@@ -97,15 +120,24 @@ class Route:
     service_hostname: str = ""
     endpoint_key: Hashable | None = None  # for the outlier detector
     reason: str = ""  # REFUSE: why; otherwise a note
+    flags: str = ""  # REFUSE without a plan: the response flag (a waypoint's NC or UH)
+    waypoint: str = ""  # the waypoint the connection goes through (or was refused for)
     plan: ServicePlan | None = field(default=None, compare=False)  # a service's traffic plan
     pick: Pick | None = field(default=None, compare=False)  # the endpoint this route tries
 
     def describe(self) -> str:
         if self.kind is RouteKind.HBONE:
-            return f"HBONE {self.authority} via {format_authority(*self.destination)}"
+            via = f" (waypoint {self.waypoint})" if self.waypoint else ""
+            return f"HBONE {self.authority} via {format_authority(*self.destination)}{via}"
         if self.kind is RouteKind.REFUSE:
             return f"refused: {self.reason}"
         return f"{self.kind.value} {format_authority(*self.destination)}"
+
+
+@dataclass(frozen=True, slots=True)
+class _NoWaypoint:
+    flag: str  # NC: unknown; UH: no ready endpoint
+    why: str
 
 
 def _identities(workload: Workload, sans: tuple[str, ...] = ()) -> frozenset[Identity]:
@@ -162,8 +194,20 @@ class OutboundRouter:
         network = source.network if source is not None else ""
         service = self._store.service_by_vip(network, ip)
         if service is not None:
+            if service.waypoint is not None:
+                return self._via_waypoint(
+                    source, service.waypoint, ip, port, f"service {service.key}", service=service
+                )
             return self._via_service(source, service, ip, port, source_ip)
         workload = self._store.workload_by_address(network, ip)
+        if (
+            workload is not None
+            and workload.waypoint is not None
+            and not self._from_waypoint(source, source_ip, workload.waypoint)
+        ):
+            return self._via_waypoint(
+                source, workload.waypoint, ip, port, f"workload {workload.label}"
+            )
         if workload is not None and workload.tunnel_protocol is TunnelProtocol.HBONE:
             return _hbone(workload, str(ip), port)
         note = "workload without HBONE" if workload is not None else "unknown destination"
@@ -172,6 +216,105 @@ class OutboundRouter:
             (str(ip), port),
             workload_uid=workload.uid if workload is not None else "",
             reason=note,
+        )
+
+    def _via_waypoint(
+        self,
+        source: Workload | None,
+        gateway: GatewayAddress,
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        port: int,
+        whose: str,
+        service: Service | None = None,
+    ) -> Route:
+        """HBONE to a waypoint endpoint, authority the original destination; REFUSE (NC or
+        UH) when the waypoint is unknown or has no ready endpoint."""
+        dialled = (str(ip), port)
+        name = _gateway_name(gateway)
+        key = service.key if service is not None else ""
+        found = self._waypoint_endpoint(source, gateway, ip)
+        if isinstance(found, _NoWaypoint):
+            return Route(
+                RouteKind.REFUSE,
+                dialled,
+                service=key,
+                reason=f"{whose} has waypoint {name}: {found.why}",
+                flags=found.flag,
+                waypoint=name,
+            )
+        waypoint, address, sans = found
+        return Route(
+            RouteKind.HBONE,
+            address,
+            authority=format_authority(str(ip), port),
+            identities=_identities(waypoint, sans),
+            workload_uid=waypoint.uid,
+            service=key,
+            service_hostname=service.hostname if service is not None else "",
+            waypoint=name,
+        )
+
+    def _waypoint_endpoint(
+        self,
+        source: Workload | None,
+        gateway: GatewayAddress,
+        dialled: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    ) -> tuple[Workload, Address, tuple[str, ...]] | _NoWaypoint:
+        """(waypoint workload, where to connect, its service's SANs), or why there is none."""
+        hbone_port = gateway.hbone_mtls_port or INBOUND_HBONE_PORT
+        target = gateway.destination
+        if isinstance(target, NamespacedHostname):
+            # ztunnel looks a waypoint host name up among services only.
+            wp_service = self._store.service(str(target))
+            if wp_service is None:
+                return _NoWaypoint(NO_CLUSTER_FOUND, "no such service")
+        else:
+            wp_service = self._store.service_by_vip(target.network, target.address)
+            if wp_service is None:
+                workload = self._store.workload_by_address(target.network, target.address)
+                if workload is None:
+                    return _NoWaypoint(NO_CLUSTER_FOUND, "no workload or service has that address")
+                if workload.status is not WorkloadStatus.HEALTHY:
+                    return _NoWaypoint(
+                        NO_HEALTHY_UPSTREAM, f"waypoint workload {workload.label} is not ready"
+                    )
+                # Referenced by IP: that IP is the destination (ztunnel does the same).
+                return workload, (str(target.address), hbone_port), ()
+        picked = self.routing.pick_waypoint(source, wp_service, hbone_port, dialled)
+        if isinstance(picked, str):
+            return _NoWaypoint(NO_HEALTHY_UPSTREAM, f"service {wp_service.key}: {picked}")
+        candidate, workload = picked
+        return (
+            workload,
+            (str(candidate.address), candidate.port),
+            wp_service.subject_alt_names,
+        )
+
+    def _from_waypoint(
+        self, source: Workload | None, source_ip: str, gateway: GatewayAddress
+    ) -> bool:
+        """Whether the connection comes from `gateway` itself (identity and address, as
+        ztunnel's check_from_waypoint): its traffic to the workload must not loop back."""
+        if source is None:
+            return False
+        target = gateway.destination
+        members: tuple[Workload, ...]
+        if isinstance(target, NamespacedHostname):
+            wp_service = self._store.service(str(target))
+        else:
+            wp_service = self._store.service_by_vip(target.network, target.address)
+        if wp_service is not None:
+            members = tuple(e.workload for e in self._store.endpoints(wp_service.key))
+        elif not isinstance(target, NamespacedHostname):
+            members = self._store.workloads_by_address(target.network, target.address)
+        else:
+            members = ()
+        ips = {str(a) for a in source.addresses}
+        if source_ip:
+            ips = {source_ip}
+        identity = source.identity()
+        return any(
+            w.identity() == identity and any(str(a) in ips for a in w.addresses) for w in members
         )
 
     def _via_service(
@@ -228,6 +371,13 @@ class OutboundRouter:
             plan=plan,
             pick=pick,
         )
+
+
+def _gateway_name(gateway: GatewayAddress) -> str:
+    target = gateway.destination
+    if isinstance(target, NamespacedHostname):
+        return str(target)
+    return str(target.address)
 
 
 def source_baggage(workload: Workload | None, pod: LocalPod) -> tuple[str, str] | None:
@@ -309,6 +459,8 @@ class OutboundHandler:
                 self._refused(
                     pod, client, dst, route, NO_ROUTE if no_route else NO_HEALTHY_UPSTREAM
                 )
+            elif route.flags:
+                self._refused(pod, client, dst, route, route.flags)
             reset_socket(sock)
             return
         plan, flags = route.plan, ""
@@ -346,6 +498,15 @@ class OutboundHandler:
         route becomes plain TCP to what the tunnel would reach (the CONNECT authority)."""
         if self.pool is not None or route.kind is not RouteKind.HBONE:
             return route
+        if route.waypoint:
+            # Plain TCP to the original destination would bypass the waypoint: fail closed.
+            return replace(
+                route,
+                kind=RouteKind.REFUSE,
+                destination=parse_authority(route.authority),
+                reason=f"waypoint {route.waypoint} needs a tunnel (no workload certificates)",
+                flags=UPSTREAM_CONNECT_FAILURE,
+            )
         return replace(
             route,
             kind=RouteKind.PASSTHROUGH,

@@ -224,6 +224,29 @@ class ServiceRouting:
             plan.attempts += 1
             return Pick(target, candidate, workload, keys)
 
+    def pick_waypoint(
+        self, source: Workload | None, service: Service, port: int, dialled: IPAddress | None
+    ) -> tuple[Candidate, Workload] | str:
+        """One ready endpoint of a waypoint's service on its HBONE port (`port`), or why there
+        is none. As ztunnel resolves a waypoint (ServiceResolutionMode::Waypoint): no
+        route table, no subsets; health and the service's locality rules still apply."""
+        endpoints = self._store.endpoints(service.key)
+        found, skipped = candidates_for(service, endpoints, port, dialled)
+        if not found:
+            if skipped:
+                return f"no endpoint on port {port} ({len(skipped)} skipped: {skipped[0].reason})"
+            return "no endpoint"
+        location = SourceLocation.of(source) if source is not None else SourceLocation()
+        pool, note = self.balancer.eligible(found, location, service.load_balancing)
+        if not pool:
+            return note or "no ready endpoint"
+        weights = [c.weight for c in pool]
+        candidate = self._rng.choices(pool, weights=weights)[0] if any(weights) else pool[0]
+        workload = self._store.workload(candidate.workload_uid)
+        if workload is None:
+            return f"endpoint {candidate.workload_uid} is gone"
+        return candidate, workload
+
     def mirror_plan(self, plan: ServicePlan, target: Target) -> ServicePlan | None:
         """A one-attempt plan to the mirror target of `plan` (None if its service is gone)."""
         service = self._store.service(target.service)

@@ -23,7 +23,7 @@ from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import build_plan, parse_iptables_save, render_family
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import Action, Authorization, Clause, Match, Rule, Scope
-from nodeagent.model.workload import Port, Workload
+from nodeagent.model.workload import GatewayAddress, NamespacedHostname, Port, Workload
 from nodeagent.proxy.connections import INBOUND, OUTBOUND, ConnectionRegistry
 from nodeagent.proxy.outbound import OutboundRouter
 from nodeagent.state.store import StateBatch, StateStore
@@ -210,6 +210,57 @@ def test_explain_passthrough_and_refusals(store: StateStore) -> None:
         ex.explain("ghost", "10.2.0.5", 80)
     with pytest.raises(ValueError, match="not an IP"):
         ex.explain("client", "backend", 80)
+
+
+def test_explain_says_a_service_goes_through_its_waypoint_or_is_refused(
+    store: StateStore,
+) -> None:
+    waypoint = GatewayAddress(NamespacedHostname("demo", "waypoint.demo.svc.cluster.local"), 15008)
+    store.apply(
+        StateBatch(
+            services=(
+                service(
+                    "backend",
+                    "10.96.0.10",
+                    namespace="demo",
+                    ports=(Port(80, 8080),),
+                    waypoint=waypoint,
+                ),
+            )
+        )
+    )
+    refused = explainer(store).explain("client", "10.96.0.10", 80)
+    assert refused["verdict"] == "deny"
+    assert refused["route"]["kind"] == "refuse"
+    assert any(
+        "has waypoint demo/waypoint.demo.svc.cluster.local: no such service" in step
+        for step in refused["steps"]
+    )
+    wp_key = "demo/waypoint.demo.svc.cluster.local"
+    store.apply(
+        StateBatch(
+            workloads=(
+                build_workload(
+                    "wp",
+                    "10.2.0.9",
+                    namespace="demo",
+                    hbone=True,
+                    service_account="waypoint",
+                    services={wp_key: (Port(15008, 15008),)},
+                ),
+            ),
+            services=(service("waypoint", "10.96.0.9", namespace="demo", ports=(Port(15008),)),),
+        )
+    )
+    through = explainer(store).explain("client", "10.96.0.10", 80)
+    assert through["verdict"] == "allow"
+    assert through["waypoint"] == {
+        "name": wp_key,
+        "workload": "demo/wp",
+        "endpoint": "10.2.0.9:15008",
+        "authority": "10.96.0.10:80",
+    }
+    assert any(step.startswith("through waypoint ") for step in through["steps"])
 
 
 # -- connections and dump ------------------------------------------------------------------
