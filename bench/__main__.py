@@ -1,28 +1,38 @@
 """`make bench`: run every benchmark family, each in its own process, and write one report.
 
-Each family (`python -m bench.<family>`) ends its standard output with one JSON object (on one
-line or indented). The results go to reports/bench.json and reports/bench.md.
+A family is any module of this package but the shared ones (`harness`, `report`, and the
+programs run inside pods, `probe` and `tls_relay`); `python -m bench.<family>` ends its
+standard output with one JSON object (on one line or indented). The results go to
+reports/bench.json and reports/bench.md.
 
-    python -m bench [FAMILY ...]    (all of them by default, in the order below)
+    python -m bench [FAMILY ...]    (all of them by default: ORDER first, then the rest)
 """
 
 from __future__ import annotations
 
 import json
+import pkgutil
 import sys
 
-from bench.harness import ROOT, run_family, write_report
+from bench.report import ROOT, run_family, write_report
 
-FAMILIES = ["sandbox", "state", "xds", "hbone", "capture", "mesh", "capture_cost"]
+ORDER = ["sandbox", "state", "xds", "hbone", "capture", "mesh", "capture_cost"]
+SHARED = {"harness", "report", "probe", "tls_relay"}
+
+
+def families() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules([str(ROOT / "bench")])} - SHARED - {"__main__"}
+    return [f for f in ORDER if f in found] + sorted(found - set(ORDER))
 
 
 def main(argv: list[str]) -> int:
-    unknown = set(argv) - set(FAMILIES)
+    known = families()
+    unknown = set(argv) - set(known)
     if unknown:
-        print(f"bench: unknown families {sorted(unknown)} (known: {FAMILIES})", file=sys.stderr)
+        print(f"bench: unknown families {sorted(unknown)} (known: {known})", file=sys.stderr)
         return 2
     report: dict[str, dict[str, object]] = {}
-    for family in FAMILIES:
+    for family in known:
         if argv and family not in argv:
             continue
         print(f"bench: {family} ...", flush=True)

@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.harness import emit, require_root
+from bench.harness import require_root
+from bench.report import emit
 from nodeagent import app
 from nodeagent.config import Config
 from nodeagent.model.workload import Workload

@@ -24,6 +24,7 @@ import sys
 
 from bench import harness
 from bench.harness import ECHO_PORT, HTTP_PORT, IPERF_PORT, Figures
+from bench.report import emit
 
 CGROUP2 = "/sys/fs/cgroup/unified"
 CLONE_NEWNET = 0x40000000
@@ -141,7 +142,7 @@ def main() -> int:
                 return rnd
 
             rounds, median = harness.interleaved(args.rounds, one_round)
-            harness.emit({"median": median, "rounds": rounds})
+            emit({"median": median, "rounds": rounds})
             return 0
         finally:
             if attached is not None:

@@ -18,13 +18,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from bench.report import ROOT
 from nodeagent.controlplane.ca import CertificateAuthority
 from nodeagent.identity import csr
 from nodeagent.model.constants import OUTBOUND_PORT
@@ -32,7 +32,6 @@ from nodeagent.model.identity import Identity
 from nodeagent.sandbox.netns import netns_path
 from nodeagent.sandbox.processes import NSENTER
 
-ROOT = Path(__file__).resolve().parents[1]
 NODEAGENT = str(Path(sys.executable).parent / "nodeagent")
 IPERF_PORT, ECHO_PORT, HTTP_PORT = 5201, 9000, 8080
 # Each reference pair's ports per app port: (client side on loopback in the client pod,
@@ -86,11 +85,6 @@ def require_root(name: str) -> bool:
         print(f"{name}: needs root (network namespaces)", file=sys.stderr)
         return False
     return True
-
-
-def emit(result: object, indent: int | None = None) -> None:
-    """A family's result: one JSON object ending its standard output (`trailing_json`)."""
-    print(json.dumps(result, indent=indent))
 
 
 class Procs:
@@ -504,59 +498,3 @@ class CapturedStunnel(Stunnel):
 
     def target(self, port: int) -> tuple[str, int]:
         return self.server_ip, port
-
-
-# -- the report ------------------------------------------------------------------------------
-
-
-def trailing_json(stdout: str) -> object | None:
-    """The JSON object a benchmark printed last, on one line or indented over several.
-
-    Progress lines may come before it; it must end the output.
-    """
-    lines = stdout.rstrip().splitlines()
-    for start in range(len(lines) - 1, -1, -1):
-        if lines[start].startswith("{"):
-            try:
-                return json.loads("\n".join(lines[start:]))
-            except json.JSONDecodeError:
-                continue  # an inner line of an indented object; keep looking upwards
-    return None
-
-
-def run_family(argv: list[str]) -> dict[str, object]:
-    """Run one family's process; its result (the JSON object ending its output) or its error
-    (the last lines it wrote), and how long it took."""
-    started = time.monotonic()
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
-    elapsed = round(time.monotonic() - started, 1)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"error": f"exit {proc.returncode}", "detail": tail, "seconds": elapsed}
-    result = trailing_json(proc.stdout)
-    if result is None:
-        return {"error": "no JSON object at the end of its output", "seconds": elapsed}
-    return {"result": result, "seconds": elapsed}
-
-
-def to_markdown(report: Mapping[str, Mapping[str, Any]]) -> str:
-    out = ["# nodeagent benchmark report", ""]
-    for area, entry in report.items():
-        out.append(f"## {area} ({entry.get('seconds')} s)")
-        out.append("")
-        if "error" in entry:
-            out.append(f"**failed**: {entry['error']}")
-            out.extend(f"    {line}" for line in entry.get("detail", []))
-        else:
-            out.append("```json")
-            out.append(json.dumps(entry["result"], indent=2))
-            out.append("```")
-        out.append("")
-    return "\n".join(out)
-
-
-def write_report(report: Mapping[str, Mapping[str, Any]], outdir: Path) -> None:
-    outdir.mkdir(exist_ok=True)
-    (outdir / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (outdir / "bench.md").write_text(to_markdown(report))
-    print(f"bench: wrote {outdir / 'bench.json'} and {outdir / 'bench.md'}")

@@ -25,16 +25,13 @@ import h2.connection
 import h2.events
 import h2.settings
 
-from bench.harness import emit
-from nodeagent.controlplane.ca import CertificateAuthority
+from bench.report import emit
 from nodeagent.hbone.connection import (
     ConnectionConfig,
     DataReceived,
     ResponseReceived,
     TunnelConnection,
 )
-from nodeagent.identity import csr, tls
-from nodeagent.model.identity import Identity
 
 READ_SIZE = 256 * 1024
 MIB = 1 << 20
@@ -148,7 +145,12 @@ def bench_h2(total: int, chunk: int) -> float:
 
 def _tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """The agents' own mutual-TLS contexts, with workload certificates from the control
-    plane's CA (what two agents present to each other)."""
+    plane's CA (what two agents present to each other). Imported here: only `--tls` needs
+    them, and the framing figures are better taken without gRPC and the CA loaded."""
+    from nodeagent.controlplane.ca import CertificateAuthority
+    from nodeagent.identity import csr, tls
+    from nodeagent.model.identity import Identity
+
     ca = CertificateAuthority.create("cluster.local")
     certs = []
     for sa in ("backend", "frontend"):

@@ -51,7 +51,6 @@ from bench.harness import (
     Stunnel,
     Variant,
     cpu_seconds,
-    emit,
     in_ns,
     interleaved,
     iperf,
@@ -63,6 +62,7 @@ from bench.harness import (
     sh,
     with_children,
 )
+from bench.report import emit
 from nodeagent.model.constants import INBOUND_HBONE_PORT as HBONE_PORT
 from nodeagent.model.constants import OUTBOUND_PORT
 

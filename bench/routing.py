@@ -25,7 +25,7 @@ import ipaddress
 import random
 import time
 
-from bench.harness import emit
+from bench.report import emit
 from nodeagent.model import routing as rm
 from nodeagent.model import workload as wm
 from nodeagent.proxy.routing import ServiceRouting

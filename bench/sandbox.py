@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 
-from bench.harness import NODEAGENT, emit, require_root
+from bench.harness import NODEAGENT, require_root
+from bench.report import emit
 from nodeagent.sandbox.manager import SandboxManager
 
 SIZES = ((2, 2), (4, 10))

@@ -21,7 +21,7 @@ import resource
 import time
 import tracemalloc
 
-from bench.harness import emit
+from bench.report import emit
 from nodeagent.model import workload as wm
 from nodeagent.model.constants import TYPE_URL_ADDRESS
 from nodeagent.state.encode import address_resource_name, address_to_pb

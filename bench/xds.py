@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import emit
+from bench.report import emit
 from nodeagent.config import Config
 from nodeagent.controlplane.server import ControlPlaneServer
 from nodeagent.state.store import StateStore

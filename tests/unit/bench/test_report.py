@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import run_family, to_markdown, trailing_json
+from bench.report import run_family, to_markdown, trailing_json
 
 RESULT = {"runs": [1.5, 2.0], "nested": {"a": [1, {"b": 2}]}}
 
@@ -70,3 +70,11 @@ def test_an_unknown_family_is_refused_before_anything_runs(
 
     assert main(["nosuch"]) == 2
     assert "unknown families ['nosuch']" in capsys.readouterr().err
+
+
+def test_every_module_but_the_shared_ones_is_a_family_in_report_order() -> None:
+    from bench.__main__ import ORDER, families
+
+    found = families()
+    assert found[: len(ORDER)] == ORDER  # today's report order first, new families after
+    assert not {"harness", "report", "probe", "tls_relay", "__main__"} & set(found)
