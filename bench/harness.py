@@ -1,5 +1,6 @@
-"""What the benchmark families share: processes in pods, sandboxes, interleaved rounds, the
-stunnel and Python relay references, certificates, and the report.
+"""What the benchmark families that drive pods share: processes in pods, sandboxes,
+interleaved rounds, the stunnel and Python relay references, certificates (the report and
+`emit` are in `bench.report`, which in-process families import without all of this).
 
 Pods are the sandbox's own (`nodeagent sandbox up/status/down`, the command a user runs), and
 a program runs inside one the way the sandbox starts its processes: `nsenter --net=` on the
