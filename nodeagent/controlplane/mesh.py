@@ -20,7 +20,7 @@ import contextlib
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +50,14 @@ T = TypeVar("T")
 
 ACTIONS = ("ALLOW", "DENY")
 
+# Istio's waypoint labels (istio/istio pilot/pkg/serviceregistry/kube/controller/ambient).
+USE_WAYPOINT = "istio.io/use-waypoint"  # on a service, workload or namespace: NAME, or "none"
+USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"  # the waypoint's, when elsewhere
+WAYPOINT_FOR = "istio.io/waypoint-for"  # on the waypoint's service: service|workload|all|none
+GATEWAY_NAME = "gateway.networking.k8s.io/gateway-name"  # on a waypoint's pods: its NAME
+WAYPOINT_FOR_VALUES = ("service", "workload", "all", "none")
+WAYPOINT_HBONE_PORT = 15008
+
 
 class MeshError(ValueError):
     """The mesh file is invalid; the message is `FILE:LINE:COL: FIELD: problem`."""
@@ -77,6 +85,8 @@ class WorkloadSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     uid: str = ""
     network: str = ""
+    waypoint: str = ""
+    """`namespace/hostname` of the waypoint's service (resolved from the labels)."""
 
     @property
     def key(self) -> str:
@@ -100,6 +110,9 @@ class ServiceSpec:
     vips: tuple[str, ...]
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    waypoint: str = ""
+    """`namespace/hostname` of the waypoint's service (resolved from the labels)."""
 
     @property
     def key(self) -> str:
@@ -159,11 +172,20 @@ class PolicySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NamespaceSpec:
+    """A namespace's labels (only `istio.io/use-waypoint` means something today)."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     root_namespace: str = "istio-system"
     cluster_id: str = "Kubernetes"
     nodes: tuple[NodeSpec, ...] = ()
+    namespaces: tuple[NamespaceSpec, ...] = ()
     workloads: tuple[WorkloadSpec, ...] = ()
     services: tuple[ServiceSpec, ...] = ()
     policies: tuple[PolicySpec, ...] = ()
@@ -374,6 +396,7 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         (
             "meshConfig",
             "nodes",
+            "namespaces",
             "workloads",
             "services",
             "authorizationPolicies",
@@ -396,6 +419,11 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         if "clusterId" in mc:
             mesh_kw["cluster_id"] = r.string(mc["clusterId"], "meshConfig.clusterId")
     nodes = r.items(top["nodes"], "nodes", lambda n, p: _node(r, n, p)) if "nodes" in top else []
+    namespaces = (
+        r.items(top["namespaces"], "namespaces", lambda n, p: _namespace(r, n, p))
+        if "namespaces" in top
+        else []
+    )
     workloads = (
         r.items(top["workloads"], "workloads", lambda n, p: _workload(r, n, p))
         if "workloads" in top
@@ -445,6 +473,8 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
             other = seen_vips.setdefault(vip, s.key)
             if other != s.key:
                 raise r.error(n, f"services[{i}].vip", f"{vip} is already used by service {other}")
+    _check_unique(r, "namespaces", namespaces, lambda s: s.name, "name")
+    workloads, services = _place_behind_waypoints(r, namespaces, workloads, services)
     _check_unique(r, "authorizationPolicies", policies, lambda s: s.key, "metadata.name")
     _check_unique(r, "virtualServices", virtual_services, lambda s: s.key, "metadata.name")
     _check_unique(r, "destinationRules", destination_rules, lambda s: s.key, "metadata.name")
@@ -458,6 +488,7 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
     return MeshConfig(
         **mesh_kw,
         nodes=tuple(s for _, s in nodes),
+        namespaces=tuple(s for _, s in namespaces),
         workloads=tuple(s for _, s in workloads),
         services=tuple(s for _, s in services),
         policies=tuple(s for _, s in policies),
@@ -672,7 +703,9 @@ def _workload(r: _Reader, node: yaml.Node, path: str) -> WorkloadSpec:
 
 
 def _service(r: _Reader, node: yaml.Node, path: str) -> ServiceSpec:
-    m = r.mapping(node, path, ("name",), ("namespace", "hostname", "vip", "ports", "selector"))
+    m = r.mapping(
+        node, path, ("name",), ("namespace", "hostname", "vip", "ports", "selector", "labels")
+    )
     name = r.string(m["name"], f"{path}.name")
     namespace = r.string(m["namespace"], f"{path}.namespace") if "namespace" in m else "default"
     ports: list[ServicePort] = []
@@ -702,7 +735,155 @@ def _service(r: _Reader, node: yaml.Node, path: str) -> ServiceSpec:
         vips=(r.ip(m["vip"], f"{path}.vip"),) if "vip" in m else (),
         ports=tuple(ports),
         selector=r.labels(m["selector"], f"{path}.selector") if "selector" in m else {},
+        labels=r.labels(m["labels"], f"{path}.labels") if "labels" in m else {},
     )
+
+
+def _namespace(r: _Reader, node: yaml.Node, path: str) -> NamespaceSpec:
+    m = r.mapping(node, path, ("name",), ("labels",))
+    return NamespaceSpec(
+        name=r.string(m["name"], f"{path}.name"),
+        labels=r.labels(m["labels"], f"{path}.labels") if "labels" in m else {},
+    )
+
+
+def _label_at(node: yaml.Node, key: str) -> yaml.Node:
+    """The value node of label `key` under the item's `labels` (the item when absent)."""
+    labels = _child(node, "labels")
+    if isinstance(labels, yaml.MappingNode):
+        for k, v in labels.value:
+            if k.value == key:
+                return v
+    return labels or node
+
+
+def _place_behind_waypoints(
+    r: _Reader,
+    namespaces: list[tuple[yaml.Node, NamespaceSpec]],
+    workloads: list[tuple[yaml.Node, WorkloadSpec]],
+    services: list[tuple[yaml.Node, ServiceSpec]],
+) -> tuple[list[tuple[yaml.Node, WorkloadSpec]], list[tuple[yaml.Node, ServiceSpec]]]:
+    """Resolve `istio.io/use-waypoint` as istiod does (waypoints.go): the label of the
+    service or workload itself (`none` opts out), else its namespace's; the value names
+    the service of a waypoint in the same namespace, or in `istio.io/use-waypoint-namespace`.
+    That service must have port 15008; its `istio.io/waypoint-for` (service by default)
+    says whether services, workloads or both may use it. A waypoint (its service, the
+    workloads it selects, pods labelled gateway-name) never gets one itself.
+
+    Unlike istiod, which leaves a service direct while its waypoint is not ready, a label
+    naming no waypoint is an error here: the file says where."""
+    by_key = {(svc.namespace, svc.name): (n, svc) for n, svc in services}
+    ns_labels = {
+        nsp.name: (n, f"namespaces[{i}]", nsp.labels) for i, (n, nsp) in enumerate(namespaces)
+    }
+    for name, (n, path, labels) in ns_labels.items():
+        if USE_WAYPOINT in labels:
+            # Checked once here so that the error names the namespace entry.
+            _waypoint_of(r, n, path, name, labels, by_key, "")
+    labelled = [(ns.name, ns.labels) for _, ns in namespaces]
+    labelled += [(svc.namespace, svc.labels) for _, svc in services]
+    labelled += [(w.namespace, w.labels) for _, w in workloads]
+    waypoint_services = {
+        (labels.get(USE_WAYPOINT_NAMESPACE, namespace), labels[USE_WAYPOINT])
+        for namespace, labels in labelled
+        if labels.get(USE_WAYPOINT, "none") != "none"
+    }
+    waypoint_pods = {
+        w.key
+        for _, w in workloads
+        if GATEWAY_NAME in w.labels
+        or any(by_key[k][1].selects(w) for k in waypoint_services if k in by_key)
+    }
+
+    def resolve(
+        node: yaml.Node, path: str, namespace: str, labels: Mapping[str, str], kind: str
+    ) -> str:
+        if USE_WAYPOINT in labels:
+            return _waypoint_of(r, node, path, namespace, labels, by_key, kind)
+        inherited = ns_labels.get(namespace)
+        if inherited is None or USE_WAYPOINT not in inherited[2]:
+            return ""
+        # Inherited: a waypoint that does not take this kind of traffic is skipped.
+        ns_node, ns_path, ns_labels_of = inherited
+        return _waypoint_of(
+            r, ns_node, ns_path, namespace, ns_labels_of, by_key, kind, strict=False
+        )
+
+    placed_services = []
+    for i, (n, svc) in enumerate(services):
+        if (svc.namespace, svc.name) in waypoint_services:
+            if svc.labels.get(USE_WAYPOINT, "none") != "none":
+                raise r.error(
+                    _label_at(n, USE_WAYPOINT),
+                    f"services[{i}].labels.{USE_WAYPOINT}",
+                    f"service {svc.name} is a waypoint; a waypoint cannot use a waypoint",
+                )
+            placed_services.append((n, svc))
+            continue
+        wp = resolve(n, f"services[{i}]", svc.namespace, svc.labels, "service")
+        placed_services.append((n, replace(svc, waypoint=wp) if wp else svc))
+    placed_workloads = []
+    for i, (n, w) in enumerate(workloads):
+        wp = (
+            ""
+            if w.key in waypoint_pods
+            else resolve(n, f"workloads[{i}]", w.namespace, w.labels, "workload")
+        )
+        placed_workloads.append((n, replace(w, waypoint=wp) if wp else w))
+    return placed_workloads, placed_services
+
+
+def _waypoint_of(
+    r: _Reader,
+    node: yaml.Node,
+    path: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    by_key: Mapping[tuple[str, str], tuple[yaml.Node, ServiceSpec]],
+    kind: str,
+    *,
+    strict: bool = True,
+) -> str:
+    """The `namespace/hostname` of the waypoint service `labels` name ("" for `none`, or
+    when it does not serve `kind` and not `strict`); MeshError naming the label if there is
+    no such waypoint. An empty `kind` checks the waypoint only."""
+    name = labels[USE_WAYPOINT]
+    field_path = f"{path}.labels.{USE_WAYPOINT}"
+    if name == "none":
+        return ""
+    wp_ns = labels.get(USE_WAYPOINT_NAMESPACE, namespace)
+    found = by_key.get((wp_ns, name))
+    if found is None:
+        raise r.error(
+            _label_at(node, USE_WAYPOINT),
+            field_path,
+            f"waypoint {name!r} is not declared: no service {name} in namespace {wp_ns} "
+            f"(declare the waypoint's workloads and a service {name} with port "
+            f"{WAYPOINT_HBONE_PORT})",
+        )
+    wp_node, wp = found
+    if not any(p.port == WAYPOINT_HBONE_PORT for p in wp.ports):
+        raise r.error(
+            _label_at(node, USE_WAYPOINT),
+            field_path,
+            f"waypoint {wp_ns}/{name}: its service has no port {WAYPOINT_HBONE_PORT} (HBONE)",
+        )
+    serves = wp.labels.get(WAYPOINT_FOR, "service")
+    if serves not in WAYPOINT_FOR_VALUES:
+        raise r.error(
+            _label_at(wp_node, WAYPOINT_FOR),
+            f"service {wp_ns}/{name}: labels.{WAYPOINT_FOR}",
+            f"{serves!r} is not one of {', '.join(WAYPOINT_FOR_VALUES)}",
+        )
+    if kind and serves not in (kind, "all"):
+        if not strict:
+            return ""
+        raise r.error(
+            _label_at(node, USE_WAYPOINT),
+            field_path,
+            f"waypoint {wp_ns}/{name} is for {serves} traffic ({WAYPOINT_FOR}), not {kind}",
+        )
+    return f"{wp.namespace}/{wp.hostname}"
 
 
 def _policy(r: _Reader, node: yaml.Node, path: str) -> PolicySpec:

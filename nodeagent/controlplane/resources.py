@@ -16,7 +16,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from nodeagent.controlplane.mesh import MeshConfig, PolicySpec, RuleSpec, ServiceSpec, WorkloadSpec
+from nodeagent.controlplane.mesh import (
+    WAYPOINT_HBONE_PORT,
+    MeshConfig,
+    PolicySpec,
+    RuleSpec,
+    ServiceSpec,
+    WorkloadSpec,
+)
 from nodeagent.model import policy as pm
 from nodeagent.model import routing as rm
 from nodeagent.model import workload as wm
@@ -154,6 +161,7 @@ def workload_value(
         cluster_id=mesh.cluster_id,
         services=ports,
         authorization_policies=tuple(sorted({p.key for p in policies if p.selects(w)})),
+        waypoint=waypoint_address(w.waypoint),
     )
 
 
@@ -168,7 +176,17 @@ def service_value(s: ServiceSpec) -> wm.Service:
         hostname=s.hostname,
         addresses=tuple(wm.NetworkAddress("", ipaddress.ip_address(v)) for v in s.vips),
         ports=_ports(s),
+        waypoint=waypoint_address(s.waypoint),
     )
+
+
+def waypoint_address(key: str) -> wm.GatewayAddress | None:
+    """The GatewayAddress istiod writes for a waypoint: its service by host name (the form
+    ztunnel prefers: it follows the caller's IP family) and the HBONE port."""
+    if not key:
+        return None
+    namespace, hostname = key.split("/", 1)
+    return wm.GatewayAddress(wm.NamespacedHostname(namespace, hostname), WAYPOINT_HBONE_PORT)
 
 
 def authorization_value(mesh: MeshConfig, p: PolicySpec) -> pm.Authorization:

@@ -17,11 +17,11 @@ that `nodeagent controlplane --mesh` reads (schema: docs/mesh-file.md):
 
 `parse_user_file` and `merge_resources` implement `sandbox apply`: a user's
 YAML adds, replaces (same kind, namespace and name) or, with delete, removes
-workloads, services and authorization policies. A workload of the same name at
-another address or on another node is a different pod, refused unless `replace`
-says so. A node left without workloads is marked `allowEmpty: true` (and the
-mark goes again when it has some), so the control plane accepts that the pods
-the user deleted by name leave the mesh. Whole-file validation is the
+namespaces (their labels), workloads, services and authorization policies. A
+workload of the same name at another address or on another node is a different
+pod, refused unless `replace` says so. A node left without workloads is marked
+`allowEmpty: true` (and the mark goes again when it has some), so the control
+plane accepts that the pods the user deleted by name leave the mesh. Whole-file validation is the
 control plane's job; the manager runs its validator (injected) on the result.
 """
 
@@ -62,6 +62,7 @@ ECHO_VIP = "10.96.0.11"
 
 # Top-level sections of the mesh file a user may apply, and how a resource is keyed.
 APPLY_SECTIONS = (
+    "namespaces",
     "workloads",
     "services",
     "authorizationPolicies",
@@ -69,6 +70,7 @@ APPLY_SECTIONS = (
     "destinationRules",
 )
 _KINDS = {
+    "namespaces": "namespace",
     "workloads": "workload",
     "services": "service",
     "authorizationPolicies": "policy",
