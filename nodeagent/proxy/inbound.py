@@ -22,6 +22,11 @@ app sees the real caller. Both register the connection with the
   ip:port; authorization runs with no identity, so a workload whose policies
   require mTLS (STRICT: a DENY with `not_principals: [presence]`) refuses it:
   the connection is closed without connecting upstream.
+* A workload that has a waypoint gets no special treatment inbound, as in current
+  ztunnel (src/proxy/inbound.rs; early ztunnel answered 401 "bypassed waypoint"):
+  a caller that did not come through the waypoint is authorized like any other,
+  by the workload's L4 policies against its own identity. Making the waypoint
+  mandatory is an ALLOW policy naming the waypoint's identity (docs/traffic.md).
 * 15008 without workload certificates (an agent built without a CA, tests):
   `HboneUnavailable` refuses every connection (fail closed).
 """
