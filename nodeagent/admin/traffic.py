@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Protocol
 
 from nodeagent.model.routing import L4Match
-from nodeagent.model.workload import IPAddress, Service, Workload
+from nodeagent.model.workload import IPAddress, NamespacedHostname, Service, Workload
 from nodeagent.state.store import StateStore
 from nodeagent.traffic.balancer import ClusterBalancer, ClusterCounters
 from nodeagent.traffic.endpoints import Skipped
@@ -118,6 +118,13 @@ def _subsets(
     return ([""] if whole else []) + names
 
 
+def _waypoint_name(service: Service | None) -> str:
+    if service is None or service.waypoint is None:
+        return ""
+    target = service.waypoint.destination
+    return str(target) if isinstance(target, NamespacedHostname) else str(target.address)
+
+
 class RoutesReport:
     """The `/routes` answer: per service its VirtualService and DestinationRule, routes,
     subsets with their endpoints (ejections with time left, active connections), open
@@ -163,6 +170,8 @@ class RoutesReport:
             ],
             "notes": own,
             "needsWaypoint": list(traffic.needs_waypoint) if traffic is not None else [],
+            # Behind a waypoint the agent applies none of the above: it sends to the waypoint.
+            "waypoint": _waypoint_name(service),
         }
 
     def _subset(

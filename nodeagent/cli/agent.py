@@ -219,6 +219,11 @@ def routes_text(data: Mapping[str, Any], services: list[Mapping[str, Any]], widt
         subsets = views.subset_rows(service)
         lines.append(render(subsets, "table", views.SUBSET_COLUMNS, max_width=width))
         lines += [f"note: {n}" for n in service.get("notes") or []]
+        if service.get("waypoint"):
+            lines.append(
+                f"behind waypoint {service['waypoint']}: the agent sends this service's "
+                "connections there and applies none of its routes"
+            )
         waypoint = service.get("needsWaypoint") or []
         lines += [f"needs a waypoint (not applied): {f}" for f in waypoint]
         blocks.append("\n".join(lines))

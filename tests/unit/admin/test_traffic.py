@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from dataclasses import replace
 
 import pytest
 
 from nodeagent.admin.sources import MeshExplainer
 from nodeagent.admin.traffic import RoutePreviewer, RoutesReport
-from nodeagent.model.workload import Port, Workload
+from nodeagent.cli.agent import routes_text
+from nodeagent.model.workload import GatewayAddress, NamespacedHostname, Port, Workload
 from nodeagent.proxy.outbound import OutboundRouter
 from nodeagent.proxy.routing import ServiceRouting
 from nodeagent.state.store import StateBatch, StateStore
@@ -175,6 +177,19 @@ def test_a_service_without_config_shows_once_traffic_went_to_it(routing) -> None
     assert whole["name"] == "" and whole["ports"][0]["open"] == 1
     assert whole["ports"][0]["maxConnections"] is None
     assert [e["workload"] for e in whole["endpoints"]] == ["demo/e"]
+
+
+def test_routes_say_when_a_service_is_behind_a_waypoint(routing) -> None:
+    r, store, _ = routing
+    [backend] = RoutesReport(store, r).routes()["services"]
+    assert backend["waypoint"] == ""
+    waypoint = GatewayAddress(NamespacedHostname("demo", "waypoint.demo.svc.cluster.local"), 15008)
+    store.apply(StateBatch(services=(replace(BACKEND, waypoint=waypoint),)))
+    data = RoutesReport(store, r).routes()
+    [backend] = data["services"]
+    assert backend["waypoint"] == "demo/waypoint.demo.svc.cluster.local"
+    text = routes_text(data, data["services"], 100)
+    assert "behind waypoint demo/waypoint.demo.svc.cluster.local: the agent sends" in text
 
 
 def explainer(r: ServiceRouting, store: StateStore) -> MeshExplainer:
