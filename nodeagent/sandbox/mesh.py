@@ -197,7 +197,8 @@ def resource_key(section: str, item: Any) -> tuple[str, str, str] | None:
     meta = item.get("metadata") if section in _METADATA_SECTIONS else item
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         return None
-    namespace = meta.get("namespace", DEFAULT_NAMESPACE)
+    # A namespace is cluster-scoped: keyed by its name alone.
+    namespace = "" if section == "namespaces" else meta.get("namespace", DEFAULT_NAMESPACE)
     return (_KINDS[section], str(namespace), meta["name"])
 
 
@@ -422,7 +423,7 @@ class MergeSummary:
 
 def _label(key: tuple[str, str, str]) -> str:
     kind, namespace, name = key
-    return f"{kind} {namespace}/{name}"
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
 
 
 def _addresses(workload: Mapping[str, Any]) -> tuple[str, ...]:

@@ -335,3 +335,28 @@ def test_status_shows_each_pods_labels_as_the_mesh_file_gives_them(tmp_path: Pat
         w["name"]: w["labels"] for w in load_mesh_dict(mesh_file.read_text(), "m")["workloads"]
     }
     assert pods == served
+
+
+def test_apply_labels_a_namespace_and_puts_its_services_behind_a_waypoint() -> None:
+    # The waypoint: a workload of its own (its service account, gateway-name) and a
+    # service with 15008; the namespace label sends demo's services through it.
+    mesh = build_mesh(PLAN, TOKENS)
+    node = mesh["workloads"][0]["node"]
+    ip = mesh["workloads"][0]["ip"].rsplit(".", 1)[0] + ".200"
+    text = (
+        "namespaces:\n- {name: demo, labels: {istio.io/use-waypoint: waypoint}}\n"
+        f"workloads:\n- {{name: waypoint-0, namespace: demo, node: {node}, ip: {ip},"
+        " serviceAccount: waypoint,"
+        " labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\n"
+        "services:\n- {name: waypoint, namespace: demo, vip: 10.96.0.20, ports: [{port: 15008}],"
+        " selector: {gateway.networking.k8s.io/gateway-name: waypoint}}\n"
+    )
+    merged, summary = merge_resources(mesh, parse_user_file(text, "w.yaml"))
+    assert summary.added[0] == "namespace demo"
+    parsed = parse_mesh(dump_mesh(merged))
+    waypoints = {s.name: s.waypoint for s in parsed.services}
+    assert waypoints == {
+        "backend": "demo/waypoint.demo.svc.cluster.local",
+        "echo": "demo/waypoint.demo.svc.cluster.local",
+        "waypoint": "",
+    }
