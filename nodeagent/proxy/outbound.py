@@ -574,10 +574,11 @@ class OutboundHandler:
             return upstream
 
         try:
-            opening = self.pool.open_tunnel(key, route.authority, headers, dial)
             if policy is not None and policy.tcp is not None and policy.tcp.connect_timeout:
-                return await asyncio.wait_for(opening, timeout)
-            return await opening
+                # asyncio.timeout, not wait_for: no extra task per connection.
+                async with asyncio.timeout(timeout):
+                    return await self.pool.open_tunnel(key, route.authority, headers, dial)
+            return await self.pool.open_tunnel(key, route.authority, headers, dial)
         except HboneConnectError as exc:
             raise ConnectFailed(str(exc)) from None
         except TimeoutError:

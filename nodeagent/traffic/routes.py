@@ -59,6 +59,21 @@ def workload_labels(workload: Workload) -> Mapping[str, str]:
     return out
 
 
+def workload_has_labels(workload: Workload, selector: Mapping[str, str]) -> bool:
+    """`labels_match(selector, workload_labels(workload))` without building the mapping
+    (it runs for every endpoint of a subset on every new connection)."""
+    for key, value in selector.items():
+        if key in CANONICAL_NAME_LABELS:
+            if workload.canonical_name != value or not value:
+                return False
+        elif key in CANONICAL_REVISION_LABELS:
+            if workload.canonical_revision != value or not value:
+                return False
+        else:
+            return False
+    return True
+
+
 def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -84,7 +99,7 @@ class Target:
         return f"{self.service}:{self.port}" + (f" subset {self.subset}" if self.subset else "")
 
     def admits(self, workload: Workload) -> bool:
-        return self.selector is None or labels_match(self.selector, workload_labels(workload))
+        return self.selector is None or workload_has_labels(workload, self.selector)
 
 
 @dataclass(frozen=True, slots=True)

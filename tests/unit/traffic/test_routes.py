@@ -312,3 +312,22 @@ def test_the_port_index_answers_as_a_walk_over_every_route() -> None:
             walked = next((r for r in traffic.routes if r.matches(port, caller, None)), None)
             indexed = t.match(KEY, port, caller)
             assert (indexed.name if indexed else None) == (walked.name if walked else None)
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [
+        {},
+        {"version": "v1"},
+        {"app": "backend", "version": "v1"},
+        {"version": "v2"},
+        {"service.istio.io/canonical-revision": "v1"},
+        {"tier": "gold"},
+        {"app": ""},
+    ],
+)
+def test_the_fast_label_check_agrees_with_the_label_view(selector: dict[str, str]) -> None:
+    from nodeagent.traffic.routes import labels_match, workload_has_labels
+
+    for w in (workload("a", canonical_name="backend", canonical_revision="v1"), workload("b")):
+        assert workload_has_labels(w, selector) == labels_match(selector, workload_labels(w))
