@@ -41,6 +41,9 @@ from nodeagent.state.mcp import resource_type_url
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
+# A change is read once the file's stamp has held still this long: a writer
+# that truncates and then writes shows an empty file for an instant.
+SETTLE_INTERVAL = 0.1
 ServicerHook = Callable[[grpc.aio.Server], None]
 """Registers an extra servicer on the control plane's gRPC server."""
 
@@ -157,10 +160,12 @@ class MeshFileWatcher:
         store: MeshStore,
         interval: float = POLL_INTERVAL,
         connected_nodes: Callable[[], Collection[str]] = frozenset,
+        settle: float = SETTLE_INTERVAL,
     ) -> None:
         self._path = path
         self._store = store
         self._interval = interval
+        self._settle = settle
         self._connected_nodes = connected_nodes
         self._stamp = self._stat()
         self.last_error: str | None = None
@@ -218,14 +223,23 @@ class MeshFileWatcher:
         """Reload now if the file changed; True if a new mesh was applied."""
         return self._changed() and self._apply(self._load())
 
+    async def _settled(self) -> None:
+        """Return once the stamp has not moved for one settle interval."""
+        moving = True
+        while moving:  # polling a file: there is no event to wait on
+            await asyncio.sleep(self._settle)
+            moving = self._changed()
+
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            if self._changed():
-                # Parsing a large file takes seconds: do it off the loop so
-                # streams keep being served meanwhile.
-                loaded = await asyncio.to_thread(self._load)
-                self._apply(loaded)
+            if not self._changed():
+                continue
+            await self._settled()
+            # Parsing a large file takes seconds: do it off the loop so
+            # streams keep being served meanwhile.
+            loaded = await asyncio.to_thread(self._load)
+            self._apply(loaded)
 
 
 def _to_request(req: discovery_pb.DeltaDiscoveryRequest) -> StreamRequest:

@@ -211,3 +211,27 @@ async def test_a_loader_crash_does_not_end_the_watcher(
             ),
             "the next write, still watched",
         )
+
+
+async def test_a_file_caught_mid_write_is_read_once_it_holds_still(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A writer that truncates, then writes: the watcher may poll between the
+    # two. The empty instant is not refused; the finished file is applied.
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    async with served_to_node1(tmp_path) as (server, store, mesh):
+        reloads = server.watcher.reloads
+        with mesh.path.open("w") as f:
+            f.flush()
+            await asyncio.sleep(0.06)  # at least one poll sees it empty
+            f.write(MESH.replace("ip: 10.10.2.11", "ip: 10.10.2.12"))
+        await wait_until(
+            lambda: (
+                (w := store.workload(UID_B)) is not None
+                and [str(a) for a in w.addresses] == ["10.10.2.12"]
+            ),
+            "the finished file",
+        )
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == []
+        assert server.watcher.last_error is None
+        assert server.watcher.reloads == reloads + 1
