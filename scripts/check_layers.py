@@ -17,6 +17,8 @@ from pathlib import Path
 LAYERS: list[list[str]] = [
     ["cli"],
     ["app"],
+    # The waypoint reuses the agent's data path (pool, relay, endpoint picking) and admin.
+    ["waypoint"],
     ["admin", "node", "proxy", "controlplane", "sandbox"],
     ["hbone", "xds", "identity", "datapath", "kube"],
     ["state", "policy", "traffic"],

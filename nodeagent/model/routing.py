@@ -133,6 +133,24 @@ class TcpMirror:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Istio's `Headers.HeaderOperations`: set (replace), add (append), remove."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def apply(self, headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        if not (self.set or self.add or self.remove):
+            return headers
+        drop = {n.lower() for n in self.remove} | {n.lower() for n, _ in self.set}
+        out = [(k, v) for k, v in headers if k not in drop]
+        out.extend((n.lower(), v) for n, v in self.set)
+        out.extend((n.lower(), v) for n, v in self.add)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class TcpRoute:
     match: tuple[L4Match, ...]
     route: tuple[RouteDestination, ...]

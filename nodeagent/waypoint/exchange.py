@@ -1,0 +1,148 @@
+"""What the waypoint's HTTP codecs (http1.py, http2.py) and its router share.
+
+A codec reads requests from a downstream `ByteStream` (a CONNECT tunnel) and,
+for each one, asks a `Dispatcher` what to do: `route` answers with a
+`LocalReply` (redirect, direct response, 404 no route) or a `Forward` (the
+rewritten head and the response header changes). For a Forward the codec asks
+`pick` for an endpoint (a different one per request: balancing is per request),
+`open`s a byte stream to it (or reuses one it keeps per `Endpoint.key`), writes
+the request, streams the bodies both ways, and finally hands a `RequestRecord`
+to `record` for telemetry and the access log.
+
+The codecs know nothing of services, policy or HBONE; the dispatcher knows
+nothing of HTTP framing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from nodeagent.model.routing import HeaderOps
+
+__all__ = [
+    "HTTP1",
+    "HTTP2",
+    "ByteStream",
+    "Dispatcher",
+    "Endpoint",
+    "Forward",
+    "HeaderOps",
+    "LocalReply",
+    "RequestHead",
+    "RequestRecord",
+    "UpstreamError",
+]
+
+HTTP1 = "HTTP/1.1"
+HTTP2 = "HTTP/2"
+
+
+class ByteStream(Protocol):
+    """An ordered, reliable byte stream with half-close (a tunnel, or a socket in tests)."""
+
+    async def read(self) -> bytes:
+        """The next bytes; b"" at the peer's end of stream. Raises ConnectionError on reset."""
+        ...
+
+    def write(self, data: bytes) -> object:
+        """Queue bytes (may not be mutated afterwards)."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until written bytes are taken (backpressure)."""
+        ...
+
+    def write_eof(self) -> None:
+        """Half-close our direction."""
+        ...
+
+    def abort(self) -> None:
+        """Reset: the peer sees an error, not a clean end."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    path: str  # as sent: path and query
+    authority: str  # Host (HTTP/1.1) or :authority (HTTP/2)
+    headers: tuple[tuple[str, str], ...]  # lowercase names, no pseudo-headers, no hop-by-hop
+    protocol: str = HTTP1
+    scheme: str = "http"
+
+    def header(self, name: str) -> str | None:
+        """The header's values joined by "," (None if absent); `name` in lowercase."""
+        values = [v for k, v in self.headers if k == name]
+        return ",".join(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """A response the waypoint makes itself."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    flags: str = ""  # Envoy's response flag for telemetry (NR, UH, UF, UO, ...); "" for none
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Send the request upstream: `head` already rewritten and its headers changed."""
+
+    head: RequestHead
+    response_headers: HeaderOps = field(default_factory=HeaderOps)
+    route: str = ""  # which route matched, for logs ("" the service's default route)
+    plan: Any = None  # the dispatcher's own state for `pick` (opaque to codecs)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one request goes. Streams opened to the same `key` may be reused for the next
+    request to that key (HTTP/1.1 keep-alive, HTTP/2 multiplexing)."""
+
+    key: Hashable
+    address: str  # "ip:port", for logs
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+
+class UpstreamError(ConnectionError):
+    """No stream to the endpoint: `reply` is what the client gets (503 UF, ...)."""
+
+    def __init__(self, reply: LocalReply, detail: str = "") -> None:
+        super().__init__(detail or f"{reply.status} {reply.flags}")
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One finished request, for telemetry and the access log."""
+
+    head: RequestHead  # as the client sent it
+    status: int  # 0 when no response head was sent (reset)
+    flags: str
+    duration: float  # seconds, from the request head to the end of the response
+    request_bytes: int  # body bytes received from the client
+    response_bytes: int  # body bytes sent to the client
+    endpoint: Endpoint | None = None
+    route: str = ""
+
+
+class Dispatcher(Protocol):
+    """The router of one downstream tunnel (its caller and destination service are known)."""
+
+    def route(self, head: RequestHead) -> Forward | LocalReply: ...
+
+    def pick(self, forward: Forward) -> Endpoint | LocalReply:
+        """The endpoint for this request (LocalReply 503 UH when none is healthy, UO when the
+        circuit breaker is full)."""
+        ...
+
+    async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
+        """A new stream to `endpoint` that will carry `protocol`; raises UpstreamError."""
+        ...
+
+    def record(self, record: RequestRecord) -> None: ...
