@@ -12,6 +12,13 @@ What the node agent applies is connection-level: `tcp:` routes, subsets,
 Fields that need HTTP parsing (or TLS inspection) are kept by name in
 `needs_waypoint` and reported once; they do nothing in the agent.
 
+`http:` routes are read in full into `VirtualService.http` (the waypoint applies
+them; `spec.http` stays in `needs_waypoint`, the list of what the agent cannot
+do). Field names, defaults and the route/redirect/directResponse exclusivity
+follow istio/api networking/v1alpha3/virtual_service.proto and istiod's
+validation. Regexes are RE2 full matches in Istio; here `re.fullmatch`,
+compiled once at parse time.
+
 Extensions (documented in docs/traffic.md): a `tcp:` route may carry `fault`,
 `mirror`, `mirrorPercentage` and `maxConnectAttempts`. Istio's validating
 webhook refuses unknown fields, so each may also come as an annotation on the
@@ -22,6 +29,8 @@ them as annotations, since the protobuf message has no field for them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import ipaddress
 import json
@@ -101,6 +110,7 @@ class Destination:
 class RouteDestination:
     destination: Destination
     weight: int  # percent; the single destination of a route gets 100
+    headers: Headers | None = None  # http routes only: header changes for this destination
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +161,121 @@ class HeaderOps:
 
 
 @dataclass(frozen=True, slots=True)
+class Headers:
+    """Istio's `Headers`: operations on the request (before forwarding) and the response."""
+
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+class MatchKind(enum.Enum):
+    EXACT = "exact"
+    PREFIX = "prefix"
+    REGEX = "regex"
+    PRESENT = "present"  # `{}` under headers/queryParams: any value, even empty
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """Istio's `StringMatch`; a regex must match the whole value (RE2 full match in Envoy)."""
+
+    kind: MatchKind
+    value: str = ""
+    ignore_case: bool = False
+    pattern: re.Pattern[str] | None = field(default=None, compare=False, hash=False, repr=False)
+
+    def holds(self, text: str | None) -> bool:
+        if text is None:
+            return False
+        if self.kind is MatchKind.PRESENT:
+            return True
+        if self.pattern is not None:
+            return self.pattern.fullmatch(text) is not None
+        want = self.value
+        if self.ignore_case:
+            text, want = text.lower(), want.lower()
+        if self.kind is MatchKind.EXACT:
+            return text == want
+        return text.startswith(want)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMatch:
+    """`HTTPMatchRequest`: every condition given must hold; HttpMatch() holds for all."""
+
+    name: str = ""
+    uri: StringMatch | None = None
+    authority: StringMatch | None = None
+    method: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()  # lowercase names
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()  # any holding: no match
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    port: int = 0  # 0: any; -1: never (a match limited to gateways other than mesh)
+    source_labels: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    source_namespace: str = ""
+    ignore_uri_case: bool = False
+
+
+class DerivePort(enum.Enum):
+    """`HTTPRedirect.RedirectPortSelection`."""
+
+    FROM_PROTOCOL_DEFAULT = "FROM_PROTOCOL_DEFAULT"
+    FROM_REQUEST_PORT = "FROM_REQUEST_PORT"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRedirect:
+    """`HTTPRedirect`: empty strings and port 0 keep the request's value."""
+
+    uri: str = ""
+    authority: str = ""
+    port: int = 0
+    derive_port: DerivePort = DerivePort.FROM_PROTOCOL_DEFAULT
+    scheme: str = ""
+    code: int = 301  # Istio's default redirectCode
+
+
+@dataclass(frozen=True, slots=True)
+class HttpDirectResponse:
+    """`HTTPDirectResponse`: the status and the body (`body.string`, or `body.bytes` base64)."""
+
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRewrite:
+    """`HTTPRewrite`: `uri` replaces the matched prefix (Envoy's prefix_rewrite); `regex` with
+    `regex_substitution` is `uriRegexRewrite` (every match in the path replaced)."""
+
+    uri: str = ""
+    authority: str = ""
+    regex: re.Pattern[str] | None = field(default=None, compare=False, hash=False)
+    regex_substitution: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    """One `http:` route. Exactly one of `route`, `redirect`, `direct_response` is set
+    (`delegate` routes are kept with none: they apply to gateways only, never match here)."""
+
+    name: str
+    match: tuple[HttpMatch, ...]  # empty: every request
+    route: tuple[RouteDestination, ...] = ()
+    redirect: HttpRedirect | None = None
+    direct_response: HttpDirectResponse | None = None
+    rewrite: HttpRewrite | None = None
+    headers: Headers = Headers()
+    timeout: float | None = None  # seconds; read but not applied yet (issue 19)
+    # timeout, retries, fault, mirror(s), mirrorPercentage, corsPolicy, delegate as written:
+    # read and kept, not applied; `notes` names each (`spec.http[0].retries`).
+    unapplied: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TcpRoute:
     match: tuple[L4Match, ...]
     route: tuple[RouteDestination, ...]
@@ -166,6 +291,7 @@ class VirtualService:
     hosts: tuple[str, ...]
     tcp: tuple[TcpRoute, ...] = ()
     gateways: tuple[str, ...] = ()
+    http: tuple[HttpRoute, ...] = ()  # applied by a waypoint, not the agent
     needs_waypoint: tuple[str, ...] = ()  # field paths the agent does not apply
     annotations: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     spec: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
@@ -457,6 +583,10 @@ def parse_virtual_service(
     for section in ("http", "tls"):
         if _READ.sequence(data.get(section), f"spec.{section}"):
             needs_waypoint.append(f"spec.{section}")
+    http = tuple(
+        _http_route(item, _sub("spec.http", i))
+        for i, item in enumerate(_READ.sequence(data.get("http"), "spec.http"))
+    )
     extensions = _extension_annotations(annotations)
     routes = tuple(
         _tcp_route(item, _sub("spec.tcp", i), extensions.get(i, {}))
@@ -476,6 +606,7 @@ def parse_virtual_service(
         hosts=hosts,
         tcp=routes,
         gateways=gateways,
+        http=http,
         needs_waypoint=tuple(needs_waypoint),
         annotations=MappingProxyType(annotations),
         spec=MappingProxyType(dict(spec)),
@@ -555,6 +686,297 @@ def _tcp_route(value: Any, path: str, extra: Mapping[str, tuple[str, Any]]) -> T
     return TcpRoute(matches, route, fault, mirror, attempts)
 
 
+# -- http routes ---------------------------------------------------------------------------
+
+# Read and kept as written, not applied yet (retries, faults, mirrors, CORS: issue 19).
+_HTTP_UNAPPLIED = (
+    "timeout",
+    "retries",
+    "fault",
+    "mirror",
+    "mirrors",
+    "mirrorPercentage",
+    "mirrorPercent",
+    "corsPolicy",
+    "delegate",
+)
+_HTTP_ROUTE_FIELDS = (
+    "name",
+    "match",
+    "route",
+    "redirect",
+    "directResponse",
+    "rewrite",
+    "headers",
+    *_HTTP_UNAPPLIED,
+)
+_HTTP_MATCH_FIELDS = (
+    "name",
+    "uri",
+    "scheme",
+    "method",
+    "authority",
+    "headers",
+    "port",
+    "sourceLabels",
+    "gateways",
+    "queryParams",
+    "ignoreUriCase",
+    "withoutHeaders",
+    "sourceNamespace",
+    "statPrefix",
+)
+_REDIRECT_CODES = (301, 302, 303, 307, 308)  # istiod's validation allows these
+
+
+def _http_route(value: Any, path: str) -> HttpRoute:
+    data = _READ.mapping(value, path, _HTTP_ROUTE_FIELDS)
+    actions = [k for k in ("route", "redirect", "directResponse", "delegate") if k in data]
+    if not actions:
+        # istiod: "HTTP route, redirect or direct_response is required".
+        raise RoutingSpecError(path, "one of route, redirect or directResponse is required")
+    if len(actions) > 1:
+        raise RoutingSpecError(
+            _sub(path, actions[1]),
+            f"set only one of route, redirect, directResponse (also has {actions[0]})",
+        )
+    for other in ("rewrite", "fault"):
+        if other in data and actions[0] in ("redirect", "directResponse"):
+            raise RoutingSpecError(_sub(path, other), f"cannot be combined with {actions[0]}")
+    if "mirror" in data and "mirrors" in data:
+        raise RoutingSpecError(_sub(path, "mirrors"), "set mirror or mirrors, not both")
+    name = str(data["name"]) if "name" in data else ""
+    matches = tuple(
+        _http_match(m, _sub(_sub(path, "match"), i))
+        for i, m in enumerate(_READ.sequence(data.get("match"), _sub(path, "match")))
+    )
+    route: tuple[RouteDestination, ...] = ()
+    if "route" in data:
+        route = _route_destinations(data["route"], _sub(path, "route"), http=True)
+    redirect = _redirect(data["redirect"], _sub(path, "redirect")) if "redirect" in data else None
+    direct = None
+    if "directResponse" in data:
+        direct = _direct_response(data["directResponse"], _sub(path, "directResponse"))
+    rewrite = _rewrite(data["rewrite"], _sub(path, "rewrite")) if "rewrite" in data else None
+    headers = _headers(data["headers"], _sub(path, "headers")) if "headers" in data else Headers()
+    timeout = None
+    if "timeout" in data:
+        timeout = parse_duration(data["timeout"], _sub(path, "timeout"))
+    unapplied = {k: data[k] for k in _HTTP_UNAPPLIED if k in data}
+    return HttpRoute(
+        name=name,
+        match=matches,
+        route=route,
+        redirect=redirect,
+        direct_response=direct,
+        rewrite=rewrite,
+        headers=headers,
+        timeout=timeout,
+        unapplied=MappingProxyType(unapplied),
+        notes=tuple(_sub(path, k) for k in unapplied),
+    )
+
+
+def _http_match(value: Any, path: str) -> HttpMatch:
+    data = _READ.mapping(value, path, _HTTP_MATCH_FIELDS)
+    if "gateways" in data and "mesh" not in _READ.sequence(
+        data["gateways"], _sub(path, "gateways")
+    ):
+        return HttpMatch(port=-1)  # limited to gateways: never holds for mesh traffic
+    ignore_case = False
+    if "ignoreUriCase" in data:
+        ignore_case = _READ.boolean(data["ignoreUriCase"], _sub(path, "ignoreUriCase"))
+
+    def one(key: str, *, case: bool = False) -> StringMatch | None:
+        if key not in data:
+            return None
+        return _string_match(data[key], _sub(path, key), ignore_case=case)
+
+    return HttpMatch(
+        name=str(data.get("name", "")),
+        uri=one("uri", case=ignore_case),
+        authority=one("authority"),
+        method=one("method"),
+        headers=_string_matches(data.get("headers"), _sub(path, "headers")),
+        without_headers=_string_matches(data.get("withoutHeaders"), _sub(path, "withoutHeaders")),
+        query_params=_string_matches(
+            data.get("queryParams"), _sub(path, "queryParams"), prefix=False, lower=False
+        ),
+        port=_READ.integer(data.get("port", 0), _sub(path, "port"), 0, 65535),
+        source_labels=_READ.labels(data.get("sourceLabels"), _sub(path, "sourceLabels")),
+        source_namespace=str(data.get("sourceNamespace", "")),
+        ignore_uri_case=ignore_case,
+    )
+
+
+def _string_matches(
+    value: Any, path: str, *, prefix: bool = True, lower: bool = True
+) -> tuple[tuple[str, StringMatch], ...]:
+    """A map of name -> StringMatch where `{}` means "present" (header names lowercased)."""
+    data = _READ.mapping(value, path, tuple(value or ()))
+    out: list[tuple[str, StringMatch]] = []
+    for key, block in data.items():
+        where = _sub(path, str(key))
+        if not str(key):
+            raise RoutingSpecError(where, "a name must not be empty")
+        match = _string_match(block, where, present=True)
+        if match.kind is MatchKind.PREFIX and not prefix:
+            raise RoutingSpecError(_sub(where, "prefix"), "only exact and regex are supported here")
+        out.append((str(key).lower() if lower else str(key), match))
+    return tuple(out)
+
+
+def _string_match(
+    value: Any, path: str, *, ignore_case: bool = False, present: bool = False
+) -> StringMatch:
+    data = _READ.mapping(value, path, ("exact", "prefix", "regex"))
+    if not data:
+        if present:
+            return StringMatch(MatchKind.PRESENT)
+        raise RoutingSpecError(path, "set one of exact, prefix, regex")
+    if len(data) > 1:
+        raise RoutingSpecError(path, f"set one of exact, prefix, regex (got {', '.join(data)})")
+    ((key, raw),) = data.items()
+    if not isinstance(raw, str):
+        raise RoutingSpecError(_sub(path, key), f"expected a string, got {_kind(raw)}")
+    kind = MatchKind(key)
+    pattern = None
+    if kind is MatchKind.REGEX:
+        pattern = _regex(raw, _sub(path, key), ignore_case=ignore_case)
+    return StringMatch(kind, raw, ignore_case, pattern)
+
+
+def _regex(text: str, path: str, *, ignore_case: bool = False) -> re.Pattern[str]:
+    try:
+        return re.compile(text, re.IGNORECASE if ignore_case else 0)
+    except re.error as e:
+        raise RoutingSpecError(path, f"invalid regular expression {text!r}: {e}") from None
+
+
+def _redirect(value: Any, path: str) -> HttpRedirect:
+    data = _READ.mapping(
+        value, path, ("uri", "authority", "port", "derivePort", "scheme", "redirectCode")
+    )
+    if "port" in data and "derivePort" in data:
+        raise RoutingSpecError(_sub(path, "derivePort"), "set port or derivePort, not both")
+    derive = DerivePort.FROM_PROTOCOL_DEFAULT
+    if "derivePort" in data:
+        text = data["derivePort"]
+        known = [d.value for d in DerivePort]
+        if text not in known:
+            raise RoutingSpecError(
+                _sub(path, "derivePort"), f"unknown value {text!r} (known: {', '.join(known)})"
+            )
+        derive = DerivePort(text)
+    scheme = ""
+    if "scheme" in data:
+        scheme = _READ.string(data["scheme"], _sub(path, "scheme")).lower()
+        if scheme not in ("http", "https"):
+            raise RoutingSpecError(_sub(path, "scheme"), f"must be http or https, got {scheme!r}")
+    code = 301
+    if "redirectCode" in data:
+        code = _READ.integer(data["redirectCode"], _sub(path, "redirectCode"), 0, 999)
+        if code not in _REDIRECT_CODES:
+            allowed = ", ".join(map(str, _REDIRECT_CODES))
+            raise RoutingSpecError(_sub(path, "redirectCode"), f"{code} is not one of {allowed}")
+    uri = str(data.get("uri", ""))
+    if uri and not uri.startswith("/"):
+        raise RoutingSpecError(_sub(path, "uri"), f"must start with /, got {uri!r}")
+    return HttpRedirect(
+        uri=uri,
+        authority=str(data.get("authority", "")),
+        port=_READ.integer(data.get("port", 0), _sub(path, "port"), 0, 65535),
+        derive_port=derive,
+        scheme=scheme,
+        code=code,
+    )
+
+
+def _direct_response(value: Any, path: str) -> HttpDirectResponse:
+    data = _READ.mapping(value, path, ("status", "body"))
+    if "status" not in data:
+        raise RoutingSpecError(_sub(path, "status"), "required field is missing")
+    status = _READ.integer(data["status"], _sub(path, "status"), 200, 599)
+    where = _sub(path, "body")
+    body = _READ.mapping(data.get("body"), where, ("string", "bytes"))
+    if len(body) > 1:
+        raise RoutingSpecError(where, "set string or bytes, not both")
+    content = b""
+    if "string" in body:
+        if not isinstance(body["string"], str):
+            raise RoutingSpecError(
+                _sub(where, "string"), f"expected a string, got {_kind(body['string'])}"
+            )
+        content = body["string"].encode()
+    elif "bytes" in body:
+        try:
+            content = base64.b64decode(str(body["bytes"]), validate=True)
+        except (binascii.Error, ValueError):
+            raise RoutingSpecError(_sub(where, "bytes"), "not base64") from None
+    return HttpDirectResponse(status, content)
+
+
+def _rewrite(value: Any, path: str) -> HttpRewrite:
+    data = _READ.mapping(value, path, ("uri", "authority", "uriRegexRewrite"))
+    if "uri" in data and "uriRegexRewrite" in data:
+        raise RoutingSpecError(
+            _sub(path, "uriRegexRewrite"), "set uri or uriRegexRewrite, not both"
+        )
+    regex, substitution = None, ""
+    if "uriRegexRewrite" in data:
+        where = _sub(path, "uriRegexRewrite")
+        block = _READ.mapping(data["uriRegexRewrite"], where, ("match", "rewrite"))
+        for key in ("match", "rewrite"):
+            if key not in block:
+                raise RoutingSpecError(_sub(where, key), "required field is missing")
+        regex = _regex(_READ.string(block["match"], _sub(where, "match")), _sub(where, "match"))
+        substitution = str(block["rewrite"])
+        names = {i: n for n, i in regex.groupindex.items()}
+        groups = "".join(
+            f"(?P<{names[i]}>)" if i in names else "()" for i in range(1, regex.groups + 1)
+        )
+        try:  # RE2's \1 references are Python's too; a bad one is refused here, not per request
+            re.compile(groups).sub(substitution, "", count=1)
+        except (re.error, IndexError) as e:
+            raise RoutingSpecError(_sub(where, "rewrite"), f"invalid substitution: {e}") from None
+    return HttpRewrite(
+        uri=str(data.get("uri", "")),
+        authority=str(data.get("authority", "")),
+        regex=regex,
+        regex_substitution=substitution,
+    )
+
+
+def _headers(value: Any, path: str) -> Headers:
+    data = _READ.mapping(value, path, ("request", "response"))
+    return Headers(
+        request=_header_ops(data.get("request"), _sub(path, "request")),
+        response=_header_ops(data.get("response"), _sub(path, "response")),
+    )
+
+
+def _header_ops(value: Any, path: str) -> HeaderOps:
+    data = _READ.mapping(value, path, ("set", "add", "remove"))
+    removed = tuple(
+        _READ.string(n, _sub(_sub(path, "remove"), i)).lower()
+        for i, n in enumerate(_READ.sequence(data.get("remove"), _sub(path, "remove")))
+    )
+    return HeaderOps(
+        set=_header_pairs(data.get("set"), _sub(path, "set")),
+        add=_header_pairs(data.get("add"), _sub(path, "add")),
+        remove=removed,
+    )
+
+
+def _header_pairs(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    labels = _READ.labels(value, path)
+    for name in labels:
+        if name.startswith(":") or name.lower() == "host":
+            # istiod refuses these too: the authority is changed by rewrite.authority.
+            raise RoutingSpecError(_sub(path, name), "pseudo-headers and host cannot be changed")
+    return tuple((k.lower(), v) for k, v in labels.items())
+
+
 def _l4_match(value: Any, path: str) -> L4Match:
     data = _READ.mapping(value, path, _L4_MATCH_FIELDS)
     if "gateways" in data and "mesh" not in _READ.sequence(
@@ -597,11 +1019,15 @@ def _destination(value: Any, path: str) -> Destination:
     )
 
 
-def _route_destinations(value: Any, path: str) -> tuple[RouteDestination, ...]:
+def _route_destinations(
+    value: Any, path: str, *, http: bool = False
+) -> tuple[RouteDestination, ...]:
+    """A route's destinations; `http`: `HTTPRouteDestination`, whose `headers` are read
+    (a tcp route's are accepted and ignored, as before)."""
     items = _READ.sequence(value, path)
     if not items:
         raise RoutingSpecError(path, "at least one route destination is required")
-    out: list[tuple[Destination, int | None]] = []
+    out: list[tuple[Destination, int | None, Headers | None]] = []
     for i, item in enumerate(items):
         where = _sub(path, i)
         data = _READ.mapping(item, where, ("destination", "weight", "headers"))
@@ -610,20 +1036,23 @@ def _route_destinations(value: Any, path: str) -> tuple[RouteDestination, ...]:
         weight = None
         if "weight" in data:
             weight = _READ.integer(data["weight"], _sub(where, "weight"), 0, 100)
-        out.append((_destination(data["destination"], _sub(where, "destination")), weight))
+        headers = None
+        if http and "headers" in data:
+            headers = _headers(data["headers"], _sub(where, "headers"))
+        out.append((_destination(data["destination"], _sub(where, "destination")), weight, headers))
     if len(out) == 1:
-        only, weight = out[0]
+        only, weight, headers = out[0]
         if weight not in (None, 0, 100):
             raise RoutingSpecError(
                 _sub(_sub(path, 0), "weight"),
                 f"the only destination of a route takes all traffic; weight {weight} is not 100",
             )
-        return (RouteDestination(only, 100),)
-    total = sum(w or 0 for _, w in out)
+        return (RouteDestination(only, 100, headers),)
+    total = sum(w or 0 for _, w, _ in out)
     if total != 100:
-        listed = " + ".join(str(w or 0) for _, w in out)
+        listed = " + ".join(str(w or 0) for _, w, _ in out)
         raise RoutingSpecError(path, f"weights must sum to 100, got {listed} = {total}")
-    return tuple(RouteDestination(d, w or 0) for d, w in out)
+    return tuple(RouteDestination(d, w or 0, h) for d, w, h in out)
 
 
 def _tcp_fault(value: Any, path: str) -> TcpFault:

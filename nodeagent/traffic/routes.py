@@ -16,6 +16,12 @@ connection to a service port, with no I/O and the random draws injected:
   subset > rule port level > rule), the connect attempts allowed, and the
   faults and mirror the draws selected.
 
+`RouteTable.decide_http` does the same for one HTTP request to a service behind
+a waypoint (`http:` routes; see traffic/http.py): the first route whose match
+holds, then a forward (the same targets as above, per request), a redirect or
+a direct response; a service whose VirtualService has http routes of which none
+holds gets None (Envoy's 404 NR).
+
 Labels: the workload API carries no label map, so a workload's labels are the
 ones Istio derives its canonical name and revision from (`app`, `version`, and
 their `service.istio.io/` and `app.kubernetes.io/` forms). A subset or
@@ -26,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -36,6 +42,8 @@ from nodeagent.model.routing import (
     DEFAULT_CONNECT_ATTEMPTS,
     Destination,
     DestinationRule,
+    HttpMatch,
+    HttpRoute,
     L4Match,
     TcpRoute,
     TrafficPolicy,
@@ -43,6 +51,15 @@ from nodeagent.model.routing import (
     resolve_host,
 )
 from nodeagent.model.workload import IPAddress, Service, Workload
+from nodeagent.traffic.http import (
+    HttpDecision,
+    HttpRequest,
+    direct_reply,
+    matching,
+    merged,
+    redirect_reply,
+    rewritten,
+)
 
 KNOWN_LABELS = CANONICAL_NAME_LABELS + CANONICAL_REVISION_LABELS
 _NO_POLICY = TrafficPolicy()
@@ -192,6 +209,15 @@ def _holds(
 
 
 @dataclass(frozen=True, slots=True)
+class HttpRouteEntry:
+    """A compiled `http:` route: the spec and its destinations resolved like a tcp route's."""
+
+    name: str  # `namespace/name http[i]`
+    spec: HttpRoute
+    destinations: tuple[_Destination, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationSummary:
     """A route's destination as written and as resolved (`service` empty: unusable)."""
 
@@ -236,6 +262,7 @@ class ServiceTraffic:
     virtual_service: str = ""  # key of the VirtualService in force
     destination_rule: DestinationRule | None = None
     routes: tuple[_Route, ...] = ()
+    http: tuple[HttpRouteEntry, ...] = ()  # the VirtualService's http routes, in match order
     needs_waypoint: tuple[str, ...] = ()  # `namespace/name: field` the agent does not apply
     # Port -> the routes that can match it, in order (key -1: any port no match names), so
     # a decision walks only those, not every route of the service.
@@ -322,14 +349,21 @@ class RouteTable:
                         f"{current.virtual_service}; ignored"
                     )
                     continue
+                resolve = _resolver(vs, by_host, rules, notes)
                 routes = tuple(
-                    _compile_route(vs, i, r, by_host, rules, notes) for i, r in enumerate(vs.tcp)
+                    _compile_route(f"{vs.key} tcp[{i}]", r, resolve, notes)
+                    for i, r in enumerate(vs.tcp)
+                )
+                http = tuple(
+                    _compile_http_route(f"{vs.key} http[{i}]", r, resolve, notes)
+                    for i, r in enumerate(vs.http)
                 )
                 traffic[key] = ServiceTraffic(
                     key,
                     virtual_service=vs.key,
                     destination_rule=current.destination_rule,
                     routes=routes,
+                    http=http,
                     needs_waypoint=current.needs_waypoint + _needs(vs),
                 )
         return cls(MappingProxyType(traffic), tuple(notes))
@@ -404,6 +438,60 @@ class RouteTable:
             mirror=mirror,
         )
 
+    def decide_http(
+        self,
+        service_key: str,
+        port: int,
+        request: HttpRequest,
+        caller: Caller,
+        rng: random.Random,
+    ) -> HttpDecision | None:
+        """The decision for one HTTP request to `service_key:port` (pure; draws from `rng`).
+
+        No VirtualService (or one without http routes): the service's default route, as
+        `decide` gives a connection. Http routes of which none holds: None (Envoy: 404 NR).
+        """
+        traffic = self.by_service.get(service_key)
+        if traffic is None or not traffic.http:
+            target = traffic.default_target(port) if traffic else Target(service_key, port)
+            return HttpDecision(
+                "", RouteDecision((target,)), path=request.path, authority=request.authority
+            )
+        for entry in traffic.http:
+            match = matching(entry.spec, port, request, caller)
+            if match is not None:
+                return _http_decision(entry, match, port, request, rng)
+        return None
+
+
+def _http_decision(
+    entry: HttpRouteEntry, match: HttpMatch, port: int, request: HttpRequest, rng: random.Random
+) -> HttpDecision:
+    spec = entry.spec
+    ops = spec.headers
+    if spec.redirect is not None:
+        return HttpDecision(entry.name, reply=redirect_reply(spec.redirect, request))
+    if spec.direct_response is not None:
+        return HttpDecision(entry.name, reply=direct_reply(spec.direct_response))
+    path, authority = rewritten(spec.rewrite, match, request)
+    usable = [(d, w) for d, w in zip(entry.destinations, spec.route, strict=True) if d.service]
+    if not usable:
+        # A delegate, or every destination names something unusable: refuse (Envoy: NR).
+        return HttpDecision(
+            entry.name, RouteDecision((), route=entry.name), path=path, authority=authority
+        )
+    order = _weighted_order([d for d, _ in usable], rng)
+    written = {id(d): w for d, w in usable}
+    picked = written[id(order[0])].headers
+    return HttpDecision(
+        entry.name,
+        RouteDecision(tuple(d.target(port) for d in order), route=entry.name),
+        path=path,
+        authority=authority,
+        request_headers=merged(ops.request, picked.request if picked else None),
+        response_headers=merged(ops.response, picked.response if picked else None),
+    )
+
 
 def _rule_rank(rule: DestinationRule, by_host: Mapping[str, str]) -> tuple[int, str]:
     """Istio prefers the rule in the service's own namespace; then by name, for stability."""
@@ -433,17 +521,38 @@ def _weighted_order(destinations: list[_Destination], rng: random.Random) -> lis
     return [destinations[chosen], *rest]
 
 
-def _compile_route(
+_Resolve = Callable[[str, Destination, int, str], "_Destination"]
+
+
+def _compile_http_route(
+    name: str, route: HttpRoute, resolve: _Resolve, notes: list[str]
+) -> HttpRouteEntry:
+    destinations = tuple(resolve(name, d.destination, d.weight, "route") for d in route.route)
+    _note_source_labels(name, [m.source_labels for m in route.match], notes)
+    return HttpRouteEntry(name, route, destinations)
+
+
+def _note_source_labels(name: str, selectors: list[Mapping[str, str]], notes: list[str]) -> None:
+    for labels in selectors:
+        unknown = sorted(k for k in labels if k not in KNOWN_LABELS)
+        if unknown:
+            notes.append(
+                f"{name}: sourceLabels selects on {', '.join(unknown)}, which the workload "
+                "API does not carry: that match holds for no caller"
+            )
+
+
+def _resolver(
     vs: VirtualService,
-    index: int,
-    route: TcpRoute,
     by_host: Mapping[str, str],
     rules: Mapping[str, DestinationRule],
     notes: list[str],
-) -> _Route:
-    name = f"{vs.key} tcp[{index}]"
+) -> _Resolve:
+    """Resolves a destination of route `name` of `vs` (host, subset, port) against the
+    services and rules, noting what cannot be used (tcp and http routes alike)."""
 
-    def resolve(host: str, subset: str, port: int, weight: int, what: str) -> _Destination:
+    def resolve(name: str, written: Destination, weight: int, what: str) -> _Destination:
+        host, subset, port = written.host, written.subset, written.port
         key = by_host.get(resolve_host(host, vs.namespace))
         if key is None:
             notes.append(f"{name}: {what} host {host} is not a service")
@@ -466,14 +575,14 @@ def _compile_route(
                 )
         return _Destination(weight, key, subset, port, selector, rule)
 
-    destinations = tuple(
-        resolve(d.destination.host, d.destination.subset, d.destination.port, d.weight, "route")
-        for d in route.route
-    )
+    return resolve
+
+
+def _compile_route(name: str, route: TcpRoute, resolve: _Resolve, notes: list[str]) -> _Route:
+    destinations = tuple(resolve(name, d.destination, d.weight, "route") for d in route.route)
     mirror = None
     if route.mirror is not None:
-        m = route.mirror.destination
-        mirror = resolve(m.host, m.subset, m.port, 100, "mirror")
+        mirror = resolve(name, route.mirror.destination, 100, "mirror")
     # The reader checked every entry is an address or CIDR.
     subnets = tuple(
         tuple(ipaddress.ip_network(t, strict=False) for t in m.destination_subnets)
@@ -481,12 +590,5 @@ def _compile_route(
         else ()
         for m in route.match
     )
-    for match in route.match:
-        unknown = [k for k in match.source_labels if k not in KNOWN_LABELS]
-        if unknown:
-            unknown.sort()
-            notes.append(
-                f"{name}: sourceLabels selects on {', '.join(unknown)}, which the workload "
-                "API does not carry: that match holds for no caller"
-            )
+    _note_source_labels(name, [m.source_labels for m in route.match], notes)
     return _Route(name, route, destinations, mirror, subnets)
