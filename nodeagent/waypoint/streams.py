@@ -1,0 +1,89 @@
+"""`ByteStream`s for the waypoint's codecs: over a TCP socket (asyncio streams) and over an
+HBONE CONNECT tunnel (`TunnelStream`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nodeagent.hbone.aio import TunnelStream
+
+__all__ = ["READ_SIZE", "SocketByteStream", "TunnelByteStream"]
+
+READ_SIZE = 256 * 1024  # large reads: the codecs cost per read, not per byte
+
+
+class SocketByteStream:
+    """A `ByteStream` over an asyncio StreamReader/StreamWriter pair. The socket is closed once
+    both directions ended (our write_eof and the peer's EOF), or by abort()/close()."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_size: int = READ_SIZE
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.read_size = read_size
+        self._read_eof = False
+        self._wrote_eof = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> SocketByteStream:
+        # The reader's limit bounds what it buffers before pausing the socket: keep it above
+        # one read so a large read is not cut into small ones.
+        reader, writer = await asyncio.open_connection(host, port, limit=2 * READ_SIZE)
+        return cls(reader, writer)
+
+    async def read(self) -> bytes:
+        data = await self.reader.read(self.read_size)
+        if not data:
+            self._read_eof = True
+            if self._wrote_eof:
+                self.writer.close()
+        return data
+
+    def write(self, data: bytes) -> object:
+        self.writer.write(data)
+        return None
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def write_eof(self) -> None:
+        if self._wrote_eof:
+            return
+        self._wrote_eof = True
+        if self.writer.transport.is_closing():
+            return
+        if self._read_eof or not self.writer.can_write_eof():
+            self.writer.close()
+        else:
+            self.writer.write_eof()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class TunnelByteStream:
+    """A `ByteStream` over one HBONE CONNECT tunnel; abort() resets the HTTP/2 stream."""
+
+    __slots__ = ("tunnel",)
+
+    def __init__(self, tunnel: TunnelStream) -> None:
+        self.tunnel = tunnel
+
+    async def read(self) -> bytes:
+        return await self.tunnel.read()
+
+    def write(self, data: bytes) -> object:
+        return self.tunnel.write(data)
+
+    async def drain(self) -> None:
+        await self.tunnel.drain()
+
+    def write_eof(self) -> None:
+        self.tunnel.write_eof()
+
+    def abort(self) -> None:
+        self.tunnel.reset()
