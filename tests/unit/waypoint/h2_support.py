@@ -1,0 +1,232 @@
+"""Loopback harness for the HTTP/2 codec tests: a socket ByteStream, a fake router,
+a waypoint listener served by serve_http2, and grpcio servers as independent upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field, replace
+
+import grpc
+
+from nodeagent.waypoint.exchange import (
+    ByteStream,
+    Endpoint,
+    Forward,
+    HeaderOps,
+    LocalReply,
+    RequestHead,
+    RequestRecord,
+    UpstreamError,
+)
+from nodeagent.waypoint.http2 import PREFACE, Http2Upstreams, serve_http2
+
+GRPC_LIMITS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class SocketStream:
+    """ByteStream over asyncio streams (tests only)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read(self) -> bytes:
+        return await self.reader.read(1 << 16)
+
+    def write(self, data: bytes) -> object:
+        self.writer.write(data)
+        return None
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+    def write_eof(self) -> None:
+        if not self.writer.is_closing() and self.writer.can_write_eof():
+            self.writer.write_eof()
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+@dataclass
+class FakeDispatcher:
+    """Routes by the `x-user` header to the upstream of that name (default "v1"); paths
+    under /local/ get a LocalReply. Records every request."""
+
+    upstreams: dict[str, int]  # name -> port on 127.0.0.1
+    response_headers: HeaderOps = field(default_factory=HeaderOps)
+    records: list[RequestRecord] = field(default_factory=list)
+    opened: list[str] = field(default_factory=list)
+    picked: list[str] = field(default_factory=list)
+
+    def route(self, head: RequestHead) -> Forward | LocalReply:
+        if head.path.startswith("/local/"):
+            return LocalReply(418, (("x-local", "yes"),), b"local " + head.path.encode(), "XX")
+        name = head.header("x-user") or "v1"
+        rewritten = replace(head, headers=(*head.headers, ("x-routed-to", name)))
+        return Forward(rewritten, self.response_headers, route=name, plan=name)
+
+    def pick(self, forward: Forward) -> Endpoint | LocalReply:
+        name = str(forward.plan)
+        if name == "none":
+            return LocalReply(503, body=b"no healthy upstream", flags="UH")
+        self.picked.append(name)
+        port = self.upstreams.get(name, 1)  # port 1: nothing listens (connect refused)
+        return Endpoint(key=name, address=f"127.0.0.1:{port}")
+
+    async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
+        self.opened.append(str(endpoint.key))
+        host, port = endpoint.address.rsplit(":", 1)
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError as exc:
+            raise UpstreamError(
+                LocalReply(503, body=b"upstream connect error", flags="UF"), str(exc)
+            ) from exc
+        return SocketStream(reader, writer)
+
+    def record(self, record: RequestRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.asynccontextmanager
+async def waypoint(
+    dispatcher: FakeDispatcher, upstreams: Http2Upstreams | None = None
+) -> AsyncIterator[tuple[int, Http2Upstreams]]:
+    """A loopback listener whose connections are served by serve_http2: (port, upstreams)."""
+    pool = upstreams or Http2Upstreams()
+    sessions: set[asyncio.Task[None]] = set()
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = SocketStream(reader, writer)
+        try:
+            first = await reader.readexactly(len(PREFACE))
+            await serve_http2(stream, first, dispatcher, pool)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(session(reader, writer))
+        sessions.add(task)
+        task.add_done_callback(sessions.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield port, pool
+    finally:
+        server.close()
+        for task in list(sessions):
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
+        await pool.aclose()
+        await server.wait_closed()
+
+
+# --- grpcio upstreams -------------------------------------------------------------
+
+ECHO = "/echo.Echo/Echo"  # answers the request bytes, prefixed by the server's name and "|"
+WHO = "/echo.Echo/Who"  # answers the server's name and the x-routed-to metadata
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+@contextlib.contextmanager
+def grpc_server(name: str) -> Iterator[int]:
+    """A grpcio server on 127.0.0.1 (an independent HTTP/2 implementation): its port."""
+
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_trailing_metadata((("x-served-by", name),))
+        return name.encode() + b"|" + request
+
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        routed = [str(v) for k, v in context.invocation_metadata() if k == "x-routed-to"]
+        return f"{name} {','.join(routed)}".encode()
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "no " + name)
+        raise AssertionError  # abort raises
+
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            echo, request_deserializer=_identity, response_serializer=_identity
+        ),
+        "Who": grpc.unary_unary_rpc_method_handler(
+            who, request_deserializer=_identity, response_serializer=_identity
+        ),
+        "Fail": grpc.unary_unary_rpc_method_handler(
+            fail, request_deserializer=_identity, response_serializer=_identity
+        ),
+    }
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_LIMITS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None).wait()
+
+
+def grpc_call(
+    port: int, method: str, request: bytes, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[bytes, dict[str, str]]:
+    """A real gRPC unary call (blocking: run it in a thread): the reply and trailing metadata."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_LIMITS) as channel:
+        call: Callable[..., tuple[bytes, grpc.Call]] = unary(channel, method).with_call
+        reply, info = call(request, metadata=metadata, timeout=30)
+        return reply, {k: str(v) for k, v in info.trailing_metadata() or ()}
+
+
+def unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """A unary method of `channel` whose messages are raw bytes."""
+    return channel.unary_unary(
+        method, request_serializer=_identity, response_deserializer=_identity
+    )
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """gRPC's length-prefixed message (uncompressed)."""
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+@dataclass
+class CurlResult:
+    returncode: int
+    head: str  # the header dump (response headers, then trailers)
+    body: bytes
+
+
+async def curl(url: str, *args: str, data: bytes | None = None) -> CurlResult:
+    """/usr/bin/curl --http2-prior-knowledge (an independent HTTP/2 client)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        heads = Path(tmp) / "head"
+        body = Path(tmp) / "body"
+        argv = ["/usr/bin/curl", "-sS", "--http2-prior-knowledge", "-D", str(heads)]
+        argv += ["-o", str(body), "--max-time", "60", *args]
+        if data is not None:
+            payload = Path(tmp) / "payload"
+            payload.write_bytes(data)
+            argv += ["--data-binary", f"@{payload}"]
+        proc = await asyncio.create_subprocess_exec(*argv, url, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return CurlResult(
+            proc.returncode,
+            heads.read_text() if heads.exists() else "",
+            body.read_bytes() if body.exists() else b"",
+        )

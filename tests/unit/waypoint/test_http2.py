@@ -1,0 +1,276 @@
+"""The HTTP/2 codec over real loopback sockets: curl and grpcio clients in, grpcio servers
+upstream (independent HTTP/2 implementations on both sides of serve_http2)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import hpack
+import pytest
+from h2.errors import ErrorCodes
+
+from nodeagent.model.routing import HeaderOps
+from nodeagent.waypoint.http2 import PREFACE, Http2Upstreams, request_head
+
+from .h2_support import (
+    ECHO,
+    WHO,
+    FakeDispatcher,
+    curl,
+    grpc_call,
+    grpc_frame,
+    grpc_server,
+    unary,
+    waypoint,
+)
+
+GRPC_HEADERS = ("-H", "content-type: application/grpc", "-H", "te: trailers")
+
+
+def test_request_head_from_pseudo_headers() -> None:
+    head = request_head(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":authority", b"svc:80"),
+            (b":path", b"/a?b=1"),
+            (b"x-user", b"ios"),
+            (b"x-raw", b"\xff"),
+        ]
+    )
+    assert (head.method, head.path, head.authority, head.scheme) == (
+        "POST",
+        "/a?b=1",
+        "svc:80",
+        "https",
+    )
+    assert head.protocol == "HTTP/2"
+    assert head.header("x-user") == "ios"
+    assert head.header("x-raw") is not None  # a non-UTF-8 byte survives, escaped
+
+
+async def test_curl_grpc_request_through_codec_has_trailers() -> None:
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            result = await curl(
+                f"http://127.0.0.1:{wp}{ECHO}", *GRPC_HEADERS, data=grpc_frame(b"hello")
+            )
+    assert result.head.startswith("HTTP/2 200")
+    assert "grpc-status: 0" in result.head  # a trailer: curl dumps it after the headers
+    assert "x-served-by: v1" in result.head
+    assert result.body == grpc_frame(b"v1|hello")
+    [record] = dispatcher.records
+    assert (record.status, record.flags, record.route) == (200, "", "v1")
+    assert record.request_bytes == len(grpc_frame(b"hello"))
+    assert record.response_bytes == len(grpc_frame(b"v1|hello"))
+    assert record.endpoint is not None and record.endpoint.key == "v1"
+    assert record.head.protocol == "HTTP/2" and record.duration > 0
+
+
+async def test_grpc_client_call_through_codec() -> None:
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            reply, trailers = await asyncio.to_thread(grpc_call, wp, ECHO, b"ping")
+            # A gRPC error travels as a trailers-only response.
+            with pytest.raises(grpc.RpcError) as failure:
+                await asyncio.to_thread(grpc_call, wp, "/echo.Echo/Fail", b"")
+    assert reply == b"v1|ping"
+    assert trailers["x-served-by"] == "v1"
+    assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert failure.value.details() == "no v1"  # type: ignore[attr-defined]
+
+
+async def test_routing_by_header_per_request_on_one_connection() -> None:
+    with grpc_server("v1") as p1, grpc_server("v2") as p2:
+        dispatcher = FakeDispatcher({"v1": p1, "v2": p2})
+        async with waypoint(dispatcher) as (wp, pool):
+
+            def calls() -> list[bytes]:
+                # One channel: every call rides the same downstream connection.
+                out = []
+                with grpc.insecure_channel(f"127.0.0.1:{wp}") as channel:
+                    who = unary(channel, WHO)
+                    for i in range(20):
+                        md = (("x-user", "v2"),) if i % 2 else ()
+                        out.append(who(b"", metadata=md, timeout=30))
+                return out
+
+            answers = await asyncio.to_thread(calls)
+            # curl, another client, lands by the same rule.
+            ios = await curl(
+                f"http://127.0.0.1:{wp}{WHO}",
+                *GRPC_HEADERS,
+                "-H",
+                "x-user: v2",
+                data=grpc_frame(b""),
+            )
+            assert pool.connection_count() == 2  # one shared connection per endpoint
+    assert answers == [b"v2 v2" if i % 2 else b"v1 v1" for i in range(20)]
+    assert ios.body == grpc_frame(b"v2 v2")
+    assert dispatcher.opened.count("v1") == 1 and dispatcher.opened.count("v2") == 1
+    assert [r.endpoint.key for r in dispatcher.records if r.endpoint] == dispatcher.picked
+
+
+async def test_concurrent_streams_and_large_bodies_byte_exact() -> None:
+    bodies = [os.urandom(n) for n in (3 << 20, 1 << 20, 5 << 20 | 7, 17, 0)]
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+
+            def calls() -> list[bytes]:
+                with grpc.insecure_channel(
+                    f"127.0.0.1:{wp}",
+                    options=[("grpc.max_receive_message_length", 64 << 20)],
+                ) as channel:
+                    echo = unary(channel, ECHO)
+                    futures = [echo.future(b, timeout=60) for b in bodies]
+                    return [f.result() for f in futures]
+
+            grpc_replies, curl_reply = await asyncio.gather(
+                asyncio.to_thread(calls),
+                curl(f"http://127.0.0.1:{wp}{ECHO}", *GRPC_HEADERS, data=grpc_frame(bodies[0])),
+            )
+    assert grpc_replies == [b"v1|" + b for b in bodies]
+    assert curl_reply.body == grpc_frame(b"v1|" + bodies[0])
+    assert sorted(r.request_bytes for r in dispatcher.records) == sorted(
+        len(grpc_frame(b)) for b in [*bodies, bodies[0]]
+    )
+
+
+async def test_local_reply_and_response_header_ops() -> None:
+    with grpc_server("v1") as port:
+        ops = HeaderOps(
+            set=(("x-set", "1"),), add=(("x-added", "a"),), remove=("grpc-accept-encoding",)
+        )
+        dispatcher = FakeDispatcher({"v1": port}, response_headers=ops)
+        async with waypoint(dispatcher) as (wp, _):
+            local = await curl(f"http://127.0.0.1:{wp}/local/thing")
+            forwarded = await curl(
+                f"http://127.0.0.1:{wp}{ECHO}", *GRPC_HEADERS, data=grpc_frame(b"x")
+            )
+    assert local.head.startswith("HTTP/2 418")
+    assert "x-local: yes" in local.head
+    assert local.body == b"local /local/thing"
+    assert "x-set: 1" in forwarded.head and "x-added: a" in forwarded.head
+    assert "grpc-accept-encoding" not in forwarded.head
+    assert [(r.status, r.flags) for r in dispatcher.records] == [(418, "XX"), (200, "")]
+
+
+async def test_upstream_connect_failure_is_503_uf() -> None:
+    dispatcher = FakeDispatcher({})  # v1 -> port 1: refused
+    async with waypoint(dispatcher) as (wp, _):
+        result = await curl(f"http://127.0.0.1:{wp}/x")
+        none = await curl(f"http://127.0.0.1:{wp}/x", "-H", "x-user: none")
+    assert result.head.startswith("HTTP/2 503")
+    assert none.head.startswith("HTTP/2 503") and none.body == b"no healthy upstream"
+    assert [(r.status, r.flags) for r in dispatcher.records] == [(503, "UF"), (503, "UH")]
+
+
+def _raw_client() -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    return conn
+
+
+async def test_malformed_input_is_contained() -> None:
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            # Garbage after the preface: a GOAWAY, the connection ends, nothing else.
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            writer.write(PREFACE + b"\x00\x00\x04\x09\x00\x00\x00\x00\x01garbage" * 4)
+            got = b""
+            while chunk := await asyncio.wait_for(reader.read(65536), 10):
+                got += chunk
+            writer.close()
+            events = _raw_client().receive_data(got)
+            assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+            # A request without :path is a PROTOCOL_ERROR for h2: GOAWAY naming the last
+            # stream it processed (the good one before it, which was answered).
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            conn = _raw_client()
+            bad = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
+            conn.send_headers(1, [*bad, (":path", "/local/ok")], end_stream=True)
+            writer.write(conn.data_to_send())
+            statuses: dict[int, bytes] = {}
+            goaway: list[h2.events.ConnectionTerminated] = []
+            while not statuses:
+                for event in conn.receive_data(await asyncio.wait_for(reader.read(65536), 10)):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = dict(event.headers)[b":status"]
+            # Hand-made HEADERS frame (h2 refuses to send it): stream 3, no :path.
+            block = hpack.Encoder().encode(bad)
+            frame = len(block).to_bytes(3, "big") + b"\x01\x05" + (3).to_bytes(4, "big")
+            writer.write(frame + block)
+            while data := await asyncio.wait_for(reader.read(65536), 10):
+                goaway += [
+                    e
+                    for e in conn.receive_data(data)
+                    if isinstance(e, h2.events.ConnectionTerminated)
+                ]
+            writer.close()
+            good = await curl(f"http://127.0.0.1:{wp}{ECHO}", *GRPC_HEADERS, data=grpc_frame(b"ok"))
+    assert statuses == {1: b"418"}
+    assert [g.error_code for g in goaway] == [ErrorCodes.PROTOCOL_ERROR]
+    assert good.body == grpc_frame(b"v1|ok")
+
+
+async def test_upstream_connection_replaced_when_stream_ids_run_out() -> None:
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        # Stream ids 1, 3, 5: the fourth request needs a new connection.
+        async with waypoint(dispatcher, Http2Upstreams(max_stream_id=5)) as (wp, _):
+            for i in range(4):
+                reply, _ = await asyncio.to_thread(grpc_call, wp, ECHO, str(i).encode())
+                assert reply == f"v1|{i}".encode()
+    assert dispatcher.opened == ["v1", "v1"]
+
+
+async def test_client_reset_propagates_and_session_survives() -> None:
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            conn = _raw_client()
+            head = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "x"),
+                (":path", ECHO),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ]
+            conn.send_headers(1, head)
+            conn.send_data(1, b"\x00\x00\x00\x00\x10partial")
+            writer.write(conn.data_to_send())
+            await asyncio.sleep(0.2)
+            conn.reset_stream(1)
+            # The next stream on the same connection still works.
+            conn.send_headers(3, head)
+            conn.send_data(3, grpc_frame(b"again"), end_stream=True)
+            writer.write(conn.data_to_send())
+            body = b""
+            trailers: dict[bytes, bytes] = {}
+            while not trailers:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived) and event.stream_id == 3:
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, 3)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = dict(event.headers)
+                writer.write(conn.data_to_send())
+            writer.close()
+    assert body == grpc_frame(b"v1|again")
+    assert trailers[b"grpc-status"] == b"0"
+    first = next(r for r in dispatcher.records if r.request_bytes < 20 and r.status != 200)
+    assert first.flags == "DR"
