@@ -19,15 +19,13 @@ from nodeagent.model.routing import (
     parse_virtual_service,
 )
 from nodeagent.traffic.http import HttpRequest, merged, split_authority
-from nodeagent.traffic.routes import Caller, RouteTable, workload_labels
+from nodeagent.traffic.routes import Caller, RouteDecision, RouteTable, workload_labels
 
-from ...builders import service, workload
+from ...builders import workload
+from .test_routes import BACKEND, ECHO, KEY, Draws
 
 pytestmark = pytest.mark.unit
 
-BACKEND = service("backend", "10.96.0.10", namespace="demo")
-ECHO = service("echo", "10.96.0.11", namespace="demo")
-KEY = BACKEND.key
 RULE = parse_destination_rule(
     "demo",
     "backend",
@@ -42,17 +40,6 @@ RULE = parse_destination_rule(
 )
 V1 = {"destination": {"host": "backend", "subset": "v1"}}
 V2 = {"destination": {"host": "backend", "subset": "v2"}}
-
-
-class Draws(random.Random):
-    """A random source that returns the given values from random(), in order."""
-
-    def __init__(self, *values: float) -> None:
-        super().__init__(0)
-        self.values = list(values)
-
-    def random(self) -> float:
-        return self.values.pop(0)
 
 
 def vs(*routes: dict[str, Any], tcp: list[Any] | None = None) -> VirtualService:
@@ -177,6 +164,12 @@ def test_weighted_pick_then_fallbacks_like_tcp() -> None:
     assert second.decision.route == "demo/web http[0]"
 
 
+def decide_with(t: RouteTable, rng: random.Random) -> RouteDecision:
+    found = t.decide_http(KEY, 8080, req(), Caller(), rng)
+    assert found is not None and found.decision is not None
+    return found.decision
+
+
 @settings(max_examples=50, deadline=None)
 @given(weight=st.integers(0, 100), seed=st.integers(0, 2**32 - 1))
 def test_weighted_pick_follows_the_weights(weight: int, seed: int) -> None:
@@ -184,10 +177,7 @@ def test_weighted_pick_follows_the_weights(weight: int, seed: int) -> None:
     t = table(vs({"route": [{**V1, "weight": weight}, {**V2, "weight": 100 - weight}]}), RULE)
     rng = random.Random(seed)
     n = 2000
-    v1 = sum(
-        t.decide_http(KEY, 8080, req(), Caller(), rng).decision.target.subset == "v1"
-        for _ in range(n)
-    )
+    v1 = sum(decide_with(t, rng).target.subset == "v1" for _ in range(n))
     p = weight / 100
     band = 4 * (n * p * (1 - p)) ** 0.5 + 1
     assert abs(v1 - n * p) <= band
