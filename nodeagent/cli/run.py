@@ -125,7 +125,7 @@ async def serve(config: Config, *, cleanup: bool = False) -> None:
             loop.remove_signal_handler(sig)
 
 
-def _runner() -> asyncio.Runner:
+def event_loop_runner() -> asyncio.Runner:
     try:
         import uvloop
     except ImportError:
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     setup_logging(config.log_level)
     try:
-        with _runner() as runner:
+        with event_loop_runner() as runner:
             runner.run(serve(config, cleanup=args.cleanup))
     except ConfigError as exc:
         raise CliError(str(exc)) from None

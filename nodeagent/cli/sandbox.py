@@ -55,6 +55,11 @@ def register(subparsers: Any) -> None:
         action="store_false",
         help="do not start the node agents (the control plane still runs)",
     )
+    up.add_argument(
+        "--waypoint",
+        action="store_true",
+        help="run a waypoint pod for the demo namespace (its services' HTTP goes through it)",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="remove a sandbox and everything it made")
@@ -127,11 +132,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                 args.pods_per_node,
                 controlplane=args.controlplane,
                 agents=args.agents,
+                waypoint=args.waypoint,
             )
             cp = m.status(plan.name)["controlplane"] if args.controlplane else None
         except SandboxError as exc:
             raise CliError(str(exc)) from None
     where = f", control plane at {cp['address']}" if cp else ""
+    if plan.waypoint is not None:
+        where += f", waypoint {plan.waypoint.namespace}/{plan.waypoint.name} at {plan.waypoint.ip}"
     print(
         f"sandbox {plan.name} up: {plan.node_count} nodes x {plan.pods_per_node} pods{where} "
         f"(`nodeagent sandbox status {plan.name}`)"
@@ -210,6 +218,13 @@ def format_status(status: dict[str, Any]) -> str:
         parts += ["", table(status["agents"], PROC_COLUMNS)]
     if status["controlplane"]:
         parts += ["", controlplane_line(status["controlplane"])]
+    wp = status.get("waypoint")
+    if wp:
+        state = f"pid {wp['pid']}" if wp.get("pid") else "not running"
+        parts.append(
+            f"waypoint {wp['namespace']}/{wp['name']} at {wp['ip']} on {wp['node']} ({state}; "
+            f"the {wp['namespace']} namespace's services go through it; log {wp.get('log', '-')})"
+        )
     return "\n".join(parts)
 
 

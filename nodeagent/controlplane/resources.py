@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from nodeagent.controlplane.mesh import (
+    GATEWAY_NAME,
     WAYPOINT_HBONE_PORT,
     MeshConfig,
     PolicySpec,
@@ -162,6 +163,9 @@ def workload_value(
         services=ports,
         authorization_policies=tuple(sorted({p.key for p in policies if p.selects(w)})),
         waypoint=waypoint_address(w.waypoint),
+        # A waypoint's pod terminates HBONE itself: agents neither capture it nor
+        # listen in it (as istiod marks waypoints for ztunnel).
+        native_tunnel=GATEWAY_NAME in w.labels,
     )
 
 

@@ -391,10 +391,7 @@ class NodeManager:
         namespace counts only if its addresses were read and hold no local workload's IP
         then. The scanner never lists the agent's own namespace.
         """
-        wanted = {
-            w.uid: [str(a) for a in w.addresses]
-            for w in self._store.workloads_on_node(self.node_name)
-        }
+        wanted = {w.uid: [str(a) for a in w.addresses] for w in self._local_workloads()}
         try:
             candidates = await asyncio.to_thread(self._scanner.unowned, wanted)
         except Exception as exc:
@@ -556,9 +553,14 @@ class NodeManager:
             self.synced = True
             self._notify()
 
+    def _local_workloads(self) -> list[Workload]:
+        """The workloads on this node the agent serves. One with a native tunnel (a
+        waypoint) terminates HBONE itself on its 15008: not captured, no listeners."""
+        return [w for w in self._store.workloads_on_node(self.node_name) if not w.native_tunnel]
+
     def _sync_placement(self) -> None:
         now = self._clock()
-        local = {w.uid: w for w in self._store.workloads_on_node(self.node_name)}
+        local = {w.uid: w for w in self._local_workloads()}
         for uid, workload in local.items():
             self._workloads[uid] = workload
             self._labels[uid] = workload.label

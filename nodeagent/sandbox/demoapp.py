@@ -148,6 +148,7 @@ def http_answer(identity: dict[str, str], conn: Connection) -> bool:
                 "client_port": conn.peer[1],
                 "method": method,
                 "path": path,
+                "host": headers.get("host", ""),
             }
         ).encode()
         option = headers.get("connection", "").lower()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import nodeagent
-from nodeagent.model.constants import READINESS_PORT
+from nodeagent.model.constants import METRICS_PORT, READINESS_PORT
 from nodeagent.sandbox import mesh as mesh_mod
 from nodeagent.sandbox import processes
 from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
@@ -44,6 +44,7 @@ from nodeagent.sandbox.netns import NetnsAdapter, NetnsError, list_netns, netns_
 from nodeagent.sandbox.plan import (
     ECHO_PORT,
     HTTP_PORT,
+    WAYPOINT_NAME,
     NamespacePlan,
     PlanError,
     SandboxPlan,
@@ -188,7 +189,12 @@ class SandboxManager:
         if state is None:
             known = ", ".join(self.names()) or "none"
             raise SandboxError(f"unknown sandbox {name!r} (existing: {known})")
-        return state, build_plan(state.name, state.nodes, state.pods_per_node)
+        return state, build_plan(
+            state.name,
+            state.nodes,
+            state.pods_per_node,
+            waypoint=bool(state.extra.get(WAYPOINT_NAME)),
+        )
 
     def admin_socket(self, name: str, node: str) -> str:
         """The admin socket of `node`'s agent, or SandboxError naming what does not exist."""
@@ -243,6 +249,17 @@ class SandboxManager:
                 for p in plan.pods
             ],
             "agents": [proc_view(r) for r in state.processes if r.kind == "agent"],
+            "waypoint": (
+                {
+                    "name": plan.waypoint.name,
+                    "namespace": plan.waypoint.namespace,
+                    "ip": plan.waypoint.ip,
+                    "node": plan.waypoint.node,
+                    **(proc_view(r) if (r := state.process(WAYPOINT_NAME)) else {}),
+                }
+                if plan.waypoint is not None
+                else None
+            ),
             "controlplane": self._controlplane_view(state, proc_view),
         }
 
@@ -295,6 +312,7 @@ class SandboxManager:
         *,
         controlplane: bool = True,
         agents: bool = True,
+        waypoint: bool = False,
     ) -> SandboxPlan:
         """Build the sandbox; on failure remove what was made and raise SandboxError.
 
@@ -302,7 +320,7 @@ class SandboxManager:
         tests of the network alone); `agents=False` skips only the agents.
         """
         try:
-            plan = build_plan(name, nodes, pods_per_node)
+            plan = build_plan(name, nodes, pods_per_node, waypoint=waypoint)
         except PlanError as exc:
             raise SandboxError(str(exc)) from None
         preflight()
@@ -314,7 +332,11 @@ class SandboxManager:
         all_netns = tuple(ns.name for ns in plan.namespaces)
         # Intent first: `down` removes these even if we die in the next line.
         state = SandboxState(
-            name=name, nodes=nodes, pods_per_node=pods_per_node, namespaces=all_netns
+            name=name,
+            nodes=nodes,
+            pods_per_node=pods_per_node,
+            namespaces=all_netns,
+            extra={WAYPOINT_NAME: True} if waypoint else {},
         )
         if not self.store.claim(state):
             raise in_use
@@ -340,6 +362,8 @@ class SandboxManager:
         if agents:
             # Agents retry the control plane with backoff, so they start with it.
             specs.extend(self._agent_specs(plan, app_env))
+            if plan.waypoint is not None:
+                specs.append(self._waypoint_spec(plan, app_env))
         # Processes start now, while the network is configured: apps bind 0.0.0.0
         # and need no interface, and their start-up (the bulk of `up`) then
         # overlaps the netlink work on the other core.
@@ -467,34 +491,69 @@ class SandboxManager:
             )
         return specs
 
+    def _waypoint_spec(self, plan: SandboxPlan, env: dict[str, str]) -> ProcessSpec:
+        """`nodeagent waypoint` in its pod's namespace, with the token of its node (the
+        CA signs the identities of the node's workloads, the waypoint's among them)."""
+        wp = plan.waypoint
+        assert wp is not None
+        return ProcessSpec(
+            kind=WAYPOINT_NAME,
+            name=WAYPOINT_NAME,
+            netns=wp.netns,
+            argv=(
+                self.python,
+                "-m",
+                "nodeagent.cli.main",
+                "waypoint",
+                f"--name={wp.name}",
+                f"--namespace={wp.namespace}",
+                f"--metrics-address=0.0.0.0:{METRICS_PORT}",
+            ),
+            env={
+                **env,
+                "NODE_NAME": wp.node,
+                "CLUSTER_ID": plan.name,
+                "XDS_ADDRESS": f"http://{plan.underlay_ip}:{CONTROLPLANE_PORT}",
+                "AUTH_TOKEN": str(self.store.token_path(plan.name, wp.node)),
+                "KUBE_API": "off",
+            },
+        )
+
     def await_agents(self, name: str, timeout: float = AGENT_READY_TIMEOUT) -> None:
         """Wait until every agent answers ready on :15021 inside its node namespace
-        (config received from the control plane, every pod captured or failed)."""
+        (config received from the control plane, every pod captured or failed), and
+        the waypoint, if there is one, on its :15020 (config received)."""
         state, plan = self.load(name)
         deadline = time.monotonic() + timeout
-        for node in plan.nodes:
-            record = state.process(f"{AGENT_KIND}-{node.name}")
+        waiting = [
+            (f"the agent of {node.name}", f"{AGENT_KIND}-{node.name}", node.netns, READINESS_PORT)
+            for node in plan.nodes
+        ]
+        if plan.waypoint is not None:
+            wp = plan.waypoint
+            waiting.append((f"waypoint {wp.name}", WAYPOINT_NAME, wp.netns, METRICS_PORT))
+        for what, process, netns, port in waiting:
+            record = state.process(process)
             if record is None or record.pid is None:
-                raise SandboxError(f"sandbox {name}: the agent of {node.name} was not started")
+                raise SandboxError(f"sandbox {name}: {what} was not started")
             proc = ProcessId(record.pid, record.start_time)
-            while not self._agent_ready(node.netns):
+            while not self._answers_ready(netns, port):
                 if not processes.is_running(proc):
                     raise SandboxError(
-                        f"the agent of {node.name} exited: "
-                        f"{_last_line(record.log) or 'no output'} (log {record.log})"
+                        f"{what} exited: {_last_line(record.log) or 'no output'} (log {record.log})"
                     )
                 if time.monotonic() > deadline:
                     raise SandboxError(
-                        f"the agent of {node.name} was not ready within {timeout:.0f}s: "
+                        f"{what} was not ready within {timeout:.0f}s: "
                         f"{_last_line(record.log) or 'no output'} (log {record.log})"
                     )
                 time.sleep(0.1)
 
-    def _agent_ready(self, netns: str) -> bool:
+    def _answers_ready(self, netns: str, port: int) -> bool:
         sock = self.adapter.socket(netns)
         try:
             sock.settimeout(1.0)
-            sock.connect(("127.0.0.1", READINESS_PORT))
+            sock.connect(("127.0.0.1", port))
             sock.sendall(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             return sock.recv(64).startswith(b"HTTP/1.1 200")
         except OSError:

@@ -59,6 +59,11 @@ TRUST_DOMAIN = "cluster.local"
 CONTROLPLANE_PORT = CONTROLPLANE_XDS_PORT
 BACKEND_VIP = "10.96.0.10"
 ECHO_VIP = "10.96.0.11"
+WAYPOINT_VIP = "10.96.0.20"
+# Istio's labels: a waypoint's pods name their Gateway; a namespace names its waypoint.
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+USE_WAYPOINT_LABEL = "istio.io/use-waypoint"
+WAYPOINT_HBONE_PORT = 15008
 
 # Top-level sections of the mesh file a user may apply, and how a resource is keyed.
 APPLY_SECTIONS = (
@@ -126,7 +131,7 @@ def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
     missing = [n.name for n in plan.nodes if not tokens.get(n.name)]
     if missing:
         raise ValueError(f"no token for node(s) {', '.join(missing)}")
-    return {
+    mesh: dict[str, Any] = {
         "meshConfig": {"trustDomain": TRUST_DOMAIN},
         "nodes": node_entries(plan, tokens),
         "workloads": [workload_entry(p, plan.name) for p in plan.pods],
@@ -148,6 +153,27 @@ def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
         ],
         "authorizationPolicies": [],
     }
+    if plan.waypoint is not None:
+        add_waypoint(mesh, plan.waypoint)
+    return mesh
+
+
+def add_waypoint(mesh: dict[str, Any], pod: PodPlan) -> None:
+    """A waypoint for the pod's namespace as Istio lays one out: its pod labelled with
+    the Gateway's name, a service with the HBONE port, the namespace labelled to use it."""
+    workload = workload_entry(pod, "")
+    workload["labels"] = {GATEWAY_NAME_LABEL: pod.name}
+    mesh["workloads"].append(workload)
+    mesh["services"].append(
+        {
+            "name": pod.name,
+            "namespace": pod.namespace,
+            "vip": WAYPOINT_VIP,
+            "ports": [{"port": WAYPOINT_HBONE_PORT, "targetPort": WAYPOINT_HBONE_PORT}],
+            "selector": {GATEWAY_NAME_LABEL: pod.name},
+        }
+    )
+    mesh["namespaces"] = [{"name": pod.namespace, "labels": {USE_WAYPOINT_LABEL: pod.name}}]
 
 
 def dump_mesh(mesh: Mapping[str, Any]) -> str:

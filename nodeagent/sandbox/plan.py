@@ -46,6 +46,11 @@ UPLINK = "eth0"
 HTTP_PORT = 8080
 ECHO_PORT = 9000
 
+# `up --waypoint`: one waypoint pod for POD_NAMESPACE on node1 (not captured: it
+# terminates HBONE itself), at a fixed address above the demo pods' range.
+WAYPOINT_NAME = "waypoint"
+WAYPOINT_POD_INDEX = 240
+
 _NAME_RE = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
 
 Role = Literal["underlay", "node", "pod"]
@@ -67,7 +72,7 @@ def validate_name(name: str) -> str:
 
 def netns_pattern(name: str) -> re.Pattern[str]:
     """The exact names of namespaces sandbox `name` can make (for sweeping)."""
-    return re.compile(rf"^{re.escape(name)}-(underlay|node[0-9]+(-pod[0-9]+)?)$")
+    return re.compile(rf"^{re.escape(name)}-(underlay|node[0-9]+(-pod[0-9]+|-waypoint)?)$")
 
 
 def underlay_netns(name: str) -> str:
@@ -190,6 +195,7 @@ class SandboxPlan:
     nodes: tuple[NodePlan, ...]
     pods: tuple[PodPlan, ...]
     namespaces: tuple[NamespacePlan, ...] = field(repr=False)
+    waypoint: PodPlan | None = None  # the demo namespace's waypoint pod (`up --waypoint`)
 
     def pod(self, name: str) -> PodPlan | None:
         return next((p for p in self.pods if p.name == name or p.netns == name), None)
@@ -208,7 +214,7 @@ def _check_count(what: str, value: int, limit: int) -> None:
         raise PlanError(f"{what} must be between 1 and {limit}, got {value}")
 
 
-def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
+def build_plan(name: str, nodes: int, pods_per_node: int, *, waypoint: bool = False) -> SandboxPlan:
     """The whole topology of sandbox `name` with `nodes` x `pods_per_node` pods."""
     validate_name(name)
     _check_count("--nodes", nodes, MAX_NODES)
@@ -242,6 +248,22 @@ def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
         )
         for (n, j), app, version in zip(slots, apps, alternate_versions(apps), strict=True)
     )
+    first = node_plans[0]
+    waypoint_pod = (
+        PodPlan(
+            name=WAYPOINT_NAME,
+            namespace=POD_NAMESPACE,
+            service_account=WAYPOINT_NAME,
+            node=first.name,
+            ip=pod_ip(first.index, WAYPOINT_POD_INDEX),
+            netns=f"{first.netns}-{WAYPOINT_NAME}",
+            index=WAYPOINT_POD_INDEX,
+            app=WAYPOINT_NAME,
+            version="v1",
+        )
+        if waypoint
+        else None
+    )
 
     namespaces: list[NamespacePlan] = [
         NamespacePlan(
@@ -262,8 +284,10 @@ def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
             routes=tuple(Route(dst=n.pod_cidr, gateway=n.ip) for n in node_plans),
         )
     ]
+    # The waypoint pod is wired like any pod of its node.
+    wired = (*pod_plans, *((waypoint_pod,) if waypoint_pod is not None else ()))
     for n in node_plans:
-        mine = [p for p in pod_plans if p.node == n.name]
+        mine = [p for p in wired if p.node == n.name]
         namespaces.append(
             NamespacePlan(
                 name=n.netns,
@@ -295,7 +319,7 @@ def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
             )
         )
     for n in node_plans:
-        for p in (p for p in pod_plans if p.node == n.name):
+        for p in (p for p in wired if p.node == n.name):
             namespaces.append(
                 NamespacePlan(
                     name=p.netns,
@@ -318,4 +342,5 @@ def build_plan(name: str, nodes: int, pods_per_node: int) -> SandboxPlan:
         nodes=node_plans,
         pods=pod_plans,
         namespaces=tuple(namespaces),
+        waypoint=waypoint_pod,
     )

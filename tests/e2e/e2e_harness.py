@@ -96,14 +96,16 @@ class Mesh:
 
 
 @contextmanager
-def sandbox(tmp: Path, backend: str, **env: str) -> Iterator[Mesh]:
-    """A 2x2 sandbox with the control plane and an agent per node, removed on exit."""
+def sandbox(tmp: Path, backend: str, *, waypoint: bool = False, **env: str) -> Iterator[Mesh]:
+    """A 2x2 sandbox with the control plane and an agent per node (and the demo
+    namespace's waypoint pod with `waypoint`), removed on exit."""
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root and the real kernel")
     name = f"m{uuid.uuid4().hex[:7]}"
     try:
         up = _cli(
             "sandbox", "up", "--name", name, "--nodes", "2", "--pods-per-node", "2",
+            *(["--waypoint"] if waypoint else []),
             env={"LOG_LEVEL": "debug", "REDIRECT_BACKEND": backend, **env},
         )  # fmt: skip
         assert up.returncode == 0, up.stderr

@@ -46,6 +46,7 @@ def test_answer_names_the_pod_and_the_caller() -> None:
         "client_port": 40000,
         "method": "GET",
         "path": "/hi",
+        "host": "x",
     }
 
 
