@@ -57,6 +57,7 @@ CONNECTION_WINDOW = 1 << 24
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST_SIZE = 1 << 16
 MAX_STREAM_ID = 2**31 - 1
+IDLE_TIMEOUT = 3600.0  # an upstream connection without streams closes then (Envoy's default)
 
 # Connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2); `host` is carried by
 # :authority (and h2 refuses a host that disagrees with a rewritten authority).
@@ -254,14 +255,25 @@ class _UpstreamStream:
 class _UpstreamConnection:
     """An h2 client connection to one endpoint, multiplexing requests of all sessions."""
 
-    def __init__(self, stream: ByteStream, max_stream_id: int) -> None:
+    def __init__(self, stream: ByteStream, max_stream_id: int, idle_timeout: float) -> None:
         self.wire = _Wire(stream, _new_connection(client=True))
         self.streams: dict[int, asyncio.Queue[_Item]] = {}
         self.goaway = False
         self._max_stream_id = max_stream_id
+        self._idle_timeout = idle_timeout
+        self._idle: asyncio.TimerHandle | None = None
         self._slot = asyncio.Event()
         self.wire.flush()
         self.reader = asyncio.get_running_loop().create_task(self._read())
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        # An endpoint that left the mesh must not keep its connection forever.
+        self._idle = asyncio.get_running_loop().call_later(self._idle_timeout, self._idle_close)
+
+    def _idle_close(self) -> None:
+        if not self.streams:
+            self.shutdown()
 
     @property
     def usable(self) -> bool:
@@ -281,6 +293,9 @@ class _UpstreamConnection:
             raise ConnectionError("upstream connection closing")
         sid = conn.get_next_available_stream_id()
         conn.send_headers(sid, headers, end_stream=end_stream)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         up = _UpstreamStream(self, sid, end_stream)
         self.streams[sid] = up.events
         self.wire.flush_soon()
@@ -295,12 +310,24 @@ class _UpstreamConnection:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
                     self.wire.ack(sid, item.flow_controlled_length)
         self._free_slot()
-        if not self.streams and not self.usable:
-            self.close()
+        if not self.streams:
+            if self.usable:
+                self._arm_idle()
+            else:
+                self.shutdown()
 
     def _free_slot(self) -> None:
         self._slot.set()
         self._slot = asyncio.Event()
+
+    def shutdown(self) -> None:
+        """Close gracefully: GOAWAY, then our end of the stream; the reader sees the peer's."""
+        if not self.wire.closed:
+            self.wire.conn.close_connection()
+            self.wire.flush()
+            with contextlib.suppress(Exception):
+                self.wire.stream.write_eof()
+        self.goaway = True
 
     def close(self) -> None:
         if not self.reader.done():
@@ -333,6 +360,8 @@ class _UpstreamConnection:
             events.put_nowait(None)
         self.streams.clear()
         self._free_slot()
+        if self._idle is not None:
+            self._idle.cancel()
         with contextlib.suppress(Exception):
             self.wire.stream.abort()
 
@@ -345,7 +374,7 @@ class _UpstreamConnection:
                 self.streams.pop(sid).put_nowait(None)
             self._free_slot()
             if not self.streams:
-                self.close()
+                self.shutdown()
             return
         if isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self.wire.window_opened()
@@ -366,8 +395,11 @@ class Http2Upstreams:
     concurrent requests of every downstream session, replaced when it dies, gets a
     GOAWAY or runs out of stream ids. `aclose` when the waypoint stops."""
 
-    def __init__(self, *, max_stream_id: int = MAX_STREAM_ID) -> None:
+    def __init__(
+        self, *, max_stream_id: int = MAX_STREAM_ID, idle_timeout: float = IDLE_TIMEOUT
+    ) -> None:
         self._max_stream_id = max_stream_id
+        self._idle_timeout = idle_timeout
         self._connections: dict[Hashable, _UpstreamConnection] = {}
         self._opening: dict[Hashable, asyncio.Task[_UpstreamConnection]] = {}
         self._retired: set[_UpstreamConnection] = set()
@@ -411,7 +443,7 @@ class Http2Upstreams:
 
     async def _open(self, dispatcher: Dispatcher, endpoint: Endpoint) -> _UpstreamConnection:
         stream = await dispatcher.open(endpoint, HTTP2)
-        connection = _UpstreamConnection(stream, self._max_stream_id)
+        connection = _UpstreamConnection(stream, self._max_stream_id, self._idle_timeout)
         old = self._connections.get(endpoint.key)
         if old is not None:
             # It finishes its streams, then closes (release/close).

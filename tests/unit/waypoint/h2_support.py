@@ -55,12 +55,33 @@ class SocketStream:
         self.writer.transport.abort()
 
 
+class CountingStream(SocketStream):
+    """Counts the bytes read, under `name` in `tally` (to see backpressure upstream)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tally: dict[str, int],
+        name: str,
+    ) -> None:
+        super().__init__(reader, writer)
+        self.tally = tally
+        self.name = name
+
+    async def read(self) -> bytes:
+        data = await super().read()
+        self.tally[self.name] = self.tally.get(self.name, 0) + len(data)
+        return data
+
+
 @dataclass
 class FakeDispatcher:
     """Routes by the `x-user` header to the upstream of that name (default "v1"); paths
     under /local/ get a LocalReply. Records every request."""
 
     upstreams: dict[str, int]  # name -> port on 127.0.0.1
+    received: dict[str, int] = field(default_factory=dict)  # name -> bytes read from upstream
     response_headers: HeaderOps = field(default_factory=HeaderOps)
     records: list[RequestRecord] = field(default_factory=list)
     opened: list[str] = field(default_factory=list)
@@ -90,7 +111,7 @@ class FakeDispatcher:
             raise UpstreamError(
                 LocalReply(503, body=b"upstream connect error", flags="UF"), str(exc)
             ) from exc
-        return SocketStream(reader, writer)
+        return CountingStream(reader, writer, self.received, str(endpoint.key))
 
     def record(self, record: RequestRecord) -> None:
         self.records.append(record)
@@ -143,7 +164,7 @@ def _identity(data: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def grpc_server(name: str) -> Iterator[int]:
+def grpc_server(name: str, *options: tuple[str, int]) -> Iterator[int]:
     """A grpcio server on 127.0.0.1 (an independent HTTP/2 implementation): its port."""
 
     def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -169,7 +190,9 @@ def grpc_server(name: str) -> Iterator[int]:
             fail, request_deserializer=_identity, response_serializer=_identity
         ),
     }
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_LIMITS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8), options=[*GRPC_LIMITS, *options]
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -274,3 +274,113 @@ async def test_client_reset_propagates_and_session_survives() -> None:
     assert trailers[b"grpc-status"] == b"0"
     first = next(r for r in dispatcher.records if r.request_bytes < 20 and r.status != 200)
     assert first.flags == "DR"
+
+
+async def test_backpressure_slow_client_holds_upstream() -> None:
+    """A client that grants no window: the codec stops acknowledging upstream DATA, so the
+    upstream's sending stalls at about one stream window; then all of it arrives intact."""
+    body = os.urandom(6 << 20)
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            conn = _raw_client()  # 64 KiB windows, acknowledged only later
+            head = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "x"),
+                (":path", ECHO),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ]
+            conn.send_headers(1, head)
+            writer.write(conn.data_to_send())
+            message = memoryview(grpc_frame(body))
+            got = bytearray()
+            trailers: dict[bytes, bytes] = {}
+            reading = False
+
+            async def pump_in() -> None:
+                nonlocal message
+                while message:
+                    n = min(len(message), conn.local_flow_control_window(1), 16384)
+                    if n:
+                        conn.send_data(1, message[:n], end_stream=n == len(message))
+                        message = message[n:]
+                        writer.write(conn.data_to_send())
+                        await writer.drain()
+                    else:
+                        await asyncio.sleep(0.001)
+
+            async def read_out() -> None:
+                nonlocal trailers
+                while not trailers:
+                    data = await asyncio.wait_for(reader.read(65536), 30)
+                    assert data
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            got.extend(event.data)
+                            if reading:
+                                conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                        elif isinstance(event, h2.events.TrailersReceived):
+                            trailers = dict(event.headers)
+                    writer.write(conn.data_to_send())
+
+            reader_task = asyncio.create_task(read_out())
+            await pump_in()
+            # Wait for the upstream to start answering, then see it held back.
+            for _ in range(200):
+                if len(got) >= 65535 - 9:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            held = dispatcher.received["v1"]
+            assert len(got) <= 65535
+            assert held < len(body) // 2, held  # about one 1 MiB stream window, not 6 MiB
+            reading = True
+            # Acknowledge what is already in; the rest then flows.
+            conn.acknowledge_received_data(len(got), 1)
+            writer.write(conn.data_to_send())
+            await reader_task
+            writer.close()
+    assert bytes(got) == grpc_frame(b"v1|" + body)
+    assert trailers[b"grpc-status"] == b"0"
+
+
+async def test_upstream_goaway_and_idle_connections_are_replaced() -> None:
+    # grpcio sends GOAWAY once a connection is older than max_connection_age.
+    age = ("grpc.max_connection_age_ms", 300)
+    with (
+        grpc_server("v1", age, ("grpc.max_connection_age_grace_ms", 100)) as p1,
+        grpc_server("v2") as p2,
+    ):
+        dispatcher = FakeDispatcher({"v1": p1, "v2": p2})
+        async with waypoint(dispatcher, Http2Upstreams(idle_timeout=0.3)) as (wp, pool):
+            for user in ("v1", "v2"):
+                reply, _ = await asyncio.to_thread(grpc_call, wp, ECHO, b"a", (("x-user", user),))
+                assert reply == f"{user}|a".encode()
+            await asyncio.sleep(0.8)
+            assert pool.connection_count() == 0  # v1: GOAWAY; v2: idle
+            for user in ("v1", "v2"):
+                reply, _ = await asyncio.to_thread(grpc_call, wp, ECHO, b"b", (("x-user", user),))
+                assert reply == f"{user}|b".encode()
+    assert sorted(dispatcher.opened) == ["v1", "v1", "v2", "v2"]
+
+
+async def test_upstream_closing_before_response_is_503_uc() -> None:
+    async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # took the connection, then drops it
+        writer.close()
+
+    server = await asyncio.start_server(slam, "127.0.0.1", 0)
+    dispatcher = FakeDispatcher({"v1": server.sockets[0].getsockname()[1]})
+    try:
+        async with waypoint(dispatcher) as (wp, _):
+            result = await curl(f"http://127.0.0.1:{wp}/x")
+            again = await curl(f"http://127.0.0.1:{wp}/y")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert result.head.startswith("HTTP/2 503") and again.head.startswith("HTTP/2 503")
+    assert {r.flags for r in dispatcher.records} <= {"UC", "UF"}
+    assert dispatcher.records[0].flags == "UC"
