@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+from h2.errors import ErrorCodes
 
 from nodeagent.waypoint.exchange import (
     ByteStream,
@@ -233,9 +239,6 @@ class CurlResult:
 
 async def curl(url: str, *args: str, data: bytes | None = None) -> CurlResult:
     """/usr/bin/curl --http2-prior-knowledge (an independent HTTP/2 client)."""
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory() as tmp:
         heads = Path(tmp) / "head"
         body = Path(tmp) / "body"
@@ -253,3 +256,33 @@ async def curl(url: str, *args: str, data: bytes | None = None) -> CurlResult:
             heads.read_text() if heads.exists() else "",
             body.read_bytes() if body.exists() else b"",
         )
+
+
+@contextlib.asynccontextmanager
+async def resetting_upstream() -> AsyncIterator[int]:
+    """An h2 server that resets every stream with ENHANCE_YOUR_CALM: at once for a path
+    under /before, after a 200 head and some DATA otherwise. Yields its port."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    sid = event.stream_id
+                    if dict(event.headers)[b":path"].startswith(b"/before"):
+                        conn.reset_stream(sid, ErrorCodes.ENHANCE_YOUR_CALM)
+                    else:
+                        conn.send_headers(sid, [(":status", "200")])
+                        conn.send_data(sid, b"partial")
+                        conn.reset_stream(sid, ErrorCodes.ENHANCE_YOUR_CALM)
+            writer.write(conn.data_to_send())
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()

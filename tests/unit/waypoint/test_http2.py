@@ -25,11 +25,21 @@ from .h2_support import (
     grpc_call,
     grpc_frame,
     grpc_server,
+    resetting_upstream,
     unary,
     waypoint,
 )
 
 GRPC_HEADERS = ("-H", "content-type: application/grpc", "-H", "te: trailers")
+# The head of a gRPC call to ECHO, for raw h2 clients.
+ECHO_REQUEST = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":authority", "x"),
+    (":path", ECHO),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+]
 
 
 def test_request_head_from_pseudo_headers() -> None:
@@ -240,21 +250,13 @@ async def test_client_reset_propagates_and_session_survives() -> None:
         async with waypoint(dispatcher) as (wp, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", wp)
             conn = _raw_client()
-            head = [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", "x"),
-                (":path", ECHO),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ]
-            conn.send_headers(1, head)
+            conn.send_headers(1, ECHO_REQUEST)
             conn.send_data(1, b"\x00\x00\x00\x00\x10partial")
             writer.write(conn.data_to_send())
             await asyncio.sleep(0.2)
             conn.reset_stream(1)
             # The next stream on the same connection still works.
-            conn.send_headers(3, head)
+            conn.send_headers(3, ECHO_REQUEST)
             conn.send_data(3, grpc_frame(b"again"), end_stream=True)
             writer.write(conn.data_to_send())
             body = b""
@@ -285,15 +287,7 @@ async def test_backpressure_slow_client_holds_upstream() -> None:
         async with waypoint(dispatcher) as (wp, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", wp)
             conn = _raw_client()  # 64 KiB windows, acknowledged only later
-            head = [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", "x"),
-                (":path", ECHO),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ]
-            conn.send_headers(1, head)
+            conn.send_headers(1, ECHO_REQUEST)
             writer.write(conn.data_to_send())
             message = memoryview(grpc_frame(body))
             got = bytearray()
@@ -384,3 +378,34 @@ async def test_upstream_closing_before_response_is_503_uc() -> None:
     assert result.head.startswith("HTTP/2 503") and again.head.startswith("HTTP/2 503")
     assert {r.flags for r in dispatcher.records} <= {"UC", "UF"}
     assert dispatcher.records[0].flags == "UC"
+
+
+async def test_upstream_reset_is_503_ur_before_head_and_rst_stream_after() -> None:
+    async with resetting_upstream() as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            conn = _raw_client()
+            get = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
+            conn.send_headers(1, [*get, (":path", "/before")], end_stream=True)
+            conn.send_headers(3, [*get, (":path", "/after")], end_stream=True)
+            writer.write(conn.data_to_send())
+            statuses: dict[int, bytes] = {}
+            resets: dict[int, int] = {}
+            ended: set[int] = set()
+            while len(resets) + len(ended) < 2:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = dict(event.headers)[b":status"]
+                    elif isinstance(event, h2.events.StreamReset):
+                        resets[event.stream_id] = event.error_code
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+            writer.close()
+    assert statuses == {1: b"503", 3: b"200"}
+    assert ended == {1}
+    assert resets == {3: ErrorCodes.ENHANCE_YOUR_CALM}  # the upstream's code, passed on
+    flags = {r.head.path: (r.status, r.flags) for r in dispatcher.records}
+    assert flags == {"/before": (503, "UR"), "/after": (200, "UR")}
