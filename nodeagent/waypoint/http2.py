@@ -53,7 +53,12 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # round trip; 1 MiB lets a few MiB body flow at loopback speed. What we buffer
 # is bounded by these (data is acknowledged only once forwarded).
 STREAM_WINDOW = 1 << 20
-CONNECTION_WINDOW = 1 << 24
+# A client's connection window bounds what one client makes us hold. An upstream
+# connection is shared by many clients: a finite connection window there would let
+# a few slow clients (each holding a stream window of unforwarded data) stall
+# everyone's responses, so only the stream windows bound it (as Envoy's defaults do).
+DOWNSTREAM_CONNECTION_WINDOW = 1 << 24
+UPSTREAM_CONNECTION_WINDOW = 2**31 - 1
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST_SIZE = 1 << 16
 MAX_STREAM_ID = 2**31 - 1
@@ -143,7 +148,8 @@ def _new_connection(client: bool) -> h2.connection.H2Connection:
     )
     conn.local_settings = _settings(client)
     conn.initiate_connection()
-    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+    window = UPSTREAM_CONNECTION_WINDOW if client else DOWNSTREAM_CONNECTION_WINDOW
+    conn.increment_flow_control_window(window - 65535)
     return conn
 
 

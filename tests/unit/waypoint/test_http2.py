@@ -331,6 +331,12 @@ async def test_backpressure_slow_client_holds_upstream() -> None:
             held = dispatcher.received["v1"]
             assert len(got) <= 65535
             assert held < len(body) // 2, held  # about one 1 MiB stream window, not 6 MiB
+            # The stalled client holds only its stream: another client, on the same
+            # upstream connection, is answered meanwhile.
+            other = os.urandom(3 << 20)
+            reply, _ = await asyncio.to_thread(grpc_call, wp, ECHO, other)
+            assert reply == b"v1|" + other
+            assert dispatcher.opened == ["v1"]
             reading = True
             # Acknowledge what is already in; the rest then flows.
             conn.acknowledge_received_data(len(got), 1)
