@@ -259,24 +259,41 @@ async def curl(url: str, *args: str, data: bytes | None = None) -> CurlResult:
 
 
 @contextlib.asynccontextmanager
-async def resetting_upstream() -> AsyncIterator[int]:
-    """An h2 server that resets every stream with ENHANCE_YOUR_CALM: at once for a path
-    under /before, after a 200 head and some DATA otherwise. Yields its port."""
+async def scripted_upstream() -> AsyncIterator[int]:
+    """A small h2 server (h2's own server side) for what grpcio will not do on cue. By path:
+    /before: RST_STREAM ENHANCE_YOUR_CALM at once; /after: a 200 head, some DATA, then that
+    reset; anything else: 200 with the request body echoed and the request's trailers
+    returned as the response's (x-echo: yes when it had none). Yields its port."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         conn.initiate_connection()
         writer.write(conn.data_to_send())
+        bodies: dict[int, bytearray] = {}
+        trailers: dict[int, list[tuple[bytes, bytes]]] = {}
         while data := await reader.read(65536):
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
                     sid = event.stream_id
-                    if dict(event.headers)[b":path"].startswith(b"/before"):
+                    path = dict(event.headers)[b":path"]
+                    if path.startswith(b"/before"):
                         conn.reset_stream(sid, ErrorCodes.ENHANCE_YOUR_CALM)
-                    else:
+                    elif path.startswith(b"/after"):
                         conn.send_headers(sid, [(":status", "200")])
                         conn.send_data(sid, b"partial")
                         conn.reset_stream(sid, ErrorCodes.ENHANCE_YOUR_CALM)
+                    else:
+                        bodies[sid] = bytearray()
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id in bodies:
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailers[event.stream_id] = list(event.headers)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id in bodies:
+                    sid = event.stream_id  # small bodies: within the default windows
+                    conn.send_headers(sid, [(":status", "200")])
+                    conn.send_data(sid, bytes(bodies.pop(sid)))
+                    conn.send_headers(sid, trailers.pop(sid, [(b"x-echo", b"yes")]), True)
             writer.write(conn.data_to_send())
         writer.close()
 

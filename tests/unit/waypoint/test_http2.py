@@ -4,6 +4,7 @@ upstream (independent HTTP/2 implementations on both sides of serve_http2)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import grpc
@@ -25,7 +26,7 @@ from .h2_support import (
     grpc_call,
     grpc_frame,
     grpc_server,
-    resetting_upstream,
+    scripted_upstream,
     unary,
     waypoint,
 )
@@ -387,7 +388,7 @@ async def test_upstream_closing_before_response_is_503_uc() -> None:
 
 
 async def test_upstream_reset_is_503_ur_before_head_and_rst_stream_after() -> None:
-    async with resetting_upstream() as port:
+    async with scripted_upstream() as port:
         dispatcher = FakeDispatcher({"v1": port})
         async with waypoint(dispatcher) as (wp, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", wp)
@@ -415,3 +416,67 @@ async def test_upstream_reset_is_503_ur_before_head_and_rst_stream_after() -> No
     assert resets == {3: ErrorCodes.ENHANCE_YOUR_CALM}  # the upstream's code, passed on
     flags = {r.head.path: (r.status, r.flags) for r in dispatcher.records}
     assert flags == {"/before": (503, "UR"), "/after": (200, "UR")}
+
+
+async def test_request_trailers_reach_the_upstream() -> None:
+    async with scripted_upstream() as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            conn = _raw_client()
+            post = [(":method", "POST"), (":scheme", "http"), (":authority", "x")]
+            conn.send_headers(1, [*post, (":path", "/echo"), ("te", "trailers")])
+            conn.send_data(1, b"body bytes")
+            conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)
+            writer.write(conn.data_to_send())
+            body = b""
+            trailers: dict[bytes, bytes] = {}
+            while not trailers:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = dict(event.headers)
+            writer.close()
+    assert body == b"body bytes"
+    assert trailers == {b"x-checksum": b"abc"}
+    [record] = dispatcher.records
+    assert (record.status, record.flags, record.request_bytes, record.response_bytes) == (
+        200,
+        "",
+        10,
+        10,
+    )
+
+
+async def test_burst_of_malformed_connections_between_good_requests() -> None:
+    bad_inputs = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not HTTP/2 at all
+        PREFACE + b"\xff" * 64,  # frame header of a huge frame
+        PREFACE + b"\x00\x00\x08\x06\x00\x00\x00\x00\x01",  # PING on stream 1
+        PREFACE + b"\x00\x00\x05\x01\x05\x00\x00\x00\x02hello",  # even stream id
+        PREFACE + b"\x00\x00",  # truncated, then the client leaves
+        PREFACE,  # no SETTINGS: leaves at once
+    ]
+
+    async def bad(payload: bytes) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+        writer.write(payload)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            for round_ in range(3):
+                results = await asyncio.gather(
+                    *(bad(p) for p in bad_inputs),
+                    asyncio.to_thread(grpc_call, wp, ECHO, b"good %d" % round_),
+                    *(bad(p) for p in bad_inputs),
+                )
+                assert results[len(bad_inputs)][0] == b"v1|good %d" % round_
+    assert [r.status for r in dispatcher.records] == [200, 200, 200]
