@@ -303,3 +303,51 @@ async def scripted_upstream() -> AsyncIterator[int]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@dataclass
+class Seen:
+    """What a raw h2 client received, per stream id."""
+
+    status: dict[int, bytes] = field(default_factory=dict)
+    body: dict[int, bytearray] = field(default_factory=dict)
+    trailers: dict[int, dict[bytes, bytes]] = field(default_factory=dict)
+    resets: dict[int, int] = field(default_factory=dict)
+    ended: set[int] = field(default_factory=set)
+    goaway: list[int] = field(default_factory=list)  # error codes
+
+    def add(self, event: h2.events.Event) -> None:
+        sid = getattr(event, "stream_id", 0)
+        if isinstance(event, h2.events.ResponseReceived):
+            self.status[sid] = dict(event.headers or [])[b":status"]
+        elif isinstance(event, h2.events.DataReceived):
+            self.body.setdefault(sid, bytearray()).extend(event.data or b"")
+        elif isinstance(event, h2.events.TrailersReceived):
+            self.trailers[sid] = dict(event.headers or [])
+        elif isinstance(event, h2.events.StreamReset):
+            self.resets[sid] = event.error_code or 0
+        elif isinstance(event, h2.events.StreamEnded):
+            self.ended.add(sid)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway.append(event.error_code or 0)
+
+
+async def receive(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: h2.connection.H2Connection,
+    done: Callable[[Seen], bool],
+    seen: Seen | None = None,
+) -> Seen:
+    """Read with a raw h2 client (acknowledging DATA) until `done` holds or the peer leaves."""
+    seen = seen or Seen()
+    while not done(seen):
+        data = await asyncio.wait_for(reader.read(65536), 10)
+        if not data:
+            break
+        for event in conn.receive_data(data):
+            seen.add(event)
+            if isinstance(event, h2.events.DataReceived) and event.stream_id:
+                conn.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+        writer.write(conn.data_to_send())
+    return seen

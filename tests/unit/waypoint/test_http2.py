@@ -26,6 +26,7 @@ from .h2_support import (
     grpc_call,
     grpc_frame,
     grpc_server,
+    receive,
     scripted_upstream,
     unary,
     waypoint,
@@ -197,40 +198,27 @@ async def test_malformed_input_is_contained() -> None:
             # Garbage after the preface: a GOAWAY, the connection ends, nothing else.
             reader, writer = await asyncio.open_connection("127.0.0.1", wp)
             writer.write(PREFACE + b"\x00\x00\x04\x09\x00\x00\x00\x00\x01garbage" * 4)
-            got = b""
-            while chunk := await asyncio.wait_for(reader.read(65536), 10):
-                got += chunk
+            garbage = await receive(reader, writer, _raw_client(), lambda seen: False)
             writer.close()
-            events = _raw_client().receive_data(got)
-            assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+            assert garbage.goaway == [ErrorCodes.PROTOCOL_ERROR]
 
-            # A request without :path is a PROTOCOL_ERROR for h2: GOAWAY naming the last
-            # stream it processed (the good one before it, which was answered).
+            # A request without :path is a PROTOCOL_ERROR for h2: a GOAWAY, after the good
+            # request before it was answered.
             reader, writer = await asyncio.open_connection("127.0.0.1", wp)
             conn = _raw_client()
             bad = [(":method", "GET"), (":scheme", "http"), (":authority", "x")]
             conn.send_headers(1, [*bad, (":path", "/local/ok")], end_stream=True)
             writer.write(conn.data_to_send())
-            statuses: dict[int, bytes] = {}
-            goaway: list[h2.events.ConnectionTerminated] = []
-            while not statuses:
-                for event in conn.receive_data(await asyncio.wait_for(reader.read(65536), 10)):
-                    if isinstance(event, h2.events.ResponseReceived):
-                        statuses[event.stream_id] = dict(event.headers)[b":status"]
+            seen = await receive(reader, writer, conn, lambda seen: 1 in seen.ended)
             # Hand-made HEADERS frame (h2 refuses to send it): stream 3, no :path.
             block = hpack.Encoder().encode(bad)
             frame = len(block).to_bytes(3, "big") + b"\x01\x05" + (3).to_bytes(4, "big")
             writer.write(frame + block)
-            while data := await asyncio.wait_for(reader.read(65536), 10):
-                goaway += [
-                    e
-                    for e in conn.receive_data(data)
-                    if isinstance(e, h2.events.ConnectionTerminated)
-                ]
+            await receive(reader, writer, conn, lambda seen: False, seen)  # until it closes
             writer.close()
             good = await curl(f"http://127.0.0.1:{wp}{ECHO}", *GRPC_HEADERS, data=grpc_frame(b"ok"))
-    assert statuses == {1: b"418"}
-    assert [g.error_code for g in goaway] == [ErrorCodes.PROTOCOL_ERROR]
+    assert seen.status == {1: b"418"}
+    assert seen.goaway == [ErrorCodes.PROTOCOL_ERROR]
     assert good.body == grpc_frame(b"v1|ok")
 
 
@@ -260,21 +248,10 @@ async def test_client_reset_propagates_and_session_survives() -> None:
             conn.send_headers(3, ECHO_REQUEST)
             conn.send_data(3, grpc_frame(b"again"), end_stream=True)
             writer.write(conn.data_to_send())
-            body = b""
-            trailers: dict[bytes, bytes] = {}
-            while not trailers:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived) and event.stream_id == 3:
-                        body += event.data
-                        conn.acknowledge_received_data(event.flow_controlled_length, 3)
-                    elif isinstance(event, h2.events.TrailersReceived):
-                        trailers = dict(event.headers)
-                writer.write(conn.data_to_send())
+            seen = await receive(reader, writer, conn, lambda seen: 3 in seen.trailers)
             writer.close()
-    assert body == grpc_frame(b"v1|again")
-    assert trailers[b"grpc-status"] == b"0"
+    assert seen.body[3] == grpc_frame(b"v1|again")
+    assert seen.trailers[3][b"grpc-status"] == b"0"
     first = next(r for r in dispatcher.records if r.request_bytes < 20 and r.status != 200)
     assert first.flags == "DR"
 
@@ -397,23 +374,13 @@ async def test_upstream_reset_is_503_ur_before_head_and_rst_stream_after() -> No
             conn.send_headers(1, [*get, (":path", "/before")], end_stream=True)
             conn.send_headers(3, [*get, (":path", "/after")], end_stream=True)
             writer.write(conn.data_to_send())
-            statuses: dict[int, bytes] = {}
-            resets: dict[int, int] = {}
-            ended: set[int] = set()
-            while len(resets) + len(ended) < 2:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.ResponseReceived):
-                        statuses[event.stream_id] = dict(event.headers)[b":status"]
-                    elif isinstance(event, h2.events.StreamReset):
-                        resets[event.stream_id] = event.error_code
-                    elif isinstance(event, h2.events.StreamEnded):
-                        ended.add(event.stream_id)
+            seen = await receive(
+                reader, writer, conn, lambda seen: len(seen.resets) + len(seen.ended) == 2
+            )
             writer.close()
-    assert statuses == {1: b"503", 3: b"200"}
-    assert ended == {1}
-    assert resets == {3: ErrorCodes.ENHANCE_YOUR_CALM}  # the upstream's code, passed on
+    assert seen.status == {1: b"503", 3: b"200"}
+    assert seen.ended == {1}
+    assert seen.resets == {3: ErrorCodes.ENHANCE_YOUR_CALM}  # the upstream's code, passed on
     flags = {r.head.path: (r.status, r.flags) for r in dispatcher.records}
     assert flags == {"/before": (503, "UR"), "/after": (200, "UR")}
 
@@ -429,19 +396,10 @@ async def test_request_trailers_reach_the_upstream() -> None:
             conn.send_data(1, b"body bytes")
             conn.send_headers(1, [("x-checksum", "abc")], end_stream=True)
             writer.write(conn.data_to_send())
-            body = b""
-            trailers: dict[bytes, bytes] = {}
-            while not trailers:
-                data = await asyncio.wait_for(reader.read(65536), 10)
-                assert data
-                for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
-                        body += event.data
-                    elif isinstance(event, h2.events.TrailersReceived):
-                        trailers = dict(event.headers)
+            seen = await receive(reader, writer, conn, lambda seen: 1 in seen.trailers)
             writer.close()
-    assert body == b"body bytes"
-    assert trailers == {b"x-checksum": b"abc"}
+    assert seen.body[1] == b"body bytes"
+    assert seen.trailers == {1: {b"x-checksum": b"abc"}}
     [record] = dispatcher.records
     assert (record.status, record.flags, record.request_bytes, record.response_bytes) == (
         200,
