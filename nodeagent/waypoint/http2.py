@@ -230,9 +230,11 @@ class _Wire:
             self.flush_soon()
 
     def ack(self, sid: int, size: int) -> None:
-        if size:
-            self.conn.acknowledge_received_data(size, sid)
-            self.flush_soon()
+        """Give `size` bytes of credit back (the stream's too, while it is open)."""
+        if size and not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.acknowledge_received_data(size, sid)
+                self.flush_soon()
 
 
 # What a stream's queue carries: h2's events for it, None when the connection is gone.
@@ -311,10 +313,7 @@ class _UpstreamConnection:
         self.streams.pop(sid, None)
         # Data the request never took still counts against the connection window.
         while not events.empty():
-            item = events.get_nowait()
-            if isinstance(item, h2.events.DataReceived):
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.wire.ack(sid, item.flow_controlled_length)
+            self.wire.ack(sid, _credit([events.get_nowait()]))
         self._free_slot()
         if not self.streams:
             if self.usable:
@@ -652,10 +651,7 @@ class _Session:
                 # We answered before the body ended: stop the client sending (RFC 9113 8.1).
                 self.wire.reset(ex.sid, ErrorCodes.NO_ERROR)
         while not ex.events.empty():
-            item = ex.events.get_nowait()
-            if isinstance(item, h2.events.DataReceived) and not self.wire.closed:
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.wire.ack(ex.sid, item.flow_controlled_length or 0)
+            self.wire.ack(ex.sid, _credit([ex.events.get_nowait()]))
         self.dispatcher.record(
             RequestRecord(
                 head=ex.head,
@@ -688,81 +684,80 @@ class _Session:
     async def _pump_request(self, ex: _Exchange, upstream: _UpstreamStream) -> None:
         """Client to endpoint: DATA (acknowledged once drained upstream), trailers, end."""
         up = upstream.connection.wire
-        down = self.wire
         while True:
             batch = await _batch(ex.events)
-            acked = 0
-            for event in batch:
-                if isinstance(event, h2.events.DataReceived):
-                    data = event.data or b""
-                    await up.send_data(upstream.sid, data)
-                    ex.request_bytes += len(data)
-                    acked += event.flow_controlled_length or 0
-                elif isinstance(event, h2.events.TrailersReceived):
-                    trailers = _encode(_decode(event.headers or []))
-                    up.conn.send_headers(upstream.sid, trailers, end_stream=True)
-                    upstream.ended = True
-                elif isinstance(event, h2.events.StreamEnded):
-                    if not upstream.ended:
-                        up.conn.send_data(upstream.sid, b"", end_stream=True)
+            try:
+                for event in batch:
+                    if isinstance(event, h2.events.DataReceived):
+                        data = event.data or b""
+                        await up.send_data(upstream.sid, data)
+                        ex.request_bytes += len(data)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = _encode(_decode(event.headers or []))
+                        up.conn.send_headers(upstream.sid, trailers, end_stream=True)
                         upstream.ended = True
-                    up.flush_soon()
-                    down.ack(ex.sid, acked)
-                    return
-            await up.drain()
-            down.ack(ex.sid, acked)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        if not upstream.ended:
+                            up.conn.send_data(upstream.sid, b"", end_stream=True)
+                            upstream.ended = True
+                        up.flush_soon()
+                        return
+                await up.drain()
+            finally:
+                # Also when cancelled or failed: credit taken and never returned would
+                # shrink the client's connection window for good.
+                self.wire.ack(ex.sid, _credit(batch))
 
     async def _pump_response(self, ex: _Exchange, upstream: _UpstreamStream, fwd: Forward) -> None:
         """Endpoint to client: head (with the route's header changes), DATA, trailers."""
-        up = upstream.connection.wire
-        down = self.wire
-        sent_head = False
-        while True:
+        while not ex.response_ended:
             batch = await _batch(upstream.events)
-            acked = 0
-            for event in batch:
-                if event is None or isinstance(event, h2.events.StreamReset):
-                    if event is None:
-                        flags, reason = "UC", "connection termination"
-                    else:
-                        flags, reason = "UR", "remote reset"
-                    if not sent_head:
-                        await self._reply(ex, _reset_reply(flags, reason))
-                        return
-                    ex.flags = flags
-                    code = event.error_code if event is not None else None
-                    down.reset(ex.sid, code or ErrorCodes.INTERNAL_ERROR)
-                    ex.response_ended = True  # nothing more to send; reset already
+            try:
+                await self._respond(ex, fwd, batch)
+            finally:
+                # Also when cancelled or failed (see _pump_request).
+                upstream.connection.wire.ack(upstream.sid, _credit(batch))
+
+    async def _respond(self, ex: _Exchange, fwd: Forward, batch: list[_Item]) -> None:
+        """Pass one batch of the endpoint's events on to the client, then drain."""
+        down = self.wire
+        for event in batch:
+            if event is None or isinstance(event, h2.events.StreamReset):
+                flags, reason = (
+                    ("UC", "connection termination") if event is None else ("UR", "remote reset")
+                )
+                if not ex.status:  # no response head yet: Envoy's 503
+                    await self._reply(ex, _reset_reply(flags, reason))
                     return
-                if isinstance(event, h2.events.InformationalResponseReceived):
-                    down.conn.send_headers(ex.sid, list(event.headers or []))
-                elif isinstance(event, h2.events.ResponseReceived):
-                    raw = event.headers or []
-                    status = next((v for n, v in raw if n == b":status"), b"0")
-                    ex.status = int(status)
-                    headers = [(b":status", status)]
-                    headers += _encode(fwd.response_headers.apply(_decode(raw)))
-                    # A trailers-only response (gRPC errors) must end with its HEADERS:
-                    # gRPC clients refuse an empty DATA frame after it.
-                    down.conn.send_headers(ex.sid, headers, end_stream=bool(event.stream_ended))
-                    ex.response_ended = bool(event.stream_ended)
-                    sent_head = True
-                elif isinstance(event, h2.events.DataReceived):
-                    data = event.data or b""
-                    await down.send_data(ex.sid, data)
-                    ex.response_bytes += len(data)
-                    acked += event.flow_controlled_length or 0
-                elif isinstance(event, h2.events.TrailersReceived):
-                    down.conn.send_headers(ex.sid, list(event.headers or []), end_stream=True)
-                    ex.response_ended = True
-                elif isinstance(event, h2.events.StreamEnded):
-                    if not ex.response_ended:
-                        down.conn.send_data(ex.sid, b"", end_stream=True)
-                    ex.response_ended = True
-            await down.drain()
-            up.ack(upstream.sid, acked)
-            if ex.response_ended:
+                ex.flags = flags
+                code = event.error_code if event is not None else None
+                down.reset(ex.sid, code or ErrorCodes.INTERNAL_ERROR)
+                ex.response_ended = True  # nothing more to send: reset already
                 return
+            if isinstance(event, h2.events.InformationalResponseReceived):
+                down.conn.send_headers(ex.sid, list(event.headers or []))
+            elif isinstance(event, h2.events.ResponseReceived):
+                raw = event.headers or []
+                status = next((v for n, v in raw if n == b":status"), b"0")
+                ex.status = int(status)
+                headers = [(b":status", status)]
+                headers += _encode(fwd.response_headers.apply(_decode(raw)))
+                # A trailers-only response (gRPC errors) must end with its HEADERS:
+                # gRPC clients refuse an empty DATA frame after it.
+                down.conn.send_headers(ex.sid, headers, end_stream=bool(event.stream_ended))
+                ex.response_ended = bool(event.stream_ended)
+            elif isinstance(event, h2.events.DataReceived):
+                data = event.data or b""
+                await down.send_data(ex.sid, data)
+                ex.response_bytes += len(data)
+            elif isinstance(event, h2.events.TrailersReceived):
+                down.conn.send_headers(ex.sid, list(event.headers or []), end_stream=True)
+                ex.response_ended = True
+            elif isinstance(event, h2.events.StreamEnded):
+                if not ex.response_ended:
+                    down.conn.send_data(ex.sid, b"", end_stream=True)
+                ex.response_ended = True
+        await down.drain()
 
 
 async def _batch(events: asyncio.Queue[_Item]) -> list[_Item]:
@@ -771,6 +766,13 @@ async def _batch(events: asyncio.Queue[_Item]) -> list[_Item]:
     while not events.empty():
         batch.append(events.get_nowait())
     return batch
+
+
+def _credit(batch: Iterable[_Item]) -> int:
+    """The flow-control credit (DATA with padding) the events took from their sender."""
+    return sum(
+        e.flow_controlled_length or 0 for e in batch if isinstance(e, h2.events.DataReceived)
+    )
 
 
 def _settled(task: asyncio.Task[None]) -> None:

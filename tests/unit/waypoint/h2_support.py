@@ -332,6 +332,22 @@ class Seen:
             self.goaway.append(event.error_code or 0)
 
 
+async def _read_once(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: h2.connection.H2Connection,
+    seen: Seen,
+) -> bool:
+    """One read's events into `seen` (DATA acknowledged); False when the peer left."""
+    data = await asyncio.wait_for(reader.read(65536), 10)
+    for event in conn.receive_data(data):
+        seen.add(event)
+        if isinstance(event, h2.events.DataReceived) and event.stream_id:
+            conn.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
+    writer.write(conn.data_to_send())
+    return bool(data)
+
+
 async def receive(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -341,13 +357,28 @@ async def receive(
 ) -> Seen:
     """Read with a raw h2 client (acknowledging DATA) until `done` holds or the peer leaves."""
     seen = seen or Seen()
-    while not done(seen):
-        data = await asyncio.wait_for(reader.read(65536), 10)
-        if not data:
-            break
-        for event in conn.receive_data(data):
-            seen.add(event)
-            if isinstance(event, h2.events.DataReceived) and event.stream_id:
-                conn.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
-        writer.write(conn.data_to_send())
+    while not done(seen) and await _read_once(reader, writer, conn, seen):
+        pass
     return seen
+
+
+async def send_body(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: h2.connection.H2Connection,
+    sid: int,
+    body: bytes,
+    seen: Seen,
+    end_stream: bool = True,
+) -> None:
+    """Send `body` on a raw h2 client's stream within the peer's windows, reading (into
+    `seen`) while there is no credit."""
+    view = memoryview(body)
+    while view:
+        n = min(len(view), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+        if n <= 0:
+            assert await _read_once(reader, writer, conn, seen)
+            continue
+        conn.send_data(sid, view[:n], end_stream=end_stream and n == len(view))
+        view = view[n:]
+        writer.write(conn.data_to_send())

@@ -22,12 +22,14 @@ from .h2_support import (
     ECHO,
     WHO,
     FakeDispatcher,
+    Seen,
     curl,
     grpc_call,
     grpc_frame,
     grpc_server,
     receive,
     scripted_upstream,
+    send_body,
     unary,
     waypoint,
 )
@@ -438,3 +440,31 @@ async def test_burst_of_malformed_connections_between_good_requests() -> None:
                 )
                 assert results[len(bad_inputs)][0] == b"v1|good %d" % round_
     assert [r.status for r in dispatcher.records] == [200, 200, 200]
+
+
+async def test_credit_of_reset_streams_is_returned() -> None:
+    """Streams reset mid-body, 24 MiB of them on one connection (more than its 16 MiB window):
+    the credit comes back, and a large call on the same connection still completes."""
+    with grpc_server("v1") as port:
+        dispatcher = FakeDispatcher({"v1": port})
+        async with waypoint(dispatcher) as (wp, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", wp)
+            conn = _raw_client()
+            writer.write(conn.data_to_send())
+            seen = Seen()
+            for i in range(24):
+                sid = 1 + 2 * i
+                conn.send_headers(sid, ECHO_REQUEST)
+                # A message announced as 2 MiB, of which 1 MiB comes before the reset.
+                announce = b"\x00\x00\x20\x00\x00"
+                await send_body(reader, writer, conn, sid, announce + bytes(1 << 20), seen, False)
+                conn.reset_stream(sid)
+                writer.write(conn.data_to_send())
+            last = 1 + 2 * 24
+            body = os.urandom(4 << 20)
+            conn.send_headers(last, ECHO_REQUEST)
+            await send_body(reader, writer, conn, last, grpc_frame(body), seen)
+            seen = await receive(reader, writer, conn, lambda seen: last in seen.trailers, seen)
+            writer.close()
+    assert bytes(seen.body[last]) == grpc_frame(b"v1|" + body)
+    assert [r.flags for r in dispatcher.records].count("DR") == 24
