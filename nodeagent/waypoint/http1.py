@@ -1,0 +1,702 @@
+"""HTTP/1.1 for the waypoint, with h11: server side to the client, client side upstream.
+
+One coroutine per downstream connection, requests one after another (keep-alive and
+pipelining): each is routed and balanced on its own (`Dispatcher.route`, `pick`), sent on an
+idle upstream connection for the endpoint's key (`Http1Upstreams`) or a new one, and its
+bodies are streamed both ways with backpressure; h11 does the framing (content-length,
+chunked, read-until-close), so bodies are never buffered whole. A request body that is not
+already in hand is pumped by a second task so that the upstream may answer while it is still
+arriving; bodyless requests (the usual case) need no task.
+
+Errors answer as Envoy does: a malformed request gets Envoy's local reply and the
+connection closes (flag DPE); an upstream that fails before its response head gives 503 (UF);
+after the head the client's connection is reset. `Upgrade` requests are forwarded with their
+Upgrade header and, on 101, both sides become an opaque byte relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Hashable, Iterable
+from http import HTTPStatus
+
+import h11
+
+from nodeagent.waypoint.exchange import (
+    HTTP1,
+    ByteStream,
+    Dispatcher,
+    Endpoint,
+    Forward,
+    LocalReply,
+    RequestHead,
+    RequestRecord,
+    UpstreamError,
+)
+
+__all__ = [
+    "MAX_REQUEST_HEADERS",
+    "Http1Upstreams",
+    "bad_request_reply",
+    "reason_phrase",
+    "serve_http1",
+]
+
+# Envoy's default max_request_headers_kb (60); h11 answers 431 past it, as Envoy does.
+MAX_REQUEST_HEADERS = 60 * 1024
+_MAX_RESPONSE_HEADERS = 60 * 1024
+
+# RFC 9110 §7.6.1 and the ones Envoy also strips; names listed in Connection go too.
+HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+    )
+)
+
+_JOIN_BELOW = 16 * 1024  # chunk framing joined with small data: one write instead of three
+
+_EMPTY_HEAD = RequestHead(method="", path="", authority="", headers=())
+
+# Envoy's local-reply bodies for an upstream lost before its response head
+# (router.cc: "upstream connect error or disconnect/reset before headers. reset reason: ...").
+_RESET_BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers. reset reason: "
+_TEXT_PLAIN = (("content-type", "text/plain"),)
+
+
+def bad_request_reply(status: int = 400) -> LocalReply:
+    """Envoy's answer to a malformed HTTP/1 request: its codec error goes to sendLocalReply
+    with the status's reason phrase as the text/plain body (codec_impl.cc sendProtocolError),
+    flag DPE, and the connection closes."""
+    reason = reason_phrase(status)
+    return LocalReply(status, _TEXT_PLAIN, reason.encode(), flags="DPE")
+
+
+@functools.cache
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase: Envoy writes its own, whatever the upstream sent."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def _upstream_lost(reason: str, flags: str) -> LocalReply:
+    return LocalReply(503, _TEXT_PLAIN, _RESET_BEFORE_HEADERS + reason.encode(), flags=flags)
+
+
+class _BadRequest(Exception):
+    """A request h11 accepted but Envoy refuses."""
+
+    def __init__(self, status: int = 400) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Peer:
+    """One side of an exchange: a byte stream and the h11 state of its connection."""
+
+    __slots__ = ("conn", "eof", "stream")
+
+    def __init__(self, stream: ByteStream, conn: h11.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.eof = False
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self.stream.read()
+            if not data:
+                self.eof = True
+            conn.receive_data(data)
+
+    def send(self, event: h11.Event) -> None:
+        pieces = self.conn.send_with_data_passthrough(event)
+        if not pieces:
+            return
+        if len(pieces) == 1:
+            self.stream.write(pieces[0])
+        elif type(event) is not h11.Data or len(event.data) < _JOIN_BELOW:
+            self.stream.write(b"".join(pieces))
+        else:
+            for piece in pieces:  # the data itself passes through uncopied
+                self.stream.write(piece)
+
+    def discard(self) -> None:
+        """Drop the connection: a clean close if the peer already ended, else a reset."""
+        if self.eof:
+            self.stream.write_eof()
+        else:
+            self.stream.abort()
+
+
+class Http1Upstreams:
+    """Idle keep-alive upstream connections per `Endpoint.key`, with their h11 client state.
+
+    Share one across downstream connections (one per process or per tunnel, the caller's
+    choice): a connection is taken for one request at a time and given back once both
+    directions finished cleanly. At most `max_idle_per_key` idle ones are kept; an upstream
+    that closes is dropped (when its response says so, or found closed when next taken, in
+    which case a bodyless request is sent again on a new connection)."""
+
+    def __init__(self, max_idle_per_key: int = 32) -> None:
+        self.max_idle_per_key = max_idle_per_key
+        self._idle: dict[Hashable, list[_Peer]] = {}
+
+    def idle(self, key: Hashable) -> int:
+        """How many idle connections are kept for `key`."""
+        return len(self._idle.get(key, ()))
+
+    def close(self) -> None:
+        """Close every idle connection."""
+        idle, self._idle = self._idle, {}
+        for peers in idle.values():
+            for peer in peers:
+                peer.discard()
+
+    def _take(self, key: Hashable) -> _Peer | None:
+        peers = self._idle.get(key)
+        if not peers:
+            return None
+        peer = peers.pop()  # the most recently used: the likeliest to be alive
+        if not peers:
+            del self._idle[key]
+        return peer
+
+    def _give(self, key: Hashable, peer: _Peer) -> None:
+        peers = self._idle.setdefault(key, [])
+        if len(peers) >= self.max_idle_per_key:
+            peer.discard()
+        else:
+            peers.append(peer)
+
+
+def _new_client(stream: ByteStream) -> _Peer:
+    return _Peer(
+        stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_RESPONSE_HEADERS)
+    )
+
+
+def _connection_tokens(value: str) -> set[str]:
+    return {token.strip().lower() for token in value.split(",")}
+
+
+def _request_head(request: h11.Request) -> tuple[RequestHead, bool, bool]:
+    """The client's head as the router sees it, whether it asks to upgrade, whether its body
+    is chunked."""
+    raw = [(n.decode("ascii"), v.decode("latin-1")) for n, v in request.headers]
+    # h11 bounds only a head that arrives in pieces; Envoy bounds the headers' total size.
+    if sum(len(n) + len(v) for n, v in raw) > MAX_REQUEST_HEADERS:
+        raise _BadRequest(431)
+    tokens: set[str] = set()
+    has_upgrade = chunked = has_length = False
+    host = ""
+    for name, value in raw:
+        if name == "connection":
+            tokens |= _connection_tokens(value)
+        elif name == "upgrade":
+            has_upgrade = True
+        elif name == "transfer-encoding":
+            chunked = True  # h11 refuses any transfer-encoding but chunked (501)
+        elif name == "content-length":
+            has_length = True
+        elif name == "host":
+            host = value
+    if chunked and has_length:
+        # Envoy refuses both by default (http1 codec: "both 'Content-Length' and
+        # 'Transfer-Encoding' are set", unless allow_chunked_length): request smuggling.
+        raise _BadRequest
+    upgrade = has_upgrade and "upgrade" in tokens
+    drop = HOP_BY_HOP | tokens
+    if upgrade:
+        drop = drop - {"upgrade"}
+    drop |= {"host"}
+    headers = tuple((n, v) for n, v in raw if n not in drop)
+    target = request.target.decode("latin-1")
+    authority = host
+    if not target.startswith("/") and "://" in target:
+        # absolute-form (a proxy-style request): its authority wins over Host (RFC 9112 §3.2.2)
+        rest = target.split("://", 1)[1]
+        slash = rest.find("/")
+        authority, target = (rest, "/") if slash < 0 else (rest[:slash], rest[slash:])
+    method = request.method.decode("ascii")
+    return RequestHead(method, target, authority, headers, HTTP1), upgrade, chunked
+
+
+def _response_headers(
+    headers: Iterable[tuple[bytes, bytes]], switching: bool
+) -> list[tuple[str, str]]:
+    raw = [(n.decode("ascii"), v.decode("latin-1")) for n, v in headers]
+    tokens: set[str] = set()
+    for name, value in raw:
+        if name == "connection":
+            tokens |= _connection_tokens(value)
+    drop = HOP_BY_HOP | tokens
+    if switching:
+        drop = drop - {"upgrade"}
+    out = [(n, v) for n, v in raw if n not in drop]
+    if switching:
+        out.append(("connection", "upgrade"))
+    return out
+
+
+class _Exchange:
+    """Per-request tallies, for the record."""
+
+    __slots__ = ("endpoint", "flags", "request_bytes", "response_bytes", "route", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.flags = ""
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.endpoint: Endpoint | None = None
+        self.route = ""
+
+
+class _Session:
+    """One downstream connection."""
+
+    def __init__(
+        self, downstream: ByteStream, dispatcher: Dispatcher, upstreams: Http1Upstreams
+    ) -> None:
+        self.down = _Peer(
+            downstream, h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEADERS)
+        )
+        self.dispatcher = dispatcher
+        self.upstreams = upstreams
+        self.pump_error: BaseException | None = None
+        self.ended = False  # downstream finished by us (write_eof or abort)
+
+    async def run(self, first: bytes) -> None:
+        down = self.down
+        conn = down.conn
+        if first:
+            conn.receive_data(first)
+        try:
+            while True:
+                try:
+                    event = await down.next_event()
+                except h11.RemoteProtocolError as error:
+                    if not down.eof:
+                        tally = _Exchange()
+                        await self._refuse(error.error_status_hint, tally)
+                        self.dispatcher.record(
+                            RequestRecord(_EMPTY_HEAD, tally.status, tally.flags, 0.0, 0, 0)
+                        )
+                    return
+                if type(event) is not h11.Request:
+                    return  # ConnectionClosed: the client is done
+                if not await self._request(event):
+                    return
+                if conn.our_state is not h11.DONE:
+                    return  # MUST_CLOSE (the request said close, or HTTP/1.0)
+                conn.start_next_cycle()
+        except ConnectionError:
+            self._end(abort=True)
+        finally:
+            self._end(abort=False)
+
+    def _end(self, *, abort: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        stream = self.down.stream
+        with contextlib.suppress(ConnectionError, RuntimeError, h11.LocalProtocolError):
+            if abort:
+                stream.abort()
+            else:
+                stream.write_eof()
+
+    async def _refuse(self, status: int, tally: _Exchange) -> None:
+        """Answer a malformed request as Envoy does (if no response began); the caller closes."""
+        reply = bad_request_reply(status if status in (400, 413, 431, 501) else 400)
+        tally.status, tally.flags = reply.status, reply.flags
+        if self.down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with contextlib.suppress(ConnectionError):
+                self.down.stream.write(_raw_reply(reply, close=True))
+                await self.down.stream.drain()
+
+    async def _reply(self, reply: LocalReply, tally: _Exchange) -> None:
+        """Send a LocalReply; the connection stays unless the request said close, or the client
+        still waits for 100-continue (its body would come in the next request's place)."""
+        conn = self.down.conn
+        headers = [
+            (n.encode("latin-1"), v.encode("latin-1"))
+            for n, v in reply.headers
+            if n.lower() not in ("content-length", "transfer-encoding", "connection")
+        ]
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        if conn.they_are_waiting_for_100_continue:
+            headers.append((b"connection", b"close"))
+        self.down.send(h11.Response(status_code=reply.status, headers=headers))
+        if reply.body:
+            self.down.send(h11.Data(data=reply.body))
+        self.down.send(h11.EndOfMessage())
+        tally.status = reply.status
+        tally.flags = reply.flags
+        tally.response_bytes = len(reply.body)
+        await self.down.stream.drain()
+
+    async def _skip_body(self, tally: _Exchange) -> bool:
+        """Read and drop the rest of a request body we answered without; False to close."""
+        down = self.down
+        while down.conn.their_state is h11.SEND_BODY:
+            if down.conn.our_state is not h11.DONE:
+                return False
+            event = await down.next_event()
+            if type(event) is h11.Data:
+                tally.request_bytes += len(event.data)
+        return down.conn.their_state is h11.DONE
+
+    async def _request(self, request: h11.Request) -> bool:
+        """Serve one request; False when the downstream connection must close."""
+        start = time.monotonic()
+        dispatcher = self.dispatcher
+        tally = _Exchange()
+        try:
+            head, upgrade, chunked = _request_head(request)
+        except _BadRequest as error:
+            head = _EMPTY_HEAD
+            await self._refuse(error.status, tally)
+            dispatcher.record(RequestRecord(head, tally.status, tally.flags, 0.0, 0, 0))
+            return False
+        try:
+            decision = dispatcher.route(head)
+            if type(decision) is LocalReply:
+                await self._reply(decision, tally)
+                return await self._skip_body(tally)
+            assert isinstance(decision, Forward)
+            tally.route = decision.route
+            picked = dispatcher.pick(decision)
+            if isinstance(picked, LocalReply):
+                await self._reply(picked, tally)
+                return await self._skip_body(tally)
+            tally.endpoint = picked
+            return await self._forward(request, decision, picked, upgrade, chunked, tally)
+        except h11.RemoteProtocolError as error:
+            if self.down.eof:
+                tally.flags = "DC"
+                self._end(abort=True)
+            else:
+                await self._refuse(error.error_status_hint, tally)
+            return False
+        except ConnectionError:
+            tally.flags = tally.flags or "DC"
+            self._end(abort=True)
+            return False
+        finally:
+            dispatcher.record(
+                RequestRecord(
+                    head,
+                    tally.status,
+                    tally.flags,
+                    time.monotonic() - start,
+                    tally.request_bytes,
+                    tally.response_bytes,
+                    tally.endpoint,
+                    tally.route,
+                )
+            )
+
+    async def _open(self, endpoint: Endpoint) -> tuple[_Peer, bool]:
+        """An upstream connection for `endpoint` and whether it was reused; raises UpstreamError."""
+        peer = self.upstreams._take(endpoint.key)
+        if peer is not None:
+            return peer, True
+        stream = await self.dispatcher.open(endpoint, HTTP1)
+        return _new_client(stream), False
+
+    async def _forward(
+        self,
+        request: h11.Request,
+        forward: Forward,
+        endpoint: Endpoint,
+        upgrade: bool,
+        chunked: bool,
+        tally: _Exchange,
+    ) -> bool:
+        down = self.down
+        dconn = down.conn
+        # What is already buffered decides whether the body needs a pump task.
+        first = dconn.next_event()
+        body_done = type(first) is h11.EndOfMessage
+        head = forward.head
+        headers = [(b"host", (head.authority or endpoint.address).encode("latin-1"))]
+        headers.extend(
+            (n.encode("latin-1"), v.encode("latin-1")) for n, v in head.headers if n != "expect"
+        )
+        if chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        if upgrade:
+            headers.append((b"connection", b"upgrade"))
+        up_request = h11.Request(
+            method=head.method.encode("ascii"),
+            target=head.path.encode("latin-1"),
+            headers=headers,
+        )
+
+        event: h11.Event | type[h11.PAUSED] | None = None
+        while True:
+            try:
+                up, reused = await self._open(endpoint)
+            except UpstreamError as error:
+                await self._reply(error.reply, tally)
+                return await self._skip_body(tally)
+            try:
+                up.send(up_request)
+                if body_done:
+                    up.send(h11.EndOfMessage())
+                    if reused:  # a closed kept connection shows here, before any commitment
+                        event = await up.next_event()
+            except (ConnectionError, h11.RemoteProtocolError) as error:
+                up.discard()
+                if reused and body_done and (up.eof or isinstance(error, ConnectionError)):
+                    continue  # a kept connection the upstream had closed: try a new one
+                await self._reply(_upstream_lost("connection termination", "UF"), tally)
+                return await self._skip_body(tally)
+            break
+
+        pump: asyncio.Task[None] | None = None
+        try:
+            if not body_done:
+                if dconn.they_are_waiting_for_100_continue:
+                    down.send(h11.InformationalResponse(status_code=100, headers=[]))
+                try:
+                    complete = self._pump_buffered(up, first, tally)
+                except h11.RemoteProtocolError:
+                    up.discard()
+                    raise
+                if not complete:
+                    pump = asyncio.create_task(self._pump(up, tally))
+            return await self._respond(up, event, forward, endpoint, pump, tally)
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+
+    def _pump_buffered(self, up: _Peer, event: object, tally: _Exchange) -> bool:
+        """Forward the body events already buffered; True once the body is complete."""
+        dconn = self.down.conn
+        while True:
+            if event is h11.NEED_DATA:
+                return False
+            if type(event) is h11.Data:
+                tally.request_bytes += len(event.data)
+                up.send(event)
+            elif type(event) is h11.EndOfMessage:
+                up.send(h11.EndOfMessage())
+                return True
+            else:
+                return False  # PAUSED: nothing more to read until the upgrade is decided
+            event = dconn.next_event()
+
+    async def _pump(self, up: _Peer, tally: _Exchange) -> None:
+        """Stream the rest of the request body upstream, with backpressure."""
+        try:
+            await _copy_body(self.down, up, tally, request=True)
+        except (ConnectionError, h11.RemoteProtocolError) as error:
+            # The client failed mid-body: the upstream must not take a truncated request as
+            # complete, so reset it; _respond sees the reason.
+            self.pump_error = error
+            up.stream.abort()
+
+    async def _respond(
+        self,
+        up: _Peer,
+        event: h11.Event | type[h11.PAUSED] | None,
+        forward: Forward,
+        endpoint: Endpoint,
+        pump: asyncio.Task[None] | None,
+        tally: _Exchange,
+    ) -> bool:
+        down = self.down
+        self.pump_error = None
+        # Up to the response head: a lost upstream is a 503 the client can still get.
+        try:
+            while True:
+                if event is None:
+                    event = await up.next_event()
+                kind = type(event)
+                if kind is h11.InformationalResponse:
+                    assert isinstance(event, h11.InformationalResponse)
+                    if event.status_code == 101:
+                        return await self._switch(up, event, forward, tally)
+                    if event.status_code != 100:  # ours went already; others pass (103)
+                        down.send(
+                            h11.InformationalResponse(
+                                status_code=event.status_code,
+                                headers=_encode(_response_headers(event.headers, False)),
+                            )
+                        )
+                    event = None
+                    continue
+                if kind is not h11.Response:
+                    raise h11.RemoteProtocolError("upstream closed before a response")
+                break
+        except (ConnectionError, h11.RemoteProtocolError) as error:
+            up.discard()
+            if self.pump_error is not None:
+                if isinstance(self.pump_error, h11.RemoteProtocolError) and not down.eof:
+                    await self._refuse(self.pump_error.error_status_hint, tally)
+                else:
+                    tally.flags = "DC"
+                    self._end(abort=True)
+                return False
+            if isinstance(error, h11.RemoteProtocolError) and not up.eof:
+                reply = _upstream_lost("protocol error", "UPE")
+            else:
+                reply = _upstream_lost("connection termination", "UF")
+            if down.conn.our_state is h11.SEND_RESPONSE:
+                await self._reply(reply, tally)
+                if pump is not None and not pump.done():
+                    return False  # the rest of the body has nowhere to go
+                return await self._skip_body(tally)
+            tally.status, tally.flags = reply.status, reply.flags
+            self._end(abort=True)
+            return False
+
+        assert isinstance(event, h11.Response)
+        headers = forward.response_headers.apply(tuple(_response_headers(event.headers, False)))
+        down.send(
+            h11.Response(
+                status_code=event.status_code,
+                headers=_encode(headers),
+                reason=reason_phrase(event.status_code),
+            )
+        )
+        tally.status = event.status_code
+        # After the head: a failure either way resets the other side.
+        try:
+            await _copy_body(up, down, tally, request=False)
+        except h11.RemoteProtocolError:
+            tally.flags = "UPE" if not up.eof else "UC"
+            up.discard()
+            self._end(abort=True)
+            return False
+        except ConnectionError:
+            # Which side failed decides the flag; both are dropped.
+            tally.flags = "DC" if self.pump_error is not None else "UC"
+            up.discard()
+            self._end(abort=True)
+            return False
+
+        request_complete = pump is None or pump.done()
+        if request_complete and self.pump_error is None:
+            if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+                up.conn.start_next_cycle()
+                self.upstreams._give(endpoint.key, up)
+            else:
+                up.discard()
+            return True
+        # The upstream answered before the request ended: neither connection can go on.
+        up.discard()
+        return False
+
+    async def _switch(
+        self, up: _Peer, event: h11.InformationalResponse, forward: Forward, tally: _Exchange
+    ) -> bool:
+        """101: relay both ways as opaque bytes until both ends close."""
+        down = self.down
+        headers = forward.response_headers.apply(tuple(_response_headers(event.headers, True)))
+        down.send(
+            h11.InformationalResponse(
+                status_code=101, headers=_encode(headers), reason=reason_phrase(event.status_code)
+            )
+        )
+        tally.status = 101
+        if down.conn.our_state is not h11.SWITCHED_PROTOCOL:
+            # h11 refused the switch (the client never asked): nothing sane remains.
+            up.discard()
+            self._end(abort=True)
+            return False
+        down_rest, _ = down.conn.trailing_data
+        up_rest, _ = up.conn.trailing_data
+        self.ended = True  # the relay ends both streams itself
+        upward = asyncio.create_task(_relay(down.stream, down_rest, up.stream))
+        try:
+            tally.response_bytes = await _relay(up.stream, up_rest, down.stream)
+        except ConnectionError:
+            tally.flags = "UC"
+            upward.cancel()
+        try:
+            tally.request_bytes = await upward
+        except (ConnectionError, asyncio.CancelledError):
+            tally.flags = tally.flags or "DC"
+        return False
+
+
+async def _copy_body(source: _Peer, sink: _Peer, tally: _Exchange, *, request: bool) -> None:
+    """Stream one message body (h11 reframes it for the sink), draining after each piece."""
+    while True:
+        event = await source.next_event()
+        if type(event) is h11.Data:
+            if request:
+                tally.request_bytes += len(event.data)
+            else:
+                tally.response_bytes += len(event.data)
+            sink.send(event)
+            await sink.stream.drain()
+        elif type(event) is h11.EndOfMessage:
+            sink.send(h11.EndOfMessage())  # trailers dropped: either side may be content-length
+            return
+        else:
+            raise h11.RemoteProtocolError("the message ended inside its body")
+
+
+async def _relay(source: ByteStream, rest: bytes, sink: ByteStream) -> int:
+    """Copy `source` to `sink` until its end, then half-close `sink`; a failure resets both."""
+    count = 0
+    try:
+        data = rest
+        while True:
+            if data:
+                count += len(data)
+                sink.write(data)
+                await sink.drain()
+            data = await source.read()
+            if not data:
+                sink.write_eof()
+                return count
+    except ConnectionError:
+        source.abort()
+        sink.abort()
+        raise
+
+
+def _encode(
+    headers: tuple[tuple[str, str], ...] | list[tuple[str, str]],
+) -> list[tuple[bytes, bytes]]:
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+
+
+def _raw_reply(reply: LocalReply, *, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {reply.status} {reason_phrase(reply.status)}"]
+    lines.append(f"content-length: {len(reply.body)}")
+    lines.extend(f"{n}: {v}" for n, v in reply.headers)
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body
+
+
+async def serve_http1(
+    downstream: ByteStream, first: bytes, dispatcher: Dispatcher, upstreams: Http1Upstreams
+) -> None:
+    """Serve HTTP/1.x requests from `downstream` until it ends; `first` is what sniffing read.
+
+    Returns when the client is done or the connection had to close; `downstream` is then
+    half-closed (or reset after a failure): closing it remains the caller's."""
+    await _Session(downstream, dispatcher, upstreams).run(first)

@@ -1,0 +1,508 @@
+"""serve_http1 over real loopback sockets: keep-alive with per-request balancing, bodies both
+ways in both framings, local replies, upstream failures, malformed requests (answered as
+Envoy does), Upgrade passthrough, header operations, and interop with curl and http.server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from nodeagent.model.routing import HeaderOps
+from nodeagent.waypoint.exchange import Forward, LocalReply, RequestHead, UpstreamError
+from nodeagent.waypoint.http1 import Http1Upstreams
+from nodeagent.waypoint.streams import SocketByteStream
+from tests.unit.waypoint.conftest import (
+    Client,
+    FakeDispatcher,
+    codec_server,
+    echo_upstream,
+    endpoint,
+    listener,
+    raw_exchange,
+)
+
+BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 11\r\ncontent-type: text/plain\r\n"
+    b"connection: close\r\n\r\nBad Request"
+)
+
+
+async def test_keep_alive_routes_and_picks_each_request() -> None:
+    async with echo_upstream("a") as (addr_a, conns_a), echo_upstream("b") as (addr_b, conns_b):
+        dispatcher = FakeDispatcher([endpoint(addr_a, "a"), endpoint(addr_b, "b")])
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            seen = [(await client.request("GET", f"/r{i}")).header("x-upstream") for i in range(20)]
+            await client.close()
+    assert seen == ["a", "b"] * 10
+    assert len(dispatcher.routed) == len(dispatcher.picked) == 20
+    assert [h.path for h in dispatcher.routed] == [f"/r{i}" for i in range(20)]
+    # Kept upstream connections are reused: one per endpoint for the whole run.
+    assert (len(conns_a), len(conns_b)) == (1, 1)
+    assert [r.status for r in dispatcher.records] == [200] * 20
+    assert dispatcher.records[0].endpoint == dispatcher.picked[0]
+
+
+async def test_request_head_seen_by_the_router() -> None:
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            await client.request(
+                "GET",
+                "/p?q=1",
+                [
+                    ("X-Trace", "t1"),
+                    ("Connection", "keep-alive, x-hop"),
+                    ("X-Hop", "gone"),
+                    ("Keep-Alive", "timeout=5"),
+                    ("TE", "trailers"),
+                ],
+                host="reviews:9080",
+            )
+            await client.close()
+    head = dispatcher.routed[0]
+    assert (head.method, head.path, head.authority) == ("GET", "/p?q=1", "reviews:9080")
+    assert head.headers == (("x-trace", "t1"),)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_bodies_both_ways_byte_exact(chunked: bool) -> None:
+    body = os.urandom(300_000) + b"\r\n0\r\n\r\n" + os.urandom(1000)
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            parts = [body[i : i + 70_000] for i in range(0, len(body), 70_000)]
+            for _ in range(3):
+                response = await client.request(
+                    "POST", "/echo", body=parts if chunked else body, chunked=chunked
+                )
+                assert response.status == 200
+                assert response.body == body
+                # The upstream saw the client's framing; the client gets the upstream's.
+                seen = response.header("x-request-headers") or ""
+                if chunked:
+                    assert "transfer-encoding=chunked" in seen
+                    assert response.header("transfer-encoding") == "chunked"
+                else:
+                    assert f"content-length={len(body)}" in seen
+                    assert response.header("content-length") == str(len(body))
+            await client.close()
+    assert [r.request_bytes for r in dispatcher.records] == [len(body)] * 3
+    assert [r.response_bytes for r in dispatcher.records] == [len(body)] * 3
+
+
+async def test_large_body_streams_both_ways() -> None:
+    """20 MiB echoed while it is still being sent: the upstream answers at once, so this
+    needs both directions streaming at the same time (a buffering proxy would still pass,
+    a proxy that waits for the whole request before reading the response would not, once
+    the socket buffers fill)."""
+    block = os.urandom(1 << 20)
+    expected = hashlib.sha256(block * 20).hexdigest()
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            response = await client.request("PUT", "/big", body=[block] * 20, chunked=True)
+            await client.close()
+    assert hashlib.sha256(response.body).hexdigest() == expected
+    assert dispatcher.records[0].request_bytes == 20 << 20
+
+
+async def test_local_reply_keeps_the_connection() -> None:
+    def route(head: RequestHead) -> Forward | LocalReply:
+        if head.path == "/missing":
+            return LocalReply(404, (("content-type", "text/plain"),), b"no route", flags="NR")
+        return Forward(head)
+
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)], route)
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            missing = await client.request("GET", "/missing")
+            # A body the reply did not need is read and dropped; the connection goes on.
+            posted = await client.request("POST", "/missing", body=b"x" * 100_000)
+            found = await client.request("GET", "/found")
+            await client.close()
+    assert (missing.status, missing.body) == (404, b"no route")
+    assert missing.header("content-length") == "8"
+    assert posted.status == 404
+    assert found.status == 200
+    assert [(r.status, r.flags) for r in dispatcher.records] == [
+        (404, "NR"),
+        (404, "NR"),
+        (200, ""),
+    ]
+    assert len(dispatcher.picked) == 1
+
+
+async def test_pick_local_reply() -> None:
+    dispatcher = FakeDispatcher([])
+    dispatcher.pick = lambda forward: LocalReply(503, body=b"no healthy upstream", flags="UH")  # type: ignore[method-assign]
+    async with codec_server(dispatcher) as address:
+        client = await Client.connect(address)
+        response = await client.request("GET", "/")
+        await client.close()
+    assert (response.status, response.body) == (503, b"no healthy upstream")
+    assert dispatcher.records[0].flags == "UH"
+
+
+async def test_upstream_error_is_its_reply() -> None:
+    reply = LocalReply(503, body=b"upstream connect error", flags="UF")
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)], fail_open=UpstreamError(reply))
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            first = await client.request("GET", "/")
+            second = await client.request("POST", "/", body=b"abc")
+            await client.close()
+    assert (first.status, first.body, second.status) == (503, b"upstream connect error", 503)
+    assert [r.flags for r in dispatcher.records] == ["UF", "UF"]
+
+
+async def test_upstream_closing_before_its_head_is_503_uf() -> None:
+    async def hang_up(stream: SocketByteStream) -> None:
+        await stream.read()
+        stream.abort()
+
+    async with listener(hang_up) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            response = await client.request("GET", "/")
+            again = await client.request("GET", "/")
+            await client.close()
+    assert response.status == again.status == 503
+    assert response.body.startswith(b"upstream connect error or disconnect/reset before headers")
+    assert [r.flags for r in dispatcher.records] == ["UF", "UF"]
+
+
+async def test_upstream_closing_after_its_head_resets_the_client() -> None:
+    async def short(stream: SocketByteStream) -> None:
+        await stream.read()
+        stream.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        await stream.drain()
+        stream.abort()
+
+    async with listener(short) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            data = await raw_exchange(address, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert data.endswith(b"0123456789")  # and then the end, short of content-length
+    assert (dispatcher.records[0].status, dispatcher.records[0].flags) == (200, "UC")
+    assert dispatcher.records[0].response_bytes == 10
+
+
+async def test_a_kept_connection_the_upstream_closed_is_replaced() -> None:
+    """An upstream that closes idle connections silently: the next bodyless request is sent
+    again on a new connection instead of failing."""
+    conns: list[int] = []
+
+    async def once(stream: SocketByteStream) -> None:
+        conns.append(1)
+        await stream.read()
+        stream.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.drain()
+        await asyncio.sleep(0.05)
+        stream.close()
+
+    async with listener(once) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            statuses = []
+            for _ in range(3):
+                statuses.append((await client.request("GET", "/")).status)
+                await asyncio.sleep(0.2)
+            await client.close()
+    assert statuses == [200, 200, 200]
+    assert len(conns) == 3
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",  # no Host
+        b"GET / HTTP/1.1\r\nhost: a\r\nbad header\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: x\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"GET / HTTP/1.1\r\nhost: a\r\n\r\n\x16\x03\x01",  # garbage as the second request
+    ],
+)
+async def test_malformed_request_gets_envoys_400(request_bytes: bytes) -> None:
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            data = await raw_exchange(address, request_bytes)
+    assert data.endswith(BAD_REQUEST)
+    assert dispatcher.records[-1].status == 400
+    assert dispatcher.records[-1].flags == "DPE"
+
+
+async def test_oversized_headers_get_431() -> None:
+    dispatcher = FakeDispatcher([])
+    async with codec_server(dispatcher) as address:
+        data = await raw_exchange(
+            address, b"GET / HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n"
+        )
+    assert data.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert dispatcher.records[-1].flags == "DPE"
+
+
+async def test_malformed_burst_does_not_touch_good_connections() -> None:
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            clients = [await Client.connect(address) for _ in range(4)]
+
+            async def good(client: Client) -> list[int]:
+                statuses = []
+                for i in range(25):
+                    response = await client.request("POST", f"/{i}", body=b"%d" % i)
+                    assert response.body == b"%d" % i
+                    statuses.append(response.status)
+                return statuses
+
+            async def bad(i: int) -> bytes:
+                garbage = [b"\x00\xff\r\n\r\n", b"GET /\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n"]
+                return await raw_exchange(address, garbage[i % 3])
+
+            results = await asyncio.gather(
+                *(good(c) for c in clients), *(bad(i) for i in range(60))
+            )
+            for client in clients:
+                await client.close()
+    assert all(r == [200] * 25 for r in results[:4])
+    assert all(isinstance(r, bytes) and r.endswith(BAD_REQUEST) for r in results[4:])
+
+
+async def test_upgrade_is_relayed_as_opaque_bytes() -> None:
+    async def websocket_echo(stream: SocketByteStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.read()
+        head, rest = data.split(b"\r\n\r\n", 1)
+        assert b"\r\nupgrade: websocket" in head.lower()
+        assert b"\r\nconnection: upgrade" in head.lower()
+        stream.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nx-up: 1\r\n\r\n" + b"hello:" + rest
+        )
+        while chunk := await stream.read():
+            stream.write(chunk.upper())
+            await stream.drain()
+        stream.write_eof()
+
+    async with listener(websocket_echo) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nearly"
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert b"upgrade: websocket" in head.lower()
+            # "early" came with the request head: relayed after the 101, echoed upper-cased
+            # unless it reached the upstream in the same read as the head.
+            assert (await reader.readexactly(11)).lower() == b"hello:early"
+            writer.write(b"abc")
+            assert await reader.readexactly(3) == b"ABC"
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+    assert dispatcher.routed[0].header("upgrade") == "websocket"
+    assert dispatcher.records[0].status == 101
+
+
+async def test_response_header_operations_and_rewrite() -> None:
+    def route(head: RequestHead) -> Forward:
+        rewritten = dataclasses.replace(head, path="/v2" + head.path, authority="reviews-v2")
+        ops = HeaderOps(
+            set=(("x-upstream", "overridden"),), add=(("x-added", "1"),), remove=("x-method",)
+        )
+        return Forward(rewritten, ops, route="r1")
+
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)], route)
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            response = await client.request("GET", "/x")
+            await client.close()
+    assert response.header("x-upstream") == "overridden"
+    assert response.header("x-added") == "1"
+    assert response.header("x-method") is None
+    assert response.header("x-path") == "/v2/x"
+    assert "host=reviews-v2" in (response.header("x-request-headers") or "")
+    assert dispatcher.records[0].route == "r1"
+
+
+async def test_expect_100_continue() -> None:
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(
+                b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\ncontent-length: 5\r\n\r\n"
+            )
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            writer.write(b"hello")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"expect" not in head.lower()  # ours answered it; not sent upstream
+            assert await reader.readexactly(5) == b"hello"
+            writer.close()
+
+
+async def test_pipelined_requests() -> None:
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            data = await raw_exchange(
+                address,
+                b"GET /1 HTTP/1.1\r\nhost: a\r\n\r\n"
+                b"POST /2 HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nhi"
+                b"GET /3 HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+            )
+    assert data.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert [h.path for h in dispatcher.routed] == ["/1", "/2", "/3"]
+
+
+async def test_upstreams_cap_idle_connections() -> None:
+    pool = Http1Upstreams(max_idle_per_key=2)
+    async with echo_upstream() as (addr, conns):
+        dispatcher = FakeDispatcher([endpoint(addr, "k")])
+        async with codec_server(dispatcher, pool) as address:
+            clients = [await Client.connect(address) for _ in range(5)]
+            await asyncio.gather(*(c.request("GET", "/") for c in clients))
+            for client in clients:
+                await client.close()
+            assert pool.idle("k") == 2
+    assert len(conns) == 5  # all at once: none idle to share
+    assert pool.idle("k") == 0  # closed with the server
+
+
+# --- interop: curl in front, Python's http.server behind ---
+
+_SIZE = 100 << 20
+_BLOCK = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB, deterministic
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """Reads the request body (either framing), answers 100 MiB (framing by path) and the
+    body's sha256 in a header."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        digest = hashlib.sha256()
+        received = 0
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                remaining = size
+                while remaining:
+                    chunk = self.rfile.read(min(remaining, 1 << 20))
+                    digest.update(chunk)
+                    remaining -= len(chunk)
+                received += size
+                self.rfile.readline()
+        else:
+            remaining = int(self.headers["content-length"])
+            while remaining:
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                digest.update(chunk)
+                remaining -= len(chunk)
+                received += len(chunk)
+        chunked = self.path == "/chunked"
+        self.send_response(200)
+        self.send_header("x-request-sha256", digest.hexdigest())
+        self.send_header("x-request-bytes", str(received))
+        if chunked:
+            self.send_header("transfer-encoding", "chunked")
+        else:
+            self.send_header("content-length", str(_SIZE))
+        self.end_headers()
+        for _ in range(_SIZE // len(_BLOCK)):
+            if chunked:
+                self.wfile.write(b"%x\r\n" % len(_BLOCK) + _BLOCK + b"\r\n")
+            else:
+                self.wfile.write(_BLOCK)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+@contextlib.contextmanager
+def _http_server() -> Iterator[tuple[str, int]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2]  # type: ignore[misc]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.asynccontextmanager
+async def _served_http_server() -> AsyncIterator[tuple[tuple[str, int], FakeDispatcher]]:
+    with _http_server() as upstream:
+        dispatcher = FakeDispatcher([endpoint(upstream)])
+        async with codec_server(dispatcher) as address:
+            yield address, dispatcher
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_interop_curl_and_http_server_100_mib(chunked: bool, tmp_path: Path) -> None:
+    upload = tmp_path / "upload"
+    with upload.open("wb") as f:
+        for _ in range(_SIZE // len(_BLOCK)):
+            f.write(_BLOCK[::-1])
+    download = tmp_path / "download"
+    headers = tmp_path / "headers"
+    args = ["-sS", "--fail", "--data-binary", f"@{upload}", "-D", str(headers), "-o", str(download)]
+    args += ["-H", "content-type: application/octet-stream", "-H", "expect:"]
+    if chunked:
+        args += ["-H", "transfer-encoding: chunked"]
+    async with _served_http_server() as (address, dispatcher):
+        url = f"http://{address[0]}:{address[1]}/{'chunked' if chunked else 'length'}"
+        curl = await asyncio.create_subprocess_exec("curl", *args, url)
+        assert await curl.wait() == 0
+    sent = hashlib.sha256(_BLOCK[::-1] * (_SIZE // len(_BLOCK))).hexdigest()
+    head = headers.read_text().lower()
+    assert f"x-request-sha256: {sent}" in head
+    assert f"x-request-bytes: {_SIZE}" in head
+    assert ("transfer-encoding: chunked" in head) == chunked
+    assert download.stat().st_size == _SIZE
+    digest = hashlib.sha256()
+    with download.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    assert digest.hexdigest() == hashlib.sha256(_BLOCK * (_SIZE // len(_BLOCK))).hexdigest()
+    record = dispatcher.records[0]
+    assert (record.status, record.request_bytes, record.response_bytes) == (200, _SIZE, _SIZE)
