@@ -102,14 +102,20 @@ class _BadRequest(Exception):
 
 
 class _Peer:
-    """One side of an exchange: a byte stream and the h11 state of its connection."""
+    """One side of an exchange: a byte stream and the h11 state of its connection.
 
-    __slots__ = ("conn", "eof", "stream")
+    What is sent is held until the next flush, so a head and the body pieces already at
+    hand leave in one write (one tunnel frame) instead of one each; reading flushes first."""
+
+    __slots__ = ("closed", "conn", "eof", "out", "out_size", "stream")
 
     def __init__(self, stream: ByteStream, conn: h11.Connection) -> None:
         self.stream = stream
         self.conn = conn
         self.eof = False
+        self.closed = False
+        self.out: list[bytes] = []
+        self.out_size = 0
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         conn = self.conn
@@ -117,29 +123,46 @@ class _Peer:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            data = await self.stream.read()
-            if not data:
-                self.eof = True
-            conn.receive_data(data)
+            self.flush()
+            await self.read()
+
+    async def read(self) -> None:
+        data = await self.stream.read()
+        if not data:
+            self.eof = True
+        self.conn.receive_data(data)
 
     def send(self, event: h11.Event) -> None:
         pieces = self.conn.send_with_data_passthrough(event)
-        if not pieces:
+        if pieces:
+            self.out.extend(pieces)
+            self.out_size += sum(map(len, pieces))
+
+    def flush(self) -> None:
+        out = self.out
+        if not out:
             return
-        if len(pieces) == 1:
-            self.stream.write(pieces[0])
-        elif type(event) is not h11.Data or len(event.data) < _JOIN_BELOW:
-            self.stream.write(b"".join(pieces))
+        if len(out) == 1:
+            self.stream.write(out[0])
+        elif self.out_size <= _JOIN_BELOW:
+            self.stream.write(b"".join(out))
         else:
-            for piece in pieces:  # the data itself passes through uncopied
+            for piece in out:  # large data passes through uncopied
                 self.stream.write(piece)
+        out.clear()
+        self.out_size = 0
 
     def discard(self) -> None:
         """Drop the connection: a clean close if the peer already ended, else a reset."""
-        if self.eof:
-            self.stream.write_eof()
-        else:
-            self.stream.abort()
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            if self.eof:
+                self.stream.write_eof()
+            else:
+                self.stream.abort()
 
 
 class Http1Upstreams:
@@ -318,6 +341,7 @@ class _Session:
             if abort:
                 stream.abort()
             else:
+                self.down.flush()
                 stream.write_eof()
 
     async def _refuse(self, status: int, tally: _Exchange) -> None:
@@ -326,6 +350,7 @@ class _Session:
         tally.status, tally.flags = reply.status, reply.flags
         if self.down.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(ConnectionError):
+                self.down.flush()
                 self.down.stream.write(_raw_reply(reply, close=True))
                 await self.down.stream.drain()
 
@@ -345,6 +370,7 @@ class _Session:
         if reply.body:
             self.down.send(h11.Data(data=reply.body))
         self.down.send(h11.EndOfMessage())
+        self.down.flush()
         tally.status = reply.status
         tally.flags = reply.flags
         tally.response_bytes = len(reply.body)
@@ -482,6 +508,9 @@ class _Session:
                 if not complete:
                     pump = asyncio.create_task(self._pump(up, tally))
             return await self._respond(up, event, forward, endpoint, pump, tally)
+        except BaseException:
+            up.discard()  # cancelled, or a bug: never leave it open nor give it back
+            raise
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
@@ -529,6 +558,7 @@ class _Session:
         try:
             while True:
                 if event is None:
+                    down.flush()  # a 100 or 1xx of ours
                     event = await up.next_event()
                 kind = type(event)
                 if kind is h11.InformationalResponse:
@@ -623,9 +653,10 @@ class _Session:
             up.discard()
             self._end(abort=True)
             return False
+        down.flush()
         down_rest, _ = down.conn.trailing_data
         up_rest, _ = up.conn.trailing_data
-        self.ended = True  # the relay ends both streams itself
+        self.ended = up.closed = True  # the relay ends both streams itself
         upward = asyncio.create_task(_relay(down.stream, down_rest, up.stream))
         try:
             tally.response_bytes = await _relay(up.stream, up_rest, down.stream)
@@ -640,18 +671,27 @@ class _Session:
 
 
 async def _copy_body(source: _Peer, sink: _Peer, tally: _Exchange, *, request: bool) -> None:
-    """Stream one message body (h11 reframes it for the sink), draining after each piece."""
+    """Stream one message body (h11 reframes it for the sink). Whatever one read brought
+    leaves in one flush; the sink is drained before the next read (the backpressure)."""
+    conn = source.conn
     while True:
-        event = await source.next_event()
-        if type(event) is h11.Data:
+        event = conn.next_event()
+        kind = type(event)
+        if kind is h11.Data:
+            assert isinstance(event, h11.Data)
             if request:
                 tally.request_bytes += len(event.data)
             else:
                 tally.response_bytes += len(event.data)
             sink.send(event)
+        elif event is h11.NEED_DATA:
+            sink.flush()
             await sink.stream.drain()
-        elif type(event) is h11.EndOfMessage:
+            source.flush()
+            await source.read()
+        elif kind is h11.EndOfMessage:
             sink.send(h11.EndOfMessage())  # trailers dropped: either side may be content-length
+            sink.flush()
             return
         else:
             raise h11.RemoteProtocolError("the message ended inside its body")
