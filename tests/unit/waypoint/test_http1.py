@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.hbone.aio import HboneConnection, TunnelStream
 from nodeagent.model.routing import HeaderOps
 from nodeagent.waypoint.exchange import Forward, LocalReply, RequestHead, UpstreamError
-from nodeagent.waypoint.http1 import Http1Upstreams
-from nodeagent.waypoint.streams import SocketByteStream
+from nodeagent.waypoint.http1 import Http1Upstreams, serve_http1
+from nodeagent.waypoint.streams import SocketByteStream, TunnelByteStream
 from tests.unit.waypoint.conftest import (
     Client,
     FakeDispatcher,
@@ -506,3 +507,91 @@ async def test_interop_curl_and_http_server_100_mib(chunked: bool, tmp_path: Pat
     assert digest.hexdigest() == hashlib.sha256(_BLOCK * (_SIZE // len(_BLOCK))).hexdigest()
     record = dispatcher.records[0]
     assert (record.status, record.request_bytes, record.response_bytes) == (200, _SIZE, _SIZE)
+
+
+async def test_over_an_hbone_tunnel() -> None:
+    """The waypoint's real downstream: a CONNECT tunnel, through TunnelByteStream (plain TCP
+    here; TLS changes nothing for the codec)."""
+    served: list[asyncio.Task[None]] = []
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        pool = Http1Upstreams()
+
+        def on_request(tunnel: TunnelStream) -> None:
+            tunnel.respond(200)
+            served.append(
+                asyncio.create_task(serve_http1(TunnelByteStream(tunnel), b"", dispatcher, pool))
+            )
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: HboneConnection(client_side=False, on_request=on_request), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        _, conn = await loop.create_connection(
+            lambda: HboneConnection(client_side=True), "127.0.0.1", port
+        )
+        try:
+            stream = TunnelByteStream(await asyncio.wait_for(conn.open_tunnel("10.0.0.5:80"), 10))
+            body = os.urandom(200_000)
+            stream.write(
+                b"POST /t HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+            )
+            stream.write(b"GET /u HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            received = bytearray()
+            async with asyncio.timeout(10):
+                while chunk := await stream.read():
+                    received += chunk
+                await asyncio.gather(*served)
+            stream.write_eof()
+        finally:
+            conn.close()
+            await asyncio.wait_for(conn.closed, 10)
+            server.close()
+            await server.wait_closed()
+            pool.close()
+    assert bytes(received).count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert body in bytes(received)
+    assert [r.path for r in dispatcher.routed] == ["/t", "/u"]
+
+
+async def test_upstream_framings_head_and_close() -> None:
+    """An HTTP/1.0 upstream whose body runs to its close reaches an HTTP/1.1 client chunked;
+    a response that says `connection: close` is not kept; HEAD gets no body."""
+    conns: list[str] = []
+
+    async def old_server(stream: SocketByteStream) -> None:
+        data = await stream.read()
+        conns.append(data.split(b" ", 2)[1].decode())
+        if data.startswith(b"HEAD "):
+            stream.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n")
+            await stream.drain()
+            await stream.read()
+            return
+        if b"/close" in data:
+            stream.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")
+        else:
+            stream.write(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+        await stream.drain()
+        stream.write_eof()
+        await stream.read()
+
+    async with listener(old_server) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        pool = Http1Upstreams()
+        async with codec_server(dispatcher, pool) as address:
+            client = await Client.connect(address)
+            old = await client.request("GET", "/old")
+            closing = await client.request("GET", "/close")
+            head = await client.request("HEAD", "/head")
+            await client.close()
+            idle = pool.idle(dispatcher.picked[0].key)
+    assert (old.status, old.body, old.header("transfer-encoding")) == (
+        200,
+        b"until the end",
+        "chunked",
+    )
+    assert (closing.body, closing.header("connection")) == (b"ok", None)
+    assert (head.status, head.body, head.header("content-length")) == (200, b"", "1234")
+    assert conns == ["/old", "/close", "/head"]  # none of the first two was reused
+    assert idle == 1  # the HEAD's connection
