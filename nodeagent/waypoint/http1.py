@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Hashable, Iterable
 from http import HTTPStatus
@@ -36,6 +37,8 @@ from nodeagent.waypoint.exchange import (
     RequestRecord,
     UpstreamError,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_REQUEST_HEADERS",
@@ -423,6 +426,12 @@ class _Session:
             tally.flags = tally.flags or "DC"
             self._end(abort=True)
             return False
+        except h11.LocalProtocolError as error:
+            # A head h11 will not write (a rewrite or header op with bytes HTTP forbids): the
+            # route's fault, not the client's; this connection only ends.
+            log.warning("waypoint: cannot send %s %s: %s", head.method, head.path, error)
+            self._end(abort=True)
+            return False
         finally:
             dispatcher.record(
                 RequestRecord(
@@ -541,7 +550,7 @@ class _Session:
             # The client failed mid-body: the upstream must not take a truncated request as
             # complete, so reset it; _respond sees the reason.
             self.pump_error = error
-            up.stream.abort()
+            up.discard()
 
     async def _respond(
         self,

@@ -595,3 +595,24 @@ async def test_upstream_framings_head_and_close() -> None:
     assert (head.status, head.body, head.header("content-length")) == (200, b"", "1234")
     assert conns == ["/old", "/close", "/head"]  # none of the first two was reused
     assert idle == 1  # the HEAD's connection
+
+
+async def test_a_header_h11_refuses_to_write_ends_only_that_connection() -> None:
+    def route(head: RequestHead) -> Forward:
+        if head.path == "/bad":
+            return Forward(head, HeaderOps(set=(("x-bad", "a\r\nb"),)))
+        return Forward(head)
+
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)], route)
+        async with codec_server(dispatcher) as address:
+            try:
+                data = await raw_exchange(address, b"GET /bad HTTP/1.1\r\nhost: a\r\n\r\n")
+            except ConnectionResetError:
+                data = b""  # an abort: a reset or a bare end, either way no response
+            client = await Client.connect(address)
+            good = await client.request("GET", "/good")
+            await client.close()
+    assert data == b""
+    assert good.status == 200
+    assert [(r.head.path, r.status) for r in dispatcher.records] == [("/bad", 0), ("/good", 200)]
