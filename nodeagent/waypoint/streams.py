@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from nodeagent.hbone.aio import TunnelStream
+from nodeagent.hbone.connection import InvalidActionError
 
 __all__ = ["READ_SIZE", "SocketByteStream", "TunnelByteStream"]
 
@@ -66,7 +67,10 @@ class SocketByteStream:
 
 
 class TunnelByteStream:
-    """A `ByteStream` over one HBONE CONNECT tunnel; abort() resets the HTTP/2 stream."""
+    """A `ByteStream` over one HBONE CONNECT tunnel; abort() resets the HTTP/2 stream.
+
+    Writing to a stream that is already reset or ended raises ConnectionError, as on a
+    socket, instead of the HTTP/2 layer's InvalidActionError."""
 
     __slots__ = ("tunnel",)
 
@@ -77,13 +81,22 @@ class TunnelByteStream:
         return await self.tunnel.read()
 
     def write(self, data: bytes) -> object:
-        return self.tunnel.write(data)
+        try:
+            return self.tunnel.write(data)
+        except InvalidActionError as error:
+            raise ConnectionError(str(error)) from error
 
     async def drain(self) -> None:
         await self.tunnel.drain()
 
     def write_eof(self) -> None:
-        self.tunnel.write_eof()
+        tunnel = self.tunnel
+        if tunnel.error is not None:
+            raise ConnectionError(str(tunnel.error))
+        try:
+            tunnel.write_eof()
+        except InvalidActionError as error:
+            raise ConnectionError(str(error)) from error
 
     def abort(self) -> None:
         self.tunnel.reset()

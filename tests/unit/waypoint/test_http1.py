@@ -12,7 +12,7 @@ import http.server
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -509,6 +509,26 @@ async def test_interop_curl_and_http_server_100_mib(chunked: bool, tmp_path: Pat
     assert (record.status, record.request_bytes, record.response_bytes) == (200, _SIZE, _SIZE)
 
 
+@contextlib.asynccontextmanager
+async def _hbone(on_request: Callable[[TunnelStream], None]) -> AsyncIterator[HboneConnection]:
+    """An HBONE client connected to an HBONE server on loopback (plain TCP: TLS changes
+    nothing for the codec)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: HboneConnection(client_side=False, on_request=on_request), "127.0.0.1", 0
+    )
+    _, conn = await loop.create_connection(
+        lambda: HboneConnection(client_side=True), "127.0.0.1", server.sockets[0].getsockname()[1]
+    )
+    try:
+        yield conn
+    finally:
+        conn.close()
+        await asyncio.wait_for(conn.closed, 10)
+        server.close()
+        await server.wait_closed()
+
+
 async def test_over_an_hbone_tunnel() -> None:
     """The waypoint's real downstream: a CONNECT tunnel, through TunnelByteStream (plain TCP
     here; TLS changes nothing for the codec)."""
@@ -523,32 +543,23 @@ async def test_over_an_hbone_tunnel() -> None:
                 asyncio.create_task(serve_http1(TunnelByteStream(tunnel), b"", dispatcher, pool))
             )
 
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: HboneConnection(client_side=False, on_request=on_request), "127.0.0.1", 0
-        )
-        port = server.sockets[0].getsockname()[1]
-        _, conn = await loop.create_connection(
-            lambda: HboneConnection(client_side=True), "127.0.0.1", port
-        )
         try:
-            stream = TunnelByteStream(await asyncio.wait_for(conn.open_tunnel("10.0.0.5:80"), 10))
-            body = os.urandom(200_000)
-            stream.write(
-                b"POST /t HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % len(body) + body
-            )
-            stream.write(b"GET /u HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
-            received = bytearray()
-            async with asyncio.timeout(10):
-                while chunk := await stream.read():
-                    received += chunk
-                await asyncio.gather(*served)
-            stream.write_eof()
+            async with _hbone(on_request) as conn:
+                stream = TunnelByteStream(
+                    await asyncio.wait_for(conn.open_tunnel("10.0.0.5:80"), 10)
+                )
+                body = os.urandom(200_000)
+                stream.write(
+                    b"POST /t HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+                )
+                stream.write(b"GET /u HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+                received = bytearray()
+                async with asyncio.timeout(10):
+                    while chunk := await stream.read():
+                        received += chunk
+                    await asyncio.gather(*served)
+                stream.write_eof()
         finally:
-            conn.close()
-            await asyncio.wait_for(conn.closed, 10)
-            server.close()
-            await server.wait_closed()
             pool.close()
     assert bytes(received).count(b"HTTP/1.1 200 OK\r\n") == 2
     assert body in bytes(received)
@@ -616,3 +627,19 @@ async def test_a_header_h11_refuses_to_write_ends_only_that_connection() -> None
     assert data == b""
     assert good.status == 200
     assert [(r.head.path, r.status) for r in dispatcher.records] == [("/bad", 0), ("/good", 200)]
+
+
+async def test_tunnel_byte_stream_after_a_reset_raises_connection_error() -> None:
+    def on_request(tunnel: TunnelStream) -> None:
+        tunnel.respond(200)
+
+    async with _hbone(on_request) as conn:
+        stream = TunnelByteStream(await asyncio.wait_for(conn.open_tunnel("10.0.0.5:80"), 10))
+        stream.write(b"x")
+        stream.write_eof()
+        with pytest.raises(ConnectionError):
+            stream.write(b"after the end")
+        stream.abort()
+        stream.abort()  # twice: still quiet
+        with pytest.raises(ConnectionError):
+            stream.write_eof()
