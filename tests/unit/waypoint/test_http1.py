@@ -643,3 +643,21 @@ async def test_tunnel_byte_stream_after_a_reset_raises_connection_error() -> Non
         stream.abort()  # twice: still quiet
         with pytest.raises(ConnectionError):
             stream.write_eof()
+
+
+async def test_an_upgrade_refused_keeps_the_connection_as_http() -> None:
+    def route(head: RequestHead) -> Forward | LocalReply:
+        return LocalReply(404, flags="NR") if head.path == "/none" else Forward(head)
+
+    upgrade = [("connection", "upgrade"), ("upgrade", "websocket")]
+    async with echo_upstream() as (addr, _):
+        dispatcher = FakeDispatcher([endpoint(addr)], route)
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            refused = await client.request("GET", "/none", upgrade)
+            plain = await client.request("GET", "/ws", upgrade)  # the echo answers 200
+            after = await client.request("GET", "/after")
+            await client.close()
+    assert (refused.status, plain.status, after.status) == (404, 200, 200)
+    assert "upgrade=websocket" in (plain.header("x-request-headers") or "")
+    assert plain.header("upgrade") is None
