@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,10 @@ from typing import Any, TypeVar
 import yaml
 
 from nodeagent.model.constants import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN
+from nodeagent.model.httproute import API_VERSIONS as HTTPROUTE_VERSIONS
+from nodeagent.model.httproute import GROUP as HTTPROUTE_GROUP
+from nodeagent.model.httproute import KIND as HTTPROUTE_KIND
+from nodeagent.model.httproute import parse_http_route
 from nodeagent.model.identity import Identity
 from nodeagent.model.routing import (
     API_VERSIONS,
@@ -402,6 +406,7 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
             "authorizationPolicies",
             "virtualServices",
             "destinationRules",
+            "httpRoutes",
         ),
     )
     where = {"": r.where(root)}
@@ -451,6 +456,13 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         if "destinationRules" in top
         else []
     )
+    # Gateway API HTTPRoutes become VirtualServices (as istiod converts them), served alike.
+    http_routes = (
+        r.items(top["httpRoutes"], "httpRoutes", lambda n, p: _http_route(r, n, p))
+        if "httpRoutes" in top
+        else []
+    )
+    converted = [(n, vs) for n, group in http_routes for vs in group]
     _check_unique(r, "nodes", nodes, lambda s: s.name, "name")
     _check_unique(r, "nodes", nodes, lambda s: s.token, "token")
     _check_pod_ranges_apart(r, nodes)
@@ -478,11 +490,13 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
     _check_unique(r, "authorizationPolicies", policies, lambda s: s.key, "metadata.name")
     _check_unique(r, "virtualServices", virtual_services, lambda s: s.key, "metadata.name")
     _check_unique(r, "destinationRules", destination_rules, lambda s: s.key, "metadata.name")
+    _check_unique(r, "httpRoutes", http_routes, lambda s: s[0].key if s else None, "metadata.name")
     _check_routing_references(
         r,
         {s.hostname for _, s in services},
         [(n, vs) for n, vs in virtual_services if isinstance(vs, VirtualService)],
         [(n, dr) for n, dr in destination_rules if isinstance(dr, DestinationRule)],
+        converted,
     )
     notes = _check_emptiness(r, root, top, nodes, workloads, where)
     return MeshConfig(
@@ -492,7 +506,8 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         workloads=tuple(s for _, s in workloads),
         services=tuple(s for _, s in services),
         policies=tuple(s for _, s in policies),
-        virtual_services=tuple(s for _, s in virtual_services if isinstance(s, VirtualService)),
+        virtual_services=tuple(s for _, s in virtual_services if isinstance(s, VirtualService))
+        + tuple(vs for _, vs in converted),
         destination_rules=tuple(s for _, s in destination_rules if isinstance(s, DestinationRule)),
         workloads_explicitly_empty=_explicit_empty_list(top.get("workloads")),
         where=where,
@@ -1027,11 +1042,41 @@ def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualServic
         raise r.error(locate_node(node, e.path), f"{path}.{e.path}", e.problem) from None
 
 
+def _http_route(r: _Reader, node: yaml.Node, path: str) -> tuple[VirtualService, ...]:
+    """One Gateway API HTTPRoute, as the VirtualServices it compiles to (model/httproute.py)."""
+    m = r.mapping(node, path, ("metadata", "spec"), ("apiVersion", "kind", "status"))
+    if "kind" in m and r.string(m["kind"], f"{path}.kind") != HTTPROUTE_KIND:
+        raise r.error(m["kind"], f"{path}.kind", f"must be {HTTPROUTE_KIND}")
+    if "apiVersion" in m:
+        version = r.string(m["apiVersion"], f"{path}.apiVersion")
+        allowed = [f"{HTTPROUTE_GROUP}/{v}" for v in HTTPROUTE_VERSIONS]
+        if version not in allowed:
+            raise r.error(
+                m["apiVersion"], f"{path}.apiVersion", f"must be one of {', '.join(allowed)}"
+            )
+    md = r.mapping(
+        m["metadata"], f"{path}.metadata", ("name",), ("namespace", "labels", "annotations")
+    )
+    name = r.string(md["name"], f"{path}.metadata.name")
+    namespace = (
+        r.string(md["namespace"], f"{path}.metadata.namespace") if "namespace" in md else "default"
+    )
+    try:
+        spec = construct(m["spec"], r.source)
+    except YamlSyntaxError as e:
+        raise MeshError(str(e)) from None
+    try:
+        return parse_http_route(namespace, name, spec)
+    except RoutingSpecError as e:
+        raise r.error(locate_node(node, e.path), f"{path}.{e.path}", e.problem) from None
+
+
 def _check_routing_references(
     r: _Reader,
     hostnames: set[str],
     virtual_services: list[tuple[yaml.Node, VirtualService]],
     destination_rules: list[tuple[yaml.Node, DestinationRule]],
+    converted: Sequence[tuple[yaml.Node, VirtualService]] = (),
 ) -> None:
     """Every host names a service and every subset is defined by that service's rule."""
     subsets: dict[str, set[str]] = {}
@@ -1049,31 +1094,38 @@ def _check_routing_references(
             )
         owner[host] = dr.key
         subsets[host] = {s.name for s in dr.subsets}
-    for i, (node, vs) in enumerate(virtual_services):
-        path = f"virtualServices[{i}]"
+    sources = [(f"virtualServices[{i}]", n, vs) for i, (n, vs) in enumerate(virtual_services)]
+    index = {id(n): i for i, n in enumerate(dict.fromkeys(n for n, _ in converted))}
+    sources += [(f"httpRoutes[{index[id(n)]}] ({vs.key})", n, vs) for n, vs in converted]
+    for path, node, vs in sources:
         for j, host in enumerate(vs.hosts):
             full = resolve_host(host, vs.namespace)
             if full not in hostnames and not host.startswith("*"):
                 raise _not_a_service(r, node, path, f"spec.hosts[{j}]", host, full)
+        places = [
+            (f"spec.http[{j}].route[{k}].destination", d.destination)
+            for j, http in enumerate(vs.http)
+            for k, d in enumerate(http.route)
+        ]
         for j, route in enumerate(vs.tcp):
-            places = [
+            places += [
                 (f"spec.tcp[{j}].route[{k}].destination", d.destination)
                 for k, d in enumerate(route.route)
             ]
             if route.mirror is not None:
                 places.append((f"spec.tcp[{j}].mirror", route.mirror.destination))
-            for where, dest in places:
-                full = resolve_host(dest.host, vs.namespace)
-                if full not in hostnames:
-                    raise _not_a_service(r, node, path, f"{where}.host", dest.host, full)
-                if dest.subset and dest.subset not in subsets.get(full, set()):
-                    defined = ", ".join(sorted(subsets.get(full, ()))) or "none"
-                    raise r.error(
-                        locate_node(node, f"{where}.subset"),
-                        f"{path}.{where}.subset",
-                        f"subset {dest.subset!r} is defined by no DestinationRule for {full} "
-                        f"(defined: {defined})",
-                    )
+        for where, dest in places:
+            full = resolve_host(dest.host, vs.namespace)
+            if full not in hostnames:
+                raise _not_a_service(r, node, path, f"{where}.host", dest.host, full)
+            if dest.subset and dest.subset not in subsets.get(full, set()):
+                defined = ", ".join(sorted(subsets.get(full, ()))) or "none"
+                raise r.error(
+                    locate_node(node, f"{where}.subset"),
+                    f"{path}.{where}.subset",
+                    f"subset {dest.subset!r} is defined by no DestinationRule for {full} "
+                    f"(defined: {defined})",
+                )
 
 
 def _not_a_service(
