@@ -31,13 +31,14 @@ import copy
 import ipaddress
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from nodeagent.model.constants import CONTROLPLANE_XDS_PORT
+from nodeagent.model.httproute import parse_http_route
 from nodeagent.model.routing import (
     RoutingSpecError,
     parse_destination_rule,
@@ -73,6 +74,7 @@ APPLY_SECTIONS = (
     "authorizationPolicies",
     "virtualServices",
     "destinationRules",
+    "httpRoutes",
 )
 _KINDS = {
     "namespaces": "namespace",
@@ -81,14 +83,16 @@ _KINDS = {
     "authorizationPolicies": "policy",
     "virtualServices": "virtualservice",
     "destinationRules": "destinationrule",
+    "httpRoutes": "httproute",
 }
 # Istio kinds an apply file may hold as Kubernetes documents (`kind:` each, `---` between).
 ISTIO_KINDS = {
     "AuthorizationPolicy": "authorizationPolicies",
     "VirtualService": "virtualServices",
     "DestinationRule": "destinationRules",
+    "HTTPRoute": "httpRoutes",  # Gateway API, attached to a Service (compiled to a VS)
 }
-_METADATA_SECTIONS = ("authorizationPolicies", "virtualServices", "destinationRules")
+_METADATA_SECTIONS = ("authorizationPolicies", "virtualServices", "destinationRules", "httpRoutes")
 _OWNED_SECTIONS = ("meshConfig", "nodes")
 DEFAULT_NAMESPACE = "default"  # the mesh file's default (docs/mesh-file.md)
 
@@ -355,7 +359,11 @@ def _parse_documents(roots: list[yaml.Node | None], source: str) -> UserFile:
 
 def _check_fields(doc: Mapping[str, Any], root: yaml.Node, source: str) -> None:
     """A VirtualService's or DestinationRule's own fields, with the line of the bad one."""
-    read = {"VirtualService": parse_virtual_service, "DestinationRule": parse_destination_rule}
+    read: dict[str, Callable[[str, str, Mapping[str, Any], Mapping[str, str]], object]] = {
+        "VirtualService": parse_virtual_service,
+        "DestinationRule": parse_destination_rule,
+        "HTTPRoute": lambda namespace, name, spec, _: parse_http_route(namespace, name, spec),
+    }
     parse = read.get(str(doc.get("kind")))
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     if parse is None or not isinstance(meta, dict):
