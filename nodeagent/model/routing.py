@@ -813,7 +813,7 @@ def _string_matches(
     value: Any, path: str, *, prefix: bool = True, lower: bool = True
 ) -> tuple[tuple[str, StringMatch], ...]:
     """A map of name -> StringMatch where `{}` means "present" (header names lowercased)."""
-    data = _READ.mapping(value, path, tuple(value or ()))
+    data = _READ.mapping(value, path, tuple(value) if isinstance(value, Mapping) else ())
     out: list[tuple[str, StringMatch]] = []
     for key, block in data.items():
         where = _sub(path, str(key))
@@ -1049,7 +1049,9 @@ def _route_destinations(
             )
         return (RouteDestination(only, 100, headers),)
     total = sum(w or 0 for _, w, _ in out)
-    if total != 100:
+    # istiod sends http weights as written, and its Gateway API conversion sends relative ones
+    # (Envoy's total_weight is their sum): an http route takes them as relative weights.
+    if total != 100 and not http:
         listed = " + ".join(str(w or 0) for _, w, _ in out)
         raise RoutingSpecError(path, f"weights must sum to 100, got {listed} = {total}")
     return tuple(RouteDestination(d, w or 0, h) for d, w, h in out)

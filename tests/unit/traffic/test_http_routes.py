@@ -321,3 +321,9 @@ def test_split_authority(authority: str, split: tuple[str, str]) -> None:
 def test_merged_with_nothing_is_the_route() -> None:
     ops = HeaderOps(set=(("a", "1"),))
     assert merged(ops, None) is ops and merged(HeaderOps(), ops) is ops
+
+
+def test_relative_weights_split_by_their_sum() -> None:
+    t = table(vs({"route": [{**V1, "weight": 3}, {**V2, "weight": 1}]}), RULE)
+    assert decide(t, req(), 0.74).decision.target.subset == "v1"
+    assert decide(t, req(), 0.76).decision.target.subset == "v2"
