@@ -45,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from nodeagent.admin.httpserver import HttpServer, Request, Response, parse_host_port, route
 from nodeagent.admin.loglevel import StdlibLogLevelControl
 from nodeagent.admin.metrics import AgentMetrics
 from nodeagent.admin.providers import AdminProviders, DrainHook
@@ -71,13 +74,14 @@ from nodeagent.datapath.netns import (
     NetnsWorker,
     original_destination,
 )
-from nodeagent.hbone.server import ServerSettings
+from nodeagent.hbone.server import HboneServer, ServerSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager, CertState
 from nodeagent.kube.api import KubeApi
 from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.kube.shutdown import ShutdownMode
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.model.identity import Identity
 from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff
 from nodeagent.node.manager import NamespaceScanner, NodeManager, NodeTiming
@@ -100,6 +104,9 @@ from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.traffic.outlier import OutlierDetector
+from nodeagent.waypoint.router import WaypointRouter
+from nodeagent.waypoint.server import WaypointEnd, WaypointListener, WaypointTunnels
+from nodeagent.waypoint.telemetry import RequestTelemetry
 from nodeagent.xds.client import XdsClient
 
 log = logging.getLogger(__name__)
@@ -567,4 +574,129 @@ def _refresh_metrics(
         lambda: metrics.sync_capture_repairs(
             node_manager.stats.repairs, node_manager.stats.repair_failures
         )
+    )
+
+
+# --- the waypoint ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WaypointSettings:
+    """What the waypoint is, beyond the agent's Config (xDS, CA, token, trust domain)."""
+
+    name: str  # the waypoint (a Gateway's name); its service account unless given
+    namespace: str
+    service_account: str = ""
+    listen: str = f"0.0.0.0:{INBOUND_HBONE_PORT}"
+
+    @property
+    def account(self) -> str:
+        return self.service_account or self.name
+
+
+@dataclass
+class WaypointHandles:
+    """A built waypoint and its lifecycle."""
+
+    settings: WaypointSettings
+    store: StateStore
+    xds: XdsClient
+    ca_client: CaClient
+    certificates: CertificateManager
+    pool: HbonePool
+    tunnels: WaypointTunnels
+    listener: WaypointListener
+    telemetry: RequestTelemetry
+    metrics_server: HttpServer
+    metrics_address: str
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    bound: tuple[str, int] | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        self.xds.start()
+        self._tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
+        host, port = parse_host_port(self.settings.listen)
+        self.bound = await self.listener.start(host, port)
+        mhost, mport = parse_host_port(self.metrics_address)
+        await self.metrics_server.listen_tcp(mhost, mport)
+        log.info(
+            "waypoint %s/%s serving HBONE on %s:%d",
+            self.settings.namespace, self.settings.name, *self.bound,
+        )  # fmt: skip
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        await self.listener.stop()
+        await self.metrics_server.stop()
+        await self.pool.close()
+        await self.xds.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.ca_client.close()
+        log.info("waypoint stopped")
+
+
+def build_waypoint(config: Config, settings: WaypointSettings) -> WaypointHandles:
+    """The waypoint process: xDS into a state store, its own certificate, HBONE in and out."""
+    if not config.node_name:
+        raise ConfigError("field 'node_name' is required (the node the waypoint runs on)")
+    store = StateStore()
+    xds_client = XdsClient(config, StateUpdater(store))
+    ca_client, certificates = _certificate_manager(config)
+    identity = Identity.for_workload(config.trust_domain, settings.namespace, settings.account)
+    certificates.add_workload_identity(identity)
+    tls = WorkloadTls(certificates)
+    pool = HbonePool(tls, PoolSettings())
+    routing = ServiceRouting(store, OutlierDetector(time.monotonic))
+    telemetry = RequestTelemetry()
+    router = WaypointRouter(
+        store, routing, pool, identity, f"waypoint/{settings.namespace}/{settings.name}", telemetry
+    )
+    tunnels = WaypointTunnels(router)
+    server = HboneServer(tls, tunnels, settings=ServerSettings.from_config(config))
+    listener = WaypointListener(
+        server, WaypointEnd(identity, f"waypoint {settings.namespace}/{settings.name}")
+    )
+
+    def scrape(_req: Request) -> Response:
+        return Response(
+            status=200, body=generate_latest(telemetry.registry), content_type=CONTENT_TYPE_LATEST
+        )
+
+    def ready(_req: Request) -> Response:
+        if not xds_client.ready:
+            return Response.text(503, "not ready: xds\n")
+        return Response.text(200, "ready\n")
+
+    metrics_server = HttpServer(
+        "waypoint-metrics",
+        {
+            "/metrics": route(scrape),
+            "/stats/prometheus": route(scrape),
+            "/healthz/ready": route(ready),
+        },
+    )
+    return WaypointHandles(
+        settings=settings,
+        store=store,
+        xds=xds_client,
+        ca_client=ca_client,
+        certificates=certificates,
+        pool=pool,
+        tunnels=tunnels,
+        listener=listener,
+        telemetry=telemetry,
+        metrics_server=metrics_server,
+        metrics_address=config.metrics_address,
     )

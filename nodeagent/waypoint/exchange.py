@@ -107,6 +107,7 @@ class Endpoint:
     key: Hashable
     address: str  # "ip:port", for logs
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    token: Any = field(default=None, compare=False, hash=False, repr=False)  # the dispatcher's
 
 
 class UpstreamError(ConnectionError):

@@ -1,0 +1,356 @@
+"""The waypoint's router: from an accepted tunnel and a request head to an endpoint stream.
+
+`WaypointRouter.accept` reads a CONNECT as the client's agent sends it
+(authority = the service `VIP:port` the app dialled, `forwarded: for=` = the
+app's own address) and gives the tunnel a `TunnelDispatcher`, the
+`exchange.Dispatcher` the HTTP codecs ask per request:
+
+* `route`: the service's HTTP route table (`RouteTable.decide_http`, the same
+  compiled table the node agent uses for tcp routes) picks a route; a redirect
+  or direct response is answered here, no matching route is Envoy's 404 `NR`;
+* `pick`: the next endpoint of the route's targets through `ServiceRouting`
+  (subsets, balancing, ejection, circuit breaking), as the agent picks one per
+  connection; the waypoint does it per request;
+* `open`: an HBONE tunnel to the endpoint as the waypoint itself (the
+  destination's agent authorizes the waypoint's identity), with the original
+  caller in `forwarded` and `baggage`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+from nodeagent.hbone.aio import TunnelStream
+from nodeagent.hbone.headers import format_authority, parse_authority
+from nodeagent.hbone.server import AcceptedStream
+from nodeagent.model.constants import INBOUND_HBONE_PORT
+from nodeagent.model.identity import Identity, IdentityError
+from nodeagent.model.workload import Service, TunnelProtocol, Workload
+from nodeagent.proxy.pool import HboneConnectError, HbonePool, PoolKey
+from nodeagent.proxy.routing import Pick, ServicePlan, ServiceRouting
+from nodeagent.state.store import StateStore
+from nodeagent.traffic.http import HttpRequest
+from nodeagent.traffic.routes import Caller
+from nodeagent.traffic.selection import SourceLocation
+from nodeagent.waypoint.exchange import (
+    ByteStream,
+    Endpoint,
+    Forward,
+    LocalReply,
+    RequestHead,
+    RequestRecord,
+    UpstreamError,
+)
+from nodeagent.waypoint.streams import READ_SIZE, SocketByteStream, TunnelByteStream
+
+log = logging.getLogger(__name__)
+
+# Envoy's local reply bodies for these flags (source/common/router/router.cc and
+# source/common/http/conn_manager_impl.cc name the same texts).
+NO_ROUTE = LocalReply(404, flags="NR")
+NO_HEALTHY_UPSTREAM = LocalReply(503, body=b"no healthy upstream", flags="UH")
+OVERFLOW = LocalReply(
+    503,
+    body=b"upstream connect error or disconnect/reset before headers. reset reason: overflow",
+    flags="UO",
+)
+CONNECT_FAILURE = LocalReply(
+    503,
+    body=(
+        b"upstream connect error or disconnect/reset before headers. "
+        b"reset reason: connection failure"
+    ),
+    flags="UF",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelCaller:
+    """Who sent a tunnel: the identity its TLS proved and, when known, its workload."""
+
+    identity: Identity
+    address: tuple[str, int]  # the app's own address (from `forwarded`, else the peer's)
+    workload: Workload | None
+    forwarded: str  # the `forwarded` header to pass on
+    baggage: str
+
+
+class RequestObserver:
+    """What the dispatcher reports each finished request to (telemetry, access log)."""
+
+    def request_done(
+        self,
+        record: RequestRecord,
+        caller: TunnelCaller,
+        service: Service | None,
+        workload: Workload | None,
+    ) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class WaypointRouter:
+    """Shared by every tunnel the waypoint serves."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        routing: ServiceRouting,
+        pool: HbonePool,
+        identity: Identity,
+        uid: str,
+        observer: RequestObserver,
+        *,
+        rng: random.Random | None = None,
+        connect: Callable[[tuple[str, int]], asyncio.Future[socket.socket]] | None = None,
+    ) -> None:
+        self.store = store
+        self.routing = routing
+        self.pool = pool
+        self.identity = identity
+        self.uid = uid
+        self.observer = observer
+        self._rng = rng or random.Random()
+        self._connect = connect
+
+    def accept(self, accepted: AcceptedStream) -> TunnelDispatcher | str:
+        """The tunnel's dispatcher, or why the CONNECT is refused (answered 400)."""
+        try:
+            host, port = parse_authority(accepted.authority)
+            ip = ipaddress.ip_address(host)
+        except ValueError as exc:
+            return f"authority {accepted.authority!r}: {exc}"
+        headers = dict(accepted.headers)
+        forwarded = headers.get("forwarded", "")
+        address = _forwarded_for(forwarded) or accepted.peer
+        source = self.store.workload_by_address("", ipaddress.ip_address(address[0]))
+        caller = TunnelCaller(
+            accepted.peer_identity, address, source, forwarded, headers.get("baggage", "")
+        )
+        service = self.store.service_by_vip("", ip)
+        return TunnelDispatcher(self, caller, service, ip, port)
+
+    async def dial(self, address: tuple[str, int]) -> socket.socket:
+        if self._connect is not None:
+            return await self._connect(address)
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class TunnelDispatcher:
+    """`exchange.Dispatcher` for one tunnel: its caller and destination service are fixed."""
+
+    def __init__(
+        self,
+        router: WaypointRouter,
+        caller: TunnelCaller,
+        service: Service | None,
+        dialled: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        port: int,
+    ) -> None:
+        self._router = router
+        self.caller = caller
+        self.service = service
+        self._dialled = dialled
+        self._port = port
+        self._match_caller = Caller.of(caller.workload)
+        self._location = (
+            SourceLocation.of(caller.workload) if caller.workload is not None else SourceLocation()
+        )
+
+    @property
+    def label(self) -> str:
+        return (
+            self.service.key
+            if self.service is not None
+            else format_authority(str(self._dialled), self._port)
+        )
+
+    def route(self, head: RequestHead) -> Forward | LocalReply:
+        service = self.service
+        if service is None:
+            return NO_ROUTE  # no service of this waypoint has that address
+        request = HttpRequest(
+            method=head.method,
+            path=head.path,
+            authority=head.authority,
+            headers=MappingProxyType(_joined(head.headers)),
+        )
+        router = self._router
+        decision = router.routing.table.decide_http(
+            service.key, self._port, request, self._match_caller, router._rng
+        )
+        if decision is None:
+            return NO_ROUTE
+        if decision.reply is not None:
+            reply = decision.reply
+            return LocalReply(reply.status, tuple(reply.headers), reply.body)
+        if decision.decision is None:
+            return NO_ROUTE
+        sent = replace(
+            head,
+            path=decision.path,
+            authority=decision.authority,
+            headers=decision.request_headers.apply(head.headers),
+        )
+        plan = ServicePlan(
+            decision.decision,
+            service,
+            self._location,
+            self.caller.address[0],
+            self._dialled,
+            self._port,
+        )
+        return Forward(sent, decision.response_headers, decision.route, plan)
+
+    def pick(self, forward: Forward) -> Endpoint | LocalReply:
+        plan: ServicePlan = forward.plan
+        return self._next(plan)
+
+    def pick_l4(self) -> Endpoint | LocalReply:
+        """An endpoint for a tunnel that carries no HTTP: the service's tcp routes decide."""
+        service = self.service
+        if service is None:
+            return NO_ROUTE
+        routing = self._router.routing
+        plan = routing.plan(
+            self.caller.workload, service, self._port, self._dialled, self.caller.address[0]
+        )
+        return self._next(plan)
+
+    def finish_l4(self, endpoint: Endpoint) -> None:
+        held: _Held | None = endpoint.token
+        if held is not None:
+            held.finish(self._router.routing, ok=True)
+
+    def _next(self, plan: ServicePlan) -> Endpoint | LocalReply:
+        routing = self._router.routing
+        pick = routing.next_pick(plan)
+        if pick is None:
+            return NO_HEALTHY_UPSTREAM
+        if not routing.admit(plan, pick.target):
+            return OVERFLOW
+        candidate, workload = pick.candidate, pick.workload
+        key = (workload.uid, str(candidate.address), candidate.port)
+        labels = {
+            "workload": workload.workload_name or workload.name,
+            "namespace": workload.namespace,
+            "principal": str(workload.identity()),
+            "version": workload.canonical_revision,
+            "app": workload.canonical_name,
+            "uid": workload.uid,
+        }
+        return Endpoint(
+            key,
+            format_authority(str(candidate.address), candidate.port),
+            MappingProxyType(labels),
+            _Held(plan, pick),
+        )
+
+    async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
+        router = self._router
+        uid, ip, port = _endpoint_key(endpoint)
+        workload = router.store.workload(uid)
+        try:
+            if workload is None:
+                raise ConnectionError(f"endpoint {uid} is gone")
+            if workload.tunnel_protocol is TunnelProtocol.HBONE:
+                stream = await self._tunnel(workload, ip, port)
+                return TunnelByteStream(stream)
+            sock = await router.dial((ip, port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=2 * READ_SIZE)
+            return SocketByteStream(reader, writer)
+        except (OSError, HboneConnectError) as exc:
+            log.info("waypoint: %s -> %s: %s", self.label, endpoint.address, exc)
+            held: _Held | None = endpoint.token
+            if held is not None:
+                held.finish(router.routing, ok=False)
+            raise UpstreamError(CONNECT_FAILURE, str(exc)) from None
+
+    async def _tunnel(self, workload: Workload, ip: str, port: int) -> TunnelStream:
+        router = self._router
+        identities = {workload.identity()}
+        if self.service is not None:
+            for san in self.service.subject_alt_names:
+                try:
+                    identities.add(Identity.parse(san))
+                except IdentityError:
+                    pass
+        key = PoolKey(router.uid, router.identity, frozenset(identities), (ip, INBOUND_HBONE_PORT))
+        headers: list[tuple[str, str]] = []
+        caller = self.caller
+        headers.append(
+            ("forwarded", caller.forwarded or f'for="{format_authority(*caller.address)}"')
+        )
+        if caller.baggage:
+            headers.append(("baggage", caller.baggage))
+        return await router.pool.open_tunnel(key, format_authority(ip, port), headers, router.dial)
+
+    def record(self, record: RequestRecord) -> None:
+        router = self._router
+        workload = None
+        endpoint = record.endpoint
+        if endpoint is not None:
+            held: _Held | None = endpoint.token
+            if held is not None:
+                held.finish(router.routing, ok=0 < record.status < 500)
+            workload = router.store.workload(endpoint.labels.get("uid", ""))
+        router.observer.request_done(record, self.caller, self.service, workload)
+
+
+@dataclass(slots=True)
+class _Held:
+    """One picked endpoint of one request: its circuit-breaker slot, until finished."""
+
+    plan: ServicePlan
+    pick: Pick
+    done: bool = False
+
+    def finish(self, routing: ServiceRouting, *, ok: bool) -> None:
+        if self.done:
+            return
+        self.done = True
+        # Outlier detection counts what Envoy's does here: connect failures and 5xx.
+        routing.record(self.pick, ok=ok)
+        routing.release(self.plan)
+
+
+def _endpoint_key(endpoint: Endpoint) -> tuple[str, str, int]:
+    key: tuple[str, str, int] = endpoint.key  # type: ignore[assignment]  # made by _next
+    return key
+
+
+def _joined(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = f"{out[name]},{value}" if name in out else value
+    return out
+
+
+def _forwarded_for(value: str) -> tuple[str, int] | None:
+    """The first `for=` of a `forwarded` header as ztunnel writes it (`for="ip:port"`)."""
+    for part in value.split(";"):
+        name, _, raw = part.strip().partition("=")
+        if name.strip().lower() != "for":
+            continue
+        try:
+            host, port = parse_authority(raw.strip().strip('"'))
+            ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        return host, port
+    return None
