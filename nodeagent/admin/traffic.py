@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Protocol
 
-from nodeagent.model.routing import L4Match
+from nodeagent.model.routing import HttpMatch, L4Match, MatchKind, StringMatch
 from nodeagent.model.workload import IPAddress, NamespacedHostname, Service, Workload
 from nodeagent.state.store import StateStore
 from nodeagent.traffic.balancer import ClusterBalancer, ClusterCounters
@@ -19,6 +19,7 @@ from nodeagent.traffic.endpoints import Skipped
 from nodeagent.traffic.routes import (
     Caller,
     DestinationSummary,
+    HttpRouteEntry,
     RouteSummary,
     RouteTable,
     ServiceTraffic,
@@ -98,6 +99,59 @@ def route_json(route: RouteSummary) -> dict[str, Any]:
     return out
 
 
+def _string_match(name: str, m: StringMatch) -> str:
+    if m.kind is MatchKind.PRESENT:
+        return f"{name} present"
+    return f"{name} {m.kind.value} {m.value or (m.pattern.pattern if m.pattern else '')}"
+
+
+def http_match_text(match: HttpMatch) -> str:
+    """One `HTTPMatchRequest` in one line (every condition must hold)."""
+    parts = []
+    for name, m in (("uri", match.uri), ("authority", match.authority), ("method", match.method)):
+        if m is not None:
+            parts.append(_string_match(name, m))
+    parts += [_string_match(f"header {h}", m) for h, m in match.headers]
+    parts += [f"no {_string_match(f'header {h}', m)}" for h, m in match.without_headers]
+    parts += [_string_match(f"query {q}", m) for q, m in match.query_params]
+    if match.port:
+        parts.append(f"port {match.port}" if match.port > 0 else "gateways only")
+    if match.source_labels:
+        parts.append("from " + ",".join(f"{k}={v}" for k, v in match.source_labels.items()))
+    if match.source_namespace:
+        parts.append(f"from namespace {match.source_namespace}")
+    return " and ".join(parts) or "any request"
+
+
+def http_route_json(entry: HttpRouteEntry) -> dict[str, Any]:
+    """A compiled http route for `nodeagent routes`: what the waypoint applies."""
+    spec = entry.spec
+    out: dict[str, Any] = {
+        "route": entry.name + (f" ({spec.name})" if spec.name else ""),
+        "match": [http_match_text(m) for m in spec.match] or ["any request"],
+    }
+    if spec.redirect is not None:
+        r = spec.redirect
+        out["redirect"] = {"uri": r.uri, "authority": r.authority, "code": r.code}
+    elif spec.direct_response is not None:
+        out["directResponse"] = {"status": spec.direct_response.status}
+    else:
+        out["destinations"] = [
+            {
+                "host": d.destination.host,
+                "service": resolved.service,
+                "subset": d.destination.subset,
+                "weight": d.weight,
+            }
+            for d, resolved in zip(spec.route, entry.destinations, strict=False)
+        ]
+    if spec.rewrite is not None:
+        out["rewrite"] = {"uri": spec.rewrite.uri, "authority": spec.rewrite.authority}
+    if spec.notes:
+        out["notApplied"] = list(spec.notes)
+    return out
+
+
 def _subsets(
     traffic: ServiceTraffic | None, clusters: Iterable[tuple[str, str, int]], key: str
 ) -> list[str]:
@@ -164,6 +218,8 @@ class RoutesReport:
             "virtualService": traffic.virtual_service if traffic is not None else "",
             "destinationRule": rule.key if rule is not None else "",
             "routes": [route_json(r) for r in traffic.route_summaries()] if traffic else [],
+            # Applied by the service's waypoint, per request (the agent applies none).
+            "httpRoutes": [http_route_json(e) for e in traffic.http] if traffic else [],
             "subsets": [
                 self._subset(key, name, service, table, clusters)
                 for name in _subsets(traffic, clusters, key)

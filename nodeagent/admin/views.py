@@ -235,6 +235,11 @@ ROUTE_COLUMNS = [
     ("extensions", "FAULT / MIRROR"),
     ("attempts", "ATTEMPTS"),
 ]
+HTTP_ROUTE_COLUMNS = [
+    ("route", "HTTP ROUTE"),
+    ("match", "MATCH"),
+    ("action", "ACTION"),
+]
 SUBSET_COLUMNS = [
     ("subset", "SUBSET"),
     ("connections", "CONNECTIONS"),
@@ -282,6 +287,29 @@ def _destination_text(d: Mapping[str, Any], own: str) -> str:
 
 def _percent(value: Any) -> str:
     return f"{float(value):g}%"
+
+
+def http_route_rows(service: Mapping[str, Any]) -> list[Row]:
+    """The http routes a service's waypoint applies, one row per route."""
+    own = service.get("service", "")
+    rows = []
+    for r in service.get("httpRoutes") or []:
+        if "redirect" in r:
+            red = r["redirect"]
+            target = (red.get("authority") or "") + (red.get("uri") or "")
+            action = f"redirect {red.get('code', 301)} {target or '(same)'}"
+        elif "directResponse" in r:
+            action = f"answer {r['directResponse']['status']}"
+        else:
+            action = ", ".join(
+                f"{_destination_text(d, own)} {_percent(d.get('weight', 0))}"
+                for d in r.get("destinations") or []
+            )
+        rewrite = r.get("rewrite") or {}
+        if rewrite.get("uri") or rewrite.get("authority"):
+            action += " rewrite " + " ".join(f"{k}={v}" for k, v in rewrite.items() if v)
+        rows.append({"route": r["route"], "match": " | ".join(r["match"]), "action": action})
+    return rows
 
 
 def route_rows(service: Mapping[str, Any]) -> list[Row]:

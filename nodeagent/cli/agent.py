@@ -212,20 +212,25 @@ def routes_text(data: Mapping[str, Any], services: list[Mapping[str, Any]], widt
     for service in services:
         lines = [views.service_heading(service)]
         routes = views.route_rows(service)
+        http = views.http_route_rows(service)
         if routes:
             lines.append(render(routes, "table", views.ROUTE_COLUMNS, max_width=width))
-        else:
+        elif not http:
             lines.append("no route: every connection goes to the whole service")
+        if http:
+            lines.append(render(http, "table", views.HTTP_ROUTE_COLUMNS, max_width=width))
         subsets = views.subset_rows(service)
         lines.append(render(subsets, "table", views.SUBSET_COLUMNS, max_width=width))
         lines += [f"note: {n}" for n in service.get("notes") or []]
         if service.get("waypoint"):
             lines.append(
                 f"behind waypoint {service['waypoint']}: the agent sends this service's "
-                "connections there and applies none of its routes"
+                "connections there and applies none of its routes; the waypoint applies the "
+                "HTTP routes per request"
             )
-        waypoint = service.get("needsWaypoint") or []
-        lines += [f"needs a waypoint (not applied): {f}" for f in waypoint]
+        if not service.get("waypoint"):
+            waypoint = service.get("needsWaypoint") or []
+            lines += [f"needs a waypoint (not applied): {f}" for f in waypoint]
         blocks.append("\n".join(lines))
     rest = views.routes_unattributed_notes(data)
     if rest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -209,3 +210,229 @@ def test_prefix_rewrite_regex_and_redirect(mesh: Mesh) -> None:
     (moved,) = requests(mesh, 1, "/old")
     assert moved["status"] == 301
     assert re.fullmatch(r"http://[^/]+/new", moved["location"] or ""), moved
+
+
+# --- HTTP/2 and gRPC: independent servers in the backend pods, routed by header ----------
+
+H2_PORT, GRPC_PORT = 8082, 50051
+H2_VIP, GRPC_VIP = "10.96.0.12", "10.96.0.13"
+
+H2_SERVER = textwrap.dedent(
+    """\
+    const http2 = require('http2');
+    const pod = process.argv[1];
+    const server = http2.createServer();
+    server.on('stream', (stream, headers) => {
+      stream.respond({':status': 200, 'content-type': 'application/json'});
+      stream.end(JSON.stringify({pod: pod, path: headers[':path'], user: headers['x-user'] || ''}));
+    });
+    server.listen(8082, '0.0.0.0', () => console.log('ready'));
+    """
+)
+
+GRPC_SERVER = textwrap.dedent(
+    """\
+    import json, sys
+    from concurrent import futures
+    import grpc
+    pod = sys.argv[1]
+    def who(request, context):
+        return json.dumps({"pod": pod}).encode()
+    handler = grpc.method_handlers_generic_handler(
+        "demo.Who", {"Ask": grpc.unary_unary_rpc_method_handler(who)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port("0.0.0.0:50051")
+    server.start()
+    print("ready", flush=True)
+    server.wait_for_termination()
+    """
+)
+
+GRPC_CLIENT = textwrap.dedent(
+    """\
+    import json, sys
+    import grpc
+    channel = grpc.insecure_channel(sys.argv[1])
+    ask = channel.unary_unary("/demo.Who/Ask")
+    pods = []
+    for _ in range(int(sys.argv[3])):
+        metadata = [("x-user", sys.argv[2])] if sys.argv[2] else []
+        pods.append(json.loads(ask(b"", metadata=metadata, timeout=10))["pod"])
+    print(json.dumps(pods))
+    """
+)
+
+SERVICES = textwrap.dedent(
+    f"""\
+    services:
+    - name: h2echo
+      namespace: demo
+      vip: {H2_VIP}
+      ports: [{{port: {H2_PORT}, targetPort: {H2_PORT}}}]
+      selector: {{app: backend}}
+    - name: who
+      namespace: demo
+      vip: {GRPC_VIP}
+      ports: [{{port: {GRPC_PORT}, targetPort: {GRPC_PORT}}}]
+      selector: {{app: backend}}
+    """
+)
+
+# Only `x-user: ios` has a route on h2echo: anything else is Envoy's 404 NR.
+BY_HEADER = "\n---\n".join(
+    textwrap.dedent(
+        f"""\
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: {host}, namespace: demo}}
+        spec:
+          host: {host}
+          subsets:
+          - {{name: v1, labels: {{version: v1}}}}
+          - {{name: v2, labels: {{version: v2}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: {host}, namespace: demo}}
+        spec:
+          hosts: [{host}]
+          http:
+          - match: [{{headers: {{x-user: {{exact: ios}}}}}}]
+            route: [{{destination: {{host: {host}, subset: v2}}}}]
+        """
+    )
+    + ("" if host == "h2echo" else "  - route: [{destination: {host: who, subset: v1}}]\n")
+    for host in ("h2echo", "who")
+)
+
+
+@pytest.fixture(scope="module")
+def h2_servers(mesh: Mesh) -> Iterator[None]:
+    started: list[subprocess.Popen[str]] = []
+    try:
+        for pod in (V1, V2):
+            for argv in (
+                ["node", "-e", H2_SERVER, pod],
+                [sys.executable, "-c", GRPC_SERVER, pod],
+            ):
+                proc = subprocess.Popen(
+                    [NSENTER, f"--net=/var/run/netns/{mesh.netns(pod)}", "--", *argv],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                started.append(proc)
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        services = mesh.tmp / "h2-services.yaml"
+        services.write_text(SERVICES)
+        done = _cli("sandbox", "apply", mesh.name, str(services))
+        assert done.returncode == 0, done.stderr
+        mesh.apply(BY_HEADER)
+        yield
+    finally:
+        for proc in started:
+            proc.terminate()
+        for proc in started:
+            proc.wait(timeout=10)
+
+
+def curl_h2(mesh: Mesh, *headers: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "--http2-prior-knowledge",
+        "-w",
+        "\\n%{http_code} %{http_version}",
+    ]
+    for h in headers:
+        argv += ["-H", h]
+    return mesh.run_in(CALLER, [*argv, f"http://{H2_VIP}:{H2_PORT}/h2"])
+
+
+def test_http2_prior_knowledge_from_curl_is_routed_by_header(mesh: Mesh, h2_servers: None) -> None:
+    def ios_reaches_v2() -> bool:
+        done = curl_h2(mesh, "x-user: ios")
+        return done.returncode == 0 and V2 in done.stdout
+
+    wait_until("h2echo's routes at the waypoint", ios_reaches_v2)
+    for _ in range(10):
+        done = curl_h2(mesh, "x-user: ios")
+        body, status = done.stdout.rsplit("\n", 1)
+        assert status == "200 2", done.stdout
+        answer = json.loads(body)
+        assert (answer["pod"], answer["user"], answer["path"]) == (V2, "ios", "/h2")
+    # No route for anyone else: the waypoint answers 404 itself, over HTTP/2 too.
+    other = curl_h2(mesh, "x-user: android")
+    assert other.stdout.rsplit("\n", 1)[1] == "404 2", other.stdout
+
+
+def test_grpc_calls_are_routed_by_metadata(mesh: Mesh, h2_servers: None) -> None:
+    def call(user: str, count: int) -> list[str]:
+        done = mesh.python_in(CALLER, GRPC_CLIENT, f"{GRPC_VIP}:{GRPC_PORT}", user, str(count))
+        assert done.returncode == 0, done.stderr
+        pods: list[str] = json.loads(done.stdout)
+        return pods
+
+    wait_until("who's routes at the waypoint", lambda: call("ios", 1) == [V2])
+    assert set(call("ios", 20)) == {V2}
+    assert set(call("", 20)) == {V1}
+    metrics = waypoint_metrics(mesh)
+    assert any(
+        'request_protocol="grpc"' in ln and 'destination_service_name="who"' in ln
+        for ln in metrics.splitlines()
+        if ln.startswith("istio_requests_total{")
+    ), metrics
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+# argv: host port rounds. Each round: a malformed request on its own connection, then a good
+# one on another; prints the status lines seen.
+BURST_CLIENT = textwrap.dedent(
+    """\
+    import json, socket, sys
+    host, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    BAD = [
+        b"GET / HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: abc\\r\\n\\r\\n",
+        b"GET / HTTP/1.1\\r\\nHost: x\\r\\nbad header line\\r\\n\\r\\n",
+        b"GET / HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 3\\r\\n"
+        b"Transfer-Encoding: chunked\\r\\n\\r\\n",
+    ]
+    def status(payload):
+        s = socket.create_connection((host, port), timeout=10)
+        s.sendall(payload)
+        data = b""
+        while b"\\r\\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        return data.split(b"\\r\\n", 1)[0].decode(errors="replace")
+    out = {"bad": [], "good": []}
+    for i in range(rounds):
+        out["bad"].append(status(BAD[i % len(BAD)]))
+        good = b"GET /ok HTTP/1.1\\r\\nHost: backend\\r\\nConnection: close\\r\\n\\r\\n"
+        out["good"].append(status(good))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_malformed_requests_get_400_and_the_good_ones_between_them_200(mesh: Mesh) -> None:
+    wait_until("the routes at the waypoint", lambda: routes_ready(mesh))
+    host, port = BACKEND.split(":")
+    done = mesh.python_in(CALLER, BURST_CLIENT, host, port, "30", timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert set(seen["bad"]) == {"HTTP/1.1 400 Bad Request"}, seen["bad"]
+    assert set(seen["good"]) == {"HTTP/1.1 200 OK"}, seen["good"]
+    metrics = waypoint_metrics(mesh)
+    assert any(
+        'response_flags="DPE"' in ln and 'response_code="400"' in ln
+        for ln in metrics.splitlines()
+        if ln.startswith("istio_requests_total{")
+    )
