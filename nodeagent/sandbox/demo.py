@@ -41,7 +41,12 @@ from nodeagent.model.constants import INBOUND_HBONE_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.sandbox import probe
 from nodeagent.sandbox.manager import MeshValidator, SandboxManager
-from nodeagent.sandbox.mesh import TRUST_DOMAIN, workload_entry
+from nodeagent.sandbox.mesh import (
+    TRUST_DOMAIN,
+    waypoint_namespace,
+    waypoint_resources,
+    workload_entry,
+)
 from nodeagent.sandbox.netns import netns_path
 from nodeagent.sandbox.plan import ECHO_PORT, HTTP_PORT, PodPlan, SandboxPlan
 from nodeagent.sandbox.processes import NSENTER
@@ -88,6 +93,28 @@ CANARY_CALLS = 300
 Say = Callable[[str], None]
 
 
+HEADER_ROUTES = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend-versions, namespace: demo}
+spec:
+  host: backend
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend-by-user, namespace: demo}
+spec:
+  hosts: [backend]
+  http:
+  - match: [{headers: {x-user: {exact: ios}}}]
+    route: [{destination: {host: backend, subset: v2}}]
+  - route: [{destination: {host: backend, subset: v1}}]
+"""
+
+
 def _accept_any(text: str, source: str) -> None:
     """Stand-in validator: the demo's policy is fixed, and the control plane checks the file."""
 
@@ -105,10 +132,12 @@ def run_demo(
         manager.down(name)
     started = time.monotonic()
     try:
-        plan = manager.up(name, 2, 2)
+        # The waypoint pod runs from the start; the demo namespace is sent through it
+        # only in the header-routing scene.
+        plan = manager.up(name, 2, 2, waypoint=True, use_waypoint=False)
         say(
             f"sandbox {name!r} up in {time.monotonic() - started:.1f}s: 2 nodes x 2 pods, "
-            "one agent per node\n"
+            "one agent per node, a waypoint for the demo namespace (idle until used)\n"
         )
         status = manager.status(name)
         show_status(status)
@@ -139,6 +168,7 @@ def run_demo(
         ok = _policy(manager, name, validate, pods, logs["node2"], say) and ok
         forgotten, target = pods["node1-pod2"], pods["node2-pod1"]
         ok = _fail_closed(manager, name, validate, forgotten, target, logs["node1"], say) and ok
+        ok = _header_routing(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         ok = _canary(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         say("\nevery step showed what it should" if ok else "\nsome steps FAILED")
         return ok
@@ -415,6 +445,66 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def _header_routing(
+    manager: SandboxManager,
+    name: str,
+    validate: MeshValidator | None,
+    plan: SandboxPlan,
+    client: PodPlan,
+    say: Say,
+) -> bool:
+    """The demo namespace uses its waypoint; `x-user: ios` goes to v2, everything else to v1."""
+    backends = {p.version: p for p in plan.pods if p.app == "backend"}
+    v1, v2 = backends["v1"], backends["v2"]
+    assert plan.waypoint is not None
+    say(
+        f"\n== header routing: the demo namespace now uses its waypoint ({plan.waypoint.ip}), "
+        "which reads each HTTP request"
+    )
+    manager.apply(name, DENY_FRONTEND, "deny-frontend.yaml", validate or _accept_any, delete=True)
+    say("  (the deny-frontend policy is deleted first: the caller is a frontend pod)")
+    accept = validate or _accept_any
+    # The waypoint as declared (its pod and service are in the mesh already) and the label.
+    use_waypoint = yaml.safe_dump(waypoint_resources(plan.waypoint), sort_keys=False)
+    added: list[str] = []
+    files = ((HEADER_ROUTES, "header-routes.yaml"), (use_waypoint, "use-waypoint.yaml"))
+    for text, source in files:
+        say("\n".join("  " + line for line in text.splitlines()))
+        added += manager.apply(name, text, source, accept).added
+    say(f"  applied ({', '.join(added)})")
+
+    def calls(count: int, headers: dict[str, str]) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for _ in range(count):
+            try:
+                answer = probe.http_get(
+                    manager.adapter, client.netns, BACKEND_VIP, HTTP_PORT, headers=headers
+                )
+                pod = str(answer["pod"])
+            except probe.ProbeError:
+                pod = "failed"
+            seen[pod] = seen.get(pod, 0) + 1
+        return seen
+
+    deadline = time.monotonic() + POLICY_WAIT
+    while time.monotonic() < deadline and calls(1, {"x-user": "ios"}) != {v2.name: 1}:
+        time.sleep(0.2)
+    ios, other = calls(20, {"x-user": "ios"}), calls(20, {"x-user": "android"})
+    say(f"\n20 requests with x-user: ios      -> {ios}")
+    say(f"20 requests with x-user: android  -> {other}")
+    answer = probe.http_get(manager.adapter, client.netns, BACKEND_VIP, HTTP_PORT)
+    say(
+        f"  the backend saw the waypoint call it ({answer.get('client_ip')}): the caller's "
+        "agent tunnels to the waypoint, which tunnels on to the endpoint it picked"
+    )
+    ok = ios == {v2.name: 20} and other == {v1.name: 20}
+    label = yaml.safe_dump({"namespaces": [waypoint_namespace(plan.waypoint)]})
+    manager.apply(name, label, "use-waypoint.yaml", accept, delete=True)
+    manager.apply(name, HEADER_ROUTES, "header-routes.yaml", accept, delete=True)
+    say("  (removed again: the next scene is the agent's own, connection-level routing)")
+    return ok
 
 
 def _canary(

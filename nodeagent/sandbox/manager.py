@@ -313,6 +313,7 @@ class SandboxManager:
         controlplane: bool = True,
         agents: bool = True,
         waypoint: bool = False,
+        use_waypoint: bool = True,
     ) -> SandboxPlan:
         """Build the sandbox; on failure remove what was made and raise SandboxError.
 
@@ -341,7 +342,9 @@ class SandboxManager:
         if not self.store.claim(state):
             raise in_use
         try:
-            self._build(plan, controlplane, agents=agents and controlplane)
+            self._build(
+                plan, controlplane, agents=agents and controlplane, use_waypoint=use_waypoint
+            )
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.store.update(name, lambda s: dataclasses.replace(s, phase="failed"))
@@ -352,13 +355,20 @@ class SandboxManager:
         self.store.update(name, lambda s: dataclasses.replace(s, phase="ready"))
         return plan
 
-    def _build(self, plan: SandboxPlan, controlplane: bool, *, agents: bool = False) -> None:
+    def _build(
+        self,
+        plan: SandboxPlan,
+        controlplane: bool,
+        *,
+        agents: bool = False,
+        use_waypoint: bool = True,
+    ) -> None:
         app_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
         self.adapter.create([ns.name for ns in plan.namespaces])
         _crash_point("namespaces")
         specs = self._demoapp_specs(plan, app_env)
         if controlplane:
-            specs.append(self._controlplane_spec(plan, app_env))
+            specs.append(self._controlplane_spec(plan, app_env, use_waypoint=use_waypoint))
         if agents:
             # Agents retry the control plane with backoff, so they start with it.
             specs.extend(self._agent_specs(plan, app_env))
@@ -413,14 +423,19 @@ class SandboxManager:
 
     # -- control plane -----------------------------------------------------
 
-    def _controlplane_spec(self, plan: SandboxPlan, env: dict[str, str]) -> ProcessSpec:
+    def _controlplane_spec(
+        self, plan: SandboxPlan, env: dict[str, str], *, use_waypoint: bool = True
+    ) -> ProcessSpec:
         """Write node tokens and the mesh file, record the address; the process to start."""
         name = plan.name
         tokens = mesh_mod.new_tokens(plan)
         for node, token in tokens.items():
             self.store.write_private(self.store.token_path(name, node), token + "\n")
         mesh_file = self.store.mesh_path(name)
-        self.store.write_private(mesh_file, mesh_mod.dump_mesh(mesh_mod.build_mesh(plan, tokens)))
+        self.store.write_private(
+            mesh_file,
+            mesh_mod.dump_mesh(mesh_mod.build_mesh(plan, tokens, use_waypoint=use_waypoint)),
+        )
         address = f"{plan.underlay_ip}:{CONTROLPLANE_PORT}"
         info = {"address": address, "mesh_file": str(mesh_file)}
         self.store.update(

@@ -130,8 +130,11 @@ def workload_entry(pod: PodPlan, sandbox: str) -> dict[str, Any]:
     }
 
 
-def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
-    """The mesh file for `plan`; `tokens` maps every node name to its token."""
+def build_mesh(
+    plan: SandboxPlan, tokens: Mapping[str, str], *, use_waypoint: bool = True
+) -> dict[str, Any]:
+    """The mesh file for `plan`; `tokens` maps every node name to its token. With a waypoint
+    pod, `use_waypoint` labels its namespace to use it (else a later apply does)."""
     missing = [n.name for n in plan.nodes if not tokens.get(n.name)]
     if missing:
         raise ValueError(f"no token for node(s) {', '.join(missing)}")
@@ -158,26 +161,33 @@ def build_mesh(plan: SandboxPlan, tokens: Mapping[str, str]) -> dict[str, Any]:
         "authorizationPolicies": [],
     }
     if plan.waypoint is not None:
-        add_waypoint(mesh, plan.waypoint)
+        for section, items in waypoint_resources(plan.waypoint, use=use_waypoint).items():
+            mesh.setdefault(section, []).extend(items)
     return mesh
 
 
-def add_waypoint(mesh: dict[str, Any], pod: PodPlan) -> None:
+def waypoint_resources(pod: PodPlan, *, use: bool = True) -> dict[str, list[dict[str, Any]]]:
     """A waypoint for the pod's namespace as Istio lays one out: its pod labelled with
-    the Gateway's name, a service with the HBONE port, the namespace labelled to use it."""
+    the Gateway's name, a service with the HBONE port, and (`use`) the namespace
+    labelled to use it. Mesh-file sections, for `build_mesh` and for an apply file."""
     workload = workload_entry(pod, "")
     workload["labels"] = {GATEWAY_NAME_LABEL: pod.name}
-    mesh["workloads"].append(workload)
-    mesh["services"].append(
-        {
-            "name": pod.name,
-            "namespace": pod.namespace,
-            "vip": WAYPOINT_VIP,
-            "ports": [{"port": WAYPOINT_HBONE_PORT, "targetPort": WAYPOINT_HBONE_PORT}],
-            "selector": {GATEWAY_NAME_LABEL: pod.name},
-        }
-    )
-    mesh["namespaces"] = [{"name": pod.namespace, "labels": {USE_WAYPOINT_LABEL: pod.name}}]
+    service = {
+        "name": pod.name,
+        "namespace": pod.namespace,
+        "vip": WAYPOINT_VIP,
+        "ports": [{"port": WAYPOINT_HBONE_PORT, "targetPort": WAYPOINT_HBONE_PORT}],
+        "selector": {GATEWAY_NAME_LABEL: pod.name},
+    }
+    out = {"workloads": [workload], "services": [service]}
+    if use:
+        out["namespaces"] = [waypoint_namespace(pod)]
+    return out
+
+
+def waypoint_namespace(pod: PodPlan) -> dict[str, Any]:
+    """The pod's namespace, labelled to send its services' traffic to the waypoint."""
+    return {"name": pod.namespace, "labels": {USE_WAYPOINT_LABEL: pod.name}}
 
 
 def dump_mesh(mesh: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 
@@ -43,14 +44,22 @@ def _recv_all(sock: socket.socket) -> bytes:
 
 
 def http_get(
-    adapter: SocketFactory, netns: str, ip: str, port: int, path: str = "/", timeout: float = 5.0
+    adapter: SocketFactory,
+    netns: str,
+    ip: str,
+    port: int,
+    path: str = "/",
+    timeout: float = 5.0,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """GET http://ip:port/path from inside `netns`; return the JSON answer."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     with _connect(adapter, netns, ip, port, timeout) as sock:
         try:
-            sock.sendall(
-                f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\n\r\n".encode()
+            request = (
+                f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\n{extra}Connection: close\r\n\r\n"
             )
+            sock.sendall(request.encode())
             raw = _recv_all(sock)
         except OSError as exc:
             raise ProbeError(f"HTTP from {netns} to {ip}:{port}: {exc}") from None

@@ -360,3 +360,16 @@ def test_apply_labels_a_namespace_and_puts_its_services_behind_a_waypoint() -> N
         "echo": "demo/waypoint.demo.svc.cluster.local",
         "waypoint": "",
     }
+
+
+def test_a_waypoint_sandbox_declares_it_as_istio_does_and_labels_demo_only_when_asked() -> None:
+    plan = build_plan("wp", 2, 2, waypoint=True)
+    tokens = {n.name: "t" for n in plan.nodes}
+    mesh = build_mesh(plan, tokens)
+    (workload,) = [w for w in mesh["workloads"] if w["name"] == "waypoint"]
+    assert workload["labels"] == {"gateway.networking.k8s.io/gateway-name": "waypoint"}
+    assert (workload["node"], workload["ip"]) == ("node1", "10.10.1.250")
+    (service,) = [s for s in mesh["services"] if s["name"] == "waypoint"]
+    assert service["ports"] == [{"port": 15008, "targetPort": 15008}]
+    assert mesh["namespaces"] == [{"name": "demo", "labels": {"istio.io/use-waypoint": "waypoint"}}]
+    assert "namespaces" not in build_mesh(plan, tokens, use_waypoint=False)

@@ -145,3 +145,20 @@ def test_sweep_pattern_matches_only_this_sandboxes_namespaces() -> None:
     # Namespaces of sandbox "a-node1" or "ab" are not "a"'s.
     for other in ("a-node1-underlay", "a-node1-node1", "a-node1-node1-pod1", "ab-node1", "a-x"):
         assert not pattern.match(other)
+
+
+def test_a_waypoint_pod_is_wired_like_a_pod_of_node1_and_swept_with_the_sandbox() -> None:
+    plan = build_plan("wp", 2, 2, waypoint=True)
+    wp = plan.waypoint
+    assert wp is not None
+    assert (wp.name, wp.namespace, wp.node, wp.ip, wp.netns) == (
+        "waypoint", "demo", "node1", "10.10.1.250", "wp-node1-waypoint",
+    )  # fmt: skip
+    assert wp not in plan.pods  # not a demo app, not captured
+    node1 = next(ns for ns in plan.namespaces if ns.name == "wp-node1")
+    assert any(v.peer_netns == wp.netns for v in node1.veths)
+    assert any(r.dst == "10.10.1.250/32" for r in node1.routes)
+    own = next(ns for ns in plan.namespaces if ns.name == wp.netns)
+    assert own.role == "pod"
+    assert netns_pattern("wp").match(wp.netns)
+    assert build_plan("wp", 2, 2).waypoint is None
