@@ -3,7 +3,8 @@
 
 Each overlay under daemonset/kustomize/overlays/ is rendered with
 `kubectl kustomize`, and so is each component under components/ composed onto
-the production overlay. Every rendered object is checked against the
+the production overlay, and each standalone kustomization beside them (the
+waypoint's, daemonset/kustomize/waypoint/). Every rendered object is checked against the
 Kubernetes JSON schemas shipped in the `kubernetes-validate` package (strict:
 unknown fields are errors), and the agent's ConfigMap must hold only settings
 nodeagent.config knows, with values it accepts.
@@ -35,7 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 KUSTOMIZE_ROOT = REPO / "daemonset" / "kustomize"
 # The schema set to check against: the kubectl on the CI machine is v1.32.
 DEFAULT_KUBERNETES_VERSION = "1.32"
-AGENT_CONFIGMAP_PREFIX = "nodeagent-config"
+AGENT_CONFIGMAP_PREFIX = "nodeagent-config"  # the agent's and the waypoint's settings
+# Directories under the root that are not standalone kustomizations.
+LAYOUT_DIRS = frozenset({"base", "overlays", "components"})
 MAX_MESSAGE = 300
 
 
@@ -62,12 +65,17 @@ class RenderError(RuntimeError):
 
 
 def default_targets(root: Path = KUSTOMIZE_ROOT) -> list[Target]:
-    """Every overlay, plus every component composed onto the production overlay."""
+    """Every overlay, every component composed onto the production overlay, and every
+    standalone kustomization directly under the root (the waypoint)."""
     overlays = sorted(p.parent for p in (root / "overlays").glob("*/kustomization.yaml"))
     targets = [Target(f"overlay {p.name}", p) for p in overlays]
     components = sorted(p.parent for p in (root / "components").glob("*/kustomization.yaml"))
     if (root / "overlays" / "production").exists():
         targets += [Target(f"component {c.name} (on production)", c) for c in components]
+    standalone = sorted(
+        p.parent for p in root.glob("*/kustomization.yaml") if p.parent.name not in LAYOUT_DIRS
+    )
+    targets += [Target(f"kustomization {p.name}", p) for p in standalone]
     return targets
 
 

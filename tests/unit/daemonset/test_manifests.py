@@ -51,9 +51,16 @@ def run_validator(*dirs: Path) -> subprocess.CompletedProcess[str]:
 # ---- every overlay renders and validates ------------------------------------------
 
 
-def test_default_targets_cover_both_overlays_and_the_ebpf_component(validator: ModuleType) -> None:
+def test_default_targets_cover_the_overlays_the_ebpf_component_and_the_waypoint(
+    validator: ModuleType,
+) -> None:
     names = [t.name for t in validator.default_targets()]
-    assert names == ["overlay kind", "overlay production", "component ebpf (on production)"]
+    assert names == [
+        "overlay kind",
+        "overlay production",
+        "component ebpf (on production)",
+        "kustomization waypoint",
+    ]
 
 
 def test_every_overlay_renders_and_validates_against_kubernetes_schemas() -> None:
@@ -282,6 +289,51 @@ def test_kind_overlay_uses_the_locally_loaded_image(rendered: dict[str, Objects]
     container = agent_container(rendered["overlay kind"])
     assert container["image"] == "nodeagent:dev"
     assert container["imagePullPolicy"] == "Never"
+
+
+# ---- the waypoint ---------------------------------------------------------------
+
+
+def test_waypoint_runs_nodeagent_waypoint_unprivileged(rendered: dict[str, Objects]) -> None:
+    objs = rendered["kustomization waypoint"]
+    assert {o["kind"] for o in objs} == {"ServiceAccount", "Service", "Deployment", "ConfigMap"}
+    pod = one(objs, "Deployment")["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert labels["gateway.networking.k8s.io/gateway-name"] == "waypoint"
+    assert labels["istio.io/dataplane-mode"] == "none"
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
+    assert "hostNetwork" not in spec
+    (container,) = spec["containers"]
+    assert container["args"] == [
+        "waypoint", "--name", "waypoint", "--namespace", "$(POD_NAMESPACE)",
+    ]  # fmt: skip
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["XDS_ADDRESS"]["value"] == "https://istiod.istio-system.svc:15012"
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15020}
+    assert set(container["resources"]["requests"]) == {"cpu", "memory"}
+    (token,) = [v for v in spec["volumes"] if v["name"] == "istio-token"]
+    (source,) = token["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "istio-ca"
+    service = one(objs, "Service")
+    assert service["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"] == "waypoint"
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports == {"mesh": constants.INBOUND_HBONE_PORT, "metrics": 15020}
+
+
+def test_waypoint_settings_build_a_valid_config(rendered: dict[str, Objects]) -> None:
+    objs = rendered["kustomization waypoint"]
+    env = settings(objs)
+    cfg = agent_config.build_config(env={**env, "NODE_NAME": "node-1", "POD_NAMESPACE": "demo"})
+    assert cfg.xds_address == "https://istiod.istio-system.svc:15012"
+    assert cfg.auth_token_path == "/var/run/secrets/tokens/istio-token"
+    assert cfg.metrics_address.endswith(":15020")
 
 
 # ---- the kind test apps are valid too ----------------------------------------------
