@@ -9,7 +9,9 @@ the path and Host it got). The caller is node1-pod1.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import subprocess
 import sys
@@ -436,3 +438,125 @@ def test_malformed_requests_get_400_and_the_good_ones_between_them_200(mesh: Mes
         for ln in metrics.splitlines()
         if ln.startswith("istio_requests_total{")
     )
+
+
+# --- interop: curl and Python's http.server through the waypoint, 100 MiB both ways ----------
+
+BULK_PORT, BULK_VIP = 8090, "10.96.0.14"
+BULK = 100 * 1024 * 1024
+
+# http.server: GET /cl and /chunked send BULK bytes of a seeded stream (content-length or
+# chunked); PUT/POST answer the sha256 and length of the body (content-length or chunked).
+BULK_SERVER = textwrap.dedent(
+    """\
+    import hashlib, random, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    SIZE = int(sys.argv[1])
+    BLOCK = random.Random(7).randbytes(1 << 20)
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def log_message(self, *args):
+            pass
+        def do_GET(self):
+            self.send_response(200)
+            if self.path == "/chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for _ in range(SIZE // len(BLOCK)):
+                    self.wfile.write(b"%x\\r\\n" % len(BLOCK) + BLOCK + b"\\r\\n")
+                self.wfile.write(b"0\\r\\n\\r\\n")
+            else:
+                self.send_header("Content-Length", str(SIZE))
+                self.end_headers()
+                for _ in range(SIZE // len(BLOCK)):
+                    self.wfile.write(BLOCK)
+        def do_PUT(self):
+            digest, total = hashlib.sha256(), 0
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        break
+                    chunk = self.rfile.read(size)
+                    self.rfile.readline()
+                    digest.update(chunk)
+                    total += len(chunk)
+            else:
+                left = int(self.headers["Content-Length"])
+                while left:
+                    chunk = self.rfile.read(min(left, 1 << 20))
+                    digest.update(chunk)
+                    total += len(chunk)
+                    left -= len(chunk)
+            body = f"{digest.hexdigest()} {total}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    server = ThreadingHTTPServer(("0.0.0.0", 8090), Handler)
+    print("ready", flush=True)
+    server.serve_forever()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def bulk_server(mesh: Mesh) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [NSENTER, f"--net=/var/run/netns/{mesh.netns(V2)}", "--",
+         sys.executable, "-c", BULK_SERVER, str(BULK)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        services = mesh.tmp / "bulk-service.yaml"
+        services.write_text(
+            textwrap.dedent(
+                f"""\
+                services:
+                - name: bulk
+                  namespace: demo
+                  vip: {BULK_VIP}
+                  ports: [{{port: {BULK_PORT}, targetPort: {BULK_PORT}}}]
+                  selector: {{app: backend, version: v2}}
+                """
+            )
+        )
+        done = _cli("sandbox", "apply", mesh.name, str(services))
+        assert done.returncode == 0, done.stderr
+        payload = mesh.tmp / "payload.bin"
+        block = random.Random(7).randbytes(1 << 20)
+        with payload.open("wb") as f:
+            for _ in range(BULK // len(block)):
+                f.write(block)
+        yield hashlib.sha256(payload.read_bytes()).hexdigest()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_100_mib_both_ways_through_the_waypoint_is_byte_exact(mesh: Mesh, bulk_server: str) -> None:
+    url = f"http://{BULK_VIP}:{BULK_PORT}"
+    wait_until(
+        "the bulk service through the waypoint",
+        lambda: mesh.run_in(CALLER, ["curl", "-sS", "-o", "/dev/null", "-r", "0-0",
+                                     "--max-time", "5", f"{url}/cl"]).returncode == 0,
+    )  # fmt: skip
+    for path in ("/cl", "/chunked"):
+        done = mesh.run_in(
+            CALLER,
+            ["sh", "-c", f"curl -sS --max-time 120 {url}{path} | sha256sum"],
+            timeout=150,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == bulk_server, path
+    payload = str(mesh.tmp / "payload.bin")
+    for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
+        done = mesh.run_in(
+            CALLER,
+            ["curl", "-sS", "--max-time", "120", "-T", payload, *extra, f"{url}/up"],
+            timeout=150,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [bulk_server, str(BULK)], extra
