@@ -307,7 +307,7 @@ class TunnelDispatcher:
         if endpoint is not None:
             held: _Held | None = endpoint.token
             if held is not None:
-                held.finish(router.routing, ok=0 < record.status < 500)
+                held.finish(router.routing, ok=_outcome(record))
             workload = router.store.workload(endpoint.labels.get("uid", ""))
         router.observer.request_done(record, self.caller, self.service, workload)
 
@@ -320,13 +320,31 @@ class _Held:
     pick: Pick
     done: bool = False
 
-    def finish(self, routing: ServiceRouting, *, ok: bool) -> None:
+    def finish(self, routing: ServiceRouting, *, ok: bool | None) -> None:
+        """Release the slot; `ok` is the endpoint's outcome for outlier detection (None: the
+        request says nothing about the endpoint)."""
         if self.done:
             return
         self.done = True
         # Outlier detection counts what Envoy's does here: connect failures and 5xx.
-        routing.record(self.pick, ok=ok)
+        if ok is not None:
+            routing.record(self.pick, ok=ok)
         routing.release(self.plan)
+
+
+# The client's doing (it went away, reset its stream, sent a malformed request): such a
+# request tells nothing about the endpoint, so outlier detection does not count it.
+DOWNSTREAM_FLAGS = frozenset({"DC", "DR", "DPE"})
+
+
+def _outcome(record: RequestRecord) -> bool | None:
+    """The endpoint's outcome: False for a 5xx or an upstream failure, True for any other
+    response, None when the client ended the request before the endpoint answered."""
+    if record.status >= 500:
+        return False
+    if record.flags in DOWNSTREAM_FLAGS:
+        return None if record.status == 0 or record.flags == "DPE" else True
+    return record.status > 0
 
 
 def _endpoint_key(endpoint: Endpoint) -> tuple[str, str, int]:

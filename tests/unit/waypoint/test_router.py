@@ -415,6 +415,31 @@ def test_a_2xx_or_4xx_does_not_eject() -> None:
         assert not s.routing.balancer.outliers.is_ejected(ep.token.pick.candidate.key)
 
 
+@pytest.mark.parametrize("flags", ["DC", "DR"])
+def test_a_client_gone_before_the_response_does_not_count_against_the_endpoint(
+    flags: str,
+) -> None:
+    # consecutive5xxErrors: 1 would eject the endpoint on one counted failure.
+    s = setup(
+        V1,
+        endpoint("b-v1b", "10.1.0.3", "v1"),
+        dr=rule(connectionPool={"tcp": {"maxConnections": 1}}),
+    )
+    d = dispatcher(s)
+    ep = picked(d, forward(d))
+    d.record(RequestRecord(head(), 0, flags, 0.5, 0, 0, ep))
+    assert not s.routing.balancer.outliers.is_ejected(ep.token.pick.candidate.key)
+    d.record(done(picked(d, forward(d))))  # the slot was released all the same
+
+
+def test_a_reset_before_the_head_from_upstream_counts_as_a_failure() -> None:
+    s = setup(V1, endpoint("b-v1b", "10.1.0.3", "v1"))
+    d = dispatcher(s)
+    ep = picked(d, forward(d))
+    d.record(RequestRecord(head(), 0, "UC", 0.5, 0, 0, ep))
+    assert s.routing.balancer.outliers.is_ejected(ep.token.pick.candidate.key)
+
+
 def test_record_reports_to_the_observer() -> None:
     s = setup(V1)
     d = dispatcher(s)
