@@ -43,8 +43,13 @@ MAX_POD_IPS = 4  # as in the program
 _SO_NETNS_COOKIE = 71
 # enum bpf_attach_type (uapi/linux/bpf.h)
 _CGROUP_INET4_CONNECT = 10
+_CGROUP_INET6_CONNECT = 11
 _CGROUP_SOCK_OPS = 3
-_PROGRAMS = (("connect4", _CGROUP_INET4_CONNECT), ("sockops", _CGROUP_SOCK_OPS))
+_PROGRAMS = (
+    ("connect4", _CGROUP_INET4_CONNECT),
+    ("connect6", _CGROUP_INET6_CONNECT),  # IPv4-mapped destinations on IPv6 sockets
+    ("sockops", _CGROUP_SOCK_OPS),
+)
 
 
 def read_source(path: Path = SOURCE) -> str:
@@ -165,7 +170,7 @@ class ConnectRedirect:
                 raise CaptureError(f"compile {SOURCE.name}: {exc}") from None
             try:
                 for name, attach_type in _PROGRAMS:
-                    prog_type = BPF.CGROUP_SOCK_ADDR if name == "connect4" else BPF.SOCK_OPS
+                    prog_type = BPF.SOCK_OPS if name == "sockops" else BPF.CGROUP_SOCK_ADDR
                     fn = self._bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
                     self._links.append(self._link(fn.fd, cgroup_fd, attach_type, name))
             except BaseException:

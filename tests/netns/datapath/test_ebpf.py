@@ -106,6 +106,30 @@ def test_pod_connects_go_to_the_listener_and_the_original_destination_is_recorde
         app.close()
 
 
+def test_an_ipv6_socket_dialling_an_ipv4_mapped_address_is_captured_too(
+    topology: Topology, worker: NetnsWorker, redirect: ConnectRedirect
+):
+    # Dual-stack clients (gRPC's core, Java) dial IPv4 through an AF_INET6 socket: the
+    # connection is IPv4, connect4 never runs, and it would leave the pod uncaptured.
+    outbound = listen(worker, topology.pod_a, LISTENER)
+    try:
+        cookie = redirect.add_pod(topology.pod_a, [topology.ip_a])
+
+        def go() -> tuple[socket.socket, int, tuple[str, int]]:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect((f"::ffff:{topology.ip_b}", 8080))
+            return s, s.getsockname()[1], s.getpeername()[:2]
+
+        client, port, peer = worker.call(topology.pod_a, go)
+        assert peer == ("::ffff:127.0.0.1", LISTENER)
+        assert accept_from(outbound) == ("127.0.0.1", port)
+        assert redirect.original_destination(cookie, port) == (topology.ip_b, 8080)
+        client.close()
+    finally:
+        outbound.close()
+
+
 def test_loopback_and_the_pods_own_address_are_not_captured(
     topology: Topology, worker: NetnsWorker, redirect: ConnectRedirect
 ):
