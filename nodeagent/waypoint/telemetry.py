@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -27,6 +28,7 @@ DURATION_BUCKETS_MS = (
     0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
 )  # fmt: skip
 SIZE_BUCKETS = tuple(10.0**i for i in range(10))
+MAX_CACHED_SERIES = 10_000  # label sets whose children are kept; cleared when full
 
 
 class RequestTelemetry(RequestObserver):
@@ -49,6 +51,37 @@ class RequestTelemetry(RequestObserver):
             "istio_response_bytes", "Response body size", REQUEST_LABELS, buckets=SIZE_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self._series: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def _children(
+        self,
+        caller: TunnelCaller,
+        service: Service | None,
+        workload: Workload | None,
+        grpc: bool,
+        flags: str,
+        status: int,
+    ) -> tuple[Any, ...]:
+        labels = connection_labels(
+            reporter="waypoint",
+            source=caller.workload,
+            destination=workload,
+            service=service,
+            source_principal=str(caller.identity),
+            mtls=True,
+            response_flags=flags,
+        )
+        values = (*labels.values()[:-3], "grpc" if grpc else "http", flags, "mutual_tls",
+                  str(status))  # fmt: skip
+        return (
+            self.requests.labels(*values),
+            self.duration.labels(*values),
+            self.request_bytes.labels(*values),
+            self.response_bytes.labels(*values),
+            caller.workload,  # kept alive: their ids are in the key
+            workload,
+            service,
+        )
 
     def request_done(
         self,
@@ -61,26 +94,23 @@ class RequestTelemetry(RequestObserver):
         grpc = head.protocol == HTTP2 and (head.header("content-type") or "").startswith(
             "application/grpc"
         )
-        labels = connection_labels(
-            reporter="waypoint",
-            source=caller.workload,
-            destination=workload,
-            service=service,
-            source_principal=str(caller.identity),
-            mtls=True,
-            response_flags=record.flags or "-",
-        )
-        values = (
-            *labels.values()[:-3],
-            "grpc" if grpc else "http",
-            record.flags or "-",
-            "mutual_tls",
-            str(record.status),
-        )
-        self.requests.labels(*values).inc()
-        self.duration.labels(*values).observe(record.duration * 1000.0)
-        self.request_bytes.labels(*values).observe(record.request_bytes)
-        self.response_bytes.labels(*values).observe(record.response_bytes)
+        flags = record.flags or "-"
+        # The state store replaces a record when it changes, so the objects' identities key
+        # the label set; the cached entry holds them, so an id is never reused meanwhile.
+        key = (id(caller.workload), id(workload), id(service), caller.identity, grpc, flags,
+               record.status)  # fmt: skip
+        series = self._series.get(key)
+        if series is None:
+            if len(self._series) >= MAX_CACHED_SERIES:
+                self._series.clear()
+            series = self._series[key] = self._children(
+                caller, service, workload, grpc, flags, record.status
+            )
+        requests, duration, request_bytes, response_bytes = series[:4]
+        requests.inc()
+        duration.observe(record.duration * 1000.0)
+        request_bytes.observe(record.request_bytes)
+        response_bytes.observe(record.response_bytes)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 '[%s] "%s %s %s" %d %s %d %d %d "%s" "%s" %s %s route=%s src=%s',

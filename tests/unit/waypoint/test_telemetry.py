@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import MappingProxyType
 
@@ -213,3 +214,16 @@ def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
     (line,) = [r.getMessage() for r in caplog.records if r.name == "nodeagent.waypoint.access"]
     assert '"POST /items?x=1 HTTP/1.1" 201 - 3 7 12 "-" "backend:8080"' in line
     assert f"{BACKEND.key} 10.1.0.2:8080 route=demo/backend src={CLIENT_ID}" in line
+
+
+def test_a_changed_workload_record_is_counted_under_its_new_labels() -> None:
+    # Label sets are cached per record object: the store replaces a record that changes.
+    t = RequestTelemetry()
+    t.request_done(record(), CALLER, BACKEND, DEST)
+    t.request_done(record(), CALLER, BACKEND, DEST)
+    moved = dataclasses.replace(DEST, canonical_revision="v9")
+    t.request_done(record(), CALLER, BACKEND, moved)
+    count = t.registry.get_sample_value
+    assert count("istio_requests_total", labels()) == 2
+    v9 = labels(destination_version="v9", destination_canonical_revision="v9")
+    assert count("istio_requests_total", v9) == 1
