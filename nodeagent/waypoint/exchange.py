@@ -33,6 +33,7 @@ __all__ = [
     "LocalReply",
     "RequestHead",
     "RequestRecord",
+    "RequestTally",
     "UpstreamError",
 ]
 
@@ -130,6 +131,32 @@ class RequestRecord:
     response_bytes: int  # body bytes sent to the client
     endpoint: Endpoint | None = None
     route: str = ""
+
+
+class RequestTally:
+    """What a codec counts of one request while it runs, for its RequestRecord."""
+
+    __slots__ = ("endpoint", "flags", "request_bytes", "response_bytes", "route", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.flags = ""
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.endpoint: Endpoint | None = None
+        self.route = ""
+
+    def record(self, head: RequestHead, duration: float) -> RequestRecord:
+        return RequestRecord(
+            head,
+            self.status,
+            self.flags,
+            duration,
+            self.request_bytes,
+            self.response_bytes,
+            self.endpoint,
+            self.route,
+        )
 
 
 class Dispatcher(Protocol):

@@ -35,6 +35,7 @@ from nodeagent.waypoint.exchange import (
     LocalReply,
     RequestHead,
     RequestRecord,
+    RequestTally,
     UpstreamError,
 )
 
@@ -278,20 +279,6 @@ def _response_headers(
     return out
 
 
-class _Exchange:
-    """Per-request tallies, for the record."""
-
-    __slots__ = ("endpoint", "flags", "request_bytes", "response_bytes", "route", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.flags = ""
-        self.request_bytes = 0
-        self.response_bytes = 0
-        self.endpoint: Endpoint | None = None
-        self.route = ""
-
-
 class _Session:
     """One downstream connection."""
 
@@ -317,7 +304,7 @@ class _Session:
                     event = await down.next_event()
                 except h11.RemoteProtocolError as error:
                     if not down.eof:
-                        tally = _Exchange()
+                        tally = RequestTally()
                         await self._refuse(error.error_status_hint, tally)
                         self.dispatcher.record(
                             RequestRecord(_EMPTY_HEAD, tally.status, tally.flags, 0.0, 0, 0)
@@ -347,7 +334,7 @@ class _Session:
                 self.down.flush()
                 stream.write_eof()
 
-    async def _refuse(self, status: int, tally: _Exchange) -> None:
+    async def _refuse(self, status: int, tally: RequestTally) -> None:
         """Answer a malformed request as Envoy does (if no response began); the caller closes."""
         reply = bad_request_reply(status if status in (400, 413, 431, 501) else 400)
         tally.status, tally.flags = reply.status, reply.flags
@@ -357,7 +344,7 @@ class _Session:
                 self.down.stream.write(_raw_reply(reply, close=True))
                 await self.down.stream.drain()
 
-    async def _reply(self, reply: LocalReply, tally: _Exchange) -> None:
+    async def _reply(self, reply: LocalReply, tally: RequestTally) -> None:
         """Send a LocalReply; the connection stays unless the request said close, or the client
         still waits for 100-continue (its body would come in the next request's place)."""
         conn = self.down.conn
@@ -379,7 +366,7 @@ class _Session:
         tally.response_bytes = len(reply.body)
         await self.down.stream.drain()
 
-    async def _skip_body(self, tally: _Exchange) -> bool:
+    async def _skip_body(self, tally: RequestTally) -> bool:
         """Read and drop the rest of a request body we answered without; False to close."""
         down = self.down
         while down.conn.their_state is h11.SEND_BODY:
@@ -394,7 +381,7 @@ class _Session:
         """Serve one request; False when the downstream connection must close."""
         start = time.monotonic()
         dispatcher = self.dispatcher
-        tally = _Exchange()
+        tally = RequestTally()
         try:
             head, upgrade, chunked = _request_head(request)
         except _BadRequest as error:
@@ -433,18 +420,7 @@ class _Session:
             self._end(abort=True)
             return False
         finally:
-            dispatcher.record(
-                RequestRecord(
-                    head,
-                    tally.status,
-                    tally.flags,
-                    time.monotonic() - start,
-                    tally.request_bytes,
-                    tally.response_bytes,
-                    tally.endpoint,
-                    tally.route,
-                )
-            )
+            dispatcher.record(tally.record(head, time.monotonic() - start))
 
     async def _open(self, endpoint: Endpoint) -> tuple[_Peer, bool]:
         """An upstream connection for `endpoint` and whether it was reused; raises UpstreamError."""
@@ -461,7 +437,7 @@ class _Session:
         endpoint: Endpoint,
         upgrade: bool,
         chunked: bool,
-        tally: _Exchange,
+        tally: RequestTally,
     ) -> bool:
         down = self.down
         dconn = down.conn
@@ -526,7 +502,7 @@ class _Session:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pump
 
-    def _pump_buffered(self, up: _Peer, event: object, tally: _Exchange) -> bool:
+    def _pump_buffered(self, up: _Peer, event: object, tally: RequestTally) -> bool:
         """Forward the body events already buffered; True once the body is complete."""
         dconn = self.down.conn
         while True:
@@ -542,7 +518,7 @@ class _Session:
                 return False  # PAUSED: nothing more to read until the upgrade is decided
             event = dconn.next_event()
 
-    async def _pump(self, up: _Peer, tally: _Exchange) -> None:
+    async def _pump(self, up: _Peer, tally: RequestTally) -> None:
         """Stream the rest of the request body upstream, with backpressure."""
         try:
             await _copy_body(self.down, up, tally, request=True)
@@ -559,7 +535,7 @@ class _Session:
         forward: Forward,
         endpoint: Endpoint,
         pump: asyncio.Task[None] | None,
-        tally: _Exchange,
+        tally: RequestTally,
     ) -> bool:
         down = self.down
         self.pump_error = None
@@ -646,7 +622,7 @@ class _Session:
         return False
 
     async def _switch(
-        self, up: _Peer, event: h11.InformationalResponse, forward: Forward, tally: _Exchange
+        self, up: _Peer, event: h11.InformationalResponse, forward: Forward, tally: RequestTally
     ) -> bool:
         """101: relay both ways as opaque bytes until both ends close."""
         down = self.down
@@ -679,7 +655,7 @@ class _Session:
         return False
 
 
-async def _copy_body(source: _Peer, sink: _Peer, tally: _Exchange, *, request: bool) -> None:
+async def _copy_body(source: _Peer, sink: _Peer, tally: RequestTally, *, request: bool) -> None:
     """Stream one message body (h11 reframes it for the sink). Whatever one read brought
     leaves in one flush; the sink is drained before the next read (the backpressure)."""
     conn = source.conn

@@ -39,7 +39,7 @@ from nodeagent.waypoint.exchange import (
     Forward,
     LocalReply,
     RequestHead,
-    RequestRecord,
+    RequestTally,
     UpstreamError,
 )
 
@@ -481,28 +481,23 @@ class Http2Upstreams:
         self._retired.clear()
 
 
-class _Exchange:
+class _Exchange(RequestTally):
     """One downstream stream: the request's events and what the record needs."""
 
     __slots__ = (
         "client_reset",
-        "endpoint",
         "events",
-        "flags",
         "has_body",
         "head",
-        "request_bytes",
         "request_ended",
-        "response_bytes",
         "response_ended",
-        "route",
         "sid",
         "start",
-        "status",
         "task",
     )
 
     def __init__(self, sid: int, head: RequestHead, request_ended: bool, start: float) -> None:
+        super().__init__()
         self.sid = sid
         self.head = head
         self.start = start
@@ -512,12 +507,6 @@ class _Exchange:
         self.request_ended = request_ended
         self.response_ended = False
         self.client_reset = False
-        self.status = 0
-        self.flags = ""
-        self.request_bytes = 0
-        self.response_bytes = 0
-        self.endpoint: Endpoint | None = None
-        self.route = ""
 
 
 class _Session:
@@ -652,18 +641,7 @@ class _Session:
                 self.wire.reset(ex.sid, ErrorCodes.NO_ERROR)
         while not ex.events.empty():
             self.wire.ack(ex.sid, _credit([ex.events.get_nowait()]))
-        self.dispatcher.record(
-            RequestRecord(
-                head=ex.head,
-                status=ex.status,
-                flags=ex.flags,
-                duration=self.loop.time() - ex.start,
-                request_bytes=ex.request_bytes,
-                response_bytes=ex.response_bytes,
-                endpoint=ex.endpoint,
-                route=ex.route,
-            )
-        )
+        self.dispatcher.record(ex.record(ex.head, self.loop.time() - ex.start))
 
     async def _reply(self, ex: _Exchange, reply: LocalReply) -> None:
         headers = [(b":status", str(reply.status).encode())]
