@@ -570,3 +570,75 @@ def test_100_mib_both_ways_through_the_waypoint_is_byte_exact(mesh: Mesh, bulk_s
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == [bulk_server, str(BULK)], extra
+
+
+# --- Gateway API: an HTTPRoute attached to a service, as Istio ambient users write it -------
+
+WEB_SERVICES = textwrap.dedent(
+    """\
+    services:
+    - name: web
+      namespace: demo
+      vip: 10.96.0.15
+      ports: [{port: 8080, targetPort: 8080}]
+      selector: {app: backend}
+    - name: web-v2
+      namespace: demo
+      vip: 10.96.0.16
+      ports: [{port: 8080, targetPort: 8080}]
+      selector: {app: backend, version: v2}
+    """
+)
+WEB_ROUTE = textwrap.dedent(
+    """\
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {name: web-canary, namespace: demo}
+    spec:
+      parentRefs: [{kind: Service, group: "", name: web, port: 8080}]
+      rules:
+      - matches: [{headers: [{name: x-canary, value: "1"}]}]
+        filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: x-served-by, value: canary}]}
+        backendRefs: [{name: web-v2, port: 8080}]
+      - backendRefs: [{name: web, port: 8080}]
+    """
+)
+
+# argv: url count [header=value]; prints each answer's pod and x-served-by.
+WEB_CLIENT = textwrap.dedent(
+    """\
+    import json, sys, urllib.request
+    out = []
+    headers = dict(a.split("=", 1) for a in sys.argv[3:])
+    for _ in range(int(sys.argv[2])):
+        req = urllib.request.Request(sys.argv[1], headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            out.append([json.loads(r.read())["pod"], r.headers.get("x-served-by")])
+    print(json.dumps(out))
+    """
+)
+
+
+def test_an_httproute_on_a_service_routes_by_header_through_the_waypoint(mesh: Mesh) -> None:
+    services = mesh.tmp / "web-services.yaml"
+    services.write_text(WEB_SERVICES)
+    done = _cli("sandbox", "apply", mesh.name, str(services))
+    assert done.returncode == 0, done.stderr
+    mesh.apply(WEB_ROUTE)
+
+    def answers(count: int, *headers: str) -> list[list[str]]:
+        done = mesh.python_in(CALLER, WEB_CLIENT, "http://10.96.0.15:8080/", str(count), *headers)
+        if done.returncode != 0:
+            return []
+        seen: list[list[str]] = json.loads(done.stdout)
+        return seen
+
+    wait_until(
+        "the HTTPRoute at the waypoint", lambda: answers(1, "x-canary=1") == [[V2, "canary"]]
+    )
+    assert answers(20, "x-canary=1") == [[V2, "canary"]] * 20
+    plain = answers(40)
+    assert {pod for pod, _ in plain} == {V1, V2}  # the whole service (both: p = 1 - 2^-39)
+    assert {served for _, served in plain} == {None}
