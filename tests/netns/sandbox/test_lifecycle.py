@@ -147,7 +147,8 @@ def test_demo_shows_the_mesh_and_removes_its_sandbox(sandbox_name: str) -> None:
     assert ok, text
     assert statuses[0]["name"] == sandbox_name
     assert "control plane at 172.30.0.1:15010" in text
-    assert "serves 4 workloads and 2 services" in text
+    # The demo pods, and the waypoint's pod and service.
+    assert "serves 5 workloads and 3 services" in text
     # Identities, calls across nodes with the caller's address, the wire, the policy.
     assert "node1-pod1  10.10.1.11  node1  spiffe://cluster.local/ns/demo/sa/frontend" in text
     assert '"pod": "node2-pod2", "node": "node2", "service_account": "backend", ' in text
@@ -163,6 +164,10 @@ def test_demo_shows_the_mesh_and_removes_its_sandbox(sandbox_name: str) -> None:
     assert "HTTP  node1-pod2 (10.10.1.12) -> node2-pod1\n  refused:" in text
     assert "listeners closed, capture kept" in text
     assert re.search(r"over HBONE again: .*\"client_ip\": \"10\.10\.1\.12\"", text)
+    # Header routing through the waypoint, decided per request.
+    assert "20 requests with x-user: ios      -> {'node2-pod2': 20}" in text
+    assert "20 requests with x-user: android  -> {'node1-pod2': 20}" in text
+    assert "the backend saw the waypoint call it (10.10.1.250)" in text
     assert "every step showed what it should" in text
     assert _netns_of(sandbox_name) == []
     assert not Path(DEFAULT_STATE_ROOT / sandbox_name).exists()
