@@ -1009,14 +1009,26 @@ _VS = "VirtualService"
 _DR = "DestinationRule"
 
 
-def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualService | DestinationRule:
-    """One Istio resource of `kind`, with errors at the line of the field they name."""
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """What every Kubernetes-style resource carries around its spec."""
+
+    name: str
+    namespace: str
+    annotations: Mapping[str, str]
+    spec: Any
+
+
+def _envelope(
+    r: _Reader, node: yaml.Node, path: str, kind: str, group: str, versions: Sequence[str]
+) -> _Envelope:
+    """Check kind and apiVersion, read metadata, and build the spec as plain data."""
     m = r.mapping(node, path, ("metadata", "spec"), ("apiVersion", "kind", "status"))
     if "kind" in m and r.string(m["kind"], f"{path}.kind") != kind:
         raise r.error(m["kind"], f"{path}.kind", f"must be {kind}")
     if "apiVersion" in m:
         version = r.string(m["apiVersion"], f"{path}.apiVersion")
-        allowed = [f"{GROUP}/{v}" for v in API_VERSIONS]
+        allowed = [f"{group}/{v}" for v in versions]
         if version not in allowed:
             raise r.error(
                 m["apiVersion"], f"{path}.apiVersion", f"must be one of {', '.join(allowed)}"
@@ -1035,38 +1047,24 @@ def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualServic
         spec = construct(m["spec"], r.source)
     except YamlSyntaxError as e:
         raise MeshError(str(e)) from None
+    return _Envelope(name, namespace, annotations, spec)
+
+
+def _routing(r: _Reader, node: yaml.Node, path: str, kind: str) -> VirtualService | DestinationRule:
+    """One Istio resource of `kind`, with errors at the line of the field they name."""
+    env = _envelope(r, node, path, kind, GROUP, API_VERSIONS)
     read = parse_virtual_service if kind == _VS else parse_destination_rule
     try:
-        return read(namespace, name, spec, annotations)
+        return read(env.namespace, env.name, env.spec, env.annotations)
     except RoutingSpecError as e:
         raise r.error(locate_node(node, e.path), f"{path}.{e.path}", e.problem) from None
 
 
 def _http_route(r: _Reader, node: yaml.Node, path: str) -> tuple[VirtualService, ...]:
     """One Gateway API HTTPRoute, as the VirtualServices it compiles to (model/httproute.py)."""
-    m = r.mapping(node, path, ("metadata", "spec"), ("apiVersion", "kind", "status"))
-    if "kind" in m and r.string(m["kind"], f"{path}.kind") != HTTPROUTE_KIND:
-        raise r.error(m["kind"], f"{path}.kind", f"must be {HTTPROUTE_KIND}")
-    if "apiVersion" in m:
-        version = r.string(m["apiVersion"], f"{path}.apiVersion")
-        allowed = [f"{HTTPROUTE_GROUP}/{v}" for v in HTTPROUTE_VERSIONS]
-        if version not in allowed:
-            raise r.error(
-                m["apiVersion"], f"{path}.apiVersion", f"must be one of {', '.join(allowed)}"
-            )
-    md = r.mapping(
-        m["metadata"], f"{path}.metadata", ("name",), ("namespace", "labels", "annotations")
-    )
-    name = r.string(md["name"], f"{path}.metadata.name")
-    namespace = (
-        r.string(md["namespace"], f"{path}.metadata.namespace") if "namespace" in md else "default"
-    )
+    env = _envelope(r, node, path, HTTPROUTE_KIND, HTTPROUTE_GROUP, HTTPROUTE_VERSIONS)
     try:
-        spec = construct(m["spec"], r.source)
-    except YamlSyntaxError as e:
-        raise MeshError(str(e)) from None
-    try:
-        return parse_http_route(namespace, name, spec)
+        return parse_http_route(env.namespace, env.name, env.spec)
     except RoutingSpecError as e:
         raise r.error(locate_node(node, e.path), f"{path}.{e.path}", e.problem) from None
 

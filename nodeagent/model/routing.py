@@ -503,6 +503,8 @@ class _Spec:
         return value
 
     def labels(self, value: Any, path: str) -> Mapping[str, str]:
+        if value is not None and not isinstance(value, Mapping):
+            raise RoutingSpecError(path, f"expected a mapping, got {_kind(value)}")
         data = self.mapping(value, path, allowed=tuple(value or ()))
         out: dict[str, str] = {}
         for k, v in data.items():

@@ -317,6 +317,15 @@ def test_bad_destination_rule_names_the_field(
     assert problem in err.value.problem
 
 
+@pytest.mark.parametrize("labels", [7, "v2", ["version"], True])
+def test_subset_labels_that_are_not_a_mapping_are_refused_by_name(labels: Any) -> None:
+    spec = {"host": "backend", "subsets": [{"name": "v2", "labels": labels}]}
+    with pytest.raises(RoutingSpecError) as err:
+        parse_destination_rule("demo", "bad", spec)
+    assert err.value.path == "spec.subsets[0].labels"
+    assert "expected a mapping" in err.value.problem
+
+
 def test_duplicate_subset_is_refused() -> None:
     with pytest.raises(RoutingSpecError, match="duplicate subset 'v1'"):
         parse_destination_rule("d", "x", {"host": "b", "subsets": [{"name": "v1"}, {"name": "v1"}]})
