@@ -256,6 +256,73 @@ class HttpRewrite:
     regex_substitution: str = ""
 
 
+GRPC_STATUS_CODES = {
+    "OK": 0,
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+
+# Envoy's retry_on names (router filter x-envoy-retry-on and x-envoy-retry-grpc-on).
+HTTP_RETRY_ON = (
+    "5xx",
+    "gateway-error",
+    "reset",
+    "reset-before-request",
+    "connect-failure",
+    "envoy-ratelimited",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "http3-post-connect-failure",
+)
+GRPC_RETRY_ON = ("cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFault:
+    """`HTTPFaultInjection`: a delay and/or an abort, each for a share of requests."""
+
+    delay: float = 0.0  # seconds (fixedDelay)
+    delay_percent: Percent | None = None  # None: no delay
+    abort_status: int = 0  # httpStatus; 0 with abort_grpc set
+    abort_grpc: int | None = None  # grpcStatus as its code
+    abort_percent: Percent | None = None  # None: no abort
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRetry:
+    """`HTTPRetry` as written: `attempts` retries after the first try (0: none)."""
+
+    attempts: int
+    per_try_timeout: float | None = None  # seconds; None: the route's timeout bounds each try
+    retry_on: tuple[str, ...] = ()  # Envoy names as written; () : Istio's default list
+    status_codes: tuple[int, ...] = ()  # numbers in retryOn (retriable-status-codes)
+    remote_localities: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMirror:
+    """One mirror (`mirror` + `mirrorPercentage`, or an entry of `mirrors`)."""
+
+    destination: Destination
+    percent: Percent = Percent(100.0)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRoute:
     """One `http:` route. Exactly one of `route`, `redirect`, `direct_response` is set
@@ -268,9 +335,11 @@ class HttpRoute:
     direct_response: HttpDirectResponse | None = None
     rewrite: HttpRewrite | None = None
     headers: Headers = Headers()
-    timeout: float | None = None  # seconds; read but not applied yet (issue 19)
-    # timeout, retries, fault, mirror(s), mirrorPercentage, corsPolicy, delegate as written:
-    # read and kept, not applied; `notes` names each (`spec.http[0].retries`).
+    timeout: float | None = None  # seconds; None or 0: none (Istio's default)
+    retries: HttpRetry | None = None  # None: not written (Istio's default policy applies)
+    fault: HttpFault | None = None
+    mirrors: tuple[HttpMirror, ...] = ()
+    # corsPolicy, delegate as written: read and kept, not applied; `notes` names each.
     unapplied: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     notes: tuple[str, ...] = ()
 
@@ -321,10 +390,15 @@ class OutlierDetection:
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 10
     min_health_percent: int = 0
+    split_external_local_origin_errors: bool = False
+    consecutive_local_origin_failures: int = 5  # counted only when split
 
     @property
     def threshold(self) -> int:
-        """Consecutive connect failures that eject (both counters see them; 0: never)."""
+        """Consecutive connect failures that eject (0: never). Unsplit, a connect failure is
+        a 503 to both the 5xx and the gateway counter; split, only the local-origin one."""
+        if self.split_external_local_origin_errors:
+            return self.consecutive_local_origin_failures
         limits = [n for n in (self.consecutive_5xx_errors, self.consecutive_gateway_errors) if n]
         return min(limits) if limits else 0
 
@@ -339,6 +413,18 @@ class TcpPool:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpPool:
+    """`ConnectionPoolSettings.HTTPSettings`; None means Envoy's default (unlimited, as Istio
+    leaves them: 2^32-1)."""
+
+    max_pending_requests: int | None = None  # http1MaxPendingRequests
+    max_requests: int | None = None  # http2MaxRequests: active requests in the cluster
+    max_requests_per_connection: int | None = None  # 0 and None: unlimited
+    max_retries: int | None = None  # concurrent retries in the cluster
+    idle_timeout: float | None = None  # upstream connection idle time (Envoy's default 1 h)
+
+
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     """The parts of `TrafficPolicy` the agent applies; None = not set at this level."""
 
@@ -346,6 +432,7 @@ class TrafficPolicy:
     consistent_hash: ConsistentHash | None = None
     tcp: TcpPool | None = None
     outlier: OutlierDetection | None = None
+    http: HttpPool | None = None
     port_level: Mapping[int, TrafficPolicy] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
@@ -361,6 +448,7 @@ class TrafficPolicy:
             consistent_hash=self.consistent_hash if lb_set else base.consistent_hash,
             tcp=self.tcp if self.tcp is not None else base.tcp,
             outlier=self.outlier if self.outlier is not None else base.outlier,
+            http=self.http if self.tcp is not None else base.http,  # one connectionPool
             port_level=self.port_level or base.port_level,
         )
 
@@ -371,7 +459,7 @@ class TrafficPolicy:
             return self
         merged = over.merged_over(self)
         return TrafficPolicy(
-            merged.load_balancer, merged.consistent_hash, merged.tcp, merged.outlier
+            merged.load_balancer, merged.consistent_hash, merged.tcp, merged.outlier, merged.http
         )
 
 
@@ -690,18 +778,8 @@ def _tcp_route(value: Any, path: str, extra: Mapping[str, tuple[str, Any]]) -> T
 
 # -- http routes ---------------------------------------------------------------------------
 
-# Read and kept as written, not applied yet (retries, faults, mirrors, CORS: issue 19).
-_HTTP_UNAPPLIED = (
-    "timeout",
-    "retries",
-    "fault",
-    "mirror",
-    "mirrors",
-    "mirrorPercentage",
-    "mirrorPercent",
-    "corsPolicy",
-    "delegate",
-)
+# Read and kept as written, not applied (CORS is for browsers at a gateway; delegate too).
+_HTTP_UNAPPLIED = ("corsPolicy", "delegate")
 _HTTP_ROUTE_FIELDS = (
     "name",
     "match",
@@ -710,6 +788,13 @@ _HTTP_ROUTE_FIELDS = (
     "directResponse",
     "rewrite",
     "headers",
+    "timeout",
+    "retries",
+    "fault",
+    "mirror",
+    "mirrors",
+    "mirrorPercentage",
+    "mirrorPercent",
     *_HTTP_UNAPPLIED,
 )
 _HTTP_MATCH_FIELDS = (
@@ -763,7 +848,12 @@ def _http_route(value: Any, path: str) -> HttpRoute:
     headers = _headers(data["headers"], _sub(path, "headers")) if "headers" in data else Headers()
     timeout = None
     if "timeout" in data:
-        timeout = parse_duration(data["timeout"], _sub(path, "timeout"))
+        timeout = parse_duration(data["timeout"], _sub(path, "timeout")) or None
+    retries = _retries(data["retries"], _sub(path, "retries")) if "retries" in data else None
+    fault = _http_fault(data["fault"], _sub(path, "fault")) if "fault" in data else None
+    mirrors = _mirrors(data, path)
+    if mirrors and actions[0] != "route":
+        raise RoutingSpecError(_sub(path, "mirror"), f"cannot be combined with {actions[0]}")
     unapplied = {k: data[k] for k in _HTTP_UNAPPLIED if k in data}
     return HttpRoute(
         name=name,
@@ -774,9 +864,154 @@ def _http_route(value: Any, path: str) -> HttpRoute:
         rewrite=rewrite,
         headers=headers,
         timeout=timeout,
+        retries=retries,
+        fault=fault,
+        mirrors=mirrors,
         unapplied=MappingProxyType(unapplied),
         notes=tuple(_sub(path, k) for k in unapplied),
     )
+
+
+def _retries(value: Any, path: str) -> HttpRetry:
+    data = _READ.mapping(
+        value,
+        path,
+        (
+            "attempts",
+            "perTryTimeout",
+            "retryOn",
+            "retryRemoteLocalities",
+            "retryIgnorePreviousHosts",
+        ),
+    )
+    attempts = _READ.integer(data.get("attempts", 0), _sub(path, "attempts"), 0, 2**31 - 1)
+    per_try = None
+    if "perTryTimeout" in data:
+        per_try = parse_duration(data["perTryTimeout"], _sub(path, "perTryTimeout"), minimum=0.001)
+    names: list[str] = []
+    codes: list[int] = []
+    if "retryOn" in data:
+        where = _sub(path, "retryOn")
+        text = data["retryOn"]
+        if not isinstance(text, str):
+            raise RoutingSpecError(where, f"expected a string, got {_kind(text)}")
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue  # istiod skips empty entries ("5xx,,reset")
+            if item.isdigit():
+                code = int(item)
+                if not 100 <= code <= 599:
+                    raise RoutingSpecError(where, f"status code {code} is out of range 100..599")
+                codes.append(code)
+            elif item in HTTP_RETRY_ON or item in GRPC_RETRY_ON:
+                names.append(item)
+            else:
+                known = ", ".join((*HTTP_RETRY_ON, *GRPC_RETRY_ON))
+                raise RoutingSpecError(
+                    where, f"unknown retry condition {item!r} (known: {known}, or a status code)"
+                )
+    remote = False
+    if "retryRemoteLocalities" in data:
+        remote = _READ.boolean(data["retryRemoteLocalities"], _sub(path, "retryRemoteLocalities"))
+    return HttpRetry(attempts, per_try, tuple(names), tuple(codes), remote)
+
+
+def _http_fault(value: Any, path: str) -> HttpFault:
+    data = _READ.mapping(value, path, ("delay", "abort"))
+    if not data:
+        raise RoutingSpecError(path, "a fault needs delay or abort")  # istiod's check too
+    delay, delay_percent = 0.0, None
+    if "delay" in data:
+        where = _sub(path, "delay")
+        block = _READ.mapping(
+            data["delay"], where, ("fixedDelay", "exponentialDelay", "percentage", "percent")
+        )
+        if "exponentialDelay" in block:
+            raise RoutingSpecError(
+                _sub(where, "exponentialDelay"), "not supported (Istio does not implement it)"
+            )
+        if "fixedDelay" not in block:
+            raise RoutingSpecError(_sub(where, "fixedDelay"), "required field is missing")
+        delay = parse_duration(block["fixedDelay"], _sub(where, "fixedDelay"), minimum=0.001)
+        delay_percent = _fault_percent(block, where)
+    status, grpc, abort_percent = 0, None, None
+    if "abort" in data:
+        where = _sub(path, "abort")
+        block = _READ.mapping(
+            data["abort"], where, ("httpStatus", "grpcStatus", "http2Error", "percentage")
+        )
+        given = [k for k in ("httpStatus", "grpcStatus", "http2Error") if k in block]
+        if len(given) != 1:
+            raise RoutingSpecError(
+                where,
+                "set exactly one of httpStatus, grpcStatus"
+                + (f" (got {', '.join(given)})" if given else ""),
+            )
+        if "http2Error" in block:
+            raise RoutingSpecError(_sub(where, "http2Error"), "not supported (nor by Istio)")
+        if "httpStatus" in block:
+            # istiod: "httpStatus must be in range 200 - 599".
+            status = _READ.integer(block["httpStatus"], _sub(where, "httpStatus"), 200, 599)
+        else:
+            grpc = _grpc_status(block["grpcStatus"], _sub(where, "grpcStatus"))
+        abort_percent = _fault_percent(block, where)
+    return HttpFault(delay, delay_percent, status, grpc, abort_percent)
+
+
+def _grpc_status(value: Any, path: str) -> int:
+    if isinstance(value, str) and value.upper() in GRPC_STATUS_CODES:
+        return GRPC_STATUS_CODES[value.upper()]
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 16:
+        return value
+    raise RoutingSpecError(
+        path, f"unknown gRPC status {value!r} (a name such as UNAVAILABLE, or 0..16)"
+    )
+
+
+def _mirrors(data: Mapping[str, Any], path: str) -> tuple[HttpMirror, ...]:
+    """`mirror` with `mirrorPercentage` (or the deprecated `mirrorPercent`), or `mirrors`."""
+    if "mirrors" in data:
+        for key in ("mirrorPercentage", "mirrorPercent"):
+            if key in data:
+                raise RoutingSpecError(_sub(path, key), "applies to mirror, not mirrors")
+        out = []
+        where = _sub(path, "mirrors")
+        for i, item in enumerate(_READ.sequence(data["mirrors"], where)):
+            entry = _sub(where, i)
+            block = _READ.mapping(item, entry, ("destination", "percentage"))
+            if "destination" not in block:
+                raise RoutingSpecError(_sub(entry, "destination"), "required field is missing")
+            percent = Percent(100.0)
+            if "percentage" in block:
+                percent = _READ.percent(block["percentage"], _sub(entry, "percentage"))
+            out.append(
+                HttpMirror(_destination(block["destination"], _sub(entry, "destination")), percent)
+            )
+        return tuple(out)
+    if "mirror" not in data:
+        for key in ("mirrorPercentage", "mirrorPercent"):
+            if key in data:
+                raise RoutingSpecError(_sub(path, key), f"{key} without mirror")
+        return ()
+    if "mirrorPercentage" in data and "mirrorPercent" in data:
+        raise RoutingSpecError(_sub(path, "mirrorPercent"), "set mirrorPercentage or mirrorPercent")
+    percent = Percent(100.0)  # Istio: all requests when no percentage is given
+    if "mirrorPercentage" in data:
+        percent = _READ.percent(data["mirrorPercentage"], _sub(path, "mirrorPercentage"))
+    elif "mirrorPercent" in data:
+        percent = Percent(
+            float(
+                _READ.integer(_unwrap(data["mirrorPercent"]), _sub(path, "mirrorPercent"), 0, 100)
+            )
+        )
+    return (HttpMirror(_destination(data["mirror"], _sub(path, "mirror")), percent),)
+
+
+def _unwrap(value: Any) -> Any:
+    """A wrapped scalar (`{value: N}`) as its value."""
+    return value.get("value", 0) if isinstance(value, Mapping) else value
 
 
 def _http_match(value: Any, path: str) -> HttpMatch:
@@ -1147,9 +1382,9 @@ def _traffic_policy(
     lb, chash = None, None
     if "loadBalancer" in data:
         lb, chash = _load_balancer(data["loadBalancer"], _sub(path, "loadBalancer"), needs)
-    tcp = None
+    tcp, http = None, None
     if "connectionPool" in data:
-        tcp = _connection_pool(data["connectionPool"], _sub(path, "connectionPool"), needs)
+        tcp, http = _connection_pool(data["connectionPool"], _sub(path, "connectionPool"), needs)
     outlier = None
     if "outlierDetection" in data:
         outlier = _outlier(data["outlierDetection"], _sub(path, "outlierDetection"))
@@ -1166,7 +1401,7 @@ def _traffic_policy(
         if port in levels:
             raise RoutingSpecError(_sub(where, "port"), f"port {port} is listed twice")
         levels[port] = _traffic_policy(item, where, needs, port_level=True)
-    return TrafficPolicy(lb, chash, tcp, outlier, MappingProxyType(levels))
+    return TrafficPolicy(lb, chash, tcp, outlier, http, MappingProxyType(levels))
 
 
 def _load_balancer(
@@ -1214,10 +1449,12 @@ def _load_balancer(
     return None, None
 
 
-def _connection_pool(value: Any, path: str, needs: list[str]) -> TcpPool:
+def _connection_pool(value: Any, path: str, needs: list[str]) -> tuple[TcpPool, HttpPool | None]:
     data = _READ.mapping(value, path, ("tcp", "http"))
+    http = None
     if "http" in data:
-        needs.append(_sub(path, "http"))
+        needs.append(_sub(path, "http"))  # the waypoint applies it
+        http = _http_pool(data["http"], _sub(path, "http"))
     where = _sub(path, "tcp")
     block = _READ.mapping(
         data.get("tcp"),
@@ -1243,7 +1480,48 @@ def _connection_pool(value: Any, path: str, needs: list[str]) -> TcpPool:
     idle = None
     if "idleTimeout" in block:
         idle = parse_duration(block["idleTimeout"], _sub(where, "idleTimeout"))
-    return TcpPool(maximum, connect, idle)
+    return TcpPool(maximum, connect, idle), http
+
+
+_HTTP_POOL_LIMITS = (
+    ("http1MaxPendingRequests", "max_pending_requests"),
+    ("http2MaxRequests", "max_requests"),
+    ("maxRequestsPerConnection", "max_requests_per_connection"),
+    ("maxRetries", "max_retries"),
+)
+
+
+def _http_pool(value: Any, path: str) -> HttpPool:
+    data = _READ.mapping(
+        value,
+        path,
+        (
+            *(name for name, _ in _HTTP_POOL_LIMITS),
+            "idleTimeout",
+            "h2UpgradePolicy",
+            "useClientProtocol",
+            "maxConcurrentStreams",
+        ),
+    )
+    limits: dict[str, int | None] = {}
+    for name, attr in _HTTP_POOL_LIMITS:
+        if name in data:
+            # Istio: 0 leaves Envoy's default (unlimited), as an unset field does.
+            number = _READ.integer(data[name], _sub(path, name), 0, 2**32 - 1)
+            limits[attr] = number or None
+    idle = None
+    if "idleTimeout" in data:
+        idle = parse_duration(data["idleTimeout"], _sub(path, "idleTimeout"))
+    if "h2UpgradePolicy" in data:
+        known = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
+        if data["h2UpgradePolicy"] not in known:
+            raise RoutingSpecError(
+                _sub(path, "h2UpgradePolicy"),
+                f"unknown value {data['h2UpgradePolicy']!r} (known: {', '.join(known)})",
+            )
+    if "useClientProtocol" in data:
+        _READ.boolean(data["useClientProtocol"], _sub(path, "useClientProtocol"))
+    return HttpPool(idle_timeout=idle, **limits)
 
 
 def _outlier(value: Any, path: str) -> OutlierDetection:
@@ -1273,13 +1551,16 @@ def _outlier(value: Any, path: str) -> OutlierDetection:
         gateway = _wrapped_int(
             data["consecutiveGatewayErrors"], _sub(path, "consecutiveGatewayErrors")
         )
+    local = base.consecutive_local_origin_failures
     if "consecutiveLocalOriginFailures" in data:
-        # With split local-origin errors, a connect failure is a local-origin failure.
         local = _wrapped_int(
             data["consecutiveLocalOriginFailures"], _sub(path, "consecutiveLocalOriginFailures")
         )
-        if data.get("splitExternalLocalOriginErrors"):
-            errors, gateway = local, 0
+    split = False
+    if "splitExternalLocalOriginErrors" in data:
+        split = _READ.boolean(
+            data["splitExternalLocalOriginErrors"], _sub(path, "splitExternalLocalOriginErrors")
+        )
     interval = base.interval
     if "interval" in data:
         interval = parse_duration(data["interval"], _sub(path, "interval"), minimum=0.001)
@@ -1305,6 +1586,8 @@ def _outlier(value: Any, path: str) -> OutlierDetection:
             0,
             100,
         ),
+        split_external_local_origin_errors=split,
+        consecutive_local_origin_failures=local,
     )
 
 

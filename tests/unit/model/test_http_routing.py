@@ -9,8 +9,13 @@ import pytest
 
 from nodeagent.model.routing import (
     DerivePort,
+    Destination,
     HeaderOps,
+    HttpFault,
+    HttpMirror,
+    HttpRetry,
     MatchKind,
+    Percent,
     RoutingSpecError,
     parse_virtual_service,
 )
@@ -153,29 +158,103 @@ def test_route_kinds_redirect_direct_response_rewrite_and_defaults() -> None:
     assert rx.regex.sub(rx.regex_substitution, "/a/x/y") == "/b/x/y"
 
 
-def test_unapplied_fields_are_kept_and_noted() -> None:
+def test_resilience_fields_are_read_and_cors_is_noted() -> None:
     vs = http(
         {
             "route": [DEST],
             "timeout": "2s",
-            "retries": {"attempts": 3},
-            "fault": {"abort": {"httpStatus": 500, "percentage": {"value": 1}}},
-            "mirror": {"host": "backend"},
+            "retries": {"attempts": 3, "perTryTimeout": "500ms", "retryOn": "5xx,,503,reset"},
+            "fault": {"abort": {"httpStatus": 500, "percentage": {"value": 1.5}}},
+            "mirror": {"host": "backend", "subset": "v3"},
             "mirrorPercentage": {"value": 5},
             "corsPolicy": {"allowOrigins": [{"exact": "x"}]},
         }
     )
     (route,) = vs.http
     assert route.timeout == 2.0
-    assert route.notes == (
-        "spec.http[0].timeout",
-        "spec.http[0].retries",
-        "spec.http[0].fault",
-        "spec.http[0].mirror",
-        "spec.http[0].mirrorPercentage",
-        "spec.http[0].corsPolicy",
+    assert route.retries == HttpRetry(3, 0.5, ("5xx", "reset"), (503,), False)
+    assert route.fault == HttpFault(abort_status=500, abort_percent=Percent(1.5))
+    assert route.mirrors == (HttpMirror(Destination("backend", "v3"), Percent(5.0)),)
+    assert route.notes == ("spec.http[0].corsPolicy",)
+    assert route.unapplied["corsPolicy"] == {"allowOrigins": [{"exact": "x"}]}
+
+
+def test_fault_delay_grpc_abort_and_defaults() -> None:
+    vs = http(
+        {
+            "route": [DEST],
+            "fault": {
+                "delay": {"fixedDelay": "2s"},
+                "abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 20}},
+            },
+            "timeout": "0s",
+        }
     )
-    assert route.unapplied["retries"] == {"attempts": 3}
+    (route,) = vs.http
+    assert route.fault == HttpFault(2.0, Percent(100.0), 0, 14, Percent(20.0))
+    assert route.timeout is None  # 0s: no timeout, as Istio's default
+    assert route.retries is None and route.mirrors == ()
+
+
+def test_mirrors_list_and_deprecated_percent() -> None:
+    (a,) = http(
+        {
+            "route": [DEST],
+            "mirrors": [
+                {"destination": {"host": "backend", "subset": "v2"}},
+                {"destination": {"host": "other"}, "percentage": {"value": 50}},
+            ],
+        }
+    ).http
+    assert a.mirrors == (
+        HttpMirror(Destination("backend", "v2"), Percent(100.0)),
+        HttpMirror(Destination("other"), Percent(50.0)),
+    )
+    (b,) = http({"route": [DEST], "mirror": {"host": "x"}, "mirrorPercent": 30}).http
+    assert b.mirrors == (HttpMirror(Destination("x"), Percent(30.0)),)
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "problem"),
+    [
+        ({"retries": {"attempts": -1}}, "spec.http[0].retries.attempts", "out of range"),
+        ({"retries": {"retryOn": "5xx,teapot"}}, "spec.http[0].retries.retryOn", "'teapot'"),
+        ({"retries": {"retryOn": "5xx,999"}}, "spec.http[0].retries.retryOn", "out of range"),
+        ({"retries": {"perTryTimeout": "0s"}}, "spec.http[0].retries.perTryTimeout", ""),
+        ({"fault": {}}, "spec.http[0].fault", "delay or abort"),
+        ({"fault": {"abort": {"httpStatus": 99}}}, "spec.http[0].fault.abort.httpStatus", "range"),
+        (
+            {"fault": {"abort": {"httpStatus": 500, "grpcStatus": "INTERNAL"}}},
+            "spec.http[0].fault.abort",
+            "exactly one",
+        ),
+        ({"fault": {"abort": {"grpcStatus": "NOPE"}}}, "spec.http[0].fault.abort.grpcStatus", ""),
+        (
+            {"fault": {"delay": {"percentage": {"value": 5}}}},
+            "spec.http[0].fault.delay.fixedDelay",
+            "",
+        ),
+        (
+            {"fault": {"delay": {"fixedDelay": "1s", "percentage": {"value": 101}}}},
+            "spec.http[0].fault.delay.percentage.value",
+            "out of range",
+        ),
+        ({"mirrorPercentage": {"value": 5}}, "spec.http[0].mirrorPercentage", "without mirror"),
+        (
+            {"mirror": {"host": "a"}, "mirrors": [{"destination": {"host": "b"}}]},
+            "spec.http[0].mirrors",
+            "not both",
+        ),
+        ({"mirrors": [{"percentage": {"value": 5}}]}, "spec.http[0].mirrors[0].destination", ""),
+    ],
+)
+def test_bad_resilience_fields_are_refused_by_name(
+    route: dict[str, Any], path: str, problem: str
+) -> None:
+    with pytest.raises(RoutingSpecError) as err:
+        http({"route": [DEST], **route})
+    assert err.value.path == path
+    assert problem in err.value.problem
 
 
 def test_match_limited_to_gateways_never_holds() -> None:

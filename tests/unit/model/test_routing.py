@@ -12,6 +12,7 @@ from nodeagent.model.routing import (
     FAULT_ANNOTATION,
     MIRROR_ANNOTATION,
     Destination,
+    HttpPool,
     LoadBalancer,
     OutlierDetection,
     RoutingSpecError,
@@ -344,6 +345,64 @@ def test_http_only_policy_fields_need_a_waypoint() -> None:
         },
     )
     assert dr.needs_waypoint == ("spec.trafficPolicy.connectionPool.http", "spec.trafficPolicy.tls")
+
+
+def test_http_pool_and_split_outlier_are_read_for_the_waypoint() -> None:
+    dr = parse_destination_rule(
+        "d",
+        "x",
+        {
+            "host": "b",
+            "trafficPolicy": {
+                "connectionPool": {
+                    "http": {
+                        "http1MaxPendingRequests": 1,
+                        "http2MaxRequests": 0,
+                        "maxRequestsPerConnection": 1,
+                        "maxRetries": 4,
+                        "idleTimeout": "30s",
+                    }
+                },
+                "outlierDetection": {
+                    "consecutive5xxErrors": 3,
+                    "splitExternalLocalOriginErrors": True,
+                    "consecutiveLocalOriginFailures": 2,
+                },
+            },
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {
+                    "name": "v2",
+                    "labels": {"version": "v2"},
+                    "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 3}}},
+                },
+            ],
+        },
+    )
+    policy = dr.policy_for("v1", 8080)
+    assert policy.http == HttpPool(1, None, 1, 4, 30.0)  # 0 is Envoy's default: unlimited
+    assert policy.outlier is not None
+    assert (policy.outlier.consecutive_5xx_errors, policy.outlier.threshold) == (3, 2)
+    # A subset's connectionPool replaces the rule's whole, its http part too.
+    assert dr.policy_for("v2", 8080).http is None
+
+
+@pytest.mark.parametrize(
+    ("pool", "field"),
+    [
+        ({"http1MaxPendingRequests": -1}, "http1MaxPendingRequests"),
+        ({"maxRetries": "many"}, "maxRetries"),
+        ({"idleTimeout": "soon"}, "idleTimeout"),
+        ({"h2UpgradePolicy": "SOMETIMES"}, "h2UpgradePolicy"),
+        ({"maxPending": 1}, "maxPending"),
+    ],
+)
+def test_bad_http_pool_names_the_field(pool: dict[str, Any], field: str) -> None:
+    with pytest.raises(RoutingSpecError) as err:
+        parse_destination_rule(
+            "d", "x", {"host": "b", "trafficPolicy": {"connectionPool": {"http": pool}}}
+        )
+    assert err.value.path == f"spec.trafficPolicy.connectionPool.http.{field}"
 
 
 @pytest.mark.parametrize(
