@@ -26,6 +26,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import Protocol
 
 from nodeagent.hbone.aio import TunnelStream
 from nodeagent.hbone.headers import format_authority, parse_authority
@@ -95,6 +96,21 @@ class RequestObserver:
         raise NotImplementedError
 
 
+class HttpAuthorizer(Protocol):
+    """The L7 authorization of the waypoint (AuthorizationPolicies attached to it)."""
+
+    def check(
+        self, caller: TunnelCaller, service: Service | None, port: int, request: HttpRequest
+    ) -> str | None:
+        """None when the request is allowed; else why not (for the log), answered 403."""
+        ...
+
+
+# Envoy's RBAC filter answers a denied request so (source/extensions/filters/http/rbac).
+# No response flag: the denial shows as response code details only.
+ACCESS_DENIED = LocalReply(403, (("content-type", "text/plain"),), b"RBAC: access denied")
+
+
 class WaypointRouter:
     """Shared by every tunnel the waypoint serves."""
 
@@ -109,6 +125,7 @@ class WaypointRouter:
         *,
         rng: random.Random | None = None,
         connect: Callable[[tuple[str, int]], asyncio.Future[socket.socket]] | None = None,
+        authorizer: HttpAuthorizer | None = None,
     ) -> None:
         self.store = store
         self.routing = routing
@@ -118,6 +135,7 @@ class WaypointRouter:
         self.observer = observer
         self._rng = rng or random.Random()
         self._connect = connect
+        self.authorizer = authorizer
 
     def accept(self, accepted: AcceptedStream) -> TunnelDispatcher | str:
         """The tunnel's dispatcher, or why the CONNECT is refused (answered 400)."""
@@ -191,6 +209,13 @@ class TunnelDispatcher:
             headers=MappingProxyType(_joined(head.headers)),
         )
         router = self._router
+        if router.authorizer is not None:
+            denied = router.authorizer.check(self.caller, service, self._port, request)
+            if denied is not None:
+                log.info(
+                    "waypoint: %s %s to %s denied: %s", head.method, head.path, self.label, denied
+                )
+                return ACCESS_DENIED
         decision = router.routing.table.decide_http(
             service.key, self._port, request, self._match_caller, router._rng
         )
