@@ -83,6 +83,7 @@ class LocalResponse:
     status: int
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
+    flags: str = ""  # Envoy response flags for the access log ("FI" for a fault abort)
 
 
 @dataclass(frozen=True, slots=True)
