@@ -12,7 +12,12 @@ endpoint after another as connect attempts fail:
 2. when a target has none left, the next target of the route (the other
    subsets, by weight): the automatic fallback from a failing v2 to v1;
 3. only when no target has a non-ejected endpoint, ejected ones are used
-   (better a failing endpoint than a certain failure), as Envoy's panic mode.
+   (better a failing endpoint than a certain failure), as Envoy's panic mode;
+   a target whose share of un-ejected endpoints is below its
+   `outlierDetection.minHealthPercent` ignores its ejections from the start.
+
+Outcomes come back through `record` (the agent's connect attempts) and
+`record_outcome` (the waypoint's HTTP responses) for outlier detection.
 
 The plan never tries more than the route's `max_attempts`.
 """
@@ -28,7 +33,7 @@ from nodeagent.model.workload import IPAddress, Service, Workload
 from nodeagent.state.store import StateChange, StateStore
 from nodeagent.traffic.balancer import EVENTS, ClusterBalancer, ClusterCounters, ClusterStats
 from nodeagent.traffic.endpoints import Skipped, candidates_for
-from nodeagent.traffic.outlier import OutlierDetector
+from nodeagent.traffic.outlier import Outcome, OutlierDetector
 from nodeagent.traffic.routes import Caller, RouteDecision, RouteTable, Target
 from nodeagent.traffic.selection import Candidate, SourceLocation
 
@@ -188,8 +193,13 @@ class ServiceRouting:
             if skipped:
                 why += f" ({len(skipped)} skipped: {skipped[0].reason})"
             return (), keys, why
-        pool, note = self.balancer.eligible(found, plan.source, service.load_balancing)
-        if not plan.panic and pool:
+        panic = self.balancer.in_panic(target, keys)
+        pool, note = self.balancer.eligible(
+            found, plan.source, service.load_balancing, ignore_ejections=panic
+        )
+        if panic:
+            note = note or "below minHealthPercent: ejections ignored"
+        elif not plan.panic and pool:
             outliers = self.balancer.outliers
             pool = tuple(c for c in pool if not outliers.is_ejected(c.key))
             if not pool:
@@ -273,8 +283,15 @@ class ServiceRouting:
             plan.admitted = None
 
     def record(self, pick: Pick, *, ok: bool) -> bool:
-        """A connect attempt's outcome; True when it ejected the endpoint (counted)."""
+        """A connect attempt's outcome; True when it ejected the endpoint (counted). `ok` is
+        all the caller learnt: a connect failure, or a connect that counts as a success."""
         return self.balancer.record(pick.target, pick.candidate, ok, pick.cluster_keys)
+
+    def record_outcome(self, pick: Pick, outcome: Outcome) -> bool:
+        """How a use of the picked endpoint ended (an HTTP status, a local-origin failure, a
+        connect) for the target's outlierDetection; True when it ejected the endpoint
+        (counted in the cluster's events). No outlierDetection: nothing is ejected."""
+        return self.balancer.record_outcome(pick.target, pick.candidate, outcome, pick.cluster_keys)
 
     def count(self, event: str, target: Target) -> None:
         """An event of the data path (a fault, a retry, a mirror drop) in the target's cluster,

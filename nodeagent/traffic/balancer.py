@@ -14,10 +14,14 @@ random source and the clock are injected.
   (Envoy's default choice count); RANDOM uniform; `consistentHash.useSourceIp`
   a rendezvous hash of the source address (the same caller keeps its endpoint
   while the set allows); unset, today's capacity-weighted random pick.
-* `record`: a connect failure counts towards ejection with the cluster's
-  `outlierDetection` (consecutive 5xx and gateway errors both count connect
-  failures, the smaller threshold ejects); without one, nothing is ejected
-  (Envoy's default: outlier detection only where a cluster configures it).
+* `record_outcome`: what a use of an endpoint ended in (a connect failure, a
+  connect, an HTTP status: `Outcome`) counts towards ejection with the
+  cluster's `outlierDetection`, by Envoy's rules (see `traffic.outlier`);
+  without one, nothing is ejected (Envoy's default: outlier detection only
+  where a cluster configures it). `record` is the L4 path's form: a connect
+  failure, or a connect that is all it learns.
+* `in_panic`: `minHealthPercent`, Envoy's panic threshold: when fewer of a
+  cluster's endpoints than that are left un-ejected, ejections are ignored.
 * `count`: what happened to the cluster's connections, for metrics and
   `nodeagent routes` (`EVENTS`); overflows and ejections are counted here
   by `admit` and `record`, the others by the data path.
@@ -25,6 +29,7 @@ random source and the clock are injected.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -33,12 +38,17 @@ from types import MappingProxyType
 
 from nodeagent.model.routing import LoadBalancer, OutlierDetection
 from nodeagent.model.workload import LoadBalancing
-from nodeagent.traffic.outlier import OutlierDetector, OutlierSettings
+from nodeagent.traffic.outlier import (
+    MAX_EJECTION_TIME,
+    Outcome,
+    OutlierDetector,
+    OutlierRules,
+    OutlierSettings,
+)
 from nodeagent.traffic.routes import Target
 from nodeagent.traffic.selection import Candidate, EndpointSelector, SourceLocation
 
 Cluster = tuple[str, str, int]
-MAX_EJECTION_TIME = 300.0  # Envoy's max_ejection_time default
 
 # What can happen to a cluster's connections, by the names metrics and `routes` use.
 OVERFLOW = "overflow"  # refused by maxConnections (flag UO)
@@ -109,6 +119,12 @@ def outlier_settings(outlier: OutlierDetection) -> OutlierSettings | None:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def _rules(outlier: OutlierDetection) -> OutlierRules:
+    # Per request on the waypoint: convert each DestinationRule's settings once.
+    return OutlierRules.of(outlier)
+
+
 class ClusterBalancer:
     """Load balancing, limits and outlier state for every cluster this agent connects to."""
 
@@ -116,6 +132,7 @@ class ClusterBalancer:
         self._rng = rng
         self.outliers = outliers
         self._selector = EndpointSelector(rng, outliers)
+        self._panic_selector = EndpointSelector(rng)  # the same steps, ejections ignored
         self._counters: dict[Cluster, ClusterCounters] = {}
         self._active: dict[Hashable, int] = {}
         self._turn: dict[Cluster, int] = {}
@@ -166,8 +183,21 @@ class ClusterBalancer:
         candidates: Iterable[Candidate],
         source: SourceLocation,
         load_balancing: LoadBalancing | None,
+        *,
+        ignore_ejections: bool = False,
     ) -> tuple[tuple[Candidate, ...], str]:
-        return self._selector.eligible(candidates, source, load_balancing)
+        selector = self._panic_selector if ignore_ejections else self._selector
+        return selector.eligible(candidates, source, load_balancing)
+
+    def in_panic(self, target: Target, cluster_keys: Sequence[Hashable]) -> bool:
+        """True when fewer than the cluster's minHealthPercent of its endpoints are un-ejected:
+        then ejections are ignored and every endpoint is used (Envoy's panic threshold, which
+        Istio sets from minHealthPercent; 0 disables)."""
+        outlier = target.policy.outlier
+        if outlier is None or not outlier.min_health_percent or not cluster_keys:
+            return False
+        up = sum(1 for key in cluster_keys if not self.outliers.is_ejected(key))
+        return up * 100 < outlier.min_health_percent * len(cluster_keys)
 
     def pick(
         self,
@@ -215,16 +245,25 @@ class ClusterBalancer:
     def record(
         self, target: Target, candidate: Candidate, ok: bool, cluster_keys: Sequence[Hashable]
     ) -> bool:
-        """One connect attempt's outcome; True when this failure ejected the endpoint."""
-        if ok:
-            self.outliers.record_success(candidate.key)
-            return False
+        """One L4 connect attempt's outcome (a connect is all the L4 path learns of an
+        endpoint); True when this failure ejected the endpoint."""
+        outcome = Outcome.connected(final=True) if ok else Outcome.connect_failure()
+        return self.record_outcome(target, candidate, outcome, cluster_keys)
+
+    def record_outcome(
+        self,
+        target: Target,
+        candidate: Candidate,
+        outcome: Outcome,
+        cluster_keys: Sequence[Hashable],
+    ) -> bool:
+        """One use of an endpoint; True when it ejected the endpoint (counted as an event)."""
         if target.policy.outlier is None:
+            if not outcome.failed:
+                self.outliers.record(candidate.key, outcome)  # resets only: no rules needed
             return False  # as Envoy: no outlierDetection, no ejection
-        settings = outlier_settings(target.policy.outlier)
-        if settings is None:
-            return False  # the rule disabled ejection for this cluster
-        ejected = self.outliers.record_failure(candidate.key, settings, cluster_keys)
+        rules = _rules(target.policy.outlier)
+        ejected = self.outliers.record(candidate.key, outcome, rules, cluster_keys)
         if ejected:
             self.counters(target.cluster).ejections += 1
         return ejected
