@@ -11,7 +11,19 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any, Protocol
 
-from nodeagent.model.routing import HttpMatch, L4Match, MatchKind, StringMatch
+from nodeagent.model.routing import (
+    HttpFault,
+    HttpMatch,
+    HttpMirror,
+    HttpPool,
+    HttpRetry,
+    L4Match,
+    MatchKind,
+    OutlierDetection,
+    StringMatch,
+    TcpPool,
+    resolve_host,
+)
 from nodeagent.model.workload import IPAddress, NamespacedHostname, Service, Workload
 from nodeagent.state.store import StateStore
 from nodeagent.traffic.balancer import ClusterBalancer, ClusterCounters
@@ -123,8 +135,83 @@ def http_match_text(match: HttpMatch) -> str:
     return " and ".join(parts) or "any request"
 
 
-def http_route_json(entry: HttpRouteEntry) -> dict[str, Any]:
-    """A compiled http route for `nodeagent routes`: what the waypoint applies."""
+# Istio's retry policy for an http route that writes no `retries` (DefaultPolicy in istio/istio
+# pilot/pkg/networking/core/route/retry/retry.go): 2 retries on these, 503 the retriable status.
+ISTIO_DEFAULT_RETRY_ATTEMPTS = 2
+ISTIO_DEFAULT_RETRY_ON = (
+    "connect-failure",
+    "refused-stream",
+    "unavailable",
+    "cancelled",
+    "retriable-status-codes",
+)
+ISTIO_DEFAULT_RETRY_STATUS_CODES = (503,)
+
+
+def retries_json(retry: HttpRetry | None) -> dict[str, Any]:
+    """The retry policy in effect, as istiod turns `HTTPRetry` into Envoy's: none written is
+    Istio's default (`default: true`); `retryOn` unwritten keeps the default conditions and
+    503 (`retryOnDefault: true`); status codes in `retryOn` add `retriable-status-codes`;
+    `attempts: 0` disables retries."""
+    if retry is None:
+        return {
+            "default": True,
+            "attempts": ISTIO_DEFAULT_RETRY_ATTEMPTS,
+            "perTryTimeoutSeconds": None,
+            "retryOn": list(ISTIO_DEFAULT_RETRY_ON),
+            "retryOnDefault": True,
+            "statusCodes": list(ISTIO_DEFAULT_RETRY_STATUS_CODES),
+            "remoteLocalities": False,
+        }
+    written = bool(retry.retry_on or retry.status_codes)
+    retry_on = list(retry.retry_on) if written else list(ISTIO_DEFAULT_RETRY_ON)
+    if retry.status_codes and "retriable-status-codes" not in retry_on:
+        retry_on.append("retriable-status-codes")
+    codes = retry.status_codes if written else ISTIO_DEFAULT_RETRY_STATUS_CODES
+    return {
+        "default": False,
+        "attempts": retry.attempts,
+        "perTryTimeoutSeconds": retry.per_try_timeout,
+        "retryOn": retry_on,
+        "retryOnDefault": not written,
+        "statusCodes": list(codes),
+        "remoteLocalities": retry.remote_localities,
+    }
+
+
+def http_fault_json(fault: HttpFault) -> dict[str, Any]:
+    """A delay and/or an abort with their shares of requests (null: not injected)."""
+    delayed = fault.delay_percent is not None
+    aborted = fault.abort_percent is not None
+    return {
+        "delaySeconds": fault.delay if delayed else None,
+        "delayPercent": fault.delay_percent.value if fault.delay_percent else None,
+        "abortHttpStatus": (fault.abort_status or None) if aborted else None,
+        "abortGrpcStatus": fault.abort_grpc if aborted else None,
+        "abortPercent": fault.abort_percent.value if fault.abort_percent else None,
+    }
+
+
+def http_mirror_json(
+    mirror: HttpMirror, namespace: str, by_host: Mapping[str, str]
+) -> dict[str, Any]:
+    """A mirror as written, its service resolved as the route's destinations are ("" if none)."""
+    d = mirror.destination
+    return {
+        "host": d.host,
+        "service": by_host.get(resolve_host(d.host, namespace), ""),
+        "subset": d.subset,
+        "port": d.port or None,
+        "percent": mirror.percent.value,
+    }
+
+
+def http_route_json(
+    entry: HttpRouteEntry, by_host: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A compiled http route for `nodeagent routes`: what the waypoint applies.
+
+    `by_host` maps service hostnames to keys, to resolve the mirrors' hosts."""
     spec = entry.spec
     out: dict[str, Any] = {
         "route": entry.name + (f" ({spec.name})" if spec.name else ""),
@@ -147,9 +234,55 @@ def http_route_json(entry: HttpRouteEntry) -> dict[str, Any]:
         ]
     if spec.rewrite is not None:
         out["rewrite"] = {"uri": spec.rewrite.uri, "authority": spec.rewrite.authority}
+    out["timeoutSeconds"] = spec.timeout or None  # none: no timeout (Istio's default)
+    out["retries"] = retries_json(spec.retries)
+    out["fault"] = http_fault_json(spec.fault) if spec.fault is not None else None
+    namespace = entry.name.split("/", 1)[0]
+    out["mirrors"] = [http_mirror_json(m, namespace, by_host or {}) for m in spec.mirrors]
     if spec.notes:
         out["notApplied"] = list(spec.notes)
     return out
+
+
+def tcp_pool_json(pool: TcpPool | None) -> dict[str, Any] | None:
+    """`connectionPool.tcp` (null: not set; a null field: Envoy's default)."""
+    if pool is None:
+        return None
+    return {
+        "maxConnections": pool.max_connections,
+        "connectTimeoutSeconds": pool.connect_timeout,
+        "idleTimeoutSeconds": pool.idle_timeout,
+    }
+
+
+def http_pool_json(pool: HttpPool | None) -> dict[str, Any] | None:
+    """`connectionPool.http` (null: not set; a null field: unlimited / Envoy's default)."""
+    if pool is None:
+        return None
+    return {
+        "http1MaxPendingRequests": pool.max_pending_requests,
+        "http2MaxRequests": pool.max_requests,
+        "maxRequestsPerConnection": pool.max_requests_per_connection,
+        "maxRetries": pool.max_retries,
+        "idleTimeoutSeconds": pool.idle_timeout,
+    }
+
+
+def outlier_json(outlier: OutlierDetection | None) -> dict[str, Any] | None:
+    """`outlierDetection` with Istio's defaults filled in (null: not set, nobody ejected)."""
+    if outlier is None:
+        return None
+    return {
+        "consecutive5xxErrors": outlier.consecutive_5xx_errors,
+        "consecutiveGatewayErrors": outlier.consecutive_gateway_errors,
+        "splitExternalLocalOriginErrors": outlier.split_external_local_origin_errors,
+        "consecutiveLocalOriginFailures": outlier.consecutive_local_origin_failures,
+        "intervalSeconds": outlier.interval,
+        "baseEjectionSeconds": outlier.base_ejection_time,
+        "maxEjectionPercent": outlier.max_ejection_percent,
+        "minHealthPercent": outlier.min_health_percent,
+        "threshold": outlier.threshold,  # consecutive failures that eject, as applied
+    }
 
 
 def _subsets(
@@ -184,16 +317,17 @@ class RoutesReport:
     subsets with their endpoints (ejections with time left, active connections), open
     connections against maxConnections, event counts, notes and needs-a-waypoint fields."""
 
-    def __init__(self, store: StateStore, routing: RoutingState) -> None:
+    def __init__(self, store: StateStore, routing: RoutingState, proxy: str = "agent") -> None:
         self._store = store
         self._routing = routing
+        self._proxy = proxy  # who answers: "agent", or "waypoint" (it applies the http routes)
 
     def routes(self) -> dict[str, Any]:
         table = self._routing.table
         clusters = self._routing.balancer.clusters()
         keys = set(table.by_service) | {c[0] for c in clusters}
         services = [self._service(key, table, clusters) for key in sorted(keys)]
-        return {"services": services, "notes": list(table.notes)}
+        return {"proxy": self._proxy, "services": services, "notes": list(table.notes)}
 
     def _service(
         self,
@@ -205,6 +339,10 @@ class RoutesReport:
         traffic = table.service(key)
         rule = traffic.destination_rule if traffic is not None else None
         hostname = service.hostname if service is not None else key.split("/", 1)[-1]
+        by_host: dict[str, str] = {}  # to resolve http mirrors, as routes resolve hosts
+        if traffic is not None and any(e.spec.mirrors for e in traffic.http):
+            for known in sorted(self._store.services(), key=lambda svc: svc.key):
+                by_host.setdefault(known.hostname, known.key)
         own = [
             n
             for n in table.notes
@@ -219,7 +357,7 @@ class RoutesReport:
             "destinationRule": rule.key if rule is not None else "",
             "routes": [route_json(r) for r in traffic.route_summaries()] if traffic else [],
             # Applied by the service's waypoint, per request (the agent applies none).
-            "httpRoutes": [http_route_json(e) for e in traffic.http] if traffic else [],
+            "httpRoutes": [http_route_json(e, by_host) for e in traffic.http] if traffic else [],
             "subsets": [
                 self._subset(key, name, service, table, clusters)
                 for name in _subsets(traffic, clusters, key)
@@ -256,14 +394,18 @@ class RoutesReport:
             if target is None:
                 continue
             counters = clusters.get(target.cluster) or ClusterCounters()
-            pool = target.policy.tcp
-            lb = target.policy.load_balancer
+            policy = target.policy
+            pool = policy.tcp
+            lb = policy.load_balancer
             out["ports"].append(
                 {
                     "port": port,
                     "open": counters.open,
                     "maxConnections": pool.max_connections if pool is not None else None,
                     "loadBalancer": lb.value if lb is not None else "",
+                    "tcpPool": tcp_pool_json(pool),
+                    "httpPool": http_pool_json(policy.http),
+                    "outlierDetection": outlier_json(policy.outlier),
                     "events": counters.events(),
                 }
             )

@@ -239,6 +239,7 @@ HTTP_ROUTE_COLUMNS = [
     ("route", "HTTP ROUTE"),
     ("match", "MATCH"),
     ("action", "ACTION"),
+    ("policy", "TIMEOUT / RETRIES / FAULT / MIRRORS"),
 ]
 SUBSET_COLUMNS = [
     ("subset", "SUBSET"),
@@ -289,6 +290,61 @@ def _percent(value: Any) -> str:
     return f"{float(value):g}%"
 
 
+def _seconds(value: Any) -> str:
+    return f"{float(value):g}s"
+
+
+def retries_text(retries: Mapping[str, Any] | None) -> str:
+    """`retries default: 2 on connect-failure, ..., 503`, or as written; `no retries` for 0."""
+    if not retries:
+        return "retries: -"
+    attempts = retries.get("attempts", 0)
+    if not attempts:
+        return "no retries (attempts 0)"
+    on = [str(c) for c in retries.get("retryOn") or [] if c != "retriable-status-codes"]
+    on += [str(c) for c in retries.get("statusCodes") or []]
+    text = "retries default: " if retries.get("default") else "retries: "
+    text += f"{attempts} on {', '.join(on) or '-'}"
+    if retries.get("retryOnDefault") and not retries.get("default"):
+        text += " (default retryOn)"
+    if retries.get("perTryTimeoutSeconds") is not None:
+        text += f", perTryTimeout {_seconds(retries['perTryTimeoutSeconds'])}"
+    if retries.get("remoteLocalities"):
+        text += ", remote localities"
+    return text
+
+
+def http_fault_text(fault: Mapping[str, Any] | None) -> list[str]:
+    """`delay 1s at 10%`, `abort 503 at 5%` (`abort grpc 14 at 5%`)."""
+    if not fault:
+        return []
+    out = []
+    if fault.get("delaySeconds") is not None:
+        out.append(
+            f"delay {_seconds(fault['delaySeconds'])} at {_percent(fault.get('delayPercent', 100))}"
+        )
+    if fault.get("abortPercent") is not None:
+        status = fault.get("abortHttpStatus")
+        if status is None and fault.get("abortGrpcStatus") is not None:
+            status = f"grpc {fault['abortGrpcStatus']}"
+        out.append(f"abort {status} at {_percent(fault['abortPercent'])}")
+    return out
+
+
+def http_policy_text(route: Mapping[str, Any], own: str) -> str:
+    """A route's timeout, retry policy, fault and mirrors, `; `-separated."""
+    timeout = route.get("timeoutSeconds")
+    parts = [f"timeout {_seconds(timeout)}" if timeout else "no timeout"]
+    if "retries" in route:
+        parts.append(retries_text(route.get("retries")))
+    parts += [f"fault {f}" for f in http_fault_text(route.get("fault"))]
+    parts += [
+        f"mirror {_destination_text(m, own)} at {_percent(m.get('percent', 100))}"
+        for m in route.get("mirrors") or []
+    ]
+    return "; ".join(parts)
+
+
 def http_route_rows(service: Mapping[str, Any]) -> list[Row]:
     """The http routes a service's waypoint applies, one row per route."""
     own = service.get("service", "")
@@ -308,7 +364,14 @@ def http_route_rows(service: Mapping[str, Any]) -> list[Row]:
         rewrite = r.get("rewrite") or {}
         if rewrite.get("uri") or rewrite.get("authority"):
             action += " rewrite " + " ".join(f"{k}={v}" for k, v in rewrite.items() if v)
-        rows.append({"route": r["route"], "match": " | ".join(r["match"]), "action": action})
+        rows.append(
+            {
+                "route": r["route"],
+                "match": " | ".join(r["match"]),
+                "action": action,
+                "policy": http_policy_text(r, own),
+            }
+        )
     return rows
 
 
@@ -356,8 +419,11 @@ def _connections(ports: list[Mapping[str, Any]]) -> str:
 
 
 def _ejected(endpoint: Mapping[str, Any]) -> str:
+    """`21.5s left (2x)`: time left and times ejected so far (each ejection lasts longer)."""
     left = endpoint.get("ejectedSeconds")
-    return "no" if left is None else f"{float(left):g}s left"
+    times = int(endpoint.get("ejections") or 0)
+    count = f" ({times}x)" if times else ""
+    return f"no{count}" if left is None else f"{float(left):g}s left{count}"
 
 
 def subset_rows(service: Mapping[str, Any]) -> list[Row]:
@@ -384,6 +450,71 @@ def subset_rows(service: Mapping[str, Any]) -> list[Row]:
                 }
             )
     return rows
+
+
+_HTTP_POOL_FIELDS = (
+    ("http1MaxPendingRequests", "maxPendingRequests"),
+    ("http2MaxRequests", "maxRequests"),
+    ("maxRequestsPerConnection", "maxRequestsPerConnection"),
+    ("maxRetries", "maxRetries"),
+)
+
+
+def _pool_text(port: Mapping[str, Any]) -> list[str]:
+    """The connection-pool and outlier settings of one subset port, one part per block."""
+    parts = []
+    tcp = port.get("tcpPool") or {}
+    limit = port.get("maxConnections")
+    tcp_fields = [f"maxConnections {limit}"] if limit is not None else []
+    if tcp.get("connectTimeoutSeconds") is not None:
+        tcp_fields.append(f"connectTimeout {_seconds(tcp['connectTimeoutSeconds'])}")
+    if tcp.get("idleTimeoutSeconds") is not None:
+        tcp_fields.append(f"idleTimeout {_seconds(tcp['idleTimeoutSeconds'])}")
+    if tcp_fields:
+        parts.append("tcp " + ", ".join(tcp_fields))
+    http = port.get("httpPool")
+    if http:
+        http_fields = [f"{name} {http[key]}" for key, name in _HTTP_POOL_FIELDS if http.get(key)]
+        if http.get("idleTimeoutSeconds") is not None:
+            http_fields.append(f"idleTimeout {_seconds(http['idleTimeoutSeconds'])}")
+        parts.append("http " + (", ".join(http_fields) or "defaults (unlimited)"))
+    outlier = port.get("outlierDetection")
+    if outlier:
+        if outlier.get("splitExternalLocalOriginErrors"):
+            eject = [
+                f"consecutiveLocalOriginFailures {outlier.get('consecutiveLocalOriginFailures')}",
+                "split local-origin errors",
+            ]
+        else:
+            eject = [
+                f"consecutive5xxErrors {outlier.get('consecutive5xxErrors')}",
+                f"consecutiveGatewayErrors {outlier.get('consecutiveGatewayErrors')}",
+            ]
+        eject += [
+            f"interval {_seconds(outlier.get('intervalSeconds', 0))}",
+            f"baseEjectionTime {_seconds(outlier.get('baseEjectionSeconds', 0))}",
+            f"maxEjectionPercent {outlier.get('maxEjectionPercent')}%",
+        ]
+        if outlier.get("minHealthPercent"):
+            eject.append(f"minHealthPercent {outlier['minHealthPercent']}%")
+        parts.append("outlier " + ", ".join(eject))
+    return parts
+
+
+def subset_policy_lines(service: Mapping[str, Any]) -> list[str]:
+    """Per subset (and port, when they differ): connection pools and outlier detection."""
+    lines = []
+    for s in service.get("subsets") or []:
+        name = s.get("name") or WHOLE_SERVICE
+        ports = list(s.get("ports") or [])
+        texts = [(p.get("port"), _pool_text(p)) for p in ports]
+        same = len({tuple(t) for _, t in texts}) <= 1
+        for port, parts in texts[:1] if same else texts:
+            if not parts:
+                continue
+            label = name if same else f"{name} port {port}"
+            lines.append(f"subset {label}: " + "; ".join(parts))
+    return lines
 
 
 def routes_unattributed_notes(data: Mapping[str, Any]) -> list[str]:

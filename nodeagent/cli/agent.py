@@ -5,19 +5,23 @@
 `nodeagent log [--level LEVEL | --reset]`. The agent is chosen by `--agent`
 (Unix socket path or http://host:port), or `--sandbox NAME --node NODE`,
 else $ADMIN_SOCKET, else the default admin socket (Config.admin_socket).
+`nodeagent routes --waypoint HOST:PORT` asks a waypoint instead (its :15020), and
+`--sandbox NAME --waypoint` the sandbox's waypoint, inside its network namespace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from nodeagent.admin import views
-from nodeagent.admin.client import AdminClient, AdminError
+from nodeagent.admin.client import WAYPOINT_ADMIN_PORT, AdminClient, AdminError
 from nodeagent.cli.errors import CliError
 from nodeagent.cli.output import render
 from nodeagent.config import Config
@@ -207,7 +211,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def routes_text(data: Mapping[str, Any], services: list[Mapping[str, Any]], width: int) -> str:
-    """Per service: a heading, its routes, its subsets' endpoints, its notes."""
+    """Per service: a heading, its routes, its subsets' endpoints and policies, its notes.
+
+    From a waypoint (`proxy: waypoint`) the http routes are the ones it applies itself."""
+    at_waypoint = data.get("proxy") == "waypoint"
     blocks = []
     for service in services:
         lines = [views.service_heading(service)]
@@ -216,33 +223,119 @@ def routes_text(data: Mapping[str, Any], services: list[Mapping[str, Any]], widt
         if routes:
             lines.append(render(routes, "table", views.ROUTE_COLUMNS, max_width=width))
         elif not http:
-            lines.append("no route: every connection goes to the whole service")
+            what = "request" if at_waypoint else "connection"
+            lines.append(f"no route: every {what} goes to the whole service")
         if http:
             lines.append(render(http, "table", views.HTTP_ROUTE_COLUMNS, max_width=width))
         subsets = views.subset_rows(service)
         lines.append(render(subsets, "table", views.SUBSET_COLUMNS, max_width=width))
+        lines += [
+            textwrap.fill(line, width, subsequent_indent="  ", break_long_words=False)
+            for line in views.subset_policy_lines(service)
+        ]
         lines += [f"note: {n}" for n in service.get("notes") or []]
-        if service.get("waypoint"):
+        if at_waypoint:
+            pass  # the waypoint applies the http routes per request; nothing to point at
+        elif service.get("waypoint"):
             lines.append(
                 f"behind waypoint {service['waypoint']}: the agent sends this service's "
                 "connections there and applies none of its routes; the waypoint applies the "
                 "HTTP routes per request"
             )
-        if not service.get("waypoint"):
+        if not service.get("waypoint") and not at_waypoint:
             waypoint = service.get("needsWaypoint") or []
             lines += [f"needs a waypoint (not applied): {f}" for f in waypoint]
         blocks.append("\n".join(lines))
     rest = views.routes_unattributed_notes(data)
     if rest:
         blocks.append("\n".join(f"note: {n}" for n in rest))
-    return "\n\n".join(blocks) or "no service has routes, rules or traffic through this agent"
+    where = "this waypoint" if at_waypoint else "this agent"
+    return "\n\n".join(blocks) or f"no service has routes, rules or traffic through {where}"
+
+
+def check_waypoint_flags(args: argparse.Namespace) -> None:
+    """`--waypoint` against the other target flags. With `--sandbox NAME`, `--waypoint` takes
+    no value, so a word after it that is no HOST:PORT is the service (`--waypoint backend`)."""
+    if args.waypoint is None:
+        return
+    if args.agent or args.node:
+        raise CliError("--waypoint asks a waypoint, not an agent: drop --agent/--node")
+    value = args.waypoint
+    if args.sandbox:
+        if value and (":" in value or value.startswith("http")):
+            raise CliError("use either --waypoint HOST:PORT or --sandbox NAME --waypoint, not both")
+        if value:
+            if args.service:
+                raise CliError(f"--sandbox NAME --waypoint takes no address (got {value!r})")
+            args.service, args.waypoint = value, ""
+    elif not value:
+        raise CliError(
+            "--waypoint needs HOST:PORT (the waypoint's :15020), or --sandbox NAME for "
+            "a sandbox's waypoint"
+        )
+
+
+def waypoint_url(value: str) -> str:
+    """`HOST[:PORT]` or `http://HOST[:PORT]` as the URL of the waypoint's :15020."""
+    return value if value.startswith(("http://", "https://")) else f"http://{value}"
+
+
+def _waypoint_client(args: argparse.Namespace) -> AdminClient:
+    try:
+        return AdminClient(
+            waypoint_url(args.waypoint), what="waypoint", default_port=WAYPOINT_ADMIN_PORT
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _sandbox_waypoint_client(manager: SandboxManager, sandbox: str) -> AdminClient:
+    """The sandbox's waypoint on :15020 inside its pod namespace (the manager stays open
+    while the client is used: its namespace adapter makes the socket)."""
+    try:
+        status = manager.status(sandbox)
+    except SandboxError as exc:
+        raise CliError(str(exc)) from None
+    waypoint = status.get("waypoint")
+    if not waypoint:
+        raise CliError(
+            f"sandbox {sandbox!r} has no waypoint (it runs one when brought up with"
+            f" `nodeagent sandbox up {sandbox} --waypoint`)"
+        )
+    if not waypoint.get("pid") or not waypoint.get("netns"):
+        log = f" (log {waypoint['log']})" if waypoint.get("log") else ""
+        raise CliError(
+            f"waypoint {waypoint.get('name', '')} of sandbox {sandbox!r} is not running{log}"
+        )
+    netns = str(waypoint["netns"])
+    return AdminClient(
+        f"http://127.0.0.1:{WAYPOINT_ADMIN_PORT}",
+        what="waypoint",
+        label=f"127.0.0.1:{WAYPOINT_ADMIN_PORT} in netns {netns}",
+        opener=lambda: manager.adapter.socket(netns),
+    )
+
+
+@contextlib.contextmanager
+def routes_client(args: argparse.Namespace) -> Iterator[AdminClient]:
+    """The client `nodeagent routes` asks: an agent, a waypoint, or a sandbox's waypoint."""
+    check_waypoint_flags(args)
+    if args.waypoint is None:
+        yield client_for(args)
+    elif not args.sandbox:
+        yield _waypoint_client(args)
+    else:
+        with SandboxManager() as manager:
+            yield _sandbox_waypoint_client(manager, args.sandbox)
 
 
 def cmd_routes(args: argparse.Namespace) -> int:
-    data = _ask(client_for(args).routes)
+    with routes_client(args) as client:
+        data = _ask(client.routes)
     services = views.routes_for(data, args.service)
     if args.service and not services:
-        raise CliError(f"no routes, rules or traffic for service {args.service!r} on this agent")
+        where = "waypoint" if data.get("proxy") == "waypoint" else "agent"
+        raise CliError(f"no routes, rules or traffic for service {args.service!r} on this {where}")
     if args.output == "table":
         print(routes_text(data, services, _width()))
     else:
@@ -296,14 +389,24 @@ def register(subparsers: Any) -> None:
         help="traffic management per service: routes, subsets, endpoints, ejections, limits",
         description="Per service with a VirtualService, a DestinationRule or traffic through"
         " this agent: its routes (match, destinations with weights, fault, mirror), its"
-        " subsets with their endpoints (ejected ones with the time left, active connections),"
-        " open connections against maxConnections, unresolvable references and the fields"
-        " that need a waypoint.",
+        " http routes (timeout, retry policy, fault, mirrors), its subsets with their"
+        " endpoints (ejected ones with the time left and times ejected, active connections),"
+        " connection pools and outlier detection, open connections against maxConnections,"
+        " unresolvable references and the fields that need a waypoint. With --waypoint,"
+        " the same as a waypoint applies it.",
     )
     p.add_argument(
         "service", nargs="?", help="only this service (namespace/name, name or hostname)"
     )
     _add_target_flags(p)
+    p.add_argument(
+        "--waypoint",
+        nargs="?",
+        const="",
+        metavar="HOST:PORT",
+        help="ask a waypoint instead of an agent: at HOST:PORT (its metrics port, default"
+        f" {WAYPOINT_ADMIN_PORT}), or with --sandbox NAME and no value, the sandbox's waypoint",
+    )
     p.set_defaults(func=cmd_routes)
 
     p = subparsers.add_parser(

@@ -259,6 +259,7 @@ async def test_routes_table_shows_routes_endpoints_and_notes(
             "0",
             "21.5s",
             "left",
+            "(1x)",  # times ejected so far
         ]
         assert "needs a waypoint (not applied): demo/canary: spec.http" in out
         assert out.rstrip().endswith("note: VirtualService demo/typo: host nosuch is not a service")
