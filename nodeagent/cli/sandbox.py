@@ -1,8 +1,9 @@
-"""`nodeagent sandbox up|down|status|exec|apply|demo`: a local cluster of network namespaces."""
+"""`nodeagent sandbox up|down|status|exec|apply|behave|demo`: a cluster of network namespaces."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="run a waypoint pod for the demo namespace (its services' HTTP goes through it)",
     )
+    up.add_argument(
+        "--shadow",
+        action="store_true",
+        help="add pod node2-shadow: one more backend (version v3, alone in its subset), "
+        "for mirroring",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="remove a sandbox and everything it made")
@@ -105,8 +112,53 @@ def register(subparsers: Any) -> None:
     )
     apply.set_defaults(func=cmd_apply)
 
+    behave = sub.add_parser(
+        "behave",
+        help="make a pod's demo app fail or answer slowly (resilience tests)",
+        description="Set the switches of POD's demo app, from inside the pod's namespace "
+        "(the app obeys only 127.0.0.1): the share --fail of its requests (deterministic: "
+        "0.5 fails every second one) answered with --status, and every answer held "
+        "--delay. All three are set at once; an option left out takes its default, so "
+        "`behave NAME POD` alone resets. Prints the settings the app answered, as JSON.",
+    )
+    behave.add_argument("name")
+    behave.add_argument("pod", metavar="POD", help="a demo pod, e.g. node2-pod2 or node2-shadow")
+    behave.add_argument(
+        "--fail", default="0", metavar="R", help="share of requests to fail, 0..1 (default 0)"
+    )
+    behave.add_argument(
+        "--status", type=int, default=500, metavar="S", help="status of a failed answer (500)"
+    )
+    behave.add_argument(
+        "--delay",
+        type=parse_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="hold every answer this long: 1.5, 1.5s or 300ms (default 0)",
+    )
+    behave.set_defaults(func=cmd_behave)
+
     demo = sub.add_parser("demo", help="build a 2x2 sandbox, call pods across nodes, remove it")
     demo.set_defaults(func=cmd_demo)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `1.5`, `1.5s` or `300ms` (argparse names the option on a ValueError)."""
+    value = text.strip()
+    scale = 1.0
+    if value.endswith("ms"):
+        value, scale = value[:-2], 0.001
+    elif value.endswith("s"):
+        value = value[:-1]
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 1.5, 1.5s or 300ms, got {text!r}"
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration must be 0 or more, got {text!r}")
+    return seconds
 
 
 def _manager() -> SandboxManager:
@@ -133,6 +185,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 controlplane=args.controlplane,
                 agents=args.agents,
                 waypoint=args.waypoint,
+                shadow=args.shadow,
             )
             cp = m.status(plan.name)["controlplane"] if args.controlplane else None
         except SandboxError as exc:
@@ -140,6 +193,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     where = f", control plane at {cp['address']}" if cp else ""
     if plan.waypoint is not None:
         where += f", waypoint {plan.waypoint.namespace}/{plan.waypoint.name} at {plan.waypoint.ip}"
+    if plan.shadow is not None:
+        where += f", shadow pod {plan.shadow.name} ({plan.shadow.version}) at {plan.shadow.ip}"
     print(
         f"sandbox {plan.name} up: {plan.node_count} nodes x {plan.pods_per_node} pods{where} "
         f"(`nodeagent sandbox status {plan.name}`)"
@@ -247,6 +302,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
             return m.exec(args.name, args.target, cmd)
         except SandboxError as exc:
             raise CliError(str(exc)) from None
+
+
+def cmd_behave(args: argparse.Namespace) -> int:
+    with _manager() as m:
+        try:
+            answer = m.behave(
+                args.name, args.pod, fail=args.fail, status=args.status, delay=args.delay
+            )
+        except SandboxError as exc:
+            raise CliError(str(exc)) from None
+    print(json.dumps(answer))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import json
 import os
 import shutil
 import socket
@@ -39,11 +40,13 @@ import nodeagent
 from nodeagent.model.constants import METRICS_PORT, READINESS_PORT
 from nodeagent.sandbox import mesh as mesh_mod
 from nodeagent.sandbox import processes
+from nodeagent.sandbox.demoapp import BEHAVIOUR_PATH, DEFAULT_FAIL_STATUS, MAX_DELAY, parse_share
 from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
 from nodeagent.sandbox.netns import NetnsAdapter, NetnsError, list_netns, netns_inode, netns_path
 from nodeagent.sandbox.plan import (
     ECHO_PORT,
     HTTP_PORT,
+    SHADOW_SUFFIX,
     WAYPOINT_NAME,
     NamespacePlan,
     PlanError,
@@ -194,6 +197,7 @@ class SandboxManager:
             state.nodes,
             state.pods_per_node,
             waypoint=bool(state.extra.get(WAYPOINT_NAME)),
+            shadow=bool(state.extra.get(SHADOW_SUFFIX)),
         )
 
     def admin_socket(self, name: str, node: str) -> str:
@@ -218,6 +222,10 @@ class SandboxManager:
                 return None
             alive = processes.is_running(ProcessId(record.pid, record.start_time))
             return record.pid if alive else None
+
+        def log_of(process: str) -> str | None:
+            record = state.process(process)
+            return record.log if record is not None else None
 
         def proc_view(record: ProcessRecord) -> dict[str, Any]:
             return {
@@ -245,6 +253,8 @@ class SandboxManager:
                     "ip": p.ip,
                     "netns": p.netns,
                     "app_pid": pid_of(state.process(f"{DEMOAPP_KIND}-{p.name}")),
+                    # The app's output: with --log-requests, one JSON line per request.
+                    "log": log_of(f"{DEMOAPP_KIND}-{p.name}"),
                 }
                 for p in plan.pods
             ],
@@ -314,14 +324,16 @@ class SandboxManager:
         agents: bool = True,
         waypoint: bool = False,
         use_waypoint: bool = True,
+        shadow: bool = False,
     ) -> SandboxPlan:
         """Build the sandbox; on failure remove what was made and raise SandboxError.
 
         `controlplane=False` skips the control plane and the agents (faster, for
         tests of the network alone); `agents=False` skips only the agents.
+        `shadow` adds the pod node2-shadow (a v3 backend, see plan.py), to mirror to.
         """
         try:
-            plan = build_plan(name, nodes, pods_per_node, waypoint=waypoint)
+            plan = build_plan(name, nodes, pods_per_node, waypoint=waypoint, shadow=shadow)
         except PlanError as exc:
             raise SandboxError(str(exc)) from None
         preflight()
@@ -337,7 +349,10 @@ class SandboxManager:
             nodes=nodes,
             pods_per_node=pods_per_node,
             namespaces=all_netns,
-            extra={WAYPOINT_NAME: True} if waypoint else {},
+            extra={
+                **({WAYPOINT_NAME: True} if waypoint else {}),
+                **({SHADOW_SUFFIX: True} if shadow else {}),
+            },
         )
         if not self.store.claim(state):
             raise in_use
@@ -414,6 +429,8 @@ class SandboxManager:
                     f"--ip={p.ip}",
                     f"--http-port={HTTP_PORT}",
                     f"--echo-port={ECHO_PORT}",
+                    # One JSON line per request on stdout, i.e. in the app's log file.
+                    "--log-requests",
                 ),
                 ready_flag="--ready-fd",
                 env=app_env,
@@ -752,6 +769,69 @@ class SandboxManager:
             processes.terminate([ProcessId(record.pid, record.start_time)])
         self.store.update(name, lambda st: st.without_process(process))
         return True
+
+    # -- behaviour switches ------------------------------------------------
+
+    def behave(
+        self,
+        name: str,
+        pod: str,
+        *,
+        fail: str = "0",
+        status: int = DEFAULT_FAIL_STATUS,
+        delay: float = 0.0,
+        timeout: float = 5.0,
+    ) -> dict[str, Any]:
+        """Set a pod's demo app switches (see demoapp.py; all three at once, a default
+        resets) by POST /demo/behaviour to 127.0.0.1:8080 from inside the pod's
+        namespace, the only caller the app obeys; return the settings it answered."""
+        try:
+            parse_share(fail)
+        except ValueError as exc:
+            raise SandboxError(f"--{exc}") from None  # "fail: ..."
+        if not 200 <= status <= 599:
+            raise SandboxError(f"--status must be an HTTP status between 200 and 599, got {status}")
+        if not 0 <= delay <= MAX_DELAY:
+            raise SandboxError(f"--delay must be between 0 and {MAX_DELAY:.0f}s, got {delay}")
+        _state, plan = self.load(name)
+        found = plan.pod(pod.rpartition("/")[2])
+        if found is None:
+            raise SandboxError(
+                f"sandbox {name} has no demo pod {pod!r} "
+                f"(pods: {', '.join(p.name for p in plan.pods)})"
+            )
+        preflight()
+        path = f"{BEHAVIOUR_PATH}?fail={fail.strip()}&status={status}&delay={delay!r}"
+        sock = self.adapter.socket(found.netns)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(("127.0.0.1", HTTP_PORT))
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{HTTP_PORT}\r\n"
+                "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            )
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except OSError as exc:
+            raise SandboxError(
+                f"the demo app of {found.name} did not answer on 127.0.0.1:{HTTP_PORT}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        finally:
+            sock.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not line.startswith("HTTP/1.1 200") or not isinstance(answer, dict):
+            why = answer.get("error") if isinstance(answer, dict) else None
+            raise SandboxError(
+                f"the demo app of {found.name} refused: {why or line or 'no answer'}"
+            )
+        return answer
 
     # -- exec --------------------------------------------------------------
 

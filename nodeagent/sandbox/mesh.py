@@ -9,7 +9,9 @@ that `nodeagent controlplane --mesh` reads (schema: docs/mesh-file.md):
 * one workload per pod in namespace ``demo``: its node, IP, service account and
   labels ``app=<service>`` (frontend|backend), ``version=v1|v2`` (alternating over
   each app's pods), ``role=<service account>`` and ``sandbox=<NAME>``
-  (`PodPlan.labels`);
+  (`PodPlan.labels`); with ``up --shadow``, pod ``node2-shadow`` is one more such
+  workload, ``app=backend``, ``version=v3`` (an endpoint of ``backend``, alone in a
+  ``version: v3`` subset, for mirroring);
 * service ``backend`` (VIP 10.96.0.10, 8080 -> 8080, selector ``app=backend``) and
   service ``echo`` (VIP 10.96.0.11, 9000 -> 9000, every pod). VIPs come from
   10.96.0.0/16, which no sandbox route covers, so a VIP only works when a mesh

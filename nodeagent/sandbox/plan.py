@@ -20,6 +20,12 @@ app ``frontend`` as service account ``frontend``, even-numbered ones the app
 can deny one caller). Each app's pods, in pod order (node by node), alternate
 version ``v1`` and ``v2``, so a subset can pick half of a service's endpoints.
 
+With ``shadow`` (``up --shadow``, for mirroring tests) one more pod, ``node2-shadow``
+(namespace ``NAME-node2-shadow``, 10.10.2.251: pod index SHADOW_POD_INDEX), runs
+the demo app as app ``backend``, version ``v3``, service account ``backend``: an
+endpoint of the backend service like the others, captured and meshed like them,
+and the only member of a DestinationRule subset ``version: v3``.
+
 Interface names are fixed and short because they are only ever created inside
 the sandbox's own namespaces, never in the root namespace.
 """
@@ -50,6 +56,12 @@ ECHO_PORT = 9000
 # terminates HBONE itself), at a fixed address above the demo pods' range.
 WAYPOINT_NAME = "waypoint"
 WAYPOINT_POD_INDEX = 240
+# `up --shadow`: one more backend pod on SHADOW_NODE_INDEX, as the only v3, to mirror to.
+SHADOW_SUFFIX = "shadow"
+SHADOW_NODE_INDEX = 2
+SHADOW_POD_INDEX = 241
+SHADOW_APP = "backend"
+SHADOW_VERSION = "v3"
 
 _NAME_RE = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
 
@@ -72,7 +84,7 @@ def validate_name(name: str) -> str:
 
 def netns_pattern(name: str) -> re.Pattern[str]:
     """The exact names of namespaces sandbox `name` can make (for sweeping)."""
-    return re.compile(rf"^{re.escape(name)}-(underlay|node[0-9]+(-pod[0-9]+|-waypoint)?)$")
+    return re.compile(rf"^{re.escape(name)}-(underlay|node[0-9]+(-pod[0-9]+|-waypoint|-shadow)?)$")
 
 
 def underlay_netns(name: str) -> str:
@@ -196,6 +208,7 @@ class SandboxPlan:
     pods: tuple[PodPlan, ...]
     namespaces: tuple[NamespacePlan, ...] = field(repr=False)
     waypoint: PodPlan | None = None  # the demo namespace's waypoint pod (`up --waypoint`)
+    shadow: PodPlan | None = None  # the extra v3 backend pod (`up --shadow`), also in `pods`
 
     def pod(self, name: str) -> PodPlan | None:
         return next((p for p in self.pods if p.name == name or p.netns == name), None)
@@ -214,11 +227,24 @@ def _check_count(what: str, value: int, limit: int) -> None:
         raise PlanError(f"{what} must be between 1 and {limit}, got {value}")
 
 
-def build_plan(name: str, nodes: int, pods_per_node: int, *, waypoint: bool = False) -> SandboxPlan:
-    """The whole topology of sandbox `name` with `nodes` x `pods_per_node` pods."""
+def build_plan(
+    name: str,
+    nodes: int,
+    pods_per_node: int,
+    *,
+    waypoint: bool = False,
+    shadow: bool = False,
+) -> SandboxPlan:
+    """The whole topology of sandbox `name` with `nodes` x `pods_per_node` pods (and the
+    waypoint pod, and the shadow pod, when asked)."""
     validate_name(name)
     _check_count("--nodes", nodes, MAX_NODES)
     _check_count("--pods-per-node", pods_per_node, MAX_PODS_PER_NODE)
+    if shadow and nodes < SHADOW_NODE_INDEX:
+        raise PlanError(
+            f"--shadow puts its pod on node{SHADOW_NODE_INDEX}: it needs --nodes of at least "
+            f"{SHADOW_NODE_INDEX}, got {nodes}"
+        )
 
     underlay = underlay_netns(name)
     node_plans = tuple(
@@ -264,6 +290,22 @@ def build_plan(name: str, nodes: int, pods_per_node: int, *, waypoint: bool = Fa
         if waypoint
         else None
     )
+    shadow_pod: PodPlan | None = None
+    if shadow:
+        host = node_plans[SHADOW_NODE_INDEX - 1]
+        shadow_pod = PodPlan(
+            name=f"{host.name}-{SHADOW_SUFFIX}",
+            namespace=POD_NAMESPACE,
+            service_account=SHADOW_APP,
+            node=host.name,
+            ip=pod_ip(host.index, SHADOW_POD_INDEX),
+            netns=f"{host.netns}-{SHADOW_SUFFIX}",
+            index=SHADOW_POD_INDEX,
+            app=SHADOW_APP,
+            version=SHADOW_VERSION,
+        )
+        # A demo pod like the others (its app, its capture, its workload), listed last.
+        pod_plans = (*pod_plans, shadow_pod)
 
     namespaces: list[NamespacePlan] = [
         NamespacePlan(
@@ -343,4 +385,5 @@ def build_plan(name: str, nodes: int, pods_per_node: int, *, waypoint: bool = Fa
         pods=pod_plans,
         namespaces=tuple(namespaces),
         waypoint=waypoint_pod,
+        shadow=shadow_pod,
     )

@@ -88,6 +88,35 @@ class Mesh:
         answer: dict[str, Any] = json.loads(result.stdout)
         return answer
 
+    def behave(
+        self, pod: str, *, fail: float = 0.0, status: int = 500, delay: float = 0.0
+    ) -> dict[str, Any]:
+        """Set `pod`'s demo app switches (`sandbox behave`; all at once, defaults reset):
+        the share `fail` of its requests answered `status`, every answer held `delay` s."""
+        share = f"{fail:.9f}".rstrip("0").rstrip(".") or "0"  # exact decimal, as the app reads it
+        result = _cli(
+            "sandbox", "behave", self.name, pod,
+            "--fail", share, "--status", str(status), "--delay", repr(float(delay)),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        answer: dict[str, Any] = json.loads(result.stdout)
+        return answer
+
+    def app_log(self, pod: str) -> list[dict[str, Any]]:
+        """The requests `pod`'s demo app logged (one JSON object per request, oldest
+        first: time, method, path, host, client_ip, client_port, status)."""
+        records = []
+        for line in Path(self.pod(pod)["log"]).read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue  # anything else the app printed (a traceback)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "method" in record:
+                records.append(record)
+        return records
+
     def apply(self, text: str, *, delete: bool = False) -> None:
         path = self.tmp / f"policy-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(text)
@@ -96,9 +125,12 @@ class Mesh:
 
 
 @contextmanager
-def sandbox(tmp: Path, backend: str, *, waypoint: bool = False, **env: str) -> Iterator[Mesh]:
+def sandbox(
+    tmp: Path, backend: str, *, waypoint: bool = False, shadow: bool = False, **env: str
+) -> Iterator[Mesh]:
     """A 2x2 sandbox with the control plane and an agent per node (and the demo
-    namespace's waypoint pod with `waypoint`), removed on exit."""
+    namespace's waypoint pod with `waypoint`, and pod node2-shadow, a v3 backend, with
+    `shadow`), removed on exit."""
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root and the real kernel")
     name = f"m{uuid.uuid4().hex[:7]}"
@@ -106,6 +138,7 @@ def sandbox(tmp: Path, backend: str, *, waypoint: bool = False, **env: str) -> I
         up = _cli(
             "sandbox", "up", "--name", name, "--nodes", "2", "--pods-per-node", "2",
             *(["--waypoint"] if waypoint else []),
+            *(["--shadow"] if shadow else []),
             env={"LOG_LEVEL": "debug", "REDIRECT_BACKEND": backend, **env},
         )  # fmt: skip
         assert up.returncode == 0, up.stderr
