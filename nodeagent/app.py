@@ -104,6 +104,7 @@ from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.traffic.outlier import OutlierDetector
+from nodeagent.waypoint.authz import WaypointAuthorizer
 from nodeagent.waypoint.router import WaypointRouter
 from nodeagent.waypoint.server import WaypointEnd, WaypointListener, WaypointTunnels
 from nodeagent.waypoint.telemetry import RequestTelemetry
@@ -661,7 +662,14 @@ def build_waypoint(config: Config, settings: WaypointSettings) -> WaypointHandle
     routing = ServiceRouting(store, OutlierDetector(time.monotonic))
     telemetry = RequestTelemetry()
     router = WaypointRouter(
-        store, routing, pool, identity, f"waypoint/{settings.namespace}/{settings.name}", telemetry
+        store,
+        routing,
+        pool,
+        identity,
+        f"waypoint/{settings.namespace}/{settings.name}",
+        telemetry,
+        # The AuthorizationPolicies attached to this waypoint, per request (403 when denied).
+        authorizer=WaypointAuthorizer(store, settings.name, settings.namespace),
     )
     tunnels = WaypointTunnels(router)
     server = HboneServer(tls, tunnels, settings=ServerSettings.from_config(config))

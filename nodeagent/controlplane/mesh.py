@@ -32,6 +32,7 @@ from nodeagent.model.httproute import GROUP as HTTPROUTE_GROUP
 from nodeagent.model.httproute import KIND as HTTPROUTE_KIND
 from nodeagent.model.httproute import parse_http_route
 from nodeagent.model.identity import Identity
+from nodeagent.model.policy import L4_CONDITION_KEYS, Condition, PolicyError, check_path
 from nodeagent.model.routing import (
     API_VERSIONS,
     GROUP,
@@ -146,12 +147,60 @@ class SourceSpec:
 class OperationSpec:
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
+    # HTTP fields, as written: only a waypoint can apply them.
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+    @property
+    def http_fields(self) -> tuple[str, ...]:
+        """The HTTP fields set, by their YAML names (istiod's httpOperations)."""
+        return tuple(
+            name
+            for name, values in (
+                ("hosts", self.hosts),
+                ("notHosts", self.not_hosts),
+                ("methods", self.methods),
+                ("notMethods", self.not_methods),
+                ("paths", self.paths),
+                ("notPaths", self.not_paths),
+            )
+            if values
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConditionSpec:
+    """One `when` entry, checked by the model (`Condition.parse`)."""
+
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
 class RuleSpec:
     sources: tuple[SourceSpec, ...] = ()
     operations: tuple[OperationSpec, ...] = ()
+    conditions: tuple[ConditionSpec, ...] = ()
+
+    @property
+    def http_fields(self) -> tuple[str, ...]:
+        """HTTP fields and `when` keys of this rule that ztunnel cannot check."""
+        found = [f for o in self.operations for f in o.http_fields]
+        found += [c.key for c in self.conditions if c.key not in L4_CONDITION_KEYS]
+        return tuple(dict.fromkeys(found))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetRefSpec:
+    kind: str
+    name: str
+    group: str = ""
+    namespace: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,10 +211,36 @@ class PolicySpec:
     selector: Mapping[str, str] | None = None
     """matchLabels; None (or empty) means the whole namespace."""
     rules: tuple[RuleSpec, ...] = ()
+    target_refs: tuple[TargetRefSpec, ...] = ()
+    """`targetRefs` (or the older `targetRef`): attached to a waypoint, not to workloads."""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def for_waypoint(self) -> bool:
+        """Attached to a waypoint: by targetRefs (istiod never sends those to ztunnel), or
+        by a selector on the gateway-name label of a waypoint's pods. Served to waypoints
+        only; the node agents neither get nor enforce it."""
+        return bool(self.target_refs) or GATEWAY_NAME in (self.selector or {})
+
+    @property
+    def needs_waypoint(self) -> tuple[str, ...]:
+        """For a workload policy: `spec.rules[i] (fields)` per rule with HTTP attributes,
+        and what ztunnel's conversion does with it (istiod ambient/authorization.go)."""
+        if self.for_waypoint:
+            return ()
+        what = (
+            "DENY rule enforced without its HTTP parts (more restrictive than written)"
+            if self.action == "DENY"
+            else "ALLOW rule omitted (more restrictive than written)"
+        )
+        return tuple(
+            f"spec.rules[{i}] ({', '.join(rule.http_fields)}): {what}"
+            for i, rule in enumerate(self.rules)
+            if rule.http_fields
+        )
 
     def selects(self, workload: WorkloadSpec) -> bool:
         return (
@@ -917,9 +992,24 @@ def _policy(r: _Reader, node: yaml.Node, path: str) -> PolicySpec:
     action = "ALLOW"
     selector: dict[str, str] | None = None
     rules: list[RuleSpec] = []
+    target_refs: list[TargetRefSpec] = []
     if "spec" in m:
         sp = f"{path}.spec"
-        spec = r.mapping(m["spec"], sp, (), ("action", "selector", "rules"))
+        spec = r.mapping(
+            m["spec"], sp, (), ("action", "selector", "rules", "targetRef", "targetRefs")
+        )
+        if "targetRefs" in spec:
+            target_refs = [
+                ref
+                for _, ref in r.items(spec["targetRefs"], f"{sp}.targetRefs", _target_ref_reader(r))
+            ]
+        elif "targetRef" in spec:
+            target_refs = [_target_ref_reader(r)(spec["targetRef"], f"{sp}.targetRef")]
+        if target_refs and "selector" in spec:
+            # Istio's validation: a policy attaches either way, not both.
+            raise r.error(
+                spec["selector"], f"{sp}.selector", "set at most one of selector and targetRefs"
+            )
         if "action" in spec:
             action = r.string(spec["action"], f"{sp}.action")
             if action not in ACTIONS:
@@ -936,16 +1026,35 @@ def _policy(r: _Reader, node: yaml.Node, path: str) -> PolicySpec:
             for i, rn in enumerate(r.sequence(spec["rules"], f"{sp}.rules")):
                 rules.append(_rule(r, rn, f"{sp}.rules[{i}]"))
     return PolicySpec(
-        name=name, namespace=namespace, action=action, selector=selector, rules=tuple(rules)
+        name=name,
+        namespace=namespace,
+        action=action,
+        selector=selector,
+        rules=tuple(rules),
+        target_refs=tuple(target_refs),
     )
+
+
+def _target_ref_reader(r: _Reader) -> Callable[[yaml.Node, str], TargetRefSpec]:
+    def read(node: yaml.Node, path: str) -> TargetRefSpec:
+        m = r.mapping(node, path, ("kind", "name"), ("group", "namespace"))
+        return TargetRefSpec(
+            kind=r.string(m["kind"], f"{path}.kind"),
+            name=r.string(m["name"], f"{path}.name"),
+            group=r.string(m["group"], f"{path}.group", nonempty=False) if "group" in m else "",
+            namespace=(r.string(m["namespace"], f"{path}.namespace") if "namespace" in m else ""),
+        )
+
+    return read
 
 
 def _rule(r: _Reader, node: yaml.Node, path: str) -> RuleSpec:
     if _is_null(node):
         return RuleSpec()
-    m = r.mapping(node, path, (), ("from", "to"))
+    m = r.mapping(node, path, (), ("from", "to", "when"))
     sources: list[SourceSpec] = []
     operations: list[OperationSpec] = []
+    conditions: list[ConditionSpec] = []
     for i, fn in enumerate(r.sequence(m["from"], f"{path}.from") if "from" in m else []):
         fp = f"{path}.from[{i}]"
         src = r.mapping(
@@ -978,7 +1087,7 @@ def _rule(r: _Reader, node: yaml.Node, path: str) -> RuleSpec:
             r.mapping(tn, tp, ("operation",), ())["operation"],
             f"{tp}.operation",
             (),
-            ("ports", "notPorts"),
+            ("ports", "notPorts", *_HTTP_OPERATION_FIELDS),
         )
         ports = {
             k: tuple(
@@ -986,13 +1095,55 @@ def _rule(r: _Reader, node: yaml.Node, path: str) -> RuleSpec:
                 for j, n in enumerate(r.sequence(v, f"{tp}.operation.{k}"))
             )
             for k, v in op.items()
+            if k in ("ports", "notPorts")
         }
+        http = {
+            k: r.strings(v, f"{tp}.operation.{k}")
+            for k, v in op.items()
+            if k in _HTTP_OPERATION_FIELDS
+        }
+        for k in ("paths", "notPaths"):
+            for j, n in enumerate(r.sequence(op[k], "") if k in op else []):
+                try:
+                    check_path(str(n.value))
+                except PolicyError as e:
+                    raise r.error(n, f"{tp}.operation.{k}[{j}]", str(e)) from None
         operations.append(
-            OperationSpec(ports=ports.get("ports", ()), not_ports=ports.get("notPorts", ()))
+            OperationSpec(
+                ports=ports.get("ports", ()),
+                not_ports=ports.get("notPorts", ()),
+                hosts=http.get("hosts", ()),
+                not_hosts=http.get("notHosts", ()),
+                methods=http.get("methods", ()),
+                not_methods=http.get("notMethods", ()),
+                paths=http.get("paths", ()),
+                not_paths=http.get("notPaths", ()),
+            )
         )
-    return RuleSpec(sources=tuple(sources), operations=tuple(operations))
+    for i, wn in enumerate(r.sequence(m["when"], f"{path}.when") if "when" in m else []):
+        wp = f"{path}.when[{i}]"
+        when = r.mapping(wn, wp, ("key",), ("values", "notValues"))
+        condition = ConditionSpec(
+            key=r.string(when["key"], f"{wp}.key"),
+            values=r.strings(when["values"], f"{wp}.values") if "values" in when else (),
+            not_values=(
+                r.strings(when["notValues"], f"{wp}.notValues") if "notValues" in when else ()
+            ),
+        )
+        try:
+            Condition.parse(condition.key, condition.values, condition.not_values)
+        except PolicyError as e:
+            # Name the key when the key is wrong, else the entry.
+            if repr(condition.key) in str(e):
+                raise r.error(when["key"], f"{wp}.key", str(e)) from None
+            raise r.error(wn, wp, str(e)) from None
+        conditions.append(condition)
+    return RuleSpec(
+        sources=tuple(sources), operations=tuple(operations), conditions=tuple(conditions)
+    )
 
 
+_HTTP_OPERATION_FIELDS = ("hosts", "notHosts", "methods", "notMethods", "paths", "notPaths")
 _SOURCE_FIELDS = (
     "principals",
     "notPrincipals",
@@ -1147,4 +1298,4 @@ def waypoint_fields(mesh: MeshConfig) -> list[str]:
         )
         for r in resources
         for path in r.needs_waypoint
-    ]
+    ] + [f"AuthorizationPolicy {p.key}: {what}" for p in mesh.policies for what in p.needs_waypoint]

@@ -1,5 +1,14 @@
 """Mesh file -> xDS resources (istio.workload.Address, istio.security.Authorization, and
-VirtualService / DestinationRule in istiod's istio.mcp.v1alpha1.Resource envelope).
+VirtualService / DestinationRule / waypoint AuthorizationPolicy in istiod's
+istio.mcp.v1alpha1.Resource envelope).
+
+AuthorizationPolicies are split as istiod splits them: those attached to a waypoint
+(`targetRefs`, or a selector on a waypoint's gateway-name label) go to waypoints only,
+whole, under `security.istio.io/v1/AuthorizationPolicy`; the others become ztunnel's
+`istio.security.Authorization`, with HTTP attributes handled as istiod's ambient
+converter handles them (pilot/pkg/serviceregistry/kube/controller/ambient/
+authorization.go, handleRule): an ALLOW rule with any is omitted, a DENY rule keeps
+only its L4 parts.
 
 Each resource is keyed by its xDS name (workload uid, `namespace/hostname`,
 `namespace/name`) and versioned by a hash of its serialized bytes, so an
@@ -14,11 +23,12 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from nodeagent.controlplane.mesh import (
     GATEWAY_NAME,
     WAYPOINT_HBONE_PORT,
+    ConditionSpec,
     MeshConfig,
     PolicySpec,
     RuleSpec,
@@ -36,6 +46,7 @@ from nodeagent.model.constants import (
 )
 from nodeagent.state import mcp
 from nodeagent.state.encode import address_resource_name, address_to_pb, authorization_to_pb
+from nodeagent.state.mcp import TYPE_URL_AUTHORIZATION_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +94,8 @@ def build_snapshot(mesh: MeshConfig) -> dict[str, dict[str, VersionedResource]]:
     """Every resource the mesh describes, by type URL and name."""
     addresses: dict[str, VersionedResource] = {}
     services = _SelectorIndex(mesh.services, lambda s: s.selector)
-    policies_idx = _SelectorIndex(mesh.policies, lambda p: p.selector)
+    workload_policies = [p for p in mesh.policies if not p.for_waypoint]
+    policies_idx = _SelectorIndex(workload_policies, lambda p: p.selector)
     values: list[wm.Workload | wm.Service] = [
         workload_value(mesh, w, services.candidates(w), policies_idx.candidates(w))
         for w in mesh.workloads
@@ -98,7 +110,7 @@ def build_snapshot(mesh: MeshConfig) -> dict[str, dict[str, VersionedResource]]:
         p.key: versioned(
             authorization_to_pb(authorization_value(mesh, p)).SerializeToString(deterministic=True)
         )
-        for p in mesh.policies
+        for p in workload_policies
     }
     return {
         TYPE_URL_ADDRESS: addresses,
@@ -107,7 +119,93 @@ def build_snapshot(mesh: MeshConfig) -> dict[str, dict[str, VersionedResource]]:
         TYPE_URL_DESTINATION_RULE: config_resources(
             TYPE_URL_DESTINATION_RULE, mesh.destination_rules
         ),
+        TYPE_URL_AUTHORIZATION_POLICY: waypoint_policy_resources(
+            p for p in mesh.policies if p.for_waypoint
+        ),
     }
+
+
+def waypoint_policy_resources(policies: Iterable[PolicySpec]) -> dict[str, VersionedResource]:
+    """Waypoint AuthorizationPolicies as istiod's api generator serves config: named
+    `namespace/name`, each an istio.mcp.v1alpha1.Resource around the spec."""
+    out: dict[str, VersionedResource] = {}
+    for p in policies:
+        envelope = mcp.ConfigEnvelope(p.namespace, p.name, policy_spec(p))
+        try:
+            out[p.key] = versioned(mcp.encode(TYPE_URL_AUTHORIZATION_POLICY, envelope))
+        except mcp.EnvelopeError as e:
+            log.error("not serving AuthorizationPolicy %s: %s", p.key, e)
+    return out
+
+
+def policy_spec(p: PolicySpec) -> dict[str, Any]:
+    """The policy's spec in Istio's JSON shape (what `kubectl get -o json` shows)."""
+    spec: dict[str, Any] = {"action": p.action}
+    if p.selector:
+        spec["selector"] = {"matchLabels": dict(p.selector)}
+    if p.target_refs:
+        spec["targetRefs"] = [
+            {
+                k: v
+                for k, v in (
+                    ("group", t.group),
+                    ("kind", t.kind),
+                    ("name", t.name),
+                    ("namespace", t.namespace),
+                )
+                if v
+            }
+            for t in p.target_refs
+        ]
+    spec["rules"] = [_rule_spec(r) for r in p.rules]
+    return spec
+
+
+def _rule_spec(r: RuleSpec) -> dict[str, Any]:
+    def fields(pairs: Iterable[tuple[str, Iterable[Any]]]) -> dict[str, list[str]]:
+        return {k: [str(v) for v in vs] for k, vs in pairs if vs}
+
+    out: dict[str, Any] = {}
+    if r.sources:
+        out["from"] = [
+            {
+                "source": fields(
+                    (
+                        ("principals", s.principals),
+                        ("notPrincipals", s.not_principals),
+                        ("namespaces", s.namespaces),
+                        ("notNamespaces", s.not_namespaces),
+                        ("ipBlocks", s.ip_blocks),
+                        ("notIpBlocks", s.not_ip_blocks),
+                    )
+                )
+            }
+            for s in r.sources
+        ]
+    if r.operations:
+        out["to"] = [
+            {
+                "operation": fields(
+                    (
+                        ("hosts", o.hosts),
+                        ("notHosts", o.not_hosts),
+                        ("ports", o.ports),
+                        ("notPorts", o.not_ports),
+                        ("methods", o.methods),
+                        ("notMethods", o.not_methods),
+                        ("paths", o.paths),
+                        ("notPaths", o.not_paths),
+                    )
+                )
+            }
+            for o in r.operations
+        ]
+    if r.conditions:
+        out["when"] = [
+            {"key": c.key, **fields((("values", c.values), ("notValues", c.not_values)))}
+            for c in r.conditions
+        ]
+    return out
 
 
 def config_resources(
@@ -161,7 +259,9 @@ def workload_value(
         workload_name=w.name,
         cluster_id=mesh.cluster_id,
         services=ports,
-        authorization_policies=tuple(sorted({p.key for p in policies if p.selects(w)})),
+        authorization_policies=tuple(
+            sorted({p.key for p in policies if p.selects(w) and not p.for_waypoint})
+        ),
         waypoint=waypoint_address(w.waypoint),
         # A waypoint's pod terminates HBONE itself: agents neither capture it nor
         # listen in it (as istiod marks waypoints for ztunnel).
@@ -205,11 +305,20 @@ def authorization_value(mesh: MeshConfig, p: PolicySpec) -> pm.Authorization:
         namespace=p.namespace,
         scope=scope,
         action=pm.Action.DENY if p.action == "DENY" else pm.Action.ALLOW,
-        rules=tuple(_rule(r) for r in p.rules),
+        rules=tuple(
+            rule
+            for rule in (_rule(r, allow=p.action != "DENY") for r in p.rules)
+            if rule is not None
+        ),
     )
 
 
-def _rule(r: RuleSpec) -> pm.Rule:
+def _rule(r: RuleSpec, *, allow: bool = True) -> pm.Rule | None:
+    """ztunnel's form of one rule, or None when istiod omits it: an ALLOW rule with HTTP
+    attributes "never matches" for ztunnel, so it is left out (fewer requests allowed);
+    a DENY rule loses its HTTP parts and so matches more (istiod's handleRule)."""
+    if allow and r.http_fields:
+        return None
     # `from` entries are OR-ed (one clause of matches), `to` entries likewise;
     # the two clauses are AND-ed. An empty rule has no clauses and matches all.
     clauses: list[pm.Clause] = []
@@ -232,17 +341,48 @@ def _rule(r: RuleSpec) -> pm.Rule:
             )
         )
     if r.operations:
-        clauses.append(
-            pm.Clause(
-                tuple(
-                    pm.Match(
-                        destination_ports=tuple(o.ports), not_destination_ports=tuple(o.not_ports)
-                    )
-                    for o in r.operations
-                )
-            )
+        to = tuple(
+            pm.Match(destination_ports=tuple(o.ports), not_destination_ports=tuple(o.not_ports))
+            for o in r.operations
         )
+        # An operation left without fields (only HTTP ones were written) holds for every
+        # connection in ztunnel; the engine skips empty matches, so the clause is dropped.
+        if not any(m.is_empty for m in to):
+            clauses.append(pm.Clause(to))
+    # Each L4 `when` condition is one more AND-ed clause (istiod's whenMatch); an HTTP key
+    # becomes an empty match there, which always holds: no clause.
+    clauses.extend(
+        pm.Clause((_when_match(c),)) for c in r.conditions if c.key in pm.L4_CONDITION_KEYS
+    )
     return pm.Rule(tuple(clauses))
+
+
+def _when_match(c: ConditionSpec) -> pm.Match:
+    key, values, nots = c.key, c.values, c.not_values
+    if key == "source.namespace":
+        return pm.Match(
+            namespaces=tuple(string_match(v) for v in values),
+            not_namespaces=tuple(string_match(v) for v in nots),
+        )
+    if key == "source.principal":
+        return pm.Match(
+            principals=tuple(string_match(v, principal=True) for v in values),
+            not_principals=tuple(string_match(v, principal=True) for v in nots),
+        )
+    if key == "source.ip":
+        return pm.Match(
+            source_ips=tuple(_cidr(v) for v in values),
+            not_source_ips=tuple(_cidr(v) for v in nots),
+        )
+    if key == "destination.ip":
+        return pm.Match(
+            destination_ips=tuple(_cidr(v) for v in values),
+            not_destination_ips=tuple(_cidr(v) for v in nots),
+        )
+    return pm.Match(  # destination.port
+        destination_ports=tuple(int(v) for v in values),
+        not_destination_ports=tuple(int(v) for v in nots),
+    )
 
 
 def string_match(value: str, *, principal: bool = False) -> pm.StringMatch:

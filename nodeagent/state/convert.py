@@ -375,3 +375,13 @@ def _envelope(type_url: str, kind: str, name: str, data: bytes) -> mcp.ConfigEnv
         return mcp.decode(type_url, name, data)
     except mcp.EnvelopeError as e:
         raise ConversionError(f"{kind} {name}: {e}") from None
+
+
+def http_authorization_from_bytes(name: str, data: bytes) -> pm.HttpAuthorization:
+    """Convert one AuthorizationPolicy resource (an istio.mcp.v1alpha1.Resource) named
+    `namespace/name`, as the waypoint applies it."""
+    envelope = _envelope(mcp.TYPE_URL_AUTHORIZATION_POLICY, "authorizationpolicy", name, data)
+    try:
+        return pm.parse_http_authorization(envelope.namespace, envelope.name, envelope.spec)
+    except pm.PolicyError as e:
+        raise ConversionError(f"authorizationpolicy {envelope.key}: {e}") from None

@@ -30,10 +30,16 @@ from nodeagent.model.constants import (
 from nodeagent.pb.istio.mcp.v1alpha1 import resource_pb2 as mcp_pb
 from nodeagent.pb.istio.networking.v1alpha3 import destination_rule_pb2 as dr_pb
 from nodeagent.pb.istio.networking.v1alpha3 import virtual_service_pb2 as vs_pb
+from nodeagent.pb.istio.security.v1beta1 import authorization_pb2 as authz_pb
 
 log = logging.getLogger(__name__)
 
 _ANY_PREFIX = "type.googleapis.com/"
+
+# istiod's type URL for AuthorizationPolicy config (its gvk, security.istio.io/v1), the
+# spec being istio.security.v1beta1.AuthorizationPolicy. The control plane serves only
+# the policies attached to waypoints under it (their rules need HTTP).
+TYPE_URL_AUTHORIZATION_POLICY = "security.istio.io/v1/AuthorizationPolicy"
 
 # The spec message of each config type URL.
 SPEC_MESSAGES: Mapping[str, type[Message]] = {
@@ -41,6 +47,7 @@ SPEC_MESSAGES: Mapping[str, type[Message]] = {
     TYPE_URL_DESTINATION_RULE: dr_pb.DestinationRule,
     TYPE_URL_VIRTUAL_SERVICE_V1: vs_pb.VirtualService,
     TYPE_URL_DESTINATION_RULE_V1: dr_pb.DestinationRule,
+    TYPE_URL_AUTHORIZATION_POLICY: authz_pb.AuthorizationPolicy,
 }
 CONFIG_TYPE_URLS = tuple(SPEC_MESSAGES)
 VIRTUAL_SERVICE_TYPE_URLS = frozenset((TYPE_URL_VIRTUAL_SERVICE, TYPE_URL_VIRTUAL_SERVICE_V1))

@@ -7,7 +7,8 @@ batch; then it tells subscribers what changed (`StateChange`).
 Indexes: workloads by uid, by (network, ip) and by node; services by `namespace/hostname`
 and by (network, VIP); each service's endpoints (workloads whose `services` map
 names it); policies by `namespace/name`, by namespace (NAMESPACE scope) and the
-GLOBAL ones; VirtualServices and DestinationRules by `namespace/name`. The
+GLOBAL ones; VirtualServices, DestinationRules and the waypoints' AuthorizationPolicies
+(`HttpAuthorization`, with HTTP rules) by `namespace/name`. The
 traffic layer recompiles its route table when a change reports either of those
 kinds (`StateChange.routing`).
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from nodeagent.model.policy import Authorization, Scope
+from nodeagent.model.policy import Authorization, HttpAuthorization, Scope
 from nodeagent.model.routing import DestinationRule, VirtualService
 from nodeagent.model.workload import Endpoint, IPAddress, Port, Service, Workload
 
@@ -52,9 +53,12 @@ class StateChange:
     policies: KindChange = KindChange()
     virtual_services: KindChange = KindChange()
     destination_rules: KindChange = KindChange()
+    http_policies: KindChange = KindChange()
 
     def __bool__(self) -> bool:
-        return bool(self.workloads or self.services or self.policies or self.routing)
+        return bool(
+            self.workloads or self.services or self.policies or self.routing or self.http_policies
+        )
 
     @property
     def routing(self) -> bool:
@@ -76,10 +80,12 @@ class StateBatch:
     policies: tuple[Authorization, ...] = ()
     virtual_services: tuple[VirtualService, ...] = ()
     destination_rules: tuple[DestinationRule, ...] = ()
+    http_policies: tuple[HttpAuthorization, ...] = ()
     removed_addresses: tuple[str, ...] = ()
     removed_policies: tuple[str, ...] = ()
     removed_virtual_services: tuple[str, ...] = ()
     removed_destination_rules: tuple[str, ...] = ()
+    removed_http_policies: tuple[str, ...] = ()
 
 
 @dataclass
@@ -126,6 +132,7 @@ class StateStore:
         self._namespace_policies: dict[str, set[str]] = {}
         self._virtual_services: dict[str, VirtualService] = {}
         self._destination_rules: dict[str, DestinationRule] = {}
+        self._http_policies: dict[str, HttpAuthorization] = {}
         self._subscribers: list[Subscriber] = []
 
     # --- change feed ---------------------------------------------------------
@@ -164,6 +171,9 @@ class StateStore:
         destination_rules = _replace_keyed(
             self._destination_rules, batch.removed_destination_rules, batch.destination_rules
         )
+        http_policies = _replace_keyed(
+            self._http_policies, batch.removed_http_policies, batch.http_policies
+        )
         for workload in batch.workloads:
             old = self._workloads.get(workload.uid)
             if old == workload:
@@ -194,6 +204,7 @@ class StateStore:
             policies.change(self._policies.__contains__),
             virtual_services.change(self._virtual_services.__contains__),
             destination_rules.change(self._destination_rules.__contains__),
+            http_policies.change(self._http_policies.__contains__),
         )
         if change:
             for subscriber in list(self._subscribers):
@@ -318,6 +329,14 @@ class StateStore:
     def destination_rules(self) -> tuple[DestinationRule, ...]:
         """Every DestinationRule, by key."""
         return tuple(self._destination_rules[k] for k in sorted(self._destination_rules))
+
+    def http_policy(self, key: str) -> HttpAuthorization | None:
+        """The waypoint AuthorizationPolicy named `namespace/name`."""
+        return self._http_policies.get(key)
+
+    def http_policies(self) -> tuple[HttpAuthorization, ...]:
+        """Every AuthorizationPolicy served for waypoints, by key."""
+        return tuple(self._http_policies[k] for k in sorted(self._http_policies))
 
     def counts(self) -> dict[str, int]:
         """Sizes, for metrics and the admin page."""

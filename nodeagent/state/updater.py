@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
-from nodeagent.model.policy import Authorization
+from nodeagent.model.policy import Authorization, HttpAuthorization
 from nodeagent.model.routing import DestinationRule, VirtualService
 from nodeagent.model.workload import Service, Workload
 from nodeagent.state.convert import (
@@ -19,9 +19,14 @@ from nodeagent.state.convert import (
     address_from_bytes,
     authorization_from_bytes,
     destination_rule_from_bytes,
+    http_authorization_from_bytes,
     virtual_service_from_bytes,
 )
-from nodeagent.state.mcp import DESTINATION_RULE_TYPE_URLS, VIRTUAL_SERVICE_TYPE_URLS
+from nodeagent.state.mcp import (
+    DESTINATION_RULE_TYPE_URLS,
+    TYPE_URL_AUTHORIZATION_POLICY,
+    VIRTUAL_SERVICE_TYPE_URLS,
+)
 from nodeagent.state.store import StateBatch, StateStore
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,15 @@ class StateUpdater:
             batch = StateBatch(
                 destination_rules=tuple(destination_rules),
                 removed_destination_rules=tuple(removals),
+            )
+        elif type_url == TYPE_URL_AUTHORIZATION_POLICY:
+            http_policies: list[HttpAuthorization] = []
+            for name, data in upserts:
+                hp = _convert(http_authorization_from_bytes, name, data, rejected)
+                if hp is not None:
+                    http_policies.append(hp)
+            batch = StateBatch(
+                http_policies=tuple(http_policies), removed_http_policies=tuple(removals)
             )
         else:
             log.warning(

@@ -280,7 +280,7 @@ RANGES = (
             "authorizationPolicies:\n- metadata: {name: p}\n  spec:\n    rules:\n"
             "    - when: [{key: x}]\n",
             5,
-            "authorizationPolicies[0].spec.rules[0].when: unknown field",
+            "authorizationPolicies[0].spec.rules[0].when[0].key: 'x' is not supported here",
         ),
         (
             "authorizationPolicies:\n- metadata: {name: p}\n  spec:\n    rules:\n"
