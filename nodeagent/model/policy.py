@@ -331,7 +331,7 @@ def _check_condition_value(attribute: ConditionKey, value: str) -> None:
         except ValueError:
             raise PolicyError(f"{value!r} is not an IP address or CIDR") from None
     elif attribute is ConditionKey.DESTINATION_PORT and not (
-        value.isdigit() and 0 <= int(value) <= 0xFFFF
+        value.isascii() and value.isdigit() and 0 <= int(value) <= 0xFFFF
     ):
         raise PolicyError(f"{value!r} is not a port (0..65535)")
 
@@ -591,7 +591,7 @@ def _networks(m: dict[str, Any], key: str, path: str) -> tuple[IPNetwork, ...]:
 def _ports(m: dict[str, Any], key: str, path: str) -> tuple[int, ...]:
     out = []
     for i, text in enumerate(_strings(m, key, path)):
-        if not text.isdigit() or not 0 <= int(text) <= 0xFFFF:
+        if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 0xFFFF:
             raise PolicySpecError(f"{path}.{key}[{i}]", f"{text!r} is not a port (0..65535)")
         out.append(int(text))
     return tuple(out)
