@@ -38,9 +38,10 @@ from nodeagent.xds.protocol import (
 log = logging.getLogger(__name__)
 
 # ztunnel's types, then Istio's config kinds (VirtualService, DestinationRule, under
-# both the v1alpha3 and the v1 type URL) as istiod's "api" generator serves them on
-# the same stream. The config kinds are optional: readiness never waits for them, so
-# a control plane that does not serve them leaves the agent as it was.
+# both the v1alpha3 and the v1 type URL, and the waypoints' AuthorizationPolicies) as
+# istiod's "api" generator serves them on the same stream. The config kinds are
+# optional: readiness never waits for them, so a control plane that does not serve
+# them leaves the agent as it was.
 DEFAULT_TYPES = (TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION, *CONFIG_TYPE_URLS)
 OPTIONAL_TYPES = CONFIG_TYPE_URLS
 MAX_MESSAGE = 200 * 1024 * 1024  # ztunnel's max decode size
