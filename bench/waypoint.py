@@ -209,8 +209,17 @@ async def _serve_waypoint(port: int, upstream_port: int) -> None:
         def route(self, head: RequestHead) -> Forward | LocalReply:
             return Forward(head)
 
-        def pick(self, forward: Forward) -> Endpoint | LocalReply:
+        async def pick(self, forward: Forward) -> Endpoint | LocalReply:
             return upstream
+
+        def attempt_done(self, endpoint: Endpoint, status: int, *, local_origin: bool) -> None:
+            pass
+
+        def mirrors(self, forward: Forward) -> list[tuple[Endpoint, RequestHead]]:
+            return []
+
+        def mirror_done(self, endpoint: Endpoint, status: int) -> None:
+            pass
 
         async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
             try:

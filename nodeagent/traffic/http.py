@@ -40,7 +40,8 @@ from nodeagent.model.routing import (
 )
 
 if TYPE_CHECKING:
-    from nodeagent.traffic.routes import Caller, RouteDecision
+    from nodeagent.traffic.resilience import RetryPolicy
+    from nodeagent.traffic.routes import Caller, RouteDecision, Target
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 ANY_REQUEST = HttpMatch()  # the match of a route that lists none
@@ -97,6 +98,11 @@ class HttpDecision:
     authority: str = ""
     request_headers: HeaderOps = field(default_factory=HeaderOps)
     response_headers: HeaderOps = field(default_factory=HeaderOps)
+    delay: float = 0.0  # the route's fault, drawn for this request (flag DI)
+    abort: LocalResponse | None = None  # likewise (flag FI)
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    mirrors: tuple[Target, ...] = ()  # where copies go, drawn for this request
 
 
 def matching(route: HttpRoute, port: int, request: HttpRequest, caller: Caller) -> HttpMatch | None:

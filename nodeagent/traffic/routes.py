@@ -60,6 +60,12 @@ from nodeagent.traffic.http import (
     redirect_reply,
     rewritten,
 )
+from nodeagent.traffic.resilience import (
+    ISTIO_DEFAULT_RETRY,
+    RetryPolicy,
+    draw_fault,
+    mirrored,
+)
 
 KNOWN_LABELS = CANONICAL_NAME_LABELS + CANONICAL_REVISION_LABELS
 _NO_POLICY = TrafficPolicy()
@@ -215,6 +221,7 @@ class HttpRouteEntry:
     name: str  # `namespace/name http[i]`
     spec: HttpRoute
     destinations: tuple[_Destination, ...]
+    mirrors: tuple[_Destination, ...] = ()  # as spec.mirrors, resolved
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,7 +462,11 @@ class RouteTable:
         if traffic is None or not traffic.http:
             target = traffic.default_target(port) if traffic else Target(service_key, port)
             return HttpDecision(
-                "", RouteDecision((target,)), path=request.path, authority=request.authority
+                "",
+                RouteDecision((target,)),
+                path=request.path,
+                authority=request.authority,
+                retry=ISTIO_DEFAULT_RETRY,  # istiod puts it on every route it writes
             )
         for entry in traffic.http:
             match = matching(entry.spec, port, request, caller)
@@ -483,6 +494,12 @@ def _http_decision(
     order = _weighted_order([d for d, _ in usable], rng)
     written = {id(d): w for d, w in usable}
     picked = written[id(order[0])].headers
+    fault = draw_fault(spec.fault, rng.random)
+    shadows = tuple(
+        d.target(port)
+        for d, m in zip(entry.mirrors, spec.mirrors, strict=True)
+        if d.service and mirrored((m,), rng.random)
+    )
     return HttpDecision(
         entry.name,
         RouteDecision(tuple(d.target(port) for d in order), route=entry.name),
@@ -490,6 +507,11 @@ def _http_decision(
         authority=authority,
         request_headers=merged(ops.request, picked.request if picked else None),
         response_headers=merged(ops.response, picked.response if picked else None),
+        delay=fault.delay,
+        abort=fault.abort,
+        timeout=spec.timeout,
+        retry=RetryPolicy.of(spec.retries),
+        mirrors=shadows,
     )
 
 
@@ -528,8 +550,9 @@ def _compile_http_route(
     name: str, route: HttpRoute, resolve: _Resolve, notes: list[str]
 ) -> HttpRouteEntry:
     destinations = tuple(resolve(name, d.destination, d.weight, "route") for d in route.route)
+    mirrors = tuple(resolve(name, m.destination, 100, "mirror") for m in route.mirrors)
     _note_source_labels(name, [m.source_labels for m in route.match], notes)
-    return HttpRouteEntry(name, route, destinations)
+    return HttpRouteEntry(name, route, destinations, mirrors)
 
 
 def _note_source_labels(name: str, selectors: list[Mapping[str, str]], notes: list[str]) -> None:

@@ -15,12 +15,13 @@ nothing of HTTP framing.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from nodeagent.model.routing import HeaderOps
+from nodeagent.traffic.resilience import RetryPolicy
 
 __all__ = [
     "HTTP1",
@@ -35,6 +36,7 @@ __all__ = [
     "RequestRecord",
     "RequestTally",
     "UpstreamError",
+    "join_flags",
 ]
 
 HTTP1 = "HTTP/1.1"
@@ -98,6 +100,11 @@ class Forward:
     response_headers: HeaderOps = field(default_factory=HeaderOps)
     route: str = ""  # which route matched, for logs ("" the service's default route)
     plan: Any = None  # the dispatcher's own state for `pick` (opaque to codecs)
+    delay: float = 0.0  # an injected delay before the request goes on (flag DI)
+    abort: LocalReply | None = None  # an injected abort, answered after the delay (flag FI)
+    timeout: float | None = None  # seconds for the whole exchange (504 UT); None: no limit
+    retry: RetryPolicy | None = None  # None: one try only
+    mirror: bool = False  # `mirrors` has copies to send: the body must be kept for them
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +116,7 @@ class Endpoint:
     address: str  # "ip:port", for logs
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     token: Any = field(default=None, compare=False, hash=False, repr=False)  # the dispatcher's
+    max_requests: int | None = field(default=None, compare=False, hash=False)  # per connection
 
 
 class UpstreamError(ConnectionError):
@@ -129,14 +137,25 @@ class RequestRecord:
     duration: float  # seconds, from the request head to the end of the response
     request_bytes: int  # body bytes received from the client
     response_bytes: int  # body bytes sent to the client
-    endpoint: Endpoint | None = None
+    endpoint: Endpoint | None = None  # the last try's
     route: str = ""
+    attempts: int = 0  # tries sent upstream (1 + retries)
+    note: str = ""  # why the exchange went as it did (retries disabled, ...), for the access log
 
 
 class RequestTally:
     """What a codec counts of one request while it runs, for its RequestRecord."""
 
-    __slots__ = ("endpoint", "flags", "request_bytes", "response_bytes", "route", "status")
+    __slots__ = (
+        "attempts",
+        "endpoint",
+        "flags",
+        "note",
+        "request_bytes",
+        "response_bytes",
+        "route",
+        "status",
+    )
 
     def __init__(self) -> None:
         self.status = 0
@@ -145,6 +164,12 @@ class RequestTally:
         self.response_bytes = 0
         self.endpoint: Endpoint | None = None
         self.route = ""
+        self.attempts = 0
+        self.note = ""
+
+    def flag(self, flag: str) -> None:
+        """Add a response flag (Envoy writes several joined by ",")."""
+        self.flags = join_flags(self.flags, flag)
 
     def record(self, head: RequestHead, duration: float) -> RequestRecord:
         return RequestRecord(
@@ -156,7 +181,18 @@ class RequestTally:
             self.response_bytes,
             self.endpoint,
             self.route,
+            self.attempts,
+            self.note,
         )
+
+
+def join_flags(flags: str, more: str) -> str:
+    """Both sets of response flags, each once, in a stable (sorted) order."""
+    if not more:
+        return flags
+    if not flags:
+        return more
+    return ",".join(sorted(set(flags.split(",")) | set(more.split(","))))
 
 
 class Dispatcher(Protocol):
@@ -164,13 +200,27 @@ class Dispatcher(Protocol):
 
     def route(self, head: RequestHead) -> Forward | LocalReply: ...
 
-    def pick(self, forward: Forward) -> Endpoint | LocalReply:
-        """The endpoint for this request (LocalReply 503 UH when none is healthy, UO when the
-        circuit breaker is full)."""
+    async def pick(self, forward: Forward) -> Endpoint | LocalReply:
+        """The endpoint for this try (LocalReply 503 UH when none is healthy, UO when the
+        circuit breaker is full and its queue too; waits while the request is queued)."""
         ...
 
     async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
         """A new stream to `endpoint` that will carry `protocol`; raises UpstreamError."""
+        ...
+
+    def attempt_done(self, endpoint: Endpoint, status: int, *, local_origin: bool) -> None:
+        """One try on `endpoint` ended with `status` (0: no response; `local_origin`: our side
+        failed to get one). Frees its slot and feeds outlier detection; the last try's endpoint
+        may also come back in `record`, which then does nothing more for it."""
+        ...
+
+    def mirrors(self, forward: Forward) -> Sequence[tuple[Endpoint, RequestHead]]:
+        """Where copies of this request go (endpoint, the head to send), drawn per request."""
+        ...
+
+    def mirror_done(self, endpoint: Endpoint, status: int) -> None:
+        """A copy's outcome (0: failed before a response), for the mirror counters."""
         ...
 
     def record(self, record: RequestRecord) -> None: ...

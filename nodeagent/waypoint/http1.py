@@ -26,6 +26,15 @@ from http import HTTPStatus
 
 import h11
 
+from nodeagent.traffic.resilience import TryFailure
+from nodeagent.waypoint.attempts import (
+    BODY_BUFFER_LIMIT,
+    REQUEST_TIMEOUT,
+    AttemptFailed,
+    MirrorTasks,
+    delay_and_abort,
+    run_tries,
+)
 from nodeagent.waypoint.exchange import (
     HTTP1,
     ByteStream,
@@ -105,17 +114,44 @@ class _BadRequest(Exception):
         self.status = status
 
 
+class _DownstreamGone(Exception):
+    """The client failed or left while its request was being forwarded."""
+
+
+class _Http1Attempt:
+    """A try that got its response head (or a 101)."""
+
+    __slots__ = ("endpoint", "head", "up")
+
+    def __init__(self, up: _Peer, head: h11.Response | h11.InformationalResponse) -> None:
+        self.up = up
+        self.head = head
+        self.endpoint: Endpoint | None = None
+
+    @property
+    def status(self) -> int:
+        return self.head.status_code
+
+    @property
+    def grpc_status(self) -> int | None:
+        return None  # gRPC needs HTTP/2
+
+    def discard(self) -> None:
+        self.up.discard()
+
+
 class _Peer:
     """One side of an exchange: a byte stream and the h11 state of its connection.
 
     What is sent is held until the next flush, so a head and the body pieces already at
     hand leave in one write (one tunnel frame) instead of one each; reading flushes first."""
 
-    __slots__ = ("closed", "conn", "eof", "out", "out_size", "stream")
+    __slots__ = ("closed", "conn", "eof", "out", "out_size", "served", "stream")
 
     def __init__(self, stream: ByteStream, conn: h11.Connection) -> None:
         self.stream = stream
         self.conn = conn
+        self.served = 0  # requests answered on this connection (maxRequestsPerConnection)
         self.eof = False
         self.closed = False
         self.out: list[bytes] = []
@@ -181,13 +217,15 @@ class Http1Upstreams:
     def __init__(self, max_idle_per_key: int = 32) -> None:
         self.max_idle_per_key = max_idle_per_key
         self._idle: dict[Hashable, list[_Peer]] = {}
+        self.mirrors = MirrorTasks()
 
     def idle(self, key: Hashable) -> int:
         """How many idle connections are kept for `key`."""
         return len(self._idle.get(key, ()))
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection and stop the mirror copies in flight."""
+        self.mirrors.cancel()
         idle, self._idle = self._idle, {}
         for peers in idle.values():
             for peer in peers:
@@ -202,7 +240,11 @@ class Http1Upstreams:
             del self._idle[key]
         return peer
 
-    def _give(self, key: Hashable, peer: _Peer) -> None:
+    def _give(self, key: Hashable, peer: _Peer, max_requests: int | None = None) -> None:
+        peer.served += 1
+        if max_requests is not None and peer.served >= max_requests:
+            peer.discard()  # the DestinationRule's maxRequestsPerConnection
+            return
         peers = self._idle.setdefault(key, [])
         if len(peers) >= self.max_idle_per_key:
             peer.discard()
@@ -291,6 +333,7 @@ class _Session:
         self.dispatcher = dispatcher
         self.upstreams = upstreams
         self.pump_error: BaseException | None = None
+        self.pump: asyncio.Task[None] | None = None  # the request body's, while it streams
         self.ended = False  # downstream finished by us (write_eof or abort)
 
     async def run(self, first: bytes) -> None:
@@ -362,7 +405,7 @@ class _Session:
         self.down.send(h11.EndOfMessage())
         self.down.flush()
         tally.status = reply.status
-        tally.flags = reply.flags
+        tally.flag(reply.flags)
         tally.response_bytes = len(reply.body)
         await self.down.stream.drain()
 
@@ -396,15 +439,25 @@ class _Session:
                 return await self._skip_body(tally)
             assert isinstance(decision, Forward)
             tally.route = decision.route
-            picked = dispatcher.pick(decision)
-            if isinstance(picked, LocalReply):
-                await self._reply(picked, tally)
+            fault = await delay_and_abort(decision, tally)
+            if fault is not None:
+                await self._reply(fault, tally)
                 return await self._skip_body(tally)
-            tally.endpoint = picked
-            return await self._forward(request, decision, picked, upgrade, chunked, tally)
+            if decision.timeout is None:
+                return await self._forward(request, decision, upgrade, chunked, tally)
+            try:
+                async with asyncio.timeout(decision.timeout):
+                    return await self._forward(request, decision, upgrade, chunked, tally)
+            except TimeoutError:
+                return await self._timed_out(tally)
+        except _DownstreamGone:
+            if not tally.flags:
+                tally.flag("DC")
+            self._end(abort=True)
+            return False
         except h11.RemoteProtocolError as error:
             if self.down.eof:
-                tally.flags = "DC"
+                tally.flag("DC")
                 self._end(abort=True)
             else:
                 await self._refuse(error.error_status_hint, tally)
@@ -422,6 +475,16 @@ class _Session:
         finally:
             dispatcher.record(tally.record(head, time.monotonic() - start))
 
+    async def _timed_out(self, tally: RequestTally) -> bool:
+        """The route's timeout fired: Envoy's 504 if no response began, else a reset."""
+        tally.flag("UT")
+        if self.down.conn.our_state is h11.SEND_RESPONSE:
+            await self._reply(REQUEST_TIMEOUT, tally)
+            if self.down.conn.their_state is h11.DONE:
+                return True
+        self._end(abort=True)
+        return False
+
     async def _open(self, endpoint: Endpoint) -> tuple[_Peer, bool]:
         """An upstream connection for `endpoint` and whether it was reused; raises UpstreamError."""
         peer = self.upstreams._take(endpoint.key)
@@ -434,18 +497,24 @@ class _Session:
         self,
         request: h11.Request,
         forward: Forward,
-        endpoint: Endpoint,
         upgrade: bool,
         chunked: bool,
         tally: RequestTally,
     ) -> bool:
         down = self.down
         dconn = down.conn
+        self.pump_error = None
         # What is already buffered decides whether the body needs a pump task.
-        first = dconn.next_event()
-        body_done = type(first) is h11.EndOfMessage
+        first: object = dconn.next_event()
+        kept: list[h11.Data] = []  # the body, kept to be sent again (retries, mirrors)
+        complete = type(first) is h11.EndOfMessage
+        if not complete and not upgrade and (forward.retry is not None or forward.mirror):
+            first, complete = await self._keep_body(first, kept, tally)
+            if not complete:
+                tally.note = f"no retry or mirror: request body over {BODY_BUFFER_LIMIT} bytes"
+        replayable = complete and not upgrade
         head = forward.head
-        headers = [(b"host", (head.authority or endpoint.address).encode("latin-1"))]
+        headers = [(b"host", head.authority.encode("latin-1"))] if head.authority else []
         headers.extend(
             (n.encode("latin-1"), v.encode("latin-1")) for n, v in head.headers if n != "expect"
         )
@@ -453,54 +522,157 @@ class _Session:
             headers.append((b"transfer-encoding", b"chunked"))
         if upgrade:
             headers.append((b"connection", b"upgrade"))
-        up_request = h11.Request(
-            method=head.method.encode("ascii"),
-            target=head.path.encode("latin-1"),
-            headers=headers,
-        )
+        target = head.path.encode("latin-1")
+        method = head.method.encode("ascii")
+        up_request = h11.Request(method=method, target=target, headers=headers)
+        streaming = None if complete else first
 
+        async def try_once(endpoint: Endpoint) -> _Http1Attempt:
+            return await self._try(endpoint, up_request, kept, streaming, tally)
+
+        if replayable and forward.mirror:
+            self._mirror(forward, method, target, headers, kept)
+        outcome = await run_tries(self.dispatcher, forward, tally, try_once, replayable=replayable)
+        if isinstance(outcome, LocalReply):
+            await self._reply(outcome, tally)
+            if self.pump is not None and not self.pump.done():
+                return False  # the rest of the body has nowhere to go
+            return await self._skip_body(tally)
+        assert isinstance(outcome, _Http1Attempt)
+        try:
+            return await self._respond(outcome, forward, tally)
+        except BaseException:
+            outcome.up.discard()  # cancelled, or a bug: never leave it open nor give it back
+            raise
+        finally:
+            pump, self.pump = self.pump, None
+            if pump is not None and not pump.done():
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+
+    async def _keep_body(
+        self, event: object, kept: list[h11.Data], tally: RequestTally
+    ) -> tuple[object, bool]:
+        """Read the request body into `kept`, up to BODY_BUFFER_LIMIT; (the next unread event,
+        whether the body is complete). Past the limit the rest will be streamed."""
+        down = self.down
+        if down.conn.they_are_waiting_for_100_continue:
+            down.send(h11.InformationalResponse(status_code=100, headers=[]))
+        size = 0
+        while True:
+            if event is h11.NEED_DATA:
+                down.flush()
+                await down.read()
+            elif type(event) is h11.Data:
+                assert isinstance(event, h11.Data)
+                if size + len(event.data) > BODY_BUFFER_LIMIT:
+                    return event, False
+                size += len(event.data)
+                tally.request_bytes += len(event.data)
+                kept.append(event)
+            elif type(event) is h11.EndOfMessage:
+                return event, True
+            else:
+                return event, False  # PAUSED
+            event = down.conn.next_event()
+
+    async def _try(
+        self,
+        endpoint: Endpoint,
+        up_request: h11.Request,
+        kept: list[h11.Data],
+        streaming: object,
+        tally: RequestTally,
+    ) -> _Http1Attempt:
+        """One try: a connection, the request and the kept body (then the rest of a streamed
+        one), up to the response head; raises AttemptFailed."""
         event: h11.Event | type[h11.PAUSED] | None = None
         while True:
             try:
                 up, reused = await self._open(endpoint)
             except UpstreamError as error:
-                await self._reply(error.reply, tally)
-                return await self._skip_body(tally)
+                raise AttemptFailed(TryFailure.CONNECT_FAILURE, error.reply) from None
             try:
                 up.send(up_request)
-                if body_done:
+                for piece in kept:
+                    up.send(piece)
+                if streaming is None:
                     up.send(h11.EndOfMessage())
                     if reused:  # a closed kept connection shows here, before any commitment
                         event = await up.next_event()
             except (ConnectionError, h11.RemoteProtocolError) as error:
                 up.discard()
-                if reused and body_done and (up.eof or isinstance(error, ConnectionError)):
+                if reused and streaming is None and (up.eof or isinstance(error, ConnectionError)):
                     continue  # a kept connection the upstream had closed: try a new one
-                await self._reply(_upstream_lost("connection termination", "UF"), tally)
-                return await self._skip_body(tally)
+                raise AttemptFailed(
+                    TryFailure.RESET, _upstream_lost("connection termination", "UF")
+                ) from None
+            except BaseException:
+                up.discard()
+                raise
             break
-
-        pump: asyncio.Task[None] | None = None
         try:
-            if not body_done:
-                if dconn.they_are_waiting_for_100_continue:
+            if streaming is not None:
+                down = self.down
+                if down.conn.they_are_waiting_for_100_continue:
                     down.send(h11.InformationalResponse(status_code=100, headers=[]))
                 try:
-                    complete = self._pump_buffered(up, first, tally)
+                    complete = self._pump_buffered(up, streaming, tally)
                 except h11.RemoteProtocolError:
                     up.discard()
                     raise
                 if not complete:
-                    pump = asyncio.create_task(self._pump(up, tally))
-            return await self._respond(up, event, forward, endpoint, pump, tally)
+                    self.pump = asyncio.create_task(self._pump(up, tally))
+            attempt = await self._await_head(up, event, tally)
+            attempt.endpoint = endpoint
+            return attempt
         except BaseException:
-            up.discard()  # cancelled, or a bug: never leave it open nor give it back
+            up.discard()
             raise
+
+    def _mirror(
+        self,
+        forward: Forward,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        kept: list[h11.Data],
+    ) -> None:
+        """Send copies of the request; their responses are read and dropped, apart from ours."""
+        for endpoint, head in self.dispatcher.mirrors(forward):
+            shadow = [(b"host", head.authority.encode("latin-1"))]
+            shadow.extend((n, v) for n, v in headers if n != b"host")
+            request = h11.Request(method=method, target=target, headers=shadow)
+            self.upstreams.mirrors.spawn(self._shadow(endpoint, request, list(kept)))
+
+    async def _shadow(self, endpoint: Endpoint, request: h11.Request, kept: list[h11.Data]) -> None:
+        status = 0
+        up: _Peer | None = None
+        try:
+            up, _ = await self._open(endpoint)
+            up.send(request)
+            for piece in kept:
+                up.send(piece)
+            up.send(h11.EndOfMessage())
+            up.flush()
+            while True:
+                event = await up.next_event()
+                if type(event) is h11.Response:
+                    assert isinstance(event, h11.Response)
+                    status = event.status_code
+                elif type(event) is h11.EndOfMessage or type(event) is h11.ConnectionClosed:
+                    break
+            if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
+                up.conn.start_next_cycle()
+                self.upstreams._give(endpoint.key, up, endpoint.max_requests)
+                up = None
+        except (UpstreamError, ConnectionError, h11.ProtocolError) as error:
+            log.debug("waypoint: mirror to %s: %s", endpoint.address, error)
         finally:
-            if pump is not None and not pump.done():
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await pump
+            if up is not None:
+                up.discard()
+            self.dispatcher.mirror_done(endpoint, status)
 
     def _pump_buffered(self, up: _Peer, event: object, tally: RequestTally) -> bool:
         """Forward the body events already buffered; True once the body is complete."""
@@ -528,18 +700,12 @@ class _Session:
             self.pump_error = error
             up.discard()
 
-    async def _respond(
-        self,
-        up: _Peer,
-        event: h11.Event | type[h11.PAUSED] | None,
-        forward: Forward,
-        endpoint: Endpoint,
-        pump: asyncio.Task[None] | None,
-        tally: RequestTally,
-    ) -> bool:
+    async def _await_head(
+        self, up: _Peer, event: h11.Event | type[h11.PAUSED] | None, tally: RequestTally
+    ) -> _Http1Attempt:
+        """Read up to the response head (passing 1xx on); a lost upstream is AttemptFailed (the
+        client can still get a 503), a client lost mid-body is _DownstreamGone."""
         down = self.down
-        self.pump_error = None
-        # Up to the response head: a lost upstream is a 503 the client can still get.
         try:
             while True:
                 if event is None:
@@ -549,7 +715,7 @@ class _Session:
                 if kind is h11.InformationalResponse:
                     assert isinstance(event, h11.InformationalResponse)
                     if event.status_code == 101:
-                        return await self._switch(up, event, forward, tally)
+                        return _Http1Attempt(up, event)
                     if event.status_code != 100:  # ours went already; others pass (103)
                         down.send(
                             h11.InformationalResponse(
@@ -561,30 +727,32 @@ class _Session:
                     continue
                 if kind is not h11.Response:
                     raise h11.RemoteProtocolError("upstream closed before a response")
-                break
+                assert isinstance(event, h11.Response)
+                return _Http1Attempt(up, event)
         except (ConnectionError, h11.RemoteProtocolError) as error:
             up.discard()
-            if self.pump_error is not None:
-                if isinstance(self.pump_error, h11.RemoteProtocolError) and not down.eof:
-                    await self._refuse(self.pump_error.error_status_hint, tally)
-                else:
-                    tally.flags = "DC"
-                    self._end(abort=True)
-                return False
+            pump_error = self.pump_error
+            if pump_error is not None:
+                if isinstance(pump_error, h11.RemoteProtocolError) and not down.eof:
+                    raise pump_error from None
+                raise _DownstreamGone from None
             if isinstance(error, h11.RemoteProtocolError) and not up.eof:
                 reply = _upstream_lost("protocol error", "UPE")
             else:
                 reply = _upstream_lost("connection termination", "UF")
-            if down.conn.our_state is h11.SEND_RESPONSE:
-                await self._reply(reply, tally)
-                if pump is not None and not pump.done():
-                    return False  # the rest of the body has nowhere to go
-                return await self._skip_body(tally)
-            tally.status, tally.flags = reply.status, reply.flags
-            self._end(abort=True)
-            return False
+            if down.conn.our_state is not h11.SEND_RESPONSE:
+                # A 1xx went already: no 503 can follow it; end the exchange here.
+                tally.status = reply.status
+                tally.flag(reply.flags)
+                raise _DownstreamGone from None
+            raise AttemptFailed(TryFailure.RESET, reply) from None
 
-        assert isinstance(event, h11.Response)
+    async def _respond(self, attempt: _Http1Attempt, forward: Forward, tally: RequestTally) -> bool:
+        down = self.down
+        up = attempt.up
+        event = attempt.head
+        if isinstance(event, h11.InformationalResponse):
+            return await self._switch(up, event, forward, tally)
         headers = forward.response_headers.apply(tuple(_response_headers(event.headers, False)))
         down.send(
             h11.Response(
@@ -598,22 +766,25 @@ class _Session:
         try:
             await _copy_body(up, down, tally, request=False)
         except h11.RemoteProtocolError:
-            tally.flags = "UPE" if not up.eof else "UC"
+            tally.flag("UPE" if not up.eof else "UC")
             up.discard()
             self._end(abort=True)
             return False
         except ConnectionError:
             # Which side failed decides the flag; both are dropped.
-            tally.flags = "DC" if self.pump_error is not None else "UC"
+            tally.flag("DC" if self.pump_error is not None else "UC")
             up.discard()
             self._end(abort=True)
             return False
 
+        pump = self.pump
         request_complete = pump is None or pump.done()
         if request_complete and self.pump_error is None:
             if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
                 up.conn.start_next_cycle()
-                self.upstreams._give(endpoint.key, up)
+                endpoint = attempt.endpoint
+                assert endpoint is not None
+                self.upstreams._give(endpoint.key, up, endpoint.max_requests)
             else:
                 up.discard()
             return True
@@ -646,7 +817,7 @@ class _Session:
         try:
             tally.response_bytes = await _relay(up.stream, up_rest, down.stream)
         except ConnectionError:
-            tally.flags = "UC"
+            tally.flag("UC")
             upward.cancel()
         try:
             tally.request_bytes = await upward

@@ -31,6 +31,15 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from nodeagent.traffic.resilience import TryFailure
+from nodeagent.waypoint.attempts import (
+    BODY_BUFFER_LIMIT,
+    REQUEST_TIMEOUT,
+    AttemptFailed,
+    MirrorTasks,
+    delay_and_abort,
+    run_tries,
+)
 from nodeagent.waypoint.exchange import (
     HTTP2,
     ByteStream,
@@ -72,6 +81,10 @@ _DROP_OUTBOUND = frozenset(
 
 # Envoy's body for a 503 before any response head (`UF`, `UC`, `UR`).
 _UPSTREAM_RESET_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+
+# Flags of an exchange that ended in trouble: its upstream stream is reset, not finished.
+_TROUBLE = frozenset({"DC", "DR", "UC", "UR", "UT", "UPE"})
 
 
 def _text(raw: bytes) -> str:
@@ -263,8 +276,16 @@ class _UpstreamStream:
 class _UpstreamConnection:
     """An h2 client connection to one endpoint, multiplexing requests of all sessions."""
 
-    def __init__(self, stream: ByteStream, max_stream_id: int, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        stream: ByteStream,
+        max_stream_id: int,
+        idle_timeout: float,
+        max_requests: int | None = None,
+    ) -> None:
         self.wire = _Wire(stream, _new_connection(client=True))
+        self.max_requests = max_requests  # maxRequestsPerConnection; None: no limit
+        self.started = 0
         self.streams: dict[int, asyncio.Queue[_Item]] = {}
         self.goaway = False
         self._max_stream_id = max_stream_id
@@ -287,6 +308,8 @@ class _UpstreamConnection:
     def usable(self) -> bool:
         """Takes new streams: alive, no GOAWAY, stream ids left."""
         last = self.wire.conn.highest_outbound_stream_id or 0
+        if self.max_requests is not None and self.started >= self.max_requests:
+            return False
         return not (self.wire.closed or self.goaway) and last + 2 <= self._max_stream_id
 
     async def start(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> _UpstreamStream:
@@ -301,6 +324,7 @@ class _UpstreamConnection:
             raise ConnectionError("upstream connection closing")
         sid = conn.get_next_available_stream_id()
         conn.send_headers(sid, headers, end_stream=end_stream)
+        self.started += 1
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
@@ -408,6 +432,7 @@ class Http2Upstreams:
         self._connections: dict[Hashable, _UpstreamConnection] = {}
         self._opening: dict[Hashable, asyncio.Task[_UpstreamConnection]] = {}
         self._retired: set[_UpstreamConnection] = set()
+        self.mirrors = MirrorTasks()
 
     def connection_count(self) -> int:
         """Live connections (in use, or draining after a GOAWAY / the last stream id)."""
@@ -448,7 +473,9 @@ class Http2Upstreams:
 
     async def _open(self, dispatcher: Dispatcher, endpoint: Endpoint) -> _UpstreamConnection:
         stream = await dispatcher.open(endpoint, HTTP2)
-        connection = _UpstreamConnection(stream, self._max_stream_id, self._idle_timeout)
+        connection = _UpstreamConnection(
+            stream, self._max_stream_id, self._idle_timeout, endpoint.max_requests
+        )
         old = self._connections.get(endpoint.key)
         if old is not None:
             # It finishes its streams, then closes (release/close).
@@ -469,7 +496,7 @@ class Http2Upstreams:
             del self._connections[key]
 
     async def aclose(self) -> None:
-        tasks: list[asyncio.Task[object]] = []
+        tasks: list[asyncio.Task[object]] = list(self.mirrors.cancel())  # type: ignore[arg-type]
         for task in list(self._opening.values()):
             task.cancel()
             tasks.append(task)  # type: ignore[arg-type]
@@ -489,11 +516,14 @@ class _Exchange(RequestTally):
         "events",
         "has_body",
         "head",
+        "leftover",
+        "pump",
         "request_ended",
         "response_ended",
         "sid",
         "start",
         "task",
+        "upstream",
     )
 
     def __init__(self, sid: int, head: RequestHead, request_ended: bool, start: float) -> None:
@@ -507,6 +537,9 @@ class _Exchange(RequestTally):
         self.request_ended = request_ended
         self.response_ended = False
         self.client_reset = False
+        self.leftover: _Item = None  # a body event taken but not kept (past the buffer limit)
+        self.pump: asyncio.Task[None] | None = None
+        self.upstream: _UpstreamStream | None = None  # the try whose response is sent
 
 
 class _Session:
@@ -587,33 +620,28 @@ class _Session:
             self.wire.window_opened()
 
     async def _exchange(self, ex: _Exchange) -> None:
-        upstream: _UpstreamStream | None = None
-        pump: asyncio.Task[None] | None = None
         try:
             decision = self.dispatcher.route(ex.head)
             if isinstance(decision, LocalReply):
                 await self._reply(ex, decision)
                 return
             ex.route = decision.route
-            picked = self.dispatcher.pick(decision)
-            if isinstance(picked, LocalReply):
-                await self._reply(ex, picked)
+            fault = await delay_and_abort(decision, ex)
+            if fault is not None:
+                await self._reply(ex, fault)
                 return
-            ex.endpoint = picked
+            if decision.timeout is None:
+                await self._forward(ex, decision)
+                return
             try:
-                upstream = await self.upstreams.start(
-                    self.dispatcher, picked, _request_headers(decision.head), not ex.has_body
-                )
-            except UpstreamError as exc:
-                await self._reply(ex, exc.reply)
-                return
-            except (OSError, h2.exceptions.ProtocolError) as exc:
-                log.debug("upstream %s: %s", picked.address, exc)
-                await self._reply(ex, _reset_reply("UF", "connection failure"))
-                return
-            if ex.has_body:
-                pump = self._spawn(self._pump_request(ex, upstream))
-            await self._pump_response(ex, upstream, decision)
+                async with asyncio.timeout(decision.timeout):
+                    await self._forward(ex, decision)
+            except TimeoutError:
+                ex.flag("UT")
+                if not ex.status:
+                    await self._reply(ex, REQUEST_TIMEOUT)
+                else:
+                    ex.response_ended = False  # _finish resets the client's stream
         except asyncio.CancelledError:
             if not ex.flags:
                 ex.flags = "DR" if ex.client_reset else "DC"
@@ -624,14 +652,149 @@ class _Session:
         except Exception:
             log.exception("HTTP/2 stream %d failed", ex.sid)
         finally:
-            if pump is not None:
-                pump.cancel()
-            self._finish(ex, upstream)
+            if ex.pump is not None:
+                ex.pump.cancel()
+            self._finish(ex, ex.upstream)
+
+    async def _forward(self, ex: _Exchange, decision: Forward) -> None:
+        kept: list[h2.events.Event] = []  # the body (DATA, trailers), kept to be sent again
+        complete = not ex.has_body
+        if ex.has_body and (decision.retry is not None or decision.mirror):
+            complete = await self._keep_body(ex, kept)
+            if not complete:
+                ex.note = f"no retry or mirror: request body over {BODY_BUFFER_LIMIT} bytes"
+        headers = _request_headers(decision.head)
+
+        async def try_once(endpoint: Endpoint) -> _Http2Attempt:
+            return await self._try(ex, endpoint, headers, kept, complete)
+
+        if complete and decision.mirror:
+            for endpoint, head in self.dispatcher.mirrors(decision):
+                self.upstreams.mirrors.spawn(self._shadow(endpoint, _request_headers(head), kept))
+        outcome = await run_tries(self.dispatcher, decision, ex, try_once, replayable=complete)
+        if isinstance(outcome, LocalReply):
+            await self._reply(ex, outcome)
+            return
+        assert isinstance(outcome, _Http2Attempt)
+        ex.upstream = outcome.upstream
+        await self._pump_response(ex, outcome.upstream, decision, outcome.rest)
+
+    async def _keep_body(self, ex: _Exchange, kept: list[h2.events.Event]) -> bool:
+        """Take the request body into `kept` up to BODY_BUFFER_LIMIT (acknowledged: it is ours
+        to hold); False past it, the first event not kept left in `ex.leftover`."""
+        size = 0
+        while True:
+            event = await ex.events.get()
+            if event is None:
+                raise ConnectionError("client stream ended")
+            if isinstance(event, h2.events.DataReceived):
+                data = event.data or b""
+                if size + len(data) > BODY_BUFFER_LIMIT:
+                    ex.leftover = event
+                    return False
+                size += len(data)
+                ex.request_bytes += len(data)
+                self.wire.ack(ex.sid, _credit([event]))
+            kept.append(event)
+            if isinstance(event, h2.events.StreamEnded):
+                return True
+
+    async def _try(
+        self,
+        ex: _Exchange,
+        endpoint: Endpoint,
+        headers: list[tuple[bytes, bytes]],
+        kept: list[h2.events.Event],
+        complete: bool,
+    ) -> _Http2Attempt:
+        """One try: a stream, the request and the kept body (then the rest of a streamed one),
+        up to the response head; raises AttemptFailed."""
+        try:
+            upstream = await self.upstreams.start(
+                self.dispatcher, endpoint, headers, not ex.has_body
+            )
+        except UpstreamError as exc:
+            raise AttemptFailed(TryFailure.CONNECT_FAILURE, exc.reply) from None
+        except (OSError, h2.exceptions.ProtocolError) as exc:
+            log.debug("upstream %s: %s", endpoint.address, exc)
+            raise AttemptFailed(
+                TryFailure.CONNECT_FAILURE, _reset_reply("UF", "connection failure")
+            ) from None
+        try:
+            if kept:
+                await _send_kept(upstream, kept)
+            if not complete:
+                ex.pump = self._spawn(self._pump_request(ex, upstream))
+            return await self._await_head(ex, upstream)
+        except BaseException:
+            upstream.release(ErrorCodes.CANCEL)
+            raise
+
+    async def _await_head(self, ex: _Exchange, upstream: _UpstreamStream) -> _Http2Attempt:
+        """The endpoint's events up to its response head (1xx passed on to the client)."""
+        while True:
+            batch = await _batch(upstream.events)
+            for i, event in enumerate(batch):
+                if event is None or isinstance(event, h2.events.StreamReset):
+                    upstream.connection.wire.ack(upstream.sid, _credit(batch))
+                    upstream.release(ErrorCodes.CANCEL)
+                    if event is None:
+                        reply, failure = (
+                            _reset_reply("UC", "connection termination"),
+                            TryFailure.RESET,
+                        )
+                    elif event.error_code == ErrorCodes.REFUSED_STREAM:
+                        reply, failure = (
+                            _reset_reply("UR", "remote refused stream reset"),
+                            TryFailure.REFUSED_STREAM,
+                        )
+                    else:
+                        reply, failure = _reset_reply("UR", "remote reset"), TryFailure.RESET
+                    raise AttemptFailed(failure, reply)
+                if isinstance(event, h2.events.InformationalResponseReceived):
+                    self.wire.conn.send_headers(ex.sid, list(event.headers or []))
+                    self.wire.flush_soon()
+                elif isinstance(event, h2.events.ResponseReceived):
+                    return _Http2Attempt(upstream, batch[i:])
+
+    async def _shadow(
+        self, endpoint: Endpoint, headers: list[tuple[bytes, bytes]], kept: list[h2.events.Event]
+    ) -> None:
+        """A mirror copy: sent like a try, its response read and dropped."""
+        status = 0
+        upstream: _UpstreamStream | None = None
+        try:
+            upstream = await self.upstreams.start(self.dispatcher, endpoint, headers, not kept)
+            if kept:
+                await _send_kept(upstream, kept)
+            while True:
+                batch = await _batch(upstream.events)
+                upstream.connection.wire.ack(upstream.sid, _credit(batch))
+                for event in batch:
+                    if event is None or isinstance(event, h2.events.StreamReset):
+                        return
+                    if isinstance(event, h2.events.ResponseReceived):
+                        raw = event.headers or []
+                        status = int(next((v for n, v in raw if n == b":status"), b"0"))
+                    if isinstance(event, h2.events.StreamEnded):
+                        upstream.release(None)
+                        upstream = None
+                        return
+        except (UpstreamError, OSError, h2.exceptions.ProtocolError) as exc:
+            log.debug("waypoint: mirror to %s: %s", endpoint.address, exc)
+        finally:
+            if upstream is not None:
+                upstream.release(ErrorCodes.CANCEL)
+            self.dispatcher.mirror_done(endpoint, status)
 
     def _finish(self, ex: _Exchange, upstream: _UpstreamStream | None) -> None:
         del self.exchanges[ex.sid]
         if upstream is not None:
-            done = ex.response_ended and ex.flags == "" and upstream.ended
+            done = (
+                ex.response_ended
+                and upstream.ended
+                and not _TROUBLE.intersection(ex.flags.split(","))
+            )
             upstream.release(None if done else ErrorCodes.CANCEL)
         if not ex.client_reset and not self.wire.closed:
             if not ex.response_ended:
@@ -649,7 +812,8 @@ class _Session:
         body = b"" if ex.head.method == "HEAD" else reply.body
         if reply.body and not any(n.lower() == "content-length" for n, _ in reply.headers):
             headers.append((b"content-length", str(len(reply.body)).encode()))
-        ex.status, ex.flags = reply.status, reply.flags
+        ex.status = reply.status
+        ex.flag(reply.flags)
         self.wire.conn.send_headers(ex.sid, headers, end_stream=not body)
         if body:
             await self.wire.send_data(ex.sid, body, end_stream=True)
@@ -663,7 +827,11 @@ class _Session:
         """Client to endpoint: DATA (acknowledged once drained upstream), trailers, end."""
         up = upstream.connection.wire
         while True:
-            batch = await _batch(ex.events)
+            batch: list[_Item]
+            if ex.leftover is not None:
+                batch, ex.leftover = [ex.leftover], None
+            else:
+                batch = await _batch(ex.events)
             try:
                 for event in batch:
                     if isinstance(event, h2.events.DataReceived):
@@ -686,15 +854,20 @@ class _Session:
                 # shrink the client's connection window for good.
                 self.wire.ack(ex.sid, _credit(batch))
 
-    async def _pump_response(self, ex: _Exchange, upstream: _UpstreamStream, fwd: Forward) -> None:
+    async def _pump_response(
+        self, ex: _Exchange, upstream: _UpstreamStream, fwd: Forward, first: list[_Item]
+    ) -> None:
         """Endpoint to client: head (with the route's header changes), DATA, trailers."""
+        batch = first
         while not ex.response_ended:
-            batch = await _batch(upstream.events)
+            if not batch:
+                batch = await _batch(upstream.events)
             try:
                 await self._respond(ex, fwd, batch)
             finally:
                 # Also when cancelled or failed (see _pump_request).
                 upstream.connection.wire.ack(upstream.sid, _credit(batch))
+            batch = []
 
     async def _respond(self, ex: _Exchange, fwd: Forward, batch: list[_Item]) -> None:
         """Pass one batch of the endpoint's events on to the client, then drain."""
@@ -707,7 +880,7 @@ class _Session:
                 if not ex.status:  # no response head yet: Envoy's 503
                     await self._reply(ex, _reset_reply(flags, reason))
                     return
-                ex.flags = flags
+                ex.flag(flags)
                 code = event.error_code if event is not None else None
                 down.reset(ex.sid, code or ErrorCodes.INTERNAL_ERROR)
                 ex.response_ended = True  # nothing more to send: reset already
@@ -736,6 +909,57 @@ class _Session:
                     down.conn.send_data(ex.sid, b"", end_stream=True)
                 ex.response_ended = True
         await down.drain()
+
+
+class _Http2Attempt:
+    """A try that got its response head: the stream and its events from the head on."""
+
+    __slots__ = ("rest", "upstream")
+
+    def __init__(self, upstream: _UpstreamStream, rest: list[_Item]) -> None:
+        self.upstream = upstream
+        self.rest = rest
+
+    @property
+    def _head(self) -> h2.events.ResponseReceived:
+        head = self.rest[0]
+        assert isinstance(head, h2.events.ResponseReceived)
+        return head
+
+    @property
+    def status(self) -> int:
+        raw = self._head.headers or []
+        return int(next((v for n, v in raw if n == b":status"), b"0"))
+
+    @property
+    def grpc_status(self) -> int | None:
+        head = self._head
+        if not head.stream_ended:
+            return None  # gRPC sends a failure's status in a trailers-only response
+        value = next((v for n, v in head.headers or [] if n == b"grpc-status"), None)
+        return int(value) if value is not None and value.isdigit() else None
+
+    def discard(self) -> None:
+        upstream = self.upstream
+        upstream.connection.wire.ack(upstream.sid, _credit(self.rest))
+        upstream.release(ErrorCodes.CANCEL)
+
+
+async def _send_kept(upstream: _UpstreamStream, kept: list[h2.events.Event]) -> None:
+    """The kept request body on a new stream: DATA, then trailers or the end."""
+    wire = upstream.connection.wire
+    for event in kept:
+        if isinstance(event, h2.events.DataReceived):
+            await wire.send_data(upstream.sid, event.data or b"")
+        elif isinstance(event, h2.events.TrailersReceived):
+            wire.conn.send_headers(
+                upstream.sid, _encode(_decode(event.headers or [])), end_stream=True
+            )
+            upstream.ended = True
+        elif isinstance(event, h2.events.StreamEnded) and not upstream.ended:
+            wire.conn.send_data(upstream.sid, b"", end_stream=True)
+            upstream.ended = True
+    wire.flush_soon()
 
 
 async def _batch(events: asyncio.Queue[_Item]) -> list[_Item]:

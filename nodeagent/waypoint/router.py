@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import random
 import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -33,12 +34,17 @@ from nodeagent.hbone.headers import format_authority, parse_authority
 from nodeagent.hbone.server import AcceptedStream
 from nodeagent.model.constants import INBOUND_HBONE_PORT
 from nodeagent.model.identity import Identity, IdentityError
+from nodeagent.model.routing import TcpPool, TrafficPolicy
 from nodeagent.model.workload import Service, TunnelProtocol, Workload
 from nodeagent.proxy.pool import HboneConnectError, HbonePool, PoolKey
 from nodeagent.proxy.routing import Pick, ServicePlan, ServiceRouting
 from nodeagent.state.store import StateStore
+from nodeagent.traffic.balancer import FAULT_ABORT, FAULT_DELAY, MIRROR_DROPPED, RETRY
+from nodeagent.traffic.balancer import OVERFLOW as OVERFLOW_EVENT
 from nodeagent.traffic.http import HttpRequest
-from nodeagent.traffic.routes import Caller
+from nodeagent.traffic.outlier import Outcome
+from nodeagent.traffic.resilience import shadow_authority
+from nodeagent.traffic.routes import Caller, Target
 from nodeagent.traffic.selection import SourceLocation
 from nodeagent.waypoint.exchange import (
     ByteStream,
@@ -86,6 +92,9 @@ class TunnelCaller:
 class RequestObserver:
     """What the dispatcher reports each finished request to (telemetry, access log)."""
 
+    def mirror_done(self, status: int) -> None:
+        """A mirror copy ended (status 0: it got no response)."""
+
     def request_done(
         self,
         record: RequestRecord,
@@ -109,6 +118,87 @@ class HttpAuthorizer(Protocol):
 # Envoy's RBAC filter answers a denied request so (source/extensions/filters/http/rbac).
 # No response flag: the denial shows as response code details only.
 ACCESS_DENIED = LocalReply(403, (("content-type", "text/plain"),), b"RBAC: access denied")
+
+
+class RequestGate:
+    """Envoy's HTTP circuit breaker per cluster: at most min(maxConnections, http2MaxRequests)
+    requests in flight; past it a request waits in the cluster's queue, and past
+    http1MaxPendingRequests waiting ones it gets 503 UO at once. Unset limits are Istio's
+    (2^32-1: no limit)."""
+
+    def __init__(self, routing: ServiceRouting) -> None:
+        self._routing = routing
+        self._queues: dict[tuple[str, str, int], deque[asyncio.Future[None]]] = {}
+
+    def waiting(self, target: Target) -> int:
+        return len(self._queues.get(target.cluster, ()))
+
+    def enter(self, plan: ServicePlan, target: Target) -> bool | None:
+        """True: admitted; False: overflow (counted); None: the request must wait."""
+        routing = self._routing
+        if plan.admitted is not None and plan.admitted.cluster == target.cluster:
+            return True
+        limit = _active_limit(target.policy)
+        if limit is None:
+            return routing.admit(plan, target)
+        counters = routing.balancer.counters(target.cluster)
+        if counters.open < limit and not self._queues.get(target.cluster):
+            return routing.admit(plan, _limited(target, limit))
+        http = target.policy.http
+        pending = http.max_pending_requests if http is not None else None
+        if pending is not None and self.waiting(target) >= pending:
+            routing.count(OVERFLOW_EVENT, target)
+            return False
+        return None
+
+    async def wait(self, queued: _Queued, dispatcher: TunnelDispatcher) -> Endpoint | LocalReply:
+        """Wait for a slot, first come first served (the route's timeout bounds the wait)."""
+        target, plan = queued.pick.target, queued.plan
+        limit = _active_limit(target.policy)
+        assert limit is not None
+        queue = self._queues.setdefault(target.cluster, deque())
+        first = False
+        while True:
+            future = asyncio.get_running_loop().create_future()
+            if first:
+                queue.appendleft(future)  # woken but beaten to the slot: keep our turn
+            else:
+                queue.append(future)
+            try:
+                await future
+            finally:
+                if future in queue:
+                    queue.remove(future)
+                if not queue:
+                    self._queues.pop(target.cluster, None)
+            if self._routing.admit(plan, _limited(target, limit)):
+                return dispatcher._endpoint(plan, queued.pick)
+            first = True
+            queue = self._queues.setdefault(target.cluster, deque())
+
+    def released(self, target: Target) -> None:
+        """A slot of `target`'s cluster was freed: the first waiting request takes it."""
+        queue = self._queues.get(target.cluster)
+        while queue:
+            future = queue.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+
+
+def _active_limit(policy: TrafficPolicy) -> int | None:
+    limits = []
+    if policy.tcp is not None and policy.tcp.max_connections is not None:
+        limits.append(policy.tcp.max_connections)
+    if policy.http is not None and policy.http.max_requests is not None:
+        limits.append(policy.http.max_requests)
+    return min(limits) if limits else None
+
+
+def _limited(target: Target, limit: int) -> Target:
+    """The target with `limit` as its slot count (the same cluster, so the same counters)."""
+    tcp = target.policy.tcp or TcpPool()
+    return replace(target, policy=replace(target.policy, tcp=replace(tcp, max_connections=limit)))
 
 
 class WaypointRouter:
@@ -136,6 +226,7 @@ class WaypointRouter:
         self._rng = rng or random.Random()
         self._connect = connect
         self.authorizer = authorizer
+        self.gate = RequestGate(routing)
 
     def accept(self, accepted: AcceptedStream) -> TunnelDispatcher | str:
         """The tunnel's dispatcher, or why the CONNECT is refused (answered 400)."""
@@ -232,19 +323,73 @@ class TunnelDispatcher:
             authority=decision.authority,
             headers=decision.request_headers.apply(head.headers),
         )
+        retry = decision.retry
+        tries = 1 + (retry.retries if retry is not None else 0)
         plan = ServicePlan(
-            decision.decision,
+            replace(decision.decision, max_attempts=tries),
             service,
             self._location,
             self.caller.address[0],
             self._dialled,
             self._port,
         )
-        return Forward(sent, decision.response_headers, decision.route, plan)
+        target = plan.target
+        abort = None
+        if decision.abort is not None:
+            local = decision.abort
+            abort = LocalReply(local.status, local.headers, local.body, local.flags or "FI")
+            if target is not None:
+                router.routing.count(FAULT_ABORT, target)
+        if decision.delay and target is not None:
+            router.routing.count(FAULT_DELAY, target)
+        return Forward(
+            sent,
+            decision.response_headers,
+            decision.route,
+            _RequestPlan(plan, decision.mirrors),
+            delay=decision.delay,
+            abort=abort,
+            timeout=decision.timeout,
+            retry=retry,
+            mirror=bool(decision.mirrors),
+        )
 
-    def pick(self, forward: Forward) -> Endpoint | LocalReply:
-        plan: ServicePlan = forward.plan
-        return self._next(plan)
+    async def pick(self, forward: Forward) -> Endpoint | LocalReply:
+        plan: ServicePlan = forward.plan.service
+        retrying = plan.attempts > 0
+        if retrying and plan.target is not None:
+            self._router.routing.count(RETRY, plan.target)
+        picked = self._next(plan, retrying=retrying)
+        if isinstance(picked, _Queued):
+            return await self._router.gate.wait(picked, self)
+        return picked
+
+    def mirrors(self, forward: Forward) -> list[tuple[Endpoint, RequestHead]]:
+        request: _RequestPlan = forward.plan
+        routing = self._router.routing
+        out = []
+        for target in request.mirrors:
+            plan = routing.mirror_plan(request.service, target)
+            pick = routing.next_pick(plan) if plan is not None else None
+            if plan is None or pick is None:
+                routing.count(MIRROR_DROPPED, target)
+                continue
+            head = replace(forward.head, authority=shadow_authority(forward.head.authority))
+            out.append((self._endpoint(plan, pick, held=False), head))
+        return out
+
+    def mirror_done(self, endpoint: Endpoint, status: int) -> None:
+        if status == 0 or status >= 500:
+            target = endpoint.token
+            if isinstance(target, _Mirror):
+                self._router.routing.count(MIRROR_DROPPED, target.pick.target)
+        self._router.observer.mirror_done(status)
+
+    def attempt_done(self, endpoint: Endpoint, status: int, *, local_origin: bool) -> None:
+        held = endpoint.token
+        if isinstance(held, _Held):
+            outcome = Outcome(local_origin=True) if local_origin else Outcome(status=status)
+            held.finish(self._router, outcome)
 
     def pick_l4(self) -> Endpoint | LocalReply:
         """An endpoint for a tunnel that carries no HTTP: the service's tcp routes decide."""
@@ -255,20 +400,39 @@ class TunnelDispatcher:
         plan = routing.plan(
             self.caller.workload, service, self._port, self._dialled, self.caller.address[0]
         )
-        return self._next(plan)
+        picked = self._next(plan)
+        if isinstance(picked, _Queued):
+            # Envoy's TCP proxy has no pending queue: a full cluster refuses the connection.
+            self._router.routing.count(OVERFLOW_EVENT, picked.pick.target)
+            return OVERFLOW
+        return picked
 
-    def finish_l4(self, endpoint: Endpoint) -> None:
-        held: _Held | None = endpoint.token
-        if held is not None:
-            held.finish(self._router.routing, ok=True)
+    def finish_l4(self, endpoint: Endpoint, *, ok: bool = True) -> None:
+        held = endpoint.token
+        if isinstance(held, _Held):
+            held.finish(self._router, Outcome.connected() if ok else Outcome(local_origin=True))
 
-    def _next(self, plan: ServicePlan) -> Endpoint | LocalReply:
+    def _next(
+        self, plan: ServicePlan, *, retrying: bool = False
+    ) -> Endpoint | LocalReply | _Queued:
         routing = self._router.routing
         pick = routing.next_pick(plan)
+        if pick is None and retrying and plan.attempts_left:
+            # Envoy's retry host predicate prefers other endpoints but, when every one was
+            # tried, takes one again rather than fail the retry.
+            plan.tried.clear()
+            plan.target_index, plan.panic = 0, False
+            pick = routing.next_pick(plan)
         if pick is None:
             return NO_HEALTHY_UPSTREAM
-        if not routing.admit(plan, pick.target):
+        admitted = self._router.gate.enter(plan, pick.target)
+        if admitted is None:
+            return _Queued(plan, pick)
+        if not admitted:
             return OVERFLOW
+        return self._endpoint(plan, pick)
+
+    def _endpoint(self, plan: ServicePlan, pick: Pick, *, held: bool = True) -> Endpoint:
         candidate, workload = pick.candidate, pick.workload
         key = (workload.uid, str(candidate.address), candidate.port)
         labels = {
@@ -279,11 +443,13 @@ class TunnelDispatcher:
             "app": workload.canonical_name,
             "uid": workload.uid,
         }
+        http = pick.target.policy.http
         return Endpoint(
             key,
             format_authority(str(candidate.address), candidate.port),
             MappingProxyType(labels),
-            _Held(plan, pick),
+            _Held(plan, pick) if held else _Mirror(pick),
+            max_requests=http.max_requests_per_connection if http is not None else None,
         )
 
     async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
@@ -301,9 +467,6 @@ class TunnelDispatcher:
             return SocketByteStream(reader, writer)
         except (OSError, HboneConnectError) as exc:
             log.info("waypoint: %s -> %s: %s", self.label, endpoint.address, exc)
-            held: _Held | None = endpoint.token
-            if held is not None:
-                held.finish(router.routing, ok=False)
             raise UpstreamError(CONNECT_FAILURE, str(exc)) from None
 
     async def _tunnel(self, workload: Workload, ip: str, port: int) -> TunnelStream:
@@ -330,46 +493,77 @@ class TunnelDispatcher:
         workload = None
         endpoint = record.endpoint
         if endpoint is not None:
-            held: _Held | None = endpoint.token
-            if held is not None:
-                held.finish(router.routing, ok=_outcome(record))
+            held = endpoint.token
+            if isinstance(held, _Held):
+                held.finish(router, _outcome(record))
             workload = router.store.workload(endpoint.labels.get("uid", ""))
         router.observer.request_done(record, self.caller, self.service, workload)
 
 
 @dataclass(slots=True)
+class _RequestPlan:
+    """The dispatcher's state for one forwarded request: its tries' plan, its mirrors."""
+
+    service: ServicePlan
+    mirrors: tuple[Target, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Mirror:
+    """The token of a mirror copy's endpoint: no slot, no outlier counting."""
+
+    pick: Pick
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A request waiting for a slot in its cluster (http1MaxPendingRequests)."""
+
+    plan: ServicePlan
+    pick: Pick
+
+
+@dataclass(slots=True)
 class _Held:
-    """One picked endpoint of one request: its circuit-breaker slot, until finished."""
+    """One picked endpoint of one try: its circuit-breaker slot, until finished."""
 
     plan: ServicePlan
     pick: Pick
     done: bool = False
 
-    def finish(self, routing: ServiceRouting, *, ok: bool | None) -> None:
-        """Release the slot; `ok` is the endpoint's outcome for outlier detection (None: the
-        request says nothing about the endpoint)."""
+    def finish(self, router: WaypointRouter, outcome: Outcome | None) -> None:
+        """Release the slot; `outcome` feeds outlier detection (None: the try says nothing
+        about the endpoint)."""
         if self.done:
             return
         self.done = True
-        # Outlier detection counts what Envoy's does here: connect failures and 5xx.
-        if ok is not None:
-            routing.record(self.pick, ok=ok)
+        routing = router.routing
+        if outcome is not None:
+            routing.record_outcome(self.pick, outcome)
+        target = self.plan.admitted
         routing.release(self.plan)
+        if target is not None:
+            router.gate.released(target)
 
 
 # The client's doing (it went away, reset its stream, sent a malformed request): such a
 # request tells nothing about the endpoint, so outlier detection does not count it.
 DOWNSTREAM_FLAGS = frozenset({"DC", "DR", "DPE"})
+# Our side gave up on the endpoint (no connection, a reset before the head, a timeout).
+LOCAL_ORIGIN_FLAGS = frozenset({"UF", "UC", "UR", "UT", "UPE"})
 
 
-def _outcome(record: RequestRecord) -> bool | None:
-    """The endpoint's outcome: False for a 5xx or an upstream failure, True for any other
-    response, None when the client ended the request before the endpoint answered."""
-    if record.status >= 500:
-        return False
-    if record.flags in DOWNSTREAM_FLAGS:
-        return None if record.status == 0 or record.flags == "DPE" else True
-    return record.status > 0
+def _outcome(record: RequestRecord) -> Outcome | None:
+    """What the last try says about its endpoint: the response status, a local-origin
+    failure, or None when the client ended the request before the endpoint answered."""
+    flags = set(record.flags.split(",")) if record.flags else set()
+    if flags & DOWNSTREAM_FLAGS:
+        return None if record.status == 0 or "DPE" in flags else Outcome(status=record.status)
+    if record.status and not flags & LOCAL_ORIGIN_FLAGS:
+        return Outcome(status=record.status)
+    if flags & LOCAL_ORIGIN_FLAGS:
+        return Outcome(local_origin=True)
+    return None
 
 
 def _endpoint_key(endpoint: Endpoint) -> tuple[str, str, int]:

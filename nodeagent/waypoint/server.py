@@ -95,6 +95,7 @@ class WaypointTunnels:
         try:
             upstream = await dispatcher.open(endpoint, HTTP1)
         except UpstreamError:
+            dispatcher.finish_l4(endpoint, ok=False)
             downstream.abort()
             return
         try:

@@ -51,7 +51,16 @@ class RequestTelemetry(RequestObserver):
             "istio_response_bytes", "Response body size", REQUEST_LABELS, buckets=SIZE_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.mirrors = Counter(
+            "nodeagent_waypoint_mirror_requests",
+            "Mirror copies sent, by outcome (ok: a response below 500)",
+            ("outcome",),
+            registry=r,
+        )
         self._series: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def mirror_done(self, status: int) -> None:
+        self.mirrors.labels("ok" if 0 < status < 500 else "failed").inc()
 
     def _children(
         self,
@@ -113,7 +122,7 @@ class RequestTelemetry(RequestObserver):
         response_bytes.observe(record.response_bytes)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
-                '[%s] "%s %s %s" %d %s %d %d %d "%s" "%s" %s %s route=%s src=%s',
+                '[%s] "%s %s %s" %d %s %d %d %d "%s" "%s" %s %s route=%s src=%s attempts=%d%s',
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 head.method,
                 head.path,
@@ -129,4 +138,6 @@ class RequestTelemetry(RequestObserver):
                 record.endpoint.address if record.endpoint is not None else "-",
                 record.route or "default",
                 caller.identity,
+                record.attempts,
+                f' note="{record.note}"' if record.note else "",
             )

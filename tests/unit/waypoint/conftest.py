@@ -48,19 +48,31 @@ class FakeDispatcher:
     picked: list[Endpoint] = field(default_factory=list)
     opened: list[Endpoint] = field(default_factory=list)
     records: list[RequestRecord] = field(default_factory=list)
+    tries: list[tuple[str, int, bool]] = field(default_factory=list)
+    mirror_to: list[tuple[Endpoint, RequestHead]] = field(default_factory=list)
+    mirrored: list[tuple[str, int]] = field(default_factory=list)
     _next: itertools.count[int] = field(default_factory=itertools.count)
 
     def route(self, head: RequestHead) -> Forward | LocalReply:
         self.routed.append(head)
         return self.route_fn(head)
 
-    def pick(self, forward: Forward) -> Endpoint | LocalReply:
+    async def pick(self, forward: Forward) -> Endpoint | LocalReply:
         endpoint = self.endpoints[next(self._next) % len(self.endpoints)]
         self.picked.append(endpoint)
         return endpoint
 
     def record(self, record: RequestRecord) -> None:
         self.records.append(record)
+
+    def attempt_done(self, endpoint: Endpoint, status: int, *, local_origin: bool) -> None:
+        self.tries.append((str(endpoint.key), status, local_origin))
+
+    def mirrors(self, forward: Forward) -> list[tuple[Endpoint, RequestHead]]:
+        return list(self.mirror_to)
+
+    def mirror_done(self, endpoint: Endpoint, status: int) -> None:
+        self.mirrored.append((str(endpoint.key), status))
 
     async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
         assert protocol == HTTP1

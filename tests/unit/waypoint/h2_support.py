@@ -90,6 +90,9 @@ class FakeDispatcher:
     received: dict[str, int] = field(default_factory=dict)  # name -> bytes read from upstream
     response_headers: HeaderOps = field(default_factory=HeaderOps)
     records: list[RequestRecord] = field(default_factory=list)
+    tries: list[tuple[str, int, bool]] = field(default_factory=list)
+    mirror_to: list[tuple[Endpoint, RequestHead]] = field(default_factory=list)
+    mirrored: list[tuple[str, int]] = field(default_factory=list)
     opened: list[str] = field(default_factory=list)
     picked: list[str] = field(default_factory=list)
 
@@ -100,7 +103,7 @@ class FakeDispatcher:
         rewritten = replace(head, headers=(*head.headers, ("x-routed-to", name)))
         return Forward(rewritten, self.response_headers, route=name, plan=name)
 
-    def pick(self, forward: Forward) -> Endpoint | LocalReply:
+    async def pick(self, forward: Forward) -> Endpoint | LocalReply:
         name = str(forward.plan)
         if name == "none":
             return LocalReply(503, body=b"no healthy upstream", flags="UH")
@@ -121,6 +124,15 @@ class FakeDispatcher:
 
     def record(self, record: RequestRecord) -> None:
         self.records.append(record)
+
+    def attempt_done(self, endpoint: Endpoint, status: int, *, local_origin: bool) -> None:
+        self.tries.append((str(endpoint.key), status, local_origin))
+
+    def mirrors(self, forward: Forward) -> list[tuple[Endpoint, RequestHead]]:
+        return list(self.mirror_to)
+
+    def mirror_done(self, endpoint: Endpoint, status: int) -> None:
+        self.mirrored.append((str(endpoint.key), status))
 
 
 @contextlib.asynccontextmanager

@@ -150,7 +150,11 @@ async def test_local_reply_keeps_the_connection() -> None:
 
 async def test_pick_local_reply() -> None:
     dispatcher = FakeDispatcher([])
-    dispatcher.pick = lambda forward: LocalReply(503, body=b"no healthy upstream", flags="UH")  # type: ignore[method-assign]
+
+    async def unhealthy(forward: Forward) -> LocalReply:
+        return LocalReply(503, body=b"no healthy upstream", flags="UH")
+
+    dispatcher.pick = unhealthy  # type: ignore[method-assign]
     async with codec_server(dispatcher) as address:
         client = await Client.connect(address)
         response = await client.request("GET", "/")

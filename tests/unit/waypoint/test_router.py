@@ -12,8 +12,9 @@ import asyncio
 import ipaddress
 import random
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -219,8 +220,21 @@ def forward(d: TunnelDispatcher, path: str = "/app", *headers: tuple[str, str]) 
     return decided
 
 
+T = TypeVar("T")
+
+
+def now(step: Coroutine[Any, Any, T]) -> T:
+    """The result of a pick that does not wait (no queue): its coroutine ends at once."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    step.close()
+    raise AssertionError("the pick waited for a slot")
+
+
 def picked(d: TunnelDispatcher, fwd: Forward) -> Endpoint:
-    ep = d.pick(fwd)
+    ep = now(d.pick(fwd))
     assert isinstance(ep, Endpoint), ep
     return ep
 
@@ -369,26 +383,38 @@ def test_pick_describes_the_endpoint() -> None:
 
 def test_no_endpoint_is_503_uh() -> None:
     d = dispatcher(setup(V2))  # the default route wants v1; no v1 endpoint exists
-    assert d.pick(forward(d)) == NO_HEALTHY_UPSTREAM
+    assert now(d.pick(forward(d))) == NO_HEALTHY_UPSTREAM
     assert (NO_HEALTHY_UPSTREAM.status, NO_HEALTHY_UPSTREAM.flags) == (503, "UH")
     unhealthy = endpoint("sick", "10.1.0.3", "v1", status=WorkloadStatus.UNHEALTHY)
     d = dispatcher(setup(unhealthy))
-    assert d.pick(forward(d)) == NO_HEALTHY_UPSTREAM
+    assert now(d.pick(forward(d))) == NO_HEALTHY_UPSTREAM
 
 
-def test_max_connections_full_is_503_uo_until_a_request_is_recorded() -> None:
-    s = setup(V1, dr=rule(connectionPool={"tcp": {"maxConnections": 1}}))
+async def test_max_connections_full_queues_up_to_max_pending_then_503_uo() -> None:
+    pool = {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}
+    s = setup(V1, dr=rule(connectionPool=pool))
     d = dispatcher(s)
     first = picked(d, forward(d))
-    assert d.pick(forward(d)) == OVERFLOW
+    waiting = asyncio.ensure_future(d.pick(forward(d)))
+    await asyncio.sleep(0)
+    assert not waiting.done() and s.router.gate.waiting(first.token.pick.target) == 1
+    assert now(d.pick(forward(d))) == OVERFLOW  # the queue is full too
     assert (OVERFLOW.status, OVERFLOW.flags) == (503, "UO")
     d.record(done(first))
-    second = picked(d, forward(d))
+    second = await asyncio.wait_for(waiting, 1)
+    assert isinstance(second, Endpoint)
     d.record(done(second))
     d.record(done(second))  # recording twice releases once
     third = picked(d, forward(d))
-    assert d.pick(forward(d)) == OVERFLOW
     d.record(done(third))
+
+
+async def test_without_a_pending_limit_a_full_cluster_queues() -> None:
+    s = setup(V1, dr=rule(connectionPool={"tcp": {"maxConnections": 1}}))
+    d = dispatcher(s)
+    picked(d, forward(d))
+    with pytest.raises(AssertionError, match="waited"):
+        now(d.pick(forward(d)))  # Istio's default http1MaxPendingRequests: 2^32-1
 
 
 # record
@@ -485,13 +511,14 @@ async def test_a_refused_connect_is_503_uf_and_releases_the_slot() -> None:
     assert caught.value.reply == CONNECT_FAILURE
     assert (CONNECT_FAILURE.status, CONNECT_FAILURE.flags) == (503, "UF")
     assert refused == [("10.1.0.7", 8080)]
-    # The slot is free again (maxConnections 1) and the failure counted (ejected).
+    # The try's end frees the slot (maxConnections 1) and counts the failure (ejected).
+    d.attempt_done(ep, 0, local_origin=True)
     assert s.routing.balancer.outliers.is_ejected(ep.token.pick.candidate.key)
-    again = d.pick(forward(d))
+    again = now(d.pick(forward(d)))
     assert isinstance(again, Endpoint)
     # A later record of the failed request does not release a second time.
     d.record(RequestRecord(head(), 503, "UF", 0.0, 0, 0, ep))
-    assert d.pick(forward(d)) == OVERFLOW
+    assert s.routing.balancer.counters(again.token.pick.target.cluster).open == 1
 
 
 async def test_a_closed_loopback_port_is_503_uf() -> None:
@@ -567,5 +594,5 @@ def test_ip_addresses_are_parsed() -> None:
     # The dialled VIP is kept as an address object (for the plan's `dialled`).
     d = dispatcher(setup(V1))
     fwd = forward(d)
-    assert fwd.plan.dialled == ipaddress.ip_address(VIP)
-    assert fwd.plan.source_ip == CLIENT_IP
+    assert fwd.plan.service.dialled == ipaddress.ip_address(VIP)
+    assert fwd.plan.service.source_ip == CLIENT_IP
