@@ -104,6 +104,7 @@ from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.traffic.outlier import OutlierDetector
+from nodeagent.waypoint.admin import admin_routes
 from nodeagent.waypoint.authz import WaypointAuthorizer
 from nodeagent.waypoint.router import WaypointRouter
 from nodeagent.waypoint.server import WaypointEnd, WaypointListener, WaypointTunnels
@@ -693,6 +694,7 @@ def build_waypoint(config: Config, settings: WaypointSettings) -> WaypointHandle
             "/metrics": route(scrape),
             "/stats/prometheus": route(scrape),
             "/healthz/ready": route(ready),
+            **admin_routes(store, routing),
         },
     )
     return WaypointHandles(

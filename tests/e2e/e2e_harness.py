@@ -117,6 +117,19 @@ class Mesh:
                 records.append(record)
         return records
 
+    def waypoint_metrics(self) -> str:
+        """The waypoint's /metrics, read inside its own namespace."""
+        result = subprocess.run(
+            [NSENTER, f"--net=/var/run/netns/{self.name}-node1-waypoint", "--",
+             "curl", "-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def waypoint_log(self) -> str:
+        return Path(self.status["waypoint"]["log"]).read_text(errors="replace")
+
     def apply(self, text: str, *, delete: bool = False) -> None:
         path = self.tmp / f"policy-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(text)

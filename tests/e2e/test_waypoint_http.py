@@ -119,17 +119,6 @@ def requests(mesh: Mesh, count: int, path: str, *headers: str) -> list[dict[str,
     return answers
 
 
-def waypoint_metrics(mesh: Mesh) -> str:
-    """The waypoint's /metrics, read inside its own namespace."""
-    result = subprocess.run(
-        [NSENTER, f"--net=/var/run/netns/{mesh.name}-node1-waypoint", "--",
-         "curl", "-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"],
-        capture_output=True, text=True, timeout=20, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def routes_ready(mesh: Mesh) -> bool:
     answers = requests(mesh, 1, "/", "x-user=ios")
     return answers[0].get("pod") == V2
@@ -162,7 +151,7 @@ def test_the_callers_agent_tunnels_to_the_waypoint_and_the_waypoint_counts_the_r
     # routes_ready calls, may carry keep-alive pings meanwhile).
     onward = {s.dst for s in segments if s.src[0] == WAYPOINT_IP and s.dst[1] == 15008}
     assert ("10.10.1.12", 15008) in onward, onward
-    metrics = waypoint_metrics(mesh)
+    metrics = mesh.waypoint_metrics()
     line = next(
         (
             ln
@@ -391,7 +380,7 @@ def test_grpc_calls_are_routed_by_metadata(mesh: Mesh, h2_servers: None) -> None
     wait_until("who's routes at the waypoint", lambda: call("ios", 10, check=False) == [V2] * 10)
     assert set(call("ios", 20)) == {V2}
     assert set(call("", 20)) == {V1}
-    metrics = waypoint_metrics(mesh)
+    metrics = mesh.waypoint_metrics()
     assert any(
         'request_protocol="grpc"' in ln and 'destination_service_name="who"' in ln
         for ln in metrics.splitlines()
@@ -442,7 +431,7 @@ def test_malformed_requests_get_400_and_the_good_ones_between_them_200(mesh: Mes
     seen = json.loads(done.stdout)
     assert set(seen["bad"]) == {"HTTP/1.1 400 Bad Request"}, seen["bad"]
     assert set(seen["good"]) == {"HTTP/1.1 200 OK"}, seen["good"]
-    metrics = waypoint_metrics(mesh)
+    metrics = mesh.waypoint_metrics()
     assert any(
         'response_flags="DPE"' in ln and 'response_code="400"' in ln
         for ln in metrics.splitlines()
