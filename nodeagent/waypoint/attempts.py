@@ -119,18 +119,21 @@ async def run_tries(
             verdict = state.result(failure=failed.failure)
             reply = failed.reply
         except TimeoutError:
-            # Envoy counts a try that timed out against the endpoint as a 504 of its own.
+            # A local-origin failure of the endpoint (Envoy: a 504 of its own; unsplit, both
+            # count on the 5xx and gateway counters).
             dispatcher.attempt_done(picked, 0, local_origin=True)
             verdict = state.result(failure=TryFailure.TIMEOUT)
             reply = PER_TRY_TIMEOUT
         else:
             verdict = state.result(status=attempt.status, grpc_status=attempt.grpc_status)
+            if verdict is Verdict.RETRY and not _budget(forward):
+                return attempt  # Envoy: over maxRetries the response goes on, not retried
             if verdict is not Verdict.RETRY:
                 tally.flag(state.flags)
                 return attempt  # its outcome is recorded when its response has ended
             attempt.discard()
             dispatcher.attempt_done(picked, attempt.status, local_origin=False)
-        if verdict is not Verdict.RETRY:
+        if verdict is not Verdict.RETRY or not _budget(forward):
             tally.flag(state.flags)
             return reply
         await asyncio.sleep(state.backoff(draw()))
@@ -158,3 +161,7 @@ class MirrorTasks:
         for task in tasks:
             task.cancel()
         return tasks
+
+
+def _budget(forward: Forward) -> bool:
+    return forward.may_retry is None or forward.may_retry()

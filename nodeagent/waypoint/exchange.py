@@ -15,7 +15,7 @@ nothing of HTTP framing.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -105,6 +105,8 @@ class Forward:
     timeout: float | None = None  # seconds for the whole exchange (504 UT); None: no limit
     retry: RetryPolicy | None = None  # None: one try only
     mirror: bool = False  # `mirrors` has copies to send: the body must be kept for them
+    # Whether the cluster's retry budget (maxRetries) lets one more retry start now.
+    may_retry: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

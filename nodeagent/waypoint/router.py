@@ -129,6 +129,7 @@ class RequestGate:
     def __init__(self, routing: ServiceRouting) -> None:
         self._routing = routing
         self._queues: dict[tuple[str, str, int], deque[asyncio.Future[None]]] = {}
+        self._retries: dict[tuple[str, str, int], int] = {}  # retries in flight per cluster
 
     def waiting(self, target: Target) -> int:
         return len(self._queues.get(target.cluster, ()))
@@ -175,6 +176,28 @@ class RequestGate:
                 return dispatcher._endpoint(plan, queued.pick)
             first = True
             queue = self._queues.setdefault(target.cluster, deque())
+
+    def may_retry(self, plan: ServicePlan) -> bool:
+        """Whether the cluster of the plan's current target has room for one more retry
+        (maxRetries: retries in flight at once; Istio's default 2^32-1)."""
+        target = plan.target
+        http = target.policy.http if target is not None else None
+        if target is None or http is None or http.max_retries is None:
+            return True
+        if self._retries.get(target.cluster, 0) < http.max_retries:
+            return True
+        self._routing.count(OVERFLOW_EVENT, target)
+        return False
+
+    def retry_started(self, target: Target) -> None:
+        self._retries[target.cluster] = self._retries.get(target.cluster, 0) + 1
+
+    def retry_ended(self, target: Target) -> None:
+        left = self._retries.get(target.cluster, 0) - 1
+        if left > 0:
+            self._retries[target.cluster] = left
+        else:
+            self._retries.pop(target.cluster, None)
 
     def released(self, target: Target) -> None:
         """A slot of `target`'s cluster was freed: the first waiting request takes it."""
@@ -352,6 +375,7 @@ class TunnelDispatcher:
             timeout=decision.timeout,
             retry=retry,
             mirror=bool(decision.mirrors),
+            may_retry=(lambda: router.gate.may_retry(plan)) if retry is not None else None,
         )
 
     async def pick(self, forward: Forward) -> Endpoint | LocalReply:
@@ -361,7 +385,10 @@ class TunnelDispatcher:
             self._router.routing.count(RETRY, plan.target)
         picked = self._next(plan, retrying=retrying)
         if isinstance(picked, _Queued):
-            return await self._router.gate.wait(picked, self)
+            picked = await self._router.gate.wait(picked, self)
+        if retrying and isinstance(picked, Endpoint) and isinstance(picked.token, _Held):
+            picked.token.retry = True
+            self._router.gate.retry_started(picked.token.pick.target)
         return picked
 
     def mirrors(self, forward: Forward) -> list[tuple[Endpoint, RequestHead]]:
@@ -530,6 +557,7 @@ class _Held:
     plan: ServicePlan
     pick: Pick
     done: bool = False
+    retry: bool = False  # a retry's try: it holds one of the cluster's maxRetries
 
     def finish(self, router: WaypointRouter, outcome: Outcome | None) -> None:
         """Release the slot; `outcome` feeds outlier detection (None: the try says nothing
@@ -540,6 +568,8 @@ class _Held:
         routing = router.routing
         if outcome is not None:
             routing.record_outcome(self.pick, outcome)
+        if self.retry:
+            router.gate.retry_ended(self.pick.target)
         target = self.plan.admitted
         routing.release(self.plan)
         if target is not None:

@@ -596,3 +596,64 @@ def test_ip_addresses_are_parsed() -> None:
     fwd = forward(d)
     assert fwd.plan.service.dialled == ipaddress.ip_address(VIP)
     assert fwd.plan.service.source_ip == CLIENT_IP
+
+
+# retries, faults and mirrors as the router decides them
+
+
+def test_retries_beyond_max_retries_in_flight_are_refused_until_one_ends() -> None:
+    # Routes without `retries` carry Istio's default policy (2 retries); maxRetries: 1.
+    s = setup(
+        V1, endpoint("b-v1b", "10.1.0.3", "v1"), dr=rule(connectionPool={"http": {"maxRetries": 1}})
+    )
+    d = dispatcher(s)
+    first, second = forward(d), forward(d)
+    assert first.retry is not None and first.may_retry is not None
+    now(d.pick(first))
+    retry = now(d.pick(first))  # the plan has tried once: this is a retry
+    assert isinstance(retry, Endpoint)
+    now(d.pick(second))
+    assert second.may_retry is not None and not second.may_retry()  # one retry in flight
+    d.attempt_done(retry, 200, local_origin=False)
+    assert second.may_retry()
+
+
+def test_a_retry_goes_to_another_endpoint_then_back_when_all_were_tried() -> None:
+    s = setup(V1, endpoint("b-v1b", "10.1.0.3", "v1"))
+    d = dispatcher(s)
+    fwd = forward(d)
+    tries = [now(d.pick(fwd)) for _ in range(3)]  # Istio's default: 1 + 2 retries
+    keys = [t.key for t in tries if isinstance(t, Endpoint)]
+    assert len(keys) == 3 and keys[0] != keys[1] and keys[2] in keys[:2]
+    for t in tries:
+        assert isinstance(t, Endpoint)
+        d.attempt_done(t, 200, local_origin=False)
+    assert now(d.pick(fwd)) == NO_HEALTHY_UPSTREAM  # no try left
+
+
+def test_fault_timeout_and_mirror_of_a_route_reach_the_forward() -> None:
+    route = {
+        "name": "chaos",
+        "route": [{"destination": {"host": "backend", "subset": "v1"}}],
+        "fault": {
+            "delay": {"fixedDelay": "1.5s", "percentage": {"value": 100}},
+            "abort": {"httpStatus": 502, "percentage": {"value": 100}},
+        },
+        "timeout": "3s",
+        "retries": {"attempts": 0},
+        "mirror": {"host": "backend", "subset": "v2"},
+    }
+    vs = virtual_service("backend", NS, spec={"hosts": ["backend"], "http": [route]})
+    s = setup(V1, V2, vs=vs)
+    d = dispatcher(s)
+    fwd = forward(d)
+    assert (fwd.delay, fwd.timeout, fwd.retry, fwd.mirror) == (1.5, 3.0, None, True)
+    assert fwd.abort is not None and (fwd.abort.status, fwd.abort.flags) == (502, "FI")
+    assert fwd.abort.body == b"fault filter abort"
+    ((ep, head),) = d.mirrors(fwd)
+    assert ep.labels["version"] == "v2"
+    assert head.authority == "backend-shadow:8080"
+    d.mirror_done(ep, 0)
+    stats = {c.subset: c.events for c in s.routing.cluster_stats()}
+    assert stats["v2"]["mirror_dropped"] == 1
+    assert stats["v1"]["fault_abort"] == 1 and stats["v1"]["fault_delay"] == 1
