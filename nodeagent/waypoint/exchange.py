@@ -119,6 +119,7 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     token: Any = field(default=None, compare=False, hash=False, repr=False)  # the dispatcher's
     max_requests: int | None = field(default=None, compare=False, hash=False)  # per connection
+    idle_timeout: float | None = field(default=None, compare=False, hash=False)  # seconds
 
 
 class UpstreamError(ConnectionError):

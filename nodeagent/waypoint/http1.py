@@ -146,12 +146,13 @@ class _Peer:
     What is sent is held until the next flush, so a head and the body pieces already at
     hand leave in one write (one tunnel frame) instead of one each; reading flushes first."""
 
-    __slots__ = ("closed", "conn", "eof", "out", "out_size", "served", "stream")
+    __slots__ = ("closed", "conn", "eof", "idle_timer", "out", "out_size", "served", "stream")
 
     def __init__(self, stream: ByteStream, conn: h11.Connection) -> None:
         self.stream = stream
         self.conn = conn
         self.served = 0  # requests answered on this connection (maxRequestsPerConnection)
+        self.idle_timer: asyncio.TimerHandle | None = None  # while kept idle
         self.eof = False
         self.closed = False
         self.out: list[bytes] = []
@@ -238,18 +239,36 @@ class Http1Upstreams:
         peer = peers.pop()  # the most recently used: the likeliest to be alive
         if not peers:
             del self._idle[key]
+        if peer.idle_timer is not None:
+            peer.idle_timer.cancel()
+            peer.idle_timer = None
         return peer
 
-    def _give(self, key: Hashable, peer: _Peer, max_requests: int | None = None) -> None:
+    def _give(self, endpoint: Endpoint, peer: _Peer) -> None:
         peer.served += 1
-        if max_requests is not None and peer.served >= max_requests:
+        limit = endpoint.max_requests
+        if limit is not None and peer.served >= limit:
             peer.discard()  # the DestinationRule's maxRequestsPerConnection
             return
+        key = endpoint.key
         peers = self._idle.setdefault(key, [])
         if len(peers) >= self.max_idle_per_key:
             peer.discard()
-        else:
-            peers.append(peer)
+            return
+        peers.append(peer)
+        if endpoint.idle_timeout is not None:
+            # connectionPool.http.idleTimeout: an idle connection closes after it.
+            peer.idle_timer = asyncio.get_running_loop().call_later(
+                endpoint.idle_timeout, self._expire, key, peer
+            )
+
+    def _expire(self, key: Hashable, peer: _Peer) -> None:
+        peers = self._idle.get(key)
+        if peers is not None and peer in peers:
+            peers.remove(peer)
+            if not peers:
+                del self._idle[key]
+            peer.discard()
 
 
 def _new_client(stream: ByteStream) -> _Peer:
@@ -665,7 +684,7 @@ class _Session:
                     break
             if up.conn.our_state is h11.DONE and up.conn.their_state is h11.DONE:
                 up.conn.start_next_cycle()
-                self.upstreams._give(endpoint.key, up, endpoint.max_requests)
+                self.upstreams._give(endpoint, up)
                 up = None
         except (UpstreamError, ConnectionError, h11.ProtocolError) as error:
             log.debug("waypoint: mirror to %s: %s", endpoint.address, error)
@@ -784,7 +803,7 @@ class _Session:
                 up.conn.start_next_cycle()
                 endpoint = attempt.endpoint
                 assert endpoint is not None
-                self.upstreams._give(endpoint.key, up, endpoint.max_requests)
+                self.upstreams._give(endpoint, up)
             else:
                 up.discard()
             return True

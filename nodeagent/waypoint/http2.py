@@ -474,7 +474,10 @@ class Http2Upstreams:
     async def _open(self, dispatcher: Dispatcher, endpoint: Endpoint) -> _UpstreamConnection:
         stream = await dispatcher.open(endpoint, HTTP2)
         connection = _UpstreamConnection(
-            stream, self._max_stream_id, self._idle_timeout, endpoint.max_requests
+            stream,
+            self._max_stream_id,
+            endpoint.idle_timeout if endpoint.idle_timeout is not None else self._idle_timeout,
+            endpoint.max_requests,
         )
         old = self._connections.get(endpoint.key)
         if old is not None:

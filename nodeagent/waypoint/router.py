@@ -477,6 +477,7 @@ class TunnelDispatcher:
             MappingProxyType(labels),
             _Held(plan, pick) if held else _Mirror(pick),
             max_requests=http.max_requests_per_connection if http is not None else None,
+            idle_timeout=http.idle_timeout if http is not None else None,
         )
 
     async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:

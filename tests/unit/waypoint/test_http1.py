@@ -19,7 +19,7 @@ import pytest
 
 from nodeagent.hbone.aio import HboneConnection, TunnelStream
 from nodeagent.model.routing import HeaderOps
-from nodeagent.waypoint.exchange import Forward, LocalReply, RequestHead, UpstreamError
+from nodeagent.waypoint.exchange import Endpoint, Forward, LocalReply, RequestHead, UpstreamError
 from nodeagent.waypoint.http1 import Http1Upstreams, serve_http1
 from nodeagent.waypoint.streams import SocketByteStream, TunnelByteStream
 from tests.unit.waypoint.conftest import (
@@ -401,6 +401,27 @@ async def test_upstreams_cap_idle_connections() -> None:
             assert pool.idle("k") == 2
     assert len(conns) == 5  # all at once: none idle to share
     assert pool.idle("k") == 0  # closed with the server
+
+
+async def test_idle_timeout_closes_a_kept_connection_and_max_requests_retires_it() -> None:
+    pool = Http1Upstreams()
+    async with echo_upstream() as (addr, conns):
+        text = f"{addr[0]}:{addr[1]}"
+        idle = Endpoint(key="idle", address=text, idle_timeout=0.2)
+        once = Endpoint(key="once", address=text, max_requests=1)
+        dispatcher = FakeDispatcher([idle])
+        async with codec_server(dispatcher, pool) as address:
+            client = await Client.connect(address)
+            await client.request("GET", "/")
+            assert pool.idle("idle") == 1
+            await asyncio.sleep(0.4)
+            assert pool.idle("idle") == 0  # connectionPool.http.idleTimeout
+            dispatcher.endpoints[:] = [once]
+            for _ in range(3):
+                assert (await client.request("GET", "/")).status == 200
+            assert pool.idle("once") == 0  # maxRequestsPerConnection: 1
+            await client.close()
+    assert len(conns) == 4  # one for `idle`, then one per request to `once`
 
 
 # --- interop: curl in front, Python's http.server behind ---
