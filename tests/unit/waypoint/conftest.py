@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import h11
@@ -310,3 +311,86 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
     while chunk := await reader.read(READ_SIZE):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# --- scripted upstreams for the resilience tests --------------------------------------
+
+STALL = -1  # a script step: read the request, never answer
+STALL_BODY = -2  # a script step: a 200 head and part of its body, then nothing more
+
+
+@dataclass
+class Scripted:
+    """What a scripted upstream saw: its address, one entry per accepted connection, and
+    each complete request with its body."""
+
+    address: tuple[str, int]
+    connections: list[int] = field(default_factory=list)
+    requests: list[tuple[h11.Request, bytes]] = field(default_factory=list)
+
+    def host(self, index: int) -> str:
+        request = self.requests[index][0]
+        return dict(request.headers)[b"host"].decode()
+
+
+@contextlib.asynccontextmanager
+async def scripted_upstream(name: str, script: Sequence[int] = (200,)) -> AsyncIterator[Scripted]:
+    """An h11 upstream that reads each whole request, then answers the next step of `script`
+    (the last step repeats): a status (body: its name; header x-upstream), STALL or STALL_BODY."""
+    state = Scripted(("", 0))
+
+    async def serve(stream: SocketByteStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
+        state.connections.append(1)
+        while True:
+            request: h11.Request | None = None
+            body = bytearray()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.read())
+                elif type(event) is h11.Request:
+                    request = event
+                elif type(event) is h11.Data:
+                    body += event.data
+                elif type(event) is h11.EndOfMessage:
+                    break
+                else:
+                    return  # the client closed
+            assert request is not None
+            step = script[min(len(state.requests), len(script) - 1)]
+            state.requests.append((request, bytes(body)))
+            if step == STALL:
+                await asyncio.sleep(30)
+                return
+            if step == STALL_BODY:
+                head = h11.Response(status_code=200, headers=[("content-length", "100")])
+                stream.write(
+                    (conn.send(head) or b"") + (conn.send(h11.Data(data=b"partial")) or b"")
+                )
+                await stream.drain()
+                await asyncio.sleep(30)
+                return
+            payload = name.encode()
+            headers = [("x-upstream", name), ("content-length", str(len(payload)))]
+            out = conn.send(h11.Response(status_code=step, headers=headers)) or b""
+            out += conn.send(h11.Data(data=payload)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+            stream.write(out)
+            await stream.drain()
+            if conn.our_state is not h11.DONE:
+                stream.write_eof()
+                return
+            conn.start_next_cycle()
+
+    async with listener(serve) as address:
+        state.address = address
+        yield state
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+    return port
