@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +16,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 from h2.errors import ErrorCodes
 
 from nodeagent.waypoint.exchange import (
@@ -95,21 +96,30 @@ class FakeDispatcher:
     mirrored: list[tuple[str, int]] = field(default_factory=list)
     opened: list[str] = field(default_factory=list)
     picked: list[str] = field(default_factory=list)
+    # Resilience tests: what the route adds to its Forward (retry, timeout, faults, mirror),
+    # upstream names picked round-robin instead of by x-user, and maxRequestsPerConnection.
+    forward_fn: Callable[[Forward], Forward] | None = None
+    rotate: list[str] = field(default_factory=list)
+    max_requests: dict[str, int] = field(default_factory=dict)
 
     def route(self, head: RequestHead) -> Forward | LocalReply:
         if head.path.startswith("/local/"):
             return LocalReply(418, (("x-local", "yes"),), b"local " + head.path.encode(), "XX")
         name = head.header("x-user") or "v1"
         rewritten = replace(head, headers=(*head.headers, ("x-routed-to", name)))
-        return Forward(rewritten, self.response_headers, route=name, plan=name)
+        forward = Forward(rewritten, self.response_headers, route=name, plan=name)
+        return self.forward_fn(forward) if self.forward_fn is not None else forward
 
     async def pick(self, forward: Forward) -> Endpoint | LocalReply:
         name = str(forward.plan)
+        if self.rotate:
+            name = self.rotate[len(self.picked) % len(self.rotate)]
         if name == "none":
             return LocalReply(503, body=b"no healthy upstream", flags="UH")
         self.picked.append(name)
         port = self.upstreams.get(name, 1)  # port 1: nothing listens (connect refused)
-        return Endpoint(key=name, address=f"127.0.0.1:{port}")
+        limit = self.max_requests.get(name)
+        return Endpoint(key=name, address=f"127.0.0.1:{port}", max_requests=limit)
 
     async def open(self, endpoint: Endpoint, protocol: str) -> ByteStream:
         self.opened.append(str(endpoint.key))
@@ -394,3 +404,128 @@ async def send_body(
         conn.send_data(sid, view[:n], end_stream=end_stream and n == len(view))
         view = view[n:]
         writer.write(conn.data_to_send())
+
+
+# --- resilience: a scripted h2 upstream and a raw h2 client ----------------------------
+
+STALL = -1  # a script step: take the request, never answer
+STALL_BODY = -2  # a script step: a 200 head and part of a body, then nothing more
+
+
+@dataclass
+class ScriptedH2:
+    """What a scripted h2 upstream saw: one entry per connection, each whole request."""
+
+    port: int = 0
+    connections: list[int] = field(default_factory=list)
+    requests: list[tuple[dict[bytes, bytes], bytes]] = field(default_factory=list)
+
+
+@contextlib.asynccontextmanager
+async def scripted_h2_upstream(
+    name: str, script: Sequence[int] = (200,)
+) -> AsyncIterator[ScriptedH2]:
+    """An h2 server (h2's own) that reads each whole request (acknowledging its DATA), then
+    answers the next step of `script` (the last one repeats): a status with body `name`
+    (header x-upstream), STALL or STALL_BODY."""
+    state = ScriptedH2()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections.append(1)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        heads: dict[int, dict[bytes, bytes]] = {}
+        bodies: dict[int, bytearray] = {}
+        try:
+            while data := await reader.read(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        heads[event.stream_id] = dict(event.headers or [])
+                        bodies[event.stream_id] = bytearray()
+                    elif isinstance(event, h2.events.DataReceived):
+                        bodies[event.stream_id] += event.data or b""
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length or 0, event.stream_id
+                        )
+                    if isinstance(event, h2.events.StreamEnded) or (
+                        isinstance(event, h2.events.RequestReceived) and event.stream_ended
+                    ):
+                        sid = event.stream_id
+                        if sid not in heads:
+                            continue
+                        step = script[min(len(state.requests), len(script) - 1)]
+                        state.requests.append((heads.pop(sid), bytes(bodies.pop(sid))))
+                        if step == STALL:
+                            continue
+                        if step == STALL_BODY:
+                            conn.send_headers(sid, [(":status", "200")])
+                            conn.send_data(sid, b"partial")
+                            continue
+                        conn.send_headers(sid, [(":status", str(step)), ("x-upstream", name)])
+                        conn.send_data(sid, name.encode(), end_stream=True)
+                writer.write(conn.data_to_send())
+        except (ConnectionError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            writer.close()
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(serve(reader, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+class H2Client:
+    """A raw h2 client on one connection to the waypoint (requests one at a time)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.seen = Seen()
+
+    @classmethod
+    async def connect(cls, port: int) -> H2Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = cls(reader, writer)
+        client.conn.initiate_connection()
+        writer.write(client.conn.data_to_send())
+        return client
+
+    async def request(
+        self, method: str = "GET", path: str = "/r", body: bytes = b"", authority: str = "svc"
+    ) -> int:
+        """Send a request and read until its stream ends or is reset: its stream id."""
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(":method", method), (":scheme", "http"), (":authority", authority)]
+        headers.append((":path", path))
+        self.conn.send_headers(sid, headers, end_stream=not body)
+        self.writer.write(self.conn.data_to_send())
+        if body:
+            await send_body(self.reader, self.writer, self.conn, sid, body, self.seen)
+        await receive(
+            self.reader,
+            self.writer,
+            self.conn,
+            lambda seen: sid in seen.ended or sid in seen.resets,
+            self.seen,
+        )
+        return sid
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
