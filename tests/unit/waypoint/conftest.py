@@ -317,6 +317,7 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
 
 STALL = -1  # a script step: read the request, never answer
 STALL_BODY = -2  # a script step: a 200 head and part of its body, then nothing more
+CLOSE = -3  # a script step: read the request, close the connection without an answer
 
 
 @dataclass
@@ -346,7 +347,10 @@ async def scripted_upstream(name: str, script: Sequence[int] = (200,)) -> AsyncI
             request: h11.Request | None = None
             body = bytearray()
             while True:
-                event = conn.next_event()
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:
+                    return  # the client left mid-request
                 if event is h11.NEED_DATA:
                     conn.receive_data(await stream.read())
                 elif type(event) is h11.Request:
@@ -362,6 +366,9 @@ async def scripted_upstream(name: str, script: Sequence[int] = (200,)) -> AsyncI
             state.requests.append((request, bytes(body)))
             if step == STALL:
                 await asyncio.sleep(30)
+                return
+            if step == CLOSE:
+                stream.write_eof()
                 return
             if step == STALL_BODY:
                 head = h11.Response(status_code=200, headers=[("content-length", "100")])

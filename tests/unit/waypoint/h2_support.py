@@ -410,6 +410,9 @@ async def send_body(
 
 STALL = -1  # a script step: take the request, never answer
 STALL_BODY = -2  # a script step: a 200 head and part of a body, then nothing more
+GRPC_UNAVAILABLE = -3  # a script step: a trailers-only gRPC answer, grpc-status 14
+REFUSE = -4  # a script step: RST_STREAM REFUSED_STREAM
+RESET = -5  # a script step: RST_STREAM INTERNAL_ERROR
 
 
 @dataclass
@@ -458,6 +461,15 @@ async def scripted_h2_upstream(
                         step = script[min(len(state.requests), len(script) - 1)]
                         state.requests.append((heads.pop(sid), bytes(bodies.pop(sid))))
                         if step == STALL:
+                            continue
+                        if step in (REFUSE, RESET):
+                            code = ErrorCodes.REFUSED_STREAM if step == REFUSE else None
+                            conn.reset_stream(sid, code or ErrorCodes.INTERNAL_ERROR)
+                            continue
+                        if step == GRPC_UNAVAILABLE:
+                            grpc_head = [(":status", "200"), ("content-type", "application/grpc")]
+                            grpc_head.append(("grpc-status", "14"))
+                            conn.send_headers(sid, grpc_head, end_stream=True)
                             continue
                         if step == STALL_BODY:
                             conn.send_headers(sid, [(":status", "200")])

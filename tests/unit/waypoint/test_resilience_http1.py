@@ -18,6 +18,7 @@ from nodeagent.waypoint.attempts import BODY_BUFFER_LIMIT
 from nodeagent.waypoint.exchange import Endpoint, Forward, LocalReply, RequestHead, RequestRecord
 
 from .conftest import (
+    CLOSE,
     LOOPBACK,
     STALL,
     STALL_BODY,
@@ -123,6 +124,61 @@ async def test_connect_failure_retried_under_5xx_too() -> None:
         response, _ = await one_request(dispatcher)
     assert response.status == 200
     assert dispatcher.tries == [("dead", 0, True)]
+
+
+async def test_upstream_closing_before_its_head_is_retried_under_reset() -> None:
+    async with scripted_upstream("a", [CLOSE]) as a, scripted_upstream("b", [200]) as b:
+        dispatcher = FakeDispatcher(
+            [endpoint(a.address, "a"), endpoint(b.address, "b")],
+            routed(retry=retry(1, None, "reset")),
+        )
+        response, _ = await one_request(dispatcher, "POST", b"again")
+    assert (response.status, response.body) == (200, b"b")
+    assert dispatcher.tries == [("a", 0, True)]
+    assert a.requests[0][1] == b.requests[0][1] == b"again"
+    assert only_record(dispatcher).attempts == 2
+
+
+async def test_upstream_closing_before_its_head_without_retries_gives_503_uf() -> None:
+    async with scripted_upstream("a", [CLOSE]) as a:
+        dispatcher = FakeDispatcher([endpoint(a.address, "a")], routed(retry=retry(0)))
+        response, _ = await one_request(dispatcher)
+    assert response.status == 503
+    record = only_record(dispatcher)
+    assert (record.flags, record.attempts) == ("UF,URX", 1)
+
+
+async def test_the_client_connection_goes_on_after_retried_requests() -> None:
+    async with scripted_upstream("a", [500, 200]) as a, scripted_upstream("b", [200]) as b:
+        dispatcher = FakeDispatcher(
+            [endpoint(a.address, "a"), endpoint(b.address, "b")], routed(retry=retry(1))
+        )
+        async with codec_server(dispatcher) as address:
+            client = await Client.connect(address)
+            bodies = [(await client.request("POST", "/r", body=b"x" * 10)).body for _ in range(3)]
+            await client.close()
+    assert bodies == [b"b", b"a", b"b"]  # a (500), b; then a; then b
+    assert [r.attempts for r in dispatcher.records] == [2, 1, 1]
+    assert len(a.connections) == 2  # the one that answered 500 was dropped
+
+
+async def test_route_timeout_while_the_client_still_sends_gives_504() -> None:
+    async with scripted_upstream("a", [200]) as a:
+        dispatcher = FakeDispatcher([endpoint(a.address, "a")], routed(timeout=0.3))
+        async with codec_server(dispatcher) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"POST /r HTTP/1.1\r\nhost: s\r\ncontent-length: 100\r\n\r\nabc")
+            received = b""
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(5):
+                    while chunk := await reader.read(65536):
+                        received += chunk
+            writer.close()
+            await eventually(lambda: bool(dispatcher.records))
+    assert received.startswith(b"HTTP/1.1 504")
+    assert received.endswith(b"upstream request timeout")
+    record = only_record(dispatcher)
+    assert (record.status, record.flags, record.request_bytes) == (504, "UT", 3)
 
 
 async def test_per_try_timeout_retries_a_stalling_endpoint() -> None:

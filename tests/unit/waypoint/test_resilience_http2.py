@@ -25,7 +25,18 @@ from nodeagent.waypoint.exchange import (
 )
 
 from .conftest import closed_port
-from .h2_support import STALL, STALL_BODY, FakeDispatcher, H2Client, scripted_h2_upstream, waypoint
+from .h2_support import (
+    GRPC_UNAVAILABLE,
+    REFUSE,
+    RESET,
+    STALL,
+    STALL_BODY,
+    FakeDispatcher,
+    H2Client,
+    receive,
+    scripted_h2_upstream,
+    waypoint,
+)
 
 
 def retry(retries: int = 1, per_try: float | None = None, *on: str) -> RetryPolicy:
@@ -111,6 +122,85 @@ async def test_connect_failure_is_retried_and_recorded_as_local_origin(retry_on:
     assert dispatcher.tries == [("dead", 0, True)]
     record = only_record(dispatcher)
     assert (record.attempts, record.flags) == (2, "")
+
+
+@pytest.mark.parametrize(
+    ("step", "retry_on", "retried"),
+    [
+        (REFUSE, "refused-stream", True),
+        (RESET, "refused-stream", False),
+        (RESET, "reset", True),
+        (REFUSE, "5xx", True),
+    ],
+)
+async def test_stream_reset_before_the_head(step: int, retry_on: str, retried: bool) -> None:
+    async with scripted_h2_upstream("a", [step]) as a, scripted_h2_upstream("b", [200]) as b:
+        dispatcher = rotating({"a": a.port, "b": b.port}, retry=retry(1, None, retry_on))
+        answer = await one_request(dispatcher, "POST", b"again")
+    record = only_record(dispatcher)
+    if retried:
+        assert (answer.status, answer.body) == (200, b"b")
+        assert dispatcher.tries == [("a", 0, True)]
+        assert b.requests[0][1] == b"again"
+        assert record.attempts == 2
+    else:
+        assert answer.status == 503
+        assert (record.flags, record.attempts) == ("UR", 1)
+        assert b.requests == []
+
+
+async def test_grpc_unavailable_in_a_trailers_only_answer_is_retried() -> None:
+    async with (
+        scripted_h2_upstream("a", [GRPC_UNAVAILABLE]) as a,
+        scripted_h2_upstream("b", [200]) as b,
+    ):
+        dispatcher = rotating({"a": a.port, "b": b.port}, retry=retry(1, None, "unavailable"))
+        answer = await one_request(dispatcher, "POST", b"call")
+    assert (answer.status, answer.body) == (200, b"b")
+    assert dispatcher.tries == [("a", 200, False)]
+    assert only_record(dispatcher).attempts == 2
+
+
+async def test_connections_go_on_after_a_per_try_timeout() -> None:
+    async with scripted_h2_upstream("a", [STALL, 200]) as a, scripted_h2_upstream("b") as b:
+        dispatcher = rotating({"a": a.port, "b": b.port}, retry=retry(1, 0.2))
+        async with waypoint(dispatcher) as (port, _):
+            client = await H2Client.connect(port)
+            bodies = []
+            for _ in range(3):
+                sid = await client.request("POST", "/r", b"x" * 100)
+                bodies.append(bytes(client.seen.body[sid]))
+            await client.close()
+    assert bodies == [b"b", b"a", b"b"]  # a (timed out), b; then a; then b
+    assert [r.attempts for r in dispatcher.records] == [2, 1, 1]
+    assert len(a.connections) == 1  # the timed-out stream was reset, its connection kept
+
+
+async def test_route_timeout_while_the_client_still_sends_gives_504() -> None:
+    async with scripted_h2_upstream("a") as a:
+        dispatcher = rotating({"a": a.port}, timeout=0.3)
+        async with waypoint(dispatcher) as (port, _):
+            client = await H2Client.connect(port)
+            sid = client.conn.get_next_available_stream_id()
+            head = [(":method", "POST"), (":scheme", "http"), (":authority", "s"), (":path", "/")]
+            client.conn.send_headers(sid, head)
+            client.conn.send_data(sid, b"abc")
+            client.writer.write(client.conn.data_to_send())
+            await receive(
+                client.reader,
+                client.writer,
+                client.conn,
+                lambda seen: sid in seen.ended or sid in seen.resets,
+                client.seen,
+            )
+            answer = Answer(client, sid, 0.0)
+            await eventually(lambda: bool(dispatcher.records))
+            await client.close()
+    assert (answer.status, answer.body) == (504, b"upstream request timeout")
+    assert answer.reset in (None, ErrorCodes.NO_ERROR)  # stops the body only
+    record = only_record(dispatcher)
+    assert (record.status, record.flags, record.request_bytes) == (504, "UT", 3)
+    assert a.requests == []  # it never had the whole request
 
 
 async def test_per_try_timeout_retries_a_stalling_endpoint() -> None:
