@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
+import h11
 import pytest
 
 from nodeagent.traffic.resilience import RetryPolicy
@@ -162,23 +163,89 @@ async def test_the_client_connection_goes_on_after_retried_requests() -> None:
     assert len(a.connections) == 2  # the one that answered 500 was dropped
 
 
-async def test_route_timeout_while_the_client_still_sends_gives_504() -> None:
+ENVOY_ROUTE_TIMEOUT = (
+    "Envoy starts the route timeout when the whole downstream request has been received "
+    "(RouteAction.timeout: 'spans between the point at which the entire downstream request "
+    "(i.e. end-of-stream) has been processed and when the upstream response has been "
+    "completely processed'); http1.py _request wraps _forward, body reception included, in "
+    "asyncio.timeout(decision.timeout), so a slow upload gets 504 UT"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ENVOY_ROUTE_TIMEOUT)
+async def test_route_timeout_starts_when_the_request_has_ended() -> None:
     async with scripted_upstream("a", [200]) as a:
         dispatcher = FakeDispatcher([endpoint(a.address, "a")], routed(timeout=0.3))
         async with codec_server(dispatcher) as address:
-            reader, writer = await asyncio.open_connection(*address)
-            writer.write(b"POST /r HTTP/1.1\r\nhost: s\r\ncontent-length: 100\r\n\r\nabc")
-            received = b""
-            with contextlib.suppress(ConnectionError):
+            client = await Client.connect(address)
+
+            async def slow_body() -> AsyncIterator[bytes]:
+                yield b"abc"
+                await asyncio.sleep(0.5)  # longer than the route timeout
+                yield b"def"
+
+            try:
                 async with asyncio.timeout(5):
+                    response = await slow_upload(client, slow_body())
+            finally:
+                await client.close()
+    assert (response.status, response.body) == (200, b"a")
+    assert a.requests[0][1] == b"abcdef"
+
+
+async def slow_upload(client: Client, parts: AsyncIterator[bytes]) -> Response:
+    """A POST whose content-length body arrives in parts, paced by `parts`."""
+    conn = client.conn
+    head = h11.Request(
+        method="POST", target="/r", headers=[("host", "svc.example"), ("content-length", "6")]
+    )
+    client.writer.write(conn.send(head) or b"")
+    async for part in parts:
+        client.writer.write(conn.send(h11.Data(data=part)) or b"")
+        await client.writer.drain()
+    client.writer.write(conn.send(h11.EndOfMessage()) or b"")
+    chunks = []
+    status = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await client.reader.read(65536))
+        elif type(event) is h11.Response:
+            status = event.status_code
+        elif type(event) is h11.Data:
+            chunks.append(event.data)
+        elif type(event) is h11.EndOfMessage:
+            return Response(status, [], b"".join(chunks))
+        else:
+            raise AssertionError(event)
+
+
+ENVOY_PER_TRY_TIMEOUT = (
+    "Envoy's per_try_timeout follows the route timeout's rule and runs until the upstream "
+    "response is complete (a try timing out after its head resets the client, flag UT); "
+    "attempts.py run_tries only wraps try_once (up to the response head) in "
+    "asyncio.timeout(per_try), so a body that stalls after the head hangs without limit"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ENVOY_PER_TRY_TIMEOUT)
+async def test_per_try_timeout_also_bounds_the_response_body() -> None:
+    async with scripted_upstream("a", [STALL_BODY]) as a:
+        dispatcher = FakeDispatcher([endpoint(a.address, "a")], routed(retry=retry(1, 0.2)))
+        async with codec_server(dispatcher) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"GET /r HTTP/1.1\r\nhost: svc.example\r\n\r\n")
+            received = b""
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(1.5):
                     while chunk := await reader.read(65536):
                         received += chunk
             writer.close()
-            await eventually(lambda: bool(dispatcher.records))
-    assert received.startswith(b"HTTP/1.1 504")
-    assert received.endswith(b"upstream request timeout")
-    record = only_record(dispatcher)
-    assert (record.status, record.flags, record.request_bytes) == (504, "UT", 3)
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: bool(dispatcher.records), within=0.5)
+    assert received.startswith(b"HTTP/1.1 200")
+    record = only_record(dispatcher)  # the client was reset: the request is over
+    assert "UT" in record.flags.split(",")
 
 
 async def test_per_try_timeout_retries_a_stalling_endpoint() -> None:

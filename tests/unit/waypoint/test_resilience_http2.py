@@ -5,11 +5,13 @@ and maxRequestsPerConnection (the tries loop of attempts.py as serve_http2 drive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
+import h2.exceptions
 import pytest
 from h2.errors import ErrorCodes
 
@@ -176,31 +178,67 @@ async def test_connections_go_on_after_a_per_try_timeout() -> None:
     assert len(a.connections) == 1  # the timed-out stream was reset, its connection kept
 
 
-async def test_route_timeout_while_the_client_still_sends_gives_504() -> None:
+ENVOY_ROUTE_TIMEOUT = (
+    "Envoy starts the route timeout when the whole downstream request has been received "
+    "(RouteAction.timeout: 'spans between the point at which the entire downstream request "
+    "(i.e. end-of-stream) has been processed and when the upstream response has been "
+    "completely processed'); http2.py _exchange wraps _forward, body reception included, in "
+    "asyncio.timeout(decision.timeout), so a slow upload gets 504 UT"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ENVOY_ROUTE_TIMEOUT)
+async def test_route_timeout_starts_when_the_request_has_ended() -> None:
     async with scripted_h2_upstream("a") as a:
         dispatcher = rotating({"a": a.port}, timeout=0.3)
         async with waypoint(dispatcher) as (port, _):
             client = await H2Client.connect(port)
-            sid = client.conn.get_next_available_stream_id()
+            conn = client.conn
+            sid = conn.get_next_available_stream_id()
             head = [(":method", "POST"), (":scheme", "http"), (":authority", "s"), (":path", "/")]
-            client.conn.send_headers(sid, head)
-            client.conn.send_data(sid, b"abc")
-            client.writer.write(client.conn.data_to_send())
+            conn.send_headers(sid, head)
+            conn.send_data(sid, b"abc")
+            client.writer.write(conn.data_to_send())
+            await asyncio.sleep(0.5)  # longer than the route timeout
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # the stream is over
+                conn.send_data(sid, b"def", end_stream=True)
+            client.writer.write(conn.data_to_send())
             await receive(
                 client.reader,
                 client.writer,
-                client.conn,
+                conn,
                 lambda seen: sid in seen.ended or sid in seen.resets,
                 client.seen,
             )
             answer = Answer(client, sid, 0.0)
-            await eventually(lambda: bool(dispatcher.records))
             await client.close()
-    assert (answer.status, answer.body) == (504, b"upstream request timeout")
-    assert answer.reset in (None, ErrorCodes.NO_ERROR)  # stops the body only
-    record = only_record(dispatcher)
-    assert (record.status, record.flags, record.request_bytes) == (504, "UT", 3)
-    assert a.requests == []  # it never had the whole request
+    assert (answer.status, answer.body) == (200, b"a")
+    assert a.requests[0][1] == b"abcdef"
+
+
+ENVOY_PER_TRY_TIMEOUT = (
+    "Envoy's per_try_timeout follows the route timeout's rule and runs until the upstream "
+    "response is complete (a try timing out after its head resets the client, flag UT); "
+    "attempts.py run_tries only wraps try_once (up to the response head) in "
+    "asyncio.timeout(per_try), so a body that stalls after the head hangs without limit"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ENVOY_PER_TRY_TIMEOUT)
+async def test_per_try_timeout_also_bounds_the_response_body() -> None:
+    async with scripted_h2_upstream("a", [STALL_BODY]) as a:
+        dispatcher = rotating({"a": a.port}, retry=retry(1, 0.2))
+        async with waypoint(dispatcher) as (port, _):
+            client = await H2Client.connect(port)
+            sid = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    sid = await client.request("GET", "/r")
+            await client.close()
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: bool(dispatcher.records), within=0.5)
+    assert sid and client.seen.resets.get(sid) == ErrorCodes.INTERNAL_ERROR
+    assert "UT" in only_record(dispatcher).flags.split(",")
 
 
 async def test_per_try_timeout_retries_a_stalling_endpoint() -> None:
