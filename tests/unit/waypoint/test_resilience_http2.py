@@ -399,3 +399,21 @@ async def test_max_requests_per_connection(max_requests: int | None, connections
             await client.close()
     assert len(a.requests) == 3
     assert len(a.connections) == connections
+
+
+ENVOY_RETRY_OVERFLOW = (
+    "Envoy flags a retry its circuit breaker (maxRetries) refuses UO (router.cc: "
+    "RetryStatus::NoOverflow -> setResponseFlag(UpstreamOverflow)); attempts.py run_tries "
+    "returns the response (line 129) or the try's reply (line 136) without any flag"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ENVOY_RETRY_OVERFLOW)
+async def test_a_retry_over_the_budget_is_flagged_uo() -> None:
+    async with scripted_h2_upstream("a", [503]) as a, scripted_h2_upstream("b", [200]) as b:
+        dispatcher = rotating({"a": a.port, "b": b.port}, retry=retry(1), may_retry=lambda: False)
+        answer = await one_request(dispatcher)
+    assert (answer.status, answer.body) == (503, b"a")  # not retried: that part holds
+    assert b.requests == []
+    record = only_record(dispatcher)
+    assert (record.attempts, record.flags) == (1, "UO")
