@@ -9,7 +9,9 @@ policy for the `frontend` service account and show its call refused while the
 `backend` caller still gets through, with the agent's log line naming the
 refused identity; then make an operator's slip, removing a pod's workload
 record from the control plane, and show the pod's calls refused (held by its
-agent, never sent in plaintext) until the record is restored; last, a canary:
+agent, never sent in plaintext) until the record is restored; through the
+waypoint, routing by header and an automatic fallback (v2 fails every request,
+retries and outlier detection serve every user from v1); last, a canary:
 a VirtualService sends 10% of the backend's connections to v2, and when v2's
 app dies every call is still answered, by v1 (the agent retries the refused
 connect on v1 and ejects v2).
@@ -37,10 +39,10 @@ from typing import Any
 
 import yaml
 
-from nodeagent.model.constants import INBOUND_HBONE_PORT
+from nodeagent.model.constants import INBOUND_HBONE_PORT, METRICS_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.sandbox import probe
-from nodeagent.sandbox.manager import MeshValidator, SandboxManager
+from nodeagent.sandbox.manager import MeshValidator, SandboxError, SandboxManager
 from nodeagent.sandbox.mesh import (
     TRUST_DOMAIN,
     waypoint_namespace,
@@ -114,6 +116,33 @@ spec:
   - route: [{destination: {host: backend, subset: v1}}]
 """
 
+# v2 fails every request (`sandbox behave`): the waypoint retries each 5xx on another
+# endpoint and ejects v2 after its second 5xx in a row, so every user is served by v1.
+FALLBACK = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: backend-fallback, namespace: demo}
+spec:
+  host: backend
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 30s}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend-fallback, namespace: demo}
+spec:
+  hosts: [backend]
+  http:
+  - route:
+    - {destination: {host: backend, subset: v1}, weight: 50}
+    - {destination: {host: backend, subset: v2}, weight: 50}
+    retries: {attempts: 3, retryOn: 5xx}
+"""
+FALLBACK_CALLS = 50
+
 
 def _accept_any(text: str, source: str) -> None:
     """Stand-in validator: the demo's policy is fixed, and the control plane checks the file."""
@@ -169,6 +198,7 @@ def run_demo(
         forgotten, target = pods["node1-pod2"], pods["node2-pod1"]
         ok = _fail_closed(manager, name, validate, forgotten, target, logs["node1"], say) and ok
         ok = _header_routing(manager, name, validate, plan, pods["node2-pod1"], say) and ok
+        ok = _fallback(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         ok = _canary(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         say("\nevery step showed what it should" if ok else "\nsome steps FAILED")
         return ok
@@ -500,11 +530,96 @@ def _header_routing(
         "agent tunnels to the waypoint, which tunnels on to the endpoint it picked"
     )
     ok = ios == {v2.name: 20} and other == {v1.name: 20}
+    # The namespace keeps its waypoint for the next scene, which removes the label.
+    manager.apply(name, HEADER_ROUTES, "header-routes.yaml", accept, delete=True)
+    return ok
+
+
+def _waypoint_routes(manager: SandboxManager, plan: SandboxPlan) -> dict[str, Any]:
+    """The backend's entry in the waypoint's GET /routes (:15020 in its pod namespace),
+    as `nodeagent routes --sandbox NAME --waypoint` shows it; {} when it cannot be read."""
+    assert plan.waypoint is not None
+    try:
+        with manager.adapter.socket(plan.waypoint.netns) as sock:
+            sock.settimeout(2.0)
+            sock.connect(("127.0.0.1", METRICS_PORT))
+            sock.sendall(b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        services = json.loads(raw.partition(b"\r\n\r\n")[2])["services"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return next((s for s in services if s.get("hostname", "").startswith("backend.")), {})
+
+
+def _fallback(
+    manager: SandboxManager,
+    name: str,
+    validate: MeshValidator | None,
+    plan: SandboxPlan,
+    client: PodPlan,
+    say: Say,
+) -> bool:
+    """v2 fails every request; the waypoint retries on v1 and ejects v2: no user sees an error."""
+    backends = {p.version: p for p in plan.pods if p.app == "backend"}
+    v1, v2 = backends["v1"], backends["v2"]
+    assert plan.waypoint is not None
+    accept = validate or _accept_any
+    say("\n== automatic fallback: v2 answers every request with 500; the waypoint hides it")
+    say("\n".join("  " + line for line in FALLBACK.splitlines()))
+    summary = manager.apply(name, FALLBACK, "fallback.yaml", accept)
+    say(f"  applied ({', '.join(summary.added)})")
+    deadline = time.monotonic() + POLICY_WAIT
+    while time.monotonic() < deadline:  # until the waypoint applies the new routes
+        if _waypoint_routes(manager, plan).get("virtualService") == "demo/backend-fallback":
+            break
+        time.sleep(0.2)
+    try:
+        manager.behave(name, v2.name, fail="1", status=500)
+    except SandboxError as exc:
+        say(f"  FAILED: v2's app did not take the switch: {exc}")
+        return False
+    say(f"  sandbox behave {name} {v2.name} --fail 1 --status 500: v2 fails every request")
+
+    seen: dict[str, int] = {}
+    failed = 0
+    for _ in range(FALLBACK_CALLS):
+        try:
+            pod = str(probe.http_get(manager.adapter, client.netns, BACKEND_VIP, HTTP_PORT)["pod"])
+        except probe.ProbeError:
+            failed += 1
+            continue
+        seen[pod] = seen.get(pod, 0) + 1
+    say(
+        f"\n{FALLBACK_CALLS} requests {client.name} -> backend: v1 ({v1.name}) "
+        f"{seen.get(v1.name, 0)}, v2 ({v2.name}) {seen.get(v2.name, 0)}, {failed} failed"
+    )
+    ejected = [
+        e
+        for s in _waypoint_routes(manager, plan).get("subsets", [])
+        for e in s.get("endpoints", [])
+        if e.get("address") == f"{v2.ip}:{HTTP_PORT}" and e.get("ejectedSeconds") is not None
+    ]
+    if ejected:
+        say(
+            f"  v2's 500s were retried on v1, and v2 was ejected after 2 in a row "
+            f"({ejected[0]['ejectedSeconds']:.0f}s left, `nodeagent routes --sandbox {name} "
+            "--waypoint`)"
+        )
+    else:
+        say(f"  FAILED: the waypoint does not show v2 ejected: {_waypoint_routes(manager, plan)}")
+    try:
+        manager.behave(name, v2.name)  # healthy again, for the canary
+    except SandboxError as exc:
+        say(f"  FAILED: v2's app did not heal: {exc}")
+        ejected = []
     label = yaml.safe_dump({"namespaces": [waypoint_namespace(plan.waypoint)]})
     manager.apply(name, label, "use-waypoint.yaml", accept, delete=True)
-    manager.apply(name, HEADER_ROUTES, "header-routes.yaml", accept, delete=True)
-    say("  (removed again: the next scene is the agent's own, connection-level routing)")
-    return ok
+    manager.apply(name, FALLBACK, "fallback.yaml", accept, delete=True)
+    say(f"  v2 healed (sandbox behave {name} {v2.name}); the namespace leaves its waypoint:")
+    say("  the next scene is the agent's own, connection-level routing")
+    return failed == 0 and seen == {v1.name: FALLBACK_CALLS} and bool(ejected)
 
 
 def _canary(

@@ -168,6 +168,11 @@ def test_demo_shows_the_mesh_and_removes_its_sandbox(sandbox_name: str) -> None:
     assert "20 requests with x-user: ios      -> {'node2-pod2': 20}" in text
     assert "20 requests with x-user: android  -> {'node1-pod2': 20}" in text
     assert "the backend saw the waypoint call it (10.10.1.250)" in text
+    # Automatic fallback at the waypoint: v2 fails everything, retries and ejection hide it.
+    assert (
+        "50 requests node2-pod1 -> backend: v1 (node1-pod2) 50, v2 (node2-pod2) 0, 0 failed" in text
+    )
+    assert "v2 was ejected after 2 in a row" in text
     assert "every step showed what it should" in text
     assert _netns_of(sandbox_name) == []
     assert not Path(DEFAULT_STATE_ROOT / sandbox_name).exists()
