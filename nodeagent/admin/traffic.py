@@ -145,7 +145,9 @@ ISTIO_DEFAULT_RETRY_ON = (
     "cancelled",
     "retriable-status-codes",
 )
-ISTIO_DEFAULT_RETRY_STATUS_CODES = (503,)
+ISTIO_DEFAULT_RETRY_STATUS_CODES: tuple[
+    int, ...
+] = ()  # Istio >= 1.24: no 503 (EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY)
 
 
 def retries_json(retry: HttpRetry | None) -> dict[str, Any]:

@@ -66,7 +66,10 @@ def waypoint_routes(mesh: Mesh) -> dict[str, Any]:
 
 
 def applied(mesh: Mesh) -> bool:
-    [backend] = waypoint_routes(mesh)["services"]
+    done = _cli("routes", "backend", "--sandbox", mesh.name, "--waypoint", "-o", "json")
+    if done.returncode != 0:
+        return False  # the waypoint has not had the service's config yet
+    [backend] = json.loads(done.stdout)["services"]
     return backend["virtualService"] == "demo/backend" and len(backend["httpRoutes"]) == 2
 
 

@@ -45,11 +45,11 @@ DEFAULT_ON = ["connect-failure", "refused-stream", "unavailable", "cancelled"]
                 "perTryTimeoutSeconds": None,
                 "retryOn": [*DEFAULT_ON, "retriable-status-codes"],
                 "retryOnDefault": True,
-                "statusCodes": [503],
+                "statusCodes": [],
                 "remoteLocalities": False,
             },
         ),
-        (  # attempts written, retryOn not: Istio keeps its default conditions and 503
+        (  # attempts written, retryOn not: Istio keeps its default conditions (no 503 since 1.24)
             HttpRetry(3, per_try_timeout=0.5),
             {
                 "default": False,
@@ -57,7 +57,7 @@ DEFAULT_ON = ["connect-failure", "refused-stream", "unavailable", "cancelled"]
                 "perTryTimeoutSeconds": 0.5,
                 "retryOn": [*DEFAULT_ON, "retriable-status-codes"],
                 "retryOnDefault": True,
-                "statusCodes": [503],
+                "statusCodes": [],
                 "remoteLocalities": False,
             },
         ),
@@ -81,7 +81,7 @@ DEFAULT_ON = ["connect-failure", "refused-stream", "unavailable", "cancelled"]
                 "perTryTimeoutSeconds": None,
                 "retryOn": [*DEFAULT_ON, "retriable-status-codes"],
                 "retryOnDefault": True,
-                "statusCodes": [503],
+                "statusCodes": [],
                 "remoteLocalities": False,
             },
         ),
@@ -96,11 +96,11 @@ def test_retries_json_names_the_policy_in_effect(retry, want) -> None:
     [
         (
             None,
-            "retries default: 2 on connect-failure, refused-stream, unavailable, cancelled, 503",
+            "retries default: 2 on connect-failure, refused-stream, unavailable, cancelled",
         ),
         (
             HttpRetry(3, per_try_timeout=0.5),
-            "retries: 3 on connect-failure, refused-stream, unavailable, cancelled, 503"
+            "retries: 3 on connect-failure, refused-stream, unavailable, cancelled"
             " (default retryOn), perTryTimeout 0.5s",
         ),
         (
