@@ -9,6 +9,7 @@ process's pid so concurrent runs never collide. Everything is removed on exit.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 from collections.abc import Iterator
@@ -95,8 +96,17 @@ def two_pods(
         in_ns(n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         if ipv6:
             in_ns(n, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-        v6 = (f"fd00:{subnets[0]}:{k}::2", f"fd00:{subnets[1]}:{k}::2") if ipv6 else ("", "")
+        # Canonical text (k = 0 is written "fd00:N::2"), as the sockets report addresses.
+        v6 = (
+            (_v6(f"fd00:{subnets[0]}:{k}::2"), _v6(f"fd00:{subnets[1]}:{k}::2"))
+            if ipv6
+            else ("", "")
+        )
         yield PodPair(a, n, b, f"10.{subnets[0]}.{k}.2", f"10.{subnets[1]}.{k}.2", *v6)
     finally:
         for name in made:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _v6(text: str) -> str:
+    return str(ipaddress.IPv6Address(text))
