@@ -130,7 +130,11 @@ async def test_snapshot_arrives_with_node_id_metadata_and_token(tmp_path: Path) 
         assert info.metadata["authorization"] == "Bearer tok-1"
         assert info.metadata["clusterid"] == "Kubernetes"
         assert info.token_node == "node1"
-        assert info.initial_resource_versions == {t: {} for t in DEFAULT_TYPES}
+        # Each type's subscription is its own request: the last may still be on its way.
+        await wait_until(
+            lambda: info.initial_resource_versions == {t: {} for t in DEFAULT_TYPES},
+            "every type subscribed",
+        )
 
 
 async def test_mesh_edit_pushes_update_and_removal(tmp_path: Path) -> None:
