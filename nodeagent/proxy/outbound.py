@@ -13,6 +13,9 @@
   identity and the service's subject_alt_names), or plain TCP to an endpoint
   outside the mesh; LB mode PASSTHROUGH keeps the original destination; no
   healthy endpoint refuses the connection;
+* a workload that left the mesh within the last few seconds (the store's
+  `departed_by_address`): still HBONE, so a removal seen here before the
+  server's agent holds the pod is refused or mTLS, never plaintext;
 * a known workload without HBONE, or anything else: passthrough TCP to the
   original destination.
 
@@ -210,6 +213,13 @@ class OutboundRouter:
             )
         if workload is not None and workload.tunnel_protocol is TunnelProtocol.HBONE:
             return _hbone(workload, str(ip), port)
+        departed = self._store.departed_by_address(network, ip) if workload is None else None
+        if departed is not None and departed.tunnel_protocol is TunnelProtocol.HBONE:
+            # Its own agent may not have held it yet: HBONE (refused or mTLS), never clear.
+            return replace(
+                _hbone(departed, str(ip), port),
+                reason=f"workload {departed.label} left the mesh moments ago",
+            )
         note = "workload without HBONE" if workload is not None else "unknown destination"
         return Route(
             RouteKind.PASSTHROUGH,

@@ -11,11 +11,19 @@ GLOBAL ones; VirtualServices, DestinationRules and the waypoints' AuthorizationP
 (`HttpAuthorization`, with HTTP rules) by `namespace/name`. The
 traffic layer recompiles its route table when a change reports either of those
 kinds (`StateChange.routing`).
+
+A workload removed from the mesh is remembered by address for `departed_grace`
+seconds (`departed_by_address`): the removal reaches every agent at slightly
+different times, and a caller that forgot the server before the server's own agent
+holds it would pass its connection through in plaintext. The outbound side keeps
+such an address on HBONE during the grace, so it is refused, never sent in clear.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -28,6 +36,10 @@ log = logging.getLogger(__name__)
 
 AddressKey = tuple[str, IPAddress]  # (network, ip)
 Subscriber = Callable[["StateChange"], None]
+DEPARTED_GRACE = 15.0
+"""Seconds a removed workload's addresses stay known as the mesh's (see the module doc)."""
+DEPARTED_LIMIT = 10_000
+"""At most this many departed addresses are remembered (the oldest go first)."""
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -117,7 +129,15 @@ class _Tracker:
 class StateStore:
     """Workloads, services, policies and routing config with lookup indexes and a change feed."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        departed_grace: float = DEPARTED_GRACE,
+    ) -> None:
+        self._clock = clock
+        self._departed_grace = departed_grace
+        # (network, ip) -> (workload, removed at), oldest first.
+        self._departed: OrderedDict[AddressKey, tuple[Workload, float]] = OrderedDict()
         self._workloads: dict[str, Workload] = {}
         # Host-network workloads share an IP, so an address maps to several uids;
         # dict keeps insertion order (the most recently added uid is last).
@@ -155,6 +175,7 @@ class StateStore:
         for name in batch.removed_addresses:
             if name in self._workloads:
                 workloads.touch(name, True)
+                self._depart(self._workloads[name])
                 self._remove_workload(name)
             elif name in self._services:
                 services.touch(name, True)
@@ -231,6 +252,18 @@ class StateStore:
         for key in workload.services:
             _discard(self._endpoints, key, uid)
 
+    def _depart(self, workload: Workload) -> None:
+        now = self._clock()
+        for ip in workload.addresses:
+            key = (workload.network, ip)
+            self._departed.pop(key, None)
+            self._departed[key] = (workload, now)
+        while self._departed:
+            _, (_, removed_at) = next(iter(self._departed.items()))
+            if len(self._departed) <= DEPARTED_LIMIT and now - removed_at < self._departed_grace:
+                break
+            self._departed.popitem(last=False)
+
     def _add_service(self, service: Service) -> None:
         self._services[service.key] = service
         for vip in service.addresses:
@@ -274,6 +307,15 @@ class StateStore:
         """The workload with `ip` on `network`; the most recently added one if shared."""
         uids = self._workloads_by_addr.get((network, ip))
         return self._workloads[next(reversed(uids))] if uids else None
+
+    def departed_by_address(self, network: str, ip: IPAddress) -> Workload | None:
+        """The workload removed from `ip` within the last `departed_grace` seconds, if no
+        workload has the address now."""
+        entry = self._departed.get((network, ip))
+        if entry is None or (network, ip) in self._workloads_by_addr:
+            return None
+        workload, removed_at = entry
+        return workload if self._clock() - removed_at < self._departed_grace else None
 
     def workloads_on_node(self, node: str) -> tuple[Workload, ...]:
         """Workloads whose `node` field is `node` (the agent's own pods), by uid."""

@@ -17,6 +17,8 @@ restores it, and checks on the wire and in the agents:
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -284,10 +286,10 @@ def test_workload_removed_from_the_file_holds_the_pod_and_refuses_its_traffic(
 def test_server_removed_from_the_file_refuses_inbound_and_no_payload_crosses(
     mesh: Mesh,
 ) -> None:
-    """With the server's record gone, the caller's agent no longer knows the address and
-    passes the connection through, as ztunnel does for an unknown destination: its SYN
-    crosses the underlay. The held server refuses it (RST), so no byte of the request
-    ever does."""
+    """With the server's record gone, the caller's agent keeps the address on HBONE for a
+    short grace (the held server refuses the tunnel), then passes the connection through
+    as ztunnel does for an unknown destination: its SYN crosses the underlay. The held
+    server refuses it (RST), so no byte of the request ever does."""
 
     def remove(workloads: list[dict[str, Any]]) -> None:
         workloads[:] = [w for w in workloads if w["name"] != SERVER]
@@ -303,3 +305,39 @@ def test_server_removed_from_the_file_refuses_inbound_and_no_payload_crosses(
     assert broken.refused >= CALLS_PER_PHASE and broken.ok == 0 and not broken.other, broken
     assert traffic.get("after").ok >= CALLS_PER_PHASE
     assert_hbone_again(mesh, "server")
+
+
+def _knows(mesh: Mesh, node: str, workload: str) -> bool:
+    result = _cli("workloads", "--sandbox", mesh.name, "--node", node, "-o", "json")
+    assert result.returncode == 0, result.stderr
+    return workload in result.stdout
+
+
+def test_a_removal_the_caller_sees_before_the_server_s_agent_sends_nothing_in_clear(
+    mesh: Mesh,
+) -> None:
+    """The race behind a CI failure: the removal reached the caller's agent first, it
+    passed the call through, and the server's agent had not held the pod yet, so its
+    plaintext listener took the request. Made certain here by stopping node2's agent
+    (SIGSTOP, by pid) while the file changes: the caller's agent must keep the address
+    on HBONE, and no byte of the request may cross in clear."""
+    path = mesh_file(mesh)
+    original = path.read_text()
+    agent = next(a for a in mesh.status["agents"] if a["name"] == "agent-node2")
+    captures = app_port_captures(mesh, "race")
+    os.kill(agent["pid"], signal.SIGSTOP)
+    try:
+        edit_workloads(
+            mesh, lambda ws: ws.__setitem__(slice(None), [w for w in ws if w["name"] != SERVER])
+        )
+        wait_until("node1's agent forgets the server", lambda: not _knows(mesh, "node1", SERVER))
+        results = [mesh.curl(CALLER, URL, "--max-time", "2") for _ in range(3)]
+    finally:
+        os.kill(agent["pid"], signal.SIGCONT)
+        write_atomically(path, original)
+        segments = stop_all(captures)
+    assert [r.returncode for r in results if r.returncode == 0] == [], "a call succeeded in clear"
+    with_payload = [s for s in segments if s.payload]
+    assert with_payload == [], f"app data crossed a node in clear: {_describe(with_payload)}"
+    wait_pod_state(mesh, "node2", SERVER, "ready")
+    wait_until("a call succeeds again", lambda: mesh.curl(CALLER, URL).returncode == 0)

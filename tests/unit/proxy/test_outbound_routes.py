@@ -129,3 +129,27 @@ def test_outlier_ejection_steers_away_from_a_failing_endpoint(store):
         router.route(store.workload("src"), ("10.96.0.10", 80)).destination for _ in range(20)
     }
     assert picked == {("10.0.0.7", 15008)}
+
+
+def test_a_workload_removed_moments_ago_stays_on_hbone_then_passes_through():
+    now = [0.0]
+    store = StateStore(clock=lambda: now[0], departed_grace=15.0)
+    server = workload("b", "10.0.0.5")
+    store.apply(StateBatch(workloads=(server,)))
+    store.apply(StateBatch(removed_addresses=(server.uid,)))
+    router = OutboundRouter(store)
+    route = router.route(None, ("10.0.0.5", 8080))
+    assert route.kind is RouteKind.HBONE
+    assert route.destination == ("10.0.0.5", 15008) and route.authority == "10.0.0.5:8080"
+    assert route.identities == frozenset({ID_B})
+    assert "left the mesh" in route.reason
+    now[0] = 15.0
+    assert router.route(None, ("10.0.0.5", 8080)).kind is RouteKind.PASSTHROUGH
+
+
+def test_a_removed_workload_without_hbone_passes_through_at_once():
+    store = StateStore(clock=lambda: 0.0)
+    legacy = workload("legacy", "10.0.0.6", hbone=False)
+    store.apply(StateBatch(workloads=(legacy,)))
+    store.apply(StateBatch(removed_addresses=(legacy.uid,)))
+    assert OutboundRouter(store).route(None, ("10.0.0.6", 80)).kind is RouteKind.PASSTHROUGH

@@ -336,3 +336,62 @@ def test_converter_bug_rejects_only_that_resource(
     rejected = updater.apply_delta(TYPE_URL_ADDRESS, [("boom", b""), upsert(good)], [])
     assert list(rejected) == ["boom"] and "internal error" in rejected["boom"]
     assert updater.store.workload(good.uid) == good
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_removed_workload_is_remembered_by_address_for_the_grace_only():
+    from nodeagent.state.store import StateBatch
+
+    clock = _Clock()
+    store = StateStore(clock=clock, departed_grace=15.0)
+    gone = workload("gone", "10.1.0.9")
+    store.apply(StateBatch(workloads=(gone,)))
+    assert store.departed_by_address("", ip("10.1.0.9")) is None  # still live
+    store.apply(StateBatch(removed_addresses=(gone.uid,)))
+    assert store.workload_by_address("", ip("10.1.0.9")) is None
+    clock.now += 14.9
+    assert store.departed_by_address("", ip("10.1.0.9")) == gone
+    assert store.departed_by_address("other-net", ip("10.1.0.9")) is None
+    clock.now += 0.2
+    assert store.departed_by_address("", ip("10.1.0.9")) is None
+
+
+def test_a_departed_address_given_to_a_new_workload_is_the_new_one_s():
+    from nodeagent.state.store import StateBatch
+
+    clock = _Clock()
+    store = StateStore(clock=clock)
+    gone = workload("gone", "10.1.0.9")
+    store.apply(StateBatch(workloads=(gone,)))
+    store.apply(StateBatch(removed_addresses=(gone.uid,)))
+    store.apply(StateBatch(workloads=(workload("new", "10.1.0.9"),)))
+    assert store.departed_by_address("", ip("10.1.0.9")) is None
+
+
+def test_an_updated_workload_does_not_leave_a_departed_entry():
+    from nodeagent.state.store import StateBatch
+
+    store = StateStore(clock=_Clock())
+    store.apply(StateBatch(workloads=(workload("w", "10.1.0.9"),)))
+    store.apply(StateBatch(workloads=(workload("w", "10.1.0.10"),)))
+    assert store.departed_by_address("", ip("10.1.0.9")) is None
+
+
+def test_departed_memory_is_bounded(monkeypatch):
+    from nodeagent.state import store as store_module
+    from nodeagent.state.store import StateBatch
+
+    monkeypatch.setattr(store_module, "DEPARTED_LIMIT", 3)
+    store = StateStore(clock=_Clock())
+    many = [workload(f"w{i}", f"10.1.1.{i}") for i in range(5)]
+    store.apply(StateBatch(workloads=tuple(many)))
+    store.apply(StateBatch(removed_addresses=tuple(w.uid for w in many)))
+    kept = [w for w in many if store.departed_by_address("", ip(w.addresses[0]))]
+    assert [w.name for w in kept] == ["w2", "w3", "w4"]
