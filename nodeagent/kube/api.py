@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nodeagent.model.constants import REDIRECTION_ANNOTATION, REDIRECTION_ENABLED
+from nodeagent.model.enrollment import NamespaceMeta, PodMeta
 
 # The JSON merge patch (RFC 7386): `null` deletes a key, and every API server
 # version accepts it for every resource (strategic merge is pods-only sugar).
@@ -100,3 +101,43 @@ def redirection_patch(*, enabled: bool, resource_version: str = "") -> dict[str,
     if resource_version:
         meta["resourceVersion"] = resource_version
     return {"metadata": meta}
+
+
+def _strings(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in value.items() if isinstance(v, str)}
+
+
+def pod_meta(body: Mapping[str, Any]) -> PodMeta:
+    """The enrollment-relevant parts of a pod object (a list item or a watch event's)."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    containers = [
+        c.get("name")
+        for key in ("initContainers", "containers")
+        for c in (spec.get(key) or [])
+        if isinstance(c, Mapping)
+    ]
+    ips = [p.get("ip") for p in (status.get("podIPs") or []) if isinstance(p, Mapping)]
+    if not ips and status.get("podIP"):
+        ips = [status.get("podIP")]
+    return PodMeta(
+        namespace=str(meta.get("namespace") or ""),
+        name=str(meta.get("name") or ""),
+        uid=str(meta.get("uid") or ""),
+        node=str(spec.get("nodeName") or ""),
+        labels=_strings(meta.get("labels")),
+        annotations=_strings(meta.get("annotations")),
+        host_network=spec.get("hostNetwork") is True,
+        containers=tuple(str(c) for c in containers if isinstance(c, str)),
+        ips=tuple(str(ip) for ip in ips if isinstance(ip, str)),
+        service_account=str(spec.get("serviceAccountName") or ""),
+        resource_version=str(meta.get("resourceVersion") or ""),
+    )
+
+
+def namespace_meta(body: Mapping[str, Any]) -> NamespaceMeta:
+    meta = body.get("metadata") or {}
+    return NamespaceMeta(name=str(meta.get("name") or ""), labels=_strings(meta.get("labels")))
