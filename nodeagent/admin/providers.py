@@ -65,12 +65,14 @@ class PodStatus:
     name: str
     namespace: str
     service_account: str = "default"
-    capture_state: str  # pending | capturing | ready | failed | removing | held
+    capture_state: str  # pending | capturing | ready | failed | removing | held | not-captured
     listeners: tuple[str, ...] = ()  # e.g. "10.1.0.5:15001 (outbound)"
     last_error: str = ""
     attempts: int = 0
     netns: str = ""
     backend: str = ""  # iptables | ebpf
+    enrolled: bool = True
+    enrollment: str = ""  # why (not) in the mesh: "namespace labelled", "sidecar", ...
 
 
 class PodsSource(Protocol):

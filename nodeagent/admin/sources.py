@@ -110,6 +110,10 @@ class NodePodView(Protocol):
     @property
     def listeners(self) -> tuple[int, ...]: ...
     @property
+    def enrolled(self) -> bool: ...
+    @property
+    def enrollment(self) -> str: ...
+    @property
     def attempts(self) -> int: ...
     @property
     def last_error(self) -> str: ...
@@ -147,7 +151,9 @@ class NodePodsSource:
                     last_error=pod.last_error,
                     attempts=pod.attempts,
                     netns=pod.netns,
-                    backend=self._backend,
+                    backend=self._backend if pod.enrolled else "",
+                    enrolled=pod.enrolled,
+                    enrollment=pod.enrollment,
                 )
             )
         return out

@@ -56,6 +56,7 @@ POD_COLUMNS = [
     ("namespace", "NAMESPACE"),
     ("name", "POD NAME"),
     ("capture_state", "STATE"),
+    ("enrollment", "MESH"),
     ("backend", "BACKEND"),
     ("listeners", "LISTENERS"),
     ("attempts", "ATTEMPTS"),
@@ -191,6 +192,8 @@ def pod_rows(pods: list[Mapping[str, Any]]) -> list[Row]:
         row = {k: p.get(k, "") for k, _ in POD_COLUMNS}
         row["listeners"] = ", ".join(p.get("listeners") or []) or "-"
         row["last_error"] = p.get("last_error") or "-"
+        row["enrollment"] = p.get("enrollment") or "-"
+        row["backend"] = p.get("backend") or "-"
         rows.append(row)
     return sorted(rows, key=lambda r: (r["namespace"], r["name"]))
 

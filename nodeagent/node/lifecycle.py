@@ -21,7 +21,8 @@ A pod whose record disappears, or whose record's addresses are not in its
 namespace, goes to held: its capture stays, its listeners close, so its
 connections are refused (never relayed in plaintext) until the record returns
 and matches (set up again) or the pod is released explicitly (`Released`,
-the only action that removes capture) or its namespace is gone. Losing a
+one of the two actions that remove capture) or its namespace is gone. The other
+is `Unenrolled`: the user took the pod out of the mesh (a label), from any state. Losing a
 control-plane record is an operator's mistake far more often than a real
 departure, and the two cannot be told apart here.
 
@@ -111,6 +112,15 @@ class Released:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Unenrolled:
+    """The pod left the mesh on purpose (its namespace or pod label says so): remove its
+    capture and forget it. Unlike a lost record, this is the user's decision."""
+
+    uid: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SetupDone:
     uid: str
     now: float
@@ -143,6 +153,7 @@ Event = (
     | NetnsLost
     | AddressMismatch
     | Released
+    | Unenrolled
     | SetupDone
     | SetupFailed
     | TeardownDone
@@ -193,6 +204,7 @@ class PodRecord:
     remove_after: bool = False
     hold_reason: str = ""
     next_netns: Netns | None = None
+    release_after: bool = False  # unenrolled meanwhile: the next teardown removes capture
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +359,7 @@ class PodLifecycle:
             # Discovery can see a namespace before the workload record; it is
             # only acted on once the workload is placed here.
             return []
-        if isinstance(event, WorkloadGone | NetnsLost | TeardownDone | TeardownFailed):
+        if isinstance(event, WorkloadGone | NetnsLost | TeardownDone | TeardownFailed | Unenrolled):
             return []  # already gone: removal is idempotent
         raise LifecycleError(f"pod {event.uid}: {type(event).__name__} for an unknown pod")
 
@@ -375,6 +387,8 @@ def _why(ev: Event) -> str:
 
 
 def _setup_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    if rec.release_after:
+        return _release(lc, rec, ev)
     if rec.remove_after or rec.next_netns is not None or rec.hold_reason:
         return lc._start_teardown(
             rec,
@@ -389,6 +403,8 @@ def _setup_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
 
 def _setup_failed(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     assert isinstance(ev, SetupFailed)
+    if rec.release_after:
+        return _release(lc, rec, ev)
     if rec.remove_after or rec.next_netns is not None:
         # The adapter removes what it half-applied; teardown is idempotent anyway.
         return lc._start_teardown(
@@ -461,6 +477,9 @@ def _failed_lost(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
 def _teardown_finished(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     if isinstance(ev, TeardownFailed):
         rec = lc._set(rec, last_error=ev.reason)
+    if rec.release_after:
+        # Unenrolled while a teardown that kept capture ran: remove it now (idempotent).
+        return _release(lc, rec, ev)
     if rec.remove_after:
         del lc.pods[rec.uid]
         return []
@@ -513,6 +532,20 @@ def _held_released(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
     return lc._start_teardown(rec, ev.now, remove_after=True, remove_capture=True)
 
 
+def _release(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    """Remove capture and forget the pod (unenrolled); with no namespace, just forget."""
+    if rec.netns is None:
+        del lc.pods[rec.uid]
+        return []
+    rec = lc._set(rec, release_after=False)
+    return lc._start_teardown(rec, ev.now, remove_after=True, remove_capture=True)
+
+
+def _release_when_done(lc: PodLifecycle, rec: PodRecord, ev: Event) -> list[Action]:
+    lc._set(rec, release_after=True, next_netns=None)
+    return []
+
+
 S = PodState
 _TABLE: dict[tuple[PodState, type], Handler] = {
     (S.PENDING, WorkloadPlaced): _ignore,
@@ -555,6 +588,12 @@ _TABLE: dict[tuple[PodState, type], Handler] = {
     (S.HELD, NetnsFound): _held_found,
     (S.HELD, NetnsLost): _drop,
     (S.HELD, Released): _held_released,
+    (S.PENDING, Unenrolled): _drop,
+    (S.CAPTURING, Unenrolled): _release_when_done,
+    (S.READY, Unenrolled): _release,
+    (S.FAILED, Unenrolled): _release,
+    (S.REMOVING, Unenrolled): _release_when_done,
+    (S.HELD, Unenrolled): _release,
 }
 
 

@@ -64,6 +64,7 @@ from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, netns_alive,
 from nodeagent.datapath.discovery import MatchResult
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.model.constants import REDIRECTION_ANNOTATION
+from nodeagent.model.enrollment import Enrollment, NamespaceMeta, PodMeta, enrollment
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
 from nodeagent.node.annotations import PodAnnotationManager, PodRef, pod_ref
@@ -82,6 +83,7 @@ from nodeagent.node.lifecycle import (
     StartTeardown,
     TeardownDone,
     TeardownFailed,
+    Unenrolled,
     WorkloadGone,
     WorkloadPlaced,
 )
@@ -140,6 +142,22 @@ class ListenerOpener(Protocol):
     async def open(self, workload: Workload, netns: NetnsHandle) -> OpenListeners: ...
 
 
+class PodDirectory(Protocol):
+    """Pods on this node and namespaces, from the Kubernetes API
+    (nodeagent.kube.watch.KubeMetaCache): what enrollment is decided from."""
+
+    @property
+    def synced(self) -> bool: ...
+
+    def pod(self, namespace: str, name: str) -> PodMeta | None: ...
+
+    def pod_by_ip(self, ip: str) -> PodMeta | None: ...
+
+    def namespace(self, name: str) -> NamespaceMeta | None: ...
+
+    def pods(self) -> Iterable[PodMeta]: ...
+
+
 class IdentityRegistry(Protocol):
     """Certificate prefetch (nodeagent.identity.manager.CertificateManager)."""
 
@@ -164,6 +182,8 @@ class PodStatus:
     attempts: int
     last_error: str
     since: float  # epoch seconds of the last state change
+    enrolled: bool = True
+    enrollment: str = ""  # why (not) captured: "namespace labelled", "sidecar", ...
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +196,8 @@ class PodStatus:
             "attempts": self.attempts,
             "lastError": self.last_error,
             "since": self.since,
+            "enrolled": self.enrolled,
+            "enrollment": self.enrollment,
         }
 
 
@@ -194,6 +216,7 @@ class ManagerStats:
     holds: int = 0  # pods whose listeners closed while their capture stays (refused)
     released: int = 0
     stale_held: int = 0  # namespaces found captured that no local workload claimed
+    unenrolled: int = 0  # pods released because they left the mesh by label
 
 
 class SetupError(RuntimeError):
@@ -241,8 +264,12 @@ class NodeManager:
         wall_clock: Callable[[], float] = time.time,
         on_setup: Callable[[float], None] | None = None,
         annotations: PodAnnotationManager | None = None,
+        directory: PodDirectory | None = None,
     ) -> None:
         timing = timing or NodeTiming()
+        # Without a Kubernetes API every workload placed here is captured: the control
+        # plane is then the only authority on what is meshed.
+        self._directory = directory
         self._on_setup = on_setup  # observes each pod's setup time (seconds), for metrics
         if not node_name:
             raise ValueError("node_name is required: it selects the workloads on this node")
@@ -277,6 +304,7 @@ class NodeManager:
         self._present: set[str] = set()  # unmatched by the last scan, namespace still there
         self._absent: set[str] = set()  # unmatched by the last scan, namespace gone
         self._former: dict[str, Workload] = {}  # held pods' last records, for status
+        self._outside: dict[str, tuple[Workload, Enrollment]] = {}  # placed, not enrolled
         self._scan_requested = True
         self._next_scan_at = 0.0
         self._ops: set[asyncio.Task[None]] = set()
@@ -470,9 +498,51 @@ class NodeManager:
                     attempts=rec.attempts,
                     last_error=rec.last_error,
                     since=wall - (now - rec.since),
+                    enrollment=self._why_enrolled(w),
                 )
             )
+        listed = {(s.namespace, s.name) for s in out}
+        for uid, (w, verdict) in sorted(self._outside.items()):
+            if uid not in self.lifecycle.pods:
+                listed.add((w.namespace, w.name))
+                out.append(self._outside_status(uid, w.namespace, w.name, verdict, wall))
+        if self._directory is not None and self._directory.synced:
+            for pod in self._directory.pods():
+                if (pod.namespace, pod.name) in listed:
+                    continue
+                verdict = enrollment(pod, self._directory.namespace(pod.namespace))
+                state = "not-captured" if not verdict.enrolled else "no-record"
+                out.append(
+                    self._outside_status(pod.uid, pod.namespace, pod.name, verdict, wall, state)
+                )
         return out
+
+    def _why_enrolled(self, workload: Workload | None) -> str:
+        verdict = self.enrollment_of(workload) if workload is not None else None
+        return verdict.describe() if verdict is not None else ""
+
+    @staticmethod
+    def _outside_status(
+        uid: str,
+        namespace: str,
+        name: str,
+        verdict: Enrollment,
+        wall: float,
+        state: str = "not-captured",
+    ) -> PodStatus:
+        return PodStatus(
+            uid=uid,
+            name=name,
+            namespace=namespace,
+            state=state,
+            netns="",
+            listeners=(),
+            attempts=0,
+            last_error="" if verdict.enrolled else f"not in the mesh: {verdict.describe()}",
+            since=wall,
+            enrolled=verdict.enrolled,
+            enrollment=verdict.describe(),
+        )
 
     def counts(self) -> dict[str, int]:
         return self.lifecycle.counts()
@@ -558,9 +628,56 @@ class NodeManager:
         waypoint) terminates HBONE itself on its 15008: not captured, no listeners."""
         return [w for w in self._store.workloads_on_node(self.node_name) if not w.native_tunnel]
 
+    def enrollment_of(self, workload: Workload) -> Enrollment | None:
+        """Whether Istio ambient captures the workload's pod; None while it cannot be
+        told (no Kubernetes API, not synced yet, or no such pod): then it is captured,
+        never released on a guess."""
+        directory = self._directory
+        if directory is None or not directory.synced:
+            return None
+        pod = directory.pod(workload.namespace, workload.name)
+        if pod is None:
+            pod = next((p for a in workload.addresses if (p := directory.pod_by_ip(str(a)))), None)
+        if pod is None:
+            return None
+        return enrollment(pod, directory.namespace(pod.namespace))
+
+    def enrollment_changed(self) -> None:
+        """The pods or namespaces the directory knows changed: decide again."""
+        self._wake.set()
+
     def _sync_placement(self) -> None:
         now = self._clock()
-        local = {w.uid: w for w in self._local_workloads()}
+        local: dict[str, Workload] = {}
+        outside: dict[str, tuple[Workload, Enrollment]] = {}
+        for w in self._local_workloads():
+            verdict = self.enrollment_of(w)
+            if verdict is None or verdict.enrolled:
+                local[w.uid] = w
+            else:
+                outside[w.uid] = (w, verdict)
+        for uid, (w, verdict) in outside.items():
+            if uid not in self._outside:
+                log.info(
+                    "pod %s (uid %s) is not in the mesh (%s): not captured",
+                    w.label,
+                    uid,
+                    verdict.describe(),
+                )
+            newly = uid not in self._outside
+            if uid in self._workloads or (newly and uid in self.lifecycle.pods):
+                self._workloads.pop(uid, None)
+                self._former[uid] = w
+                self._release_identity(uid)
+                self.stats.unenrolled += 1
+                log.info(
+                    "pod %s (uid %s) left the mesh (%s): removing its capture",
+                    w.label,
+                    uid,
+                    verdict.describe(),
+                )
+                self._dispatch(Unenrolled(uid=uid, now=now))
+        self._outside = outside
         for uid, workload in local.items():
             self._workloads[uid] = workload
             self._labels[uid] = workload.label

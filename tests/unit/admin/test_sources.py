@@ -121,6 +121,8 @@ class NodePod:
     listeners: tuple[int, ...] = (15001, 15006, 15008)
     attempts: int = 1
     last_error: str = ""
+    enrolled: bool = True
+    enrollment: str = "namespace labelled"
 
 
 class Node:

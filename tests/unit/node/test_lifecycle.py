@@ -20,6 +20,7 @@ from nodeagent.node.lifecycle import (
     StartTeardown,
     TeardownDone,
     TeardownFailed,
+    Unenrolled,
     WorkloadGone,
     WorkloadPlaced,
 )
@@ -227,6 +228,7 @@ EVENTS = st.sampled_from(
         lambda now: NetnsLost(uid="u", now=now),
         lambda now: AddressMismatch(uid="u", reason="elsewhere", now=now),
         lambda now: Released(uid="u", now=now),
+        lambda now: Unenrolled(uid="u", now=now),
     ]
 )
 
@@ -237,18 +239,20 @@ def test_random_external_events_never_leave_an_operation_unanswered(events, data
     """Drive the machine like the manager does: each started operation completes
     (success or failure) before later events; the machine never raises, never
     has two operations in flight for one pod, and never removes capture unless
-    the pod was released (fail closed)."""
+    the pod was released or unenrolled (fail closed)."""
     lc = PodLifecycle()
     in_flight: list = []
     now = 0.0
+    let_go = False  # an operator released it or the user unenrolled it
     for make in events:
         now += 1
         ev = make(now)
+        let_go = let_go or isinstance(ev, Released | Unenrolled)
         in_flight.extend(lc.handle(ev))
-        for action in in_flight:
-            if isinstance(action, StartTeardown) and action.remove_capture:
-                assert isinstance(ev, Released)
         while in_flight:
+            for action in in_flight:
+                if isinstance(action, StartTeardown) and action.remove_capture:
+                    assert let_go
             assert len(in_flight) == 1
             action = in_flight.pop()
             ok = data.draw(st.booleans())
@@ -286,3 +290,53 @@ def test_random_external_events_never_leave_an_operation_unanswered(events, data
 def test_table_covers_every_state():
     states = {s for s, _ in _TABLE}
     assert states == set(PodState)
+
+
+def test_an_unenrolled_ready_pod_has_its_capture_removed_and_is_forgotten():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupDone(uid="u1", now=1))
+    assert lc.handle(Unenrolled(uid="u1", now=2)) == [
+        StartTeardown(uid="u1", netns=NS1, remove_capture=True)
+    ]
+    assert lc.handle(TeardownDone(uid="u1", now=3)) == []
+    assert "u1" not in lc.pods
+
+
+def test_unenrolled_during_setup_removes_capture_once_setup_ends():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    assert lc.handle(Unenrolled(uid="u1", now=1)) == []
+    assert lc.handle(SetupDone(uid="u1", now=2)) == [
+        StartTeardown(uid="u1", netns=NS1, remove_capture=True)
+    ]
+    lc.handle(TeardownDone(uid="u1", now=3))
+    assert "u1" not in lc.pods
+
+
+def test_unenrolled_while_a_hold_runs_removes_capture_after_it():
+    lc = PodLifecycle()
+    placed_and_found(lc)
+    lc.handle(SetupDone(uid="u1", now=1))
+    [hold] = lc.handle(WorkloadGone(uid="u1", now=2))
+    assert isinstance(hold, StartTeardown) and not hold.remove_capture
+    assert lc.handle(Unenrolled(uid="u1", now=3)) == []
+    assert lc.handle(TeardownDone(uid="u1", now=4)) == [
+        StartTeardown(uid="u1", netns=NS1, remove_capture=True)
+    ]
+    lc.handle(TeardownDone(uid="u1", now=5))
+    assert "u1" not in lc.pods
+
+
+def test_an_unenrolled_held_or_pending_pod():
+    lc = PodLifecycle()
+    lc.handle(WorkloadPlaced(uid="p", now=0))
+    assert lc.handle(Unenrolled(uid="p", now=1)) == [] and "p" not in lc.pods
+    placed_and_found(lc)
+    lc.handle(SetupDone(uid="u1", now=1))
+    lc.handle(WorkloadGone(uid="u1", now=2))
+    lc.handle(TeardownDone(uid="u1", now=3))
+    assert lc.pods["u1"].state is PodState.HELD
+    assert lc.handle(Unenrolled(uid="u1", now=4)) == [
+        StartTeardown(uid="u1", netns=NS1, remove_capture=True)
+    ]

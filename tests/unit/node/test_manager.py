@@ -645,3 +645,105 @@ async def test_drift_that_cannot_be_repaired_is_reported_and_retried() -> None:
         w.capture.failing.clear()
         async with asyncio.timeout(WAIT):
             await w.manager.wait_until(lambda: w.manager.stats.repairs >= 1)
+
+
+# -- enrollment (a Kubernetes pod directory) ----------------------------------------
+
+
+@dataclass
+class FakeDirectory:
+    """Pods and namespaces as the Kubernetes watch would have them."""
+
+    synced: bool = True
+    pod_list: dict[tuple[str, str], Any] = field(default_factory=dict)
+    namespaces: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, ip: str, ns: str = "default", **kw: Any) -> None:
+        from nodeagent.model.enrollment import PodMeta
+
+        self.pod_list[(ns, name)] = PodMeta(
+            namespace=ns, name=name, uid=f"k8s-{name}", node=NODE, ips=(ip,), **kw
+        )
+
+    def label(self, ns: str, labels: dict[str, str]) -> None:
+        from nodeagent.model.enrollment import NamespaceMeta
+
+        self.namespaces[ns] = NamespaceMeta(name=ns, labels=labels)
+
+    def pod(self, namespace: str, name: str) -> Any:
+        return self.pod_list.get((namespace, name))
+
+    def pod_by_ip(self, ip: str) -> Any:
+        return next((p for p in self.pod_list.values() if ip in p.ips), None)
+
+    def namespace(self, name: str) -> Any:
+        return self.namespaces.get(name)
+
+    def pods(self) -> list[Any]:
+        return list(self.pod_list.values())
+
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+async def test_only_enrolled_pods_are_captured_and_pods_says_why_not() -> None:
+    directory = FakeDirectory()
+    directory.label("default", AMBIENT)
+    directory.add("pod-u1", "10.1.0.5")
+    directory.add("pod-u2", "10.1.0.6", labels={"istio.io/dataplane-mode": "none"})
+    directory.add("pod-u3", "10.1.0.7", annotations={"sidecar.istio.io/status": "{}"})
+    directory.add("bare", "10.1.0.9", ns="plain")  # no record, namespace not labelled
+    async with world(directory=directory) as w:
+        for inode, ip in ((101, "10.1.0.5"), (102, "10.1.0.6"), (103, "10.1.0.7")):
+            w.scanner.add(inode, ip)
+        w.place(workload("u1", "10.1.0.5"), workload("u2", "10.1.0.6"), workload("u3", "10.1.0.7"))
+        await w.wait_state("u1", PodState.READY)
+        await asyncio.sleep(0.05)
+        assert set(w.capture.installed) == {101}
+        assert w.manager.state_of("u2") is None and w.manager.state_of("u3") is None
+        views = {s.name: s for s in w.manager.pods()}
+        assert (views["pod-u1"].enrolled, views["pod-u1"].enrollment) == (
+            True,
+            "namespace labelled",
+        )
+        assert (views["pod-u2"].state, views["pod-u2"].enrollment) == ("not-captured", "opted out")
+        assert views["pod-u3"].enrollment == "sidecar" and not views["pod-u3"].enrolled
+        assert views["bare"].enrollment == "namespace not labelled"
+        assert "not in the mesh" in views["bare"].last_error
+        # Only the enrolled pod's identity gets a certificate.
+        assert w.certs.refs == {Identity("cluster.local", "default", "sa1"): 1}
+
+
+async def test_removing_the_namespace_label_releases_its_pods_live() -> None:
+    directory = FakeDirectory()
+    directory.label("default", AMBIENT)
+    directory.add("pod-u1", "10.1.0.5")
+    async with world(directory=directory) as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)
+        directory.label("default", {})
+        w.manager.enrollment_changed()
+        await w.wait_state("u1", None)
+        assert w.capture.installed == {}  # capture removed: the pod now runs outside
+        assert w.listeners.live(101) == []
+        assert w.certs.refs == {}
+        assert w.manager.stats.unenrolled == 1
+        [view] = w.manager.pods()
+        assert (view.state, view.enrollment) == ("not-captured", "namespace not labelled")
+        directory.label("default", AMBIENT)  # and back in
+        w.manager.enrollment_changed()
+        await w.wait_state("u1", PodState.READY)
+        assert 101 in w.capture.installed
+
+
+async def test_an_unsynced_directory_or_an_unknown_pod_never_uncaptures() -> None:
+    directory = FakeDirectory(synced=False)
+    async with world(directory=directory) as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.place(workload("u1", "10.1.0.5"))
+        await w.wait_state("u1", PodState.READY)  # not synced: captured, as before
+        directory.synced = True  # synced, but the pod is not in the API (yet)
+        w.manager.enrollment_changed()
+        await asyncio.sleep(0.05)
+        assert w.manager.state_of("u1") is PodState.READY
