@@ -642,6 +642,65 @@ class NodeManager:
             return None
         return enrollment(pod, directory.namespace(pod.namespace))
 
+    async def capture_new_pod(
+        self, *, namespace: str, name: str, ips: Iterable[str], within: float
+    ) -> tuple[str, str]:
+        """A CNI ADD: capture the pod before its containers start. Returns (outcome,
+        detail): `captured` (rules and listeners in place), `not-enrolled`, or
+        `no-record` / `failed` / `timeout`, on which the plugin installs fail-closed
+        rules that this manager adopts once it can set the pod up."""
+        ips = [str(ip) for ip in ips]
+        directory = self._directory
+        if directory is not None and directory.synced:
+            pod = directory.pod(namespace, name)
+            if pod is not None:
+                verdict = enrollment(pod, directory.namespace(namespace))
+                if not verdict.enrolled:
+                    return "not-enrolled", verdict.describe()
+        self.request_scan()
+        uid = ""
+        try:
+            async with asyncio.timeout(within):
+                while not uid:
+                    uid = self._uid_for(namespace, name, ips) or ""
+                    if not uid:
+                        await self._changed.wait()
+                await self.wait_until(lambda: self._settled(uid))
+        except TimeoutError:
+            if not uid:
+                return "no-record", f"no workload record for {namespace}/{name} ({', '.join(ips)})"
+            return "timeout", f"pod {namespace}/{name} not captured within {within:g} s"
+        rec = self.lifecycle.pods.get(uid)
+        if rec is None:  # left the mesh or the node meanwhile
+            verdict_now = self._outside.get(uid)
+            if verdict_now is not None:
+                return "not-enrolled", verdict_now[1].describe()
+            return "no-record", f"pod {namespace}/{name} is no longer placed on this node"
+        if rec.state is PodState.READY:
+            return (
+                "captured",
+                f"pod {namespace}/{name} captured in {rec.netns.path if rec.netns else '?'}",
+            )
+        return "failed", rec.last_error or rec.state.value
+
+    def _uid_for(self, namespace: str, name: str, ips: list[str]) -> str | None:
+        """The local workload of a pod, by name or by one of its addresses."""
+        for uid, w in self._workloads.items():
+            if (w.namespace, w.name) == (namespace, name) or any(
+                str(a) in ips for a in w.addresses
+            ):
+                return uid
+        for uid, (w, _) in self._outside.items():
+            if (w.namespace, w.name) == (namespace, name):
+                return uid
+        return None
+
+    def _settled(self, uid: str) -> bool:
+        rec = self.lifecycle.pods.get(uid)
+        if rec is None:
+            return uid not in self._workloads
+        return rec.state in (PodState.READY, PodState.HELD, PodState.FAILED)
+
     def enrollment_changed(self) -> None:
         """The pods or namespaces the directory knows changed: decide again."""
         self._wake.set()

@@ -747,3 +747,33 @@ async def test_an_unsynced_directory_or_an_unknown_pod_never_uncaptures() -> Non
         w.manager.enrollment_changed()
         await asyncio.sleep(0.05)
         assert w.manager.state_of("u1") is PodState.READY
+
+
+async def test_a_cni_add_returns_once_the_new_pod_is_captured() -> None:
+    async with world() as w:
+        w.place(workload("u1", "10.1.0.5"))
+        adding = asyncio.create_task(
+            w.manager.capture_new_pod(
+                namespace="default", name="pod-u1", ips=["10.1.0.5"], within=WAIT
+            )
+        )
+        await asyncio.sleep(0.02)
+        assert not adding.done()  # its namespace has not been seen yet
+        w.scanner.add(101, "10.1.0.5")
+        outcome, detail = await adding
+        assert outcome == "captured" and "/fake/netns/101" in detail
+        assert 101 in w.capture.installed and len(w.listeners.live(101)) == 1
+
+
+async def test_a_cni_add_for_a_pod_outside_the_mesh_or_without_a_record() -> None:
+    directory = FakeDirectory()
+    directory.add("plain", "10.1.0.8", ns="elsewhere")
+    async with world(directory=directory) as w:
+        outcome, detail = await w.manager.capture_new_pod(
+            namespace="elsewhere", name="plain", ips=["10.1.0.8"], within=WAIT
+        )
+        assert (outcome, detail) == ("not-enrolled", "namespace not labelled")
+        outcome, detail = await w.manager.capture_new_pod(
+            namespace="default", name="ghost", ips=["10.1.0.9"], within=0.05
+        )
+        assert outcome == "no-record" and "default/ghost" in detail
