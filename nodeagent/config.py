@@ -163,8 +163,10 @@ class Config:
 
     kube_api: KubeApiMode = "auto"
     """Whether the agent talks to the Kubernetes API server (env KUBE_API), to
-    annotate the pods it captures and, at SIGTERM, to read its own DaemonSet
-    (upgrade or uninstall). `auto`: when `kube_api_address` is set or the agent
+    annotate the pods it captures, to watch the pods on its node and the namespaces
+    (enrollment: which pods Istio ambient captures) and, at SIGTERM, to read its
+    own DaemonSet (upgrade or uninstall). Without it every workload the control
+    plane places on the node is captured. `auto`: when `kube_api_address` is set or the agent
     runs in a pod (KUBERNETES_SERVICE_HOST/PORT set); `on`: required, start fails
     without an address; `off`: never (the sandbox has no API server)."""
 
@@ -178,6 +180,15 @@ class Config:
 
     kube_root_ca: str = IN_CLUSTER_CA
     """PEM file with the CA that signs the API server's certificate (env KUBE_ROOT_CA)."""
+
+    cni_socket: str = "/var/run/nodeagent/cni.sock"
+    """Unix socket where the chained CNI plugin (`nodeagent-cni`) reports new pods
+    (env CNI_SOCKET); empty turns it off. The plugin's config names the same path."""
+
+    cni_add_timeout: float = 8.0
+    """How long a CNI ADD may wait for the new pod to be captured (env
+    CNI_ADD_TIMEOUT); after it the plugin leaves fail-closed rules the agent adopts.
+    Keep it below the plugin's own `add_timeout_seconds`."""
 
     daemonset_name: str = "nodeagent"
     """The agent's own DaemonSet, in `pod_namespace` (env DAEMONSET_NAME), read at
@@ -228,6 +239,8 @@ ENV_NAMES: dict[str, str] = {
     "KUBE_TOKEN": "kube_token_path",
     "KUBE_ROOT_CA": "kube_root_ca",
     "DAEMONSET_NAME": "daemonset_name",
+    "CNI_SOCKET": "cni_socket",
+    "CNI_ADD_TIMEOUT": "cni_add_timeout",
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

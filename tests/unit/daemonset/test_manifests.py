@@ -272,8 +272,16 @@ def test_rbac_grants_exactly_the_calls_the_agent_makes(
         for res in rule["resources"]
         for verb in rule["verbs"]
     }
-    # nodeagent.kube.client: get_pod, patch_pod (cluster-wide); get_daemonset (below).
-    assert granted == {("", "pods", "get"), ("", "pods", "patch")}
+    # nodeagent.kube.client: get_pod, patch_pod (cluster-wide); get_daemonset (below);
+    # nodeagent.kube.watch: list and watch of pods (own node) and namespaces.
+    assert granted == {
+        ("", "pods", "get"),
+        ("", "pods", "patch"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+    }
     role_rules = one(objs, "Role")["rules"]
     assert role_rules == [
         {
