@@ -328,6 +328,19 @@ class AgentMetrics:
             buckets=CAPTURE_SETUP_BUCKETS,
             registry=r,
         )
+        self.cni_adds = Counter(
+            "nodeagent_cni_adds",
+            "CNI ADDs from the nodeagent-cni plugin, by `result` (captured, not-enrolled,"
+            " no-record, failed, timeout, error)",
+            ["result"],
+            registry=r,
+        )
+        self.cni_add_seconds = Histogram(
+            "nodeagent_cni_add_duration_seconds",
+            "Time the agent took to answer a CNI ADD (until the pod was captured)",
+            buckets=CAPTURE_SETUP_BUCKETS,
+            registry=r,
+        )
         self.policy_decisions = Counter(
             "nodeagent_policy_decisions",
             "L4 authorization decisions: `action` of the deciding policy (or none), `result`",
@@ -454,6 +467,10 @@ class AgentMetrics:
 
     def observe_capture_setup(self, seconds: float, backend: str = "iptables") -> None:
         self.capture_setup_seconds.labels(backend=backend).observe(seconds)
+
+    def observe_cni_add(self, result: str, seconds: float) -> None:
+        self.cni_adds.labels(result=result).inc()
+        self.cni_add_seconds.observe(seconds)
 
     def policy_decision(self, *, action: str, allowed: bool) -> None:
         self.policy_decisions.labels(
