@@ -34,6 +34,11 @@ RULE_PRIORITY: Final = 32764
 # Source address the node SNATs kubelet probes to; the in-pod rules let it pass uncaptured.
 PROBE_SNAT_IPV4: Final = "169.254.7.127"
 PROBE_SNAT_IPV6: Final = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+# The node-side half (datapath/hostprobe.py): ipsets of this node's meshed pod IPs, and
+# the nat chain (jumped to first from POSTROUTING) that SNATs node-local TCP to them.
+PROBE_SET_IPV4: Final = "istio-inpod-probes-v4"
+PROBE_SET_IPV6: Final = "istio-inpod-probes-v6"
+CHAIN_HOST_POSTROUTING: Final = "ISTIO_POSTRT"
 
 # Chains the agent owns inside a pod namespace (same names as istio-cni).
 CHAIN_PREROUTING: Final = "ISTIO_PRERT"
