@@ -19,7 +19,8 @@ LAYERS: list[list[str]] = [
     ["app"],
     # The waypoint reuses the agent's data path (pool, relay, endpoint picking) and admin.
     ["waypoint"],
-    ["admin", "node", "proxy", "controlplane", "sandbox"],
+    # cni is the CNI plugin executable: it uses only the pure plan (datapath.plan) and model.
+    ["admin", "node", "proxy", "controlplane", "sandbox", "cni"],
     ["hbone", "xds", "identity", "datapath", "kube"],
     ["state", "policy", "traffic"],
     # config sits just above model: it reads the port and mark constants.
@@ -45,10 +46,16 @@ PURE_MODULES = {
     "nodeagent.hbone.limits",
     "nodeagent.kube.api",
     "nodeagent.kube.shutdown",
+    "nodeagent.cni.protocol",
+    "nodeagent.cni.hold",
 }
 # Packages a package may not import although the layers would allow it.
 # hbone is a transport: it knows nothing of policy, identity or state (DESIGN.md §3).
-FORBIDDEN: dict[str, set[str]] = {"hbone": {"policy", "proxy", "state", "identity"}}
+FORBIDDEN: dict[str, set[str]] = {
+    "hbone": {"policy", "proxy", "state", "identity"},
+    # Only app and cli may import the CNI plugin package.
+    "waypoint": {"cni"},
+}
 IO_MODULES = {
     "asyncio",
     "grpc",
