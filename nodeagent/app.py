@@ -67,6 +67,7 @@ from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, plan_from_na
 from nodeagent.datapath.capture import netns_alive as namespace_exists
 from nodeagent.datapath.discovery import NetnsScanner
 from nodeagent.datapath.ebpf import ConnectRedirect, EbpfCapture, bpf_pin_dir, kernel_headers
+from nodeagent.datapath.hostprobe import HostProbeRules
 from nodeagent.datapath.iptables import CaptureError, IptablesBackend
 from nodeagent.datapath.netns import (
     NetnsHandle,
@@ -262,8 +263,11 @@ async def build(
     # One worker per kind of namespace work, so a slow iptables apply never
     # delays a scan or a socket the proxy is waiting for.
     ebpf: EbpfCapture | None = None
+    probes: HostProbeRules | None = None
     if capture is None:
         capture, ebpf = _capture_backend(config, closers)
+        # With the real backend, the node's probe rule too (in this, the node's, netns).
+        probes = HostProbeRules(worker=_worker("probes", closers))
     if scanner is None:
         scan_worker = _worker("scan", closers)
         scanner = NetnsScanner(
@@ -308,6 +312,7 @@ async def build(
         on_setup=metrics.observe_capture_setup,
         annotations=annotations,
         netns_alive=netns_alive or namespace_exists,
+        probes=probes,
     )
     _refresh_metrics(metrics, xds_client, certificates, node_manager)
     metrics.add_refresh(telemetry.flush)

@@ -158,6 +158,17 @@ class PodDirectory(Protocol):
     def pods(self) -> Iterable[PodMeta]: ...
 
 
+class ProbeRules(Protocol):
+    """The node's probe SNAT rule and its set of meshed pod IPs
+    (nodeagent.datapath.hostprobe.HostProbeRules). Blocking; run on a thread."""
+
+    def install(self) -> bool: ...
+
+    def sync(self, ips: Iterable[str]) -> bool: ...
+
+    def uninstall(self) -> None: ...
+
+
 class IdentityRegistry(Protocol):
     """Certificate prefetch (nodeagent.identity.manager.CertificateManager)."""
 
@@ -265,11 +276,16 @@ class NodeManager:
         on_setup: Callable[[float], None] | None = None,
         annotations: PodAnnotationManager | None = None,
         directory: PodDirectory | None = None,
+        probes: ProbeRules | None = None,
     ) -> None:
         timing = timing or NodeTiming()
         # Without a Kubernetes API every workload placed here is captured: the control
         # plane is then the only authority on what is meshed.
         self._directory = directory
+        # Kubelet's probes reach captured pods past mTLS (SNAT to 169.254.7.127).
+        self._probes = probes
+        self._probe_ips: frozenset[str] | None = None  # what the set holds, once synced
+        self._probe_task: asyncio.Task[None] | None = None
         self._on_setup = on_setup  # observes each pod's setup time (seconds), for metrics
         if not node_name:
             raise ValueError("node_name is required: it selects the workloads on this node")
@@ -365,8 +381,16 @@ class NodeManager:
             *(listeners.close(drain=drain) for listeners in opened.values()),
             return_exceptions=True,
         )
+        if self._probe_task is not None:
+            with contextlib.suppress(Exception):
+                await self._probe_task
         if cleanup:
             await self._remove_all_capture()
+            if self._probes is not None:
+                try:
+                    await asyncio.to_thread(self._probes.uninstall)
+                except Exception as exc:
+                    log.warning("cleanup: kubelet probe rule: %s", _reason(exc))
         else:
             log.info(
                 "node manager stopped: listeners of %d pod(s) closed, capture left in place",
@@ -619,9 +643,43 @@ class NodeManager:
             self._next_drift_at = self._clock() + self._drift_interval
             self._drift_task = asyncio.create_task(self._repair_drift(), name="drift-repair")
             self._drift_task.add_done_callback(self._drift_finished)
+        self._sync_probes()
         if self._scan is not None and not self.synced:
             self.synced = True
             self._notify()
+
+    def _captured_ips(self) -> frozenset[str]:
+        """Addresses of the pods whose capture is in place (ready, or held: refused)."""
+        captured = (PodState.READY, PodState.HELD, PodState.REMOVING)
+        return frozenset(
+            str(a)
+            for uid, rec in self.lifecycle.pods.items()
+            if rec.state in captured and (w := self._workloads.get(uid)) is not None
+            for a in w.addresses
+        )
+
+    def _sync_probes(self) -> None:
+        """Keep the probe set equal to the captured pods' IPs, off the loop, one at a time."""
+        if self._probes is None or self._probe_task is not None or self._stopping:
+            return
+        wanted = self._captured_ips()
+        if wanted == self._probe_ips:
+            return
+        self._probe_task = asyncio.create_task(self._write_probes(wanted), name="probe-set")
+
+    async def _write_probes(self, wanted: frozenset[str]) -> None:
+        assert self._probes is not None
+        try:
+            if self._probe_ips is None:
+                await asyncio.to_thread(self._probes.install)
+            await asyncio.to_thread(self._probes.sync, sorted(wanted))
+            self._probe_ips = wanted
+        except Exception as exc:
+            log.warning("kubelet probe rule: %s; retrying at the next scan", _reason(exc))
+        finally:
+            self._probe_task = None
+        self._wake.set()
+        self._notify()
 
     def _local_workloads(self) -> list[Workload]:
         """The workloads on this node the agent serves. One with a native tunnel (a

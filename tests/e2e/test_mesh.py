@@ -335,6 +335,27 @@ def test_mtls_required_refuses_plaintext_from_outside_the_mesh(mesh: Mesh) -> No
     wait_until("plaintext to node2-pod2 works again", lambda: from_node().returncode == 0)
 
 
+def test_kubelet_probes_pass_strict_mtls_from_the_pod_s_own_node(mesh: Mesh) -> None:
+    """The node's probe rule (istio-cni's host rule): a connection from a process of the
+    pod's own node, as kubelet's probe is, is SNATed to 169.254.7.127 and passes the
+    in-pod capture; the same request from elsewhere (another node) stays captured and
+    STRICT refuses it."""
+    url = "http://10.10.2.12:8080/"
+
+    def from_node(node: str) -> subprocess.CompletedProcess[str]:
+        return _cli("sandbox", "exec", mesh.name, node, "--", "curl", "-sS", "-m", "5", url)
+
+    mesh.apply(STRICT)
+    try:
+        wait_until("plaintext from node1 is refused", lambda: from_node("node1").returncode != 0)
+        probe = from_node("node2")
+        assert probe.returncode == 0, probe.stderr
+        assert json.loads(probe.stdout)["client_ip"] == "169.254.7.127"
+        assert from_node("node1").returncode != 0
+    finally:
+        mesh.apply(STRICT, delete=True)
+
+
 BULK_CLIENT = r"""
 import hashlib, random, socket, sys, threading
 ip, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -777,3 +777,40 @@ async def test_a_cni_add_for_a_pod_outside_the_mesh_or_without_a_record() -> Non
             namespace="default", name="ghost", ips=["10.1.0.9"], within=0.05
         )
         assert outcome == "no-record" and "default/ghost" in detail
+
+
+@dataclass
+class FakeProbes:
+    installs: int = 0
+    members: frozenset[str] | None = None
+    uninstalled: bool = False
+
+    def install(self) -> bool:
+        self.installs += 1
+        return True
+
+    def sync(self, ips: Iterable[str]) -> bool:
+        self.members = frozenset(ips)
+        return True
+
+    def uninstall(self) -> None:
+        self.uninstalled = True
+
+
+async def test_the_probe_set_follows_the_captured_pods() -> None:
+    probes = FakeProbes()
+    async with world(probes=probes) as w:
+        w.scanner.add(101, "10.1.0.5")
+        w.scanner.add(102, "10.1.0.6")
+        w.place(workload("u1", "10.1.0.5"), workload("u2", "10.1.0.6"))
+        await w.wait_state("u1", PodState.READY)
+        await w.wait_state("u2", PodState.READY)
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: probes.members == {"10.1.0.5", "10.1.0.6"})
+        w.remove("u2")  # held: its listeners closed, so it leaves the set too
+        async with asyncio.timeout(WAIT):
+            while probes.members != {"10.1.0.5"}:
+                await asyncio.sleep(0.01)
+        assert probes.installs == 1
+        await w.manager.shutdown(cleanup=True)
+        assert probes.uninstalled
