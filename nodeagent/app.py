@@ -84,6 +84,7 @@ from nodeagent.kube.shutdown import ShutdownMode
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.node.annotations import PodAnnotationManager
+from nodeagent.node.cni_server import CniAdd, CniDel, CniEventServer, CniReply
 from nodeagent.node.lifecycle import Backoff
 from nodeagent.node.manager import NamespaceScanner, NodeManager, NodeTiming
 from nodeagent.node.shutdown import read_shutdown_decision
@@ -133,6 +134,7 @@ class AgentHandles:
     metrics: AgentMetrics | None = None
     kube: KubeApi | None = None
     annotations: PodAnnotationManager | None = None
+    cni: CniEventServer | None = None
     _closers: list[Any] = field(default_factory=list)
     _ebpf: EbpfCapture | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -177,6 +179,12 @@ class AgentHandles:
         if self.admin is not None:
             await self.admin.start()
         self.start()
+        if self.cni is not None:
+            try:
+                await self.cni.start()
+            except OSError as exc:
+                # New pods then start with the plugin's fail-closed rules: never open.
+                log.error("CNI socket %s: %s; new pods wait for a scan", self.cni.path, exc)
         try:
             await self._stop.wait()
         finally:
@@ -201,6 +209,9 @@ class AgentHandles:
         if self._shut_down:
             return
         self._shut_down = True
+        if self.cni is not None:
+            # First: an ADD from now on finds no agent, and the plugin fails closed.
+            await self.cni.stop()
         if self.admin is not None:
             await self.admin.stop()
         await self.node_manager.shutdown(cleanup=cleanup, drain=self.config.drain_seconds)
@@ -320,6 +331,7 @@ async def build(
     readiness = _readiness(xds_client, node_manager, certificates)
     stop = asyncio.Event()  # set by `AgentHandles.stop()` and by the admin's quitquitquit
     servers: AdminServers | None = None
+    cni = _cni_server(config, node_manager, metrics) if admin and config.cni_socket else None
     if admin:
 
         async def drain_then_exit() -> None:
@@ -344,6 +356,7 @@ async def build(
         metrics=metrics,
         kube=kube,
         annotations=annotations,
+        cni=cni,
         _closers=closers,
         _ebpf=ebpf,
         _stop=stop,
@@ -391,6 +404,27 @@ def _sockets_in(worker: NetnsWorker) -> SocketFactoryMaker:
         return NetnsSocketFactory(netns, worker)
 
     return sockets_for
+
+
+def _cni_server(config: Config, manager: NodeManager, metrics: AgentMetrics) -> CniEventServer:
+    """The socket nodeagent-cni posts new pods to: an ADD returns once the pod is
+    captured (or known to be outside the mesh); any other answer makes the plugin
+    leave fail-closed rules, which the manager adopts when it sets the pod up."""
+
+    async def on_add(event: CniAdd) -> CniReply:
+        outcome, detail = await manager.capture_new_pod(
+            namespace=event.pod_namespace,
+            name=event.pod_name,
+            ips=event.ips,
+            within=config.cni_add_timeout,
+        )
+        return CniReply(200 if outcome in ("captured", "not-enrolled") else 503, outcome, detail)
+
+    async def on_del(event: CniDel) -> CniReply:
+        manager.request_scan()  # its namespace is about to go: notice it promptly
+        return CniReply(200, "deleted", f"pod {event.pod_namespace}/{event.pod_name}")
+
+    return CniEventServer(config.cni_socket, on_add, on_del, observe=metrics.observe_cni_add)
 
 
 def _kube_client(config: Config, environ: Mapping[str, str]) -> KubeApi | None:
