@@ -331,7 +331,11 @@ async def build(
     readiness = _readiness(xds_client, node_manager, certificates)
     stop = asyncio.Event()  # set by `AgentHandles.stop()` and by the admin's quitquitquit
     servers: AdminServers | None = None
-    cni = _cni_server(config, node_manager, metrics) if admin and config.cni_socket else None
+    cni = (
+        _cni_server(config, node_manager, metrics)
+        if admin and config.effective_cni_socket
+        else None
+    )
     if admin:
 
         async def drain_then_exit() -> None:
@@ -424,7 +428,9 @@ def _cni_server(config: Config, manager: NodeManager, metrics: AgentMetrics) -> 
         manager.request_scan()  # its namespace is about to go: notice it promptly
         return CniReply(200, "deleted", f"pod {event.pod_namespace}/{event.pod_name}")
 
-    return CniEventServer(config.cni_socket, on_add, on_del, observe=metrics.observe_cni_add)
+    return CniEventServer(
+        config.effective_cni_socket, on_add, on_del, observe=metrics.observe_cni_add
+    )
 
 
 def _kube_client(config: Config, environ: Mapping[str, str]) -> KubeApi | None:

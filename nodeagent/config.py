@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Literal, get_args
 
 from nodeagent.model import constants
@@ -181,9 +182,11 @@ class Config:
     kube_root_ca: str = IN_CLUSTER_CA
     """PEM file with the CA that signs the API server's certificate (env KUBE_ROOT_CA)."""
 
-    cni_socket: str = "/var/run/nodeagent/cni.sock"
+    cni_socket: str = ""
     """Unix socket where the chained CNI plugin (`nodeagent-cni`) reports new pods
-    (env CNI_SOCKET); empty turns it off. The plugin's config names the same path."""
+    (env CNI_SOCKET); empty means `cni.sock` in `state_dir`
+    (/var/run/nodeagent/cni.sock), `off` turns it off. The plugin's config names the
+    same path."""
 
     cni_add_timeout: float = 8.0
     """How long a CNI ADD may wait for the new pod to be captured (env
@@ -196,6 +199,12 @@ class Config:
 
     extra: Mapping[str, str] = field(default_factory=dict)
     """Proxy metadata passed through to the control plane in the xDS node metadata."""
+
+    @property
+    def effective_cni_socket(self) -> str:
+        if self.cni_socket == "off":
+            return ""
+        return self.cni_socket or str(PurePath(self.state_dir) / "cni.sock")
 
     @property
     def effective_ca_address(self) -> str:
