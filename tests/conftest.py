@@ -11,21 +11,20 @@
   `nodeagent sandbox down` runs at teardown whatever the test did),
   `sandbox_names` (a factory of such names), `nodeagent_cli` (the real CLI as a
   subprocess) and the module-scoped `sandbox_2x2` (its `status -o json` dict).
-* `kube_api_server`, for every tier: a factory of `FakeKubeApiServer`, a real HTTPS
-  server on loopback (a self-signed certificate for 127.0.0.1) that implements just
-  the API server endpoints the agent calls (GET/PATCH a pod, GET a DaemonSet), checks
-  the bearer token, and records every request. Start it inside the async test:
+* `kube_api_server`, for every tier: a factory of `FakeKubeApiServer`, the
+  in-memory API server of `nodeagent.sandbox.kubeapi` over HTTPS on loopback (a
+  self-signed certificate for 127.0.0.1) with a token file: pods, namespaces and
+  DaemonSets; GET, LIST, WATCH, PATCH, POST, DELETE; it checks the bearer token
+  and records every request. Start it inside the async test:
   `async with kube_api_server() as api: ...`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import os
-import ssl
 import subprocess
 import sys
 import uuid
@@ -38,6 +37,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from nodeagent.config import Config
+from nodeagent.sandbox.kubeapi import HANG, KubeApiServer
 from tests.builders import self_signed
 
 TIERS = ("unit", "netns", "e2e", "kind", "bench")
@@ -194,214 +194,56 @@ def sandbox_2x2() -> Iterator[dict[str, Any]]:
         _down(name)
 
 
-# -- a Kubernetes API server fake (the agent's few calls) ---------------------------
+# -- a Kubernetes API server fake (nodeagent.sandbox.kubeapi, over TLS) -----------
 
 TOKEN = "test-sa-token"
-HANG = -1  # an override status that never answers (the client must time out)
-
-
-@dataclass(frozen=True)
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any  # decoded JSON, or None
-
-
-def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    """RFC 7386, in place."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict):
-            child = target.get(key)
-            if not isinstance(child, dict):
-                child = target[key] = {}
-            merge_patch(child, value)
-        else:
-            target[key] = value
-
-
-def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "kind": "Status",
-        "status": "Failure",
-        "code": code,
-        "reason": reason,
-        "message": message,
-    }
 
 
 @dataclass(eq=False)
 class FakeKubeApiServer:
-    HANG = HANG  # for tests, which cannot import this module
+    """`KubeApiServer` with the test's self-signed certificate and token file."""
+
+    HANG = HANG  # for tests, which take the server from a fixture
 
     directory: Path
-    pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    daemonsets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    requests: list[Recorded] = field(default_factory=list)
-    # (METHOD, path) -> statuses to answer with before behaving normally again.
-    overrides: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-    token: str = TOKEN
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _handlers: set[asyncio.Task[Any]] = field(default_factory=set)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _version: int = 100
+    server: KubeApiServer = field(init=False)
 
     def __post_init__(self) -> None:
         self.cert_path, self.key_path = self_signed(self.directory)
         self.token_path = self.directory / "token"
-        self.token_path.write_text(self.token + "\n")
+        self.token_path.write_text(TOKEN + "\n")
+        self.server = KubeApiServer(token=TOKEN, cert_path=self.cert_path, key_path=self.key_path)
 
-    # -- set-up --------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # add_pod, add_namespace, set_labels, delete_pod, annotations_of, answer,
+        # calls, wait_until, compact, drop_watches, pods, requests, port, url, ...
+        if name == "server":
+            raise AttributeError(name)
+        return getattr(self.server, name)
 
     @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+    def token(self) -> str:
+        return self.server.token
+
+    @token.setter
+    def token(self, value: str) -> None:
+        self.server.token = value
 
     def config(self, **changes: Any) -> Config:
         """An agent Config pointing at this server."""
         settings: dict[str, Any] = {
-            "kube_api_address": self.url,
+            "kube_api_address": self.server.url,
             "kube_token_path": str(self.token_path),
             "kube_root_ca": str(self.cert_path),
         }
         return Config(**{**settings, **changes})
 
-    def add_pod(
-        self, namespace: str, name: str, *, node: str, annotations: dict[str, str] | None = None
-    ) -> None:
-        self.pods[(namespace, name)] = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "resourceVersion": self._next_version(),
-                "annotations": dict(annotations or {}),
-            },
-            "spec": {"nodeName": node},
-        }
-
-    def annotations_of(self, namespace: str, name: str) -> dict[str, str]:
-        return dict(self.pods[(namespace, name)]["metadata"].get("annotations") or {})
-
-    def add_daemonset(self, namespace: str, name: str, *, deleting: bool = False) -> None:
-        meta: dict[str, Any] = {"name": name, "namespace": namespace}
-        if deleting:
-            meta["deletionTimestamp"] = "2025-01-01T00:00:00Z"
-        self.daemonsets[(namespace, name)] = {"kind": "DaemonSet", "metadata": meta}
-
-    def answer(self, method: str, path: str, *statuses: int) -> None:
-        """Answer the next requests to METHOD path with these statuses (HANG: never)."""
-        self.overrides.setdefault((method, path), []).extend(statuses)
-
-    def calls(self, method: str | None = None) -> list[Recorded]:
-        return [r for r in self.requests if method is None or r.method == method]
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Until `predicate()` holds, re-checked after every request."""
-        while not predicate():
-            self._changed.clear()
-            await self._changed.wait()
-
     async def __aenter__(self) -> FakeKubeApiServer:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.cert_path, self.key_path)
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=context)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self.server.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-    # -- serving -------------------------------------------------------------------
-
-    def _next_version(self) -> str:
-        self._version += 1
-        return str(self._version)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-                await self._one(reader, writer)
-        finally:
-            self._handlers.discard(task)
-            writer.transport.abort()
-
-    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        method, path, _ = head[0].split(" ", 2)
-        headers = {}
-        for line in head[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        raw = await reader.readexactly(int(headers.get("content-length", "0")))
-        body = json.loads(raw) if raw else None
-        self.requests.append(Recorded(method, path, headers, body))
-        self._changed.set()
-        queued = self.overrides.get((method, path))
-        if queued:
-            code = queued.pop(0)
-            if code == HANG:
-                await asyncio.Event().wait()  # until the test ends and cancels us
-            status, reply = code, status_body(code, "Forced", f"forced {code} for {path}")
-        else:
-            status, reply = self._route(method, path, headers, body)
-        payload = json.dumps(reply).encode()
-        # Pod reads come chunked, as the real API server sends larger objects.
-        chunked = method == "GET" and "/pods/" in path
-        lines = [f"HTTP/1.1 {status} X", "Content-Type: application/json", "Connection: close"]
-        if chunked:
-            half = len(payload) // 2
-            framed = b"".join(
-                b"%x\r\n%s\r\n" % (len(part), part) for part in (payload[:half], payload[half:])
-            )
-            data = framed + b"0\r\n\r\n"
-            lines.append("Transfer-Encoding: chunked")
-        else:
-            data = payload
-            lines.append(f"Content-Length: {len(payload)}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
-        await writer.drain()
-
-    def _route(
-        self, method: str, path: str, headers: dict[str, str], body: Any
-    ) -> tuple[int, dict[str, Any]]:
-        if headers.get("authorization") != f"Bearer {self.token}":
-            return 401, status_body(401, "Unauthorized", "Unauthorized")
-        parts = path.strip("/").split("/")
-        if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 6 and parts[4] == "pods":
-            key, kind, store = (parts[3], parts[5]), "pods", self.pods
-        elif parts[:4] == ["apis", "apps", "v1", "namespaces"] and len(parts) == 7:
-            key, kind, store = (parts[4], parts[6]), "daemonsets", self.daemonsets
-        else:
-            return 404, status_body(404, "NotFound", f"no route {path}")
-        obj = store.get(key)
-        if obj is None:
-            return 404, status_body(404, "NotFound", f'{kind} "{key[1]}" not found')
-        if method == "GET":
-            return 200, obj
-        if method == "PATCH" and kind == "pods":
-            if headers.get("content-type") != "application/merge-patch+json":
-                return 415, status_body(415, "UnsupportedMediaType", "bad content type")
-            wanted = (body.get("metadata") or {}).get("resourceVersion")
-            if wanted and wanted != obj["metadata"]["resourceVersion"]:
-                return 409, status_body(409, "Conflict", "the object has been modified")
-            merge_patch(obj, body)
-            obj["metadata"]["resourceVersion"] = self._next_version()
-            return 200, obj
-        return 405, status_body(405, "MethodNotAllowed", method)
+        await self.server.close()
 
 
 @pytest.fixture
