@@ -278,9 +278,12 @@ class KubeWatcher:
                     continue
             started = self._clock()
             end, version, delivered = await self._watch(resource, version)
-            # Only a watch that lasted or carried events resets the backoff.
+            # Only a watch that lasted or carried events resets the backoff; a lost
+            # one always waits a little, as the server may be restarting.
             healthy = delivered or self._clock() - started >= MIN_HEALTHY_WATCH
             failures = 0 if healthy else failures + 1
+            if end is _WatchEnd.LOST:
+                failures = max(failures, 1)
             if end is _WatchEnd.GONE:
                 log.info(
                     "%s watch: version %s is gone (410); listing again", resource.name, version

@@ -398,7 +398,11 @@ async def test_failures_back_off_and_a_failing_on_change_does_not_stop_the_watch
             **QUIET_NAMESPACES,
         },
         watches={
-            "/api/v1/pods": [[KubeError("connection reset")], [event("ADDED", pod("b", "11"))]]
+            "/api/v1/pods": [
+                [KubeError("connection reset")],
+                [event("ADDED", pod("b", "11")), KubeError("reset again")],
+                [event("ADDED", pod("c", "12"))],
+            ]
         },
     )
     delays: list[float] = []
@@ -414,13 +418,16 @@ async def test_failures_back_off_and_a_failing_on_change_does_not_stop_the_watch
     task = asyncio.create_task(watcher.run())
     try:
         async with asyncio.timeout(WAIT):
-            while "demo/b" not in keys(cache):
+            while "demo/c" not in keys(cache):
                 await api.until_calls(len(api.calls) + 1)
+        await api.until_calls(7)  # 2 lists, 1 namespaces watch, 4 pods watches
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    # Failures count up until a watch holds: the refused list, then the lost watch.
-    assert delays[:2] == [default_backoff(1), default_backoff(2)]
+    # Failures count up until a watch holds (the refused list, then the lost watch);
+    # a watch that carried events and is then lost waits the first step again; one
+    # that the server ends after events is followed at once.
+    assert delays == [default_backoff(1), default_backoff(2), default_backoff(1)]
     assert "pods list failed: 403 Forbidden: no" in caplog.text
     assert "pods watch lost at version 10: connection reset" in caplog.text
     assert "on_change failed" in caplog.text
