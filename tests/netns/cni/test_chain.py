@@ -29,6 +29,7 @@ from tests.netns.topology import in_ns
 
 PLUGIN = Path(sys.executable).parent / "nodeagent-cni"
 CONTAINER = "c0ffee42"
+EBPF_PORT = 25001  # stands in for the agent's 15001, so a real agent on this host is untouched
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,12 @@ def connect_errno(worker: NetnsWorker, netns: str, host: str, port: int) -> int:
     return worker.call(resolve(netns), attempt)
 
 
-def listener(worker: NetnsWorker, netns: str, host: str) -> socket.socket:
+def listener(worker: NetnsWorker, netns: str, host: str, port: int = 0) -> socket.socket:
     """A TCP listener inside `netns` (a socket keeps the namespace it was made in)."""
 
     def make() -> socket.socket:
         s = socket.socket()
-        s.bind((host, 0))
+        s.bind((host, port))
         s.listen(8)
         s.setblocking(False)
         return s
@@ -136,7 +137,7 @@ def listener(worker: NetnsWorker, netns: str, host: str) -> socket.socket:
 def accepted_any(lst: socket.socket) -> bool:
     try:
         conn, _ = lst.accept()
-    except BlockingIOError:
+    except (BlockingIOError, TimeoutError):
         return False
     conn.close()
     return True
@@ -269,3 +270,35 @@ def test_the_agent_adopts_the_hold(node: Node, ebpf: bool) -> None:
     else:
         assert after == before  # adopted unchanged
     runtime.delete(CONTAINER, pod, None)
+
+
+def test_the_ebpf_backend_takes_over_a_held_pod(node: Node) -> None:
+    """The real eBPF backend on a pod the plugin held: its apply rewrites the hold's chains
+    to its own plan (no IPv4 outbound REDIRECT left behind to a 15001 it does not need),
+    and the pod's connects then go where the connect-time redirect sends them."""
+    from nodeagent.datapath.ebpf import ConnectRedirect, EbpfCapture
+
+    runtime, pod = node.runtime, node.ns.pod_path
+    result = runtime.add(CONTAINER, pod)
+    gateway = result["ips"][0]["gateway"]
+    headers = Path(__file__).resolve().parents[3] / ".cache" / "kheaders"
+    with NetnsWorker("cni-test") as worker:
+        redirect = ConnectRedirect(kernel_headers=headers, outbound_port=EBPF_PORT, worker=worker)
+        try:
+            capture = EbpfCapture(IptablesBackend(worker), redirect, worker)
+            assert capture.apply(resolve(pod), build_plan(ipv6=True, ebpf_outbound_ipv4=True))
+            v4 = in_ns(node.ns.pod, "iptables-legacy-save")
+            assert "--to-ports 15001" not in v4
+            assert "--to-ports 15006" in v4  # inbound stays with iptables
+            assert "--to-ports 15001" in in_ns(node.ns.pod, "ip6tables-legacy-save")
+            proxy = listener(worker, node.ns.pod, "127.0.0.1", EBPF_PORT)
+            app = listener(worker, node.ns.node, gateway)
+            with proxy, app:
+                assert connect_errno(worker, node.ns.pod, gateway, app.getsockname()[1]) == 0
+                proxy.settimeout(3)
+                assert accepted_any(proxy)  # the connect-time redirect took it
+                assert not accepted_any(app)
+            capture.remove(resolve(pod))
+        finally:
+            redirect.close()
+    runtime.delete(CONTAINER, pod, result)
