@@ -32,6 +32,7 @@ from nodeagent.cni.protocol import (
     ERR_NOT_CAPTURED,
     ERR_TRY_AGAIN_LATER,
     IMPLEMENTED_VERSION,
+    MAX_REPLY_BYTES,
     AgentReply,
     CniEnv,
     CniError,
@@ -76,7 +77,7 @@ def call_agent(socket_path: str, path: str, body: Mapping[str, Any], timeout: fl
             if not chunk:
                 break
             data += chunk
-            if len(data) > 65536:
+            if len(data) > MAX_REPLY_BYTES:
                 raise AgentUnavailable("reply too large")
         return parse_agent_reply(data)
     except (OSError, ValueError) as exc:
