@@ -117,13 +117,23 @@ def _in_netns(netns: str, argv: list[str], stdin: str = "") -> str:
     return done.stdout
 
 
+def _ipv6_enabled(netns: str) -> bool:
+    # /proc/sys/net is the reading process's namespace's: cat runs inside the pod's.
+    try:
+        return _in_netns(netns, ["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"]).strip() == "0"
+    except CniError:
+        return False  # no IPv6 in this kernel
+
+
 def hold_pod(netns: str, ips: tuple[str, ...]) -> str:
-    """Install the capture rules in the pod's namespace unless it is held already (IPv6
-    too when the pod has an IPv6 address); returns what was done, for the log."""
-    from nodeagent.cni.hold import RESTORE, SAVE, hold_text  # the plan module: 10 ms
+    """Install the capture rules in the pod's namespace unless it is held already; returns
+    what was done, for the log. IPv6 too when the pod has an IPv6 address or IPv6 is
+    enabled in its namespace at all, as the agent decides (capture.plan_from_namespace)."""
+    from nodeagent.cni.hold import RESTORE, SAVE, hold_text  # the plan module: 10-25 ms
 
     done = []
-    families: tuple[int, ...] = (4, 6) if any(":" in ip for ip in ips) else (4,)
+    ipv6 = any(":" in ip for ip in ips) or _ipv6_enabled(netns)
+    families: tuple[int, ...] = (4, 6) if ipv6 else (4,)
     for family in families:
         text = hold_text(4 if family == 4 else 6, _in_netns(netns, [SAVE[family]]))
         if text is None:

@@ -256,3 +256,30 @@ async def test_malformed_requests_get_an_error_naming_the_problem(
     assert got == status
     assert words in reply["message"]
     assert agent.adds == agent.dels == []
+
+
+@pytest.mark.parametrize(
+    ("ips", "disable_ipv6", "families"),
+    [
+        (("10.22.0.5",), "0\n", ["iptables", "ip6tables"]),
+        (("10.22.0.5",), "1\n", ["iptables"]),
+        (("10.22.0.5", "fd00::5"), "1\n", ["iptables", "ip6tables"]),
+    ],
+)
+def test_hold_covers_ipv6_whenever_the_pod_namespace_has_it(
+    monkeypatch: pytest.MonkeyPatch, ips: tuple[str, ...], disable_ipv6: str, families: list[str]
+) -> None:
+    restored: list[str] = []
+
+    def in_netns(netns: str, argv: list[str], stdin: str = "") -> str:
+        if argv[0] == "cat":
+            return disable_ipv6
+        if "restore" in argv[0]:
+            restored.append(argv[0].split("-")[0])
+            assert "ISTIO_OUTPUT" in stdin
+        return ""  # an empty namespace
+
+    monkeypatch.setattr(plugin, "_in_netns", in_netns)
+    done = plugin.hold_pod("/var/run/netns/p1", ips)
+    assert restored == families
+    assert done.startswith("IPv4 held")
