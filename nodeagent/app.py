@@ -81,6 +81,7 @@ from nodeagent.identity.manager import CertificateManager, CertState
 from nodeagent.kube.api import KubeApi
 from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.kube.shutdown import ShutdownMode
+from nodeagent.kube.watch import KubeMetaCache, KubeWatcher
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.node.annotations import PodAnnotationManager
@@ -135,6 +136,7 @@ class AgentHandles:
     kube: KubeApi | None = None
     annotations: PodAnnotationManager | None = None
     cni: CniEventServer | None = None
+    kube_watch: KubeWatcher | None = None
     _closers: list[Any] = field(default_factory=list)
     _ebpf: EbpfCapture | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -157,6 +159,8 @@ class AgentHandles:
             self.xds.start()
         if self.certificates is not None:
             self._tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
+        if self.kube_watch is not None:
+            self._tasks.append(asyncio.create_task(self.kube_watch.run(), name="kube-watch"))
         self.node_manager.start()
         if self.xds is not None:
             self._tasks.append(asyncio.create_task(self._sweep_stale(), name="stale-capture"))
@@ -266,6 +270,8 @@ async def build(
     annotations = (
         PodAnnotationManager(kube, node_name=config.node_name) if kube is not None else None
     )
+    # Enrollment needs the pods' and namespaces' labels, so a real API server is watched.
+    directory = KubeMetaCache() if isinstance(kube, KubeClient) else None
     store = store or StateStore()
     updater = StateUpdater(store)
     xds_client = XdsClient(config, updater) if xds else None
@@ -324,7 +330,14 @@ async def build(
         annotations=annotations,
         netns_alive=netns_alive or namespace_exists,
         probes=probes,
+        directory=directory,
     )
+    kube_watch = None
+    if directory is not None:
+        assert isinstance(kube, KubeClient)
+        kube_watch = KubeWatcher(
+            kube, config.node_name, directory, on_change=node_manager.enrollment_changed
+        )
     _refresh_metrics(metrics, xds_client, certificates, node_manager)
     metrics.add_refresh(telemetry.flush)
     metrics.add_refresh(lambda: metrics.sync_traffic_clusters(routing.cluster_stats()))
@@ -361,6 +374,7 @@ async def build(
         kube=kube,
         annotations=annotations,
         cni=cni,
+        kube_watch=kube_watch,
         _closers=closers,
         _ebpf=ebpf,
         _stop=stop,
@@ -437,9 +451,10 @@ def _kube_client(config: Config, environ: Mapping[str, str]) -> KubeApi | None:
     endpoint = resolve_endpoint(config, environ)
     log.info(
         "kubernetes API: %s",
-        f"{endpoint.url} (pod annotations; upgrade or uninstall at shutdown)"
+        f"{endpoint.url} (enrollment by labels; pod annotations; upgrade or uninstall at shutdown)"
         if endpoint is not None
-        else "not used (pods are not annotated; shutdown keeps the rules)",
+        else "not used (every workload placed here is captured; pods are not annotated;"
+        " shutdown keeps the rules)",
     )
     return KubeClient(endpoint) if endpoint is not None else None
 

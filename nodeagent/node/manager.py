@@ -149,7 +149,9 @@ class PodDirectory(Protocol):
     @property
     def synced(self) -> bool: ...
 
-    def pod(self, namespace: str, name: str) -> PodMeta | None: ...
+    def pod(self, key: str) -> PodMeta | None:
+        """By `namespace/name`."""
+        ...
 
     def pod_by_ip(self, ip: str) -> PodMeta | None: ...
 
@@ -481,8 +483,10 @@ class NodeManager:
 
     @property
     def ready(self) -> bool:
-        """Synced once, and no pod whose namespace is known is still being set up."""
-        return self.synced and not any(
+        """Synced once (and the pod directory, if any), and no pod whose namespace is
+        known is still being set up."""
+        listed = self._directory is None or self._directory.synced
+        return self.synced and listed and not any(
             rec.state is PodState.CAPTURING for rec in self.lifecycle.pods.values()
         )
 
@@ -687,13 +691,13 @@ class NodeManager:
         return [w for w in self._store.workloads_on_node(self.node_name) if not w.native_tunnel]
 
     def enrollment_of(self, workload: Workload) -> Enrollment | None:
-        """Whether Istio ambient captures the workload's pod; None while it cannot be
-        told (no Kubernetes API, not synced yet, or no such pod): then it is captured,
-        never released on a guess."""
+        """Whether Istio ambient captures the workload's pod; None when it cannot be
+        told (no Kubernetes API, or no such pod): then it is captured, never released on
+        a guess. (Before the directory has synced nothing is placed at all.)"""
         directory = self._directory
         if directory is None or not directory.synced:
             return None
-        pod = directory.pod(workload.namespace, workload.name)
+        pod = directory.pod(f"{workload.namespace}/{workload.name}")
         if pod is None:
             pod = next((p for a in workload.addresses if (p := directory.pod_by_ip(str(a)))), None)
         if pod is None:
@@ -710,7 +714,7 @@ class NodeManager:
         ips = [str(ip) for ip in ips]
         directory = self._directory
         if directory is not None and directory.synced:
-            pod = directory.pod(namespace, name)
+            pod = directory.pod(f"{namespace}/{name}")
             if pod is not None:
                 verdict = enrollment(pod, directory.namespace(namespace))
                 if not verdict.enrolled:
@@ -764,6 +768,11 @@ class NodeManager:
         self._wake.set()
 
     def _sync_placement(self) -> None:
+        if self._directory is not None and not self._directory.synced:
+            # Until the pods and namespaces are listed nothing is placed: istiod sends a
+            # record for every pod, and capturing one that is outside the mesh even for
+            # a moment would break it (and advertise it as HBONE).
+            return
         now = self._clock()
         local: dict[str, Workload] = {}
         outside: dict[str, tuple[Workload, Enrollment]] = {}

@@ -25,6 +25,7 @@ from nodeagent.model.constants import (
     OUTBOUND_PORT,
     REDIRECTION_ANNOTATION,
 )
+from nodeagent.model.enrollment import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
 from nodeagent.model.workload import TunnelProtocol
 from nodeagent.node.lifecycle import Backoff, PodState
 from nodeagent.proxy.inbound import HboneUnavailable, InboundPlaintextHandler
@@ -34,6 +35,8 @@ from nodeagent.state.store import StateBatch, StateStore
 from .conftest import NODE, DemoApp, Topology, call, in_ns, listening_ports, sh
 
 WAIT = 15.0
+
+AMBIENT = {DATAPLANE_MODE_LABEL: DATAPLANE_MODE_AMBIENT}  # the namespace is enrolled
 
 
 def relayed(handles: app.AgentHandles) -> dict[int, int]:
@@ -402,6 +405,7 @@ async def test_sigterm_upgrade_keeps_every_rule_and_uninstall_leaves_none_in_any
     (an uninstall) no chain, policy rule, route or annotation is left in any pod."""
     pods = (topology.a, topology.b)
     async with kube_api_server() as api:
+        api.add_namespace("default", AMBIENT)
         for pod in pods:
             api.add_pod("default", pod.name, node=NODE)
         if daemonset == "present":

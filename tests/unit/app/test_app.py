@@ -20,6 +20,7 @@ from nodeagent.datapath.discovery import MatchResult, match_workloads
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.datapath.plan import CapturePlan
 from nodeagent.kube.client import KubeClient, resolve_endpoint
+from nodeagent.model.enrollment import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
 from nodeagent.model.workload import Workload
 from nodeagent.node.lifecycle import PodState
 from nodeagent.proxy.inbound import HboneUnavailable, InboundHboneHandler, InboundPlaintextHandler
@@ -27,6 +28,8 @@ from nodeagent.proxy.outbound import OutboundHandler
 from nodeagent.state.store import StateBatch
 
 CONFIG = Config(node_name="node1", xds_address="http://127.0.0.1:1")
+
+AMBIENT = {DATAPLANE_MODE_LABEL: DATAPLANE_MODE_AMBIENT}  # the namespace is enrolled
 
 
 class OneNamespaceScanner:
@@ -235,6 +238,7 @@ async def test_sigterm_keeps_or_removes_rules_and_annotations_by_the_daemonset(
     kube_api_server: Any, daemonset: str, uninstall: bool
 ) -> None:
     async with kube_api_server() as api:
+        api.add_namespace("default", AMBIENT)
         api.add_pod("default", "web", node="node1")
         if daemonset in ("present", "deleting"):
             api.add_daemonset("istio-system", "nodeagent", deleting=daemonset == "deleting")
@@ -256,6 +260,7 @@ async def test_sigterm_keeps_or_removes_rules_and_annotations_by_the_daemonset(
 
 async def test_unreachable_api_server_at_sigterm_keeps_the_rules(kube_api_server: Any) -> None:
     async with kube_api_server() as api:
+        api.add_namespace("default", AMBIENT)
         api.add_pod("default", "web", node="node1")
         endpoint = resolve_endpoint(api.config(), {})
         assert endpoint is not None
@@ -270,6 +275,7 @@ async def test_unreachable_api_server_at_sigterm_keeps_the_rules(kube_api_server
 
 async def test_forced_cleanup_uninstalls_without_asking(kube_api_server: Any) -> None:
     async with kube_api_server() as api:
+        api.add_namespace("default", AMBIENT)
         api.add_pod("default", "web", node="node1")
         api.add_daemonset("istio-system", "nodeagent")
         agent, capture, runner = await run_until_annotated(api, cleanup=True)
