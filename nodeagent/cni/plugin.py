@@ -139,7 +139,8 @@ def hold_pod(netns: str, ips: tuple[str, ...]) -> str:
         if text is None:
             done.append(f"IPv{family} already held")
             continue
-        _in_netns(netns, [RESTORE[family], "--noflush"], text)
+        # --wait: the xtables lock is host-wide; kube-proxy or a CNI may hold it a moment.
+        _in_netns(netns, [RESTORE[family], "--noflush", "--wait=5"], text)
         done.append(f"IPv{family} held")
     return ", ".join(done)
 
