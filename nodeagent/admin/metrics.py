@@ -6,6 +6,13 @@ collector rather than prometheus_client Counters: it exposes exactly
 `istio_tcp_*_total` with no extra `_created` series (ztunnel has none), and
 recording is one dict update per call on the hot path.
 
+Beside Istio's traffic metrics, the series ztunnel exports for its own dashboard
+(Istio's "Ztunnel" Grafana dashboard selects `istio_build{component="ztunnel"}`):
+`istio_xds_*` (src/xds/metrics.rs), `workload_manager_*` (src/inpod/metrics.rs, under
+the `workload_manager` prefix app.rs gives it), `istio_tcp_sockets_open`, and
+`process_open_fds` / `process_max_fds` (src/metrics/process.rs; prometheus_client's
+process collector gives those and a few more `process_*`).
+
 Everything lives in the agent's own CollectorRegistry, never the global one,
 so several agents (or tests) in one process do not collide.
 """
@@ -17,7 +24,14 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -55,6 +69,16 @@ TRAFFIC_LABELS: tuple[str, ...] = (
     "response_flags",
     "connection_security_policy",
 )
+# ztunnel's LocalityLabels, flattened after the common ones on its istio_tcp_* series
+# (src/proxy/metrics.rs); "unknown" when a side's workload has no locality. Not on the
+# waypoint's istio_request* series, which follow Envoy's (no locality labels).
+LOCALITY_LABELS: tuple[str, ...] = (
+    "source_region",
+    "source_zone",
+    "destination_region",
+    "destination_zone",
+)
+TCP_TRAFFIC_LABELS: tuple[str, ...] = (*TRAFFIC_LABELS, *LOCALITY_LABELS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,12 +108,21 @@ class ConnectionLabels:
     request_protocol: str = "tcp"
     response_flags: str = "-"
     connection_security_policy: str = UNKNOWN  # "mutual_tls" when HBONE carried it
+    source_region: str = ""
+    source_zone: str = ""
+    destination_region: str = ""
+    destination_zone: str = ""
 
     def values(self) -> tuple[str, ...]:
+        """The values of TRAFFIC_LABELS, in order."""
         return tuple(getattr(self, name) or UNKNOWN for name in TRAFFIC_LABELS)
 
+    def tcp_values(self) -> tuple[str, ...]:
+        """The values of TCP_TRAFFIC_LABELS (the common ones, then locality), in order."""
+        return tuple(getattr(self, name) or UNKNOWN for name in TCP_TRAFFIC_LABELS)
 
-assert tuple(f.name for f in dataclasses.fields(ConnectionLabels)) == TRAFFIC_LABELS
+
+assert tuple(f.name for f in dataclasses.fields(ConnectionLabels)) == TCP_TRAFFIC_LABELS
 
 
 def connection_labels(
@@ -105,17 +138,22 @@ def connection_labels(
 ) -> ConnectionLabels:
     """Istio's labels from what the proxy resolved: workloads, service, peer identities.
 
-    A principal not given (no TLS peer) falls back to the workload's identity on
-    the side the reporter knows from the control plane.
+    As ztunnel (src/proxy/metrics.rs): `source_principal` comes only from mTLS, never
+    from the source workload's record. Not given, it is the source workload's own
+    identity when `mtls` (the source reporter presents it on the HBONE tunnel), else
+    unknown: plaintext proves nothing. `destination_principal` not given is the
+    destination workload's identity, as ztunnel always reports it.
     """
     src, dst = source, destination
+    src_locality = (src.locality if src else None) or wm.Locality()
+    dst_locality = (dst.locality if dst else None) or wm.Locality()
     return ConnectionLabels(
         reporter=reporter,
         source_workload=(src.workload_name or src.name) if src else "",
         source_canonical_service=src.canonical_name if src else "",
         source_canonical_revision=src.canonical_revision if src else "",
         source_workload_namespace=src.namespace if src else "",
-        source_principal=source_principal or (str(src.identity()) if src else ""),
+        source_principal=source_principal or (str(src.identity()) if src and mtls else ""),
         source_app=src.canonical_name if src else "",
         source_version=src.canonical_revision if src else "",
         source_cluster=src.cluster_id if src else "",
@@ -132,6 +170,10 @@ def connection_labels(
         destination_cluster=dst.cluster_id if dst else "",
         response_flags=response_flags,
         connection_security_policy="mutual_tls" if mtls else UNKNOWN,
+        source_region=src_locality.region,
+        source_zone=src_locality.zone,
+        destination_region=dst_locality.region,
+        destination_zone=dst_locality.zone,
     )
 
 
@@ -156,11 +198,11 @@ class TrafficMetrics(Collector):
         series[key] = series.get(key, 0) + amount
 
     def record_open(self, labels: ConnectionLabels) -> None:
-        self._add("istio_tcp_connections_opened", labels.values(), 1)
+        self._add("istio_tcp_connections_opened", labels.tcp_values(), 1)
 
     def record_bytes(self, labels: ConnectionLabels, *, sent: int, received: int) -> None:
         """Count bytes as they flow (long connections show up before they close)."""
-        key = labels.values()
+        key = labels.tcp_values()
         if sent:
             self._add("istio_tcp_sent_bytes", key, sent)
         if received:
@@ -168,20 +210,20 @@ class TrafficMetrics(Collector):
 
     def record_close(self, labels: ConnectionLabels, *, sent: int = 0, received: int = 0) -> None:
         """Close a connection, counting any bytes not yet passed to record_bytes."""
-        key = labels.values()
+        key = labels.tcp_values()
         self.record_bytes(labels, sent=sent, received=received)
         self._add("istio_tcp_connections_closed", key, 1)
 
     def record_failed(self, labels: ConnectionLabels) -> None:
-        self._add("istio_tcp_connections_failed", labels.values(), 1)
+        self._add("istio_tcp_connections_failed", labels.tcp_values(), 1)
 
     def value(self, name: str, labels: ConnectionLabels) -> float:
         """Current value of `name` (without `_total`) for these labels; 0 if never set."""
-        return self._values[name].get(labels.values(), 0)
+        return self._values[name].get(labels.tcp_values(), 0)
 
     def collect(self) -> Iterator[Metric]:
         for name, help_text in _TRAFFIC_COUNTERS.items():
-            family = CounterMetricFamily(name, help_text, labels=TRAFFIC_LABELS)
+            family = CounterMetricFamily(name, help_text, labels=TCP_TRAFFIC_LABELS)
             for key, amount in self._values[name].items():
                 family.add_metric(key, amount)
             yield family
@@ -236,13 +278,57 @@ class ClusterTrafficMetrics(Collector):
         yield open_
 
 
+# The component Istio's tools know the ambient node proxy by: the ztunnel dashboard
+# selects `istio_build{component="ztunnel"}` (src/metrics/meta.rs sets the same).
+BUILD_COMPONENT = "ztunnel"
+
+
 class _BuildInfo(Collector):
+    """`istio_build{component="ztunnel", tag=<our version>}`: ztunnel's `tag` is the Istio
+    release it ships with; ours is the agent's own version, there being no Istio release
+    behind it."""
+
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
             "istio_build", "Istio component build info", labels=("component", "tag")
         )
-        family.add_metric(("nodeagent", nodeagent.__version__), 1)
+        family.add_metric((BUILD_COMPONENT, nodeagent.__version__), 1)
         yield family
+
+
+class WorkloadManagerMetrics(Collector):
+    """ztunnel's in-pod workload manager series (src/inpod/metrics.rs, prefixed
+    `workload_manager_` by app.rs), from the node manager's pod states and counts:
+
+    * `workload_manager_active_proxy_count`: pods whose proxy runs (ready: captured,
+      listeners open);
+    * `workload_manager_pending_proxy_count`: pods waiting for one (pending, capturing,
+      or failed and retried); ztunnel's dashboard expects it to converge to zero;
+    * `workload_manager_proxies_started_total` / `_stopped_total`: proxies set up and
+      torn down (a held pod's listeners closing is a stop, as its proxy is gone)."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.pending = 0
+        self.started = 0
+        self.stopped = 0
+
+    def collect(self) -> Iterator[Metric]:
+        # Help texts as ztunnel's (src/inpod/metrics.rs).
+        active = "The total number current workloads with active proxies (unstable)"
+        pending = "The total number current workloads with pending proxies (unstable)"
+        started = "The total number of proxies that were started (unstable)"
+        stopped = "The total number of proxies that were stopped (unstable)"
+        families = (
+            (GaugeMetricFamily, "active_proxy_count", active, self.active),
+            (GaugeMetricFamily, "pending_proxy_count", pending, self.pending),
+            (CounterMetricFamily, "proxies_started", started, self.started),
+            (CounterMetricFamily, "proxies_stopped", stopped, self.stopped),
+        )
+        for family_type, name, help_text, value in families:
+            family = family_type(f"workload_manager_{name}", help_text)
+            family.add_metric((), value)
+            yield family
 
 
 class LabelledTotals(Collector):
@@ -276,6 +362,11 @@ HBONE_REFUSALS = ("connection_limit", "identity_limit")
 HBONE_CLOSES = ("handshake_timeout", "preface_timeout", "idle_timeout")
 
 XDS_STATES = ("connected", "connecting", "disconnected")
+# Pod states (nodeagent.node.lifecycle) waiting for a proxy: ztunnel's "pending".
+PENDING_POD_STATES = ("pending", "capturing", "failed")
+ACTIVE_POD_STATE = "ready"
+# istio_tcp_sockets_open's reporters: outbound sockets are the source side's.
+SOCKET_REPORTERS = ("source", "destination")
 # Buckets for capture setup: iptables-restore in a namespace takes milliseconds;
 # seconds mean trouble.
 CAPTURE_SETUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -299,12 +390,27 @@ class AgentMetrics:
         self.registry.register(self.traffic)
         self.registry.register(_BuildInfo())
         r = self.registry
+        # process_open_fds / process_max_fds as ztunnel (src/metrics/process.rs), plus
+        # memory, CPU and start time; a process_* series reads /proc at scrape time only.
+        ProcessCollector(registry=r)
         self.xds_connection_state = Gauge(
             "nodeagent_xds_connection_state",
             "xDS stream state: 1 for the current state, 0 for the others",
             ["state"],
             registry=r,
         )
+        # ztunnel's xDS series (src/xds/metrics.rs): responses and resource bytes by `url`.
+        self.xds_messages = LabelledTotals(
+            "istio_xds_message", "Total number of messages received (unstable)", "url", ()
+        )
+        r.register(self.xds_messages)
+        self.xds_message_bytes = LabelledTotals(
+            "istio_xds_message_bytes", "Total number of bytes received (unstable)", "url", ()
+        )
+        r.register(self.xds_message_bytes)
+        # The same count as istio_xds_message_total, kept under our name because
+        # nodeagent_xds_nacks_total is its pair: one label name (`type_url`) makes the
+        # NACK ratio per type a plain division, and existing alerts read it.
         self.xds_pushes = Counter(
             "nodeagent_xds_pushes", "xDS responses received, by type URL", ["type_url"], registry=r
         )
@@ -320,7 +426,19 @@ class AgentMetrics:
             ["identity"],
             registry=r,
         )
+        # Finer than workload_manager_*: every lifecycle state, held and failed apart.
         self.pods = Gauge("nodeagent_pods", "Local pods by capture state", ["state"], registry=r)
+        self.workload_manager = WorkloadManagerMetrics()
+        r.register(self.workload_manager)
+        self.sockets_open = Gauge(
+            "istio_tcp_sockets_open",
+            "Proxied TCP connections open now, by `reporter`: source (outbound, from a "
+            "local app) or destination (inbound, to a local app)",
+            ["reporter"],
+            registry=r,
+        )
+        for reporter in SOCKET_REPORTERS:
+            self.sockets_open.labels(reporter=reporter).set(0)
         self.capture_setup_seconds = Histogram(
             "nodeagent_capture_setup_seconds",
             "Time to install capture and open listeners for one pod",
@@ -402,9 +520,13 @@ class AgentMetrics:
         pushes_by_type: Mapping[str, int],
         nacks_by_type: Mapping[str, int],
         terminations_by_reason: Mapping[str, int] | None = None,
+        bytes_by_type: Mapping[str, int] | None = None,
     ) -> None:
         """Bring the xDS series up to date with the client's cumulative counters."""
         self.set_xds_state("connected" if connected else "disconnected")
+        self.xds_messages.set_totals(pushes_by_type)
+        if bytes_by_type is not None:
+            self.xds_message_bytes.set_totals(bytes_by_type)
         _add_deltas(self.xds_pushes, pushes_by_type, self._xds_seen)
         _add_deltas(self.xds_nacks, nacks_by_type, self._xds_nacks_seen)
         if terminations_by_reason is not None:
@@ -464,6 +586,19 @@ class AgentMetrics:
         """Replace the per-state pod counts (states absent from `counts` drop to 0)."""
         for state in ("pending", "capturing", "ready", "failed", "removing", "held", *counts):
             self.pods.labels(state=state).set(counts.get(state, 0))
+        self.workload_manager.active = counts.get(ACTIVE_POD_STATE, 0)
+        self.workload_manager.pending = sum(counts.get(s, 0) for s in PENDING_POD_STATES)
+
+    def sync_proxy_lifecycle(self, *, started: int, stopped: int) -> None:
+        """Bring workload_manager_proxies_started/stopped_total up to the node manager's
+        setups and teardowns (a counter never goes down)."""
+        wm_ = self.workload_manager
+        wm_.started, wm_.stopped = max(wm_.started, started), max(wm_.stopped, stopped)
+
+    def set_sockets_open(self, by_reporter: Mapping[str, int]) -> None:
+        """Replace istio_tcp_sockets_open (reporters absent from `by_reporter` drop to 0)."""
+        for reporter in SOCKET_REPORTERS:
+            self.sockets_open.labels(reporter=reporter).set(by_reporter.get(reporter, 0))
 
     def observe_capture_setup(self, seconds: float, backend: str = "iptables") -> None:
         self.capture_setup_seconds.labels(backend=backend).observe(seconds)

@@ -10,6 +10,15 @@ from the state store to fill Istio's labels.
 Byte direction follows Istio for both reporters: `received` is what the
 client sent (the request side), `sent` is what went back to it.
 
+Both reporters name the same service for one connection. The source side knows it
+from the VIP the app dialled; the destination side works it out as ztunnel does
+(`guess_inbound_service`, src/proxy.rs): the service the client's proxy named in the
+CONNECT's `forwarded: host=` if the destination workload is behind it, else the
+first of the workload's services with a port that targets the connection's port.
+
+`source_principal` comes only from mTLS, as in ztunnel: the verified peer inbound,
+the local workload's own identity outbound over HBONE, unknown for plaintext.
+
 The proxy's types are read by attribute (the `LiveConnectionView` protocol),
 because the admin package sits beside the proxy, not above it.
 """
@@ -101,6 +110,39 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _targets(ports: tuple[wm.Port, ...], port: int) -> bool:
+    # A target port of 0 is the service port itself (nodeagent.model.workload.Port).
+    return any((p.target_port or p.service_port) == port for p in ports)
+
+
+def guess_inbound_service(
+    store: StateStore, destination: wm.Workload | None, port: int, forwarded_host: str = ""
+) -> wm.Service | None:
+    """The service an inbound connection to `destination`'s `port` reached, as ztunnel
+    guesses it for its metrics (src/proxy.rs `guess_inbound_service`).
+
+    Only the destination's own services are candidates, so a bogus `forwarded` host
+    from a client cannot name an unrelated service. First the one the client's proxy
+    named (`forwarded_host`, a service hostname); else the first, in the order the
+    control plane lists them, with a port targeting `port`, on the service itself or
+    in the workload's ports for it (a named target port resolved per endpoint)."""
+    if destination is None:
+        return None
+    services = [
+        (svc, ports)
+        for key, ports in destination.services.items()
+        if (svc := store.service(key)) is not None
+    ]
+    if forwarded_host:
+        for svc, _ in services:
+            if svc.hostname == forwarded_host:
+                return svc
+    for svc, endpoint_ports in services:
+        if _targets(svc.ports, port) or _targets(endpoint_ports, port):
+            return svc
+    return None
+
+
 class ConnectionTelemetry:
     """Records metrics and access logs for the proxy's connections."""
 
@@ -132,23 +174,32 @@ class ConnectionTelemetry:
     ) -> tuple[wm.Workload | None, wm.Workload | None, wm.Service | None]:
         local = self._store.workload(conn.workload_uid)
         if conn.direction == INBOUND:
-            return self._workload_at(conn.remote), local, None
+            # `forwarded_host`: the service hostname the client's proxy sent in the
+            # CONNECT's `forwarded` header (HBONE only; absent on plaintext).
+            forwarded = getattr(conn, "forwarded_host", "") or ""
+            port = split_hostport(conn.target)[1]
+            service = guess_inbound_service(self._store, local, port, forwarded)
+            return self._workload_at(conn.remote), local, service
         # Outbound: `remote` is what the app dialled, `target` where bytes went.
         service = self._service_at(conn.remote)
         return local, self._workload_at(conn.target) or self._workload_at(conn.remote), service
 
     def labels_for(self, conn: LiveConnectionView, response_flags: str = "-") -> ConnectionLabels:
         source, destination, service = self._ends(conn)
+        mtls = conn.protocol == HBONE
+        # Outbound, `source_identity` is the local pod's even for plaintext: only a
+        # tunnel presents it (ztunnel reports no principal without mTLS).
+        peer = conn.source_identity if mtls else None
         return connection_labels(
             reporter="destination" if conn.direction == INBOUND else "source",
             source=source,
             destination=destination,
             service=service,
-            source_principal=str(conn.source_identity) if conn.source_identity else "",
+            source_principal=str(peer) if peer else "",
             destination_principal=(
                 str(conn.destination_identity) if conn.destination_identity else ""
             ),
-            mtls=conn.protocol == HBONE,
+            mtls=mtls,
             response_flags=response_flags,
         )
 
@@ -159,7 +210,12 @@ class ConnectionTelemetry:
         self._live[id(conn)] = [conn, 0, 0]
 
     def flush(self) -> None:
-        """Count the bytes live connections carried since the last flush (before a scrape)."""
+        """Count the bytes live connections carried since the last flush, and the
+        connections open by reporter (before a scrape)."""
+        inbound = sum(1 for conn, _, _ in self._live.values() if conn.direction == INBOUND)
+        self._metrics.set_sockets_open(
+            {"destination": inbound, "source": len(self._live) - inbound}
+        )
         for entry in list(self._live.values()):
             conn, counted_in, counted_out = entry
             new_in, new_out = conn.bytes_in - counted_in, conn.bytes_out - counted_out
@@ -216,10 +272,13 @@ class ConnectionTelemetry:
         ) or self._store.workload_by_address("", attributes.destination_ip)
         source = self._store.workload_by_address("", attributes.source_ip)
         peer = attributes.source_identity
+        # Decided before any header is read: the service by target port only.
+        service = guess_inbound_service(self._store, destination, attributes.destination_port)
         labels = connection_labels(
             reporter="destination",
             source=source,
             destination=destination,
+            service=service,
             source_principal=str(peer) if peer else "",
             mtls=peer is not None,
             response_flags=DENY_FLAG,
@@ -233,6 +292,7 @@ class ConnectionTelemetry:
                 src_addr=str(attributes.source_ip),
                 dst_addr=f"{attributes.destination_ip}:{attributes.destination_port}",
                 src_workload=labels.source_workload,
+                dst_service=service.hostname if service else "",
                 src_namespace=labels.source_workload_namespace,
                 src_identity=labels.source_principal,
                 dst_workload=labels.destination_workload,

@@ -79,3 +79,18 @@ def parse_authority(authority: str) -> tuple[str, int]:
 def format_authority(host: str, port: int) -> str:
     """`ip:port`, with IPv6 as `[addr]:port` (as ztunnel writes it)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def forwarded_host(value: str) -> str:
+    """The `host=` of a `forwarded` header (RFC 7239), "" when it has none.
+
+    ztunnel's outbound names the service the app dialled there (its hostname), and
+    its inbound reads it back to tell the service in telemetry (`parse_forwarded_host`
+    in src/proxy/inbound.rs). Only the first element counts: it is the one the
+    client's own proxy wrote."""
+    first = value.split(",", 1)[0]
+    for pair in first.split(";"):
+        key, sep, raw = pair.strip().partition("=")
+        if sep and key.strip().lower() == "host":
+            return raw.strip().strip('"')
+    return ""

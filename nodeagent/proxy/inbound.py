@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.aio import TunnelStream
-from nodeagent.hbone.headers import parse_authority
+from nodeagent.hbone.headers import forwarded_host, parse_authority
 from nodeagent.hbone.server import AcceptedStream, HboneServer, ServerSettings
 from nodeagent.model.address import unmap
 from nodeagent.model.constants import ILLEGAL_PORTS
@@ -86,6 +86,16 @@ class TunnelRequest:
     peer_identity: Identity
     target: tuple[str, int]  # the pod's ip and the app port (from the authority)
     attributes: ConnectionAttributes  # what was authorized (re-checked on policy change)
+    # The service hostname the client's proxy named in `forwarded: host=` ("" if none):
+    # telemetry's first guess at the service reached (ztunnel's guess_inbound_service).
+    forwarded_host: str = ""
+
+
+def _forwarded_host_of(stream: TunnelStream) -> str:
+    """The service hostname in the CONNECT's `forwarded` header; "" without one (a caller
+    that is not ztunnel, or a stream that carries no headers)."""
+    headers = getattr(stream, "headers", ())
+    return forwarded_host(next((v for n, v in headers if n == "forwarded"), ""))
 
 
 class InboundHboneHandler:
@@ -167,6 +177,7 @@ class InboundHboneHandler:
             peer_identity=identity,
             target=(str(unmap(ip)), port),
             attributes=attributes,
+            forwarded_host=_forwarded_host_of(stream),
         )
         return self._tunnel(pod, request)
 
@@ -244,11 +255,12 @@ class InboundHboneHandler:
                 return
             self.stats.relayed += 1
             log.debug(
-                "HBONE %s: %s from %s (%s): relaying",
+                "HBONE %s: %s from %s (%s), service %s: relaying",
                 pod.label,
                 stream.authority,
                 request.peer_identity,
                 hostport(*request.peer),
+                request.forwarded_host or "-",
             )
             live.relay = join(tunnel_end, app_end)
             await hold(live.relay)

@@ -94,6 +94,9 @@ class XdsClientStats:
     """Responses applied, by type URL."""
     nacks_by_type: dict[str, int] = field(default_factory=dict)
     """Responses NACKed (some resource refused), by type URL."""
+    bytes_by_type: dict[str, int] = field(default_factory=dict)
+    """Bytes of the resources received (their serialized values), by type URL, as
+    ztunnel's istio_xds_message_bytes_total counts them."""
     terminations: dict[str, int] = field(default_factory=dict)
     """Ended streams by reason, as istio_xds_connection_terminations_total counts
     them: ConnectionError (never got a response), Error, Complete."""
@@ -332,6 +335,10 @@ class XdsClient:
         reply = self.protocol.complete(action, rejected)
         self.stats.pushes += 1
         self.stats.by_type[action.type_url] = self.stats.by_type.get(action.type_url, 0) + 1
+        size = sum(len(r.resource.value) for r in resp.resources)
+        self.stats.bytes_by_type[action.type_url] = (
+            self.stats.bytes_by_type.get(action.type_url, 0) + size
+        )
         if reply.is_nack:
             self.stats.nacks += 1
             nacked = self.stats.nacks_by_type

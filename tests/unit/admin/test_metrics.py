@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.admin.metrics import TRAFFIC_LABELS, AgentMetrics, ConnectionLabels
+from nodeagent.admin.metrics import (
+    TCP_TRAFFIC_LABELS,
+    TRAFFIC_LABELS,
+    AgentMetrics,
+    ConnectionLabels,
+)
 from nodeagent.model.constants import TYPE_URL_ADDRESS, TYPE_URL_AUTHORIZATION
 
 
@@ -33,14 +38,14 @@ def test_traffic_metrics_have_istio_names_and_full_label_set() -> None:
     ):
         [(got, value)] = samples[name]
         assert value >= 1
-        assert set(got) == set(TRAFFIC_LABELS)
+        assert set(got) == set(TCP_TRAFFIC_LABELS)
         assert got["source_principal"] == "spiffe://td/ns/a/sa/b"
         assert got["destination_workload"] == "unknown"
         assert got["request_protocol"] == "tcp"
         assert got["response_flags"] == "-"
     # ztunnel exposes no _created series for its traffic counters; neither do we.
     assert not [n for n in samples if n.startswith("istio_tcp") and n.endswith("_created")]
-    assert samples["istio_build"][0][0]["component"] == "nodeagent"
+    assert samples["istio_build"][0][0]["component"] == "ztunnel"
 
 
 def test_label_sets_are_kept_apart() -> None:
