@@ -436,11 +436,11 @@ def _cni_server(config: Config, manager: NodeManager, metrics: AgentMetrics) -> 
             ips=event.ips,
             within=config.cni_add_timeout,
         )
-        return CniReply(200 if outcome in ("captured", "not-enrolled") else 503, outcome, detail)
+        return CniReply(200 if outcome in ("captured", "not_enrolled") else 503, outcome, detail)
 
     async def on_del(event: CniDel) -> CniReply:
         manager.request_scan()  # its namespace is about to go: notice it promptly
-        return CniReply(200, "deleted", f"pod {event.pod_namespace}/{event.pod_name}")
+        return CniReply(200, "removed", f"pod {event.pod_namespace}/{event.pod_name}")
 
     return CniEventServer(
         config.effective_cni_socket, on_add, on_del, observe=metrics.observe_cni_add

@@ -448,8 +448,8 @@ class AgentMetrics:
         )
         self.cni_adds = Counter(
             "nodeagent_cni_adds",
-            "CNI ADDs from the nodeagent-cni plugin, by `result` (captured, not-enrolled,"
-            " no-record, failed, timeout, error)",
+            "CNI ADDs from the nodeagent-cni plugin, by `result` (captured, not_enrolled,"
+            " no_record, failed, timeout, error)",
             ["result"],
             registry=r,
         )

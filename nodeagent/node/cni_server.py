@@ -243,7 +243,7 @@ class CniEventServer:
             reply = CniReply(500, "error", f"{type(exc).__name__}: {exc}")
             if target != "/cmdadd":
                 return reply
-        self._record(reply.state if reply.status == 200 else "error", started)
+        self._record(reply.state or ("captured" if reply.status == 200 else "error"), started)
         return reply
 
     def _record(self, result: str, started: float) -> None:

@@ -708,8 +708,8 @@ class NodeManager:
         self, *, namespace: str, name: str, ips: Iterable[str], within: float
     ) -> tuple[str, str]:
         """A CNI ADD: capture the pod before its containers start. Returns (outcome,
-        detail): `captured` (rules and listeners in place), `not-enrolled`, or
-        `no-record` / `failed` / `timeout`, on which the plugin installs fail-closed
+        detail): `captured` (rules and listeners in place), `not_enrolled`, or
+        `no_record` / `failed` / `timeout`, on which the plugin installs fail-closed
         rules that this manager adopts once it can set the pod up."""
         ips = [str(ip) for ip in ips]
         directory = self._directory
@@ -718,7 +718,7 @@ class NodeManager:
             if pod is not None:
                 verdict = enrollment(pod, directory.namespace(namespace))
                 if not verdict.enrolled:
-                    return "not-enrolled", verdict.describe()
+                    return "not_enrolled", verdict.describe()
         self.request_scan()
         uid = ""
         try:
@@ -730,14 +730,14 @@ class NodeManager:
                 await self.wait_until(lambda: self._settled(uid))
         except TimeoutError:
             if not uid:
-                return "no-record", f"no workload record for {namespace}/{name} ({', '.join(ips)})"
+                return "no_record", f"no workload record for {namespace}/{name} ({', '.join(ips)})"
             return "timeout", f"pod {namespace}/{name} not captured within {within:g} s"
         rec = self.lifecycle.pods.get(uid)
         if rec is None:  # left the mesh or the node meanwhile
             verdict_now = self._outside.get(uid)
             if verdict_now is not None:
-                return "not-enrolled", verdict_now[1].describe()
-            return "no-record", f"pod {namespace}/{name} is no longer placed on this node"
+                return "not_enrolled", verdict_now[1].describe()
+            return "no_record", f"pod {namespace}/{name} is no longer placed on this node"
         if rec.state is PodState.READY:
             return (
                 "captured",

@@ -774,11 +774,11 @@ async def test_a_cni_add_for_a_pod_outside_the_mesh_or_without_a_record() -> Non
         outcome, detail = await w.manager.capture_new_pod(
             namespace="elsewhere", name="plain", ips=["10.1.0.8"], within=WAIT
         )
-        assert (outcome, detail) == ("not-enrolled", "namespace not labelled")
+        assert (outcome, detail) == ("not_enrolled", "namespace not labelled")
         outcome, detail = await w.manager.capture_new_pod(
             namespace="default", name="ghost", ips=["10.1.0.9"], within=0.05
         )
-        assert outcome == "no-record" and "default/ghost" in detail
+        assert outcome == "no_record" and "default/ghost" in detail
 
 
 @dataclass
