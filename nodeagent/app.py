@@ -618,6 +618,10 @@ def _refresh_metrics(
     node_manager: NodeManager,
 ) -> None:
     """Read the agent's own series from their components at every scrape."""
+    stats = node_manager.stats
+    metrics.add_refresh(
+        lambda: metrics.sync_proxy_lifecycle(started=stats.setups, stopped=stats.teardowns)
+    )
     if xds is not None:
         client = xds
         metrics.add_refresh(
@@ -626,6 +630,7 @@ def _refresh_metrics(
                 pushes_by_type=client.stats.by_type,
                 nacks_by_type=client.stats.nacks_by_type,
                 terminations_by_reason=client.stats.terminations,
+                bytes_by_type=client.stats.bytes_by_type,
             )
         )
     if certificates is not None:

@@ -73,6 +73,7 @@ class LiveConnection:
     task: asyncio.Task[object] | None = None  # ends it before the relay exists
     closed_reason: str = ""
     response_flags: str = ""  # Envoy's flags for what traffic management did (UO, URX, FI, ...)
+    forwarded_host: str = ""  # inbound HBONE: the service host in the CONNECT's Forwarded
 
     @property
     def bytes_in(self) -> int:

@@ -211,6 +211,7 @@ class InboundHboneHandler:
             destination_identity=pod.identity,
             attributes=request.attributes,
             task=asyncio.current_task(),
+            forwarded_host=request.forwarded_host,
         )
         try:
             # The tunnel end takes over the stream now, so bytes sent early are kept.
