@@ -9,9 +9,13 @@ Nothing is created in the root namespace.
 
 Order in `up`: namespaces; node tokens and the mesh file written; demo apps
 and the control plane spawned (their start-up overlaps the next step); links,
-addresses and routes; wait until every app listens and the control plane
-accepts connections. Tests may set NODEAGENT_SANDBOX_CRASH_AT=namespaces|links|apps
-to make `up` die (os._exit, no clean-up) right after that step, simulating a crash.
+addresses and routes; each pod's network from the CNI plugins (cni.py: per node a
+conflist on disk, the chain run per pod as a container runtime does; hand-made
+veths instead when the plugins are not installed); wait until every app listens
+and the control plane accepts connections. `down` runs the chain's DEL for every
+pod (best effort) before it removes the namespaces. Tests may set
+NODEAGENT_SANDBOX_CRASH_AT=namespaces|links|apps to make `up` die (os._exit, no
+clean-up) right after that step, simulating a crash.
 
 The control plane (`nodeagent controlplane`, kind `controlplane`) runs in the
 underlay namespace, so every node (and pod) reaches it at the bridge address
@@ -32,14 +36,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import nodeagent
 from nodeagent.model.constants import METRICS_PORT, READINESS_PORT
+from nodeagent.sandbox import cni, processes
 from nodeagent.sandbox import mesh as mesh_mod
-from nodeagent.sandbox import processes
 from nodeagent.sandbox.demoapp import BEHAVIOUR_PATH, DEFAULT_FAIL_STATUS, MAX_DELAY, parse_share
 from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
 from nodeagent.sandbox.netns import NetnsAdapter, NetnsError, list_netns, netns_inode, netns_path
@@ -50,6 +55,8 @@ from nodeagent.sandbox.plan import (
     WAYPOINT_NAME,
     NamespacePlan,
     PlanError,
+    PodNetwork,
+    PodPlan,
     SandboxPlan,
     build_plan,
     netns_pattern,
@@ -73,6 +80,10 @@ CONTROLPLANE_NAME = "controlplane"
 CONTROLPLANE_READY_TIMEOUT = 20.0
 AGENT_KIND = "agent"
 AGENT_READY_TIMEOUT = 30.0
+# state.extra key of a CNI-wired sandbox: {"path": CNI_PATH dirs, "nodeagent": chained?}
+CNI_KEY = "cni"
+# Pods wired at once; host-local serializes a node's allocations with its own lock.
+CNI_WORKERS = 8
 
 # Validates a whole mesh file's text (source names it in errors); raises
 # ValueError naming file, line and field. The CLI injects the control plane's
@@ -151,10 +162,16 @@ class SandboxManager:
         store: StateStore | None = None,
         adapter: NamespaceOps | None = None,
         python: str = sys.executable,
+        *,
+        plugin_exec: cni.PluginExec | None = None,
+        cni_bin_dir: Path = cni.PLUGIN_DIR,
     ) -> None:
         self.store = store or StateStore(DEFAULT_STATE_ROOT)
         self._adapter = adapter
         self.python = python
+        # How CNI plugins run (the real one: nsenter into the node) and where they live.
+        self.plugin_exec: cni.PluginExec = plugin_exec or cni.NsenterExec(processes.NSENTER)
+        self.cni_bin_dir = cni_bin_dir
 
     @property
     def adapter(self) -> NamespaceOps:
@@ -192,13 +209,7 @@ class SandboxManager:
         if state is None:
             known = ", ".join(self.names()) or "none"
             raise SandboxError(f"unknown sandbox {name!r} (existing: {known})")
-        return state, build_plan(
-            state.name,
-            state.nodes,
-            state.pods_per_node,
-            waypoint=bool(state.extra.get(WAYPOINT_NAME)),
-            shadow=bool(state.extra.get(SHADOW_SUFFIX)),
-        )
+        return state, _plan_of(state)
 
     def admin_socket(self, name: str, node: str) -> str:
         """The admin socket of `node`'s agent, or SandboxError naming what does not exist."""
@@ -332,11 +343,23 @@ class SandboxManager:
         tests of the network alone); `agents=False` skips only the agents.
         `shadow` adds the pod node2-shadow (a v3 backend, see plan.py), to mirror to.
         """
+        missing = cni.missing_plugins(self.cni_bin_dir)
+        pod_network: PodNetwork = "veth" if missing else "cni"
         try:
-            plan = build_plan(name, nodes, pods_per_node, waypoint=waypoint, shadow=shadow)
+            plan = build_plan(
+                name,
+                nodes,
+                pods_per_node,
+                waypoint=waypoint,
+                shadow=shadow,
+                pod_network=pod_network,
+            )
         except PlanError as exc:
             raise SandboxError(str(exc)) from None
         preflight()
+        if missing:
+            print(cni.MISSING_WARNING.format(dir=self.cni_bin_dir), file=sys.stderr)
+        pod_cni = None if missing else self._pod_cni(agents=agents and controlplane)
         in_use = SandboxError(
             f"sandbox {name!r} already exists; remove it with `nodeagent sandbox down {name}`"
         )
@@ -352,19 +375,24 @@ class SandboxManager:
             extra={
                 **({WAYPOINT_NAME: True} if waypoint else {}),
                 **({SHADOW_SUFFIX: True} if shadow else {}),
+                **({CNI_KEY: pod_cni} if pod_cni is not None else {}),
             },
         )
         if not self.store.claim(state):
             raise in_use
         try:
             self._build(
-                plan, controlplane, agents=agents and controlplane, use_waypoint=use_waypoint
+                plan,
+                controlplane,
+                agents=agents and controlplane,
+                use_waypoint=use_waypoint,
+                pod_cni=pod_cni,
             )
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 self.store.update(name, lambda s: dataclasses.replace(s, phase="failed"))
             self.down(name)
-            if isinstance(exc, NetnsError | OSError):
+            if isinstance(exc, NetnsError | OSError | cni.CniError):
                 raise SandboxError(f"sandbox {name}: {exc}") from None
             raise
         self.store.update(name, lambda s: dataclasses.replace(s, phase="ready"))
@@ -377,6 +405,7 @@ class SandboxManager:
         *,
         agents: bool = False,
         use_waypoint: bool = True,
+        pod_cni: dict[str, Any] | None = None,
     ) -> None:
         app_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
         self.adapter.create([ns.name for ns in plan.namespaces])
@@ -396,6 +425,8 @@ class SandboxManager:
         try:
             for ns in plan.namespaces:
                 self.adapter.apply(ns)
+            if pod_cni is not None:
+                self._attach_pods(plan, pod_cni)
             _crash_point("links")
         except BaseException:
             for fd in pending.ready_fds:
@@ -407,6 +438,129 @@ class SandboxManager:
         if agents:
             self.await_agents(plan.name)
         _crash_point("apps")
+
+    # -- pod networking (CNI) ----------------------------------------------
+
+    def _pod_cni(self, *, agents: bool) -> dict[str, Any]:
+        """This `up`'s CNI settings, kept in the state for `down`: CNI_PATH, and whether
+        the chain ends with the agents' `nodeagent-cni` (only when agents run and it is
+        installed next to this Python)."""
+        nodeagent_dir = cni.find_nodeagent_cni(sys.executable) if agents else None
+        path = [str(self.cni_bin_dir), *([str(nodeagent_dir)] if nodeagent_dir else [])]
+        return {"path": path, "nodeagent": nodeagent_dir is not None}
+
+    def _agent_cni_socket(self, name: str, node: str) -> str:
+        """Where `node`'s agent hears from `nodeagent-cni` (its CNI_SOCKET)."""
+        return str(self.store.dir(name) / node / "cni.sock")
+
+    def _cni_files(self, name: str, node: str) -> cni.NodeFiles:
+        return cni.NodeFiles(self.store.dir(name) / "cni" / node)
+
+    def _attachment(self, plan: SandboxPlan, pod: PodPlan) -> cni.Attachment:
+        return cni.Attachment(
+            container_id=f"{plan.name}-{pod.name}",
+            netns=str(netns_path(pod.netns)),
+            pod_namespace=pod.namespace,
+            pod_name=pod.name,
+            ips=(pod.ip,),  # host-local reserves exactly the plan's address
+        )
+
+    def _attach_pods(self, plan: SandboxPlan, pod_cni: dict[str, Any]) -> None:
+        """Write each node's conflist, then run the chain's ADD for every pod (pods in
+        parallel, each pod's plugins in order) inside its node's namespace; the first
+        failure, in pod order, is raised as the plugin's own error."""
+        runtime = cni.CniRuntime(self.plugin_exec, pod_cni["path"])
+        if pod_cni.get("nodeagent"):
+            # On a real node the agent (a DaemonSet) runs before pods start: let the
+            # chained plugin find it, or it holds each pod closed until adopted.
+            self._await_agent_sockets(plan)
+        conflists = {}
+        for node in plan.nodes:
+            files = self._cni_files(plan.name, node.name)
+            chained = (
+                [cni.nodeagent_plugin(self._agent_cni_socket(plan.name, node.name))]
+                if pod_cni.get("nodeagent")
+                else []
+            )
+            conflist = cni.build_conflist(
+                pod_cidr=node.pod_cidr,
+                gateway=node.gateway,
+                ipam_dir=files.ipam_dir,
+                chained=chained,
+            )
+            files.write_conflist(conflist)
+            conflists[node.name] = (files, files.read_conflist() or conflist)
+        nodes = {n.name: n for n in plan.nodes}
+
+        def attach(pod: PodPlan) -> None:
+            files, conflist = conflists[pod.node]
+            conflist = _chain_for(plan, pod, conflist)
+            attachment = self._attachment(plan, pod)
+            result = runtime.add(conflist, attachment, str(netns_path(nodes[pod.node].netns)))
+            files.save_result(attachment, result)
+
+        pods = plan.wired_pods()
+        with ThreadPoolExecutor(max_workers=min(CNI_WORKERS, len(pods))) as pool:
+            futures = [pool.submit(attach, pod) for pod in pods]
+        for future in futures:
+            future.result()
+
+    def _await_agent_sockets(self, plan: SandboxPlan, timeout: float = AGENT_READY_TIMEOUT) -> None:
+        """Wait until every node's agent accepts on its CNI socket; give up quietly at
+        `timeout` (nodeagent-cni then fails closed, and `await_agents` reports why)."""
+        deadline = time.monotonic() + timeout
+        for node in plan.nodes:
+            path = self._agent_cni_socket(plan.name, node.name)
+            while time.monotonic() < deadline:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    try:
+                        sock.connect(path)
+                        break
+                    except OSError:
+                        pass
+                time.sleep(0.02)
+
+    def _detach_pods(self, state: SandboxState | None) -> None:
+        """The chain's DEL for every pod of a CNI-wired sandbox, in reverse plugin order,
+        each plugin given the pod's cached ADD result; best effort: failures are warned
+        about on stderr, and the namespaces are removed next anyway."""
+        pod_cni = state.extra.get(CNI_KEY) if state is not None else None
+        if state is None or not isinstance(pod_cni, dict):
+            return
+        try:
+            plan = _plan_of(state)
+        except PlanError:
+            return
+        runtime = cni.CniRuntime(self.plugin_exec, pod_cni.get("path") or [str(self.cni_bin_dir)])
+        Job = tuple[cni.NodeFiles, dict[str, Any], cni.Attachment, str]
+        jobs: list[Job] = []
+        for node in plan.nodes:
+            files = self._cni_files(plan.name, node.name)
+            # The conflist as written (what the pods were added with); none: no ADD ran.
+            conflist = files.read_conflist()
+            if conflist is None or netns_inode(node.netns) is None:
+                continue
+            host = str(netns_path(node.netns))
+            jobs.extend(
+                (files, _chain_for(plan, pod, conflist), self._attachment(plan, pod), host)
+                for pod in plan.wired_pods()
+                if pod.node == node.name
+            )
+
+        def detach(job: Job) -> list[str]:
+            files, conflist, attachment, host = job
+            errors = runtime.delete(conflist, attachment, host, files.load_result(attachment))
+            if not errors:
+                files.forget_result(attachment)
+            return [str(e) for e in errors]
+
+        if not jobs:
+            return
+        with ThreadPoolExecutor(max_workers=min(CNI_WORKERS, len(jobs))) as pool:
+            outcomes = list(pool.map(detach, jobs))
+        for errors in outcomes:
+            for error in errors:
+                print(f"sandbox: {error}; removing the namespaces anyway", file=sys.stderr)
 
     def _demoapp_specs(self, plan: SandboxPlan, app_env: dict[str, str]) -> list[ProcessSpec]:
         return [
@@ -505,6 +659,8 @@ class SandboxManager:
                 "PROC_ROOT": str(node_dir / "noproc"),
                 "STATE_DIR": str(node_dir),
                 "ADMIN_SOCKET": admin_socket(plan.name, node.name, self.store.root),
+                # The socket the node's conflist names for the chained nodeagent-cni.
+                "CNI_SOCKET": self._agent_cni_socket(plan.name, node.name),
                 "DRAIN_SECONDS": "1",
                 # eBPF backend: no pins. `down` stops the agents without an uninstall,
                 # and pinned programs would outlive the sandbox.
@@ -870,6 +1026,9 @@ class SandboxManager:
         # (a process started just before a crash, or by `exec`).
         strays = processes.pids_in_netns(inodes)
         victims = {p.pid: p for p in recorded + strays}
+        # Like a node tearing down a pod: the network goes while the node's agent
+        # still runs (a chained plugin may tell it), then the namespaces.
+        self._detach_pods(state)
         processes.terminate(victims.values())
         for n in namespaces:
             self.adapter.remove(n)
@@ -896,6 +1055,31 @@ class PendingProcesses:
     records: list[ProcessRecord]
     started: list[ProcessRecord] = field(default_factory=list)
     ready_fds: dict[int, str] = field(default_factory=dict)
+
+
+def _chain_for(plan: SandboxPlan, pod: PodPlan, conflist: dict[str, Any]) -> dict[str, Any]:
+    """The chain run for `pod`: its node's conflist, except that the waypoint pod skips
+    nodeagent-cni. In Istio the CNI plugin lets the waypoint be (its pod is labelled
+    istio.io/dataplane-mode=none, read from the API server); the sandbox's agents do not
+    discover the waypoint's namespace, so asked about it they would wait out their ADD
+    timeout and the plugin would hold the pod closed."""
+    if plan.waypoint is not None and pod.name == plan.waypoint.name:
+        return cni.without_plugin(conflist, cni.NODEAGENT_PLUGIN)
+    return conflist
+
+
+def _plan_of(state: SandboxState) -> SandboxPlan:
+    """The plan a sandbox was made with, rebuilt from its state."""
+    pod_cni = state.extra.get(CNI_KEY)
+    pod_network: PodNetwork = "cni" if isinstance(pod_cni, dict) else "veth"
+    return build_plan(
+        state.name,
+        state.nodes,
+        state.pods_per_node,
+        waypoint=bool(state.extra.get(WAYPOINT_NAME)),
+        shadow=bool(state.extra.get(SHADOW_SUFFIX)),
+        pod_network=pod_network,
+    )
 
 
 def record_all_started(state: SandboxState, done: dict[str, ProcessRecord]) -> SandboxState:

@@ -14,6 +14,15 @@ sandboxes reuse the same addresses without clashing):
 * pod ``node<i>-pod<j>`` (j = 1..M), namespace ``NAME-node<i>-pod<j>``: ``eth0`` =
   10.10.<i>.(10+j)/32, an on-link route to the gateway and a default route via it.
 
+Who wires the pods (``pod_network``): with ``"cni"`` the real CNI plugins do, as a
+container runtime would (see cni.py): the plan keeps each pod namespace's sysctls
+and the nodes' underlay side, and leaves out the ``vpod`` veths, their addresses and
+routes, and the pods' own ``eth0`` and routes. ptp then makes the same shape, except
+that its host-side veth is named ``veth<random>`` and the pod's address carries the
+pod range's prefix (10.10.<i>.(10+j)/24) with the connected route replaced by one via
+the gateway, so traffic still leaves through the node. With ``"veth"`` (no plugins
+installed) the plan makes all of it itself, as above.
+
 Kubernetes metadata: every pod is in namespace ``demo``; odd-numbered pods run the
 app ``frontend`` as service account ``frontend``, even-numbered ones the app
 ``backend`` as ``backend`` (so a 2x2 sandbox has both on every node, and a policy
@@ -66,6 +75,9 @@ SHADOW_VERSION = "v3"
 _NAME_RE = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
 
 Role = Literal["underlay", "node", "pod"]
+# Who makes the pods' links: the sandbox itself ("veth") or the CNI plugins ("cni").
+PodNetwork = Literal["veth", "cni"]
+POD_NETWORKS: tuple[PodNetwork, ...] = ("veth", "cni")
 
 
 class PlanError(ValueError):
@@ -209,6 +221,11 @@ class SandboxPlan:
     namespaces: tuple[NamespacePlan, ...] = field(repr=False)
     waypoint: PodPlan | None = None  # the demo namespace's waypoint pod (`up --waypoint`)
     shadow: PodPlan | None = None  # the extra v3 backend pod (`up --shadow`), also in `pods`
+    pod_network: PodNetwork = "veth"  # who wires the pods (see the module docstring)
+
+    def wired_pods(self) -> tuple[PodPlan, ...]:
+        """Every pod with a network of its own: the demo pods, then the waypoint pod."""
+        return (*self.pods, *((self.waypoint,) if self.waypoint is not None else ()))
 
     def pod(self, name: str) -> PodPlan | None:
         return next((p for p in self.pods if p.name == name or p.netns == name), None)
@@ -234,10 +251,16 @@ def build_plan(
     *,
     waypoint: bool = False,
     shadow: bool = False,
+    pod_network: PodNetwork = "veth",
 ) -> SandboxPlan:
     """The whole topology of sandbox `name` with `nodes` x `pods_per_node` pods (and the
-    waypoint pod, and the shadow pod, when asked)."""
+    waypoint pod, and the shadow pod, when asked); `pod_network` "cni" leaves the pods'
+    links to the CNI plugins."""
     validate_name(name)
+    if pod_network not in POD_NETWORKS:
+        raise PlanError(
+            f"pod_network must be one of {', '.join(POD_NETWORKS)}, got {pod_network!r}"
+        )
     _check_count("--nodes", nodes, MAX_NODES)
     _check_count("--pods-per-node", pods_per_node, MAX_PODS_PER_NODE)
     if shadow and nodes < SHADOW_NODE_INDEX:
@@ -328,8 +351,11 @@ def build_plan(
     ]
     # The waypoint pod is wired like any pod of its node.
     wired = (*pod_plans, *((waypoint_pod,) if waypoint_pod is not None else ()))
+    # With CNI, ptp makes each pod's veth, the gateway /32 on its host side and the
+    # /32 route to the pod; the plan then wires only the nodes' underlay side.
+    handmade = pod_network == "veth"
     for n in node_plans:
-        mine = [p for p in wired if p.node == n.name]
+        mine = [p for p in wired if p.node == n.name] if handmade else []
         namespaces.append(
             NamespacePlan(
                 name=n.netns,
@@ -367,10 +393,16 @@ def build_plan(
                     name=p.netns,
                     role="pod",
                     sysctls=_NO_RP_FILTER,
-                    interfaces=(Interface(ifname=UPLINK, addresses=(f"{p.ip}/32",)),),
+                    interfaces=(
+                        (Interface(ifname=UPLINK, addresses=(f"{p.ip}/32",)),) if handmade else ()
+                    ),
                     routes=(
-                        Route(dst=f"{n.gateway}/32", dev=UPLINK),
-                        Route(dst="default", gateway=n.gateway),
+                        (
+                            Route(dst=f"{n.gateway}/32", dev=UPLINK),
+                            Route(dst="default", gateway=n.gateway),
+                        )
+                        if handmade
+                        else ()
                     ),
                 )
             )
@@ -386,4 +418,5 @@ def build_plan(
         namespaces=tuple(namespaces),
         waypoint=waypoint_pod,
         shadow=shadow_pod,
+        pod_network=pod_network,
     )
