@@ -138,6 +138,21 @@ def register(subparsers: Any) -> None:
     )
     behave.set_defaults(func=cmd_behave)
 
+    for verb, field in (("label", "labels"), ("annotate", "annotations")):
+        edit = sub.add_parser(
+            verb,
+            help=f"change a namespace's or pod's {field} in the sandbox's Kubernetes API",
+            description=f"Like `kubectl {verb}`: KEY=VALUE sets, KEY- removes. The agents "
+            "watch the API, so enrollment follows at once: e.g. `label NAME namespace/demo "
+            "istio.io/dataplane-mode-` takes every demo pod out of the mesh, "
+            "`label NAME pod/node2-pod1 istio.io/dataplane-mode=none` one pod. Prints the "
+            "object's labels and annotations after the change.",
+        )
+        edit.add_argument("name")
+        edit.add_argument("target", metavar="TARGET", help="namespace/NS, pod/POD or pod/NS/POD")
+        edit.add_argument("changes", nargs="+", metavar="KEY=VALUE|KEY-")
+        edit.set_defaults(func=cmd_edit_metadata, field=field)
+
     demo = sub.add_parser("demo", help="build a 2x2 sandbox, call pods across nodes, remove it")
     demo.set_defaults(func=cmd_demo)
 
@@ -313,6 +328,15 @@ def cmd_behave(args: argparse.Namespace) -> int:
         except SandboxError as exc:
             raise CliError(str(exc)) from None
     print(json.dumps(answer))
+    return 0
+
+
+def cmd_edit_metadata(args: argparse.Namespace) -> int:
+    with _manager() as m:
+        try:
+            print(m.edit_metadata(args.name, args.target, args.field, args.changes))
+        except SandboxError as exc:
+            raise CliError(str(exc)) from None
     return 0
 
 

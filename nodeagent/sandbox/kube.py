@@ -22,11 +22,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from nodeagent.model.enrollment import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
+from nodeagent.model.enrollment import (
+    DATAPLANE_MODE_AMBIENT,
+    DATAPLANE_MODE_LABEL,
+    DATAPLANE_MODE_NONE,
+)
 from nodeagent.sandbox.plan import PodPlan, SandboxPlan
 
 KUBEAPI_PORT = 6443
 KUBEAPI_KIND = "kubeapi"
+AGENT_DAEMONSET = ("istio-system", "nodeagent")  # the agents' POD_NAMESPACE and default name
 MERGE_PATCH = "application/merge-patch+json"
 _KEY = re.compile(
     r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -47,7 +52,20 @@ def seed_objects(plan: SandboxPlan) -> list[dict[str, Any]]:
         }
         for ns in namespaces
     ]
-    objects.extend(_pod_object(plan.name, pod) for pod in plan.wired_pods())
+    objects.extend(_pod_object(plan.name, pod) for pod in plan.pods)
+    if plan.waypoint is not None:
+        # As Istio's waypoint template does: the waypoint is the mesh, never captured.
+        waypoint = _pod_object(plan.name, plan.waypoint)
+        waypoint["metadata"]["labels"][DATAPLANE_MODE_LABEL] = DATAPLANE_MODE_NONE
+        objects.append(waypoint)
+    # The agents' own DaemonSet: present, so an agent stopped by SIGTERM takes it as an
+    # upgrade and leaves the pods' rules in place (fail closed), as before.
+    objects.append(
+        {
+            "kind": "DaemonSet",
+            "metadata": {"name": AGENT_DAEMONSET[1], "namespace": AGENT_DAEMONSET[0]},
+        }
+    )
     return objects
 
 

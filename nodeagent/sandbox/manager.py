@@ -30,6 +30,7 @@ import dataclasses
 import gzip
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from typing import Any, Protocol
 import nodeagent
 from nodeagent.model.constants import METRICS_PORT, READINESS_PORT
 from nodeagent.sandbox import cni, processes
+from nodeagent.sandbox import kube as kube_mod
 from nodeagent.sandbox import mesh as mesh_mod
 from nodeagent.sandbox.demoapp import BEHAVIOUR_PATH, DEFAULT_FAIL_STATUS, MAX_DELAY, parse_share
 from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
@@ -413,6 +415,7 @@ class SandboxManager:
         specs = self._demoapp_specs(plan, app_env)
         if controlplane:
             specs.append(self._controlplane_spec(plan, app_env, use_waypoint=use_waypoint))
+            specs.append(self._kubeapi_spec(plan, app_env))
         if agents:
             # Agents retry the control plane with backoff, so they start with it.
             specs.extend(self._agent_specs(plan, app_env))
@@ -435,6 +438,9 @@ class SandboxManager:
         self.await_ready(pending)
         if controlplane:
             self.await_controlplane(plan.name)
+            self._await_listening(
+                plan.name, kube_mod.KUBEAPI_KIND, kube_mod.KUBEAPI_PORT, "the Kubernetes API"
+            )
         if agents:
             self.await_agents(plan.name)
         _crash_point("apps")
@@ -631,6 +637,61 @@ class SandboxManager:
             env=env,
         )
 
+    def _kubeapi_spec(self, plan: SandboxPlan, env: dict[str, str]) -> ProcessSpec:
+        """The sandbox's Kubernetes API (pods, namespaces, the agents' DaemonSet), seeded
+        from the plan; the agents watch it for enrollment (see sandbox/kube.py)."""
+        name = plan.name
+        directory = self.store.dir(name)
+        seed = directory / "kube-seed.json"
+        self.store.write_private(seed, json.dumps(kube_mod.seed_objects(plan)))
+        token_file = directory / "kube-token"
+        self.store.write_private(token_file, secrets.token_hex(16) + "\n")
+        info = {
+            "address": f"{plan.underlay_ip}:{kube_mod.KUBEAPI_PORT}",
+            "token_file": str(token_file),
+        }
+        self.store.update(
+            name,
+            lambda st: dataclasses.replace(st, extra={**st.extra, kube_mod.KUBEAPI_KIND: info}),
+        )
+        return ProcessSpec(
+            kind=kube_mod.KUBEAPI_KIND,
+            name=kube_mod.KUBEAPI_KIND,
+            netns=plan.underlay_netns,
+            argv=(
+                self.python,
+                "-m",
+                "nodeagent.sandbox.kubeapi",
+                f"--listen=0.0.0.0:{kube_mod.KUBEAPI_PORT}",
+                f"--seed={seed}",
+                f"--token-file={token_file}",
+            ),
+            env=env,
+        )
+
+    def edit_metadata(self, name: str, target: str, field_name: str, items: Sequence[str]) -> str:
+        """`sandbox label` / `annotate`: patch a namespace's or pod's labels or
+        annotations in the sandbox's Kubernetes API; the object as it is now."""
+        state, plan = self.load(name)
+        info = state.extra.get(kube_mod.KUBEAPI_KIND)
+        if not isinstance(info, dict):
+            raise SandboxError(f"sandbox {name!r} has no Kubernetes API (made without one)")
+        try:
+            path = kube_mod.object_path(target, plan)
+            patch = kube_mod.metadata_patch(field_name, kube_mod.parse_changes(items))
+            token = Path(str(info["token_file"])).read_text().strip()
+            host, _, port = str(info["address"]).rpartition(":")
+            sock = self.adapter.socket(plan.underlay_netns)
+            try:
+                sock.settimeout(10.0)
+                sock.connect((host, int(port)))
+                obj = kube_mod.patch_object(sock, str(info["address"]), path, patch, token)
+            finally:
+                sock.close()
+        except (kube_mod.KubeEditError, OSError) as exc:
+            raise SandboxError(f"sandbox {name}: {exc}") from None
+        return kube_mod.describe(obj)
+
     def _agent_specs(self, plan: SandboxPlan, env: dict[str, str]) -> list[ProcessSpec]:
         """One `nodeagent run` per node, in the node's namespace, like a host-network
         DaemonSet pod. Discovery is scoped to the node's own pods: its netns dir holds
@@ -665,8 +726,11 @@ class SandboxManager:
                 # eBPF backend: no pins. `down` stops the agents without an uninstall,
                 # and pinned programs would outlive the sandbox.
                 "BPF_PIN_DIR": "",
-                # No API server here, even when the sandbox itself runs in a pod.
-                "KUBE_API": "off",
+                # The sandbox's own API server (never the one of a cluster the sandbox
+                # itself may run in): enrollment by labels, as on a node.
+                "KUBE_API": "on",
+                "KUBE_API_ADDRESS": f"http://{plan.underlay_ip}:{kube_mod.KUBEAPI_PORT}",
+                "KUBE_TOKEN": str(self.store.dir(plan.name) / "kube-token"),
             }
             specs.append(
                 ProcessSpec(
@@ -755,22 +819,32 @@ class SandboxManager:
         `nodeagent controlplane` has no ready fd; an accepted connection from the
         underlay namespace means its gRPC server is bound and serving.
         """
+        self._await_listening(name, CONTROLPLANE_NAME, CONTROLPLANE_PORT, "the control plane")
+
+    def _await_listening(
+        self,
+        name: str,
+        process: str,
+        port: int,
+        what: str,
+        timeout: float = CONTROLPLANE_READY_TIMEOUT,
+    ) -> None:
+        """Wait until `process` accepts connections on the underlay address at `port`."""
         state, plan = self.load(name)
-        record = state.process(CONTROLPLANE_NAME)
+        record = state.process(process)
         if record is None or record.pid is None:
-            raise SandboxError(f"sandbox {name}: the control plane was not started")
+            raise SandboxError(f"sandbox {name}: {what} was not started")
         proc = ProcessId(record.pid, record.start_time)
         deadline = time.monotonic() + timeout
         while True:
             if not processes.is_running(proc):
                 raise SandboxError(
-                    f"the control plane exited: {_last_line(record.log) or 'no output'} "
-                    f"(log {record.log})"
+                    f"{what} exited: {_last_line(record.log) or 'no output'} (log {record.log})"
                 )
             sock = self.adapter.socket(plan.underlay_netns)
             try:
                 sock.settimeout(1.0)
-                sock.connect((plan.underlay_ip, CONTROLPLANE_PORT))
+                sock.connect((plan.underlay_ip, port))
                 return
             except OSError:
                 pass
@@ -778,7 +852,7 @@ class SandboxManager:
                 sock.close()
             if time.monotonic() > deadline:
                 raise SandboxError(
-                    f"the control plane did not accept connections within {timeout:.0f}s: "
+                    f"{what} did not accept connections within {timeout:.0f}s: "
                     f"{_last_line(record.log) or 'no output'} (log {record.log})"
                 )
             time.sleep(0.05)

@@ -66,7 +66,7 @@ def test_down_removes_every_namespace_process_link_and_file(
     assert up.returncode == 0, up.stderr
     assert len(_netns_of(sandbox_name)) == 1 + 2 + 6
     assert len(_sandbox_cmdlines(sandbox_name)) == 6
-    assert len(_state_dir_cmdlines(sandbox_name)) == 1  # the control plane
+    assert len(_state_dir_cmdlines(sandbox_name)) == 2  # the control plane, the kube API
     assert (DEFAULT_STATE_ROOT / sandbox_name / "state.json").exists()
     assert _root_links() == links  # nothing is ever created in the root namespace
 
@@ -93,7 +93,7 @@ def test_down_finishes_a_sandbox_whose_up_crashed(
     if crash_at == "apps":
         assert len(_sandbox_cmdlines(sandbox_name)) == 4
     if crash_at != "namespaces":
-        assert len(_state_dir_cmdlines(sandbox_name)) == 1  # the control plane
+        assert len(_state_dir_cmdlines(sandbox_name)) == 2  # the control plane, the kube API
 
     status = nodeagent_cli("sandbox", "status", sandbox_name, "-o", "json")
     assert json.loads(status.stdout)["phase"] == "creating"
