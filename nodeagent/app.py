@@ -435,6 +435,7 @@ def _cni_server(config: Config, manager: NodeManager, metrics: AgentMetrics) -> 
             name=event.pod_name,
             ips=event.ips,
             within=config.cni_add_timeout,
+            netns=event.netns,
         )
         return CniReply(200 if outcome in ("captured", "not_enrolled") else 503, outcome, detail)
 

@@ -58,6 +58,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, netns_alive, plan_from_addresses
@@ -234,6 +235,13 @@ class ManagerStats:
 
 class SetupError(RuntimeError):
     """Setup could not start (e.g. the workload left the node meanwhile)."""
+
+
+def _inode_of(path: str) -> int | None:
+    try:
+        return Path(path).stat().st_ino
+    except OSError:
+        return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -486,8 +494,10 @@ class NodeManager:
         """Synced once (and the pod directory, if any), and no pod whose namespace is
         known is still being set up."""
         listed = self._directory is None or self._directory.synced
-        return self.synced and listed and not any(
-            rec.state is PodState.CAPTURING for rec in self.lifecycle.pods.values()
+        return (
+            self.synced
+            and listed
+            and not any(rec.state is PodState.CAPTURING for rec in self.lifecycle.pods.values())
         )
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -705,13 +715,16 @@ class NodeManager:
         return enrollment(pod, directory.namespace(pod.namespace))
 
     async def capture_new_pod(
-        self, *, namespace: str, name: str, ips: Iterable[str], within: float
+        self, *, namespace: str, name: str, ips: Iterable[str], within: float, netns: str = ""
     ) -> tuple[str, str]:
         """A CNI ADD: capture the pod before its containers start. Returns (outcome,
         detail): `captured` (rules and listeners in place), `not_enrolled`, or
         `no_record` / `failed` / `timeout`, on which the plugin installs fail-closed
-        rules that this manager adopts once it can set the pod up."""
+        rules that this manager adopts once it can set the pod up. With `netns` (the
+        ADD's namespace path), captured means captured in that namespace: a pod
+        recreated with the same address must not pass on its predecessor's capture."""
         ips = [str(ip) for ip in ips]
+        inode = await asyncio.to_thread(_inode_of, netns) if netns else None
         directory = self._directory
         if directory is not None and directory.synced:
             pod = directory.pod(f"{namespace}/{name}")
@@ -727,7 +740,7 @@ class NodeManager:
                     uid = self._uid_for(namespace, name, ips) or ""
                     if not uid:
                         await self._changed.wait()
-                await self.wait_until(lambda: self._settled(uid))
+                await self.wait_until(lambda: self._settled(uid, inode))
         except TimeoutError:
             if not uid:
                 return "no_record", f"no workload record for {namespace}/{name} ({', '.join(ips)})"
@@ -757,10 +770,14 @@ class NodeManager:
                 return uid
         return None
 
-    def _settled(self, uid: str) -> bool:
+    def _settled(self, uid: str, inode: int | None = None) -> bool:
         rec = self.lifecycle.pods.get(uid)
         if rec is None:
             return uid not in self._workloads
+        if inode is not None and (rec.netns is None or rec.netns.inode != inode):
+            if rec.state is PodState.READY:
+                self.request_scan()  # still the old namespace: look again
+            return False
         return rec.state in (PodState.READY, PodState.HELD, PodState.FAILED)
 
     def enrollment_changed(self) -> None:
