@@ -50,9 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodeagent.datapath.iptables import CaptureError
-from nodeagent.datapath.iptables import _restore as _iptables_restore
-from nodeagent.datapath.iptables import _save as _iptables_save
+from nodeagent.datapath.iptables import CaptureError, remove_owned, restore_tables, save_tables
 from nodeagent.datapath.netns import (
     NetnsError,
     NetnsHandle,
@@ -447,14 +445,14 @@ def _members(ips: Any, name: str) -> frozenset[str]:
 
 def _save_nat(family: int) -> SavedTable | None:
     try:
-        return _iptables_save(family).get(NAT)
+        return save_tables(family).get(NAT)
     except CaptureError as exc:
         raise HostProbeError(str(exc)) from exc
 
 
 def _restore(family: int, text: str) -> None:
     try:
-        _iptables_restore(family, text)
+        restore_tables(family, text)
     except CaptureError as exc:
         raise HostProbeError(str(exc)) from exc
 
@@ -560,9 +558,10 @@ def _remove_rules(family: int, state: HostProbeFamilyState) -> None:
     view = owned_view({NAT: state.nat}, OWNED).get(NAT) if state.nat else None
     if view is None:
         return
-    lines = [f"*{NAT}"] + ["-D" + jump[2:] for jump in view.jumps]
-    lines += [f"-F {c}" for c in view.chains] + [f"-X {c}" for c in view.chains]
-    _restore(family, "\n".join([*lines, "COMMIT"]) + "\n")
+    try:
+        remove_owned(family, NAT, view)
+    except CaptureError as exc:
+        raise HostProbeError(str(exc)) from exc
 
 
 def _uninstall_family(ips: Any, family: Family, name: str) -> None:

@@ -182,7 +182,7 @@ class IptablesBackend:
 # -- worker-side functions (run inside the namespace) -------------------------
 
 
-def _save(family: int) -> dict[str, SavedTable]:
+def save_tables(family: int) -> dict[str, SavedTable]:
     command = SAVE_COMMANDS[family]
     try:
         done = subprocess.run([command], capture_output=True, text=True, timeout=30, check=False)
@@ -226,7 +226,7 @@ def _read_family(family: Family, ipr: Any) -> FamilyState:
     rules = ipr.get_rules(family=_AF[family])
     return FamilyState(
         family=family,
-        tables=_save(family),
+        tables=save_tables(family),
         policy_rule=any(_is_our_rule(r, _DEFAULT_RULE) for r in rules),
         local_route=bool(_our_routes(ipr, family, ROUTE_TABLE)),
     )
@@ -340,7 +340,7 @@ def _apply_table(family: int, plan: TablePlan, installed: SavedTable | None) -> 
         _apply_table_iptc(family, plan)
     except _Unexpressible:
         # Nothing was committed: the libiptc handle was dropped unchanged.
-        _restore(family, _restore_text(plan, installed))
+        restore_tables(family, _restore_text(plan, installed))
 
 
 def _apply_table_iptc(family: int, plan: TablePlan) -> None:
@@ -387,7 +387,7 @@ def _restore_text(plan: TablePlan, installed: SavedTable | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _restore(family: int, text: str) -> None:
+def restore_tables(family: int, text: str) -> None:
     command = RESTORE_COMMANDS[family]
     try:
         done = subprocess.run(
@@ -431,9 +431,14 @@ def _remove_table(family: int, name: str, installed: SavedTable) -> None:
         if table._handle:
             table.close()
     # Same fallback as _apply_table, for rules python-iptables cannot parse here.
-    lines = [f"*{name}"] + ["-D" + rule[2:] for rule in owned.jumps]
+    remove_owned(family, name, owned)
+
+
+def remove_owned(family: int, table: str, owned: OwnedTable) -> None:
+    """Delete the owned jumps, then flush and delete the owned chains, in one restore."""
+    lines = [f"*{table}"] + ["-D" + rule[2:] for rule in owned.jumps]
     lines += [f"-F {chain}" for chain in owned.chains] + [f"-X {chain}" for chain in owned.chains]
-    _restore(family, "\n".join([*lines, "COMMIT"]) + "\n")
+    restore_tables(family, "\n".join([*lines, "COMMIT"]) + "\n")
 
 
 def _ensure_netlink(ipr: Any, plan: FamilyPlan) -> bool:
@@ -505,7 +510,7 @@ def _apply_all(handle: NetnsHandle, plan: CapturePlan) -> bool:
         with _iproute() as ipr:
             wanted = {f.family: f for f in plan.families}
             for family in (4, 6):
-                installed = _save(family)
+                installed = save_tables(family)
                 fplan = wanted.get(family)
                 if fplan is None:  # the pod has no IPv6: leave no IPv6 capture behind
                     if owned_view(installed):
@@ -542,7 +547,7 @@ def _remove_all(handle: NetnsHandle) -> None:
     with _iproute() as ipr:
         for family in (4, 6):
             try:
-                installed = _save(family)
+                installed = save_tables(family)
                 for name in owned_view(installed):
                     _remove_table(family, name, installed[name])
             except Exception as exc:
