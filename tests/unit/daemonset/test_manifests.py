@@ -242,6 +242,29 @@ def test_readiness_probe_and_metrics_annotations_use_the_agent_ports(
     assert "cpu" not in agent_container(objs)["resources"]["limits"]
 
 
+@pytest.mark.parametrize("target", ["overlay kind", "overlay production"])
+def test_daemonset_carries_the_labels_istio_tools_select_ztunnel_by(
+    rendered: dict[str, Objects], target: str
+) -> None:
+    ds = one(rendered[target], "DaemonSet")
+    # Kiali finds the ambient data plane by the DaemonSet's name label; ours says whose.
+    assert ds["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "ztunnel",
+        "app.kubernetes.io/part-of": "nodeagent",
+    }
+    template = ds["spec"]["template"]["metadata"]
+    # istioctl and the dashboards: app=ztunnel; the selector keeps our immutable label.
+    assert template["labels"] == {
+        "app.kubernetes.io/name": "nodeagent",
+        "app": "ztunnel",
+        "istio.io/dataplane-mode": "none",
+        "sidecar.istio.io/inject": "false",
+    }
+    assert ds["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "nodeagent"}
+    # As ztunnel's chart: scraped on 15020, at /metrics (served beside /stats/prometheus).
+    assert template["annotations"]["prometheus.io/path"] == "/metrics"
+
+
 def test_installs_into_istio_system_as_the_trusted_ztunnel_account_without_owning_it(
     rendered: dict[str, Objects],
 ) -> None:
