@@ -10,7 +10,7 @@ STAMP=$VENV/.setup-stamp
 APT_PACKAGES=(
   iptables iproute2 procps psmisc curl ca-certificates tcpdump iperf3 stunnel4 conntrack
   iputils-ping ethtool wrk haproxy shellcheck containernetworking-plugins ipset
-  python3-bpfcc bpfcc-tools libbpf-dev bpftool clang llvm linux-headers-amd64
+  python3-bpfcc bpfcc-tools libbpf-dev bpftool clang llvm linux-headers-amd64 prometheus
 )
 
 need_apt=0

@@ -67,6 +67,12 @@ def register(subparsers: Any) -> None:
         help="add pod node2-shadow: one more backend (version v3, alone in its subset), "
         "for mirroring",
     )
+    up.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="run Prometheus in the underlay namespace, scraping every agent and the waypoint "
+        "as Istio's addon does (query it with `sandbox exec NAME underlay -- curl ...`)",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="remove a sandbox and everything it made")
@@ -201,10 +207,13 @@ def cmd_up(args: argparse.Namespace) -> int:
                 agents=args.agents,
                 waypoint=args.waypoint,
                 shadow=args.shadow,
+                prometheus=args.prometheus,
             )
-            cp = m.status(plan.name)["controlplane"] if args.controlplane else None
+            # Addresses to print come with the control plane (--prometheus needs it too).
+            status = m.status(plan.name) if args.controlplane else {}
         except SandboxError as exc:
             raise CliError(str(exc)) from None
+    cp = status.get("controlplane")
     where = f", control plane at {cp['address']}" if cp else ""
     if plan.waypoint is not None:
         where += f", waypoint {plan.waypoint.namespace}/{plan.waypoint.name} at {plan.waypoint.ip}"
@@ -214,7 +223,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"sandbox {plan.name} up: {plan.node_count} nodes x {plan.pods_per_node} pods{where} "
         f"(`nodeagent sandbox status {plan.name}`)"
     )
+    if status.get("prometheus"):
+        print(prometheus_line(status["prometheus"], plan.name))
     return 0
+
+
+def prometheus_line(prom: dict[str, Any], name: str) -> str:
+    pid = prom["pid"] if prom.get("pid") is not None else "NOT RUNNING"
+    return (
+        f"prometheus http://{prom['address']} (pid {pid}, in {prom['netns']}; scrapes every "
+        f"agent and the waypoint each second; e.g. `nodeagent sandbox exec {name} underlay -- "
+        f"curl -s 'http://{prom['address']}/api/v1/query?query=istio_build'`); config "
+        f"{prom['config']}, log {prom['log']}"
+    )
 
 
 def validate_mesh(text: str, source: str) -> None:
@@ -288,6 +309,8 @@ def format_status(status: dict[str, Any]) -> str:
         parts += ["", table(status["agents"], PROC_COLUMNS)]
     if status["controlplane"]:
         parts += ["", controlplane_line(status["controlplane"])]
+    if status.get("prometheus"):
+        parts.append(prometheus_line(status["prometheus"], status["name"]))
     wp = status.get("waypoint")
     if wp:
         state = f"pid {wp['pid']}" if wp.get("pid") else "not running"

@@ -205,6 +205,7 @@ def run_demo(
     finally:
         manager.down(name)
         say(f"sandbox {name!r} removed")
+        say("see the metrics in Prometheus: `sandbox up NAME --prometheus` (docs/observability.md)")
 
 
 def _identity(pod: PodPlan) -> Identity:

@@ -47,6 +47,7 @@ from nodeagent.model.constants import METRICS_PORT, READINESS_PORT
 from nodeagent.sandbox import cni, processes
 from nodeagent.sandbox import kube as kube_mod
 from nodeagent.sandbox import mesh as mesh_mod
+from nodeagent.sandbox import prometheus as prom_mod
 from nodeagent.sandbox.demoapp import BEHAVIOUR_PATH, DEFAULT_FAIL_STATUS, MAX_DELAY, parse_share
 from nodeagent.sandbox.mesh import CONTROLPLANE_PORT, ApplyError, MergeSummary
 from nodeagent.sandbox.netns import NetnsAdapter, NetnsError, list_netns, netns_inode, netns_path
@@ -284,7 +285,17 @@ class SandboxManager:
                 else None
             ),
             "controlplane": self._controlplane_view(state, proc_view),
+            "prometheus": self._prometheus_view(state, proc_view),
         }
+
+    def _prometheus_view(
+        self, state: SandboxState, proc_view: Callable[[ProcessRecord], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        record = state.process(prom_mod.PROMETHEUS_NAME)
+        info = state.extra.get(prom_mod.PROMETHEUS_KIND)
+        if record is None or not isinstance(info, dict):
+            return None
+        return {"address": info.get("address"), "config": info.get("config"), **proc_view(record)}
 
     def _controlplane_view(
         self, state: SandboxState, proc_view: Callable[[ProcessRecord], dict[str, Any]]
@@ -338,13 +349,19 @@ class SandboxManager:
         waypoint: bool = False,
         use_waypoint: bool = True,
         shadow: bool = False,
+        prometheus: bool = False,
     ) -> SandboxPlan:
         """Build the sandbox; on failure remove what was made and raise SandboxError.
 
         `controlplane=False` skips the control plane and the agents (faster, for
         tests of the network alone); `agents=False` skips only the agents.
         `shadow` adds the pod node2-shadow (a v3 backend, see plan.py), to mirror to.
+        `prometheus` runs Prometheus in the underlay namespace, scraping every agent
+        and the waypoint (see prometheus.py).
         """
+        prometheus_binary = self._prometheus_binary(
+            prometheus=prometheus, agents=agents and controlplane
+        )
         missing = cni.missing_plugins(self.cni_bin_dir)
         pod_network: PodNetwork = "veth" if missing else "cni"
         try:
@@ -389,6 +406,7 @@ class SandboxManager:
                 agents=agents and controlplane,
                 use_waypoint=use_waypoint,
                 pod_cni=pod_cni,
+                prometheus_binary=prometheus_binary,
             )
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -408,6 +426,7 @@ class SandboxManager:
         agents: bool = False,
         use_waypoint: bool = True,
         pod_cni: dict[str, Any] | None = None,
+        prometheus_binary: str | None = None,
     ) -> None:
         app_env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
         self.adapter.create([ns.name for ns in plan.namespaces])
@@ -421,6 +440,8 @@ class SandboxManager:
             specs.extend(self._agent_specs(plan, app_env))
             if plan.waypoint is not None:
                 specs.append(self._waypoint_spec(plan, app_env))
+        if prometheus_binary is not None:
+            specs.append(self._prometheus_spec(plan, prometheus_binary))
         # Processes start now, while the network is configured: apps bind 0.0.0.0
         # and need no interface, and their start-up (the bulk of `up`) then
         # overlaps the netlink work on the other core.
@@ -443,6 +464,10 @@ class SandboxManager:
             )
         if agents:
             self.await_agents(plan.name)
+        if prometheus_binary is not None:
+            self._await_listening(
+                plan.name, prom_mod.PROMETHEUS_NAME, prom_mod.PROMETHEUS_PORT, "Prometheus"
+            )
         _crash_point("apps")
 
     # -- pod networking (CNI) ----------------------------------------------
@@ -742,6 +767,49 @@ class SandboxManager:
                 )
             )
         return specs
+
+    # -- Prometheus (`up --prometheus`) ----------------------------------------
+
+    @staticmethod
+    def _prometheus_binary(*, prometheus: bool, agents: bool) -> str | None:
+        """The Prometheus to run, None when not asked for; SandboxError, before anything
+        is made, when it cannot be run."""
+        if not prometheus:
+            return None
+        if not agents:
+            raise SandboxError(
+                "--prometheus scrapes the agents: it cannot go with --no-controlplane or "
+                "--no-agents"
+            )
+        binary = prom_mod.find_binary()
+        if binary is None:
+            raise SandboxError(
+                f"{prom_mod.PROMETHEUS_BINARY} not found: install it with `make setup` "
+                "(Debian's package prometheus)"
+            )
+        return binary
+
+    def _prometheus_spec(self, plan: SandboxPlan, binary: str) -> ProcessSpec:
+        """Write Prometheus's config (its data dir beside it, under the state dir, goes
+        with `down`) and record its address; the process to start in the underlay."""
+        directory = self.store.dir(plan.name) / prom_mod.PROMETHEUS_NAME
+        (directory / prom_mod.DATA_DIR).mkdir(parents=True, exist_ok=True)
+        config = directory / prom_mod.CONFIG_FILE
+        config.write_text(prom_mod.render_config(plan))
+        info = {
+            "address": f"{plan.underlay_ip}:{prom_mod.PROMETHEUS_PORT}",
+            "config": str(config),
+        }
+        self.store.update(
+            plan.name,
+            lambda st: dataclasses.replace(st, extra={**st.extra, prom_mod.PROMETHEUS_KIND: info}),
+        )
+        return ProcessSpec(
+            kind=prom_mod.PROMETHEUS_KIND,
+            name=prom_mod.PROMETHEUS_NAME,
+            netns=plan.underlay_netns,
+            argv=prom_mod.argv(binary, directory),
+        )
 
     def _waypoint_spec(self, plan: SandboxPlan, env: dict[str, str]) -> ProcessSpec:
         """`nodeagent waypoint` in its pod's namespace, with the token of its node (the

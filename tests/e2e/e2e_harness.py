@@ -139,11 +139,18 @@ class Mesh:
 
 @contextmanager
 def sandbox(
-    tmp: Path, backend: str, *, waypoint: bool = False, shadow: bool = False, **env: str
+    tmp: Path,
+    backend: str,
+    *,
+    waypoint: bool = False,
+    shadow: bool = False,
+    prometheus: bool = False,
+    **env: str,
 ) -> Iterator[Mesh]:
     """A 2x2 sandbox with the control plane and an agent per node (and the demo
-    namespace's waypoint pod with `waypoint`, and pod node2-shadow, a v3 backend, with
-    `shadow`), removed on exit."""
+    namespace's waypoint pod with `waypoint`, pod node2-shadow, a v3 backend, with
+    `shadow`, and Prometheus in the underlay scraping the agents with `prometheus`),
+    removed on exit."""
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root and the real kernel")
     name = f"m{uuid.uuid4().hex[:7]}"
@@ -152,6 +159,7 @@ def sandbox(
             "sandbox", "up", "--name", name, "--nodes", "2", "--pods-per-node", "2",
             *(["--waypoint"] if waypoint else []),
             *(["--shadow"] if shadow else []),
+            *(["--prometheus"] if prometheus else []),
             env={"LOG_LEVEL": "debug", "REDIRECT_BACKEND": backend, **env},
         )  # fmt: skip
         assert up.returncode == 0, up.stderr
