@@ -203,7 +203,7 @@ def test_pods_shows_the_nodes_pods_captured_with_their_listeners(sandbox: dict[s
             f"{ip}:15008",
         ]
     table = ok(sandbox, "pods")
-    assert all(f"{name}  ready  iptables" in table for name in local)
+    assert all(f"{name}  ready  namespace labelled  iptables" in table for name in local)
     ready = in_netns(
         netns_of(sandbox, NODE),
         sys.executable,
