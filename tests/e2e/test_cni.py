@@ -156,6 +156,20 @@ def test_the_first_connection_of_a_just_started_pod_is_captured(mesh: Mesh) -> N
         assert clear == [], f"start {i}: plaintext from the new pod: {clear[:2]}"
         assert hbone, f"start {i}: the first connection did not cross as HBONE ({capture.stats})"
     adds.sort()
+    metrics = _cli(
+        "sandbox", "exec", mesh.name, NODE, "--", "curl", "-sS", "http://127.0.0.1:15020/metrics"
+    ).stdout
+    agent = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("nodeagent_cni_add_duration_seconds_")
+        and not line.startswith("nodeagent_cni_add_duration_seconds_created")
+        and "le=" not in line
+    }
+    assert agent.get("nodeagent_cni_add_duration_seconds_count", 0) >= STARTS, agent
+    count = agent["nodeagent_cni_add_duration_seconds_count"]
+    mean = agent["nodeagent_cni_add_duration_seconds_sum"] / count
+    print(f"\nagent: ADD to captured, mean {mean * 1000:.0f} ms over {count:.0f} ADDs")
     print(
         f"\nCNI ADD over {STARTS} pod starts ({mesh.backend}):"
         f" median {adds[STARTS // 2] * 1000:.0f} ms, max {adds[-1] * 1000:.0f} ms"
