@@ -752,6 +752,9 @@ def build_waypoint(config: Config, settings: WaypointSettings) -> WaypointHandle
     def ready(_req: Request) -> Response:
         if not xds_client.ready:
             return Response.text(503, "not ready: xds\n")
+        # Without its certificate every HBONE handshake would be reset.
+        if any(s.state is not CertState.AVAILABLE for s in certificates.status()):
+            return Response.text(503, "not ready: certificate\n")
         return Response.text(200, "ready\n")
 
     metrics_server = HttpServer(
