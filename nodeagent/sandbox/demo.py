@@ -197,6 +197,8 @@ def run_demo(
         ok = _policy(manager, name, validate, pods, logs["node2"], say) and ok
         forgotten, target = pods["node1-pod2"], pods["node2-pod1"]
         ok = _fail_closed(manager, name, validate, forgotten, target, logs["node1"], say) and ok
+        # To node1-pod1: the policy scene left frontend -> backend denied.
+        ok = _enrollment(manager, name, pods["node2-pod1"], pods["node1-pod1"], logs, say) and ok
         ok = _header_routing(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         ok = _fallback(manager, name, validate, plan, pods["node2-pod1"], say) and ok
         ok = _canary(manager, name, validate, plan, pods["node2-pod1"], say) and ok
@@ -410,6 +412,52 @@ def _policy(
         and allowed.get("client_ip") == backend.ip
         and str(_identity(frontend)) in line
     )
+
+
+def _enrollment(
+    manager: SandboxManager,
+    name: str,
+    pod: PodPlan,
+    target: PodPlan,
+    logs: dict[str, Path],
+    say: Say,
+) -> bool:
+    """A pod leaves the mesh by label and comes back, as in Istio ambient."""
+    label = "istio.io/dataplane-mode"
+    say(f"\n== enrollment: {pod.name} opts out by label, as in Istio ambient")
+    say(f"  nodeagent sandbox label {name} pod/{pod.name} {label}=none")
+    manager.edit_metadata(name, f"pod/{pod.name}", "labels", [f"{label}=none"])
+    log = logs[pod.node]
+
+    def logged(text: str) -> str:
+        deadline = time.monotonic() + POLICY_WAIT
+        while time.monotonic() < deadline:
+            found = [ln for ln in _read(log).splitlines() if pod.name in ln and text in ln]
+            if found:
+                return found[-1].split(": ", 1)[-1]
+            time.sleep(0.1)
+        return ""
+
+    released = logged("left the mesh")
+    say(f"  the agent of {pod.node} logged: {released or 'FAILED: nothing'}")
+    say(f"  nodeagent sandbox label {name} pod/{pod.name} {label}-")
+    before = len(_read(log).splitlines())
+    manager.edit_metadata(name, f"pod/{pod.name}", "labels", [f"{label}-"])
+    deadline = time.monotonic() + POLICY_WAIT
+    back: dict[str, Any] | probe.ProbeError = probe.ProbeError("not tried")
+    while time.monotonic() < deadline:
+        if any("ready in" in ln for ln in _read(log).splitlines()[before:] if pod.name in ln):
+            try:
+                back = probe.http_get(manager.adapter, pod.netns, target.ip, HTTP_PORT, "/")
+                break
+            except probe.ProbeError as exc:
+                back = exc
+        time.sleep(0.2)
+    if isinstance(back, probe.ProbeError):
+        say(f"  FAILED: not captured again: {back}")
+        return False
+    say(f"  captured again (namespace labelled): {_shown(back)}")
+    return bool(released) and back.get("client_ip") == pod.ip
 
 
 def _fail_closed(

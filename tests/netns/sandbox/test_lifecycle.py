@@ -164,6 +164,10 @@ def test_demo_shows_the_mesh_and_removes_its_sandbox(sandbox_name: str) -> None:
     assert "HTTP  node1-pod2 (10.10.1.12) -> node2-pod1\n  refused:" in text
     assert "listeners closed, capture kept" in text
     assert re.search(r"over HBONE again: .*\"client_ip\": \"10\.10\.1\.12\"", text)
+    assert "left the mesh (opted out): removing its capture" in text
+    assert re.search(
+        r"captured again \(namespace labelled\): .*\"client_ip\": \"10\.10\.2\.11\"", text
+    )
     # Header routing through the waypoint, decided per request.
     assert "20 requests with x-user: ios      -> {'node2-pod2': 20}" in text
     assert "20 requests with x-user: android  -> {'node1-pod2': 20}" in text
