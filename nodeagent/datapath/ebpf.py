@@ -4,18 +4,23 @@ Why: the iptables capture puts conntrack and NAT on every packet of the app's co
 which costs a native TLS proxy 17-29% of its throughput here, while a connect-time rewrite
 costs nothing measurable (`python -m bench.capture_cost`, docs/performance.md).
 
-`ConnectRedirect` compiles the programs with bcc, attaches `connect4` and `sockops` at the
-cgroup2 root through BPF links (one pair per agent; each acts only in the namespaces in its
-own `pods` map, so several agents can share a kernel, as in the sandbox), and offers:
+`ConnectRedirect` has the programs compiled and loaded by bcc in a short-lived child
+(bpfload.py: bcc and LLVM would otherwise stay in the agent, ~110 MiB of RSS), attaches
+`connect4`, `connect6` and `sockops` at the cgroup2 root through BPF links (one set per
+agent; each acts only in the namespaces in its own `pods` map, so several agents can share
+a kernel, as in the sandbox), and offers, through raw bpf(2) calls (bpfsys.py):
 
 * `add_pod` / `remove_pod`: capture a pod namespace's outbound TCP connects, or stop;
 * `original_destination`: where an accepted connection on the outbound listener was going
   (the eBPF counterpart of SO_ORIGINAL_DST), by the namespace and the app's local port.
 
-With `pin_dir`, maps and links are pinned in bpffs, so capture outlives the agent: after a
-crash the pods' connects still go to the (now closed) listener and are refused, not sent in
-plaintext (fail closed), and the next agent takes the same maps and swaps its programs into
-the same links. `close(keep=False)` removes everything.
+With `pin_dir`, maps, programs and links are pinned in bpffs, so capture outlives the agent:
+after a crash the pods' connects still go to the (now closed) listener and are refused, not
+sent in plaintext (fail closed), and the next agent takes the same maps and swaps its
+programs into the same links. The pinned programs are named by a digest of the program text
+and serve as a cache: an agent restarting with the same text reuses them and starts no
+child. Without `pin_dir` the child hands the descriptors over (SCM_RIGHTS) and nothing is
+pinned: capture ends with the agent's process. `close(keep=False)` removes everything.
 
 `EbpfCapture` is the backend the agent runs with `redirect_backend: ebpf`: this for IPv4
 outbound, the iptables backend for inbound and IPv6.
@@ -23,14 +28,20 @@ outbound, the iptables backend for inbound and IPv6.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
 import importlib.resources
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from nodeagent.datapath import bpfload, bpfsys
+from nodeagent.datapath.bpfsys import BpfSys
 from nodeagent.datapath.iptables import CaptureError, InstalledCapture, IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, original_destination, resolve
 from nodeagent.datapath.plan import CapturePlan
@@ -45,10 +56,11 @@ _SO_NETNS_COOKIE = 71
 _CGROUP_INET4_CONNECT = 10
 _CGROUP_INET6_CONNECT = 11
 _CGROUP_SOCK_OPS = 3
-_PROGRAMS = (
-    ("connect4", _CGROUP_INET4_CONNECT),
-    ("connect6", _CGROUP_INET6_CONNECT),  # IPv4-mapped destinations on IPv6 sockets
-    ("sockops", _CGROUP_SOCK_OPS),
+_PROGRAMS = (  # (function, attach type, program type)
+    ("connect4", _CGROUP_INET4_CONNECT, bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR),
+    # IPv4-mapped destinations on IPv6 sockets
+    ("connect6", _CGROUP_INET6_CONNECT, bpfsys.PROG_TYPE_CGROUP_SOCK_ADDR),
+    ("sockops", _CGROUP_SOCK_OPS, bpfsys.PROG_TYPE_SOCK_OPS),
 )
 
 
@@ -105,20 +117,40 @@ def cgroup2_root(configured: str = "", mounts: str | None = None) -> str:
     raise CaptureError("no cgroup2 hierarchy is mounted (set cgroup2_path)")
 
 
-def _libbpf() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-    lib.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_link_update.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.bpf_link_detach.argtypes = [ctypes.c_int]
-    lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-    lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-    return lib
+class PodInfo(ctypes.Structure):
+    """struct pod_info, the `pods` map's value (connect_redirect.c)."""
+
+    _fields_ = [
+        ("ips", ctypes.c_uint32 * MAX_POD_IPS),
+        ("skip_ip", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("mark_mask", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
 
 
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        raise CaptureError(f"{what}: {os.strerror(-result)}")
-    return result
+class ConnKey(ctypes.Structure):
+    """struct conn_key, the `origins` map's key."""
+
+    _fields_ = [("netns", ctypes.c_uint64), ("port", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class OrigDst(ctypes.Structure):
+    """struct orig_dst, where a captured connect was going."""
+
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+# The maps as declared in the program: (type, key size, value size); a pinned map that does
+# not match is not reused from the cache.
+_MAPS = {
+    "pods": (bpfsys.MAP_TYPE_HASH, 8, ctypes.sizeof(PodInfo)),
+    "pending": (bpfsys.MAP_TYPE_LRU_HASH, 8, ctypes.sizeof(OrigDst)),
+    "origins": (bpfsys.MAP_TYPE_LRU_HASH, ctypes.sizeof(ConnKey), ctypes.sizeof(OrigDst)),
+    "stats": (bpfsys.MAP_TYPE_ARRAY, 4, 8),
+}
+LOAD_TIMEOUT = 180.0  # seconds for the child to compile and load (about 2 s here)
 
 
 def _u32(ip: str) -> int:
@@ -129,6 +161,81 @@ def _u32(ip: str) -> int:
 def _netns_cookie() -> int:
     with socket.socket() as s:
         return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8), "little")
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def prog_pin(pin_dir: Path, name: str, digest: str) -> Path:
+    """Where a program compiled from the text with this digest is pinned (its cache entry)."""
+    return pin_dir / f"{name}_prog_{digest}"
+
+
+def load_objects(
+    text: str,
+    *,
+    pin_dir: Path | None,
+    digest: str,
+    kernel_headers: Path | None = None,
+    python: str = sys.executable,
+    timeout: float = LOAD_TIMEOUT,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Compile and load `text` in a child (bpfload.py): descriptors of its programs and
+    maps, by name. The programs are pinned as the cache entry when there is a `pin_dir`."""
+    request = {
+        "text": text,
+        "programs": [
+            {
+                "name": name,
+                "prog_type": prog_type,
+                "attach_type": attach_type,
+                "pin": str(prog_pin(pin_dir, name, digest)) if pin_dir is not None else "",
+            }
+            for name, attach_type, prog_type in _PROGRAMS
+        ],
+        "maps": list(_MAPS),
+    }
+    env = dict(os.environ)
+    if kernel_headers is not None:
+        env.setdefault("BCC_KERNEL_SOURCE", str(kernel_headers))
+    # The child finds this very package, installed or in a checkout.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        try:
+            with theirs:
+                proc = subprocess.run(
+                    [python, "-m", "nodeagent.datapath.bpfload", str(theirs.fileno())],
+                    input=json.dumps(request).encode(),
+                    pass_fds=(theirs.fileno(),),
+                    capture_output=True,
+                    env=env,
+                    timeout=timeout,
+                    check=False,
+                )
+        except subprocess.TimeoutExpired:
+            raise CaptureError(f"compile {SOURCE.name}: no answer in {timeout:.0f} s") from None
+        except OSError as exc:
+            raise CaptureError(f"compile {SOURCE.name}: cannot run {python}: {exc}") from None
+        ours.setblocking(False)
+        try:
+            msg, fds, _, _ = socket.recv_fds(ours, 4096, bpfload.MAX_FDS)
+        except BlockingIOError:
+            msg, fds = b"", []
+    if proc.returncode != 0 or not fds:
+        for fd in fds:
+            os.close(fd)
+        err = proc.stderr.decode(errors="replace").strip()
+        lines = err.splitlines()
+        detail = "\n".join(lines[-20:]) if lines else "(no output)"
+        raise CaptureError(f"compile {SOURCE.name}: the loader exited {proc.returncode}:\n{detail}")
+    named = dict(zip(json.loads(msg), fds, strict=True))
+    progs = {name: named.pop(name) for name, _, _ in _PROGRAMS}
+    return progs, named
 
 
 class ConnectRedirect:
@@ -142,42 +249,43 @@ class ConnectRedirect:
         outbound_port: int = OUTBOUND_PORT,
         kernel_headers: Path | None = None,
         worker: NetnsWorker | None = None,
+        bpf: BpfSys | None = None,
     ) -> None:
-        if kernel_headers is not None:
-            os.environ.setdefault("BCC_KERNEL_SOURCE", str(kernel_headers))
-        try:  # imported here: loading libbcc is slow, and only this needs it
-            from bcc import BPF
-        except ImportError as exc:
-            raise CaptureError(f"bcc is not installed ({exc})") from None
-
         self._outbound_port = outbound_port
         self._pin_dir = pin_dir
-        self._lib = _libbpf()
+        self._sys = bpf or BpfSys()
         self._links: list[int] = []
+        self._maps: dict[str, int] = {}
+        self.compiled = False  # whether this start ran the compiler (no cached programs)
         cgroup = cgroup2_root(cgroup)
         try:  # first: the cheap mistake is reported before a second of compiling
             cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             raise CaptureError(f"open cgroup2 {cgroup}: {exc.strerror}") from None
+        progs: dict[str, int] = {}
         try:
             text = read_source()
             if pin_dir is not None:
                 pin_dir.mkdir(parents=True, exist_ok=True)
                 text = _pinned(text, pin_dir)  # the same maps across agent restarts
-            try:
-                self._bpf: Any = BPF(text=text.encode())
-            except Exception as exc:
-                raise CaptureError(f"compile {SOURCE.name}: {exc}") from None
-            try:
-                for name, attach_type in _PROGRAMS:
-                    prog_type = BPF.SOCK_OPS if name == "sockops" else BPF.CGROUP_SOCK_ADDR
-                    fn = self._bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
-                    self._links.append(self._link(fn.fd, cgroup_fd, attach_type, name))
-            except BaseException:
-                self._unlink(remove_pins=False)
-                self._bpf.cleanup()
-                raise
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            cached = self._cached(pin_dir, digest) if pin_dir is not None else None
+            if cached is None:
+                self.compiled = True
+                cached = load_objects(
+                    text, pin_dir=pin_dir, digest=digest, kernel_headers=kernel_headers
+                )
+            progs, self._maps = cached
+            for name, attach_type, _ in _PROGRAMS:
+                self._links.append(self._link(progs[name], cgroup_fd, attach_type, name))
+            if pin_dir is not None:
+                self._forget_other_programs(pin_dir, digest)
+        except BaseException:
+            self._unlink(remove_pins=False)
+            _close_all(self._maps)
+            raise
         finally:
+            _close_all(progs)  # the links (and pins) hold the programs now
             os.close(cgroup_fd)
         self._own_worker = worker is None
         self._worker = worker or NetnsWorker("ebpf")
@@ -186,23 +294,63 @@ class ConnectRedirect:
     def pin_dir(self) -> Path | None:
         return self._pin_dir
 
+    def _cached(self, pin_dir: Path, digest: str) -> tuple[dict[str, int], dict[str, int]] | None:
+        """The pinned programs compiled from this very text and the pinned maps they use,
+        if all are there and fit; else None, and stale program pins of this digest go."""
+        progs: dict[str, int] = {}
+        maps: dict[str, int] = {}
+        try:
+            for name, (map_type, key_size, value_size) in _MAPS.items():
+                maps[name] = fd = self._sys.obj_get(pin_dir / name)
+                info = self._sys.map_info(fd)
+                if (info.type, info.key_size, info.value_size) != (map_type, key_size, value_size):
+                    raise LookupError(name)
+            ids = {self._sys.map_info(fd).id for fd in maps.values()}
+            for name, _, prog_type in _PROGRAMS:
+                progs[name] = fd = self._sys.obj_get(prog_pin(pin_dir, name, digest))
+                prog, used = self._sys.prog_info(fd)
+                if prog.type != prog_type or not set(used) <= ids:
+                    raise LookupError(name)
+        except (OSError, LookupError):
+            _close_all(progs)
+            _close_all(maps)
+            for name, _, _ in _PROGRAMS:
+                prog_pin(pin_dir, name, digest).unlink(missing_ok=True)
+            return None
+        return progs, maps
+
     def _link(self, prog_fd: int, cgroup_fd: int, attach_type: int, name: str) -> int:
         """A link running `prog_fd` at the cgroup: the pinned one (its program swapped for
         ours) if a previous agent left it, else a new one (pinned if we pin)."""
-        lib = self._lib
-        if self._pin_dir is not None:
-            pin = self._pin_dir / f"{name}_link"
-            path = str(pin).encode()
-            if pin.exists():
-                fd = _check(lib.bpf_obj_get(path), f"open pinned link {path.decode()}")
-                _check(lib.bpf_link_update(fd, prog_fd, None), f"replace the {name} program")
+        try:
+            if self._pin_dir is not None:
+                pin = self._pin_dir / f"{name}_link"
+                if pin.exists():
+                    fd = self._sys.obj_get(pin)
+                    try:
+                        self._sys.link_update(fd, prog_fd)
+                    except OSError:
+                        os.close(fd)
+                        raise
+                    return fd
+                fd = self._sys.link_create(prog_fd, cgroup_fd, attach_type)
+                try:
+                    self._sys.obj_pin(fd, pin)
+                except OSError:
+                    self._sys.link_detach(fd)
+                    os.close(fd)
+                    raise
                 return fd
-            fd = _check(
-                lib.bpf_link_create(prog_fd, cgroup_fd, attach_type, None), f"attach {name}"
-            )
-            _check(lib.bpf_obj_pin(fd, path), f"pin the {name} link at {path.decode()}")
-            return fd
-        return _check(lib.bpf_link_create(prog_fd, cgroup_fd, attach_type, None), f"attach {name}")
+            return self._sys.link_create(prog_fd, cgroup_fd, attach_type)
+        except OSError as exc:
+            raise CaptureError(f"attach {name}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _forget_other_programs(pin_dir: Path, digest: str) -> None:
+        """Unpin programs of other texts (a previous version's): no link runs them now."""
+        for entry in pin_dir.iterdir():
+            if "_prog_" in entry.name and not entry.name.endswith(f"_prog_{digest}"):
+                entry.unlink(missing_ok=True)
 
     # -- pods --------------------------------------------------------------------------------------
 
@@ -214,65 +362,67 @@ class ConnectRedirect:
             raise CaptureError(f"pod has {len(v4)} IPv4 addresses; at most {MAX_POD_IPS}")
         handle = resolve(netns)
         cookie = self._worker.call(handle, _netns_cookie)
-        pods = self._bpf[b"pods"]
-        info = pods.Leaf()
+        info = PodInfo(skip_ip=_u32(PROBE_SNAT_IPV4), mark=PROXY_MARK, mark_mask=PROXY_MASK)
         for i, ip in enumerate(v4):
             info.ips[i] = _u32(ip)
-        info.skip_ip = _u32(PROBE_SNAT_IPV4)
-        info.mark, info.mark_mask = PROXY_MARK, PROXY_MASK
         info.port = socket.htons(self._outbound_port)
-        pods[pods.Key(cookie)] = info
+        try:
+            self._sys.map_update(self._maps["pods"], ctypes.c_uint64(cookie), info)
+        except OSError as exc:
+            raise CaptureError(f"add netns {cookie} to the pods map: {exc.strerror}") from None
         return cookie
 
     def remove_pod(self, cookie: int) -> None:
-        pods = self._bpf[b"pods"]
-        try:
-            del pods[pods.Key(cookie)]
-        except KeyError:
-            pass
+        self._sys.map_delete(self._maps["pods"], ctypes.c_uint64(cookie))
 
     def pods(self) -> dict[int, tuple[str, ...]]:
         """The captured namespaces (cookie -> the pod addresses left alone)."""
-        return {
-            key.value: tuple(socket.inet_ntoa(ip.to_bytes(4, "little")) for ip in leaf.ips if ip)
-            for key, leaf in self._bpf[b"pods"].items()
-        }
+        fd = self._maps["pods"]
+        found: dict[int, tuple[str, ...]] = {}
+        for key in self._sys.map_keys(fd, ctypes.c_uint64):
+            info = PodInfo()
+            if self._sys.map_lookup(fd, key, info):
+                found[key.value] = tuple(
+                    socket.inet_ntoa(ip.to_bytes(4, "little")) for ip in info.ips if ip
+                )
+        return found
 
     def original_destination(self, cookie: int, local_port: int) -> tuple[str, int] | None:
         """Where the app's connection from `local_port` (its side, as the listener sees the
         peer) in namespace `cookie` was going; taken out of the map. None if unknown."""
-        origins = self._bpf[b"origins"]
-        key = origins.Key(cookie, local_port, 0)
-        try:
-            orig = origins[key]
-        except KeyError:
+        fd = self._maps["origins"]
+        key = ConnKey(netns=cookie, port=local_port)
+        orig = OrigDst()
+        if not self._sys.map_lookup(fd, key, orig):
             return None
-        try:
-            del origins[key]
-        except KeyError:
-            pass
+        self._sys.map_delete(fd, key)
         return socket.inet_ntoa(orig.ip.to_bytes(4, "little")), socket.ntohs(orig.port)
 
     def stats(self) -> dict[str, int]:
-        table = self._bpf[b"stats"]
-        return {"redirected": table[0].value, "origins_filed": table[1].value}
+        counts = []
+        for index in (0, 1):
+            value = ctypes.c_uint64()
+            self._sys.map_lookup(self._maps["stats"], ctypes.c_uint32(index), value)
+            counts.append(value.value)
+        return {"redirected": counts[0], "origins_filed": counts[1]}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def close(self, *, keep: bool = False) -> None:
         """Stop. `keep` (with a pin_dir) leaves capture in place for the next agent."""
         self._unlink(remove_pins=not keep)
-        self._bpf.cleanup()
+        _close_all(self._maps)
         if self._own_worker:
             self._worker.close()
 
     def _unlink(self, *, remove_pins: bool) -> None:
         for fd in self._links:
             if remove_pins or self._pin_dir is None:
-                self._lib.bpf_link_detach(fd)
+                with contextlib.suppress(OSError):
+                    self._sys.link_detach(fd)
             os.close(fd)
         self._links.clear()
-        if remove_pins and self._pin_dir is not None:
+        if remove_pins and self._pin_dir is not None and self._pin_dir.exists():
             for entry in self._pin_dir.iterdir():
                 entry.unlink()
             self._pin_dir.rmdir()
@@ -284,7 +434,11 @@ def _pinned(text: str, pin_dir: Path) -> str:
         (
             "BPF_HASH(pods, __u64, struct pod_info, 4096);",
             f'BPF_TABLE_PINNED("hash", __u64, struct pod_info, pods, 4096, "{pin_dir}/pods");',
-        )
+        ),
+        (
+            "BPF_ARRAY(stats, __u64, 2);",
+            f'BPF_TABLE_PINNED("array", int, __u64, stats, 2, "{pin_dir}/stats");',
+        ),
     ]
     for name, key in (("pending", "__u64"), ("origins", "struct conn_key")):
         swaps.append(

@@ -1,16 +1,22 @@
-"""The connect-time redirect in the real kernel: programs loaded with bcc, attached at the
-cgroup2 root, acting in the test's own pod namespaces only."""
+"""The connect-time redirect in the real kernel: programs loaded with bcc in a child process,
+attached at the cgroup2 root, acting in the test's own pod namespaces only."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nodeagent.datapath import bpfsys, ebpf
+from nodeagent.datapath.bpfsys import BpfSys
 from nodeagent.datapath.ebpf import ConnectRedirect
+from nodeagent.datapath.iptables import CaptureError
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker
 from nodeagent.model.constants import PROXY_MARK
 
@@ -200,3 +206,118 @@ def test_pinned_capture_outlives_the_agent_and_the_next_agent_takes_it_over(
     finally:
         outbound.close()
         app.close()
+
+
+def link_ids(pins: Path) -> dict[str, tuple[int, int]]:
+    """The pinned links: name -> (link id, id of the program it runs)."""
+    sys_ = BpfSys()
+    found = {}
+    for name in ("connect4", "connect6", "sockops"):
+        fd = sys_.obj_get(pins / f"{name}_link")
+        try:
+            info = sys_.link_info(fd)
+        finally:
+            os.close(fd)
+        found[name] = (info.id, info.prog_id)
+    return found
+
+
+def test_a_restart_takes_over_the_pinned_links_and_reuses_the_compiled_programs(
+    topology: Topology, worker: NetnsWorker, bpffs: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pins = bpffs / "agent"
+    outbound = listen(worker, topology.pod_a, LISTENER)
+    kw = {"kernel_headers": HEADERS, "outbound_port": LISTENER, "worker": worker, "pin_dir": pins}
+    try:
+        first = ConnectRedirect(**kw)  # type: ignore[arg-type]
+        assert first.compiled
+        cookie = first.add_pod(topology.pod_a, [topology.ip_a])
+        before = link_ids(pins)
+        first.close(keep=True)
+
+        # The same program text: no child, the pinned programs and links as they were.
+        second = ConnectRedirect(**kw)  # type: ignore[arg-type]
+        assert not second.compiled
+        assert link_ids(pins) == before
+        assert second.pods() == {cookie: (topology.ip_a,)}
+        second.close(keep=True)
+
+        # A new program text (an upgrade): compiled, swapped into the very same links, and
+        # the old programs unpinned.
+        text = ebpf.read_source() + "\n// v2\n"
+        monkeypatch.setattr(ebpf, "read_source", lambda: text)
+        third = ConnectRedirect(**kw)  # type: ignore[arg-type]
+        assert third.compiled
+        after = link_ids(pins)
+        assert {n: ids[0] for n, ids in after.items()} == {n: ids[0] for n, ids in before.items()}
+        assert all(after[n][1] != before[n][1] for n in after)
+        assert len([p for p in pins.iterdir() if "_prog_" in p.name]) == 3
+        assert third.pods() == {cookie: (topology.ip_a,)}
+        s, port, peer = dial(worker, topology.pod_a, (topology.ip_b, 8080))
+        assert peer == ("127.0.0.1", LISTENER)
+        accept_from(outbound)
+        assert third.original_destination(cookie, port) == (topology.ip_b, 8080)
+        s.close()
+        third.close(keep=False)
+        assert not pins.exists()
+    finally:
+        outbound.close()
+
+
+def test_a_compile_error_is_a_capture_error_with_the_compilers_message(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(ebpf, "read_source", lambda: "int connect4(void *ctx) { return nope; }")
+    with pytest.raises(CaptureError, match="nope"):
+        ConnectRedirect(kernel_headers=HEADERS, outbound_port=LISTENER)
+
+
+AGENT = f"""
+import os, sys
+from pathlib import Path
+from nodeagent.datapath.ebpf import ConnectRedirect
+r = ConnectRedirect(kernel_headers=Path({str(HEADERS)!r}), outbound_port={LISTENER})
+rss = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+print("bcc" in sys.modules, rss.split()[1])
+r.close()
+"""
+
+
+def test_the_agent_process_never_imports_bcc():
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    imported, rss_kib = out.stdout.split()
+    assert imported == "False"
+    assert int(rss_kib) < 60 * 1024  # bcc alone would be ~75 MiB
+
+
+def test_map_operations_through_raw_syscalls_round_trip(bpffs: Path):
+    sys_ = BpfSys()
+    key_size, value_size = ctypes.sizeof(ebpf.ConnKey), ctypes.sizeof(ebpf.OrigDst)
+    fd = sys_.map_create(bpfsys.MAP_TYPE_HASH, key_size, value_size, 8)
+    try:
+        key = ebpf.ConnKey(netns=1 << 40, port=40000)
+        sys_.map_update(fd, key, ebpf.OrigDst(ip=0x0100000A, port=0x901F))
+        got = ebpf.OrigDst()
+        assert sys_.map_lookup(fd, key, got)
+        assert (got.ip, got.port) == (0x0100000A, 0x901F)
+        assert [(k.netns, k.port) for k in sys_.map_keys(fd, ebpf.ConnKey)] == [(1 << 40, 40000)]
+
+        sys_.obj_pin(fd, bpffs / "m")  # and the same map again through its pin
+        again = sys_.obj_get(bpffs / "m")
+        try:
+            info = sys_.map_info(again)
+            assert (info.type, info.key_size, info.value_size, info.max_entries) == (
+                bpfsys.MAP_TYPE_HASH,
+                key_size,
+                value_size,
+                8,
+            )
+            assert sys_.map_delete(again, key)
+            assert not sys_.map_lookup(fd, key, got)
+            assert not sys_.map_delete(fd, key)
+        finally:
+            os.close(again)
+    finally:
+        os.close(fd)
