@@ -16,7 +16,7 @@ import sys
 
 from bench.report import ROOT, run_family, write_report
 
-ORDER = ["sandbox", "state", "xds", "hbone", "capture", "mesh", "capture_cost"]
+ORDER = ["sandbox", "state", "xds", "hbone", "capture", "mesh", "connections", "capture_cost"]
 SHARED = {"harness", "report", "probe", "tls_relay"}
 
 

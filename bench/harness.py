@@ -44,6 +44,8 @@ STUNNEL_CAPTURED = {
     ECHO_PORT: (26900, 36900),
     HTTP_PORT: (26080, 36080),
 }
+# The Node.js pair: one client port per app port, one http2 server port for them all.
+NODE_H2 = {IPERF_PORT: (27201, 37008), ECHO_PORT: (27900, 37008), HTTP_PORT: (27080, 37008)}
 Figures = dict[str, dict[str, float]]  # variant -> figure name -> value
 
 
@@ -135,16 +137,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_split(pids))
 
 
-def rss_kib(pids: list[int]) -> int:
-    total = 0
+MEMORY_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def memory_kib(pids: list[int]) -> dict[str, int]:
+    """The processes' resident memory from /proc/PID/status, summed: VmRSS and its split into
+    anonymous memory, file mappings (shared libraries) and shared memory, in KiB."""
+    total = dict.fromkeys(MEMORY_FIELDS, 0)
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+                key, _, value = line.partition(":")
+                if key in total:
+                    total[key] += int(value.split()[0])
         except OSError:
             pass
     return total
+
+
+def rss_kib(pids: list[int]) -> int:
+    return memory_kib(pids)["VmRSS"]
 
 
 def with_children(pids: list[int]) -> list[int]:
@@ -204,7 +216,13 @@ class Sandbox:
         self.client, self.server = self.pods["node1-pod1"], self.pods["node2-pod1"]
         # A second client pod, for a variant that installs capture rules of its own.
         self.client2 = self.pods.get("node1-pod2")
-        self.agent_pids = [a["pid"] for a in status.get("agents") or [] if a.get("pid")]
+        # Node name -> its agent's PID (agents are named "agent-NODE").
+        self.agents: dict[str, int] = {
+            a["name"].removeprefix("agent-"): a["pid"]
+            for a in status.get("agents") or []
+            if a.get("pid")
+        }
+        self.agent_pids = list(self.agents.values())
         if agents and len(self.agent_pids) != 2:
             raise RuntimeError(f"sandbox {name}: expected 2 running agents, got {status['agents']}")
         procs.start(in_ns(self.server["netns"], "iperf3", "-s", "-p", str(IPERF_PORT)))
@@ -381,6 +399,11 @@ class RelayPair(Variant):
     def tunnel_pids(self) -> list[int]:
         return self.pids
 
+    def certificates(self, workdir: Path) -> dict[str, str]:
+        """This pair's own CA and certificates (`workload_certs`), in its own directory."""
+        (workdir / self.name).mkdir(exist_ok=True)
+        return workload_certs(workdir / self.name)
+
 
 class Stunnel(RelayPair):
     """The native reference: an OpenSSL mutual TLS 1.3 stunnel pair."""
@@ -391,9 +414,8 @@ class Stunnel(RelayPair):
     def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
         self.pids: list[int] = []
         self.server_ip = server_ip
+        certs = self.certificates(workdir)
         workdir = workdir / self.name  # each pair its own CA and files
-        workdir.mkdir(exist_ok=True)
-        certs = workload_certs(workdir)
         common = [
             "foreground = yes",
             "pid =",
@@ -444,9 +466,7 @@ class PyRelay(RelayPair):
     ports = PY_RELAY
 
     def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
-        workdir = workdir / self.name
-        workdir.mkdir(exist_ok=True)
-        certs = workload_certs(workdir)
+        certs = self.certificates(workdir)
         pairs = [(app, local, remote) for app, (local, remote) in PY_RELAY.items()]
         server_maps = [f"{server_ip}:{remote}=127.0.0.1:{app}" for app, _, remote in pairs]
         client_maps = [f"127.0.0.1:{local}={server_ip}:{remote}" for _, local, remote in pairs]
@@ -499,3 +519,31 @@ class CapturedStunnel(Stunnel):
 
     def target(self, port: int) -> tuple[str, int]:
         return self.server_ip, port
+
+
+class NodeH2Pair(RelayPair):
+    """A Node.js reference (`bench/h2_connect_pair.js`, Node's own http2 and TLS): each
+    connection a CONNECT stream on one pooled mutual TLS 1.3 http2 session, the HBONE shape
+    without capture or policy, for the rate of new connections (issue 21)."""
+
+    name = "node_h2"
+    ports = NODE_H2
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        certs = self.certificates(workdir)
+        script = str(ROOT / "bench" / "h2_connect_pair.js")
+        node = shutil.which("node") or "node"
+        (remote,) = {remote for _, remote in self.ports.values()}
+        first, *more = [(str(local), f"127.0.0.1:{app}") for app, (local, _) in self.ports.items()]
+        env = ["env", f"H2_CA={certs['ca']}"]
+        server = [*env, f"H2_CERT={certs['server_cert']}", f"H2_KEY={certs['server_key']}"]
+        client = [*env, f"H2_CERT={certs['client_cert']}", f"H2_KEY={certs['client_key']}"]
+        self.pids = [
+            procs.start(in_ns(server_ns, *server, node, script, "server", str(remote))).pid
+        ]
+        wait_port(client_ns, server_ip, remote)
+        pairs = [x for pair in more for x in pair]
+        argv = [node, script, "client", first[0], server_ip, str(remote), first[1], *pairs]
+        self.pids.append(procs.start(in_ns(client_ns, *client, *argv)).pid)
+        for local, _ in self.ports.values():
+            wait_port(client_ns, "127.0.0.1", local)

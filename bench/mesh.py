@@ -62,7 +62,7 @@ from bench.harness import (
     sh,
     with_children,
 )
-from bench.report import emit
+from bench.report import emit, goal
 from nodeagent.model.constants import INBOUND_HBONE_PORT as HBONE_PORT
 from nodeagent.model.constants import OUTBOUND_PORT
 
@@ -224,6 +224,24 @@ def ratios(med: Figures, reference: str, mesh: str = "mesh") -> dict[str, float 
     }
 
 
+def goals(med: Figures) -> list[dict[str, Any]]:
+    """Issue 21's rows this family measures, from the medians (only those whose variants ran):
+    single-stream throughput against the bare Python relay, added p50 against stunnel (as
+    `ratios` computes them), and the eBPF agents' memory against the iptables agents', per
+    agent (`tunnel_rss_mib` is both agents of a sandbox)."""
+    out = []
+    if {"mesh", "py_relay", "no_mesh"} <= med.keys():
+        throughput = ratios(med, "py_relay")["throughput_ratio"]
+        out.append(goal("single-stream throughput, mesh / py_relay", throughput, ">=", 0.95))
+    if {"mesh", "stunnel", "no_mesh"} <= med.keys():
+        added = ratios(med, "stunnel")["added_p50_ratio"]
+        out.append(goal("added p50 latency, mesh / stunnel", added, "<=", 1.0))
+    if {"mesh", "mesh_ebpf"} <= med.keys():
+        extra = (med["mesh_ebpf"]["tunnel_rss_mib"] - med["mesh"]["tunnel_rss_mib"]) / 2
+        out.append(goal("agent RSS, eBPF backend - iptables, per agent", extra, "<=", 10, " MiB"))
+    return out
+
+
 def table(median: Figures) -> list[str]:
     """The medians as Markdown table rows (readable inside the JSON report too)."""
     rows = [
@@ -331,6 +349,7 @@ def main() -> int:
             for reference in ("stunnel", "stunnel_captured", "py_relay"):
                 if reference in med and mesh in med and "no_mesh" in med:
                     result[f"{mesh}_vs_{reference}"] = ratios(med, reference, mesh)
+        result["goals"] = goals(med)
         result["rounds"] = rounds
         emit(result)
         return 0

@@ -52,8 +52,33 @@ def run_family(argv: list[str]) -> dict[str, object]:
     return {"result": result, "seconds": elapsed}
 
 
+def goal(figure: str, value: float, op: str, bound: float, unit: str = "") -> dict[str, Any]:
+    """One entry of a family's `goals` list: a figure of this run against its goal (`op` is
+    ">=" or "<="), and whether the run met it."""
+    if op not in (">=", "<="):
+        raise ValueError(f"goal operator {op!r}: use >= or <=")
+    met = value >= bound if op == ">=" else value <= bound
+    return {"figure": figure, "value": round(value, 3), "goal": f"{op} {bound:g}{unit}", "met": met}
+
+
+def goals_table(report: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every family's `goals` as one Markdown table (family, figure, value, goal, met); no
+    lines when no family has goals."""
+    rows = []
+    for family, entry in report.items():
+        result = entry.get("result")
+        listed = result.get("goals") if isinstance(result, Mapping) else None
+        for g in listed or []:
+            met = "yes" if g.get("met") else "**no**"
+            rows.append(f"| {family} | {g['figure']} | {g['value']} | {g['goal']} | {met} |")
+    if not rows:
+        return []
+    head = ["| family | figure | value | goal | met |", "|---|---|---:|---|---|"]
+    return ["## Goals (issue 21)", "", *head, *rows, ""]
+
+
 def to_markdown(report: Mapping[str, Mapping[str, Any]]) -> str:
-    out = ["# nodeagent benchmark report", ""]
+    out = ["# nodeagent benchmark report", "", *goals_table(report)]
     for area, entry in report.items():
         out.append(f"## {area} ({entry.get('seconds')} s)")
         out.append("")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import run_family, to_markdown, trailing_json
+from bench.report import goal, goals_table, run_family, to_markdown, trailing_json
 
 RESULT = {"runs": [1.5, 2.0], "nested": {"a": [1, {"b": 2}]}}
 
@@ -78,3 +78,42 @@ def test_every_module_but_the_shared_ones_is_a_family_in_report_order() -> None:
     found = families()
     assert found[: len(ORDER)] == ORDER  # today's report order first, new families after
     assert not {"harness", "report", "probe", "tls_relay", "__main__"} & set(found)
+
+
+def test_a_goal_says_whether_the_run_met_it() -> None:
+    assert goal("conn/s ratio", 4.25, ">=", 4) == {
+        "figure": "conn/s ratio",
+        "value": 4.25,
+        "goal": ">= 4",
+        "met": True,
+    }
+    assert goal("idle RSS", 40.01, "<=", 40, " MiB")["met"] is False
+    assert goal("idle RSS", 40.0, "<=", 40, " MiB")["goal"] == "<= 40 MiB"
+    with pytest.raises(ValueError):
+        goal("x", 1.0, "==", 1.0)
+
+
+def test_the_goals_of_every_family_head_the_markdown_report() -> None:
+    report = {
+        "mesh": {"result": {"goals": [goal("p50 ratio", 0.9, "<=", 1.0)]}, "seconds": 1.0},
+        "state": {"result": RESULT, "seconds": 1.0},
+        "connections": {
+            "result": {"goals": [goal("per conn", 7.5, "<=", 6, " KiB")]},
+            "seconds": 2.0,
+        },
+        "xds": {"error": "exit 1", "detail": [], "seconds": 0.5},
+    }
+    text = to_markdown(report)
+    assert text.index("## Goals (issue 21)") < text.index("## mesh (1.0 s)")
+    assert goals_table(report)[2:] == [
+        "| family | figure | value | goal | met |",
+        "|---|---|---:|---|---|",
+        "| mesh | p50 ratio | 0.9 | <= 1 | yes |",
+        "| connections | per conn | 7.5 | <= 6 KiB | **no** |",
+        "",
+    ]
+
+
+def test_no_goals_no_goals_table() -> None:
+    assert goals_table({"state": {"result": RESULT, "seconds": 1.0}}) == []
+    assert "Goals" not in to_markdown({"state": {"result": RESULT, "seconds": 1.0}})
