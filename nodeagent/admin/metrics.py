@@ -20,6 +20,7 @@ so several agents (or tests) in one process do not collide.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ LOCALITY_LABELS: tuple[str, ...] = (
 TCP_TRAFFIC_LABELS: tuple[str, ...] = (*TRAFFIC_LABELS, *LOCALITY_LABELS)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True)  # no slots: tcp_values is cached on the instance
 class ConnectionLabels:
     """Istio's traffic labels for one connection; empty values render as "unknown"."""
 
@@ -119,6 +120,12 @@ class ConnectionLabels:
 
     def tcp_values(self) -> tuple[str, ...]:
         """The values of TCP_TRAFFIC_LABELS (the common ones, then locality), in order."""
+        return self._tcp_values
+
+    @functools.cached_property
+    def _tcp_values(self) -> tuple[str, ...]:
+        # Counted at open, on bytes and at close: labels are shared between connections
+        # (ConnectionTelemetry caches them), so the tuple is built once per set of labels.
         return tuple(getattr(self, name) or UNKNOWN for name in TCP_TRAFFIC_LABELS)
 
 

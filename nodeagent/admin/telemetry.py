@@ -25,6 +25,7 @@ because the admin package sits beside the proxy, not above it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -103,6 +104,7 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@functools.lru_cache(maxsize=8192)  # per connection, over a node's few thousand peers
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(host)
@@ -143,6 +145,9 @@ def guess_inbound_service(
     return None
 
 
+LABEL_CACHE_SIZE = 4096  # distinct (source, destination, service, flags) label sets kept
+
+
 class ConnectionTelemetry:
     """Records metrics and access logs for the proxy's connections."""
 
@@ -158,6 +163,7 @@ class ConnectionTelemetry:
         # Live connections with the bytes already counted (id -> [conn, in, out]), so
         # `flush` can count long connections' bytes before they close.
         self._live: dict[int, list[Any]] = {}
+        self._label_cache: dict[tuple[object, ...], tuple[object, ConnectionLabels]] = {}
 
     # -- resolution ------------------------------------------------------------
 
@@ -185,23 +191,52 @@ class ConnectionTelemetry:
         return local, self._workload_at(conn.target) or self._workload_at(conn.remote), service
 
     def labels_for(self, conn: LiveConnectionView, response_flags: str = "-") -> ConnectionLabels:
-        source, destination, service = self._ends(conn)
+        return self._labels(conn, self._ends(conn), response_flags)
+
+    def _labels(
+        self,
+        conn: LiveConnectionView,
+        ends: tuple[wm.Workload | None, wm.Workload | None, wm.Service | None],
+        response_flags: str,
+    ) -> ConnectionLabels:
+        source, destination, service = ends
         mtls = conn.protocol == HBONE
         # Outbound, `source_identity` is the local pod's even for plaintext: only a
         # tunnel presents it (ztunnel reports no principal without mTLS).
         peer = conn.source_identity if mtls else None
-        return connection_labels(
-            reporter="destination" if conn.direction == INBOUND else "source",
+        source_principal = str(peer) if peer else ""
+        destination_principal = str(conn.destination_identity) if conn.destination_identity else ""
+        reporter = "destination" if conn.direction == INBOUND else "source"
+        # Connections between the same workloads share their labels: built once, keyed by
+        # the records' identities (the entry holds the records, so an id is not reused
+        # while its entry lives; a changed record is a new object, hence a new entry).
+        key = (
+            reporter,
+            id(source),
+            id(destination),
+            id(service),
+            source_principal,
+            destination_principal,
+            mtls,
+            response_flags,
+        )
+        cached = self._label_cache.get(key)
+        if cached is not None:
+            return cached[1]
+        labels = connection_labels(
+            reporter=reporter,
             source=source,
             destination=destination,
             service=service,
-            source_principal=str(peer) if peer else "",
-            destination_principal=(
-                str(conn.destination_identity) if conn.destination_identity else ""
-            ),
+            source_principal=source_principal,
+            destination_principal=destination_principal,
             mtls=mtls,
             response_flags=response_flags,
         )
+        if len(self._label_cache) >= LABEL_CACHE_SIZE:
+            self._label_cache.clear()
+        self._label_cache[key] = (ends, labels)
+        return labels
 
     # -- observer ----------------------------------------------------------------
 
@@ -228,14 +263,15 @@ class ConnectionTelemetry:
     def closed(self, conn: LiveConnectionView) -> None:
         flags = conn.response_flags or _response_flags(conn.closed_reason)
         # Labels as at close: the outbound peer identity is known once the tunnel is up.
-        labels = self.labels_for(conn, flags)
+        ends = self._ends(conn)
+        labels = self._labels(conn, ends, flags)
         _, counted_in, counted_out = self._live.pop(id(conn), (conn, 0, 0))
         self._metrics.traffic.record_close(
             labels,
             sent=max(0, conn.bytes_out - counted_out),
             received=max(0, conn.bytes_in - counted_in),
         )
-        service = self._ends(conn)[2]
+        service = ends[2]
         now = time.time()
         outbound = conn.direction != INBOUND
         self._access.log(

@@ -24,7 +24,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,7 @@ IP6T_SO_ORIGINAL_DST = 80  # level SOL_IPV6
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SO_MARK = getattr(socket, "SO_MARK", 36)
+SPARE_SOCKETS = 4  # upstream sockets made ahead per pod and family, in one worker call
 SOL_IP = getattr(socket, "SOL_IP", 0)
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
@@ -192,6 +193,16 @@ class NetnsWorker:
             self._replace_thread()
             raise
 
+    def submit(self, handle: NetnsHandle | None, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Start fn(*args) on the worker inside `handle`; do not wait."""
+        future = self._pool.submit(self._wrap, handle, fn, args)
+        future.add_done_callback(self._replace_if_poisoned)
+        return future
+
+    def _replace_if_poisoned(self, done: Future[Any]) -> None:
+        if not done.cancelled() and isinstance(done.exception(), _Poisoned):
+            self._replace_thread()
+
     async def run(self, handle: NetnsHandle | None, fn: Callable[..., T], *args: Any) -> T:
         """`call` for asyncio: the loop keeps running while the worker works."""
         future = self._pool.submit(self._wrap, handle, fn, args)
@@ -224,6 +235,10 @@ class InPodSocketFactory(Protocol):
 
     def upstream(self, family: socket.AddressFamily) -> socket.socket:
         """A non-blocking, unconnected, marked TCP socket (for loop.sock_connect)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the factory holds (the pod's listeners are closed)."""
         ...
 
 
@@ -274,6 +289,9 @@ class NetnsSocketFactory:
         self._mark = mark
         self._ipv6 = ipv6
         self.transparent: bool | None = None  # learned on the first listener
+        self._spares: dict[socket.AddressFamily, list[socket.socket]] = {}
+        self._refilling: set[socket.AddressFamily] = set()
+        self._closed = False
 
     @property
     def netns(self) -> NetnsHandle:
@@ -322,7 +340,51 @@ class NetnsSocketFactory:
         return self._worker.call(self._netns, make)
 
     def upstream(self, family: socket.AddressFamily) -> socket.socket:
-        return self._worker.call(self._netns, self._new, family)
+        # A socket's namespace is fixed when it is made, so a few are made ahead, in a batch
+        # on the worker: a new connection then takes one without a thread round trip.
+        spares = self._spares.get(family)
+        sock = spares.pop() if spares else self._worker.call(self._netns, self._new, family)
+        self._refill(family)
+        return sock
+
+    def _refill(self, family: socket.AddressFamily) -> None:
+        if self._closed or family in self._refilling or len(self._spares.get(family, ())) > 1:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): make sockets on demand
+        self._refilling.add(family)
+        future = self._worker.submit(self._netns, self._batch, family)
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._refilled, family, done)
+        )
+
+    def _batch(self, family: socket.AddressFamily) -> list[socket.socket]:
+        return [self._new(family) for _ in range(SPARE_SOCKETS)]
+
+    def _refilled(self, family: socket.AddressFamily, done: Future[list[socket.socket]]) -> None:
+        self._refilling.discard(family)
+        if done.exception() is not None:
+            return  # the next upstream() makes its socket on demand and says what failed
+        made = done.result()
+        if self._closed:
+            for sock in made:
+                sock.close()
+            return
+        self._spares.setdefault(family, []).extend(made)
+
+    def spare_count(self, family: socket.AddressFamily) -> int:
+        """How many upstream sockets of `family` are made ahead now."""
+        return len(self._spares.get(family, ()))
+
+    def close(self) -> None:
+        """Close the sockets made ahead (the pod is going away)."""
+        self._closed = True
+        for spares in self._spares.values():
+            for sock in spares:
+                sock.close()
+        self._spares.clear()
 
     def listeners(self, ports: tuple[int, ...] | None = None) -> dict[int, socket.socket]:
         """The agent's in-pod listeners (15001, 15006, 15008 by default), all or none."""

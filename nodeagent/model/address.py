@@ -8,6 +8,7 @@ or connected to, so there is one spelling of each address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import overload
 
@@ -26,11 +27,18 @@ def unmap(address: str | IPAddress) -> str | IPAddress:
     """`::ffff:a.b.c.d` -> `a.b.c.d`. Text comes back in canonical form with any zone id
     (`%eth0`) dropped, or unchanged when it is not an IP address (a host name)."""
     if isinstance(address, str):
-        try:
-            parsed: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return address
-        return str(unmap(parsed))
+        return _unmap_text(address)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+# Every connection passes its peer's and destination's text through `unmap`; the set of
+# addresses a node sees is small next to its connection count, so parse each once.
+@functools.lru_cache(maxsize=8192)
+def _unmap_text(address: str) -> str:
+    try:
+        parsed: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    return str(unmap(parsed))

@@ -228,6 +228,7 @@ class PodListeners:
             with contextlib.suppress(OSError):
                 sock.close()
         self._sockets.clear()
+        self.pod.sockets.close()
 
 
 SocketFactoryMaker = Callable[[NetnsHandle], InPodSocketFactory]

@@ -59,7 +59,8 @@ async def connect_in_pod(
             except OSError as exc:  # no route back to that address: go from the pod
                 log.debug("pod %s: cannot bind to client %s: %s", pod.label, source, exc)
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(sock, dst), connect_timeout)
+        async with asyncio.timeout(connect_timeout):  # not wait_for: no task per connect
+            await loop.sock_connect(sock, dst)
     except BaseException:
         sock.close()
         raise

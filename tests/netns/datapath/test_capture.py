@@ -298,3 +298,28 @@ def test_dns_capture_variant_installs_as_planned_and_is_removed_when_turned_off(
     backend.apply(topology.pod_a, PLAN)
     assert backend.read_installed(topology.pod_a).matches(PLAN)
     assert all(t.is_empty for t in [save(topology.name_a)["raw"], save(topology.name_a, 6)["raw"]])
+
+
+async def test_upstream_sockets_made_ahead_are_in_the_pod_and_closed_with_the_factory(
+    topology: Topology, worker: NetnsWorker
+) -> None:
+    # The first upstream socket is made on demand; then a batch is made ahead on the worker,
+    # and every one handed out must still be the pod's (its address binds only there).
+    factory = NetnsSocketFactory(topology.pod_a, worker)
+    taken = [factory.upstream(socket.AF_INET)]
+    for _ in range(40):
+        await asyncio.sleep(0.01)
+        taken.append(factory.upstream(socket.AF_INET))
+    try:
+        assert factory.spare_count(socket.AF_INET) > 0, "no sockets were made ahead"
+        for sock in taken:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
+            assert not sock.getblocking()
+            sock.bind((topology.ip_a, 0))  # EADDRNOTAVAIL outside pod A's namespace
+        factory.close()
+        assert factory.spare_count(socket.AF_INET) == 0
+        taken.append(factory.upstream(socket.AF_INET))  # still made, on demand
+        assert taken[-1].getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
+    finally:
+        for sock in taken:
+            sock.close()

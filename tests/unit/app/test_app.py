@@ -83,6 +83,9 @@ class LoopbackSockets:
         sock.setblocking(False)
         return sock
 
+    def close(self) -> None:
+        pass
+
 
 def pod_workload() -> Workload:
     return Workload(

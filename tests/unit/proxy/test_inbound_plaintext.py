@@ -52,6 +52,9 @@ class LoopbackSockets:
         sock.setblocking(False)
         return sock
 
+    def close(self) -> None:
+        pass
+
 
 POD = LocalPod(
     uid="uid-b",

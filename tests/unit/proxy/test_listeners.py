@@ -24,6 +24,9 @@ class EphemeralPorts:
     def upstream(self, family: socket.AddressFamily) -> socket.socket:
         raise AssertionError("no upstream connections in these tests")
 
+    def close(self) -> None:
+        pass
+
 
 async def refuse(pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
     sock.close()

@@ -67,6 +67,9 @@ class LoopbackSockets:
         sock.setblocking(False)
         return sock
 
+    def close(self) -> None:
+        pass
+
 
 def pod_b() -> LocalPod:
     return LocalPod(
