@@ -9,7 +9,8 @@ one JSON line naming them in order, and exits: what stays loaded is only what th
 holds or what is pinned. Maps the text declares pinned (BPF_TABLE_PINNED) are reused by bcc
 if they exist, else created and pinned.
 
-A failure is a message on stderr and a non-zero exit; the agent reports that stderr.
+A failure is a message on stderr (the compiler's diagnostics, then one line) and a non-zero
+exit; the agent reports that stderr.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def main(argv: list[str]) -> int:
             "usage: python -m nodeagent.datapath.bpfload SOCKET_FD < request.json", file=sys.stderr
         )
         return 2
-    request = json.load(sys.stdin)
-    names, fds = load(request)
+    try:
+        names, fds = load(json.load(sys.stdin))
+    except Exception as exc:  # one line after bcc's own diagnostics, not a traceback
+        print(f"bpfload: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if len(fds) > MAX_FDS:
         raise SystemExit(f"{len(fds)} descriptors to hand back; at most {MAX_FDS}")
     with socket.socket(fileno=int(argv[1])) as sock:
