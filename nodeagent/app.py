@@ -50,6 +50,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from nodeagent.admin.httpserver import HttpServer, Request, Response, parse_host_port, route
 from nodeagent.admin.loglevel import StdlibLogLevelControl
 from nodeagent.admin.metrics import AgentMetrics
+from nodeagent.admin.memory import trim_after_bursts
 from nodeagent.admin.providers import AdminProviders, DrainHook
 from nodeagent.admin.readiness import Readiness
 from nodeagent.admin.server import AdminServers
@@ -166,6 +167,11 @@ class AgentHandles:
             self._tasks.append(asyncio.create_task(self._sweep_stale(), name="stale-capture"))
         log.info("agent started on node %s", self.config.node_name)
 
+        if self.connections is not None:
+            connections = self.connections
+            self._tasks.append(
+                asyncio.create_task(trim_after_bursts(lambda: len(connections)), name="trim")
+            )
     async def _sweep_stale(self) -> None:
         """Once the control plane's state is complete, hold capture no local workload claims."""
         assert self.xds is not None

@@ -48,6 +48,9 @@ IP6T_SO_ORIGINAL_DST = 80  # level SOL_IPV6
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 SO_MARK = getattr(socket, "SO_MARK", 36)
+# listen(2) caps the backlog at the namespace's net.core.somaxconn: asking for the most
+# lets that sysctl decide (a fixed 1,024 overflowed in a burst of 5,000 connects).
+LISTEN_BACKLOG = 65535
 SPARE_SOCKETS = 4  # upstream sockets made ahead per pod and family, in one worker call
 SOL_IP = getattr(socket, "SOL_IP", 0)
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
@@ -228,7 +231,7 @@ class InPodSocketFactory(Protocol):
     @property
     def netns(self) -> NetnsHandle: ...
 
-    def listener(self, port: int, *, backlog: int = 1024) -> socket.socket:
+    def listener(self, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
         """A non-blocking TCP listener on `port` on the pod side (dual-stack if
         the pod has IPv6), marked, SO_REUSEPORT, transparent if possible."""
         ...
@@ -315,7 +318,7 @@ class NetnsSocketFactory:
             ) from None
         return sock
 
-    def listener(self, port: int, *, backlog: int = 1024) -> socket.socket:
+    def listener(self, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
         dual = self.ipv6
         host = "::" if dual else "0.0.0.0"
 

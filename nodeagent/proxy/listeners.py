@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nodeagent.datapath.netns import InPodSocketFactory, NetnsHandle
+from nodeagent.datapath.netns import LISTEN_BACKLOG, InPodSocketFactory, NetnsHandle
 from nodeagent.model.constants import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import IPAddress, Workload
@@ -106,7 +106,7 @@ class PodListeners:
         handlers: Mapping[int, ConnectionHandler],
         *,
         ports: tuple[int, ...] = POD_PORTS,
-        backlog: int = 1024,
+        backlog: int = LISTEN_BACKLOG,
         totals: ListenerStats | None = None,
         on_close: Callable[[PodListeners], None] | None = None,
         on_drained: Callable[[PodListeners], None] | None = None,
@@ -248,7 +248,7 @@ class PodListenerFactory:
         sockets_for: SocketFactoryMaker,
         *,
         ports: tuple[int, ...] = POD_PORTS,
-        backlog: int = 1024,
+        backlog: int = LISTEN_BACKLOG,
         on_drained: Callable[[str], object] | None = None,
     ) -> None:
         # on_drained(uid): a pod's listeners are closed and its connections drained (the

@@ -1,0 +1,70 @@
+"""Give memory back to the kernel after a burst of connections has closed.
+
+CPython frees a connection's objects into its own pools and glibc's heap, and the agent
+keeps glibc from trimming on every free (app.tune_allocator: bulk relaying would refault
+its buffers). So after thousands of connections close, the freed heap stays resident
+until something asks glibc to return it. `BurstTrim` decides when (pure); `trim_heap`
+asks (malloc_trim(0), which also releases free pages inside the heap, not only its top);
+`trim_after_bursts` polls the live connection count and does both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+TRIM_DROP = 256  # connections closed since the peak that make a trim worth its ~ms
+TRIM_INTERVAL = 2.0  # seconds between looks at the live count
+
+
+@dataclass
+class BurstTrim:
+    """Trim once the live count has fallen `drop` below the highest count seen since the
+    last trim (a burst ended), not on every close: a trim walks the whole heap."""
+
+    drop: int = TRIM_DROP
+    peak: int = 0
+
+    def observe(self, live: int) -> bool:
+        """Take the current live count; True when memory should be trimmed now."""
+        self.peak = max(self.peak, live)
+        if self.peak - live < self.drop:
+            return False
+        self.peak = live
+        return True
+
+
+def trim_heap() -> bool:
+    """glibc's malloc_trim(0): return free heap pages to the kernel. False where the C
+    library has none (not glibc)."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim(0)
+    return True
+
+
+async def trim_after_bursts(
+    live: Callable[[], int],
+    *,
+    policy: BurstTrim | None = None,
+    interval: float = TRIM_INTERVAL,
+    trim: Callable[[], bool] = trim_heap,
+) -> None:
+    """Run until cancelled: trim the heap whenever `policy` says a burst has ended."""
+    policy = policy or BurstTrim()
+    while True:
+        await asyncio.sleep(interval)
+        if not policy.observe(live()):
+            continue
+        gc.collect()  # cycles among the closed connections' objects, before the heap walk
+        if not trim():
+            log.debug("no malloc_trim in this C library: memory after bursts stays")
+            return
