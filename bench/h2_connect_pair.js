@@ -11,6 +11,7 @@
 // CONNECT by dialling the authority and replying 200, then pipes both ways.
 // Certificates come from the environment: H2_CERT, H2_KEY, H2_CA (PEM files); both sides
 // require the peer's certificate, signed by H2_CA. Runs until killed.
+// (`bench.harness.NodeH2Pair` starts it, with --expose-gc: see SIGUSR2 below.)
 "use strict";
 
 const fs = require("fs");
@@ -130,6 +131,10 @@ function server(args) {
   h2.on("error", () => {});
   h2.listen(Number(args[0]), "0.0.0.0");
 }
+
+// SIGUSR2 collects garbage now (with --expose-gc), so the benchmark's RSS readings per held
+// connection are not moved by a collection that happens to fall between them.
+process.on("SIGUSR2", () => global.gc && global.gc());
 
 const [mode, ...rest] = process.argv.slice(2);
 if (mode === "client" && rest.length >= 4 && rest.length % 2 === 0) client(rest);

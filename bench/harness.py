@@ -532,18 +532,24 @@ class NodeH2Pair(RelayPair):
     def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
         certs = self.certificates(workdir)
         script = str(ROOT / "bench" / "h2_connect_pair.js")
-        node = shutil.which("node") or "node"
+        # --expose-gc: SIGUSR2 then collects garbage (`collect`)
+        node = [shutil.which("node") or "node", "--expose-gc"]
         (remote,) = {remote for _, remote in self.ports.values()}
         first, *more = [(str(local), f"127.0.0.1:{app}") for app, (local, _) in self.ports.items()]
         env = ["env", f"H2_CA={certs['ca']}"]
         server = [*env, f"H2_CERT={certs['server_cert']}", f"H2_KEY={certs['server_key']}"]
         client = [*env, f"H2_CERT={certs['client_cert']}", f"H2_KEY={certs['client_key']}"]
         self.pids = [
-            procs.start(in_ns(server_ns, *server, node, script, "server", str(remote))).pid
+            procs.start(in_ns(server_ns, *server, *node, script, "server", str(remote))).pid
         ]
         wait_port(client_ns, server_ip, remote)
         pairs = [x for pair in more for x in pair]
-        argv = [node, script, "client", first[0], server_ip, str(remote), first[1], *pairs]
+        argv = [*node, script, "client", first[0], server_ip, str(remote), first[1], *pairs]
         self.pids.append(procs.start(in_ns(client_ns, *client, *argv)).pid)
         for local, _ in self.ports.values():
             wait_port(client_ns, "127.0.0.1", local)
+
+    def collect(self) -> None:
+        """Both sides collect their garbage now, so RSS read next is what they hold."""
+        for pid in self.pids:
+            os.kill(pid, signal.SIGUSR2)

@@ -17,6 +17,12 @@ MED = {
     },
     "stunnel": {"conn_per_s": 400.0, "conn_per_s_8": 1000.0},
     "node_h2": {"conn_per_s": 2500.0, "conn_per_s_8": 2000.0},
+    "mesh_ratios": {
+        "conn_per_s_vs_stunnel": 5.0,
+        "conn_per_s_vs_node_h2": 0.8,
+        "conn_per_s_8_vs_stunnel": 3.0,
+        "conn_per_s_8_vs_node_h2": 1.5,
+    },
     "mesh_memory": {
         "idle_rss_mib": 38.0,
         "burst_client_after_ratio": 1.05,
@@ -38,6 +44,12 @@ def test_goals_compare_the_mesh_with_both_references_and_its_memory_with_the_bou
         "client-side agent RSS after a burst closed / before": (1.05, "<= 1.1", True),
         "server-side agent RSS after a burst closed / before": (1.4, "<= 1.1", False),
     }
+
+
+def test_rate_ratios_are_the_mesh_over_each_reference_that_ran() -> None:
+    assert connections.rate_ratios(MED) == MED["mesh_ratios"]
+    one = {"mesh": {"conn_per_s": 300.0}, "stunnel": {"conn_per_s": 0.0}, "node_h2": {}}
+    assert connections.rate_ratios(one) == {}
 
 
 def test_goals_leave_out_what_did_not_run() -> None:
