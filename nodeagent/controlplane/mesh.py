@@ -17,7 +17,9 @@ acceptance comes back as a note for the server to log.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
+import itertools
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -93,8 +95,9 @@ class WorkloadSpec:
     waypoint: str = ""
     """`namespace/hostname` of the waypoint's service (resolved from the labels)."""
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        # Cached: an edit's checks and diff ask it of every workload several times.
         return f"{self.namespace}/{self.name}"
 
     def effective_uid(self, cluster_id: str) -> str:
@@ -119,7 +122,7 @@ class ServiceSpec:
     waypoint: str = ""
     """`namespace/hostname` of the waypoint's service (resolved from the labels)."""
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """xDS resource name of the service: `namespace/hostname`."""
         return f"{self.namespace}/{self.hostname}"
@@ -460,6 +463,20 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         root = compose_yaml(text, source)
     except YamlSyntaxError as e:
         raise MeshError(str(e)) from None
+    return mesh_from_tree(root, source)
+
+
+EntryMemo = dict[int, tuple[yaml.Node, Any]]
+"""An entry's validated value by its node's id (the node is kept so the id stays its)."""
+
+
+def mesh_from_tree(
+    root: yaml.Node | None, source: str, memo: EntryMemo | None = None
+) -> MeshConfig:
+    """Validate a composed mesh file. An entry (a workload, a service, ...) whose node is
+    in `memo` is not read again (a node is not changed once composed, so its value
+    stands); an entry read is added to it. The checks across entries (unique names and
+    IPs, references, waypoints) always run whole."""
     r = _Reader(source)
     if root is None or _is_null(root):
         # What a truncated file looks like (`: > mesh.yaml`, an editor's save):
@@ -498,45 +515,21 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
             mesh_kw["root_namespace"] = r.string(mc["rootNamespace"], "meshConfig.rootNamespace")
         if "clusterId" in mc:
             mesh_kw["cluster_id"] = r.string(mc["clusterId"], "meshConfig.clusterId")
-    nodes = r.items(top["nodes"], "nodes", lambda n, p: _node(r, n, p)) if "nodes" in top else []
-    namespaces = (
-        r.items(top["namespaces"], "namespaces", lambda n, p: _namespace(r, n, p))
-        if "namespaces" in top
-        else []
-    )
-    workloads = (
-        r.items(top["workloads"], "workloads", lambda n, p: _workload(r, n, p))
-        if "workloads" in top
-        else []
-    )
-    services = (
-        r.items(top["services"], "services", lambda n, p: _service(r, n, p))
-        if "services" in top
-        else []
-    )
-    policies = (
-        r.items(
-            top["authorizationPolicies"], "authorizationPolicies", lambda n, p: _policy(r, n, p)
-        )
-        if "authorizationPolicies" in top
-        else []
-    )
-    virtual_services = (
-        r.items(top["virtualServices"], "virtualServices", lambda n, p: _routing(r, n, p, _VS))
-        if "virtualServices" in top
-        else []
-    )
-    destination_rules = (
-        r.items(top["destinationRules"], "destinationRules", lambda n, p: _routing(r, n, p, _DR))
-        if "destinationRules" in top
-        else []
-    )
+
+    def items(key: str, read: Callable[[yaml.Node, str], T]) -> list[tuple[yaml.Node, T]]:
+        if key not in top:
+            return []
+        return r.items(top[key], key, _memoized(read, memo))
+
+    nodes = items("nodes", lambda n, p: _node(r, n, p))
+    namespaces = items("namespaces", lambda n, p: _namespace(r, n, p))
+    workloads = items("workloads", lambda n, p: _workload(r, n, p))
+    services = items("services", lambda n, p: _service(r, n, p))
+    policies = items("authorizationPolicies", lambda n, p: _policy(r, n, p))
+    virtual_services = items("virtualServices", lambda n, p: _routing(r, n, p, _VS))
+    destination_rules = items("destinationRules", lambda n, p: _routing(r, n, p, _DR))
     # Gateway API HTTPRoutes become VirtualServices (as istiod converts them), served alike.
-    http_routes = (
-        r.items(top["httpRoutes"], "httpRoutes", lambda n, p: _http_route(r, n, p))
-        if "httpRoutes" in top
-        else []
-    )
+    http_routes = items("httpRoutes", lambda n, p: _http_route(r, n, p))
     converted = [(n, vs) for n, group in http_routes for vs in group]
     _check_unique(r, "nodes", nodes, lambda s: s.name, "name")
     _check_unique(r, "nodes", nodes, lambda s: s.token, "token")
@@ -588,6 +581,25 @@ def parse_mesh(text: str, source: str = "<mesh>") -> MeshConfig:
         where=where,
         notes=notes,
     )
+
+
+def _memoized(
+    read: Callable[[yaml.Node, str], T], memo: EntryMemo | None
+) -> Callable[[yaml.Node, str], T]:
+    """`read`, answered from `memo` for a node already read, recording a new one there."""
+    if memo is None:
+        return read
+
+    def memoized(node: yaml.Node, path: str) -> T:
+        hit = memo.get(id(node))
+        if hit is not None and hit[0] is node:
+            value: T = hit[1]
+        else:
+            value = read(node, path)
+            memo[id(node)] = (node, value)
+        return value
+
+    return memoized
 
 
 def _explicit_empty_list(node: yaml.Node | None) -> bool:
@@ -862,6 +874,15 @@ def _place_behind_waypoints(
 
     Unlike istiod, which leaves a service direct while its waypoint is not ready, a label
     naming no waypoint is an error here: the file says where."""
+    if not any(
+        labels.get(USE_WAYPOINT, "none") != "none"
+        for labels in itertools.chain(
+            (ns.labels for _, ns in namespaces),
+            (svc.labels for _, svc in services),
+            (w.labels for _, w in workloads),
+        )
+    ):
+        return workloads, services  # no waypoint anywhere (and "none" resolves to none)
     by_key = {(svc.namespace, svc.name): (n, svc) for n, svc in services}
     ns_labels = {
         nsp.name: (n, f"namespaces[{i}]", nsp.labels) for i, (n, nsp) in enumerate(namespaces)

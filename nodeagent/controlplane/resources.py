@@ -404,3 +404,157 @@ def _cidr(text: str) -> pm.IPNetwork:
 
 def _first_label(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
     return next((labels[k] for k in keys if k in labels), default)
+
+
+# --- an edit: rebuild only what it touched -----------------------------------------
+
+Changes = Mapping[str, frozenset[str]]
+"""{type_url: names upserted or removed}; a type absent did not change."""
+
+# Past this many changed services or policies, finding the workloads they select one by
+# one costs more than building everything again.
+_INCREMENTAL_SELECTOR_LIMIT = 50
+
+
+def update_snapshot(
+    old: MeshConfig, base: Snapshot, new: MeshConfig
+) -> tuple[dict[str, dict[str, VersionedResource]], Changes]:
+    """The snapshot of `new`, given `base` = build_snapshot(old), and the names that
+    differ. Only resources whose inputs changed are built again: a workload that
+    changed, or that a changed service or policy selects (before or after the edit),
+    a changed service, a changed policy. Config kinds are few and built again when any
+    of their kind changed. Equal to build_snapshot(new), by construction and by test."""
+    if (old.trust_domain, old.cluster_id, old.root_namespace) != (
+        new.trust_domain,
+        new.cluster_id,
+        new.root_namespace,
+    ):
+        return _rebuilt(base, build_snapshot(new))
+    services = _changed_by_key(old.services, new.services)
+    policies = _changed_by_key(
+        (p for p in old.policies if not p.for_waypoint),
+        (p for p in new.policies if not p.for_waypoint),
+    )
+    if len(services) + len(policies) > _INCREMENTAL_SELECTOR_LIMIT:
+        return _rebuilt(base, build_snapshot(new))
+    snapshot: dict[str, dict[str, VersionedResource]] = {}
+    changes: dict[str, frozenset[str]] = {}
+    snapshot[TYPE_URL_ADDRESS], changed = _updated_addresses(
+        old, base.get(TYPE_URL_ADDRESS, {}), new, services, policies
+    )
+    if changed:
+        changes[TYPE_URL_ADDRESS] = changed
+    authz = dict(base.get(TYPE_URL_AUTHORIZATION, {}))
+    for key, (_, policy) in policies.items():
+        if policy is None:
+            authz.pop(key, None)
+        else:
+            msg = authorization_to_pb(authorization_value(new, policy))
+            authz[key] = versioned(msg.SerializeToString(deterministic=True))
+    snapshot[TYPE_URL_AUTHORIZATION] = authz
+    if policies:
+        changes[TYPE_URL_AUTHORIZATION] = frozenset(policies)
+    waypoint_policies = (
+        tuple(p for p in old.policies if p.for_waypoint),
+        tuple(p for p in new.policies if p.for_waypoint),
+    )
+    configs: list[tuple[str, bool, Callable[[], dict[str, VersionedResource]]]] = [
+        (
+            TYPE_URL_VIRTUAL_SERVICE,
+            old.virtual_services == new.virtual_services,
+            lambda: config_resources(TYPE_URL_VIRTUAL_SERVICE, new.virtual_services),
+        ),
+        (
+            TYPE_URL_DESTINATION_RULE,
+            old.destination_rules == new.destination_rules,
+            lambda: config_resources(TYPE_URL_DESTINATION_RULE, new.destination_rules),
+        ),
+        (
+            TYPE_URL_AUTHORIZATION_POLICY,
+            waypoint_policies[0] == waypoint_policies[1],
+            lambda: waypoint_policy_resources(waypoint_policies[1]),
+        ),
+    ]
+    for type_url, same, build in configs:
+        previous = base.get(type_url, {})
+        if same:
+            snapshot[type_url] = dict(previous)
+        else:
+            snapshot[type_url] = built = build()
+            changes[type_url] = _differing(previous, built)
+    return snapshot, changes
+
+
+def _updated_addresses(
+    old: MeshConfig,
+    base: Mapping[str, VersionedResource],
+    new: MeshConfig,
+    services: Mapping[str, tuple[ServiceSpec | None, ServiceSpec | None]],
+    policies: Mapping[str, tuple[PolicySpec | None, PolicySpec | None]],
+) -> tuple[dict[str, VersionedResource], frozenset[str]]:
+    """The Address resources of `new` and the names changed, given `base` of `old`."""
+    old_workloads = {w.key: w for w in old.workloads}
+    new_workloads = {w.key: w for w in new.workloads}
+    touched = {
+        k for k, w in new_workloads.items() if (was := old_workloads.get(k)) is not w and was != w
+    }
+    selectors: list[ServiceSpec | PolicySpec] = [
+        s for pair in services.values() for s in pair if s is not None
+    ]
+    selectors += [p for pair in policies.values() for p in pair if p is not None]
+    if selectors:
+        touched.update(w.key for w in new.workloads if any(s.selects(w) for s in selectors))
+    addresses = dict(base)
+    changed: set[str] = set()
+    # Every old name of a removed or touched workload goes first: a touched one is put
+    # back under its (possibly new) uid below, whatever order the upserts come in.
+    for key in (old_workloads.keys() - new_workloads.keys()) | (touched & old_workloads.keys()):
+        changed.add(old_workloads[key].effective_uid(old.cluster_id))
+    changed.update(was.key for was, now in services.values() if was is not None and now is None)
+    for name in changed:
+        addresses.pop(name, None)
+    values: list[wm.Workload | wm.Service] = []
+    if touched:
+        svc_idx = _SelectorIndex(new.services, lambda s: s.selector)
+        pol_idx = _SelectorIndex(
+            [p for p in new.policies if not p.for_waypoint], lambda p: p.selector
+        )
+        for key in touched:
+            w = new_workloads[key]
+            values.append(workload_value(new, w, svc_idx.candidates(w), pol_idx.candidates(w)))
+    values += [service_value(now) for _, now in services.values() if now is not None]
+    for value in values:
+        name = address_resource_name(value)
+        addresses[name] = versioned(address_to_pb(value).SerializeToString(deterministic=True))
+        changed.add(name)
+    return addresses, frozenset(changed)
+
+
+def _changed_by_key(old: Iterable[S], new: Iterable[S]) -> dict[str, tuple[S | None, S | None]]:
+    """{key: (before, after)} for every item added, removed or different."""
+    before = {x.key: x for x in old}
+    after = {x.key: x for x in new}
+    return {
+        k: (before.get(k), after.get(k))
+        for k in before.keys() | after.keys()
+        if before.get(k) is not after.get(k) and before.get(k) != after.get(k)
+    }
+
+
+def _differing(
+    old: Mapping[str, VersionedResource], new: Mapping[str, VersionedResource]
+) -> frozenset[str]:
+    return frozenset(
+        n for n in old.keys() | new.keys() if (a := old.get(n)) is None or a != new.get(n)
+    )
+
+
+def _rebuilt(
+    base: Snapshot, snapshot: dict[str, dict[str, VersionedResource]]
+) -> tuple[dict[str, dict[str, VersionedResource]], Changes]:
+    changes = {
+        t: diff
+        for t in base.keys() | snapshot.keys()
+        if (diff := _differing(base.get(t, {}), snapshot.get(t, {})))
+    }
+    return snapshot, changes

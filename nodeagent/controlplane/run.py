@@ -35,8 +35,9 @@ class ControlPlaneOptions:
     """Refuse xDS streams whose bearer token names no node of the mesh."""
 
 
-def build_server(opts: ControlPlaneOptions) -> ControlPlaneServer:
-    """The server with its optional CA and TLS; raises MeshError/CaError/OSError."""
+def build_server(opts: ControlPlaneOptions, *, freeze_gc: bool = False) -> ControlPlaneServer:
+    """The server with its optional CA and TLS; raises MeshError/CaError/OSError.
+    `freeze_gc` only where the process is the control plane alone (serve())."""
     creds = None
     if opts.tls_cert is not None or opts.tls_key is not None:
         if opts.tls_cert is None or opts.tls_key is None:
@@ -45,7 +46,11 @@ def build_server(opts: ControlPlaneOptions) -> ControlPlaneServer:
             [(opts.tls_key.read_bytes(), opts.tls_cert.read_bytes())]
         )
     server = ControlPlaneServer(
-        opts.mesh, opts.listen, server_credentials=creds, require_token=opts.require_token
+        opts.mesh,
+        opts.listen,
+        server_credentials=creds,
+        require_token=opts.require_token,
+        freeze_gc=freeze_gc,
     )
     if opts.ca_dir is not None:
         authority = ca_mod.CertificateAuthority.load_or_create(
@@ -58,7 +63,9 @@ def build_server(opts: ControlPlaneOptions) -> ControlPlaneServer:
 
 async def serve(opts: ControlPlaneOptions) -> None:
     """Serve until SIGINT/SIGTERM, then stop cleanly."""
-    server = build_server(opts)
+    # This process is only the control plane: keep the loaded mesh out of the GC's
+    # full collections (server.freeze_long_lived).
+    server = build_server(opts, freeze_gc=True)
     await server.start()
     # One line on stdout so scripts using port 0 learn the address.
     print(f"controlplane serving {opts.mesh} on {server.address}", flush=True)

@@ -5,15 +5,17 @@ which `{name: version}` it holds, and turns client requests and new snapshots
 into responses carrying only what changed: upserts whose version differs and
 `removed_resources` for names the client holds that are gone. A client's
 `initial_resource_versions` seed what it holds, so a reconnect only gets the
-difference. The gRPC edge (`server.py`) reads, writes and logs.
+difference. A new snapshot may come with the names that changed in it (an edit
+of one workload among 10,000): then only those are compared, not every resource.
+The gRPC edge (`server.py`) reads, writes and logs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from nodeagent.controlplane.resources import Snapshot
+from nodeagent.controlplane.resources import Changes, Snapshot
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -78,22 +80,39 @@ class DeltaStreamCore:
         first = self._diff(req.type_url, always=True)
         return [first] if first is not None else []
 
-    def on_snapshot(self, snapshot: Snapshot) -> list[StreamResponse]:
+    def on_snapshot(
+        self, snapshot: Snapshot, changes: Changes | None = None
+    ) -> list[StreamResponse]:
+        """Responses for what differs from what the client holds; `changes` (names that
+        may differ, by type; a type absent is unchanged) narrows the comparison."""
         self._snapshot = snapshot
         out = []
         for type_url in self._held:
-            resp = self._diff(type_url, always=False)
+            names = None if changes is None else changes.get(type_url, frozenset())
+            resp = self._diff(type_url, always=False, names=names)
             if resp is not None:
                 out.append(resp)
         return out
 
-    def _diff(self, type_url: str, *, always: bool) -> StreamResponse | None:
+    def _diff(
+        self, type_url: str, *, always: bool, names: Collection[str] | None = None
+    ) -> StreamResponse | None:
         held = self._held[type_url]
         current = self._snapshot.get(type_url, {})
-        upserts = tuple(
-            (name, r.version, r.value) for name, r in current.items() if held.get(name) != r.version
-        )
-        removed = tuple(sorted(n for n in held if n not in current))
+        if names is None:
+            upserts = tuple(
+                (name, r.version, r.value)
+                for name, r in current.items()
+                if held.get(name) != r.version
+            )
+            removed = tuple(sorted(n for n in held if n not in current))
+        else:
+            upserts = tuple(
+                (name, r.version, r.value)
+                for name in sorted(names)
+                if (r := current.get(name)) is not None and held.get(name) != r.version
+            )
+            removed = tuple(sorted(n for n in names if n in held and n not in current))
         if not upserts and not removed and not always:
             return None
         # What was sent counts as held: a NACKed resource is resent only when it

@@ -17,7 +17,6 @@ import pytest
 
 from nodeagent.cli.main import main
 from nodeagent.config import Config
-from nodeagent.controlplane import server as server_mod
 from nodeagent.controlplane.mesh import MeshError
 from nodeagent.controlplane.server import ControlPlaneServer
 from nodeagent.model.constants import TYPE_URL_ADDRESS
@@ -189,17 +188,18 @@ def test_check_applies_the_same_rules_and_prints_the_accepted_emptiness(
 async def test_a_loader_crash_does_not_end_the_watcher(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = server_mod.load_mesh
     calls = {"n": 0}
 
-    def flaky(path: Path) -> object:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("validator bug")
-        return real(path)
-
     async with served_to_node1(tmp_path) as (server, store, mesh):
-        monkeypatch.setattr(server_mod, "load_mesh", flaky)
+        real = server.watcher.reader.load
+
+        def flaky(raw: bytes | None = None) -> object:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("validator bug")
+            return real(raw)
+
+        monkeypatch.setattr(server.watcher.reader, "load", flaky)
         mesh.write(MESH.replace("ip: 10.10.2.11", "ip: 10.10.2.12"))
         await wait_until(lambda: server.watcher.last_error is not None, "the failed load")
         assert "internal error: RuntimeError('validator bug')" in (server.watcher.last_error or "")

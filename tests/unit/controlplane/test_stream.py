@@ -57,3 +57,18 @@ def test_acks_and_nacks_are_recorded_and_answered_with_nothing() -> None:
     assert [a.error_message for a in core.acks] == [None, "a: bad"]
     # A repeated wildcard subscription is not a new stream.
     assert core.on_request(StreamRequest(type_url=ADDR)) == []
+
+
+def test_snapshot_with_changes_compares_only_the_names_changed() -> None:
+    core = DeltaStreamCore(snap({"a": "1", "b": "1"}))
+    core.on_request(StreamRequest(type_url=ADDR))
+    core.on_request(StreamRequest(type_url=AUTHZ))
+    # "b" differs too, but the hint names only "a" and "gone": only they are looked at.
+    (resp,) = core.on_snapshot(snap({"a": "2", "b": "2"}), {ADDR: frozenset({"a", "gone"})})
+    assert [(n, v) for n, v, _ in resp.resources] == [("a", "2")] and resp.removed == ()
+    (resp,) = core.on_snapshot(snap({"b": "2"}), {ADDR: frozenset({"a"})})
+    assert resp.resources == () and resp.removed == ("a",)
+    # A type the hint leaves out is unchanged; an unchanged name named is not resent.
+    assert core.on_snapshot(snap({"b": "2"}, {"ns/p": "1"}), {ADDR: frozenset({"a"})}) == []
+    (resp,) = core.on_snapshot(snap({"b": "2"}))  # no hint: everything is compared
+    assert [(n, v) for n, v, _ in resp.resources] == [("b", "2")]
