@@ -9,7 +9,8 @@ without agents. Each round starts a fresh sandbox with agents (so "idle, just af
 is measured every round) and then, the variants interleaved:
 
 * `conn_per_s`: `bench.probe connrate`, short HTTP/1.1 with `Connection: close`, one
-  connection at a time (the figure `bench.mesh` reports); `conn_per_s_8`: 8 of them at once;
+  connection at a time (the figure `bench.mesh` reports), and `cpu_us_per_conn`, the CPU both
+  tunnel processes spent per connection meanwhile; `conn_per_s_8`: 8 of them at once;
 * `per_conn_client_kib`/`per_conn_server_kib`: RSS growth of the client-side and server-side
   tunnel process per idle connection, with HOLD connections open (each has echoed one
   message), the mesh's agents and the references';
@@ -48,6 +49,7 @@ from bench.harness import (
     Session,
     Stunnel,
     Variant,
+    cpu_seconds,
     in_ns,
     interleaved,
     memory_kib,
@@ -365,7 +367,12 @@ def main() -> int:
             turn = number % len(variants)  # the first variant rotates from round to round
             variants = variants[turn:] + variants[:turn]
             for v, b in variants:
-                rnd[v.name] = {"conn_per_s": conn_rate(v, b.client["netns"], args.seconds, 1)}
+                pids = v.tunnel_pids()
+                cpu = cpu_seconds(pids)
+                rate = conn_rate(v, b.client["netns"], args.seconds, 1)
+                cpu = cpu_seconds(pids) - cpu
+                made = max(1.0, rate * args.seconds)
+                rnd[v.name] = {"conn_per_s": rate, "cpu_us_per_conn": round(cpu / made * 1e6, 1)}
             for v, b in variants:
                 rate = conn_rate(v, b.client["netns"], args.seconds, CONCURRENT)
                 rnd[v.name]["conn_per_s_8"] = rate

@@ -1,6 +1,7 @@
 """What the benchmark families that drive pods share: processes in pods, sandboxes,
-interleaved rounds, the stunnel and Python relay references, certificates (the report and
-`emit` are in `bench.report`, which in-process families import without all of this).
+interleaved rounds, the stunnel, Python relay and Node.js http2 references, certificates
+(the report and `emit` are in `bench.report`, which in-process families import without all
+of this).
 
 Pods are the sandbox's own (`nodeagent sandbox up/status/down`, the command a user runs), and
 a program runs inside one the way the sandbox starts its processes: `nsenter --net=` on the
