@@ -173,7 +173,7 @@ class ReadStats:
     """How the last read went (for tests and the bench)."""
 
     spliced: bool
-    """Only the edited entry was composed and validated again."""
+    """Only the edited entry was composed and validated again (none, for the same text)."""
 
 
 class MeshFileReader:
@@ -206,12 +206,15 @@ class MeshFileReader:
     def parse(self, text: str) -> MeshConfig:
         source = str(self.path)
         splice = None
+        same = text == self._text
         if self._text is not None and self._root is not None:
             splice = splice_entry(self._text, self._root, text, source)
-        if splice is not None and isinstance(self._root, yaml.MappingNode):
+        if same:
+            root: yaml.Node | None = self._root  # touched, or written back as it was
+        elif splice is not None and isinstance(self._root, yaml.MappingNode):
             replaced = self._root.value[splice.key_index][1].value[splice.entry_index]
             self._memo.pop(id(replaced), None)
-            root: yaml.Node | None = spliced(self._root, splice)
+            root = spliced(self._root, splice)
         else:
             try:
                 root = compose_yaml(text, source)
@@ -221,5 +224,5 @@ class MeshFileReader:
         # The tree stands for the text whether or not it validates: the next edit is
         # compared with this text.
         self._text, self._root = text, root
-        self.last = ReadStats(spliced=splice is not None)
+        self.last = ReadStats(spliced=splice is not None or same)
         return mesh_from_tree(root, source, self._memo)

@@ -148,3 +148,9 @@ def test_unchanged_entries_keep_their_values_across_edits() -> None:
 )
 def test_common_ends_never_overlap(old: str, new: str, ends: tuple[int, int]) -> None:
     assert common_ends(old, new) == ends
+
+
+def test_the_same_text_again_is_not_composed_again() -> None:
+    reader, mesh = read_twice(MESH, MESH)
+    assert reader.last.spliced and mesh == full(MESH)
+    assert mesh.workloads[0] is reader.parse(MESH).workloads[0]
