@@ -2,18 +2,28 @@
 
 For each of N pods (fresh network namespaces with a veth holding the
 pod IP) the agent built by `nodeagent.app.build` (real NodeManager, iptables
-backend, namespace scanner, in-pod listeners) must scan, match, apply the
-in-pod rules and open 15001/15006/15008. Two orders are timed, from the moment
-the second of (workload record, namespace) exists to the pod being `ready`:
+backend, namespace scanner and its inotify watch, in-pod listeners) must scan,
+match, apply the in-pod rules and open 15001/15006/15008. Three orders are
+timed, interleaved pod by pod, to the pod being `ready`:
 
-* namespace first, then the workload record (the record triggers a scan at once);
-* workload record first, then the namespace (found by the periodic scan, so
-  this includes waiting for the next scan: about half the scan interval).
+* `namespace_first`: the namespace, then the workload record (the record asks
+  for a scan at once); timed from the record;
+* `record_first`: the workload record, then the namespace (its entry in the
+  netns dir wakes a scan through inotify); timed from the entry;
+* `address_last`: the record, then an empty namespace's entry, then 20 ms
+  later its veth and address (the way a CNI plugin fills a sandbox's
+  namespace after the runtime made it: found by a follow-up scan); timed
+  from the address.
 
-Pods are made the way the sandbox makes its namespaces (`nodeagent.sandbox.netns.NetnsAdapter`
-and a `NamespacePlan`). Needs root. Prints one JSON object.
+Issue 21's goal: capture ready within 100 ms at the median and at p99, both
+orders (`namespace_first`, `record_first`); `address_last` is reported beside
+them. The agent's first pod (one-off library loading) is timed apart, as
+`first_pod_ms`. Before the inotify watch, `record_first` waited for the 1 s periodic scan
+(1,003 ms median). Pods are made the way the sandbox makes its namespaces
+(`nodeagent.sandbox.netns.NetnsAdapter` and a `NamespacePlan`). Needs root.
+Prints one JSON object, last.
 
-    python -m bench.capture [--pods 20] [--scan-interval 1.0]
+    python -m bench.capture [--pods 50] [--scan-interval 1.0]
 """
 
 from __future__ import annotations
@@ -44,8 +54,16 @@ NODE = "bench-node"
 def make_pod(netns: NetnsAdapter, name: str, ip: str, made: list[str]) -> None:
     """A pod namespace holding `ip` on an interface that is up (a veth whose peer stays
     inside, down: the agent needs the address, not a path out)."""
+    make_namespace(netns, name, made)
+    configure_pod(netns, name, ip)
+
+
+def make_namespace(netns: NetnsAdapter, name: str, made: list[str]) -> None:
     netns.create([name])
     made.append(name)
+
+
+def configure_pod(netns: NetnsAdapter, name: str, ip: str) -> None:
     veth = Veth(netns=name, ifname="d0", peer_netns=name, peer_ifname="d1")
     interface = Interface(ifname="d0", addresses=(f"{ip}/32",))
     netns.apply(NamespacePlan(name=name, role="pod", veths=(veth,), interfaces=(interface,)))
@@ -61,12 +79,58 @@ def workload(uid: str, ip: str) -> Workload:
     )
 
 
-def summary(samples: list[float]) -> dict[str, float]:
+GOAL_MS = 100.0
+ORDERS = ("namespace_first", "record_first", "address_last")
+GOAL_ORDERS = ("namespace_first", "record_first")  # issue 21's "both orders"
+ADDRESS_DELAY = 0.02  # seconds between a namespace's entry and its address
+
+
+def summary(order: str, samples: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples)
+    p99 = statistics.quantiles(ms, n=100, method="inclusive")[98] if len(ms) > 1 else ms[0]
     return {
-        "median_ms": round(statistics.median(samples) * 1000, 1),
-        "max_ms": round(max(samples) * 1000, 1),
-        "min_ms": round(min(samples) * 1000, 1),
+        f"{order}_p50_ms": round(statistics.median(ms), 1),
+        f"{order}_p99_ms": round(p99, 1),
+        f"{order}_max_ms": round(ms[-1], 1),
+        f"{order}_min_ms": round(ms[0], 1),
     }
+
+
+async def one_pod(
+    agent: app.AgentHandles,
+    netns: NetnsAdapter,
+    order: str,
+    netns_dir: Path,
+    made: list[str],
+    tag: str,
+) -> float:
+    """Seconds from the last of (record, namespace, address) to the pod being ready."""
+    n = len(made)
+    name, uid, ip = f"{tag}{n}", f"{tag}-uid{n}", f"10.250.{n // 250}.{n % 250 + 1}"
+    link = netns_dir / name
+    if order == "namespace_first":
+        make_pod(netns, name, ip, made)
+        link.symlink_to(f"/var/run/netns/{name}")
+        await asyncio.sleep(0.05)  # the agent has seen the namespace, without a record
+        start = time.monotonic()
+        agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
+    elif order == "record_first":
+        agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
+        await asyncio.sleep(0.05)
+        make_pod(netns, name, ip, made)
+        start = time.monotonic()
+        link.symlink_to(f"/var/run/netns/{name}")
+    else:
+        agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
+        await asyncio.sleep(0.05)
+        make_namespace(netns, name, made)
+        link.symlink_to(f"/var/run/netns/{name}")
+        await asyncio.sleep(ADDRESS_DELAY)
+        configure_pod(netns, name, ip)
+        start = time.monotonic()
+    async with asyncio.timeout(30):
+        await agent.node_manager.wait_for_state(uid, PodState.READY)
+    return time.monotonic() - start
 
 
 async def bench(
@@ -82,30 +146,29 @@ async def bench(
     agent = await app.build(config, xds=False, ca=False, scan_interval=scan_interval)
     agent.start()
     manager = agent.node_manager
-    results: dict[str, list[float]] = {"namespace_then_record": [], "record_then_namespace": []}
+    results: dict[str, list[float]] = {order: [] for order in ORDERS}
     try:
-        for order in results:
-            for _ in range(pods):
-                n = len(made)
-                name, uid, ip = f"{tag}{n}", f"{tag}-uid{n}", f"10.250.{n // 250}.{n % 250 + 1}"
-                if order == "namespace_then_record":
-                    make_pod(netns, name, ip, made)
-                    (netns_dir / name).symlink_to(f"/var/run/netns/{name}")
-                    start = time.monotonic()
-                    agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
-                else:
-                    agent.store.apply(StateBatch(workloads=(workload(uid, ip),)))
-                    await asyncio.sleep(0.05)
-                    make_pod(netns, name, ip, made)
-                    start = time.monotonic()
-                    (netns_dir / name).symlink_to(f"/var/run/netns/{name}")
-                async with asyncio.timeout(30):
-                    await manager.wait_for_state(uid, PodState.READY)
-                results[order].append(time.monotonic() - start)
+        # The agent's first pod pays one-off costs (python-iptables loading the xtables
+        # libraries, the first setns of each worker): reported apart, not in the figures.
+        first = await one_pod(agent, netns, "namespace_first", netns_dir, made, tag)
+        # Interleaved, so every order meets the same number of namespaces to scan.
+        for _ in range(pods):
+            for order in ORDERS:
+                results[order].append(await one_pod(agent, netns, order, netns_dir, made, tag))
+        figures: dict[str, float] = {}
+        for order, samples in results.items():
+            figures.update(summary(order, samples))
+        met = all(
+            figures[f"{order}_{q}_ms"] <= GOAL_MS for order in GOAL_ORDERS for q in ("p50", "p99")
+        )
         return {
             "pods": pods,
             "scan_interval_s": scan_interval,
-            **{order: summary(samples) for order, samples in results.items()},
+            "first_pod_ms": round(first * 1000, 1),
+            **figures,
+            "goal_ms": GOAL_MS,
+            "goal_met": met,
+            "scans": manager.stats.scans,
             "setups": manager.stats.setups,
             "setup_failures": manager.stats.setup_failures,
         }
@@ -115,7 +178,7 @@ async def bench(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--pods", type=int, default=20)
+    parser.add_argument("--pods", type=int, default=50, help="pods per order")
     parser.add_argument("--scan-interval", type=float, default=1.0)
     args = parser.parse_args()
     if not require_root("bench.capture"):

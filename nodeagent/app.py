@@ -5,8 +5,9 @@ Plain wiring, no logic. `build` creates
 * the state: StateStore + StateUpdater, fed by the delta-xDS client;
 * identity: CaClient + CertificateManager (certificates are fetched as soon
   as the node manager registers a local workload);
-* the data path: the capture backend (iptables), the namespace scanner, one
-  socket factory per pod on a shared namespace worker, the pod listeners
+* the data path: the capture backend (iptables), the namespace scanner and its
+  watcher (inotify on the netns dir), one socket factory per pod on a shared
+  namespace worker, the pod listeners
   with their connection handlers: the HBONE tunnel (outbound 15001 over a
   client pool, the 15008 server, plaintext 15006, with authorization and a
   registry of live connections that policy changes re-check) when workload
@@ -49,8 +50,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nodeagent.admin.httpserver import HttpServer, Request, Response, parse_host_port, route
 from nodeagent.admin.loglevel import StdlibLogLevelControl
-from nodeagent.admin.metrics import AgentMetrics
 from nodeagent.admin.memory import trim_after_bursts
+from nodeagent.admin.metrics import AgentMetrics
 from nodeagent.admin.providers import AdminProviders, DrainHook
 from nodeagent.admin.readiness import Readiness
 from nodeagent.admin.server import AdminServers
@@ -76,6 +77,7 @@ from nodeagent.datapath.netns import (
     NetnsWorker,
     original_destination,
 )
+from nodeagent.datapath.nswatch import NetnsWatcher
 from nodeagent.hbone.server import HboneServer, ServerSettings
 from nodeagent.identity.caclient import CaClient
 from nodeagent.identity.manager import CertificateManager, CertState
@@ -165,13 +167,13 @@ class AgentHandles:
         self.node_manager.start()
         if self.xds is not None:
             self._tasks.append(asyncio.create_task(self._sweep_stale(), name="stale-capture"))
-        log.info("agent started on node %s", self.config.node_name)
-
         if self.connections is not None:
             connections = self.connections
             self._tasks.append(
                 asyncio.create_task(trim_after_bursts(lambda: len(connections)), name="trim")
             )
+        log.info("agent started on node %s", self.config.node_name)
+
     async def _sweep_stale(self) -> None:
         """Once the control plane's state is complete, hold capture no local workload claims."""
         assert self.xds is not None
@@ -291,11 +293,17 @@ async def build(
         capture, ebpf = _capture_backend(config, closers)
         # With the real backend, the node's probe rule too (in this, the node's, netns).
         probes = HostProbeRules(worker=_worker("probes", closers))
+    watcher: NetnsWatcher | None = None
     if scanner is None:
         scan_worker = _worker("scan", closers)
         scanner = NetnsScanner(
-            scan_worker, netns_dir=Path(config.netns_dir), proc_root=Path(config.proc_root)
+            scan_worker,
+            netns_dir=Path(config.netns_dir),
+            proc_root=Path(config.proc_root),
+            reuse_for=scan_interval / 2,  # the periodic scan re-reads every namespace
         )
+        # A new pod namespace is scanned for at once, not at the next periodic scan.
+        watcher = NetnsWatcher([Path(config.netns_dir)])
     if sockets_for is None or plan_for is None:
         sockets_worker = _worker("sockets", closers)
         sockets_for = sockets_for or _sockets_in(sockets_worker)
@@ -337,6 +345,7 @@ async def build(
         netns_alive=netns_alive or namespace_exists,
         probes=probes,
         directory=directory,
+        watcher=watcher,
     )
     kube_watch = None
     if directory is not None:

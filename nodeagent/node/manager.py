@@ -5,10 +5,14 @@
 inputs
   * the StateStore's change feed: workloads placed on this node
     (`workload.node == node_name`) or leaving it;
-  * namespace scans (a `NamespaceScanner`): every `scan_interval` seconds and
-    after every state change, matching local workloads' IPs to namespaces, so
-    pods that appear before or after their workload record, vanish, or come
-    back in a new namespace are all seen;
+  * namespace scans (a `NamespaceScanner`): after every state change, a few
+    milliseconds after a `NamespaceWatcher` (inotify on the netns dir) reports a
+    namespace appearing or going, with short follow-ups while a workload is
+    still unmatched, and every `scan_interval` seconds as the safety net (the
+    only trigger when the watch is unavailable); each matches local workloads'
+    IPs to namespaces, so pods that appear before or after their workload
+    record, vanish, or come back in a new namespace are all seen, in either
+    order without waiting for the periodic scan (`node.scan.ScanSchedule`);
   * retry times of failed pods (backoff from the lifecycle).
 
 actions
@@ -89,11 +93,15 @@ from nodeagent.node.lifecycle import (
     WorkloadPlaced,
 )
 from nodeagent.node.scan import (
+    SCAN_DEBOUNCE,
+    SCAN_FOLLOW_UPS,
     Conflict,
     Matched,
     Mismatch,
     Notice,
     OrphanReleased,
+    ScanSchedule,
+    ScanTiming,
     ScanView,
     decide,
     mismatch_reason,
@@ -126,6 +134,17 @@ class NamespaceScanner(Protocol):
     def unowned(self, workloads: Mapping[str, Iterable[str]]) -> dict[int, NetnsHandle]:
         """Namespaces read successfully that hold none of the workloads' IPs."""
         ...
+
+
+class NamespaceWatcher(Protocol):
+    """Tells when a pod namespace may have appeared or gone
+    (nodeagent.datapath.nswatch.NetnsWatcher)."""
+
+    def start(self, on_change: Callable[[], None]) -> None:
+        """Call `on_change()` from the loop on every change; OSError if it cannot watch."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class OpenListeners(Protocol):
@@ -254,7 +273,13 @@ class NodeTiming:
     """How often and how much the node manager works."""
 
     scan_interval: float = 1.0
-    """Seconds between namespace scans (one also follows every state change)."""
+    """Seconds between namespace scans (one also follows every state change and,
+    with a watcher, every namespace appearing or going)."""
+    scan_debounce: float = SCAN_DEBOUNCE
+    """Seconds a namespace event waits for others before its scan."""
+    scan_follow_ups: tuple[float, ...] = SCAN_FOLLOW_UPS
+    """Seconds after a namespace event at which to scan again while a workload is
+    unmatched (its namespace may get its address after it appears)."""
     backoff: Backoff = field(default_factory=Backoff)
     """Retry delays of failed setups."""
     max_concurrent: int = 4
@@ -287,6 +312,7 @@ class NodeManager:
         annotations: PodAnnotationManager | None = None,
         directory: PodDirectory | None = None,
         probes: ProbeRules | None = None,
+        watcher: NamespaceWatcher | None = None,
     ) -> None:
         timing = timing or NodeTiming()
         # Without a Kubernetes API every workload placed here is captured: the control
@@ -309,6 +335,14 @@ class NodeManager:
         self._plan_for = plan_for
         self._alive = netns_alive
         self._scan_interval = timing.scan_interval
+        self._watcher = watcher
+        self._schedule = ScanSchedule(
+            ScanTiming(
+                interval=timing.scan_interval,
+                debounce=timing.scan_debounce,
+                follow_ups=timing.scan_follow_ups,
+            )
+        )
         self._drift_interval = timing.drift_interval
         self._next_drift_at = clock() + timing.drift_interval
         self._drift_task: asyncio.Task[None] | None = None
@@ -331,8 +365,6 @@ class NodeManager:
         self._absent: set[str] = set()  # unmatched by the last scan, namespace gone
         self._former: dict[str, Workload] = {}  # held pods' last records, for status
         self._outside: dict[str, tuple[Workload, Enrollment]] = {}  # placed, not enrolled
-        self._scan_requested = True
-        self._next_scan_at = 0.0
         self._ops: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -348,7 +380,22 @@ class NodeManager:
         if self._task is None:
             self._stopping = False
             self._unsubscribe = self._store.subscribe(self._on_state_change)
+            self._watch()
             self._task = asyncio.create_task(self._run(), name=f"node-manager-{self.node_name}")
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            return
+        try:
+            self._watcher.start(self._namespaces_changed)
+        except OSError as exc:
+            log.warning(
+                "namespace watch unavailable (%s): new pod namespaces are found by the"
+                " periodic scan, every %g s",
+                _reason(exc),
+                self._scan_interval,
+            )
+            self._watcher = None
 
     async def _run(self) -> None:
         while True:
@@ -371,6 +418,8 @@ class NodeManager:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._watcher is not None:
+            self._watcher.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -609,12 +658,16 @@ class NodeManager:
 
     def _on_state_change(self, change: StateChange) -> None:
         if change.workloads:
-            self._scan_requested = True
-            self._wake.set()
+            self.request_scan()
 
     def request_scan(self) -> None:
         """Scan namespaces now (e.g. a CNI plugin reported a new pod)."""
-        self._scan_requested = True
+        self._schedule.request(self._clock())
+        self._wake.set()
+
+    def _namespaces_changed(self) -> None:
+        """The watcher saw a namespace appear or go: scan shortly (coalesced)."""
+        self._schedule.namespace_changed(self._clock())
         self._wake.set()
 
     def _wanted(self) -> dict[str, list[str]]:
@@ -622,7 +675,7 @@ class NodeManager:
 
     async def _idle(self) -> None:
         now = self._clock()
-        timeout = max(0.0, self._next_scan_at - now)
+        timeout = max(0.0, self._schedule.next_at() - now)
         retry_at = self.lifecycle.next_retry_at()
         if retry_at is not None:
             timeout = min(timeout, max(0.0, retry_at - now))
@@ -637,17 +690,19 @@ class NodeManager:
     async def _reconcile(self) -> None:
         self._sync_placement()
         now = self._clock()
-        if self._scan_requested or now >= self._next_scan_at:
-            self._scan_requested = False
-            self._next_scan_at = now + self._scan_interval
+        if self._schedule.due(now):
+            self._schedule.scan_started(now)
+            waiting = True
             try:
                 self._scan = await asyncio.to_thread(self._scanner.find, self._wanted())
                 self.stats.scans += 1
+                waiting = bool(self._scan[0].unmatched or self._scan[0].conflicts)
                 unmatched = self._unmatched()
                 self._present = await asyncio.to_thread(self._still_present, unmatched)
                 self._absent = {uid for uid, _ in unmatched} - self._present
             except Exception as exc:
                 log.warning("namespace scan failed: %s", _reason(exc))
+            self._schedule.scan_done(waiting=waiting)
             # Placement may have changed while scanning.
             self._sync_placement()
         self._apply_scan()

@@ -9,11 +9,18 @@ Fail closed is decided here: a pod whose namespace is there and was read, but
 holds none of its record's addresses, is held (`AddressMismatch`), never torn
 down; one whose namespace could not be read is left as it is; only a namespace
 that is gone is `NetnsLost`.
+
+When to scan is decided here too (`ScanSchedule`): at once after a state change,
+a few milliseconds after a namespace appears or goes (events coalesced), then a
+few follow-ups while a local workload is still unmatched (a fresh namespace gets
+its interface and address from the CNI plugins after it appears), and every
+`interval` seconds whatever happens, the safety net for anything no event tells.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -161,3 +168,62 @@ def _decide_placed(
         rec.state is PodState.CAPTURING and not rec.remove_after
     ):
         out.events.append(NetnsLost(uid=uid, now=now))
+
+
+# -- when to scan ------------------------------------------------------------------
+
+
+SCAN_DEBOUNCE = 0.005
+SCAN_FOLLOW_UPS = (0.01, 0.03, 0.06, 0.1, 0.2, 0.3, 0.5)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScanTiming:
+    interval: float = 1.0
+    """Seconds between scans whatever happens: the safety net."""
+    debounce: float = SCAN_DEBOUNCE
+    """Seconds a namespace event waits for the ones that come with it (a pod's
+    namespace file appears, then is mounted; many pods start at once)."""
+    follow_ups: tuple[float, ...] = SCAN_FOLLOW_UPS
+    """Seconds after a namespace event at which to scan again while a local
+    workload is unmatched: the namespace appears before the CNI plugins give it an
+    interface and an address (ms in the sandbox, tens to hundreds in a cluster)."""
+
+
+class ScanSchedule:
+    """When the next namespace scan is due. Times are given, never read."""
+
+    def __init__(self, timing: ScanTiming) -> None:
+        self._timing = timing
+        self._due = 0.0  # an asked-for scan (the first one at once)
+        self._periodic_at = 0.0
+        self._follow_ups: list[float] = []  # after the latest namespace event
+        self._waiting = False  # the latest scan left a local workload unmatched
+
+    def request(self, now: float) -> None:
+        """Scan now (a state change, a CNI ADD or DEL)."""
+        self._due = min(self._due, now)
+
+    def namespace_changed(self, now: float) -> None:
+        """A namespace appeared or went: scan shortly, then follow up."""
+        self._due = min(self._due, now + self._timing.debounce)
+        self._follow_ups = [now + delay for delay in self._timing.follow_ups]
+
+    def next_at(self) -> float:
+        follow_up = self._follow_ups[0] if self._waiting and self._follow_ups else math.inf
+        return min(self._due, self._periodic_at, follow_up)
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at()
+
+    def scan_started(self, now: float) -> None:
+        """A scan begins: what it answers is no longer due. What is asked for from
+        now on is, even before this scan ends (it may have listed too early)."""
+        if self._due <= now:
+            self._due = math.inf
+        self._periodic_at = now + self._timing.interval
+        self._follow_ups = [t for t in self._follow_ups if t > now]
+
+    def scan_done(self, *, waiting: bool) -> None:
+        """`waiting`: the scan left a local workload unmatched (follow-ups apply)."""
+        self._waiting = waiting

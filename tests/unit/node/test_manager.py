@@ -192,7 +192,7 @@ async def world(**kwargs: Any) -> Any:
         certificates=certs,
         netns_alive=scanner.alive,
         timing=NodeTiming(
-            scan_interval=0.01,
+            scan_interval=kwargs.pop("scan_interval", 0.01),
             backoff=Backoff(initial=0.05, cap=0.2),
             drain_seconds=0.0,
             **{k: kwargs.pop(k) for k in ("max_concurrent", "drift_interval") if k in kwargs},
@@ -234,6 +234,57 @@ async def test_namespace_seen_before_the_workload_record_is_captured_once_placed
         w.place(workload("u1", "10.1.0.5"))
         await w.wait_state("u1", PodState.READY)
         assert 101 in w.capture.installed
+
+
+class FakeWatcher:
+    """A namespace watcher the test fires by hand; or one that cannot watch."""
+
+    def __init__(self, error: str = "") -> None:
+        self.error = error
+        self.on_change: Any = None
+        self.closed = False
+
+    def start(self, on_change: Any) -> None:
+        if self.error:
+            raise OSError(self.error)
+        self.on_change = on_change
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_namespace_appearing_after_its_record_is_scanned_for_when_the_watch_says_so() -> None:
+    watcher = FakeWatcher()
+    async with world(scan_interval=3600.0, watcher=watcher) as w:
+        w.place(workload("u1", "10.1.0.5"))
+        await w.scanner.wait_scans(1)  # the record's own scan: nothing there yet
+        assert w.manager.state_of("u1") is PodState.PENDING
+        w.scanner.add(101, "10.1.0.5")
+        watcher.on_change()  # no periodic scan for an hour: only the event can find it
+        await w.wait_state("u1", PodState.READY)
+    assert watcher.closed
+
+
+async def test_namespace_whose_address_comes_after_the_event_is_found_by_a_follow_up() -> None:
+    watcher = FakeWatcher()
+    async with world(scan_interval=3600.0, watcher=watcher) as w:
+        w.place(workload("u1", "10.1.0.5"))
+        await w.scanner.wait_scans(1)
+        w.scanner.add(101)  # the namespace, before its CNI plugin gives it the address
+        watcher.on_change()
+        await w.scanner.wait_scans(1)
+        w.scanner.namespaces[101][1].add("10.1.0.5")
+        await w.wait_state("u1", PodState.READY)
+
+
+async def test_without_a_namespace_watch_the_periodic_scan_finds_pods(caplog: Any) -> None:
+    caplog.set_level("WARNING", logger="nodeagent.node.manager")
+    async with world(watcher=FakeWatcher(error="inotify: too many instances")) as w:
+        w.place(workload("u1", "10.1.0.5"))
+        w.scanner.add(101, "10.1.0.5")
+        await w.wait_state("u1", PodState.READY)
+    [line] = [r.getMessage() for r in caplog.records if "namespace watch" in r.getMessage()]
+    assert "too many instances" in line and "periodic scan" in line
 
 
 async def test_workloads_of_other_nodes_are_ignored() -> None:

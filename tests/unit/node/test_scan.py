@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from nodeagent.node.lifecycle import (
     AddressMismatch,
     Netns,
@@ -15,6 +19,8 @@ from nodeagent.node.scan import (
     Matched,
     Mismatch,
     OrphanReleased,
+    ScanSchedule,
+    ScanTiming,
     ScanView,
     Unreadable,
     decide,
@@ -104,3 +110,62 @@ def test_orphan_held_pod_is_forgotten_when_gone_or_claimed_and_kept_otherwise() 
     assert out.events == [NetnsLost(uid="gone", now=9), NetnsLost(uid="claimed", now=9)]
     assert OrphanReleased(uid="claimed", path="/ns/202", claimed=True) in out.notices
     assert OrphanReleased(uid="gone", path="/ns/101", claimed=False) in out.notices
+
+
+# -- when to scan: ScanSchedule, as a table -------------------------------------------
+
+# Binary fractions, so sums are exact.
+TIMING = ScanTiming(interval=1.0, debounce=0.125, follow_ups=(0.25, 0.5))
+INF = math.inf
+
+
+def run_schedule(steps: str) -> ScanSchedule:
+    """Steps, by letter and time: `r` a request, `e` a namespace event, `b` a scan begins,
+    `d` it is done (`d+`: a workload still unmatched), `s` both (`s10+`)."""
+    schedule = ScanSchedule(TIMING)
+    for step in steps.split():
+        kind, arg = step[0], step[1:]
+        waiting = arg.endswith("+")
+        at = float(arg.rstrip("+") or 0)
+        if kind == "r":
+            schedule.request(at)
+        elif kind == "e":
+            schedule.namespace_changed(at)
+        elif kind in "bs":
+            schedule.scan_started(at)
+        if kind in "ds":
+            schedule.scan_done(waiting=waiting)
+    return schedule
+
+
+@pytest.mark.parametrize(
+    ("steps", "next_at"),
+    [
+        pytest.param("", 0.0, id="the first scan is at once"),
+        pytest.param("s10", 11.0, id="then periodic"),
+        pytest.param("s10 r10.5", 10.5, id="a state change scans at once"),
+        pytest.param("s10 e10.5", 10.625, id="a namespace event: debounced"),
+        pytest.param("s10 e10.5 e10.5625", 10.625, id="events coalesced, never postponing"),
+        pytest.param("s10 e10.5 r10.5625", 10.5625, id="a request is sooner"),
+        pytest.param("s10 e10.5 s10.625+", 10.75, id="a workload still unmatched: follow-up"),
+        pytest.param("s10 e10.5 s10.625+ s10.75+", 11.0, id="then the next"),
+        pytest.param("e10.5 s10.625+ s10.75+ s11+", 12.0, id="follow-ups bounded: periodic"),
+        pytest.param("s10 e10.5 s10.625", 11.625, id="nothing unmatched: no follow-ups"),
+        pytest.param("e10.5 s10.625 r10.6875 s10.6875+", 10.75, id="record after the event"),
+        pytest.param("e10.5 b10.625 r10.6875 d", 10.6875, id="a request during a scan stays"),
+        pytest.param("s10 b10.5 e10.75 d", 10.875, id="an event during a scan stays"),
+        pytest.param("s10 r10.25 s10.25+", 11.25, id="unmatched, no event: periodic"),
+    ],
+)
+def test_scan_schedule(steps: str, next_at: float) -> None:
+    schedule = run_schedule(steps)
+    assert schedule.next_at() == pytest.approx(next_at)
+    assert schedule.due(next_at)
+    assert next_at == 0 or not schedule.due(next_at - 0.001)
+
+
+def test_scan_schedule_with_no_periodic_scan_yet_done_waits_for_nothing() -> None:
+    schedule = ScanSchedule(ScanTiming(interval=INF, follow_ups=()))
+    schedule.scan_started(1.0)
+    schedule.scan_done(waiting=True)
+    assert schedule.next_at() == INF and not schedule.due(1e9)
