@@ -12,9 +12,10 @@ loopback. Measured:
   single mesh file (`update_layout`). Goal (issue 21): `update_goal_s`, met or not
   in `update_goal_met`; `update_spliced` says whether every edit was read
   incrementally (only the edited entry parsed, see controlplane/reader.py),
-* `update_full_read_s`: one edit the reader cannot splice (a workload added: the
-  lines after it move), so the whole file is read again; the figure before the
-  incremental path,
+* `update_add_s`: a workload added at the end of the list (the lines after it
+  move: the services' positions are shifted, not read again),
+* `update_full_read_s`: one edit read in full (the reader's incremental path off),
+  as every edit was before it: the figure this replaces,
 * `rss_*_mb`: resident memory of the process (server and client together):
   before the client starts, and the peak (ru_maxrss) at the end,
 * `client_alloc_peak_mb` (with --tracemalloc): Python allocations of one client
@@ -144,10 +145,14 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
                 text = text.replace(f"ip: 10.1.0.{i},", f"ip: 10.200.0.{i},", 1)
                 updates.append(await edit(mesh_path, text, store, f"10.200.0.{i}"))
                 spliced = spliced and server.watcher.last_spliced
-            # One edit that moves every line after it: the whole file is read again.
+            # A workload added (the lines after it move), then an edit read in full.
             added = "- {name: added, namespace: ns0, node: node0, ip: 10.201.0.1}\n"
             text = text.replace("services:\n", added + "services:\n", 1)
-            full_read = await edit(mesh_path, text, store, "10.201.0.1")
+            add = await edit(mesh_path, text, store, "10.201.0.1")
+            add_spliced = server.watcher.last_spliced
+            server.watcher.reader.incremental = False
+            text = text.replace("ip: 10.1.0.100,", "ip: 10.202.0.1,", 1)
+            full_read = await edit(mesh_path, text, store, "10.202.0.1")
             await client.stop()
             alloc_peak = None
             if args.tracemalloc:
@@ -173,6 +178,8 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
             "update_layout": f"one file, {args.workloads} workloads, one workload's ip edited",
             "update_watch": "inotify" if server.watcher.watching_events else "poll",
             "update_spliced": spliced,
+            "update_add_s": round(add, 3),
+            "update_add_spliced": add_spliced,
             "update_full_read_s": round(full_read, 3),
             "rss_before_client_mb": round(rss_before, 1),
             "rss_after_clients_mb": round(rss_after, 1),

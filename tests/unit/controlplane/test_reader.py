@@ -3,6 +3,8 @@ or the refusal with its file, line and field, is exactly what a full read gives.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,18 @@ SPLICED = {
     "moved": ("  node: node2\n  ip: 10.10.2.11", "  node: node1\n  ip: 10.10.1.77"),
     "indented-list": ("vip: 10.96.0.2", "vip: 10.96.0.3"),
     "renamed": ("{name: a,", "{name: a2,"),
+    # Entries added or removed: the lines after them move (and are not read again).
+    "line-added": ("  labels: {app: db}\n", "  labels: {app: db}\n  uid: x\n"),
+    "entry-added": (
+        "10.10.1.11, labels",
+        "10.10.1.11}\n- {name: x, node: node1, ip: 10.10.1.5, labels",
+    ),
+    "entry-added-last": ("{app: db}}\n", "{app: db}}\n  - {name: api, namespace: shop}\n"),
+    "entry-removed": (
+        "- {name: a, namespace: shop, node: node1, ip: 10.10.1.11, labels: {app: web}}\n",
+        "",
+    ),
+    "service-removed": (MESH[MESH.index("  - {name: web") : MESH.index("  - {name: db")], ""),
 }
 
 
@@ -66,13 +80,10 @@ def test_an_edit_inside_one_entry_is_spliced_and_reads_as_a_full_read(old: str, 
 @pytest.mark.parametrize(
     ("old", "new"),
     [
-        pytest.param("  labels: {app: db}\n", "  labels: {app: db}\n  uid: x\n", id="line-added"),
-        pytest.param("- {name: c,", "- {name: c, network: n1,\n ", id="entry-grows-a-line"),
+        pytest.param("- {name: c,", "- {name: c, network: n1,\n ", id="last-entry-grows-a-line"),
         pytest.param("ip: 10.10.1.11", "ip: &x 10.10.1.11", id="anchor"),
         pytest.param("{trustDomain: cluster.local}", "{trustDomain: example.org}", id="mapping"),
-        pytest.param(
-            "10.10.1.11, labels", "10.10.1.11}\n- {name: x, node: node1, labels", id="two"
-        ),
+        pytest.param("  - {name: web,", "- {name: web,", id="dash-moved-left"),
         pytest.param("nodes:\n", "nodes:  \n", id="key-line"),
         # The last entry's lines run to the next key, and a comment at the dash's column
         # could be read in either place.
@@ -154,3 +165,86 @@ def test_the_same_text_again_is_not_composed_again() -> None:
     reader, mesh = read_twice(MESH, MESH)
     assert reader.last.spliced and mesh == full(MESH)
     assert mesh.workloads[0] is reader.parse(MESH).workloads[0]
+
+
+def test_lines_moved_by_an_added_entry_are_placed_right_in_later_errors() -> None:
+    """Nodes after the workloads: their positions move with the added entry, and an
+    error found later in a moved entry names its new line."""
+    text = """\
+workloads:
+- {name: a, namespace: shop, node: node1, ip: 10.10.1.11}
+- {name: b, namespace: shop, node: node2, ip: 10.10.2.11}
+nodes:
+- {name: node1, token: tok-1, podCIDRs: [10.10.1.0/24]}
+- {name: node2, token: tok-2, podCIDRs: [10.10.2.0/24]}
+"""
+    reader = MeshFileReader(Path(SOURCE))
+    reader.parse(text)
+    added = text.replace(
+        "ip: 10.10.1.11}\n", "ip: 10.10.1.11}\n- {name: x, node: node1, ip: 10.10.1.5}\n"
+    )
+    mesh = reader.parse(added)
+    assert reader.last.spliced
+    assert [n.where for n in mesh.nodes] == [n.where for n in full(added).nodes]
+    assert mesh.nodes[0].where == "mesh.yaml:6:3"
+    broken = added.replace("- {name: node1, token: tok-1,", "- {name: node1, token: tok-2,")
+    with pytest.raises(MeshError) as error:
+        reader.parse(broken)
+    assert str(error.value) == outcome(full, broken)
+    assert str(error.value).startswith("mesh.yaml:7:3: nodes[1].token: duplicate token")
+
+
+def outcome(read: Callable[[str], MeshConfig], text: str) -> object:
+    try:
+        mesh = read(text)
+    except MeshError as e:
+        return str(e)
+    return (mesh, mesh.where, [n.where for n in mesh.nodes])
+
+
+NODES = MESH[MESH.index("nodes:") : MESH.index("workloads:")]
+NODES_LAST = MESH.replace(NODES, "") + NODES
+
+
+@pytest.mark.parametrize("base", [MESH, NODES_LAST], ids=["nodes-first", "nodes-last"])
+def test_a_run_of_random_line_edits_always_reads_as_a_full_read(base: str) -> None:
+    """Lines replaced, added, removed, duplicated at random (a seeded run), each edit read
+    by one reader that keeps its tree: every outcome, served or refused, equals a full
+    read's. A refused edit is taken back (as its author would) before the next one."""
+    rng = random.Random(21)
+    pool = [line for line in base.splitlines() if line.strip()] + [
+        "- {name: n%d, namespace: shop, node: node1, ip: 10.10.1.%d}",
+        "- {name: m%d, namespace: shop, node: node2, ip: 10.10.2.%d, labels: {app: db}}",
+        "  - {name: s%d, namespace: shop, vip: 10.96.1.%d, selector: {app: web}}",
+        "  uid: u%d%d",
+        "# note %d %d",
+        "",
+    ]
+    reader = MeshFileReader(Path(SOURCE))
+    good = base.splitlines()
+    spliced = refused = 0
+    for step in range(1000):
+        lines = list(good)
+        i = rng.randrange(len(lines) + 1)
+        new = rng.choice(pool)
+        if "%d" in new:
+            new = new % (step, rng.randrange(2, 250))
+        kind = rng.randrange(4)
+        if kind == 0 and i < len(lines):
+            lines[i] = new
+        elif kind == 1:
+            lines.insert(i, new)
+        elif kind == 2 and i < len(lines):
+            del lines[i]
+        elif i < len(lines):
+            lines.insert(i, lines[i])
+        text = "\n".join(lines) + "\n"
+        got = outcome(reader.parse, text)
+        assert got == outcome(full, text), (step, text)
+        spliced += reader.last.spliced
+        if isinstance(got, str):
+            refused += 1
+        else:
+            good = lines
+    # The run exercises the splice and refusals, not only full reads.
+    assert spliced > 50 and refused > 50, (spliced, refused)
