@@ -36,8 +36,10 @@ IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_Q_OVERFLOW = 0x4000
 
-FINISHED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_MOVED_FROM
-WATCH_MASK = FINISHED | IN_MODIFY
+# Complete now: closed after writing, or put in place whole (an editor's or a ConfigMap's
+# rename). Created (still empty), removed or written to: wait for it to hold still.
+FINISHED = IN_CLOSE_WRITE | IN_MOVED_TO
+WATCH_MASK = FINISHED | IN_MODIFY | IN_CREATE | IN_DELETE | IN_MOVED_FROM
 _RECORD = struct.Struct("=iIII")  # struct inotify_event: wd, mask, cookie, len; then name
 
 
@@ -46,9 +48,9 @@ class Change(enum.IntEnum):
 
     NONE = 0
     WRITING = 1
-    """Written to but not closed: wait for it to hold still."""
+    """Written to, created or removed, not closed yet: wait for it to hold still."""
     FINISHED = 2
-    """Closed after a write, replaced, created or removed: read it now."""
+    """Closed after a write, or renamed into place: read it now."""
 
 
 def classify(data: bytes, name: str) -> Change:

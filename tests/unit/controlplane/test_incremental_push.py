@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from nodeagent.config import Config
 from nodeagent.controlplane.server import ControlPlaneServer
@@ -128,3 +131,17 @@ async def test_an_edit_is_read_when_the_file_is_closed_not_at_the_next_poll(
         staged.write_text(mesh_text(ip_of_7="10.10.0.80"))
         staged.replace(mesh.path)
         await wait_until(lambda: address_of(store, "w7") == ["10.10.0.80"], "the rename", 5)
+
+
+async def test_a_file_removed_and_written_anew_is_read_once_complete(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nodeagent.controlplane.server")
+    async with served(tmp_path, poll_interval=60) as (server, store, _, mesh):
+        mesh.path.unlink()
+        with mesh.path.open("w") as f:  # created empty, then written, then closed
+            f.flush()
+            f.write(mesh_text(ip_of_7="10.10.0.81"))
+        await wait_until(lambda: address_of(store, "w7") == ["10.10.0.81"], "the new file", 5)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert server.watcher.last_error is None
