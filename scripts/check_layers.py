@@ -37,6 +37,7 @@ PURE_MODULES = {
     "nodeagent.hbone.windows",
     "nodeagent.hbone.settings",
     "nodeagent.hbone.headers",
+    "nodeagent.hbone.hpack_plain",
     "nodeagent.xds.protocol",
     "nodeagent.datapath.plan",
     "nodeagent.identity.csr",

@@ -25,7 +25,6 @@ because the admin package sits beside the proxy, not above it.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import time
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 from nodeagent.admin.accesslog import AccessLogger, AccessRecord
 from nodeagent.admin.metrics import AgentMetrics, ConnectionLabels, connection_labels
 from nodeagent.model import workload as wm
+from nodeagent.model.address import parse_ip
 from nodeagent.model.constants import TUNNEL_OPEN_FAILED
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
@@ -104,10 +104,9 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-@functools.lru_cache(maxsize=8192)  # per connection, over a node's few thousand peers
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(host)
+        return parse_ip(host)
     except ValueError:
         return None
 

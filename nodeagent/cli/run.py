@@ -99,6 +99,9 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(
         stream=sys.stderr, level=_LEVELS.get(level, logging.INFO), format=LOG_FORMAT
     )
+    # LOG_FORMAT names no thread or process: do not look them up for every record (the
+    # access log writes one per connection).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # grpc and asyncio are chatty at debug; keep them at warning unless tracing.
     if level != "trace":
         for name in ("asyncio", "grpc"):

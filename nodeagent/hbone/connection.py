@@ -95,6 +95,7 @@ from nodeagent.hbone.headers import (
     parse_authority,
     split_pseudo,
 )
+from nodeagent.hbone.hpack_plain import decode_plain, encode_block, header_list_size
 from nodeagent.hbone.settings import (
     DEFAULT_REMOTE_SETTINGS,
     MIB,
@@ -176,7 +177,8 @@ class TunnelConnection:
         self.remote_settings: dict[int, int] = dict(DEFAULT_REMOTE_SETTINGS)
         self._reader = FrameReader(max_frame_size=config.max_frame_size, stream_data=True)
         self._fragment_stream = 0  # stream of the DATA frame still arriving (0: drop its bytes)
-        self._encoder = hpack.Encoder()
+        # We send no field into the dynamic table (hpack_plain); owed: a size update (§4.2).
+        self._table_size_update: int | None = None
         self._decoder = hpack.Decoder(max_header_list_size=config.header_list_limit)
         self._decoder.max_allowed_table_size = config.header_table_size
         self.outgoing: list[Buffer] = []  # queued output, read-only: take it with data_to_send()
@@ -614,7 +616,8 @@ class TunnelConnection:
         self, stream: StreamRecord, fields: Sequence[tuple[str, str]], end_stream: bool
     ) -> None:
         self._transition(stream, StreamInput.SEND_HEADERS)
-        block = memoryview(self._encoder.encode(fields))
+        block = memoryview(encode_block(fields, self._table_size_update))
+        self._table_size_update = None
         limit = self.remote_settings[SettingCode.MAX_FRAME_SIZE]
         first, rest = block[:limit], block[limit:]
         self._queue_frame(
@@ -917,6 +920,12 @@ class TunnelConnection:
             self._on_header_block(sid, bytes(block), end_stream, events)
 
     def _decode_headers(self, block: bytes) -> list[tuple[str, str]]:
+        plain = decode_plain(block)
+        if plain is not None and header_list_size(plain) <= self.config.header_list_limit:
+            return [
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in plain
+            ]
         try:
             decoded = self._decoder.decode(block, raw=True)
         except hpack.OversizedHeaderListError as exc:
@@ -1081,7 +1090,7 @@ class TunnelConnection:
                         "SETTINGS_INITIAL_WINDOW_SIZE pushes a stream window over 2^31-1",
                     )
             if code == SettingCode.HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
+                self._table_size_update = 0  # ours stays empty: say so, within any limit
             self.remote_settings[code] = value
             changed[code] = value
         self._queue_frame(SettingsFrame(ack=True))

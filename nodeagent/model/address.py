@@ -42,3 +42,10 @@ def _unmap_text(address: str) -> str:
     except ValueError:
         return address
     return str(unmap(parsed))
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_ip(text: str) -> IPAddress:
+    """`ipaddress.ip_address`, remembered: the proxy parses its peers' addresses on every
+    connection. Raises ValueError for text that is not an address."""
+    return ipaddress.ip_address(text)

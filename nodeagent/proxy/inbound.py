@@ -34,7 +34,6 @@ app sees the real caller. Both register the connection with the
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -44,7 +43,7 @@ from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.aio import TunnelStream
 from nodeagent.hbone.headers import forwarded_host, parse_authority
 from nodeagent.hbone.server import AcceptedStream, HboneServer, ServerSettings
-from nodeagent.model.address import unmap
+from nodeagent.model.address import parse_ip, unmap
 from nodeagent.model.constants import ILLEGAL_PORTS
 from nodeagent.model.identity import Identity
 from nodeagent.model.policy import ConnectionAttributes
@@ -128,7 +127,7 @@ class InboundHboneHandler:
         stream, peer, identity = accepted.stream, accepted.peer, accepted.peer_identity
         try:
             host, port = parse_authority(stream.authority)
-            ip = ipaddress.ip_address(host)
+            ip = parse_ip(host)
         except ValueError as exc:
             self._refuse(stream, 400, pod, peer, f"bad authority: {exc}")
             return None
@@ -147,7 +146,7 @@ class InboundHboneHandler:
             self._refuse(stream, 503, pod, peer, f"target port {port} is the agent's own")
             return None
         attributes = ConnectionAttributes(
-            source_ip=unmap(ipaddress.ip_address(peer[0])),
+            source_ip=unmap(parse_ip(peer[0])),
             source_identity=identity,
             destination_ip=unmap(ip),
             destination_port=port,
@@ -308,9 +307,9 @@ class InboundPlaintextHandler:
             reset_socket(sock)
             return
         attributes = ConnectionAttributes(
-            source_ip=ipaddress.ip_address(peer[0]),
+            source_ip=parse_ip(peer[0]),
             source_identity=None,
-            destination_ip=ipaddress.ip_address(dst[0]),
+            destination_ip=parse_ip(dst[0]),
             destination_port=dst[1],
             destination_namespace=pod.namespace,
             destination_name=pod.name,
