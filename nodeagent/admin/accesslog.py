@@ -98,4 +98,16 @@ class AccessLogger:
     def log(self, record: AccessRecord) -> None:
         # Check first: formatting JSON per connection is wasted when access logs are off.
         if self._logger.isEnabledFor(logging.INFO):
-            self._logger.info(format_access_log(record))
+            # A record made here, not by Logger.info: that would walk the stack for the
+            # caller's file and line on every connection, and the line names neither.
+            self._logger.handle(
+                self._logger.makeRecord(
+                    self._logger.name,
+                    logging.INFO,
+                    __file__,
+                    0,
+                    format_access_log(record),
+                    (),
+                    None,
+                )
+            )
