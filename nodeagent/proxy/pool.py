@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import ssl
 import time
@@ -374,6 +375,13 @@ def baggage_header(
     return ("baggage", value) if value else None
 
 
+# Trace ids need to be unique, not secret: a seeded generator, not a getrandom(2) per id.
+_trace_ids = random.Random(os.urandom(16))
+
+
 def traceparent_header() -> tuple[str, str]:
-    """A random W3C traceparent, one per tunnelled connection (connection tracing)."""
-    return ("traceparent", f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00")
+    """A random W3C traceparent, one per tunnelled connection (connection tracing); the
+    trace and parent ids are never all zeros (W3C: invalid)."""
+    trace = _trace_ids.getrandbits(128) or 1
+    parent = _trace_ids.getrandbits(64) or 1
+    return ("traceparent", f"00-{trace:032x}-{parent:016x}-00")
