@@ -18,6 +18,7 @@ from nodeagent.datapath.plan import CapturePlan
 from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
+from nodeagent.node import manager as manager_module
 from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff, PodState
 from nodeagent.node.manager import NodeManager, NodeTiming
@@ -133,8 +134,11 @@ class FakeOpen:
 class FakeListeners:
     taken: dict[int, int] = field(default_factory=dict)  # inode -> a port already in use
     opened: list[FakeOpen] = field(default_factory=list)
+    gates: dict[int, asyncio.Event] = field(default_factory=dict)  # inode -> opens once set
 
     async def open(self, workload: Workload, netns: NetnsHandle) -> FakeOpen:
+        if netns.inode in self.gates:
+            await self.gates[netns.inode].wait()
         if netns.inode in self.taken:
             port = self.taken[netns.inode]
             raise OSError(98, f"listen on [::]:{port} in netns {netns}: Address already in use")
@@ -681,6 +685,33 @@ async def test_drifted_capture_of_a_ready_pod_is_repaired_and_shown() -> None:
         async with asyncio.timeout(WAIT):  # in place on the next check: the note goes
             await w.manager.wait_until(lambda: w.manager.pods()[0].last_error == "")
         assert w.manager.stats.repairs == 1
+
+
+async def test_drift_check_waits_while_a_new_pod_is_set_up(monkeypatch: Any) -> None:
+    monkeypatch.setattr(manager_module, "DRIFT_YIELD", 3600.0)
+    check_began = asyncio.Event()
+    repair = NodeManager._repair_drift
+
+    async def observed(self: NodeManager) -> None:
+        check_began.set()
+        await repair(self)
+
+    monkeypatch.setattr(NodeManager, "_repair_drift", observed)
+    async with world(drift_interval=1.0) as w:
+        w.listeners.gates[102] = asyncio.Event()
+        w.scanner.add(101, "10.1.0.5")
+        w.scanner.add(102, "10.1.0.6")
+        w.place(workload("u1", "10.1.0.5"), workload("u2", "10.1.0.6"))
+        await w.wait_state("u1", PodState.READY)
+        assert w.manager.state_of("u2") is PodState.CAPTURING  # its listeners are held
+        async with asyncio.timeout(WAIT):
+            await check_began.wait()
+        await w.scanner.wait_scans(10)
+        assert w.capture.applies == 1  # u1's setup only: the check waits for u2's
+        w.listeners.gates[102].set()
+        await w.wait_state("u2", PodState.READY)
+        async with asyncio.timeout(WAIT):
+            await w.manager.wait_until(lambda: w.capture.applies >= 3)  # then checks u1
 
 
 async def test_drift_that_cannot_be_repaired_is_reported_and_retried() -> None:
