@@ -69,7 +69,7 @@ from nodeagent.datapath.capture import CaptureBackend, PlanBuilder, netns_alive,
 from nodeagent.datapath.discovery import MatchResult
 from nodeagent.datapath.netns import NetnsHandle
 from nodeagent.model.constants import REDIRECTION_ANNOTATION
-from nodeagent.model.enrollment import Enrollment, NamespaceMeta, PodMeta, enrollment
+from nodeagent.model.enrollment import Enrollment, NamespaceMeta, PodMeta, Reason, enrollment
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
 from nodeagent.node.annotations import PodAnnotationManager, PodRef, pod_ref
@@ -116,6 +116,7 @@ OPERATION_GRACE = 10.0
 # during the connection drain, so this is on top of it only when the API server
 # is slow; keep drain + this below terminationGracePeriodSeconds.
 ANNOTATION_GRACE = 5.0
+HOLD_LOOKS = 5  # scans that may look for an outside pod's namespace (it may not exist yet)
 # How long the drift check waits, before each pod, for a scan or a setup to finish.
 DRIFT_YIELD = 1.0
 
@@ -252,6 +253,7 @@ class ManagerStats:
     released: int = 0
     stale_held: int = 0  # namespaces found captured that no local workload claimed
     unenrolled: int = 0  # pods released because they left the mesh by label
+    holds_released: int = 0  # plugin holds removed from pods found outside the mesh
 
 
 class SetupError(RuntimeError):
@@ -369,6 +371,10 @@ class NodeManager:
         self._former: dict[str, Workload] = {}  # held pods' last records, for status
         self._outside: dict[str, tuple[Workload, Enrollment]] = {}  # placed, not enrolled
         self._ops: set[asyncio.Task[None]] = set()
+        # Pods outside the mesh are looked at for a CNI plugin hold (fail-closed rules it
+        # leaves when no agent answered the ADD) a few times each, then left alone.
+        self._hold_looks: dict[str, int] = {}
+        self._hold_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -434,6 +440,10 @@ class NodeManager:
             self._drift_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drift_task
+        if self._hold_task is not None:
+            self._hold_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._hold_task
         if self._ops:
             _, pending = await asyncio.wait(set(self._ops), timeout=OPERATION_GRACE)
             for task in pending:
@@ -722,9 +732,56 @@ class NodeManager:
             self._drift_task = asyncio.create_task(self._repair_drift(), name="drift-repair")
             self._drift_task.add_done_callback(self._drift_finished)
         self._sync_probes()
+        self._sync_outside_holds()
         if self._scan is not None and not self.synced:
             self.synced = True
             self._notify()
+
+    def _sync_outside_holds(self) -> None:
+        """Look for plugin holds in the namespaces of pods outside the mesh, off the loop,
+        one look at a time. The plugin leaves its fail-closed rules when the agent did not
+        answer an ADD (not running, say); if the pod then proves to be outside the mesh,
+        nothing would ever lift them and every connection of the pod stays refused."""
+        if self._hold_task is not None or self._stopping or self._scan is None:
+            return
+        due = {
+            uid: [str(a) for a in w.addresses]
+            for uid, (w, verdict) in self._outside.items()
+            # A host-network pod has no namespace of its own for a plugin to hold.
+            if verdict.reason is not Reason.HOST_NETWORK
+            and uid not in self.lifecycle.pods
+            and self._hold_looks.get(uid, 0) < HOLD_LOOKS
+        }
+        for uid in [u for u in self._hold_looks if u not in self._outside]:
+            del self._hold_looks[uid]
+        if due:
+            self._hold_task = asyncio.create_task(self._release_holds(due), name="holds")
+
+    async def _release_holds(self, due: dict[str, list[str]]) -> None:
+        try:
+            result, handles = await asyncio.to_thread(self._scanner.find, due)
+            for uid in due:
+                self._hold_looks[uid] = self._hold_looks.get(uid, 0) + 1
+            for uid, inode in result.matches.items():
+                self._hold_looks[uid] = HOLD_LOOKS  # found: one look decides
+                handle = handles[inode]
+                installed = await asyncio.to_thread(self._capture.read_installed, handle)
+                if installed.empty:
+                    continue
+                await asyncio.to_thread(self._capture.remove, handle)
+                self.stats.holds_released += 1
+                w, verdict = self._outside.get(uid, (None, None))
+                log.warning(
+                    "pod %s is outside the mesh (%s) but its namespace %s held capture rules"
+                    " (the CNI plugin's, left while no agent answered): removed",
+                    w.label if w is not None else uid,
+                    verdict.describe() if verdict is not None else "?",
+                    handle.path,
+                )
+        except Exception as exc:
+            log.warning("plugin hold check: %s", _reason(exc))
+        finally:
+            self._hold_task = None
 
     def _captured_ips(self) -> frozenset[str]:
         """Addresses of the pods whose capture is in place (ready, or held: refused)."""

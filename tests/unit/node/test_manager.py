@@ -14,14 +14,14 @@ import pytest
 from nodeagent.datapath.discovery import MatchResult, match_workloads, unowned_namespaces
 from nodeagent.datapath.iptables import CaptureError
 from nodeagent.datapath.netns import NetnsHandle
-from nodeagent.datapath.plan import CapturePlan
+from nodeagent.datapath.plan import CapturePlan, build_plan
 from nodeagent.kube.client import KubeClient, resolve_endpoint
 from nodeagent.model.identity import Identity
 from nodeagent.model.workload import Workload
 from nodeagent.node import manager as manager_module
 from nodeagent.node.annotations import PodAnnotationManager
 from nodeagent.node.lifecycle import Backoff, PodState
-from nodeagent.node.manager import NodeManager, NodeTiming
+from nodeagent.node.manager import HOLD_LOOKS, NodeManager, NodeTiming
 from nodeagent.state.store import StateBatch, StateStore
 
 NODE = "node1"
@@ -46,6 +46,7 @@ class FakeScanner:
     namespaces: dict[int, tuple[str, set[str]]] = field(default_factory=dict)
     unreadable: set[int] = field(default_factory=set)  # exist, but their addresses fail to read
     calls: int = 0
+    asked: list[frozenset[str]] = field(default_factory=list)  # the uids of each find
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
 
     async def wait_scans(self, n: int) -> None:
@@ -72,6 +73,7 @@ class FakeScanner:
         self, workloads: Mapping[str, Iterable[str]]
     ) -> tuple[MatchResult, dict[int, NetnsHandle]]:
         self.calls += 1
+        self.asked.append(frozenset(workloads))
         for loop, waiter in self._waiters:  # find runs on a worker thread
             loop.call_soon_threadsafe(waiter.set)
         result = match_workloads(self._readable(), workloads)
@@ -897,3 +899,40 @@ async def test_the_probe_set_follows_the_captured_pods() -> None:
         assert probes.installs == 1
         await w.manager.shutdown(cleanup=True)
         assert probes.uninstalled
+
+
+async def test_a_plugin_hold_on_a_pod_outside_the_mesh_is_lifted() -> None:
+    # The CNI plugin held these pods (no agent answered their ADD); now the agent knows
+    # one is opted out and one is enrolled: only the opted-out pod's rules go.
+    directory = FakeDirectory()
+    directory.label("default", AMBIENT)
+    directory.add("pod-u1", "10.1.0.5")
+    directory.add("pod-u2", "10.1.0.6", labels={"istio.io/dataplane-mode": "none"})
+    async with world(directory=directory) as w:
+        hold = build_plan()
+        for inode, ip in ((101, "10.1.0.5"), (102, "10.1.0.6"), (103, "10.1.0.9")):
+            w.scanner.add(inode, ip)
+            w.capture.installed[inode] = hold
+        w.place(workload("u1", "10.1.0.5"), workload("u2", "10.1.0.6"))
+        await w.wait_state("u1", PodState.READY)
+        async with asyncio.timeout(WAIT):
+            while 102 in w.capture.installed:
+                await w.scanner.wait_scans(1)
+        assert w.manager.stats.holds_released == 1
+        assert 101 in w.capture.installed  # enrolled: adopted, not lifted
+        assert 103 in w.capture.installed  # nobody's: not this sweep's to decide
+        looks = w.scanner.calls
+        await w.scanner.wait_scans(3)
+        assert w.manager.stats.holds_released == 1  # looked at once, then left alone
+        assert w.scanner.calls >= looks + 3
+
+
+async def test_an_outside_pod_whose_namespace_never_shows_is_looked_for_a_few_times() -> None:
+    directory = FakeDirectory()
+    directory.label("default", AMBIENT)
+    directory.add("pod-u2", "10.1.0.6", labels={"istio.io/dataplane-mode": "none"})
+    async with world(directory=directory) as w:
+        w.place(workload("u2", "10.1.0.6"))
+        await w.scanner.wait_scans(4 * HOLD_LOOKS)
+        assert sum("u2" in asked for asked in w.scanner.asked) == HOLD_LOOKS
+        assert w.manager.stats.holds_released == 0
