@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from bench.harness import require_root
-from bench.report import emit
+from bench.report import emit, goal
 from nodeagent import app
 from nodeagent.config import Config
 from nodeagent.model.workload import Workload
@@ -168,6 +168,17 @@ async def bench(
             **figures,
             "goal_ms": GOAL_MS,
             "goal_met": met,
+            "goals": [
+                goal(
+                    f"capture ready, {order.replace('_', ' ')}, {q} (ms)",
+                    figures[key],
+                    "<=",
+                    GOAL_MS,
+                )
+                for order in GOAL_ORDERS
+                for q in ("p50", "p99")
+                if (key := f"{order}_{q}_ms") in figures
+            ],
             "scans": manager.stats.scans,
             "setups": manager.stats.setups,
             "setup_failures": manager.stats.setup_failures,
