@@ -144,6 +144,7 @@ def guess_inbound_service(
     return None
 
 
+Ends = tuple["wm.Workload | None", "wm.Workload | None", "wm.Service | None"]
 LABEL_CACHE_SIZE = 4096  # distinct (source, destination, service, flags) label sets kept
 
 
@@ -240,31 +241,42 @@ class ConnectionTelemetry:
     # -- observer ----------------------------------------------------------------
 
     def opened(self, conn: LiveConnectionView) -> None:
-        self._metrics.traffic.record_open(self.labels_for(conn))
-        self._live[id(conn)] = [conn, 0, 0]
+        ends = self._ends(conn)
+        self._metrics.traffic.record_open(self._labels(conn, ends, "-"))
+        # The ends are resolved once, as ztunnel labels a connection once, at its start;
+        # again at close only if the connection went elsewhere (a retry's new target).
+        self._live[id(conn)] = [conn, 0, 0, ends, conn.target]
+
+    def _ends_of(self, conn: LiveConnectionView, entry: list[Any] | None) -> Ends:
+        if entry is not None and entry[4] == conn.target:
+            ends: Ends = entry[3]
+            return ends
+        return self._ends(conn)
 
     def flush(self) -> None:
         """Count the bytes live connections carried since the last flush, and the
         connections open by reporter (before a scrape)."""
-        inbound = sum(1 for conn, _, _ in self._live.values() if conn.direction == INBOUND)
+        inbound = sum(1 for entry in self._live.values() if entry[0].direction == INBOUND)
         self._metrics.set_sockets_open(
             {"destination": inbound, "source": len(self._live) - inbound}
         )
         for entry in list(self._live.values()):
-            conn, counted_in, counted_out = entry
+            conn, counted_in, counted_out = entry[:3]
             new_in, new_out = conn.bytes_in - counted_in, conn.bytes_out - counted_out
             if new_in > 0 or new_out > 0:
+                labels = self._labels(conn, self._ends_of(conn, entry), "-")
                 self._metrics.traffic.record_bytes(
-                    self.labels_for(conn), sent=max(0, new_out), received=max(0, new_in)
+                    labels, sent=max(0, new_out), received=max(0, new_in)
                 )
                 entry[1], entry[2] = conn.bytes_in, conn.bytes_out
 
     def closed(self, conn: LiveConnectionView) -> None:
         flags = conn.response_flags or _response_flags(conn.closed_reason)
         # Labels as at close: the outbound peer identity is known once the tunnel is up.
-        ends = self._ends(conn)
+        entry = self._live.pop(id(conn), None)
+        ends = self._ends_of(conn, entry)
         labels = self._labels(conn, ends, flags)
-        _, counted_in, counted_out = self._live.pop(id(conn), (conn, 0, 0))
+        counted_in, counted_out = (entry[1], entry[2]) if entry is not None else (0, 0)
         self._metrics.traffic.record_close(
             labels,
             sent=max(0, conn.bytes_out - counted_out),
