@@ -52,7 +52,7 @@ from dataclasses import dataclass, field, replace
 from nodeagent.datapath.netns import original_destination
 from nodeagent.hbone.aio import TunnelStream
 from nodeagent.hbone.headers import format_authority, parse_authority
-from nodeagent.model.address import unmap
+from nodeagent.model.address import parse_ip, unmap
 from nodeagent.model.constants import (
     FAULT_ABORT,
     FAULT_DELAY,
@@ -181,7 +181,7 @@ class OutboundRouter:
         `owns(ip)` says whether ip is the source pod's own address."""
         host, port = dst
         try:
-            ip = ipaddress.ip_address(unmap(host))
+            ip = parse_ip(unmap(host))
         except ValueError:
             return Route(
                 RouteKind.REFUSE, dst, reason=f"original destination {host!r} is not an IP"
