@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -110,12 +110,11 @@ from nodeagent.proxy.tunnel_end import WorkloadTls
 from nodeagent.state.store import StateStore
 from nodeagent.state.updater import StateUpdater
 from nodeagent.traffic.outlier import OutlierDetector
-from nodeagent.waypoint.admin import admin_routes
-from nodeagent.waypoint.authz import WaypointAuthorizer
-from nodeagent.waypoint.router import WaypointRouter
-from nodeagent.waypoint.server import WaypointEnd, WaypointListener, WaypointTunnels
-from nodeagent.waypoint.telemetry import RequestTelemetry
 from nodeagent.xds.client import XdsClient
+
+if TYPE_CHECKING:  # the agent never loads the waypoint's L7 stack (h2, h11): build_waypoint does
+    from nodeagent.waypoint.server import WaypointListener, WaypointTunnels
+    from nodeagent.waypoint.telemetry import RequestTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -732,6 +731,12 @@ class WaypointHandles:
 
 def build_waypoint(config: Config, settings: WaypointSettings) -> WaypointHandles:
     """The waypoint process: xDS into a state store, its own certificate, HBONE in and out."""
+    from nodeagent.waypoint.admin import admin_routes
+    from nodeagent.waypoint.authz import WaypointAuthorizer
+    from nodeagent.waypoint.router import WaypointRouter
+    from nodeagent.waypoint.server import WaypointEnd, WaypointListener, WaypointTunnels
+    from nodeagent.waypoint.telemetry import RequestTelemetry
+
     if not config.node_name:
         raise ConfigError("field 'node_name' is required (the node the waypoint runs on)")
     store = StateStore()
