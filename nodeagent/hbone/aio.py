@@ -16,6 +16,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import Literal, cast
 
@@ -50,7 +51,32 @@ class TunnelError(ConnectionError):
 
 
 class TunnelStream:
-    """One CONNECT tunnel on an `HboneConnection`."""
+    """One CONNECT tunnel on an `HboneConnection`.
+
+    Slotted, and what only some streams need is made on first use: the inbox (DATA before a
+    consumer takes the stream, or for `read`), the reader's and writer's events (`read`,
+    `drain`) and the response future (a stream we opened, until its answer). A relay in
+    callback mode holds none of them while idle; an idle tunnel is mostly this object.
+    """
+
+    __slots__ = (
+        "_eof",
+        "_error",
+        "_inbox",
+        "_readable",
+        "_writable",
+        "_write_blocked",
+        "authority",
+        "headers",
+        "manual_ack",
+        "on_data",
+        "on_end",
+        "on_lost",
+        "on_reset",
+        "owner",
+        "response",
+        "stream_id",
+    )
 
     def __init__(
         self,
@@ -63,19 +89,27 @@ class TunnelStream:
         self.stream_id = stream_id
         self.authority = authority
         self.headers = headers
-        self.response: asyncio.Future[ResponseReceived] = owner.loop.create_future()
+        # The answer to our CONNECT (streams we open, `HboneConnection.open_tunnel`); None on
+        # streams the peer opened.
+        self.response: asyncio.Future[ResponseReceived] | None = None
         self.on_data: Callable[[memoryview], None] | None = None  # set for callback mode
         self.on_end: Callable[[], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
+        # Called soon (from the loop, once) when the stream can carry nothing more because its
+        # connection ended or a handler of it failed, with why: a hook on the stream rather
+        # than a callback per stream on the connection's `closed` future.
+        self.on_lost: Callable[[BaseException], None] | None = None
         # Callback mode acknowledges DATA as soon as on_data returns. A relay that must hold the
         # peer back until its upstream socket drains sets manual_ack and calls ack() itself.
         self.manual_ack = False
-        self._inbox: collections.deque[tuple[memoryview, int]] = collections.deque()
+        self._inbox: collections.deque[tuple[memoryview, int]] | None = None
         self._eof = False
         self._error: BaseException | None = None
-        self._readable: asyncio.Event = asyncio.Event()
-        self._writable: asyncio.Event = asyncio.Event()
-        self._writable.set()
+        self._readable: asyncio.Event | None = None  # made by the first `read` that waits
+        # Bytes of ours wait for the peer's windows; `_writable` is made by the first `drain`
+        # that waits, and set whenever `_write_blocked` goes back to False.
+        self._write_blocked = False
+        self._writable: asyncio.Event | None = None
 
     # --- server side ---
     def respond(self, status: int, headers: Iterable[tuple[str, str]] = ()) -> None:
@@ -111,7 +145,9 @@ class TunnelStream:
         if conn.send_data(self.stream_id, data) != len(data) and conn.buffered_bytes(
             self.stream_id
         ):
-            self._writable.clear()
+            self._write_blocked = True
+            if self._writable is not None:
+                self._writable.clear()
             clear = False
         owner.flush()
         return clear and owner.can_write
@@ -121,11 +157,14 @@ class TunnelStream:
         while True:
             if self._error is not None:
                 raise self._error
-            if self._writable.is_set() and self.owner.writable.is_set():
-                return
-            await (
-                self._writable.wait() if not self._writable.is_set() else self.owner.writable.wait()
-            )
+            if not self._write_blocked:
+                if self.owner.writable.is_set():
+                    return
+                await self.owner.writable.wait()
+                continue
+            if self._writable is None:
+                self._writable = asyncio.Event()  # clear: set when the windows take the bytes
+            await self._writable.wait()
 
     def write_eof(self) -> None:
         """Half-close our direction (END_STREAM); reading continues."""
@@ -144,8 +183,10 @@ class TunnelStream:
 
     def _release_inbox(self) -> None:
         """Unread bytes of a stream we abandon still count against the connection window."""
+        if self._inbox is None:
+            return
         unread = sum(length for _, length in self._inbox)
-        self._inbox.clear()
+        self._inbox = None
         if unread:
             self.owner.conn.acknowledge_received_data(self.stream_id, unread)
 
@@ -172,8 +213,10 @@ class TunnelStream:
     def take_buffered(self) -> list[tuple[memoryview, int]]:
         """Hand over the DATA that arrived before a consumer took the stream, as
         (bytes, flow-control length) pairs, not yet acked: the taker acks them."""
+        if self._inbox is None:
+            return []
         taken = list(self._inbox)
-        self._inbox.clear()
+        self._inbox = None
         return taken
 
     @property
@@ -203,8 +246,12 @@ class TunnelStream:
                 return b""  # the peer's direction finished cleanly, whatever happened since
             if self._error is not None:
                 raise self._error
-            self._readable.clear()
+            if self._readable is None:
+                self._readable = asyncio.Event()
+            else:
+                self._readable.clear()
             await self._readable.wait()
+        assert self._inbox is not None
         data, length = self._inbox.popleft()
         # The window reopens only as the application reads: that is the backpressure.
         self.owner.conn.acknowledge_received_data(self.stream_id, length)
@@ -221,23 +268,35 @@ class TunnelStream:
                 self.owner.conn.acknowledge_received_data(self.stream_id, padding)
             self.on_data(data)
             return
+        if self._inbox is None:
+            self._inbox = collections.deque()
         self._inbox.append((data, length))
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
 
     def _on_end(self) -> None:
         self._eof = True
-        self._readable.set()
+        if self._readable is not None:
+            self._readable.set()
         if self.on_end is not None:
             self.on_end()
+
+    def _unblock_writes(self) -> None:
+        """Everything written went out (or never will): `drain` may return."""
+        self._write_blocked = False
+        if self._writable is not None:
+            self._writable.set()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        if not self.response.done():
-            self.response.set_exception(error)
-            self.response.exception()  # retrieved: nobody may be waiting on a refused stream
-        self._readable.set()
-        self._writable.set()
+        response = self.response
+        if response is not None and not response.done():
+            response.set_exception(error)
+            response.exception()  # retrieved: nobody may be waiting on a refused stream
+        if self._readable is not None:
+            self._readable.set()
+        self._unblock_writes()
 
 
 # Decrypted bytes are read into a buffer of ours, reused while nothing references it. Without
@@ -245,6 +304,82 @@ class TunnelStream:
 # glibc then trims and refaults the heap on every read: about 20 us per small read here,
 # a quarter of the CPU a 64-byte message costs an agent.
 _READ_BUFFER_SIZE = 256 * 1024
+
+
+class SharedReadBuffer:
+    """The read buffer that every HBONE connection of one thread reads into, in turn.
+
+    A read is taken whole before the next one starts (the transport calls `get_buffer`,
+    fills it and calls `buffer_updated` in one go), so one buffer serves all connections:
+    an agent holding fifty pooled connections kept fifty buffers of 256 KiB, all written
+    (zero-filled) and so all resident, mostly idle. After a read, `give_back` keeps the
+    buffer only if no view of it survived (a partial frame kept by the reader, DATA queued
+    by a transport that could not write it all yet); otherwise the holders keep it and the
+    next read gets a fresh one.
+    """
+
+    __slots__ = ("_buffer", "_view", "size")
+
+    def __init__(self, size: int = _READ_BUFFER_SIZE) -> None:
+        self.size = size
+        self._buffer: bytearray | None = None
+        self._view: memoryview | None = None
+
+    def view(self) -> memoryview:
+        """The buffer to read into (the same view until a read `lend`s it)."""
+        view = self._view
+        if view is None:
+            buffer = self._buffer
+            if buffer is None:
+                # One byte of spare capacity: `give_back` tests for views with a one-byte
+                # append, which must not reallocate (a full bytearray grows by an eighth).
+                buffer = bytearray(self.size + 1)
+                del buffer[-1]
+                self._buffer = buffer
+            view = self._view = memoryview(buffer)
+        return view
+
+    def lend(self, view: memoryview) -> bytearray | None:
+        """Take the buffer behind `view` out of the pool while its bytes are processed, so a
+        read that starts meanwhile (a nested one, in tests with in-memory transports) gets a
+        buffer of its own. None if `view` is not the pool's current one."""
+        if view is not self._view:
+            return None
+        buffer = self._buffer
+        self._view = self._buffer = None
+        return buffer
+
+    def give_back(self, buffer: bytearray | None, view: memoryview) -> None:
+        """The read through `view` (of `buffer`, from `lend`) is processed: put the buffer back
+        if no view of it survived."""
+        if buffer is None:
+            return
+        try:
+            view.release()
+        except BufferError:  # someone holds our view itself: never reuse this buffer
+            return
+        # A bytearray with live views refuses to change size, so a one-byte resize is the test.
+        try:
+            buffer.append(0)
+        except BufferError:
+            return  # theirs now; the next read gets a fresh buffer
+        del buffer[-1]
+        if self._buffer is None:
+            self._buffer = buffer
+
+
+_per_thread = threading.local()
+
+
+def shared_read_buffer() -> SharedReadBuffer:
+    """This thread's `SharedReadBuffer` (each event loop's connections share one; two loops in
+    two threads must not, since a TLS read fills the buffer with the GIL released)."""
+    try:
+        buffer: SharedReadBuffer = _per_thread.read_buffer
+    except AttributeError:
+        buffer = _per_thread.read_buffer = SharedReadBuffer()
+    return buffer
+
 
 _TLS_RECORD = 16384  # the largest TLS plaintext record
 
@@ -313,8 +448,8 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.can_write = True  # the same as writable.is_set(), without a call on the hot path
-        self._read_buffer: bytearray | None = None
-        self._read_view: memoryview | None = None
+        self._reads = shared_read_buffer()
+        self._read_view: memoryview | None = None  # what `get_buffer` lent for this read
 
     # --- asyncio.BufferedProtocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -329,15 +464,14 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._read_view is None:
-            if self._read_buffer is None:
-                self._read_buffer = bytearray(_READ_BUFFER_SIZE)
-            self._read_view = memoryview(self._read_buffer)
-        return self._read_view
+        view = self._read_view = self._reads.view()
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
-        view, buffer = self._read_view, self._read_buffer
-        assert view is not None and buffer is not None
+        view = self._read_view
+        assert view is not None
+        reads = self._reads
+        buffer = reads.lend(view)
         # No copy: the frame reader and the relay get views of this buffer.
         # (`data_received`, inlined: this runs once per read.)
         conn = self.conn
@@ -351,20 +485,7 @@ class HboneConnection(asyncio.BufferedProtocol):
             if conn.outgoing:
                 self.flush()
         self._read_view = None
-        try:
-            view.release()
-        except BufferError:  # someone holds our view itself: never reuse this buffer
-            self._read_buffer = None
-            return
-        # Reuse the buffer only if no view of it survived this read (a partial frame kept by
-        # the reader, DATA queued by a transport that could not write it all yet): a bytearray
-        # with live views refuses to change size, so a one-byte resize is the test.
-        try:
-            buffer.append(0)
-        except BufferError:
-            self._read_buffer = None  # theirs now; the next read gets a fresh buffer
-        else:
-            del buffer[-1]
+        reads.give_back(buffer, view)
 
     def data_received(self, data: Buffer) -> None:
         """Feed received bytes (also usable directly, as by a plain `asyncio.Protocol`)."""
@@ -419,9 +540,11 @@ class HboneConnection(asyncio.BufferedProtocol):
         await self.ready
         sid = self.conn.open_tunnel(authority, headers)
         stream = TunnelStream(self, sid, authority, ())
+        waiter: asyncio.Future[ResponseReceived] = self.loop.create_future()
+        stream.response = waiter
         self.streams[sid] = stream
         self.flush()
-        response = await stream.response
+        response = await waiter
         if response.status != 200:
             raise TunnelError(f"CONNECT {authority} answered {response.status}")
         return stream
@@ -504,7 +627,10 @@ class HboneConnection(asyncio.BufferedProtocol):
         stream = self.streams.get(sid)  # it may have been created by this very event
         if stream is not None:
             stream.reset(ErrorCode.INTERNAL_ERROR)
-            stream._fail(TunnelError(f"stream handler failed: {exc!r}"))
+            error = TunnelError(f"stream handler failed: {exc!r}")
+            stream._fail(error)
+            if stream.on_lost is not None:
+                self.loop.call_soon(stream.on_lost, error)
 
     def _apply(self, event: Event, stream: TunnelStream | None) -> None:
         # DATA for a known stream never gets here: `_dispatch` handles it first.
@@ -522,8 +648,8 @@ class HboneConnection(asyncio.BufferedProtocol):
                 self.conn.acknowledge_received_data(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, WindowUpdated) and event.stream_id == 0:
                 for s in self.streams.values():
-                    if not self.conn.buffered_bytes(s.stream_id):
-                        s._writable.set()
+                    if s._write_blocked and not self.conn.buffered_bytes(s.stream_id):
+                        s._unblock_writes()
             elif isinstance(event, ConnectionTerminated) and event.error_code:
                 self._terminate(TunnelError(f"peer sent GOAWAY {event.error_code}"))
             elif isinstance(event, PingAckReceived):
@@ -531,7 +657,7 @@ class HboneConnection(asyncio.BufferedProtocol):
                 if acked is not None and not acked.done():
                     acked.set_result(None)
         elif isinstance(event, ResponseReceived):
-            if not stream.response.done():
+            if stream.response is not None and not stream.response.done():
                 stream.response.set_result(event)
             if event.status != 200:
                 stream._fail(TunnelError(f"CONNECT answered {event.status}"))
@@ -545,8 +671,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             if stream.on_reset is not None:
                 stream.on_reset(event.error_code)
         elif isinstance(event, WindowUpdated):
-            if not self.conn.buffered_bytes(event.stream_id):
-                stream._writable.set()
+            if stream._write_blocked and not self.conn.buffered_bytes(event.stream_id):
+                stream._unblock_writes()
         elif isinstance(event, TrailersReceived):
             pass
 
@@ -556,13 +682,19 @@ class HboneConnection(asyncio.BufferedProtocol):
             self.streams.pop(stream_id, None)
 
     def _terminate(self, error: BaseException) -> None:
+        first = not self.closed.done()
+        lost = []
         for stream in list(self.streams.values()):
             stream._fail(error)  # wakes readers and writers blocked in drain()
+            if first and stream.on_lost is not None:
+                lost.append(stream.on_lost)
         if not self.ready.done():
             self.ready.set_exception(error)
             self.ready.exception()
-        if not self.closed.done():
+        if first:
             self.closed.set_result(None)
+        for hook in lost:  # after `closed`'s own callbacks, as callbacks on it would run
+            self.loop.call_soon(hook, error)
         if self.transport is not None:
             self.transport.close()
 

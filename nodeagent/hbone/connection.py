@@ -33,7 +33,7 @@ re-exports their public names.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
@@ -319,6 +319,8 @@ class TunnelConnection:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         if view.nbytes:
+            if stream.pending is None:
+                stream.pending = deque()
             stream.pending.append(view)
             stream.pending_bytes += view.nbytes
         stream.pending_end = end_stream
@@ -662,6 +664,8 @@ class TunnelConnection:
                 self.outgoing.append(head)
                 self.outgoing.append(chunk)  # the caller's bytes, by reference
             self._out_bytes += n + 9
+            if not pending:
+                stream.pending = None  # drained: no queue held while the stream idles
             if end:
                 self._transition(stream, StreamInput.SEND_END_STREAM)
                 return
@@ -722,7 +726,7 @@ class TunnelConnection:
 
     def _close_stream(self, stream: StreamRecord, how: StreamClosedBy) -> None:
         stream.state = StreamState.CLOSED
-        stream.pending.clear()
+        stream.pending = None
         stream.pending_bytes = 0
         self._streams.pop(stream.stream_id, None)
         self._sinks.pop(stream.stream_id, None)

@@ -48,10 +48,7 @@ def _literal(raw: bytes) -> bytes:
     return encode_int(len(raw), 7, 0x00) + raw  # H = 0: not Huffman
 
 
-@functools.lru_cache(maxsize=4096)
-def encode_field(name: str, value: str) -> bytes:
-    """One field's representation: fully indexed if the static table holds it, else a
-    literal without indexing."""
+def _encode_field(name: str, value: str) -> bytes:
     n = name.encode("utf-8", "surrogateescape")
     v = value.encode("utf-8", "surrogateescape")
     full = _FULL.get((n, v))
@@ -63,9 +60,22 @@ def encode_field(name: str, value: str) -> bytes:
     return b"\x00" + _literal(n) + _literal(v)
 
 
+@functools.lru_cache(maxsize=4096)
+def encode_field(name: str, value: str) -> bytes:
+    """One field's representation: fully indexed if the static table holds it, else a
+    literal without indexing. Cached: for fields whose values repeat."""
+    return _encode_field(name, value)
+
+
+# Fields whose value is new on every CONNECT (the client's address and port, a fresh trace
+# id): cached, each would take a cache entry (about 0.5 KiB) for nothing and push out the
+# fields that do repeat, so they are encoded afresh.
+UNCACHED: frozenset[str] = frozenset({"forwarded", "traceparent"})
+
+
 def encode_block(fields: Sequence[tuple[str, str]], table_size_update: int | None = None) -> bytes:
     """A header block for `fields`, in order."""
-    parts = [encode_field(n, v) for n, v in fields]
+    parts = [_encode_field(n, v) if n in UNCACHED else encode_field(n, v) for n, v in fields]
     if table_size_update is not None:
         parts.insert(0, encode_int(table_size_update, 5, 0x20))
     return b"".join(parts)

@@ -24,13 +24,15 @@ is sent.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from nodeagent.config import Config
 from nodeagent.hbone.aio import HboneConnection, TunnelError, TunnelStream, keep_alive
@@ -176,7 +178,15 @@ class HboneServer(Generic[L]):
     async def _serve(self, local: L, sock: socket.socket, slot: ConnectionSlot) -> None:
         loop = asyncio.get_running_loop()
         settings = self.settings
-        tasks: set[asyncio.Task[None]] = set()
+        # Each tunnel's task (the handler's own coroutine: no wrapper frame per tunnel) and its
+        # stream, which a failure resets.
+        tasks: dict[asyncio.Task[None], TunnelStream] = {}
+
+        def tunnel_done(task: asyncio.Task[None]) -> None:
+            stream = tasks.pop(task)
+            if not task.cancelled():
+                self._tunnel_failed(task.exception(), stream)
+
         # Accept to TLS done: one deadline for the certificate and the handshake.
         deadline = loop.time() + settings.handshake_timeout
         try:
@@ -226,11 +236,10 @@ class HboneServer(Generic[L]):
             work = self._handler(local, AcceptedStream(stream, peer, identity))
             if work is None:  # answered already (refused)
                 return
-            task = loop.create_task(
-                self._run(work, stream), name=f"hbone-tunnel {stream.authority}"
-            )
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            task = loop.create_task(_as_coroutine(work), name="hbone-tunnel")
+            tasks[task] = stream
+            # An explicit context: add_done_callback would copy the current one per tunnel.
+            task.add_done_callback(tunnel_done, context=_CALLBACK_CONTEXT)
 
         self.stats.connections += 1
         # Keep our own reference: with TLS, uvloop's connect_accepted_socket returns its
@@ -323,14 +332,27 @@ class HboneServer(Generic[L]):
             what = f"{identity} holds {s.max_connections_per_identity} connections (the limit)"
         log.warning("HBONE %s: connection refused: %s; %d refused so far", local.label, what, count)
 
-    async def _run(self, work: Awaitable[None], stream: TunnelStream) -> None:
+    @staticmethod
+    def _tunnel_failed(exc: BaseException | None, stream: TunnelStream) -> None:
+        if not isinstance(exc, Exception):
+            return  # done, or a BaseException the loop has already raised
+        log.error("HBONE tunnel %s failed", stream.authority, exc_info=exc)
         try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("HBONE tunnel %s failed", stream.authority)
-            try:
-                stream.reset()
-            except Exception:  # the connection is already gone
-                pass
+            stream.reset()
+        except Exception:  # the connection is already gone
+            pass
+
+
+# The context tunnel tasks' done callbacks run in (they read no context variables).
+_CALLBACK_CONTEXT = contextvars.Context()
+
+
+def _as_coroutine(work: Awaitable[None]) -> Coroutine[Any, Any, None]:
+    """`work` itself when it is a coroutine (the handler's, as in the agent), else wrapped."""
+    if inspect.iscoroutine(work):
+        return work
+    return _await(work)
+
+
+async def _await(work: Awaitable[None]) -> None:
+    await work

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class StreamState(enum.Enum):
@@ -79,16 +79,17 @@ class StreamClosedBy(enum.Enum):
     ENDED = "ended"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StreamRecord:
-    """One open stream, as the connection tracks it."""
+    """One open stream, as the connection tracks it. Slotted, and its DATA queue exists only
+    while DATA waits for window (None otherwise): most streams of a busy pool are idle."""
 
     stream_id: int
     outbound_window: int
     inbound_window: int
     state: StreamState = StreamState.IDLE
     unacked: int = 0  # consumed by the application, not yet returned in a WINDOW_UPDATE
-    pending: deque[memoryview] = field(default_factory=deque)
+    pending: deque[memoryview] | None = None  # DATA waiting for window
     pending_bytes: int = 0
     pending_end: bool = False
     headers_sent: bool = False

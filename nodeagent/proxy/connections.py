@@ -53,9 +53,9 @@ class ConnectionObserver(Protocol):
     def decided(self, attributes: ConnectionAttributes, decision: Decision) -> None: ...
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False, kw_only=True, slots=True)
 class LiveConnection:
-    """One proxied connection while it lives."""
+    """One proxied connection while it lives (slotted: one per live connection)."""
 
     id: int
     workload: str  # namespace/name of the local pod

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import socket
 from collections.abc import Callable, Mapping
@@ -39,6 +41,9 @@ from nodeagent.model.identity import Identity
 from nodeagent.model.workload import IPAddress, Workload
 
 log = logging.getLogger(__name__)
+
+# The context connection tasks' done callbacks run in (they read no context variables).
+_CALLBACK_CONTEXT = contextvars.Context()
 
 POD_PORTS: tuple[int, ...] = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT)
 
@@ -120,7 +125,11 @@ class PodListeners:
         self._backlog = backlog
         self._sockets: dict[int, socket.socket] = {}
         self._accept_tasks: list[asyncio.Task[None]] = []
-        self._connections: set[asyncio.Task[None]] = set()
+        # Each connection's task (the handler's own coroutine: no wrapper frame) and its socket.
+        self._connections: dict[asyncio.Task[None], socket.socket] = {}
+        # Made once per port, not per connection: the task name and the done callback.
+        self._task_names = {port: f"conn-{port}" for port in ports}
+        self._on_done = {port: functools.partial(self._connection_done, port) for port in ports}
         self.stats = ListenerStats()
         self._totals = totals
         self._on_close = on_close
@@ -175,20 +184,25 @@ class PodListeners:
                 continue
             conn.setblocking(False)
             self._count("accepted", port)
-            task = asyncio.create_task(self._serve(handler, conn, port), name=f"conn-{port}")
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            task = loop.create_task(handler(self.pod, conn, port), name=self._task_names[port])
+            self._connections[task] = conn
+            # An explicit context: add_done_callback would copy the current one per connection.
+            task.add_done_callback(self._on_done[port], context=_CALLBACK_CONTEXT)
 
-    async def _serve(self, handler: ConnectionHandler, conn: socket.socket, port: int) -> None:
-        try:
-            await handler(self.pod, conn, port)
-        except asyncio.CancelledError:
-            conn.close()  # the handler owns it, but may have been cancelled before using it
-            raise
-        except Exception:
+    def _connection_done(self, port: int, task: asyncio.Task[None]) -> None:
+        conn = self._connections.pop(task, None)
+        if task.cancelled():
+            if conn is not None:
+                conn.close()  # the handler owns it, but may have been cancelled before using it
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if conn is not None:
             conn.close()
+        if isinstance(exc, Exception):
             self._count("failed", port)
-            log.exception("pod %s: handler for port %d failed", self.pod.label, port)
+            log.error("pod %s: handler for port %d failed", self.pod.label, port, exc_info=exc)
 
     def _count(self, kind: str, port: int) -> None:
         self.stats.count(kind, port)

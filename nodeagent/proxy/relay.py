@@ -43,7 +43,12 @@ class RelayStats:
 
 
 class RelayEnd:
-    """One side of a relay. Subclasses implement the `do_*` verbs for their transport."""
+    """One side of a relay. Subclasses implement the `do_*` verbs for their transport.
+
+    Ends and relays are slotted: an agent holds two ends and a relay per live connection.
+    """
+
+    __slots__ = ("closed", "got_eof", "name", "peer", "received", "relay", "sent_eof")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -116,6 +121,8 @@ class RelayEnd:
 class Relay:
     """Joins two ends; `done` resolves when traffic has ended both ways."""
 
+    __slots__ = ("a", "b", "done")
+
     def __init__(self, a: RelayEnd, b: RelayEnd) -> None:
         self.a, self.b = a, b
         a.peer, b.peer = b, a
@@ -155,13 +162,15 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
     overwritten under them).
     """
 
+    __slots__ = ("_early", "_early_eof", "_paused", "_wired", "transport")
+
     def __init__(self, name: str, transport: asyncio.Transport | None = None) -> None:
         super().__init__(name)
         self.transport = transport
         self._paused = False
         # Data that arrived before the relay was wired (uvloop may deliver
-        # data even while reading is paused).
-        self._early: list[bytes] = []
+        # data even while reading is paused); made by the first such read.
+        self._early: list[bytes] | None = None
         self._early_eof = False
         self._wired = False
 
@@ -169,17 +178,15 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have the same methods.
+        # No TCP_NODELAY here: uvloop's TCP transports set it themselves, and
+        # `connect_tcp_end` sets it under asyncio's loop (asking the transport for its
+        # socket made a socket object per connection).
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Small writes (interactive protocols) must not wait for Nagle.
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def data_received(self, data: bytes) -> None:
         if not self._wired:
+            if self._early is None:
+                self._early = []
             self._early.append(data)
             return
         # `on_data`, inlined: once per read.
@@ -222,8 +229,8 @@ class TcpRelayEnd(RelayEnd, asyncio.Protocol):
     def wire(self) -> None:
         """Start relaying; replays anything that arrived before the relay existed."""
         self._wired = True
-        early, self._early = self._early, []
-        for chunk in early:
+        early, self._early = self._early, None
+        for chunk in early or ():
             self.on_data(chunk)
         if self._early_eof:
             self.on_eof()
@@ -284,6 +291,16 @@ async def connect_tcp_end(
     sock.setblocking(False)
     if connect_to is not None:
         await loop.sock_connect(sock, connect_to)
+    if isinstance(loop, asyncio.BaseEventLoop) and sock.family in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        # Small writes (interactive protocols) must not wait for Nagle. uvloop's transports
+        # set it; asyncio's only on sockets whose proto says TCP, which accepted ones do not.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
     _, proto = await loop.connect_accepted_socket(lambda: end(name), sock)
     return proto
 

@@ -38,28 +38,33 @@ log = logging.getLogger(__name__)
 class TunnelRelayEnd(RelayEnd):
     """A relay end over one CONNECT stream (either side of the tunnel)."""
 
+    __slots__ = ("_drain", "_early", "_early_eof", "_held", "_paused", "_wired", "stream")
+
     def __init__(self, name: str, stream: TunnelStream) -> None:
         super().__init__(name)
         self.stream = stream
         self._wired = False
         self._paused = False
         self._held = 0  # bytes taken while paused: their flow-control credit is returned on resume
-        self._early: list[tuple[memoryview, int]] = []
-        self._early_eof = False
-        self._drain: asyncio.Task[None] | None = None
         # Bytes that arrived before we took over are not yet acked: we ack them as we relay.
-        self._early.extend(stream.take_buffered())
+        self._early: list[tuple[memoryview, int]] | None = stream.take_buffered() or None
         self._early_eof = stream.eof
+        self._drain: asyncio.Task[None] | None = None
         stream.manual_ack = True
         stream.on_data = self._stream_data
         stream.on_end = self._stream_end
         stream.on_reset = self._stream_reset
-        stream.connection_closed.add_done_callback(self._connection_closed)
+        if stream.connection_closed.done():
+            asyncio.get_running_loop().call_soon(self._stream_lost, None)
+        else:
+            stream.on_lost = self._stream_lost
 
     # -- stream callbacks --------------------------------------------------------------------------
 
     def _stream_data(self, data: memoryview) -> None:
         if not self._wired:
+            if self._early is None:
+                self._early = []
             self._early.append((data, len(data)))
             return
         self.on_data(data)
@@ -98,22 +103,24 @@ class TunnelRelayEnd(RelayEnd):
             self.detach()
             self.on_reset(f"{self.name}: stream reset by peer (code {code})")
 
-    def _connection_closed(self, _fut: asyncio.Future[None]) -> None:
+    def _stream_lost(self, error: BaseException | None) -> None:
         if self._wired and not self.closed:
             self.detach()
-            self.on_reset(f"{self.name}: HBONE connection closed")
+            gone = error is None or self.stream.connection_closed.done()
+            self.on_reset(f"{self.name}: {'HBONE connection closed' if gone else error}")
 
     def detach(self) -> None:
-        """Forget the connection's close callback: a pooled connection outlives many tunnels."""
+        """Stop hearing from the stream's connection: a pooled connection outlives many
+        tunnels."""
         self._stop_drain()
         self.stream.deliver_to(None)
-        self.stream.connection_closed.remove_done_callback(self._connection_closed)
+        self.stream.on_lost = None
 
     def wire(self) -> None:
         """Start relaying; replays what arrived before the relay existed."""
         self._wired = True
-        early, self._early = self._early, []
-        for data, length in early:
+        early, self._early = self._early, None
+        for data, length in early or ():
             self.on_data(data)
             self._credit(length)
         if self._early_eof:

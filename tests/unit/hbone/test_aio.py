@@ -121,6 +121,50 @@ async def test_failing_handler_resets_only_its_stream(tls):
         assert await asyncio.wait_for(read_all(stream), 10) == b"still works"
 
 
+async def test_a_dead_connection_tells_each_stream_once_after_closed(tls):
+    """`on_lost` replaces a done-callback per stream on the connection's `closed` future."""
+    async with connected(tls, echo) as conn:
+        streams = [await asyncio.wait_for(conn.open_tunnel(f"10.0.0.5:{p}"), 10) for p in (1, 2)]
+        told: list[tuple[int, bool, str]] = []
+        for stream in streams:
+            stream.on_lost = lambda error, s=stream: told.append(
+                (s.stream_id, conn.closed.done(), str(error))
+            )
+        assert conn.transport is not None
+        conn.transport.abort()
+        await asyncio.wait_for(conn.closed, 10)
+        await asyncio.sleep(0)  # the hooks run soon after, from the loop
+        conn.connection_lost(None)  # a second end of the same connection tells no one again
+        await asyncio.sleep(0)
+        assert sorted(t[0] for t in told) == [s.stream_id for s in streams]
+        assert all(closed for _, closed, _ in told)
+        assert all(isinstance(s.error, TunnelError) for s in streams)
+
+
+async def test_a_stream_whose_handler_fails_is_told_it_is_lost(tls):
+    lost: list[str] = []
+
+    def keep_but_fail(stream: TunnelStream) -> None:
+        stream.respond(200)
+        stream.on_lost = lambda error: lost.append(str(error))
+
+        def bug(_data: memoryview) -> None:
+            raise RuntimeError("handler bug")
+
+        stream.on_data = bug
+
+    async with connected(tls, keep_but_fail) as conn:
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        stream.write(b"x")
+        with pytest.raises(TunnelError, match="reset by peer"):
+            await asyncio.wait_for(read_all(stream), 10)
+        for _ in range(100):
+            if lost:
+                break
+            await asyncio.sleep(0.01)
+        assert len(lost) == 1 and "handler bug" in lost[0]
+
+
 async def test_unread_data_holds_back_the_sender(tls):
     big = os.urandom(10 * 1024 * 1024)
     senders: list[TunnelStream] = []

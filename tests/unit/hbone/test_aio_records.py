@@ -1,12 +1,19 @@
-"""Output regrouping for TLS records and read-buffer reuse in the asyncio adapter."""
+"""Output regrouping for TLS records and read-buffer reuse (and sharing) in the asyncio adapter."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent.hbone.aio import HboneConnection, coalesce_records
+from nodeagent.hbone.aio import (
+    HboneConnection,
+    SharedReadBuffer,
+    coalesce_records,
+    shared_read_buffer,
+)
 from nodeagent.hbone.frames import PingFrame, SettingsFrame, serialize
 
 RECORD = 16384
@@ -72,3 +79,56 @@ async def test_reads_through_a_reused_buffer_survive_frames_split_across_reads()
     for i in range(1, 4):
         assert serialize(PingFrame(data=bytes([i]) * 8, ack=True)) in out
     conn.close()
+
+
+async def test_connections_of_one_thread_read_into_one_buffer() -> None:
+    """Fifty idle pooled connections used to hold fifty resident 256 KiB buffers."""
+    first, second = HboneConnection(client_side=True), HboneConnection(client_side=False)
+    buffer = first.get_buffer(-1).obj
+    first.buffer_updated(0)
+    assert second.get_buffer(-1).obj is buffer
+    second.buffer_updated(0)
+    first.close()
+    second.close()
+
+
+def test_a_buffer_a_view_survived_in_goes_to_its_holders() -> None:
+    buffers = SharedReadBuffer(64)
+    view = buffers.view()
+    view[:5] = b"hello"
+    kept = view[:5]  # what a frame reader keeps of a partial frame
+    buffers.give_back(buffers.lend(view), view)
+    fresh = buffers.view()
+    assert fresh.obj is not kept.obj
+    fresh[:5] = b"xxxxx"
+    assert bytes(kept) == b"hello"
+
+
+def test_a_buffer_nobody_kept_is_reused_without_growing() -> None:
+    buffers = SharedReadBuffer(64)
+    view = buffers.view()
+    buffer = view.obj
+    buffers.give_back(buffers.lend(view), view)
+    again = buffers.view()
+    assert again.obj is buffer and len(again) == 64
+
+
+def test_a_read_started_while_another_is_processed_gets_a_buffer_of_its_own() -> None:
+    buffers = SharedReadBuffer(64)
+    outer = buffers.view()
+    lent = buffers.lend(outer)
+    inner = buffers.view()  # an in-memory transport delivering to another connection
+    kept = inner.obj
+    assert kept is not lent
+    buffers.give_back(buffers.lend(inner), inner)
+    buffers.give_back(lent, outer)  # the pool keeps one buffer, the one it has
+    assert buffers.view().obj is kept
+
+
+def test_each_thread_has_its_own_shared_buffer() -> None:
+    seen: list[SharedReadBuffer] = []
+    worker = threading.Thread(target=lambda: seen.append(shared_read_buffer()))
+    worker.start()
+    worker.join()
+    assert seen[0] is not shared_read_buffer()
+    assert shared_read_buffer() is shared_read_buffer()

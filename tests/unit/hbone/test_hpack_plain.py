@@ -6,7 +6,13 @@ import hpack
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodeagent.hbone.hpack_plain import decode_plain, encode_block, encode_int, header_list_size
+from nodeagent.hbone.hpack_plain import (
+    decode_plain,
+    encode_block,
+    encode_field,
+    encode_int,
+    header_list_size,
+)
 
 CONNECT = [
     (":method", "CONNECT"),
@@ -84,3 +90,20 @@ def test_integers_use_the_prefix_then_seven_bit_groups() -> None:
     assert encode_int(10, 5, 0) == b"\x0a"  # RFC 7541 C.1.1
     assert encode_int(1337, 5, 0) == b"\x1f\x9a\x0a"  # C.1.2
     assert encode_int(42, 8, 0) == b"\x2a"  # C.1.3
+
+
+def test_fields_new_on_every_connect_take_no_cache_entry() -> None:
+    """A fresh traceparent and the client's port per CONNECT would fill the field cache with
+    entries used once (and push out the fields that repeat)."""
+    encode_block(CONNECT)  # the repeating fields are cached now
+    before = encode_field.cache_info().currsize
+    for port in range(1000, 1050):
+        block = encode_block(
+            [
+                ("forwarded", f'for="10.10.1.11:{port}"'),
+                ("traceparent", f"00-{port:032x}-{port:016x}-00"),
+                *CONNECT[:2],
+            ]
+        )
+        assert reference_decode(block)[0] == ("forwarded", f'for="10.10.1.11:{port}"')
+    assert encode_field.cache_info().currsize == before
