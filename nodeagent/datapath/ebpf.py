@@ -487,7 +487,9 @@ class EbpfCapture:
         self._cookies: dict[int, int] = {}  # namespace inode -> cookie, to remove it when gone
 
     def apply(self, netns: NetnsHandle, plan: CapturePlan) -> bool:
-        changed = self._iptables.apply(netns, plan)
+        # The program first, the rules second: the rules in place may be the CNI plugin's
+        # fail-closed hold, whose IPv4 outbound REDIRECT our plan drops, and a connect
+        # between the two steps must be captured by one or the other (never neither).
         handle = resolve(netns)
         try:
             ips = self._worker.call(handle, _ipv4_addresses)
@@ -496,6 +498,7 @@ class EbpfCapture:
             raise
         except Exception as exc:
             raise CaptureError(f"eBPF capture in netns {handle}: {exc}") from exc
+        changed = self._iptables.apply(netns, plan)
         if self._cookies.get(handle.inode) != cookie:
             self._cookies[handle.inode] = cookie
             changed = True

@@ -20,8 +20,8 @@ import pytest
 
 from nodeagent.cni.install import install, plugin_entry
 from nodeagent.datapath.iptables import IptablesBackend
-from nodeagent.datapath.netns import NetnsWorker, resolve
-from nodeagent.datapath.plan import build_plan, owned_view, parse_iptables_save
+from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, resolve
+from nodeagent.datapath.plan import CapturePlan, build_plan, owned_view, parse_iptables_save
 from nodeagent.node.cni_server import CniAdd, CniDel, CniEventServer, CniReply
 from tests.netns.cni.conftest import Namespaces
 from tests.netns.cni.runtime import SYSTEM_PLUGINS, CniRuntime
@@ -284,18 +284,30 @@ def test_the_ebpf_backend_takes_over_a_held_pod(node: Node) -> None:
     headers = Path(__file__).resolve().parents[3] / ".cache" / "kheaders"
     with NetnsWorker("cni-test") as worker:
         redirect = ConnectRedirect(kernel_headers=headers, outbound_port=EBPF_PORT, worker=worker)
+        proxy = listener(worker, node.ns.pod, "127.0.0.1", EBPF_PORT)
+        app = listener(worker, node.ns.node, gateway)
+        proxy.settimeout(3)
+        taken_over: list[bool] = []
+
+        class ProgramFirst(IptablesBackend):
+            def apply(self, netns: NetnsHandle | str, plan: CapturePlan) -> bool:
+                # The hold's rules are still all in place when the rules are rewritten:
+                # by then the pod's program must already take its connects, or a connect
+                # in between would leave uncaptured (CI saw plaintext cross there).
+                errno = connect_errno(worker, node.ns.pod, gateway, app.getsockname()[1])
+                taken_over.append(errno == 0 and accepted_any(proxy))
+                return super().apply(netns, plan)
+
         try:
-            capture = EbpfCapture(IptablesBackend(worker), redirect, worker)
+            capture = EbpfCapture(ProgramFirst(worker), redirect, worker)
             assert capture.apply(resolve(pod), build_plan(ipv6=True, ebpf_outbound_ipv4=True))
+            assert taken_over == [True]
             v4 = in_ns(node.ns.pod, "iptables-legacy-save")
             assert "--to-ports 15001" not in v4
             assert "--to-ports 15006" in v4  # inbound stays with iptables
             assert "--to-ports 15001" in in_ns(node.ns.pod, "ip6tables-legacy-save")
-            proxy = listener(worker, node.ns.pod, "127.0.0.1", EBPF_PORT)
-            app = listener(worker, node.ns.node, gateway)
             with proxy, app:
                 assert connect_errno(worker, node.ns.pod, gateway, app.getsockname()[1]) == 0
-                proxy.settimeout(3)
                 assert accepted_any(proxy)  # the connect-time redirect took it
                 assert not accepted_any(app)
             capture.remove(resolve(pod))
