@@ -385,6 +385,10 @@ def _policy(
     while not isinstance(denied, probe.ProbeError) and time.monotonic() < deadline:
         time.sleep(0.2)
         denied = call(frontend)
+    if isinstance(denied, probe.ProbeError):
+        # The first refusal may be the policy arriving mid-call (the live connection is
+        # revoked); a new call meets the policy at its CONNECT, which the agent logs below.
+        denied = call(frontend)
     allowed = call(backend)
     say(f"\nHTTP  {frontend.name} ({_identity(frontend)}) -> {target.name}")
     if isinstance(denied, probe.ProbeError):
