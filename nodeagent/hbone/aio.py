@@ -2,8 +2,8 @@
 
 `HboneConnection` is an `asyncio.Protocol` (the Protocol API, not streams: about 2x faster
 here, machine.md §5.2). Each CONNECT tunnel is a `TunnelStream` with awaitable read/drain for
-simple users; the relay can instead set `TunnelStream.on_data`/`on_end`/`on_reset` callbacks
-and take DATA as memoryviews without copies.
+simple users; the relay can instead take the stream's events (`TunnelStream.consume`, or the
+`on_data`/`on_end`/`on_reset` callbacks) and DATA as memoryviews without copies.
 
 Lessons from machine.md §5.5 are built in: streams are registered synchronously when their
 HEADERS arrive (DATA in the same read must not be lost), and an exception from one stream's
@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 from nodeagent.hbone.connection import (
     ConnectionConfig,
@@ -50,6 +50,24 @@ class TunnelError(ConnectionError):
     """A tunnel stream was reset, refused, or its connection died."""
 
 
+class StreamConsumer(Protocol):
+    """Takes a stream's events as methods of one object (`TunnelStream.consume`): a relay end
+    then stores no bound method per callback on every stream it relays."""
+
+    def stream_data(self, data: memoryview) -> None:
+        """DATA, not acknowledged: the consumer acks it (as with `manual_ack`)."""
+
+    def stream_end(self) -> None:
+        """The peer's END_STREAM."""
+
+    def stream_reset(self, error_code: int) -> None:
+        """The peer reset the stream."""
+
+    def stream_lost(self, error: BaseException) -> None:
+        """Called soon (from the loop, once): the stream's connection ended, or a handler of
+        the stream failed."""
+
+
 class TunnelStream:
     """One CONNECT tunnel on an `HboneConnection`.
 
@@ -67,6 +85,7 @@ class TunnelStream:
         "_writable",
         "_write_blocked",
         "authority",
+        "consumer",
         "headers",
         "manual_ack",
         "on_data",
@@ -99,6 +118,8 @@ class TunnelStream:
         # connection ended or a handler of it failed, with why: a hook on the stream rather
         # than a callback per stream on the connection's `closed` future.
         self.on_lost: Callable[[BaseException], None] | None = None
+        # Takes the events before the callbacks above, which still run if also set.
+        self.consumer: StreamConsumer | None = None
         # Callback mode acknowledges DATA as soon as on_data returns. A relay that must hold the
         # peer back until its upstream socket drains sets manual_ack and calls ack() itself.
         self.manual_ack = False
@@ -210,6 +231,11 @@ class TunnelStream:
         if flush:
             self.owner.flush()
 
+    def consume(self, consumer: StreamConsumer) -> None:
+        """Hand the stream's events to `consumer`, which acknowledges the DATA it takes."""
+        self.manual_ack = True
+        self.consumer = consumer
+
     def take_buffered(self) -> list[tuple[memoryview, int]]:
         """Hand over the DATA that arrived before a consumer took the stream, as
         (bytes, flow-control length) pairs, not yet acked: the taker acks them."""
@@ -260,13 +286,18 @@ class TunnelStream:
 
     # --- driven by the connection ---
     def _on_data(self, data: memoryview, length: int) -> None:
-        if self.on_data is not None:
+        consumer = self.consumer
+        if consumer is not None or self.on_data is not None:
             padding = length - len(data)
             if padding and self.manual_ack:
                 # A consumer acks the bytes it was given; padding never reaches it,
                 # so return that part of the window here or it leaks away.
                 self.owner.conn.acknowledge_received_data(self.stream_id, padding)
-            self.on_data(data)
+            if consumer is not None:
+                consumer.stream_data(data)
+            else:
+                assert self.on_data is not None
+                self.on_data(data)
             return
         if self._inbox is None:
             self._inbox = collections.deque()
@@ -278,8 +309,18 @@ class TunnelStream:
         self._eof = True
         if self._readable is not None:
             self._readable.set()
+        if self.consumer is not None:
+            self.consumer.stream_end()
         if self.on_end is not None:
             self.on_end()
+
+    def _lost_hooks(self) -> list[Callable[[BaseException], None]]:
+        hooks: list[Callable[[BaseException], None]] = []
+        if self.consumer is not None:
+            hooks.append(self.consumer.stream_lost)
+        if self.on_lost is not None:
+            hooks.append(self.on_lost)
+        return hooks
 
     def _unblock_writes(self) -> None:
         """Everything written went out (or never will): `drain` may return."""
@@ -629,8 +670,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             stream.reset(ErrorCode.INTERNAL_ERROR)
             error = TunnelError(f"stream handler failed: {exc!r}")
             stream._fail(error)
-            if stream.on_lost is not None:
-                self.loop.call_soon(stream.on_lost, error)
+            for hook in stream._lost_hooks():
+                self.loop.call_soon(hook, error)
 
     def _apply(self, event: Event, stream: TunnelStream | None) -> None:
         # DATA for a known stream never gets here: `_dispatch` handles it first.
@@ -668,6 +709,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             stream._fail(
                 TunnelError(f"stream {event.stream_id} reset by peer (code {event.error_code})")
             )
+            if stream.consumer is not None:
+                stream.consumer.stream_reset(event.error_code)
             if stream.on_reset is not None:
                 stream.on_reset(event.error_code)
         elif isinstance(event, WindowUpdated):
@@ -686,8 +729,8 @@ class HboneConnection(asyncio.BufferedProtocol):
         lost = []
         for stream in list(self.streams.values()):
             stream._fail(error)  # wakes readers and writers blocked in drain()
-            if first and stream.on_lost is not None:
-                lost.append(stream.on_lost)
+            if first:
+                lost += stream._lost_hooks()
         if not self.ready.done():
             self.ready.set_exception(error)
             self.ready.exception()

@@ -139,8 +139,11 @@ class ConnectionRegistry:
 
     def remove(self, conn: LiveConnection) -> None:
         """Forget a connection; the observer hears of it once, however often it is removed."""
-        if self._live.pop(conn.id, None) is not None and self.observer is not None:
-            self._observe(self.observer.closed, conn)
+        if self._live.pop(conn.id, None) is not None:
+            if not self._live:
+                self._live = {}  # a dict keeps its size: let a burst's table go
+            if self.observer is not None:
+                self._observe(self.observer.closed, conn)
 
     @staticmethod
     def _observe(hook: Callable[[LiveConnection], None], conn: LiveConnection) -> None:

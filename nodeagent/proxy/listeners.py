@@ -61,8 +61,9 @@ class LocalPod:
     sockets: InPodSocketFactory
     """Makes the agent's sockets (marked, not re-captured) inside this pod."""
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
+        # Made once: every connection's record and log lines carry it.
         return f"{self.namespace}/{self.name}" if self.name else self.uid
 
     def owns(self, ip: str) -> bool:
@@ -191,6 +192,8 @@ class PodListeners:
 
     def _connection_done(self, port: int, task: asyncio.Task[None]) -> None:
         conn = self._connections.pop(task, None)
+        if not self._connections:
+            self._connections = {}  # a dict keeps its size: let a burst's table go
         if task.cancelled():
             if conn is not None:
                 conn.close()  # the handler owns it, but may have been cancelled before using it

@@ -50,18 +50,13 @@ class TunnelRelayEnd(RelayEnd):
         self._early: list[tuple[memoryview, int]] | None = stream.take_buffered() or None
         self._early_eof = stream.eof
         self._drain: asyncio.Task[None] | None = None
-        stream.manual_ack = True
-        stream.on_data = self._stream_data
-        stream.on_end = self._stream_end
-        stream.on_reset = self._stream_reset
+        stream.consume(self)  # acks what we relay; no bound method per event
         if stream.connection_closed.done():
-            asyncio.get_running_loop().call_soon(self._stream_lost, None)
-        else:
-            stream.on_lost = self._stream_lost
+            asyncio.get_running_loop().call_soon(self.stream_lost, None)
 
-    # -- stream callbacks --------------------------------------------------------------------------
+    # -- stream events (nodeagent.hbone.aio.StreamConsumer) --------------------------------
 
-    def _stream_data(self, data: memoryview) -> None:
+    def stream_data(self, data: memoryview) -> None:
         if not self._wired:
             if self._early is None:
                 self._early = []
@@ -92,18 +87,18 @@ class TunnelRelayEnd(RelayEnd):
         else:
             self.stream.ack(size, flush=flush)
 
-    def _stream_end(self) -> None:
+    def stream_end(self) -> None:
         if not self._wired:
             self._early_eof = True
             return
         self.on_eof()
 
-    def _stream_reset(self, code: int) -> None:
+    def stream_reset(self, error_code: int) -> None:
         if self._wired and not self.closed:
             self.detach()
-            self.on_reset(f"{self.name}: stream reset by peer (code {code})")
+            self.on_reset(f"{self.name}: stream reset by peer (code {error_code})")
 
-    def _stream_lost(self, error: BaseException | None) -> None:
+    def stream_lost(self, error: BaseException | None) -> None:
         if self._wired and not self.closed:
             self.detach()
             gone = error is None or self.stream.connection_closed.done()
@@ -114,7 +109,6 @@ class TunnelRelayEnd(RelayEnd):
         tunnels."""
         self._stop_drain()
         self.stream.deliver_to(None)
-        self.stream.on_lost = None
 
     def wire(self) -> None:
         """Start relaying; replays what arrived before the relay existed."""

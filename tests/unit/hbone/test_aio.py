@@ -165,6 +165,53 @@ async def test_a_stream_whose_handler_fails_is_told_it_is_lost(tls):
         assert len(lost) == 1 and "handler bug" in lost[0]
 
 
+class Recorder:
+    """A StreamConsumer that writes down what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def stream_data(self, data: memoryview) -> None:
+        self.events.append(("data", bytes(data)))
+
+    def stream_end(self) -> None:
+        self.events.append(("end", None))
+
+    def stream_reset(self, error_code: int) -> None:
+        self.events.append(("reset", error_code))
+
+    def stream_lost(self, error: BaseException) -> None:
+        self.events.append(("lost", type(error).__name__))
+
+
+async def test_a_consumer_takes_the_events_and_acks_for_itself(tls):
+    consumers: list[Recorder] = []
+
+    def consume(stream: TunnelStream) -> None:
+        stream.respond(200)
+        consumers.append(Recorder())
+        stream.consume(consumers[-1])
+        assert stream.manual_ack
+
+    async with connected(tls, consume) as conn:
+        stream = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:1"), 10)
+        stream.write(b"hello")
+        stream.write_eof()
+        for _ in range(200):
+            if consumers and ("end", None) in consumers[0].events:
+                break
+            await asyncio.sleep(0.01)
+        events = [e for e in consumers[0].events if e != ("data", b"")]  # END_STREAM's DATA
+        assert events == [("data", b"hello"), ("end", None)]
+        second = await asyncio.wait_for(conn.open_tunnel("10.0.0.5:2"), 10)
+        second.reset(ErrorCode.CANCEL)
+        for _ in range(200):
+            if len(consumers) == 2 and consumers[1].events:
+                break
+            await asyncio.sleep(0.01)
+        assert consumers[1].events == [("reset", ErrorCode.CANCEL)]
+
+
 async def test_unread_data_holds_back_the_sender(tls):
     big = os.urandom(10 * 1024 * 1024)
     senders: list[TunnelStream] = []
