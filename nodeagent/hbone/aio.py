@@ -84,6 +84,7 @@ class TunnelStream:
         "_readable",
         "_writable",
         "_write_blocked",
+        "answer",
         "authority",
         "consumer",
         "headers",
@@ -108,9 +109,10 @@ class TunnelStream:
         self.stream_id = stream_id
         self.authority = authority
         self.headers = headers
-        # The answer to our CONNECT (streams we open, `HboneConnection.open_tunnel`); None on
-        # streams the peer opened.
+        # Streams we open (`HboneConnection.open_tunnel`): the future of the answer to our
+        # CONNECT while it is awaited, then the answer itself. None on streams the peer opened.
         self.response: asyncio.Future[ResponseReceived] | None = None
+        self.answer: ResponseReceived | None = None
         self.on_data: Callable[[memoryview], None] | None = None  # set for callback mode
         self.on_end: Callable[[], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
@@ -585,7 +587,11 @@ class HboneConnection(asyncio.BufferedProtocol):
         stream.response = waiter
         self.streams[sid] = stream
         self.flush()
-        response = await waiter
+        try:
+            response = await waiter
+        finally:
+            stream.response = None  # a done future per tunnel is 144 bytes for nothing
+        stream.answer = response
         if response.status != 200:
             raise TunnelError(f"CONNECT {authority} answered {response.status}")
         return stream

@@ -201,7 +201,7 @@ class TunnelConnection:
         self.goaway_received: ConnectionTerminated | None = None
         self.closed = False  # after a connection error: no more frames are read or sent
         # Streams whose DATA goes straight to a callable during receive_data (set_data_sink).
-        self._sinks: dict[int, tuple[StreamRecord, DataSink]] = {}
+        self._sinks: dict[int, StreamRecord] = {}  # streams with a sink (`StreamRecord.sink`)
         self._conn_update_at = update_threshold(config.connection_window_size)
         self._stream_update_at = update_threshold(config.initial_window_size)
 
@@ -410,7 +410,8 @@ class TunnelConnection:
         stream = self._streams.get(stream_id)
         if stream is None or stream.state not in (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL):
             raise InvalidActionError(f"stream {stream_id} cannot receive DATA")
-        self._sinks[stream_id] = (stream, sink)
+        stream.sink = sink  # on the record: no (record, sink) pair per stream
+        self._sinks[stream_id] = stream
 
     def ping(self, data: bytes = b"\0" * 8) -> None:
         self._require_open()
@@ -534,10 +535,11 @@ class TunnelConnection:
                 hi, lo, frame_type, flags, sid = unpack_header(view, pos)
                 length = (hi << 8) | lo
                 end = pos + FRAME_HEADER_SIZE + length
-                entry = sinks.get(sid) if frame_type == 0 and not flags else None
-                if entry is None or not 0 < length <= max_frame or end > total:
+                stream = sinks.get(sid) if frame_type == 0 and not flags else None
+                if stream is None or not 0 < length <= max_frame or end > total:
                     break
-                stream, sink = entry
+                sink = stream.sink
+                assert sink is not None
                 if length > self._conn_inbound_window or length > stream.inbound_window:
                     break  # the general path raises the flow-control error
                 self._conn_inbound_window -= length

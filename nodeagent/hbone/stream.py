@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -94,3 +94,6 @@ class StreamRecord:
     pending_end: bool = False
     headers_sent: bool = False
     headers_received: bool = False
+    # Takes whole DATA frames directly while the connection lists the stream among its sinks
+    # (`TunnelConnection.set_data_sink`); True: the bytes may be acked now.
+    sink: Callable[[memoryview], bool] | None = None

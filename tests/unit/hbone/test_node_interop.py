@@ -107,7 +107,8 @@ async def test_our_client_tunnels_through_node_http2_server(cert_files):
         stream = await asyncio.wait_for(
             conn.open_tunnel("[fd00::7]:8080", [("forwarded", 'for="10.0.0.1:4444"')]), 10
         )
-        response = stream.response.result()
+        response = stream.answer
+        assert response is not None
         assert response.status == 200
         assert ("x-authority", "[fd00::7]:8080") in response.headers
         assert ("x-forwarded", 'for="10.0.0.1:4444"') in response.headers
