@@ -33,6 +33,7 @@ re-exports their public names.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
@@ -150,6 +151,18 @@ __all__ = [
 # Takes one DATA payload (a view of the received bytes); True if the bytes were consumed and
 # their window may be returned now, False if the application acknowledges them later.
 DataSink: TypeAlias = Callable[[memoryview], bool]
+
+# A server keeps each CONNECT's fields while its tunnel lives. Names, and the values that
+# repeat from one CONNECT to the next (the authority, the source's baggage), are decoded
+# once and shared, not held as a copy per tunnel; the others (forwarded, traceparent) are
+# new every time.
+_REPEATING = frozenset({b":method", b":authority", b":scheme", b":status", b"baggage"})
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
 
 # Bound on one (compressed) header block across CONTINUATION frames: a CONTINUATION flood is
 # a known memory DoS, so more than this is ENHANCE_YOUR_CALM.
@@ -929,7 +942,10 @@ class TunnelConnection:
         plain = decode_plain(block)
         if plain is not None and header_list_size(plain) <= self.config.header_list_limit:
             return [
-                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                (
+                    _shared_text(n),
+                    _shared_text(v) if n in _REPEATING else v.decode("utf-8", "surrogateescape"),
+                )
                 for n, v in plain
             ]
         try:

@@ -771,3 +771,26 @@ def test_large_sends_are_queued_by_reference_small_ones_with_their_header():
     assert [len(b) for b in out] == [9, 300_000] and out[1].obj is big
     peer.conn.send_data(sid, b"ping")
     assert peer.conn.data_to_send_bytes() == bytes.fromhex("000004 00 00 00000001") + b"ping"
+
+
+def test_connects_share_their_repeating_fields_and_keep_their_own() -> None:
+    """A server keeps each CONNECT's fields while the tunnel lives: names and repeating
+    values (authority, baggage) are one string for all tunnels, not a copy each."""
+    cli = TunnelConnection(ConnectionConfig(client_side=True))
+    srv = TunnelConnection(ConnectionConfig(client_side=False))
+    cli.initiate_connection()
+    srv.initiate_connection()
+    pump(cli, srv)
+    for port in (4001, 4002):
+        cli.open_tunnel(
+            "10.0.0.1:8080",
+            [("forwarded", f'for="10.0.0.2:{port}"'), ("baggage", "k8s.namespace.name=a")],
+        )
+    _, events = pump(cli, srv)
+    first, second = [e for e in events if isinstance(e, RequestReceived)]
+    assert first.authority == second.authority == "10.0.0.1:8080"
+    assert first.authority is second.authority
+    assert dict(first.headers)["baggage"] is dict(second.headers)["baggage"]
+    assert [n for n, _ in first.headers] == ["forwarded", "baggage"]
+    assert all(a is b for (a, _), (b, _) in zip(first.headers, second.headers, strict=True))
+    assert dict(second.headers)["forwarded"] == 'for="10.0.0.2:4002"'
