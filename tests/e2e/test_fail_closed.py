@@ -66,12 +66,16 @@ class Calls:
 
 
 class Traffic:
-    """Calls from `src` to `url` in a loop; each is counted in the phase it started in."""
+    """Calls from `src` to `url` in a loop; each is counted in the phase it started in, and
+    a new phase begins only once the last call of the one before has ended (so a call
+    counted in a phase never sees what the test does after it)."""
 
     def __init__(self, mesh: Mesh, src: str, url: str) -> None:
         self.mesh, self.src, self.url = mesh, src, url
         self.phase = "before"
         self.calls: dict[str, Calls] = {}
+        self._lock = threading.Lock()
+        self._in_flight: str | None = None  # the phase of the call running now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
 
@@ -85,7 +89,8 @@ class Traffic:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            phase = self.phase
+            with self._lock:
+                phase = self._in_flight = self.phase
             result = self.mesh.run_in(
                 self.src,
                 [
@@ -108,11 +113,20 @@ class Traffic:
                 calls.refused += 1
             else:
                 calls.other.append(f"rc={result.returncode} {result.stderr.strip()[:120]}")
+            self._in_flight = None
             self._stop.wait(0.05)
 
     def enter(self, phase: str, *, calls: int = 0) -> None:
-        """Start counting in `phase`, then wait for `calls` calls made in it."""
-        self.phase = phase
+        """Start counting in `phase` once the previous phase's last call has ended, then
+        wait for `calls` calls made in it. (With edits pushed in about 50 ms, a call still
+        running from the phase before could otherwise meet the state the test sets next.)"""
+        with self._lock:
+            self.phase = phase
+        wait_until(
+            f"the last call before phase {phase} to end",
+            lambda: self._in_flight in (None, phase),
+            timeout=15,
+        )
         wait_until(
             f"{calls} calls in phase {phase}",
             lambda: self.calls.get(phase, Calls()).total >= calls,
