@@ -17,7 +17,9 @@ import sys
 from bench.report import ROOT, run_family, write_report
 
 ORDER = ["sandbox", "state", "xds", "hbone", "capture", "mesh", "connections", "capture_cost"]
-SHARED = {"harness", "report", "probe", "tls_relay"}
+# conn_memory is a diagnosis (where an idle connection's bytes go, as a table to read),
+# run by hand: bench.connections measures the figure itself.
+SHARED = {"harness", "report", "probe", "tls_relay", "conn_memory"}
 
 
 def families() -> list[str]:
