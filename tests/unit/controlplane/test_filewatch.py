@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+from pathlib import Path
 
 import pytest
 
 from nodeagent.controlplane import filewatch as fw
+from nodeagent.datapath import inotify as ino
 
 
 def record(mask: int, name: str, wd: int = 1) -> bytes:
@@ -19,32 +22,35 @@ def record(mask: int, name: str, wd: int = 1) -> bytes:
 @pytest.mark.parametrize(
     ("events", "change"),
     [
-        ([(fw.IN_CLOSE_WRITE, "mesh.yaml")], fw.Change.FINISHED),
-        ([(fw.IN_MOVED_TO, "mesh.yaml")], fw.Change.FINISHED),
-        ([(fw.IN_MODIFY, "mesh.yaml")], fw.Change.WRITING),
-        ([(fw.IN_CREATE, "mesh.yaml")], fw.Change.WRITING),
-        ([(fw.IN_DELETE, "mesh.yaml")], fw.Change.WRITING),
-        ([(fw.IN_MODIFY, "mesh.yaml"), (fw.IN_CLOSE_WRITE, "mesh.yaml")], fw.Change.FINISHED),
-        ([(fw.IN_CLOSE_WRITE, "other.yaml"), (fw.IN_MOVED_TO, ".mesh.yaml.swp")], fw.Change.NONE),
-        ([(fw.IN_MOVED_TO, "..data")], fw.Change.FINISHED),  # a ConfigMap's atomic swap
-        ([(fw.IN_Q_OVERFLOW, "")], fw.Change.FINISHED),  # events lost: read to be sure
+        ([(ino.IN_CLOSE_WRITE, "mesh.yaml")], fw.Change.FINISHED),
+        ([(ino.IN_MOVED_TO, "mesh.yaml")], fw.Change.FINISHED),
+        ([(ino.IN_MODIFY, "mesh.yaml")], fw.Change.WRITING),
+        ([(ino.IN_CREATE, "mesh.yaml")], fw.Change.WRITING),
+        ([(ino.IN_DELETE, "mesh.yaml")], fw.Change.WRITING),
+        ([(ino.IN_MODIFY, "mesh.yaml"), (ino.IN_CLOSE_WRITE, "mesh.yaml")], fw.Change.FINISHED),
+        ([(ino.IN_CLOSE_WRITE, "other.yaml"), (ino.IN_MOVED_TO, ".mesh.yaml.swp")], fw.Change.NONE),
+        ([(ino.IN_MOVED_TO, "..data")], fw.Change.FINISHED),  # a ConfigMap's atomic swap
+        ([(ino.IN_Q_OVERFLOW, "")], fw.Change.FINISHED),  # events lost: read to be sure
     ],
 )
 def test_events_say_whether_to_read_the_file_now(
     events: list[tuple[int, str]], change: fw.Change
 ) -> None:
     data = b"".join(record(mask, name) for mask, name in events)
-    assert fw.classify(data, "mesh.yaml") is change
+    assert fw.classify(ino.parse_events(data), "mesh.yaml") is change
 
 
-def test_drain_reads_everything_queued_on_a_non_blocking_fd() -> None:
-    r, w = os.pipe()
-    os.set_blocking(r, False)
+async def test_a_save_by_rename_beside_other_files_is_reported_finished(tmp_path: Path) -> None:
+    changes: asyncio.Queue[fw.Change] = asyncio.Queue()
+    events = fw.FileEvents(tmp_path / "mesh.yaml")
+    events.start(changes.put_nowait)
     try:
-        os.write(w, record(fw.IN_MODIFY, "mesh.yaml") + record(fw.IN_CLOSE_WRITE, "mesh.yaml"))
-        data = fw.drain(r)
-        assert fw.classify(data, "mesh.yaml") is fw.Change.FINISHED
-        assert fw.drain(r) == b""
+        (tmp_path / "other.yaml").write_text("x")
+        (tmp_path / ".mesh.yaml.tmp").write_text("workloads: []\n")
+        (tmp_path / ".mesh.yaml.tmp").rename(tmp_path / "mesh.yaml")
+        async with asyncio.timeout(5):
+            assert await changes.get() is fw.Change.FINISHED
+        await asyncio.sleep(0.05)
+        assert changes.empty()  # the other files said nothing
     finally:
-        os.close(r)
-        os.close(w)
+        events.close()

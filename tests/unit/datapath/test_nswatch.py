@@ -1,48 +1,16 @@
-"""The netns-directory watch: inotify records parsed, and the real inotify (no root
-needed) waking its callback as pod namespace entries come and go."""
+"""The netns-directory watch: the real inotify (no root needed) waking its callback as
+pod namespace entries come and go."""
 
 from __future__ import annotations
 
 import asyncio
-import struct
 from pathlib import Path
 
 import pytest
 
-from nodeagent.datapath.nswatch import (
-    IN_CREATE,
-    IN_DELETE,
-    IN_IGNORED,
-    IN_Q_OVERFLOW,
-    InotifyEvent,
-    NetnsWatcher,
-    parse_events,
-)
+from nodeagent.datapath.nswatch import NetnsWatcher
 
 WAIT = 5.0
-E = InotifyEvent
-
-
-def record(wd: int, mask: int, name: bytes = b"", pad: int = 0) -> bytes:
-    raw = name + b"\0" * pad
-    return struct.pack("=iIII", wd, mask, 0, len(raw)) + raw
-
-
-@pytest.mark.parametrize(
-    ("data", "events"),
-    [
-        (b"", []),
-        (record(1, IN_CREATE, b"cni-1234", pad=8), [E(wd=1, mask=IN_CREATE, name="cni-1234")]),
-        (
-            record(1, IN_CREATE, b"a", pad=3) + record(2, IN_DELETE, b"bb", pad=14),
-            [E(wd=1, mask=IN_CREATE, name="a"), E(wd=2, mask=IN_DELETE, name="bb")],
-        ),
-        (record(1, IN_IGNORED), [E(wd=1, mask=IN_IGNORED, name="")]),
-        (record(-1, IN_Q_OVERFLOW), [E(wd=-1, mask=IN_Q_OVERFLOW, name="")]),
-    ],
-)  # fmt: skip
-def test_inotify_records_are_parsed(data: bytes, events: list[InotifyEvent]) -> None:
-    assert parse_events(data) == events
 
 
 def test_one_directory_under_two_names_is_watched_once(tmp_path: Path) -> None:
