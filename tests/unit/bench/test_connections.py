@@ -25,6 +25,7 @@ MED = {
     },
     "mesh_memory": {
         "idle_rss_mib": 38.0,
+        "imports_rss_mib": 30.5,
         "burst_client_after_ratio": 1.05,
         "burst_server_after_ratio": 1.4,
     },
@@ -44,6 +45,19 @@ def test_goals_compare_the_mesh_with_both_references_and_its_memory_with_the_bou
         "client-side agent RSS after a burst closed / before": (1.05, "<= 1.1", True),
         "server-side agent RSS after a burst closed / before": (1.4, "<= 1.1", False),
     }
+
+
+def test_goals_say_for_scale_what_node_makes_of_stunnel_and_what_the_imports_cost() -> None:
+    got = {g["figure"]: g.get("context", "") for g in connections.goals(MED)}
+    assert got["new connections/s (sequential), mesh / stunnel"] == "node_h2 / stunnel 6.25"
+    assert got["new connections/s (8 at once), mesh / stunnel"] == "node_h2 / stunnel 2.00"
+    assert got["new connections/s (sequential), mesh / node_h2"] == ""
+    assert got["agent RSS idle just after start (larger agent)"] == "its imports alone 30.5 MiB"
+
+
+def test_the_imports_floor_is_a_real_interpreter_reading() -> None:
+    floor = connections.imports_rss_mib()
+    assert 10 < floor < 500  # an interpreter with the agent's modules, measured, in MiB
 
 
 def test_rate_ratios_are_the_mesh_over_each_reference_that_ran() -> None:

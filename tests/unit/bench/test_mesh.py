@@ -32,5 +32,20 @@ def test_goals_of_issue_21_from_the_medians() -> None:
     }
 
 
+def test_goals_give_the_capture_cost_and_the_python_relay_latency_for_scale() -> None:
+    med = {
+        "no_mesh": {"gbps_1_stream": 15.0, "p50_us": 90.0},
+        "stunnel": {"gbps_1_stream": 5.0, "p50_us": 120.0},
+        "stunnel_captured": {"gbps_1_stream": 4.0, "p50_us": 121.0},
+        "py_relay": {"gbps_1_stream": 6.0, "p50_us": 126.0},
+        "mesh": {"gbps_1_stream": 5.4, "p50_us": 114.0},
+    }
+    got = {g["figure"]: g.get("context", "") for g in goals(med)}
+    assert got == {
+        "single-stream throughput, mesh / py_relay": "stunnel_captured / stunnel 0.80",
+        "added p50 latency, mesh / stunnel": "py_relay / stunnel 1.20",
+    }
+
+
 def test_goals_need_their_variants() -> None:
     assert goals({"mesh": {"gbps_1_stream": 5.0, "p50_us": 100.0}}) == []
