@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from nodeagent.cli.errors import CliError
@@ -95,10 +96,29 @@ def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     return config
 
 
+class SecondCachedFormatter(logging.Formatter):
+    """logging.Formatter's default time text, made once per second instead of per record
+    (localtime and strftime on every access log line were a visible part of a connection)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._second_text},{int(record.msecs):03d}"  # default_msec_format's text
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr, level=_LEVELS.get(level, logging.INFO), format=LOG_FORMAT
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SecondCachedFormatter(LOG_FORMAT))
+    logging.basicConfig(level=_LEVELS.get(level, logging.INFO), handlers=[handler])
     # LOG_FORMAT names no thread or process: do not look them up for every record (the
     # access log writes one per connection).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

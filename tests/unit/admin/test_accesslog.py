@@ -6,8 +6,15 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from nodeagent.admin.accesslog import AccessLogger, AccessRecord, format_access_log
+from nodeagent.admin.accesslog import (
+    AccessLogger,
+    AccessRecord,
+    access_fields,
+    format_access_log,
+)
 
 RECORD = AccessRecord(
     end_time=1_700_000_000.25,
@@ -59,3 +66,30 @@ def test_nothing_is_formatted_when_access_logs_are_off(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="access"):
         AccessLogger().log(RECORD)
     assert caplog.records == []
+
+
+TEXT = st.text(max_size=40)
+
+
+@given(
+    st.builds(
+        AccessRecord,
+        end_time=st.floats(min_value=0, max_value=4e9),
+        direction=st.sampled_from(["inbound", "outbound"]),
+        src_addr=TEXT,
+        dst_addr=TEXT,
+        dst_hbone_addr=TEXT,
+        src_workload=TEXT,
+        src_identity=TEXT,
+        dst_service=TEXT,
+        policy=TEXT,
+        error=TEXT,
+        bytes_sent=st.integers(min_value=0, max_value=2**63),
+        bytes_recv=st.integers(min_value=0, max_value=2**63),
+        duration_ms=st.floats(allow_nan=True, allow_infinity=True),
+        response_flags=st.sampled_from(["-", "UF", "DI,UF"]),
+    )
+)
+def test_the_line_is_exactly_what_json_dumps_makes_of_the_fields(record: AccessRecord) -> None:
+    # Any text (quotes, control characters, non-ASCII), any number: escaped as json escapes.
+    assert format_access_log(record) == json.dumps(access_fields(record), separators=(",", ":"))
