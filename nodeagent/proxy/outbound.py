@@ -634,7 +634,18 @@ class OutboundHandler:
                 self.routing.record(route.pick, ok=True)
                 self.routing.balancer.started(route.pick.candidate)
             try:
-                await self._relay(pod, source, sock, client, route, live, upstream)
+                # The relay is held here, not in a coroutine of its own: a frame fewer kept
+                # per idle connection.
+                relay, idle, mirror = await self._relay(
+                    pod, source, sock, client, route, live, upstream
+                )
+                try:
+                    await hold(relay)
+                finally:
+                    if idle is not None:
+                        idle.cancel()
+                    if mirror is not None:
+                        mirror.close()
             finally:
                 if route.pick is not None:
                     self.routing.balancer.ended(route.pick.candidate)
@@ -678,47 +689,49 @@ class OutboundHandler:
         route: Route,
         live: LiveConnection,
         upstream: TunnelStream | socket.socket,
-    ) -> None:
+    ) -> tuple[Relay, asyncio.Task[None] | None, Mirror | None]:
+        """Join the app's socket and the upstream as `live.relay`; returns it with what the
+        caller ends with it: the idle-timeout watch and the mirror, if any."""
         plan = route.plan
         mirror = None
         if plan is not None and plan.decision.mirror is not None:
             mirror = self._mirror(pod, source, client, plan)
-        if isinstance(upstream, socket.socket):
-            self._count(route.kind.value)
-            try:
-                app = await self._app_end("downstream", sock, mirror)
-                up_end = await connect_tcp_end("upstream", upstream)
-            except BaseException:
-                upstream.close()
-                raise
-            live.relay = relay_pair(app, up_end)
-        else:
-            self._count("hbone")
-            assert self.pool is not None  # a stream came from it
-            tunnel_end = TunnelRelayEnd("tunnel", upstream)
-            live.destination_identity = self.pool.peer_identity(
-                PoolKey(pod.uid, pod.identity, route.identities, route.destination), upstream
-            )
-            try:
-                app = await self._app_end("app", sock, mirror)
-            except BaseException:
-                tunnel_end.detach()
-                upstream.reset()
-                raise
-            live.relay = join(app, tunnel_end)
+        try:
+            if isinstance(upstream, socket.socket):
+                self._count(route.kind.value)
+                try:
+                    app = await self._app_end("downstream", sock, mirror)
+                    up_end = await connect_tcp_end("upstream", upstream)
+                except BaseException:
+                    upstream.close()
+                    raise
+                relay = relay_pair(app, up_end)
+            else:
+                self._count("hbone")
+                assert self.pool is not None  # a stream came from it
+                tunnel_end = TunnelRelayEnd("tunnel", upstream)
+                live.destination_identity = self.pool.peer_identity(
+                    PoolKey(pod.uid, pod.identity, route.identities, route.destination), upstream
+                )
+                try:
+                    app = await self._app_end("app", sock, mirror)
+                except BaseException:
+                    tunnel_end.detach()
+                    upstream.reset()
+                    raise
+                relay = join(app, tunnel_end)
+        except BaseException:
+            if mirror is not None:
+                mirror.close()  # no relay to copy from
+            raise
+        live.relay = relay
         idle = None
         policy = route.pick.target.policy if route.pick is not None else None
         if policy is not None and policy.tcp is not None and policy.tcp.idle_timeout:
             idle = asyncio.get_running_loop().create_task(
-                close_when_idle(live.relay, policy.tcp.idle_timeout, self._sleep)
+                close_when_idle(relay, policy.tcp.idle_timeout, self._sleep)
             )
-        try:
-            await hold(live.relay)
-        finally:
-            if idle is not None:
-                idle.cancel()
-            if mirror is not None:
-                mirror.close()
+        return relay, idle, mirror
 
     @staticmethod
     async def _app_end(name: str, sock: socket.socket, mirror: Mirror | None) -> TcpRelayEnd:
