@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 
-from nodeagent.proxy.relay import RelayStats
+from nodeagent.proxy.relay import Relay, RelayStats
 from nodeagent.proxy.sockets import hold
 from tests.unit.proxy.test_relay import relay_to, server
 
@@ -20,13 +21,24 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.close()
 
 
-async def test_a_cancelled_holder_resets_both_sides() -> None:
+@contextlib.asynccontextmanager
+async def echoed_once() -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, Relay]]:
+    """A client connection relayed to an echo server, one ping already echoed."""
     async with server(echo) as up, relay_to(up) as (addr, relays):
         reader, writer = await asyncio.open_connection(*addr)
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        try:
+            yield reader, writer, relays[0]
+        finally:
+            writer.close()
+
+
+async def test_a_cancelled_holder_resets_both_sides() -> None:
+    async with echoed_once() as (reader, _writer, relay):
+
         async def handler() -> None:  # a connection's task, holding its relay
-            await hold(relays[0])
+            await hold(relay)
 
         holder = asyncio.create_task(handler())
         await asyncio.sleep(0)
@@ -36,15 +48,10 @@ async def test_a_cancelled_holder_resets_both_sides() -> None:
         # The client sees a reset (or at least the end), never a relay left running.
         with contextlib.suppress(ConnectionResetError):
             assert await asyncio.wait_for(reader.read(), 5) == b""
-        assert relays[0].a.closed and relays[0].b.closed
-        writer.close()
+        assert relay.a.closed and relay.b.closed
 
 
 async def test_a_holder_returns_the_relays_figures_when_it_ends() -> None:
-    async with server(echo) as up, relay_to(up) as (addr, relays):
-        reader, writer = await asyncio.open_connection(*addr)
-        writer.write(b"ping")
-        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    async with echoed_once() as (_reader, writer, relay):
         writer.write_eof()
-        assert await asyncio.wait_for(hold(relays[0]), 5) == RelayStats(4, 4, "")
-        writer.close()
+        assert await asyncio.wait_for(hold(relay), 5) == RelayStats(4, 4, "")
