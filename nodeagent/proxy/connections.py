@@ -138,7 +138,12 @@ class ConnectionRegistry:
         return conn
 
     def remove(self, conn: LiveConnection) -> None:
-        """Forget a connection; the observer hears of it once, however often it is removed."""
+        """Forget a connection; the observer hears of it once, however often it is removed.
+        A relay still running then lost its holder (a task cancelled while it held the relay:
+        proxy.sockets.hold): it is reset, never left to outlive its connection."""
+        relay = conn.relay
+        if relay is not None and (relay.done.cancelled() or not relay.done.done()):
+            relay.abort("listener closed")
         if self._live.pop(conn.id, None) is not None:
             if not self._live:
                 self._live = {}  # a dict keeps its size: let a burst's table go

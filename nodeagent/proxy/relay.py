@@ -143,12 +143,6 @@ class Relay:
         if not self.done.done():
             self.done.set_result(RelayStats(self.a.received, self.b.received, error))
 
-    def abort_if_cancelled(self, done: asyncio.Future[RelayStats]) -> None:
-        """`done`'s callback while a task holds the relay (proxy.sockets.hold): a task
-        cancelled while waiting cancels `done`, and the relay must not outlive it."""
-        if done.cancelled():
-            self.abort("listener closed")
-
     def abort(self, reason: str) -> None:
         """End the relay now, resetting both sides (policy change, shutdown)."""
         for end in (self.a, self.b):

@@ -80,9 +80,8 @@ async def relay_sockets(down: socket.socket, up: socket.socket) -> Relay:
 
 
 def hold(relay: Relay) -> asyncio.Future[RelayStats]:
-    """What a connection's task awaits while its relay runs: the relay's own `done`, bare.
-    Cancelling the task (a drain that ran out) cancels `done`, and its callback, which runs
-    before the task resumes, resets both sides. No coroutine (and no shield) is kept per
-    idle connection: together they were ~1 KB of each."""
-    relay.done.add_done_callback(relay.abort_if_cancelled)
+    """What a connection's task awaits while its relay runs: the relay's own `done`, bare (no
+    coroutine and no shield per idle connection: together ~1 KB of each). A holder cancelled
+    meanwhile (a drain that ran out) cancels `done`; its `finally: registry.remove(live)`
+    then resets both sides (ConnectionRegistry.remove ends a relay that outlived its holder)."""
     return relay.done

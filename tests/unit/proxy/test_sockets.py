@@ -1,5 +1,5 @@
-"""Holding a relay: the task that holds it ends with it, and a cancelled holder resets both
-sides (a drain that ran out), over real loopback TCP."""
+"""Holding a relay: the task that holds it ends with it, and a holder cancelled meanwhile (a
+drain that ran out) has both sides reset as its connection is removed; real loopback TCP."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from nodeagent.proxy.connections import OUTBOUND, TCP, ConnectionRegistry
 from nodeagent.proxy.relay import Relay, RelayStats
 from nodeagent.proxy.sockets import hold
 from tests.unit.proxy.test_relay import relay_to, server
@@ -34,11 +35,20 @@ async def echoed_once() -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.Str
             writer.close()
 
 
-async def test_a_cancelled_holder_resets_both_sides() -> None:
+async def test_a_cancelled_holder_resets_both_sides_as_its_connection_is_removed() -> None:
+    registry = ConnectionRegistry()
     async with echoed_once() as (reader, _writer, relay):
 
         async def handler() -> None:  # a connection's task, holding its relay
-            await hold(relay)
+            live = registry.register(
+                workload="ns/pod", workload_uid="u", direction=OUTBOUND, protocol=TCP,
+                local="a:1", remote="b:2", target="b:2", task=asyncio.current_task(),
+            )  # fmt: skip
+            live.relay = relay
+            try:
+                await hold(relay)
+            finally:
+                registry.remove(live)
 
         holder = asyncio.create_task(handler())
         await asyncio.sleep(0)
@@ -49,6 +59,7 @@ async def test_a_cancelled_holder_resets_both_sides() -> None:
         with contextlib.suppress(ConnectionResetError):
             assert await asyncio.wait_for(reader.read(), 5) == b""
         assert relay.a.closed and relay.b.closed
+        assert len(registry) == 0
 
 
 async def test_a_holder_returns_the_relays_figures_when_it_ends() -> None:
