@@ -236,7 +236,9 @@ class HboneServer(Generic[L]):
             work = self._handler(local, AcceptedStream(stream, peer, identity))
             if work is None:  # answered already (refused)
                 return
-            task = loop.create_task(_as_coroutine(work), name="hbone-tunnel")
+            task = loop.create_task(
+                _as_coroutine(work), name="hbone-tunnel", context=_CALLBACK_CONTEXT
+            )
             tasks[task] = stream
             # An explicit context: add_done_callback would copy the current one per tunnel.
             task.add_done_callback(tunnel_done, context=_CALLBACK_CONTEXT)
@@ -343,7 +345,8 @@ class HboneServer(Generic[L]):
             pass
 
 
-# The context tunnel tasks' done callbacks run in (they read no context variables).
+# The context tunnel tasks and their done callbacks run in: one for all (nothing here sets
+# or reads context variables), not a copy per tunnel.
 _CALLBACK_CONTEXT = contextvars.Context()
 
 

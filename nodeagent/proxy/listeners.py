@@ -42,7 +42,8 @@ from nodeagent.model.workload import IPAddress, Workload
 
 log = logging.getLogger(__name__)
 
-# The context connection tasks' done callbacks run in (they read no context variables).
+# The context connection tasks and their done callbacks run in: one for all (the agent sets
+# and reads no context variables), not a copy per connection.
 _CALLBACK_CONTEXT = contextvars.Context()
 
 POD_PORTS: tuple[int, ...] = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT)
@@ -185,7 +186,11 @@ class PodListeners:
                 continue
             conn.setblocking(False)
             self._count("accepted", port)
-            task = loop.create_task(handler(self.pod, conn, port), name=self._task_names[port])
+            task = loop.create_task(
+                handler(self.pod, conn, port),
+                name=self._task_names[port],
+                context=_CALLBACK_CONTEXT,
+            )
             self._connections[task] = conn
             # An explicit context: add_done_callback would copy the current one per connection.
             task.add_done_callback(self._on_done[port], context=_CALLBACK_CONTEXT)
