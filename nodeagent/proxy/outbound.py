@@ -439,13 +439,94 @@ class OutboundHandler:
             self.routing.count(what, target)
 
     async def __call__(self, pod: LocalPod, sock: socket.socket, listener_port: int) -> None:
+        # The whole connection runs in this one coroutine, no frames under it while the relay
+        # runs: a frame is kept alive for as long as its connection.
+        accepted = self._accept(pod, sock)
+        if accepted is None:
+            return
+        source, client, dst, route, flags = accepted
+        plan = route.plan
+        if plan is not None:
+            decision = plan.decision
+            if decision.delay:
+                self._count("fault_delay", decision.target)
+                flags = FAULT_DELAY
+                await self._sleep(decision.delay)
+            if route.pick is not None and not self.routing.admit(plan, route.pick.target):
+                self._count("overflow")
+                log.info(
+                    "pod %s: outbound %s refused: %s is at maxConnections",
+                    pod.label,
+                    hostport(*dst),
+                    route.pick.target.label,
+                )
+                self._refused(pod, client, dst, route, OVERFLOW)
+                reset_socket(sock)
+                return
+        live = None
+        try:
+            live = self._register(pod, client, dst, route, flags, task=asyncio.current_task())
+            failures = 0
+            while True:
+                try:
+                    upstream = await self._open(pod, source, client, route)
+                    break
+                except ConnectFailed as exc:
+                    failures += 1
+                    self._failed(pod, dst, route, str(exc))
+                    following = self.router.next_route(plan) if plan is not None else None
+                    if following is None or following.kind is RouteKind.REFUSE:
+                        self._give_up(live, sock, route, failures, str(exc))
+                        return
+                    assert following.pick is not None and plan is not None
+                    if not self.routing.admit(plan, following.pick.target):
+                        self._count("overflow")
+                        live.response_flags = _join_flags(flags, OVERFLOW)
+                        live.closed_reason = f"{following.pick.target.label} is at maxConnections"
+                        reset_socket(sock)
+                        return
+                    self._count("retry", following.pick.target)
+                    route = self._plain_if_no_tunnel(following)
+                    live.protocol = HBONE if route.kind is RouteKind.HBONE else TCP
+                    live.target = route.authority or hostport(*route.destination)
+            if route.pick is not None:
+                self.routing.record(route.pick, ok=True)
+                self.routing.balancer.started(route.pick.candidate)
+            try:
+                relay, idle, mirror = await self._relay(
+                    pod, source, sock, client, route, live, upstream
+                )
+                try:
+                    await hold(relay)
+                finally:
+                    if idle is not None:
+                        idle.cancel()
+                    if mirror is not None:
+                        mirror.close()
+            finally:
+                if route.pick is not None:
+                    self.routing.balancer.ended(route.pick.candidate)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            if live is not None:
+                self.registry.remove(live)
+            if plan is not None:
+                self.routing.release(plan)
+
+    def _accept(
+        self, pod: LocalPod, sock: socket.socket
+    ) -> tuple[Workload | None, Address, Address, Route, str] | None:
+        """Where a new connection goes: (source, client, destination, route, flags), or None
+        once it was refused (and its socket reset or closed)."""
         try:
             dst = self._destination_of(sock)
             app_host, app_port = sock.getpeername()[:2]
         except OSError as exc:
             log.info("pod %s: outbound connection lost before use: %s", pod.label, exc)
             reset_socket(sock)
-            return
+            return None
         dst = (unmap(dst[0]), dst[1])
         client = (unmap(app_host), app_port)
         if client[0] == "127.0.0.1":
@@ -472,36 +553,13 @@ class OutboundHandler:
             elif route.flags:
                 self._refused(pod, client, dst, route, route.flags)
             reset_socket(sock)
-            return
-        plan, flags = route.plan, ""
-        if plan is None:
-            await self._serve(pod, source, sock, client, dst, route, "")
-            return
-        decision = plan.decision
-        if decision.abort:
-            self._count("fault_abort", decision.target)
+            return None
+        if route.plan is not None and route.plan.decision.abort:
+            self._count("fault_abort", route.plan.decision.target)
             self._refused(pod, client, dst, route, FAULT_ABORT)
             reset_socket(sock)
-            return
-        if decision.delay:
-            self._count("fault_delay", decision.target)
-            flags = FAULT_DELAY
-            await self._sleep(decision.delay)
-        if route.pick is not None and not self.routing.admit(plan, route.pick.target):
-            self._count("overflow")
-            log.info(
-                "pod %s: outbound %s refused: %s is at maxConnections",
-                pod.label,
-                hostport(*dst),
-                route.pick.target.label,
-            )
-            self._refused(pod, client, dst, route, OVERFLOW)
-            reset_socket(sock)
-            return
-        try:
-            await self._serve(pod, source, sock, client, dst, route, flags)
-        finally:
-            self.routing.release(plan)
+            return None
+        return source, client, dst, route, ""
 
     def _plain_if_no_tunnel(self, route: Route) -> Route:
         """Without a pool (an agent built without workload certificates, in tests) a tunnel
@@ -593,67 +651,6 @@ class OutboundHandler:
             raise ConnectFailed(str(exc)) from None
         except TimeoutError:
             raise ConnectFailed(f"{route.describe()}: connect timeout after {timeout:g}s") from None
-
-    async def _serve(
-        self,
-        pod: LocalPod,
-        source: Workload | None,
-        sock: socket.socket,
-        client: Address,
-        dst: Address,
-        route: Route,
-        flags: str,
-    ) -> None:
-        """Open the upstream (trying the plan's next endpoints as attempts fail), then relay."""
-        live = self._register(pod, client, dst, route, flags, task=asyncio.current_task())
-        plan, failures = route.plan, 0
-        try:
-            while True:
-                try:
-                    upstream = await self._open(pod, source, client, route)
-                    break
-                except ConnectFailed as exc:
-                    failures += 1
-                    self._failed(pod, dst, route, str(exc))
-                    following = self.router.next_route(plan) if plan is not None else None
-                    if following is None or following.kind is RouteKind.REFUSE:
-                        self._give_up(live, sock, route, failures, str(exc))
-                        return
-                    assert following.pick is not None and plan is not None
-                    if not self.routing.admit(plan, following.pick.target):
-                        self._count("overflow")
-                        live.response_flags = _join_flags(flags, OVERFLOW)
-                        live.closed_reason = f"{following.pick.target.label} is at maxConnections"
-                        reset_socket(sock)
-                        return
-                    self._count("retry", following.pick.target)
-                    route = self._plain_if_no_tunnel(following)
-                    live.protocol = HBONE if route.kind is RouteKind.HBONE else TCP
-                    live.target = route.authority or hostport(*route.destination)
-            if route.pick is not None:
-                self.routing.record(route.pick, ok=True)
-                self.routing.balancer.started(route.pick.candidate)
-            try:
-                # The relay is held here, not in a coroutine of its own: a frame fewer kept
-                # per idle connection.
-                relay, idle, mirror = await self._relay(
-                    pod, source, sock, client, route, live, upstream
-                )
-                try:
-                    await hold(relay)
-                finally:
-                    if idle is not None:
-                        idle.cancel()
-                    if mirror is not None:
-                        mirror.close()
-            finally:
-                if route.pick is not None:
-                    self.routing.balancer.ended(route.pick.candidate)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            self.registry.remove(live)
 
     def _failed(self, pod: LocalPod, dst: Address, route: Route, why: str) -> None:
         self._count("tunnel_failed" if route.kind is RouteKind.HBONE else "upstream_failed")
