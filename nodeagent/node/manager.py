@@ -764,24 +764,35 @@ class NodeManager:
                 self._hold_looks[uid] = self._hold_looks.get(uid, 0) + 1
             for uid, inode in result.matches.items():
                 self._hold_looks[uid] = HOLD_LOOKS  # found: one look decides
-                handle = handles[inode]
-                installed = await asyncio.to_thread(self._capture.read_installed, handle)
-                if installed.empty:
-                    continue
-                await asyncio.to_thread(self._capture.remove, handle)
-                self.stats.holds_released += 1
-                w, verdict = self._outside.get(uid, (None, None))
-                log.warning(
-                    "pod %s is outside the mesh (%s) but its namespace %s held capture rules"
-                    " (the CNI plugin's, left while no agent answered): removed",
-                    w.label if w is not None else uid,
-                    verdict.describe() if verdict is not None else "?",
-                    handle.path,
-                )
+                try:
+                    await self._lift_hold(uid, handles[inode])
+                finally:
+                    self._forget_lock(uid)
         except Exception as exc:
             log.warning("plugin hold check: %s", _reason(exc))
         finally:
             self._hold_task = None
+
+    async def _lift_hold(self, uid: str, handle: NetnsHandle) -> None:
+        """Remove the plugin's rules from an outside pod's namespace. Under the pod's lock,
+        and only if it is still outside: a pod enrolled while we looked is being (or was)
+        set up, and the rules there are the agent's own now (fail closed)."""
+        async with self._lock(uid):
+            if uid in self.lifecycle.pods or uid not in self._outside:
+                return
+            w, verdict = self._outside[uid]
+            installed = await asyncio.to_thread(self._capture.read_installed, handle)
+            if installed.empty:
+                return
+            await asyncio.to_thread(self._capture.remove, handle)
+        self.stats.holds_released += 1
+        log.warning(
+            "pod %s is outside the mesh (%s) but its namespace %s held capture rules"
+            " (the CNI plugin's, left while no agent answered): removed",
+            w.label,
+            verdict.describe(),
+            handle.path,
+        )
 
     def _captured_ips(self) -> frozenset[str]:
         """Addresses of the pods whose capture is in place (ready, or held: refused)."""
@@ -1142,8 +1153,7 @@ class NodeManager:
     async def _teardown(self, action: StartTeardown) -> None:
         async with self._lock(action.uid):
             await self._teardown_locked(action)
-        if action.uid not in self.lifecycle.pods:
-            self._pod_locks.pop(action.uid, None)
+        self._forget_lock(action.uid)
 
     async def _teardown_locked(self, action: StartTeardown) -> None:
         """Close the pod's listeners. Capture is removed only on a release: a pod that
@@ -1194,6 +1204,12 @@ class NodeManager:
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._pod_locks.setdefault(uid, asyncio.Lock())
+
+    def _forget_lock(self, uid: str) -> None:
+        """Drop a pod's lock once nothing holds it and the pod is not in the lifecycle."""
+        lock = self._pod_locks.get(uid)
+        if lock is not None and not lock.locked() and uid not in self.lifecycle.pods:
+            del self._pod_locks[uid]
 
     def _drift_finished(self, task: asyncio.Task[None]) -> None:
         self._drift_task = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ class FakeScanner:
     unreadable: set[int] = field(default_factory=set)  # exist, but their addresses fail to read
     calls: int = 0
     asked: list[frozenset[str]] = field(default_factory=list)  # the uids of each find
+    # The first find asking exactly these uids sets the first event, then waits for the
+    # second (on its worker thread).
+    gates: dict[frozenset[str], tuple[threading.Event, threading.Event]] = field(
+        default_factory=dict
+    )
     _waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
 
     async def wait_scans(self, n: int) -> None:
@@ -72,6 +78,10 @@ class FakeScanner:
     def find(
         self, workloads: Mapping[str, Iterable[str]]
     ) -> tuple[MatchResult, dict[int, NetnsHandle]]:
+        gate = self.gates.pop(frozenset(workloads), None)
+        if gate is not None:
+            gate[0].set()
+            gate[1].wait(WAIT)
         self.calls += 1
         self.asked.append(frozenset(workloads))
         for loop, waiter in self._waiters:  # find runs on a worker thread
@@ -925,6 +935,29 @@ async def test_a_plugin_hold_on_a_pod_outside_the_mesh_is_lifted() -> None:
         await w.scanner.wait_scans(3)
         assert w.manager.stats.holds_released == 1  # looked at once, then left alone
         assert w.scanner.calls >= looks + 3
+
+
+async def test_a_pod_that_joins_the_mesh_during_the_hold_look_keeps_its_capture() -> None:
+    # The look for plugin holds found the pod's namespace while the pod was outside; before
+    # it acts, the pod is enrolled and set up. The agent's own rules must stay (fail closed).
+    directory = FakeDirectory()
+    directory.label("default", AMBIENT)
+    directory.add("pod-u2", "10.1.0.6", labels={"istio.io/dataplane-mode": "none"})
+    async with world(directory=directory) as w:
+        reached, gate = threading.Event(), threading.Event()
+        w.scanner.gates[frozenset({"u2"})] = (reached, gate)  # the hold look waits here
+        w.scanner.add(102, "10.1.0.6")
+        w.capture.installed[102] = build_plan()  # the plugin's hold
+        w.place(workload("u2", "10.1.0.6"))
+        assert await asyncio.to_thread(reached.wait, WAIT)  # the look has begun
+        directory.add("pod-u2", "10.1.0.6")  # enrolled now
+        w.manager.enrollment_changed()
+        await w.wait_state("u2", PodState.READY)
+        gate.set()  # the look goes on with what it found before
+        await w.scanner.wait_scans(5)
+        assert w.manager.state_of("u2") is PodState.READY
+        assert 102 in w.capture.installed  # still captured
+        assert w.manager.stats.holds_released == 0
 
 
 async def test_an_outside_pod_whose_namespace_never_shows_is_looked_for_a_few_times() -> None:
