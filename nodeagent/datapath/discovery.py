@@ -215,7 +215,7 @@ class _Read:
     at: float
 
 
-def _read_addresses() -> frozenset[str]:
+def read_addresses() -> frozenset[str]:
     """The calling thread's namespace's addresses (the socket is made in it)."""
     family, kind = socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC
     with socket.socket(family, kind, socket.NETLINK_ROUTE) as sock:
@@ -306,7 +306,7 @@ class NetnsScanner:
                 or read.addresses.isdisjoint(wanted)
             ):
                 try:
-                    addresses = self._worker.call(handle, _read_addresses)
+                    addresses = self._worker.call(handle, read_addresses)
                 except Exception:  # gone or replaced since listing: not there any more
                     continue
                 read = _Read(path=handle.path, addresses=addresses, at=now)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from nodeagent.datapath import bpfload, bpfsys
 from nodeagent.datapath.bpfsys import BpfSys
+from nodeagent.datapath.discovery import read_addresses
 from nodeagent.datapath.iptables import CaptureError, InstalledCapture, IptablesBackend
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker, original_destination, resolve
 from nodeagent.datapath.plan import CapturePlan
@@ -456,12 +457,9 @@ def _pinned(text: str, pin_dir: Path) -> str:
 
 
 def _ipv4_addresses() -> list[str]:
-    """The calling thread's namespace's own IPv4 addresses, loopback aside."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        found = (a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET))
-        return [ip for ip in found if ip and not ip.startswith("127.")]
+    """The calling thread's namespace's own IPv4 addresses, loopback aside (one raw netlink
+    dump, as the namespace scan reads them)."""
+    return sorted(ip for ip in read_addresses() if "." in ip and not ip.startswith("127."))
 
 
 def socket_netns_cookie(sock: socket.socket) -> int:
@@ -498,11 +496,10 @@ class EbpfCapture:
             raise
         except Exception as exc:
             raise CaptureError(f"eBPF capture in netns {handle}: {exc}") from exc
+        # Recorded before the rules: if they fail, remove() must still find the map entry.
+        previous, self._cookies[handle.inode] = self._cookies.get(handle.inode), cookie
         changed = self._iptables.apply(netns, plan)
-        if self._cookies.get(handle.inode) != cookie:
-            self._cookies[handle.inode] = cookie
-            changed = True
-        return changed
+        return changed or previous != cookie
 
     def remove(self, netns: NetnsHandle) -> None:
         inode = netns.inode if isinstance(netns, NetnsHandle) else 0

@@ -18,6 +18,7 @@ from nodeagent.datapath.bpfsys import BpfSys
 from nodeagent.datapath.ebpf import ConnectRedirect
 from nodeagent.datapath.iptables import CaptureError
 from nodeagent.datapath.netns import NetnsHandle, NetnsWorker
+from nodeagent.datapath.plan import build_plan
 from nodeagent.model.constants import PROXY_MARK
 
 from .conftest import Topology
@@ -321,3 +322,31 @@ def test_map_operations_through_raw_syscalls_round_trip(bpffs: Path):
             os.close(again)
     finally:
         os.close(fd)
+
+
+class RulesThatFail:
+    """The iptables step of EbpfCapture, failing (a pod whose rules cannot be written)."""
+
+    def __init__(self) -> None:
+        self.removed: list[NetnsHandle] = []
+
+    def apply(self, netns: NetnsHandle, plan: object) -> bool:
+        raise CaptureError(f"apply capture in netns {netns}: iptables refused (test)")
+
+    def remove(self, netns: NetnsHandle) -> None:
+        self.removed.append(netns)
+
+
+def test_a_pod_whose_rules_fail_leaves_no_map_entry_once_removed(
+    topology: Topology, worker: NetnsWorker, redirect: ConnectRedirect
+):
+    # The program goes in first (fail closed against the plugin's hold), then the rules; if
+    # those fail and the pod is released before a retry, its map entry must go with it.
+    rules = RulesThatFail()
+    capture = ebpf.EbpfCapture(rules, redirect, worker)  # type: ignore[arg-type]
+    with pytest.raises(CaptureError, match="iptables refused"):
+        capture.apply(topology.pod_a, build_plan())
+    assert list(redirect.pods().values()) == [(topology.ip_a,)]  # captured meanwhile
+    capture.remove(topology.pod_a)
+    assert redirect.pods() == {}
+    assert rules.removed == [topology.pod_a]
