@@ -181,10 +181,13 @@ def freeze_long_lived() -> None:
     A 10,000-workload mesh keeps about a million objects alive (its composed tree, kept
     to re-read edits, the model and the snapshot); each full collection walked them all,
     0.5-1 s with the loop stopped, every few edits. None of them is in a reference
-    cycle, so when a full read replaces them reference counting still frees them. The
-    collection first leaves no garbage to freeze. For the control plane's own process
+    cycle, so when a full read replaces them reference counting still frees them. What
+    was frozen before is unfrozen first, so that the collection can free cycles among it
+    (a frozen cycle is never collected: each full read would leak the ones it froze), and
+    the collection leaves no garbage to freeze. For the control plane's own process
     (`nodeagent controlplane`), not for one shared with other components.
     """
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from nodeagent.cli.main import main
 from nodeagent.config import Config
 from nodeagent.controlplane.run import ControlPlaneOptions, build_server
-from nodeagent.controlplane.server import ControlPlaneServer
+from nodeagent.controlplane.server import ControlPlaneServer, freeze_long_lived
 from nodeagent.identity import csr
 from nodeagent.identity.caclient import CaClient, CaClientError
 from nodeagent.model.identity import Identity
@@ -110,3 +112,19 @@ async def test_extra_servicer_cannot_be_added_after_start(tmp_path: Path) -> Non
         with pytest.raises(RuntimeError):
             server.add_servicer(lambda s: None)
         assert server.port > 0 and server.address == f"127.0.0.1:{server.port}"
+
+
+def test_a_cycle_frozen_by_one_full_read_is_collected_by_the_next() -> None:
+    class Node:
+        peer: object = None
+
+    try:
+        a, b = Node(), Node()
+        a.peer, b.peer = b, a  # a cycle: only the cyclic collector frees it
+        gone = weakref.ref(a)
+        freeze_long_lived()  # the first full read freezes it, alive
+        del a, b
+        freeze_long_lived()  # the next full read: unreachable now
+        assert gone() is None
+    finally:
+        gc.unfreeze()
