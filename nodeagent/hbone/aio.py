@@ -84,7 +84,6 @@ class TunnelStream:
         "_readable",
         "_writable",
         "_write_blocked",
-        "answer",
         "authority",
         "consumer",
         "headers",
@@ -112,7 +111,6 @@ class TunnelStream:
         # Streams we open (`HboneConnection.open_tunnel`): the future of the answer to our
         # CONNECT while it is awaited, then the answer itself. None on streams the peer opened.
         self.response: asyncio.Future[ResponseReceived] | None = None
-        self.answer: ResponseReceived | None = None
         self.on_data: Callable[[memoryview], None] | None = None  # set for callback mode
         self.on_end: Callable[[], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
@@ -577,9 +575,14 @@ class HboneConnection(asyncio.BufferedProtocol):
         return self.conn.can_open_stream
 
     async def open_tunnel(
-        self, authority: str, headers: Iterable[tuple[str, str]] = ()
+        self,
+        authority: str,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        answers: list[ResponseReceived] | None = None,
     ) -> TunnelStream:
-        """Client: CONNECT to `authority`; returns once the peer answered 200."""
+        """Client: CONNECT to `authority`; returns once the peer answered 200. The response
+        is appended to `answers` if given (the stream does not keep it: memory per tunnel)."""
         await self.ready
         sid = self.conn.open_tunnel(authority, headers)
         stream = TunnelStream(self, sid, authority, ())
@@ -591,7 +594,8 @@ class HboneConnection(asyncio.BufferedProtocol):
             response = await waiter
         finally:
             stream.response = None  # a done future per tunnel is 144 bytes for nothing
-        stream.answer = response
+        if answers is not None:
+            answers.append(response)
         if response.status != 200:
             raise TunnelError(f"CONNECT {authority} answered {response.status}")
         return stream

@@ -104,11 +104,14 @@ async def test_our_client_tunnels_through_node_http2_server(cert_files):
             server_hostname="127.0.0.1",
         )
         assert transport.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        answers: list = []
         stream = await asyncio.wait_for(
-            conn.open_tunnel("[fd00::7]:8080", [("forwarded", 'for="10.0.0.1:4444"')]), 10
+            conn.open_tunnel(
+                "[fd00::7]:8080", [("forwarded", 'for="10.0.0.1:4444"')], answers=answers
+            ),
+            10,
         )
-        response = stream.answer
-        assert response is not None
+        [response] = answers
         assert response.status == 200
         assert ("x-authority", "[fd00::7]:8080") in response.headers
         assert ("x-forwarded", 'for="10.0.0.1:4444"') in response.headers
