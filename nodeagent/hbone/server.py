@@ -181,6 +181,10 @@ class HboneServer(Generic[L]):
         # Each tunnel's task (the handler's own coroutine: no wrapper frame per tunnel) and its
         # stream, which a failure resets.
         tasks: dict[asyncio.Task[None], TunnelStream] = {}
+        # The context this connection's tunnel tasks and their done callbacks run in: one for
+        # them all (nothing here sets or reads context variables), not a copy per tunnel; per
+        # connection, so never entered from two loops' threads at once.
+        context = contextvars.Context()
 
         def tunnel_done(task: asyncio.Task[None]) -> None:
             stream = tasks.pop(task)
@@ -236,12 +240,10 @@ class HboneServer(Generic[L]):
             work = self._handler(local, AcceptedStream(stream, peer, identity))
             if work is None:  # answered already (refused)
                 return
-            task = loop.create_task(
-                _as_coroutine(work), name="hbone-tunnel", context=_CALLBACK_CONTEXT
-            )
+            task = loop.create_task(_as_coroutine(work), name="hbone-tunnel", context=context)
             tasks[task] = stream
             # An explicit context: add_done_callback would copy the current one per tunnel.
-            task.add_done_callback(tunnel_done, context=_CALLBACK_CONTEXT)
+            task.add_done_callback(tunnel_done, context=context)
 
         self.stats.connections += 1
         # Keep our own reference: with TLS, uvloop's connect_accepted_socket returns its
@@ -343,11 +345,6 @@ class HboneServer(Generic[L]):
             stream.reset()
         except Exception:  # the connection is already gone
             pass
-
-
-# The context tunnel tasks and their done callbacks run in: one for all (nothing here sets
-# or reads context variables), not a copy per tunnel.
-_CALLBACK_CONTEXT = contextvars.Context()
 
 
 def _as_coroutine(work: Awaitable[None]) -> Coroutine[Any, Any, None]:

@@ -42,9 +42,9 @@ from nodeagent.model.workload import IPAddress, Workload
 
 log = logging.getLogger(__name__)
 
-# The context connection tasks and their done callbacks run in: one for all (the agent sets
-# and reads no context variables), not a copy per connection.
-_CALLBACK_CONTEXT = contextvars.Context()
+# Connections accepted per wake of a listening socket before other ready work gets a turn.
+ACCEPTS_PER_WAKE = 64
+
 
 POD_PORTS: tuple[int, ...] = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT)
 
@@ -126,12 +126,17 @@ class PodListeners:
         self._ports = ports
         self._backlog = backlog
         self._sockets: dict[int, socket.socket] = {}
-        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._backoff: dict[int, asyncio.TimerHandle] = {}  # port -> accepting again after EMFILE
         # Each connection's task (the handler's own coroutine: no wrapper frame) and its socket.
         self._connections: dict[asyncio.Task[None], socket.socket] = {}
         # Made once per port, not per connection: the task name and the done callback.
         self._task_names = {port: f"conn-{port}" for port in ports}
         self._on_done = {port: functools.partial(self._connection_done, port) for port in ports}
+        # The context the connection tasks and their done callbacks run in: one for them all
+        # (the agent sets and reads no context variables), not a copy per connection; per
+        # listener set, so never entered from two loops' threads at once.
+        self._context = contextvars.Context()
         self.stats = ListenerStats()
         self._totals = totals
         self._on_close = on_close
@@ -163,37 +168,43 @@ class PodListeners:
         except BaseException:
             self._close_sockets()
             raise
-        for port, sock in self._sockets.items():
-            self._accept_tasks.append(
-                asyncio.create_task(
-                    self._accept_loop(port, sock), name=f"accept-{port}-{self.pod.label}"
-                )
-            )
+        self._loop = asyncio.get_running_loop()
+        for port in self._sockets:
+            self._watch(port)
         log.debug("pod %s: listening on %s", self.pod.label, self.ports)
 
-    async def _accept_loop(self, port: int, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _watch(self, port: int) -> None:
+        """Accept from the loop's reader callback: one epoll registration per listening socket,
+        not an add and a remove (and a future) per connection as `sock_accept` makes."""
+        self._backoff.pop(port, None)
+        sock = self._sockets.get(port)
+        if sock is not None and self._loop is not None and not self.closed:
+            sock.setblocking(False)
+            self._loop.add_reader(sock.fileno(), self._accept, port, sock)
+
+    def _accept(self, port: int, lsock: socket.socket) -> None:
+        assert self._loop is not None
         handler = self._handlers[port]
-        while True:
+        for _ in range(ACCEPTS_PER_WAKE):  # then let other work run; the reader fires again
             try:
-                conn, _addr = await loop.sock_accept(lsock)
-            except asyncio.CancelledError:
-                raise
+                conn, _addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
                 # EMFILE and friends: back off a little instead of spinning.
                 log.warning("pod %s: accept on %d failed: %s", self.pod.label, port, exc)
-                await asyncio.sleep(0.1)
-                continue
+                self._loop.remove_reader(lsock.fileno())
+                self._backoff[port] = self._loop.call_later(0.1, self._watch, port)
+                return
             conn.setblocking(False)
             self._count("accepted", port)
-            task = loop.create_task(
+            task = self._loop.create_task(
                 handler(self.pod, conn, port),
                 name=self._task_names[port],
-                context=_CALLBACK_CONTEXT,
+                context=self._context,
             )
             self._connections[task] = conn
-            # An explicit context: add_done_callback would copy the current one per connection.
-            task.add_done_callback(self._on_done[port], context=_CALLBACK_CONTEXT)
+            task.add_done_callback(self._on_done[port], context=self._context)
 
     def _connection_done(self, port: int, task: asyncio.Task[None]) -> None:
         conn = self._connections.pop(task, None)
@@ -224,10 +235,6 @@ class PodListeners:
         self.closed = True
         if self._on_close is not None:
             self._on_close(self)
-        for task in self._accept_tasks:
-            task.cancel()
-        await asyncio.gather(*self._accept_tasks, return_exceptions=True)
-        self._accept_tasks.clear()
         self._close_sockets()
         pending = set(self._connections)
         if pending and drain > 0:
@@ -246,7 +253,13 @@ class PodListeners:
             self._on_drained(self)
 
     def _close_sockets(self) -> None:
+        for timer in self._backoff.values():
+            timer.cancel()
+        self._backoff.clear()
         for sock in self._sockets.values():
+            if self._loop is not None and not self._loop.is_closed():
+                with contextlib.suppress(OSError, ValueError):
+                    self._loop.remove_reader(sock.fileno())
             with contextlib.suppress(OSError):
                 sock.close()
         self._sockets.clear()

@@ -115,3 +115,18 @@ async def test_connections_still_open_at_close_are_cancelled_and_their_sockets_c
     assert seen[0].fileno() == -1
     assert listeners.stats.failed == {}
     client.close()
+
+
+async def test_a_failing_accept_backs_off_instead_of_spinning(caplog) -> None:
+    pods = PodListenerFactory({15001: refuse}, EphemeralPorts, ports=(15001,))
+    listeners = await pods.open(POD, NetnsHandle(path="/fake/1", inode=1))
+    lsock = listeners._sockets[15001]
+    # A listening socket shut for reading stays readable and its accept fails (EINVAL):
+    # a real accept error, as EMFILE would be.
+    lsock.shutdown(socket.SHUT_RD)
+    await asyncio.sleep(0.35)
+    failures = caplog.text.count("accept on 15001 failed")
+    assert 1 <= failures <= 10  # one per 0.1 s back-off, not thousands (one per loop turn)
+    await listeners.close(drain=0.0)
+    await asyncio.sleep(0.15)
+    assert caplog.text.count("accept on 15001 failed") == failures  # closed: no retry left
