@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
@@ -45,68 +47,91 @@ class AccessRecord:
     error: str = ""
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+class SecondText:
+    """The text of a whole second, made by `make` once per second, not once per line (a line
+    per connection). Shared by the access log and the agent's log formatter."""
+
+    __slots__ = ("_make", "_second", "_text")
+
+    def __init__(self, make: Callable[[int], str]) -> None:
+        self._make = make
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, second: int) -> str:
+        if second != self._second:
+            self._text = self._make(second)
+            self._second = second
+        return self._text
+
+
+_utc_second = SecondText(lambda s: datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
 
 def _timestamp(t: float) -> str:
-    # One line per connection: format the date and time once per second, not per line.
     fraction, whole = math.modf(t)  # rounded to microseconds as datetime rounds them
     second, micros = int(whole), round(fraction * 1_000_000)
     if micros >= 1_000_000:
         second, micros = second + 1, micros - 1_000_000
-    if _second[0] != second:
-        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_second[1]}.{micros // 1000:03d}Z"
+    return f"{_utc_second(second)}.{micros // 1000:03d}Z"
+
+
+# The record's fields after the fixed ones, in line order: (key, attribute).
+_FIELDS: tuple[tuple[str, str], ...] = (
+    ("direction", "direction"),
+    ("src.addr", "src_addr"),
+    ("src.workload", "src_workload"),
+    ("src.namespace", "src_namespace"),
+    ("src.identity", "src_identity"),
+    ("dst.addr", "dst_addr"),
+    ("dst.hbone_addr", "dst_hbone_addr"),
+    ("dst.service", "dst_service"),
+    ("dst.workload", "dst_workload"),
+    ("dst.namespace", "dst_namespace"),
+    ("dst.identity", "dst_identity"),
+    ("bytes_sent", "bytes_sent"),
+    ("bytes_recv", "bytes_recv"),
+    ("duration_ms", "duration_ms"),
+    ("policy", "policy"),
+    ("response_flags", "response_flags"),
+    ("error", "error"),
+)
+_FIXED = {"level": "info", "scope": ACCESS_LOGGER, "message": "connection complete"}
+_VALUES = operator.attrgetter(*(attr for _, attr in _FIELDS))  # all of them in one C call
+_DURATION = [attr for _, attr in _FIELDS].index("duration_ms")
+# The line with a %s per value, keys and separators written as json writes them.
+_LINE = "".join(
+    [
+        '{"timestamp":%s',
+        *(f",{json.dumps(k)}:{json.dumps(v)}" for k, v in _FIXED.items()),
+        *(f",{json.dumps(key)}:%s" for key, _ in _FIELDS),
+        "}",
+    ]
+)
+
+
+def _values(record: AccessRecord) -> list[Any]:
+    values = list(_VALUES(record))
+    values[_DURATION] = round(values[_DURATION], 3)
+    return values
 
 
 def access_fields(record: AccessRecord) -> dict[str, Any]:
     """The log line's fields, always all of them, in a stable order."""
-    fields: dict[str, Any] = {
-        "timestamp": _timestamp(record.end_time),
-        "level": "info",
-        "scope": ACCESS_LOGGER,
-        "message": "connection complete",
-        "direction": record.direction,
-        "src.addr": record.src_addr,
-        "src.workload": record.src_workload,
-        "src.namespace": record.src_namespace,
-        "src.identity": record.src_identity,
-        "dst.addr": record.dst_addr,
-        "dst.hbone_addr": record.dst_hbone_addr,
-        "dst.service": record.dst_service,
-        "dst.workload": record.dst_workload,
-        "dst.namespace": record.dst_namespace,
-        "dst.identity": record.dst_identity,
-        "bytes_sent": record.bytes_sent,
-        "bytes_recv": record.bytes_recv,
-        "duration_ms": round(record.duration_ms, 3),
-        "policy": record.policy,
-        "response_flags": record.response_flags,
-        "error": record.error,
-    }
+    fields: dict[str, Any] = {"timestamp": _timestamp(record.end_time), **_FIXED}
+    fields.update(zip((key for key, _ in _FIELDS), _values(record), strict=True))
     return fields
 
 
 def format_access_log(record: AccessRecord) -> str:
     """One JSON line (no newline) for `record`: `access_fields` as json.dumps writes them
     compactly, built directly (one line per connection: no dict, no encoder walk)."""
-    duration = round(record.duration_ms, 3)
-    if not math.isfinite(duration):
+    values = _values(record)
+    if not math.isfinite(values[_DURATION]):
         return json.dumps(access_fields(record), separators=(",", ":"))
     q = encode_basestring_ascii  # json's own string escaping (C)
-    return (
-        f'{{"timestamp":{q(_timestamp(record.end_time))},"level":"info",'
-        f'"scope":"{ACCESS_LOGGER}","message":"connection complete",'
-        f'"direction":{q(record.direction)},"src.addr":{q(record.src_addr)},'
-        f'"src.workload":{q(record.src_workload)},"src.namespace":{q(record.src_namespace)},'
-        f'"src.identity":{q(record.src_identity)},"dst.addr":{q(record.dst_addr)},'
-        f'"dst.hbone_addr":{q(record.dst_hbone_addr)},"dst.service":{q(record.dst_service)},'
-        f'"dst.workload":{q(record.dst_workload)},"dst.namespace":{q(record.dst_namespace)},'
-        f'"dst.identity":{q(record.dst_identity)},"bytes_sent":{int(record.bytes_sent)!r},'
-        f'"bytes_recv":{int(record.bytes_recv)!r},"duration_ms":{float(duration)!r},'
-        f'"policy":{q(record.policy)},"response_flags":{q(record.response_flags)},'
-        f'"error":{q(record.error)}}}'
-    )
+    texts = [q(v) if v.__class__ is str else repr(v) for v in values]  # ints, floats: as json
+    return _LINE % (q(_timestamp(record.end_time)), *texts)
 
 
 class AccessLogger:

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any
 
+from nodeagent.admin.accesslog import SecondText
 from nodeagent.cli.errors import CliError
 from nodeagent.config import Config, ConfigError, build_config
 
@@ -102,17 +103,15 @@ class SecondCachedFormatter(logging.Formatter):
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
-        self._second = -1
-        self._second_text = ""
+        self._second = SecondText(
+            lambda s: time.strftime(self.default_time_format, self.converter(s))
+        )
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._second_text = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
-        return f"{self._second_text},{int(record.msecs):03d}"  # default_msec_format's text
+        # default_msec_format's text
+        return f"{self._second(int(record.created))},{int(record.msecs):03d}"
 
 
 def setup_logging(level: str) -> None:
