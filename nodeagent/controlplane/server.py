@@ -328,11 +328,12 @@ class MeshFileWatcher:
         if change is Change.FINISHED:
             self._changed()  # the poll need not see this write again
             return True
-        if change is Change.WRITING or self._changed():
-            self._changed()
-            await self._settled()
-            return True
-        return False
+        if change is Change.WRITING:
+            self._changed()  # its stamp taken: the poll need not see this write again
+        elif not self._changed():
+            return False
+        await self._settled()
+        return True
 
     async def run(self) -> None:
         events = FileEvents(self._path) if self._events else None
