@@ -93,8 +93,6 @@ from nodeagent.node.lifecycle import (
     WorkloadPlaced,
 )
 from nodeagent.node.scan import (
-    SCAN_DEBOUNCE,
-    SCAN_FOLLOW_UPS,
     Conflict,
     Matched,
     Mismatch,
@@ -279,11 +277,6 @@ class NodeTiming:
     scan_interval: float = 1.0
     """Seconds between namespace scans (one also follows every state change and,
     with a watcher, every namespace appearing or going)."""
-    scan_debounce: float = SCAN_DEBOUNCE
-    """Seconds a namespace event waits for others before its scan."""
-    scan_follow_ups: tuple[float, ...] = SCAN_FOLLOW_UPS
-    """Seconds after a namespace event at which to scan again while a workload is
-    unmatched (its namespace may get its address after it appears)."""
     backoff: Backoff = field(default_factory=Backoff)
     """Retry delays of failed setups."""
     max_concurrent: int = 4
@@ -341,13 +334,8 @@ class NodeManager:
         self._alive = netns_alive
         self._scan_interval = timing.scan_interval
         self._watcher = watcher
-        self._schedule = ScanSchedule(
-            ScanTiming(
-                interval=timing.scan_interval,
-                debounce=timing.scan_debounce,
-                follow_ups=timing.scan_follow_ups,
-            )
-        )
+        # The debounce and follow-ups are ScanTiming's own (no caller tunes them).
+        self._schedule = ScanSchedule(ScanTiming(interval=timing.scan_interval))
         self._drift_interval = timing.drift_interval
         self._next_drift_at = clock() + timing.drift_interval
         self._drift_task: asyncio.Task[None] | None = None
