@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
 STATIC: tuple[tuple[bytes, bytes], ...] = tuple(HeaderTable.STATIC_TABLE)
@@ -31,17 +32,11 @@ _MAX_INT = 1 << 24  # no sane field or index is longer; longer input goes to the
 
 
 def encode_int(value: int, prefix_bits: int, first_byte: int) -> bytes:
-    """§5.1: `value` in a `prefix_bits` prefix whose other bits are `first_byte`'s."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first_byte | value,))
-    out = bytearray((first_byte | limit,))
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    """§5.1: `value` in a `prefix_bits` prefix whose other bits are `first_byte`'s (hpack's
+    own integer coding; fields are encoded once and cached, so this is off the hot path)."""
+    coded = encode_integer(value, prefix_bits)
+    coded[0] |= first_byte
+    return bytes(coded)
 
 
 def _literal(raw: bytes) -> bytes:
