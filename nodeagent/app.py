@@ -169,7 +169,13 @@ class AgentHandles:
         if self.connections is not None:
             connections = self.connections
             self._tasks.append(
-                asyncio.create_task(trim_after_bursts(lambda: len(connections)), name="trim")
+                asyncio.create_task(
+                    trim_after_bursts(
+                        lambda: len(connections),
+                        release=self.pool.release_idle if self.pool is not None else None,
+                    ),
+                    name="trim",
+                )
             )
         log.info("agent started on node %s", self.config.node_name)
 

@@ -5,7 +5,15 @@ keeps glibc from trimming on every free (app.tune_allocator: bulk relaying would
 its buffers). So after thousands of connections close, the freed heap stays resident
 until something asks glibc to return it. `BurstTrim` decides when (pure); `trim_heap`
 asks (malloc_trim(0), which also releases free pages inside the heap, not only its top);
-`trim_after_bursts` polls the live connection count and does both.
+`trim_after_bursts` polls the live connection count and does both, first asking the
+connection pool to release what the burst made it open (`release`).
+
+What keeps a burst's memory is less the freed objects than the few that outlive it: CPython
+returns one of its 1 MiB arenas only when no object at all is left in it, and the objects a
+burst allocates are spread over every arena it made. The HBONE connections a burst of 5000
+tunnels opens (about 50, 100 streams each; each with its TLS object, HPACK tables and
+buffers, a few hundred objects) pinned all of them: released as the burst ends, the arenas
+empty as the connections close (issue 21).
 """
 
 from __future__ import annotations
@@ -30,14 +38,23 @@ class BurstTrim:
 
     drop: int = TRIM_DROP
     peak: int = 0
+    # After a trim during a burst's close, one more once the count stops falling (the
+    # close has ended): what the last closes freed, and what the release let go since.
+    settling: bool = False
+    last: int = 0
 
     def observe(self, live: int) -> bool:
         """Take the current live count; True when memory should be trimmed now."""
+        falling, self.last = live < self.last, live
         self.peak = max(self.peak, live)
-        if self.peak - live < self.drop:
-            return False
-        self.peak = live
-        return True
+        if self.peak - live >= self.drop:
+            self.peak = live
+            self.settling = True
+            return True
+        if self.settling and not falling:
+            self.settling = False
+            return True
+        return False
 
 
 def trim_heap() -> bool:
@@ -57,13 +74,17 @@ async def trim_after_bursts(
     policy: BurstTrim | None = None,
     interval: float = TRIM_INTERVAL,
     trim: Callable[[], bool] = trim_heap,
+    release: Callable[[], object] | None = None,
 ) -> None:
-    """Run until cancelled: trim the heap whenever `policy` says a burst has ended."""
+    """Run until cancelled: whenever `policy` says a burst has ended, `release` (the pool's
+    idle connections the burst opened), then trim the heap."""
     policy = policy or BurstTrim()
     while True:
         await asyncio.sleep(interval)
         if not policy.observe(live()):
             continue
+        if release is not None:
+            release()
         gc.collect()  # cycles among the closed connections' objects, before the heap walk
         if not trim():
             log.debug("no malloc_trim in this C library: memory after bursts stays")

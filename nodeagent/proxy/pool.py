@@ -68,6 +68,10 @@ class ClientTls(Protocol):
 class PoolSettings:
     max_streams_per_connection: int = 100  # POOL_MAX_STREAMS_PER_CONNECTION
     idle_timeout: float = 300.0  # seconds without a stream before a connection is closed
+    # The same for a key's other connections, opened while its first was full: a burst's
+    # overflow, closed soon after the burst so that it neither holds sockets nor keeps the
+    # memory the burst's objects were allocated in (issue 21).
+    overflow_idle_timeout: float = 2.0
     ping_interval: float = 10.0  # seconds between keep-alive PINGs
     ping_timeout: float = 20.0  # seconds to wait for a PING ACK before dropping the connection
     connect_timeout: float = 10.0  # TCP connect + TLS handshake + peer SETTINGS
@@ -78,7 +82,8 @@ class PoolSettings:
             raise ValueError(
                 f"max_streams_per_connection must be >= 1, got {self.max_streams_per_connection}"
             )
-        for name in ("idle_timeout", "ping_interval", "ping_timeout", "connect_timeout"):
+        names = ("idle_timeout", "overflow_idle_timeout", "ping_interval", "ping_timeout")
+        for name in (*names, "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -247,12 +252,16 @@ class HbonePool:
             raise HboneConnectError(f"HBONE to {dst}: no HTTP/2 SETTINGS: {exc!r}") from exc
         now = self._clock()
         s = self.settings
-        schedule = KeepaliveSchedule(s.idle_timeout, s.ping_interval, now)
+        conns = self._connections.setdefault(key, [])
+        # The key's first connection stays for the full idle timeout (the next tunnel finds
+        # it ready); the others only carry what the first has no room for.
+        idle = s.overflow_idle_timeout if conns else s.idle_timeout
+        schedule = KeepaliveSchedule(min(idle, s.idle_timeout), s.ping_interval, now)
         pooled = PooledConnection(key, conn, peer, now, schedule)
         pooled.keepalive = asyncio.create_task(
             self._keepalive(pooled), name=f"hbone-keepalive {dst}"
         )
-        self._connections.setdefault(key, []).append(pooled)
+        conns.append(pooled)
         self.connections_opened += 1
         log.debug("HBONE connection %s opened (peer %s)", key, peer)
         return pooled
@@ -264,7 +273,8 @@ class HbonePool:
                 pooled.conn, pooled.schedule, clock=self._clock, ping_timeout=s.ping_timeout
             )
             if how == "idle":
-                log.debug("HBONE connection %s idle for %.0fs: closed", pooled.key, s.idle_timeout)
+                idle = pooled.schedule.idle_timeout
+                log.debug("HBONE connection %s idle for %.0fs: closed", pooled.key, idle)
             elif how == "ping_timeout":
                 log.info(
                     "HBONE connection %s: no PING ACK in %.0fs, dropped", pooled.key, s.ping_timeout
@@ -310,6 +320,29 @@ class HbonePool:
             }
             for c in self.connections()
         ]
+
+    def release_idle(self) -> int:
+        """Close (GOAWAY) each key's connections that carry no stream, all but its oldest
+        usable one; returns how many. Called once a burst of connections has ended: the
+        burst's extra connections would otherwise wait for their keep-alive's idle close,
+        and while they live, the memory their objects were allocated in (among the burst's)
+        cannot be given back. The oldest is kept: it predates the burst and serves the
+        next tunnel at once."""
+        released = 0
+        for conns in list(self._connections.values()):
+            kept = False
+            for pooled in list(conns):
+                if not pooled.usable():
+                    continue
+                if not kept:
+                    kept = True
+                elif not pooled.open_streams:
+                    self._forget(pooled)  # no new tunnel may pick it while it closes
+                    pooled.conn.close()  # its keep-alive task sees the close and ends
+                    released += 1
+        if released:
+            log.debug("HBONE: released %d idle connection(s) after a burst", released)
+        return released
 
     def close_source(self, source: str) -> int:
         """Close the connections a pod dialled (GOAWAY), once it is gone from this node.

@@ -428,3 +428,28 @@ def test_connect_headers_have_ztunnel_shapes():
     assert name == "traceparent" and (version, flags) == ("00", "00")
     assert len(trace) == 32 and len(parent) == 16 and int(trace, 16) and int(parent, 16)
     assert traceparent_header() != traceparent_header()  # random per connection
+
+
+async def test_a_bursts_extra_connections_close_soon_and_are_released_at_its_end(ca):
+    settings = PoolSettings(max_streams_per_connection=2, overflow_idle_timeout=60)
+    async with mesh(ca, settings) as m:
+        streams = [await m.tunnel() for _ in range(5)]
+        first, *extra = m.pool.connections(m.key())
+        assert len(extra) == 2
+        # Only the key's first connection keeps the full idle timeout.
+        assert first.schedule.idle_timeout == settings.idle_timeout
+        assert [p.schedule.idle_timeout for p in extra] == [60, 60]
+        assert m.pool.release_idle() == 0  # all still carry streams
+        for s in streams[:4]:
+            s.reset()
+        await asyncio.sleep(0.1)
+        # The first (oldest) stays though idle; the idle extra goes; the busy one stays.
+        assert m.pool.release_idle() == 1
+        assert m.pool.connections(m.key()) == [first, extra[1]]
+        await asyncio.wait_for(asyncio.shield(extra[0].conn.closed), 10)
+        streams[4].write(b"x")
+        assert await asyncio.wait_for(streams[4].read(), 10) == b"x"
+        streams[4].reset()
+        await asyncio.sleep(0.1)
+        assert m.pool.release_idle() == 1
+        assert m.pool.connections(m.key()) == [first]
