@@ -571,8 +571,21 @@ def _header_routing(
             seen[pod] = seen.get(pod, 0) + 1
         return seen
 
+    waypoint_ip = plan.waypoint.ip
+
+    def through_waypoint() -> bool:
+        # v2 alone is no proof: before the caller's agent learns the namespace uses its
+        # waypoint it balances over v1 and v2 itself. The backend seeing the waypoint is.
+        try:
+            answer = probe.http_get(
+                manager.adapter, client.netns, BACKEND_VIP, HTTP_PORT, headers={"x-user": "ios"}
+            )
+        except probe.ProbeError:
+            return False
+        return answer.get("pod") == v2.name and answer.get("client_ip") == waypoint_ip
+
     deadline = time.monotonic() + POLICY_WAIT
-    while time.monotonic() < deadline and calls(1, {"x-user": "ios"}) != {v2.name: 1}:
+    while time.monotonic() < deadline and not through_waypoint():
         time.sleep(0.2)
     ios, other = calls(20, {"x-user": "ios"}), calls(20, {"x-user": "android"})
     say(f"\n20 requests with x-user: ios      -> {ios}")
