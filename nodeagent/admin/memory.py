@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,6 +86,10 @@ async def trim_after_bursts(
             continue
         if release is not None:
             release()
+        # CPython's attribute-lookup cache holds a reference to each name it caches: names
+        # built at run time (pyroute2's f'get_{key}' lookups, say) stay alive in it, each
+        # keeping the pool and so the arena it was allocated in.
+        sys._clear_type_cache()
         gc.collect()  # cycles among the closed connections' objects, before the heap walk
         if not trim():
             log.debug("no malloc_trim in this C library: memory after bursts stays")
