@@ -183,37 +183,29 @@ class NetnsWorker:
         self.close()
 
     def _wrap(self, handle: NetnsHandle | None, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        if handle is None:
-            return fn(*args)
-        with entered(handle):
-            return fn(*args)
-
-    def call(self, handle: NetnsHandle | None, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(*args) on the worker inside `handle` (None: the worker's own) and wait."""
         try:
-            return self._pool.submit(self._wrap, handle, fn, args).result()
+            if handle is None:
+                return fn(*args)
+            with entered(handle):
+                return fn(*args)
         except _Poisoned:
+            # Replaced here, on the worker, before the caller hears of the failure: the
+            # caller's next request must not queue behind the stuck thread.
             self._replace_thread()
             raise
 
     def submit(self, handle: NetnsHandle | None, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Start fn(*args) on the worker inside `handle`; do not wait."""
-        future = self._pool.submit(self._wrap, handle, fn, args)
-        future.add_done_callback(self._replace_if_poisoned)
-        return future
+        """Start fn(*args) on the worker inside `handle` (None: the worker's own); do not
+        wait."""
+        return self._pool.submit(self._wrap, handle, fn, args)
 
-    def _replace_if_poisoned(self, done: Future[Any]) -> None:
-        if not done.cancelled() and isinstance(done.exception(), _Poisoned):
-            self._replace_thread()
+    def call(self, handle: NetnsHandle | None, fn: Callable[..., T], *args: Any) -> T:
+        """`submit` and wait."""
+        return self.submit(handle, fn, *args).result()
 
     async def run(self, handle: NetnsHandle | None, fn: Callable[..., T], *args: Any) -> T:
         """`call` for asyncio: the loop keeps running while the worker works."""
-        future = self._pool.submit(self._wrap, handle, fn, args)
-        try:
-            return await asyncio.wrap_future(future)
-        except _Poisoned:
-            self._replace_thread()
-            raise
+        return await asyncio.wrap_future(self.submit(handle, fn, *args))
 
     def _replace_thread(self) -> None:
         with self._lock:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 
 import pytest
 
+from nodeagent.datapath import netns
 from nodeagent.datapath.netns import NetnsVanishedError, original_destination, resolve
 
 
@@ -35,3 +38,24 @@ def test_unredirected_connection_falls_back_to_local_address(family, host) -> No
 def test_missing_namespace_is_a_clear_error() -> None:
     with pytest.raises(NetnsVanishedError, match="/var/run/netns/no-such-ns-dp-test is gone"):
         resolve("no-such-ns-dp-test")
+
+
+def _stuck() -> None:
+    # What `entered` raises when the thread cannot get back to its own namespace.
+    raise netns._Poisoned("stuck in a pod's namespace")
+
+
+@pytest.mark.parametrize("how", ["call", "submit", "run"])
+def test_a_poisoned_worker_thread_is_replaced_before_the_caller_hears(how: str) -> None:
+    with netns.NetnsWorker("poison-test") as worker:
+        first = worker.call(None, threading.current_thread)
+        with pytest.raises(netns.NetnsError, match="stuck"):
+            if how == "call":
+                worker.call(None, _stuck)
+            elif how == "submit":
+                worker.submit(None, _stuck).result()
+            else:
+                asyncio.run(worker.run(None, _stuck))
+        # The very next request runs on a fresh thread, whichever way the failure came back.
+        assert worker.call(None, threading.current_thread) is not first
+        assert worker.call(None, lambda: 7) == 7
