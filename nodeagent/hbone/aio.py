@@ -612,7 +612,11 @@ class HboneConnection(asyncio.BufferedProtocol):
         self._pings[data] = acked
         self.flush()
         try:
-            await asyncio.wait({acked, self.closed}, timeout=ack_within)
+            # Whichever comes first: the default (all of them) waited out `ack_within`
+            # after every answered PING, holding the keep-alive loop (and the idle close).
+            await asyncio.wait(
+                {acked, self.closed}, timeout=ack_within, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             self._pings.pop(data, None)
         if not acked.done():

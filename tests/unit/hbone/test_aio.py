@@ -85,6 +85,23 @@ async def test_tunnel_carries_large_payload_and_half_close_over_tls(tls):
         assert stream.stream_id not in conn.streams  # both directions closed: forgotten
 
 
+async def test_ping_returns_at_its_ack_not_at_its_deadline(tls):
+    async with connected(tls, echo) as conn:
+        await asyncio.wait_for(asyncio.shield(conn.ready), 10)
+        for _ in range(3):
+            # An hour to answer; the ACK of a live peer ends the wait long before the test's 10 s.
+            assert await asyncio.wait_for(conn.ping(3600), 10) is True
+        assert conn.pings_acked == 3
+        assert not conn.closed.done()
+
+
+async def test_ping_ends_false_when_the_connection_ends_first(tls):
+    async with connected(tls, echo) as conn:
+        await asyncio.wait_for(asyncio.shield(conn.ready), 10)
+        conn.closed.set_result(None)  # what connection_lost does
+        assert await asyncio.wait_for(conn.ping(3600), 10) is False
+
+
 async def test_refusal_status_raises_tunnel_error(tls):
     async with connected(tls, lambda s: s.respond(401)) as conn:
         with pytest.raises(TunnelError, match="401"):
