@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import nodeagent
+from nodeagent.cli.allocator import use_agent_allocator
 from nodeagent.cli.errors import CliError
 
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     import nodeagent.cli as cli_pkg
 
     for info in sorted(pkgutil.iter_modules(cli_pkg.__path__), key=lambda m: m.name):
-        if info.name in ("main", "errors", "output"):
+        if info.name in ("main", "errors", "output", "allocator"):
             continue
         module = importlib.import_module(f"nodeagent.cli.{info.name}")
         register = getattr(module, "register", None)
@@ -50,6 +51,10 @@ EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["run"]:
+        # The agent process itself (not a caller handing argv in): before anything else,
+        # since choosing the allocator means starting the interpreter again.
+        use_agent_allocator()
     try:
         try:
             return _run(argv)

@@ -13,6 +13,7 @@ capture rule come last, so earlier tests see a clean mesh.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -136,6 +137,18 @@ def total(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
 
 
 # -- config dump views -------------------------------------------------------------------
+
+
+def test_agents_run_on_glibc_malloc_under_the_pid_they_started_with(
+    sandbox: dict[str, Any],
+) -> None:
+    # nodeagent.cli.allocator: `run` executes itself again with PYTHONMALLOC set, keeping
+    # its PID (the sandbox, like a kubelet, knows the agent by it). An operator's value wins.
+    want = os.environ.get("PYTHONMALLOC", "malloc")
+    for agent in sandbox["agents"]:
+        environ = Path(f"/proc/{agent['pid']}/environ").read_bytes().split(b"\0")
+        assert f"PYTHONMALLOC={want}".encode() in environ, agent["name"]
+        assert f"memory allocator: PYTHONMALLOC={want}" in Path(agent["log"]).read_text()
 
 
 def test_workloads_lists_every_pod_with_address_and_node(sandbox: dict[str, Any]) -> None:
