@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import gc
 import ipaddress
+import os
 import resource
 import statistics
 import tempfile
@@ -38,8 +39,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import psutil
-
+from bench.harness import rss_kib
 from bench.report import emit, goal
 from nodeagent.config import Config
 from nodeagent.controlplane.server import ControlPlaneServer
@@ -90,7 +90,7 @@ async def edit(path: Path, text: str, store: StateStore, ip: str) -> float:
 
 
 def rss_mb() -> float:
-    return float(psutil.Process().memory_info().rss) / 2**20
+    return rss_kib([os.getpid()]) / 1024
 
 
 async def client_run(port: int, token: Path, expected: int) -> tuple[float, XdsClient, StateStore]:
