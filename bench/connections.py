@@ -29,6 +29,7 @@ to hold COUNT connections open.)
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import selectors
 import socket
@@ -61,6 +62,7 @@ from bench.harness import (
 from bench.mesh import Mesh, check_path, established
 from bench.probe import MESSAGE
 from bench.report import emit, goal
+from nodeagent.cli.interpreter import AGENT_ENVIRONMENT
 
 MIB = 1024
 # Connections opened at once while holding many: well under the kernel's listen backlog
@@ -235,9 +237,10 @@ def idle(box: Sandbox) -> dict[str, float]:
 
 
 # What the agent's modules and their dependencies cost before it does anything: the RSS of
-# an interpreter that imports what `nodeagent run` imports, and stops.
+# an interpreter, started with the agent's settings, that imports what `nodeagent run`
+# imports (at start, and at its first pod: uvloop, python-iptables, pyroute2), and stops.
 _IMPORTS = (
-    "import re, nodeagent.app, nodeagent.cli.run; "
+    "import re, nodeagent.app, nodeagent.cli.run, uvloop, iptc, pyroute2; "
     "print(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1])"
 )
 
@@ -245,7 +248,12 @@ _IMPORTS = (
 def imports_rss_mib() -> float:
     """RSS (MiB) of a Python that imports the agent and stops: the floor under its idle RSS."""
     out = subprocess.run(
-        [sys.executable, "-c", _IMPORTS], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _IMPORTS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **AGENT_ENVIRONMENT},
     )
     return round(int(out.stdout) / MIB, 1)
 

@@ -15,7 +15,7 @@ tunnels opens (about 50, 100 streams each; each with its TLS object, HPACK table
 buffers, a few hundred objects) pinned all of them: released as the burst ends, the arenas
 empty as the connections close (issue 21). Even then a few dozen objects made during the
 burst and kept (spare sockets, cache entries, timers) held 12-15% of RSS in arenas, so the
-agent runs on glibc's malloc (nodeagent.cli.allocator), where malloc_trim(0) gives back
+agent runs on glibc's malloc (nodeagent.cli.interpreter), where malloc_trim(0) gives back
 every free page, whatever still lives beside it.
 """
 

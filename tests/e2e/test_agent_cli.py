@@ -26,6 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from nodeagent.cli.interpreter import AGENT_ENVIRONMENT
 from nodeagent.sandbox.processes import NSENTER
 
 from .e2e_harness import DENY_FRONTEND, wait_until
@@ -139,16 +140,19 @@ def total(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
 # -- config dump views -------------------------------------------------------------------
 
 
-def test_agents_run_on_glibc_malloc_under_the_pid_they_started_with(
+def test_agents_run_with_their_interpreter_settings_under_the_pid_they_started_with(
     sandbox: dict[str, Any],
 ) -> None:
-    # nodeagent.cli.allocator: `run` executes itself again with PYTHONMALLOC set, keeping
-    # its PID (the sandbox, like a kubelet, knows the agent by it). An operator's value wins.
-    want = os.environ.get("PYTHONMALLOC", "malloc")
+    # nodeagent.cli.interpreter: `run` executes itself again with PYTHONMALLOC and
+    # SETUPTOOLS_USE_DISTUTILS set, keeping its PID (the sandbox, like a kubelet, knows the
+    # agent by it). An operator's value wins.
+    want = {k: os.environ.get(k, v) for k, v in AGENT_ENVIRONMENT.items()}
     for agent in sandbox["agents"]:
         environ = Path(f"/proc/{agent['pid']}/environ").read_bytes().split(b"\0")
-        assert f"PYTHONMALLOC={want}".encode() in environ, agent["name"]
-        assert f"memory allocator: PYTHONMALLOC={want}" in Path(agent["log"]).read_text()
+        for key, value in want.items():
+            assert f"{key}={value}".encode() in environ, (agent["name"], key)
+        log = Path(agent["log"]).read_text()
+        assert f"memory allocator: PYTHONMALLOC={want['PYTHONMALLOC']}" in log
 
 
 def test_workloads_lists_every_pod_with_address_and_node(sandbox: dict[str, Any]) -> None:

@@ -38,3 +38,40 @@ def test_a_command_survives_a_closed_pipe(size: int) -> None:
     assert "Traceback" not in proc.stderr
     assert "BrokenPipeError" not in proc.stderr
     assert proc.returncode == EXIT_BROKEN_PIPE
+
+
+# Which command modules a parser built for COMMAND imported, in a fresh interpreter.
+_LOADED = """
+import sys
+from nodeagent.cli.main import build_parser
+build_parser({command!r})
+print(" ".join(m for m in sys.modules if m.startswith(("nodeagent.cli.", "nodeagent.sandbox"))))
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "waypoint", "controlplane"])
+def test_a_long_lived_command_keeps_only_its_own_commands_imports(command: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _LOADED.format(command=command)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert f"nodeagent.cli.{command}" in out
+    # The other commands' modules stay out (the waypoint shares `run`'s start-up helpers).
+    others = {"agent", "sandbox", "run", "waypoint", "controlplane"} - {command}
+    if command == "waypoint":
+        others.discard("run")
+    assert not {f"nodeagent.cli.{o}" for o in others} & set(out)
+    assert "nodeagent.sandbox.manager" not in out
+
+
+def test_a_parser_for_one_command_knows_only_it_and_any_other_name_gets_them_all() -> None:
+    from nodeagent.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser("run").parse_args(["workloads"])
+    # `agent` is a module, not a command; `workloads` is one of its commands.
+    for name in ("agent", "workloads", "bogus", None):
+        assert build_parser(name).parse_args(["workloads"]).command == "workloads"
