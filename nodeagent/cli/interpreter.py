@@ -1,23 +1,20 @@
 """The agent's interpreter settings, chosen by executing the agent once more.
 
-Two variables the interpreter reads only as it starts, so `nodeagent run` sets whichever is
-missing and executes itself again (same PID, same command line):
+SETUPTOOLS_USE_DISTUTILS is read only as the interpreter starts, so `nodeagent run` sets it
+when it is missing and executes itself again (same PID, same command line). The value,
+`stdlib`, turns off setuptools' import hook for `distutils` (setuptools' documented switch):
+python-iptables imports `distutils.sysconfig`, and the hook answers that by importing all
+of setuptools (packaging, its config readers, importlib.metadata: 107 modules, 3.3 MiB the
+agent kept for its whole life). Python 3.11's own distutils answers instead; from 3.12,
+which has none, python-iptables falls back to sysconfig. An operator's value is kept.
 
-* PYTHONMALLOC=malloc. CPython's small-object allocator (pymalloc) gives a 1 MiB arena back
-  to the kernel only when every object in it is gone, and a burst of connections spreads its
-  objects over all the arenas it made; the few that outlive the burst (a spare socket, a
-  cache entry, a timer) keep every one of them. Measured: 12-15% of the agent's RSS stayed
-  after 5,000 connections had closed. On glibc's malloc the trim at the end of a burst
-  (nodeagent.admin.memory) returns every free page, not only whole arenas: 0.98x. The price:
-  about 3-4% more CPU per new connection; throughput and latency unchanged (issue 21).
-* SETUPTOOLS_USE_DISTUTILS=stdlib. python-iptables imports `distutils.sysconfig`; where
-  setuptools is installed, its import hook answers that by importing setuptools itself
-  (packaging, its config readers, importlib.metadata: 107 modules, 3.3 MiB the agent kept
-  for its whole life). `stdlib` turns the hook off (setuptools' documented switch); Python
-  3.11's own distutils answers instead, and from 3.12, which has none, python-iptables
-  falls back to sysconfig.
-
-A value the operator set is kept (PYTHONMALLOC=pymalloc restores CPython's default).
+The allocator is left to the operator. `PYTHONMALLOC=malloc` (glibc's malloc instead of
+pymalloc) makes the trim at the end of a burst (nodeagent.admin.memory) return every free
+page: RSS after 5,000 connections had closed went from 1.13-1.15x what it was before to
+0.98x. But it costs a third more CPU per new connection and about 12% of single-stream
+throughput (an interleaved A/B of two sandboxes, 3 rounds: 286 vs 400 connections/s,
+3,252 vs 2,450 us of agent CPU per connection, 2.50 vs 2.84 Gbit/s; issue 21), so the
+default stays CPython's.
 """
 
 from __future__ import annotations
@@ -26,10 +23,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-AGENT_ENVIRONMENT: Mapping[str, str] = {
-    "PYTHONMALLOC": "malloc",
-    "SETUPTOOLS_USE_DISTUTILS": "stdlib",
-}
+AGENT_ENVIRONMENT: Mapping[str, str] = {"SETUPTOOLS_USE_DISTUTILS": "stdlib"}
 
 
 def restart_plan(

@@ -136,7 +136,7 @@ async def serve(config: Config, *, cleanup: bool = False) -> None:
     # This process is a data path: keep glibc from trimming and refaulting the
     # heap around every large relay buffer (see app.tune_allocator).
     app.tune_allocator()
-    # nodeagent.cli.interpreter chose it (or the operator did): say which, it shapes memory.
+    # The operator's choice (nodeagent.cli.interpreter): say which, it shapes memory and CPU.
     logging.getLogger("nodeagent").info(
         "memory allocator: PYTHONMALLOC=%s", os.environ.get("PYTHONMALLOC", "(default)")
     )
