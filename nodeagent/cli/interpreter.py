@@ -11,9 +11,9 @@ which has none, python-iptables falls back to sysconfig. An operator's value is 
 The allocator is left to the operator. `PYTHONMALLOC=malloc` (glibc's malloc instead of
 pymalloc) makes the trim at the end of a burst (nodeagent.admin.memory) return every free
 page: RSS after 5,000 connections had closed went from 1.13-1.15x what it was before to
-0.98x. But it costs a third more CPU per new connection and about 12% of single-stream
-throughput (an interleaved A/B of two sandboxes, 3 rounds: 286 vs 400 connections/s,
-3,252 vs 2,450 us of agent CPU per connection, 2.50 vs 2.84 Gbit/s; issue 21), so the
+0.98x. But it costs about a quarter more agent CPU per new connection (an interleaved A/B
+of two sandboxes in which only the agents' allocator differed, 3 rounds, medians: 345 vs
+441 connections/s, 2,870 vs 2,292 us per connection, slower in every round; issue 21), so the
 default stays CPython's.
 """
 
