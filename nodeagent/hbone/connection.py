@@ -34,7 +34,7 @@ re-exports their public names.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeAlias
 
@@ -105,6 +105,7 @@ from nodeagent.hbone.settings import (
 )
 from nodeagent.hbone.stream import (
     TRANSITIONS,
+    ClosedStreams,
     StreamClosedBy,
     StreamInput,
     StreamRecord,
@@ -197,7 +198,7 @@ class TunnelConnection:
         self.outgoing: list[Buffer] = []  # queued output, read-only: take it with data_to_send()
         self._out_bytes = 0
         self._streams: dict[int, StreamRecord] = {}
-        self._closed_streams: OrderedDict[int, StreamClosedBy] = OrderedDict()
+        self._closed_streams = ClosedStreams(_CLOSED_MEMORY)
         self._next_outbound_id = 1 if config.client_side else 2
         self._highest_inbound_id = 0
         self._preface_pending = b"" if config.client_side else PREFACE
@@ -745,9 +746,7 @@ class TunnelConnection:
         stream.pending_bytes = 0
         self._streams.pop(stream.stream_id, None)
         self._sinks.pop(stream.stream_id, None)
-        self._closed_streams[stream.stream_id] = how
-        if len(self._closed_streams) > _CLOSED_MEMORY:
-            self._closed_streams.popitem(last=False)
+        self._closed_streams.add(stream.stream_id, how)
 
     def _stream_error(self, err: ProtocolError, events: list[Event]) -> None:
         sid = err.stream_id
@@ -759,7 +758,7 @@ class TunnelConnection:
                 StreamReset(stream_id=sid, error_code=int(err.error_code), remote_reset=False)
             )
         else:
-            self._closed_streams[sid] = StreamClosedBy.RESET_SENT
+            self._closed_streams.update(sid, StreamClosedBy.RESET_SENT)
 
     def _connection_error(self, err: ProtocolError) -> None:
         if self.closed:
@@ -984,9 +983,8 @@ class TunnelConnection:
                 raise ProtocolError(f"server opened stream {sid}, but push is disabled")
             self._highest_inbound_id = sid
             if self._goaway_sent is not None and sid > self._goaway_sent:
-                self._closed_streams[sid] = (
-                    StreamClosedBy.RESET_SENT
-                )  # §6.8: ignore it and its frames
+                # §6.8: ignore it and its frames
+                self._closed_streams.add(sid, StreamClosedBy.RESET_SENT)
                 return
             if self.open_inbound_streams >= self.config.inbound_stream_limit:
                 raise ProtocolError(

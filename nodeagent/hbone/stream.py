@@ -9,6 +9,7 @@ connection keeps per open stream: state, both windows and the DATA waiting for w
 from __future__ import annotations
 
 import enum
+from array import array
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,6 +78,64 @@ class StreamClosedBy(enum.Enum):
     RESET_SENT = "reset sent"
     RESET_RECEIVED = "reset received"
     ENDED = "ended"
+
+
+_CLOSED_BY = tuple(StreamClosedBy)
+_CLOSED_CODE = {how: code for code, how in enumerate(_CLOSED_BY)}
+
+
+class ClosedStreams:
+    """How each of the last `capacity` closed streams ended, oldest forgotten first.
+
+    Stored as C integers in two rings, not as a dict of Python ints: a pooled connection
+    that has carried thousands of streams would otherwise keep 1024 int objects and dict
+    entries (~130 KiB), made at any time, each holding the allocator pool it sits in long
+    after a burst of connections has closed (issue 21). Lookups, only for frames on
+    streams we no longer track, scan the ring in C."""
+
+    __slots__ = ("_how", "_ids", "_next", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be positive, not {capacity}")
+        self.capacity = capacity
+        self._ids = array("L")  # stream ids are 31 bits; 0 is never a stream's
+        self._how = array("B")
+        self._next = 0  # the slot the next new id takes once the rings are full
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, stream_id: int, how: StreamClosedBy) -> None:
+        """A stream that has just closed. Closed again straight away (a state change closes
+        it, then the reset that made it closes it), the last word counts: no other lookup."""
+        code = _CLOSED_CODE[how]
+        ids = self._ids
+        full = len(ids) == self.capacity
+        newest = (self._next - 1) % self.capacity if full else len(ids) - 1
+        if newest >= 0 and ids[newest] == stream_id:
+            self._how[newest] = code
+        elif not full:
+            ids.append(stream_id)
+            self._how.append(code)
+        else:
+            slot = self._next
+            ids[slot] = stream_id
+            self._how[slot] = code
+            self._next = (slot + 1) % self.capacity
+
+    def update(self, stream_id: int, how: StreamClosedBy) -> None:
+        """Set how a stream ended, in place if it is remembered (keeping its age)."""
+        try:
+            self._how[self._ids.index(stream_id)] = _CLOSED_CODE[how]
+        except ValueError:
+            self.add(stream_id, how)
+
+    def get(self, stream_id: int) -> StreamClosedBy | None:
+        try:
+            return _CLOSED_BY[self._how[self._ids.index(stream_id)]]
+        except ValueError:
+            return None
 
 
 @dataclass(eq=False, slots=True)
