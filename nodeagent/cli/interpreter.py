@@ -1,20 +1,25 @@
 """The agent's interpreter settings, chosen by executing the agent once more.
 
-SETUPTOOLS_USE_DISTUTILS is read only as the interpreter starts, so `nodeagent run` sets it
-when it is missing and executes itself again (same PID, same command line). The value,
-`stdlib`, turns off setuptools' import hook for `distutils` (setuptools' documented switch):
-python-iptables imports `distutils.sysconfig`, and the hook answers that by importing all
-of setuptools (packaging, its config readers, importlib.metadata: 107 modules, 3.3 MiB the
-agent kept for its whole life). Python 3.11's own distutils answers instead; from 3.12,
-which has none, python-iptables falls back to sysconfig. An operator's value is kept.
+Both are read only as the interpreter starts, so `nodeagent run` sets those missing and
+executes itself again (same PID, same command line). An operator's value is kept.
 
-The allocator is left to the operator. `PYTHONMALLOC=malloc` (glibc's malloc instead of
-pymalloc) makes the trim at the end of a burst (nodeagent.admin.memory) return every free
-page: RSS after 5,000 connections had closed went from 1.13-1.15x what it was before to
-0.98x. But it costs about a quarter more agent CPU per new connection (an interleaved A/B
-of two sandboxes in which only the agents' allocator differed, 3 rounds, medians: 345 vs
-441 connections/s, 2,870 vs 2,292 us per connection, slower in every round; issue 21), so the
-default stays CPython's.
+* SETUPTOOLS_USE_DISTUTILS=stdlib turns off setuptools' import hook for `distutils`
+  (setuptools' documented switch): python-iptables imports `distutils.sysconfig`, and the
+  hook answers that by importing all of setuptools (packaging, its config readers,
+  importlib.metadata: 107 modules, 3.3 MiB the agent kept for its whole life). Python
+  3.11's own distutils answers instead; from 3.12, which has none, python-iptables falls
+  back to sysconfig.
+* PYTHONMALLOC=malloc puts Python's objects in glibc's heap instead of pymalloc's arenas,
+  so that the trim at the end of a burst (nodeagent.admin.memory) returns every free page:
+  pymalloc frees a 1 MiB arena only once nothing at all lives in it, and the few objects
+  made during a burst that outlive it are spread over every arena it made. After 5,000
+  connections had closed, RSS was 1.19-1.23x what it was before on pymalloc and 1.03-1.04x
+  on malloc, in every round; connections/s and CPU per connection were within the noise
+  of each other (issue 21: two runs of 6 rounds, fresh sandboxes every round, the two
+  allocators measured ABBA; pymalloc vs malloc, medians: 357 vs 348/s and 324 vs 315/s).
+  An earlier A/B that kept the same two sandboxes throughout had put malloc a quarter
+  slower; fresh sandboxes did not repeat it. `PYTHONMALLOC=pymalloc` restores CPython's
+  default.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-AGENT_ENVIRONMENT: Mapping[str, str] = {"SETUPTOOLS_USE_DISTUTILS": "stdlib"}
+AGENT_ENVIRONMENT: Mapping[str, str] = {
+    "SETUPTOOLS_USE_DISTUTILS": "stdlib",
+    "PYTHONMALLOC": "malloc",
+}
 
 
 def restart_plan(

@@ -136,7 +136,7 @@ async def serve(config: Config, *, cleanup: bool = False) -> None:
     # This process is a data path: keep glibc from trimming and refaulting the
     # heap around every large relay buffer (see app.tune_allocator).
     app.tune_allocator()
-    # The operator's choice (nodeagent.cli.interpreter): say which, it shapes memory and CPU.
+    # malloc unless the operator chose otherwise (nodeagent.cli.interpreter): say which.
     logging.getLogger("nodeagent").info(
         "memory allocator: PYTHONMALLOC=%s", os.environ.get("PYTHONMALLOC", "(default)")
     )

@@ -144,10 +144,10 @@ def test_agents_run_with_their_interpreter_settings_under_the_pid_they_started_w
     sandbox: dict[str, Any],
 ) -> None:
     # nodeagent.cli.interpreter: `run` executes itself again with SETUPTOOLS_USE_DISTUTILS
-    # set, keeping its PID (the sandbox, like a kubelet, knows the agent by it). An
-    # operator's value wins; the allocator is the operator's, and the log says which.
+    # and PYTHONMALLOC set, keeping its PID (the sandbox, like a kubelet, knows the agent by
+    # it). An operator's value wins, and the log says which allocator it runs on.
     want = {k: os.environ.get(k, v) for k, v in AGENT_ENVIRONMENT.items()}
-    allocator = os.environ.get("PYTHONMALLOC", "(default)")
+    allocator = want["PYTHONMALLOC"]
     for agent in sandbox["agents"]:
         environ = Path(f"/proc/{agent['pid']}/environ").read_bytes().split(b"\0")
         for key, value in want.items():
