@@ -89,9 +89,9 @@ class ClosedStreams:
 
     Stored as C integers in two rings, not as a dict of Python ints: a pooled connection
     that has carried thousands of streams would otherwise keep 1024 int objects and dict
-    entries (~130 KiB), made at any time, each holding the allocator pool it sits in long
-    after a burst of connections has closed (issue 21). Lookups, only for frames on
-    streams we no longer track, scan the ring in C."""
+    entries (168 KiB against these rings' 9, by tracemalloc), made at any time, each holding
+    the allocator pool it sits in long after a burst of connections has closed (issue 21).
+    Lookups, only for frames on streams we no longer track, scan the ring in C."""
 
     __slots__ = ("_how", "_ids", "_next", "capacity")
 
