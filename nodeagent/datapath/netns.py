@@ -1,12 +1,15 @@
 """Enter pod network namespaces safely, and make the agent's sockets inside them.
 
-setns(2) changes the namespace of the calling thread only, so everything that
-must happen inside a pod's namespace runs on a dedicated worker thread
+setns(2) changes the namespace of the calling thread only, so work that must
+happen inside a pod's namespace runs on a dedicated worker thread
 (`NetnsWorker`) that enters the namespace, does the work and always returns
-to its own namespace, even on error. The asyncio loop never changes
-namespace. A socket belongs to the namespace it was created in for its whole
-life, so sockets made on the worker are used from any thread afterwards
-(non-blocking, from asyncio).
+to its own namespace, even on error. The one exception is an upstream socket
+(`NetnsSocketFactory.upstream`, one per inbound connection): the calling
+thread, the event loop's, steps in for the single socket(2) call and straight
+back, with no Python code between the two setns calls; a thread that cannot
+get back ends the process rather than make another socket in the wrong place.
+A socket belongs to the namespace it was created in for its whole life, so
+sockets are used from any thread afterwards (non-blocking, from asyncio).
 
 `InPodSocketFactory` is the small interface the proxy sees (the proxy never
 knows which namespace it is in); `NetnsSocketFactory` is the real one: every
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
+import logging
 import os
 import socket
 import struct
@@ -40,6 +45,8 @@ from nodeagent.model.constants import (
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
 # Socket options the stdlib does not name everywhere (linux/in.h, in6.h, netfilter).
@@ -51,7 +58,6 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 # listen(2) caps the backlog at the namespace's net.core.somaxconn: asking for the most
 # lets that sysctl decide (a fixed 1,024 overflowed in a burst of 5,000 connects).
 LISTEN_BACKLOG = 65535
-SPARE_SOCKETS = 4  # upstream sockets made ahead per pod and family, in one worker call
 SOL_IP = getattr(socket, "SOL_IP", 0)
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 
@@ -108,6 +114,12 @@ def resolve(ref: NetnsHandle | str | int | os.PathLike[str]) -> NetnsHandle:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# The same setns(2) called without releasing the GIL, for the event loop's thread: the call
+# takes about a microsecond, and releasing the GIL around it would invite a thread switch.
+_libc_held = ctypes.PyDLL(None, use_errno=True)
+_libc_held.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_own_netns = threading.local()
+EXIT_STUCK_IN_POD = 70  # EX_SOFTWARE: a thread could not return from a pod's namespace
 
 
 def _setns(fd: int, what: object) -> None:
@@ -119,6 +131,38 @@ def _setns(fd: int, what: object) -> None:
 def current_inode() -> int:
     """Inode of the calling thread's network namespace."""
     return Path("/proc/thread-self/ns/net").stat().st_ino
+
+
+def _home_fd() -> int:
+    """An open descriptor of the calling thread's own namespace (opened on its first call,
+    which must be made at home, and kept for the thread's life)."""
+    fd: int | None = getattr(_own_netns, "fd", None)
+    if fd is None:
+        fd = _own_netns.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
+def socket_inside(pod_fd: int, home_fd: int, family: socket.AddressFamily) -> socket.socket:
+    """A TCP socket made in the namespace `pod_fd` by the calling thread, which steps in for
+    the socket(2) call alone and returns to `home_fd`; raises OSError if either fails.
+
+    If the thread cannot return, the process ends (EXIT_STUCK_IN_POD): the caller may be the
+    event loop, which makes every other pod's sockets and must not make one more here.
+    """
+    if _libc_held.setns(pod_fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns into the pod's namespace: {os.strerror(err)}")
+    try:
+        return socket.socket(family, socket.SOCK_STREAM)
+    finally:
+        if _libc_held.setns(home_fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            log.critical(
+                "thread %s is stuck in a pod's network namespace (setns home: %s); exiting",
+                threading.current_thread().name,
+                os.strerror(err),
+            )
+            os._exit(EXIT_STUCK_IN_POD)
 
 
 @contextmanager
@@ -229,7 +273,7 @@ class InPodSocketFactory(Protocol):
         ...
 
     def upstream(self, family: socket.AddressFamily) -> socket.socket:
-        """A non-blocking, unconnected, marked TCP socket (for loop.sock_connect)."""
+        """A non-blocking, unconnected, marked TCP socket (for proxy.relay.connect_socket)."""
         ...
 
     def close(self) -> None:
@@ -269,7 +313,8 @@ def ipv6_enabled() -> bool:
 
 
 class NetnsSocketFactory:
-    """The real InPodSocketFactory: sockets made on a NetnsWorker inside the pod."""
+    """The real InPodSocketFactory: listeners made on a NetnsWorker inside the pod, upstream
+    sockets by the calling thread stepping into the pod (`socket_inside`)."""
 
     def __init__(
         self,
@@ -284,9 +329,7 @@ class NetnsSocketFactory:
         self._mark = mark
         self._ipv6 = ipv6
         self.transparent: bool | None = None  # learned on the first listener
-        self._spares: dict[socket.AddressFamily, list[socket.socket]] = {}
-        self._refilling: set[socket.AddressFamily] = set()
-        self._closed = False
+        self._fd: int | None = None  # the pod's namespace, open while upstream sockets are made
 
     @property
     def netns(self) -> NetnsHandle:
@@ -298,8 +341,7 @@ class NetnsSocketFactory:
             self._ipv6 = self._worker.call(self._netns, ipv6_enabled)
         return self._ipv6
 
-    def _new(self, family: socket.AddressFamily) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    def _marked(self, sock: socket.socket) -> socket.socket:
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self._mark)
             sock.setblocking(False)
@@ -309,6 +351,9 @@ class NetnsSocketFactory:
                 exc.errno, f"socket in netns {self._netns}: set SO_MARK: {exc.strerror}"
             ) from None
         return sock
+
+    def _new(self, family: socket.AddressFamily) -> socket.socket:
+        return self._marked(socket.socket(family, socket.SOCK_STREAM))
 
     def listener(self, port: int, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
         dual = self.ipv6
@@ -335,51 +380,40 @@ class NetnsSocketFactory:
         return self._worker.call(self._netns, make)
 
     def upstream(self, family: socket.AddressFamily) -> socket.socket:
-        # A socket's namespace is fixed when it is made, so a few are made ahead, in a batch
-        # on the worker: a new connection then takes one without a thread round trip.
-        spares = self._spares.get(family)
-        sock = spares.pop() if spares else self._worker.call(self._netns, self._new, family)
-        self._refill(family)
-        return sock
-
-    def _refill(self, family: socket.AddressFamily) -> None:
-        if self._closed or family in self._refilling or len(self._spares.get(family, ())) > 1:
-            return
+        # One per inbound connection, so made here rather than on the worker: two setns
+        # calls cost about 2 us, a worker round trip cost a thread hand-off and, while the
+        # loop was busy, a GIL exchange for each syscall the worker made.
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop (a synchronous caller): make sockets on demand
-        self._refilling.add(family)
-        future = self._worker.submit(self._netns, self._batch, family)
-        future.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._refilled, family, done)
-        )
+            sock = socket_inside(self._pod_fd(), _home_fd(), family)
+        except OSError as exc:
+            raise SocketSetupError(
+                exc.errno, f"socket in netns {self._netns}: {exc.strerror}"
+            ) from None
+        return self._marked(sock)
 
-    def _batch(self, family: socket.AddressFamily) -> list[socket.socket]:
-        return [self._new(family) for _ in range(SPARE_SOCKETS)]
-
-    def _refilled(self, family: socket.AddressFamily, done: Future[list[socket.socket]]) -> None:
-        self._refilling.discard(family)
-        if done.exception() is not None:
-            return  # the next upstream() makes its socket on demand and says what failed
-        made = done.result()
-        if self._closed:
-            for sock in made:
-                sock.close()
-            return
-        self._spares.setdefault(family, []).extend(made)
-
-    def spare_count(self, family: socket.AddressFamily) -> int:
-        """How many upstream sockets of `family` are made ahead now."""
-        return len(self._spares.get(family, ()))
+    def _pod_fd(self) -> int:
+        if self._fd is None:
+            try:
+                fd = os.open(self._netns.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise SocketSetupError(
+                    errno.ENOENT, f"network namespace {self._netns} is gone: {exc.strerror}"
+                ) from None
+            inode = os.fstat(fd).st_ino
+            if self._netns.inode and inode != self._netns.inode:
+                os.close(fd)
+                raise SocketSetupError(
+                    errno.ENOENT, f"network namespace {self._netns} was replaced (inode {inode})"
+                )
+            self._fd = fd
+        return self._fd
 
     def close(self) -> None:
-        """Close the sockets made ahead (the pod is going away)."""
-        self._closed = True
-        for spares in self._spares.values():
-            for sock in spares:
-                sock.close()
-        self._spares.clear()
+        """Let go of the pod's namespace (the pod is going away); a later upstream() opens
+        it again if it is still there."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def listeners(self, ports: tuple[int, ...] | None = None) -> dict[int, socket.socket]:
         """The agent's in-pod listeners (15001, 15006, 15008 by default), all or none."""

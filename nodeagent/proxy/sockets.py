@@ -15,7 +15,7 @@ import socket
 
 from nodeagent.datapath.netns import set_transparent
 from nodeagent.proxy.listeners import LocalPod
-from nodeagent.proxy.relay import Relay, RelayStats, connect_tcp_end, relay_pair
+from nodeagent.proxy.relay import Relay, RelayStats, connect_socket, connect_tcp_end, relay_pair
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ async def connect_in_pod(
                 spoofed = True
             except OSError as exc:  # no route back to that address: go from the pod
                 log.debug("pod %s: cannot bind to client %s: %s", pod.label, source, exc)
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(connect_timeout):  # not wait_for: no task per connect
-            await loop.sock_connect(sock, dst)
+            await connect_socket(sock, dst)
     except BaseException:
         sock.close()
         raise

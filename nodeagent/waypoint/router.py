@@ -37,6 +37,7 @@ from nodeagent.model.identity import Identity, IdentityError
 from nodeagent.model.routing import TcpPool, TrafficPolicy
 from nodeagent.model.workload import Service, TunnelProtocol, Workload
 from nodeagent.proxy.pool import HboneConnectError, HbonePool, PoolKey
+from nodeagent.proxy.relay import connect_socket
 from nodeagent.proxy.routing import Pick, ServicePlan, ServiceRouting
 from nodeagent.state.store import StateStore
 from nodeagent.traffic.balancer import FAULT_ABORT, FAULT_DELAY, MIRROR_DROPPED, RETRY
@@ -271,12 +272,11 @@ class WaypointRouter:
     async def dial(self, address: tuple[str, int]) -> socket.socket:
         if self._connect is not None:
             return await self._connect(address)
-        loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, address)
+            await connect_socket(sock, address)
         except BaseException:
             sock.close()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from nodeagent.datapath.netns import (
     NetnsVanishedError,
     NetnsWorker,
     SocketSetupError,
+    current_inode,
     original_destination,
+    resolve,
 )
 from nodeagent.datapath.plan import Match, Rule, build_plan, parse_iptables_save
 
@@ -300,26 +303,43 @@ def test_dns_capture_variant_installs_as_planned_and_is_removed_when_turned_off(
     assert all(t.is_empty for t in [save(topology.name_a)["raw"], save(topology.name_a, 6)["raw"]])
 
 
-async def test_upstream_sockets_made_ahead_are_in_the_pod_and_closed_with_the_factory(
+def test_upstream_sockets_are_made_in_the_pod_by_the_calling_thread_which_returns_home(
     topology: Topology, worker: NetnsWorker
 ) -> None:
-    # The first upstream socket is made on demand; then a batch is made ahead on the worker,
-    # and every one handed out must still be the pod's (its address binds only there).
+    # Made by the caller itself (the event loop's thread in the agent), not on the worker:
+    # every one must be the pod's (its address binds only there), marked and non-blocking,
+    # and the caller must be back in its own namespace after each.
     factory = NetnsSocketFactory(topology.pod_a, worker)
-    taken = [factory.upstream(socket.AF_INET)]
-    for _ in range(40):
-        await asyncio.sleep(0.01)
-        taken.append(factory.upstream(socket.AF_INET))
+    home = current_inode()
+    taken: list[socket.socket] = []
     try:
-        assert factory.spare_count(socket.AF_INET) > 0, "no sockets were made ahead"
+        for _ in range(5):
+            taken.append(factory.upstream(socket.AF_INET))
+            assert current_inode() == home
+        factory.close()  # lets go of the namespace; a later socket opens it again
+        taken.append(factory.upstream(socket.AF_INET))
+        assert current_inode() == home
         for sock in taken:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
             assert not sock.getblocking()
             sock.bind((topology.ip_a, 0))  # EADDRNOTAVAIL outside pod A's namespace
-        factory.close()
-        assert factory.spare_count(socket.AF_INET) == 0
-        taken.append(factory.upstream(socket.AF_INET))  # still made, on demand
-        assert taken[-1].getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
     finally:
+        factory.close()
         for sock in taken:
             sock.close()
+
+
+def test_an_upstream_socket_for_a_namespace_that_is_gone_is_refused_by_name(
+    worker: NetnsWorker,
+) -> None:
+    name = f"na-gone-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        handle = resolve(name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    factory = NetnsSocketFactory(handle, worker)
+    home = current_inode()
+    with pytest.raises(SocketSetupError, match=f"network namespace .*{name}.* is gone"):
+        factory.upstream(socket.AF_INET)
+    assert current_inode() == home

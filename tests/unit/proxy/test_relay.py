@@ -2,12 +2,17 @@
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 
-from nodeagent.proxy.relay import RelayStats, TcpRelayEnd, relay_pair
+import pytest
+
+from nodeagent.proxy.relay import RelayStats, TcpRelayEnd, connect_socket, relay_pair
 from tests.builders import loopback_acceptor
 
 
@@ -138,3 +143,68 @@ async def test_slow_reader_applies_backpressure_instead_of_buffering():
         await asyncio.wait_for(relay.done, 10)
         sock.close()
         assert received == sent
+
+
+# -- connect_socket --------------------------------------------------------------------------
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_connect_socket_connects_to_an_address_and_to_a_host_name():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        for host in ("127.0.0.1", "localhost"):  # a name goes through the loop's resolver
+            with socket.socket() as sock:
+                sock.setblocking(False)
+                await asyncio.wait_for(connect_socket(sock, (host, port)), 5)
+                assert sock.getpeername() == ("127.0.0.1", port)
+                listener.accept()[0].close()
+
+
+async def test_connect_socket_raises_the_connect_error_with_its_errno():
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        with pytest.raises(OSError) as caught:
+            await asyncio.wait_for(connect_socket(sock, ("127.0.0.1", unused_port())), 5)
+    assert caught.value.errno == errno.ECONNREFUSED
+    assert "Connect call failed ('127.0.0.1'" in str(caught.value)
+
+
+_LIBUV_POOL = """
+import asyncio, os, socket, sys, uvloop
+from nodeagent.proxy.relay import connect_socket
+
+async def main(use_loop):
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(64)
+    for _ in range(20):
+        sock = socket.socket(); sock.setblocking(False)
+        if use_loop:
+            await loop.sock_connect(sock, listener.getsockname())
+        else:
+            await connect_socket(sock, listener.getsockname())
+        sock.close(); listener.accept()[0].close()
+    tasks = os.listdir("/proc/self/task")
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks]
+    print(names.count("libuv-worker"))
+
+uvloop.run(main(sys.argv[1] == "loop"))
+"""
+
+
+@pytest.mark.parametrize(("how", "uses_pool"), [("ours", False), ("loop", True)])
+def test_under_uvloop_connect_socket_stays_off_its_thread_pool(how: str, uses_pool: bool):
+    # uvloop's sock_connect resolves even a literal address on libuv's thread pool, whose
+    # threads start on first use; connect_socket must not start them. ("loop" shows the
+    # count can tell the two apart.)
+    run = subprocess.run(
+        [sys.executable, "-c", _LIBUV_POOL, how], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert (int(run.stdout) > 0) is uses_pool, run.stdout
