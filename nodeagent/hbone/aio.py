@@ -347,6 +347,20 @@ class TunnelStream:
 _READ_BUFFER_SIZE = 256 * 1024
 
 
+# Buffers still referenced after their read, kept to be taken back once their holders let go.
+_LENT_MAX = 8
+
+
+def _unreferenced(buffer: bytearray) -> bool:
+    # A bytearray with live views refuses to change size, so a one-byte resize is the test.
+    try:
+        buffer.append(0)
+    except BufferError:
+        return False
+    del buffer[-1]
+    return True
+
+
 class SharedReadBuffer:
     """The read buffer that every HBONE connection of one thread reads into, in turn.
 
@@ -354,17 +368,20 @@ class SharedReadBuffer:
     fills it and calls `buffer_updated` in one go), so one buffer serves all connections:
     an agent holding fifty pooled connections kept fifty buffers of 256 KiB, all written
     (zero-filled) and so all resident, mostly idle. After a read, `give_back` keeps the
-    buffer only if no view of it survived (a partial frame kept by the reader, DATA queued
-    by a transport that could not write it all yet); otherwise the holders keep it and the
-    next read gets a fresh one.
+    buffer if no view of it survived. Otherwise (a partial frame kept by the reader, DATA a
+    transport has queued: uvloop holds every write until the end of the loop's iteration)
+    the buffer is set aside, and a later read takes it back once its holders have let go,
+    before it makes a new one: making one per read (zero-filling 256 KiB and faulting its
+    pages in) cost the receiving agent about a third of its CPU in a bulk transfer.
     """
 
-    __slots__ = ("_buffer", "_view", "size")
+    __slots__ = ("_buffer", "_lent", "_view", "size")
 
     def __init__(self, size: int = _READ_BUFFER_SIZE) -> None:
         self.size = size
         self._buffer: bytearray | None = None
         self._view: memoryview | None = None
+        self._lent: list[bytearray] = []
 
     def view(self) -> memoryview:
         """The buffer to read into (the same view until a read `lend`s it)."""
@@ -372,13 +389,29 @@ class SharedReadBuffer:
         if view is None:
             buffer = self._buffer
             if buffer is None:
-                # One byte of spare capacity: `give_back` tests for views with a one-byte
-                # append, which must not reallocate (a full bytearray grows by an eighth).
+                buffer = self._reclaim()
+            if buffer is None:
+                # One byte of spare capacity: the `_unreferenced` test appends a byte, which
+                # must not reallocate (a full bytearray grows by an eighth).
                 buffer = bytearray(self.size + 1)
                 del buffer[-1]
-                self._buffer = buffer
+            self._buffer = buffer
             view = self._view = memoryview(buffer)
         return view
+
+    def _reclaim(self) -> bytearray | None:
+        """A set-aside buffer nobody references any more; the other free ones are dropped,
+        so that what a burst set aside does not stay resident."""
+        lent = self._lent
+        if not lent:
+            return None
+        found = None
+        for buffer in list(lent):
+            if _unreferenced(buffer):
+                lent.remove(buffer)
+                if found is None:
+                    found = buffer
+        return found
 
     def lend(self, view: memoryview) -> bytearray | None:
         """Take the buffer behind `view` out of the pool while its bytes are processed, so a
@@ -392,19 +425,17 @@ class SharedReadBuffer:
 
     def give_back(self, buffer: bytearray | None, view: memoryview) -> None:
         """The read through `view` (of `buffer`, from `lend`) is processed: put the buffer back
-        if no view of it survived."""
+        if no view of it survived, else set it aside until none does."""
         if buffer is None:
             return
         try:
             view.release()
         except BufferError:  # someone holds our view itself: never reuse this buffer
             return
-        # A bytearray with live views refuses to change size, so a one-byte resize is the test.
-        try:
-            buffer.append(0)
-        except BufferError:
-            return  # theirs now; the next read gets a fresh buffer
-        del buffer[-1]
+        if not _unreferenced(buffer):
+            if len(self._lent) < _LENT_MAX:
+                self._lent.append(buffer)
+            return  # beyond that, theirs alone: it goes when they let go
         if self._buffer is None:
             self._buffer = buffer
 
