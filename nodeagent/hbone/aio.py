@@ -347,8 +347,10 @@ class TunnelStream:
 _READ_BUFFER_SIZE = 256 * 1024
 
 
-# Buffers still referenced after their read, kept to be taken back once their holders let go.
-_LENT_MAX = 8
+# Buffers still referenced after their read, kept to be taken back once their holders let go:
+# one or two suffice for a bulk transfer, and each stays resident until a later read takes
+# it back (with eight, a waypoint kept 2 MiB of them idle after a burst, by tracemalloc).
+_LENT_MAX = 2
 
 
 def _unreferenced(buffer: bytearray) -> bool:
