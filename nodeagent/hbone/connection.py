@@ -721,7 +721,14 @@ class TunnelConnection:
             return stream_id >= self._next_outbound_id
         return stream_id > self._highest_inbound_id
 
-    def _transition(self, stream: StreamRecord, event: StreamInput) -> None:
+    def _transition(
+        self,
+        stream: StreamRecord,
+        event: StreamInput,
+        closed_by: StreamClosedBy = StreamClosedBy.ENDED,
+    ) -> None:
+        """Apply `event` to the stream's state; a stream it closes is remembered as
+        `closed_by`."""
         new = next_state(stream.state, event)
         if new is None:
             if event.name.startswith("SEND"):
@@ -738,7 +745,7 @@ class TunnelConnection:
         if new is StreamState.HALF_CLOSED_REMOTE:
             self._sinks.pop(stream.stream_id, None)
         elif new is StreamState.CLOSED:
-            self._close_stream(stream, StreamClosedBy.ENDED)
+            self._close_stream(stream, closed_by)
 
     def _close_stream(self, stream: StreamRecord, how: StreamClosedBy) -> None:
         stream.state = StreamState.CLOSED
@@ -1123,8 +1130,7 @@ class TunnelConnection:
         if stream is None:
             self._unknown_stream(frame.stream_id, "RST_STREAM")
             return
-        self._transition(stream, StreamInput.RECV_RST)
-        self._close_stream(stream, StreamClosedBy.RESET_RECEIVED)
+        self._transition(stream, StreamInput.RECV_RST, StreamClosedBy.RESET_RECEIVED)
         events.append(
             StreamReset(stream_id=frame.stream_id, error_code=frame.error_code, remote_reset=True)
         )

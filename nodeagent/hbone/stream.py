@@ -107,15 +107,10 @@ class ClosedStreams:
         return len(self._ids)
 
     def add(self, stream_id: int, how: StreamClosedBy) -> None:
-        """A stream that has just closed. Closed again straight away (a state change closes
-        it, then the reset that made it closes it), the last word counts: no other lookup."""
+        """A stream that has just closed (a stream closes once; `update` changes how)."""
         code = _CLOSED_CODE[how]
         ids = self._ids
-        full = len(ids) == self.capacity
-        newest = (self._next - 1) % self.capacity if full else len(ids) - 1
-        if newest >= 0 and ids[newest] == stream_id:
-            self._how[newest] = code
-        elif not full:
+        if len(ids) < self.capacity:
             ids.append(stream_id)
             self._how.append(code)
         else:

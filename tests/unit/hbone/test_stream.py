@@ -72,11 +72,12 @@ def test_keeps_no_python_int_per_stream() -> None:
 
 
 @pytest.mark.parametrize("capacity", [1, 2, 8])
-def test_a_stream_closed_twice_in_a_row_keeps_the_last_word(capacity: int) -> None:
+def test_how_a_remembered_stream_ended_can_be_changed_in_place(capacity: int) -> None:
     closed = ClosedStreams(capacity)
     for sid in range(1, 2 * capacity + 2, 2):  # fill it, and wrap
         closed.add(sid, ENDED)
     last = 2 * capacity + 1
-    closed.add(last, RESET_RECEIVED)  # the reset that ended it, right after the state change
-    assert closed.get(last) is RESET_RECEIVED
+    closed.update(last, RESET_SENT)  # we reset it after it had ended
+    assert closed.get(last) is RESET_SENT
     assert len(closed) == capacity
+    assert closed.get(1) is None  # the oldest went when it wrapped
