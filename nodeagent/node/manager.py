@@ -505,30 +505,43 @@ class NodeManager:
         namespace counts only if its addresses were read and hold no local workload's IP
         then. The scanner never lists the agent's own namespace.
         """
-        wanted = {w.uid: [str(a) for a in w.addresses] for w in self._local_workloads()}
+        wanted = self._local_addresses()
         try:
             candidates = await asyncio.to_thread(self._scanner.unowned, wanted)
         except Exception as exc:
             log.warning("stale capture sweep: scan failed, skipped: %s", _reason(exc))
             return 0
-        keep: set[int] = set()
-        for rec in self.lifecycle.pods.values():
-            keep.update(ns.inode for ns in (rec.netns, rec.next_netns) if ns is not None)
-        held = 0
+        stale: dict[int, NetnsHandle] = {}
         for inode, handle in candidates.items():
-            if inode in keep:
-                continue
             try:
                 installed = await asyncio.to_thread(self._capture.read_installed, handle)
             except Exception as exc:
                 log.warning("stale capture in %s: %s", handle.path, _reason(exc))
                 continue
-            if installed.empty:
+            if not installed.empty:
+                stale[inode] = handle
+        # Records may have arrived while the namespaces were read: a new pod's namespace
+        # carries the CNI plugin's fail-closed rules before its record does, and is its
+        # workload's, not an earlier agent's. Decide on the records as they are now.
+        while stale and (now := self._local_addresses()) != wanted:
+            wanted = now
+            try:
+                still = await asyncio.to_thread(self._scanner.unowned, wanted)
+            except Exception as exc:
+                log.warning("stale capture sweep: scan failed, skipped: %s", _reason(exc))
+                return 0
+            stale = {inode: handle for inode, handle in stale.items() if inode in still}
+        keep: set[int] = set()
+        for rec in self.lifecycle.pods.values():
+            keep.update(ns.inode for ns in (rec.netns, rec.next_netns) if ns is not None)
+        held = 0
+        reason = (
+            "captured by an earlier agent, and no workload record claims it now:"
+            " its traffic is refused until it is released"
+        )
+        for inode, handle in stale.items():
+            if inode in keep:
                 continue
-            reason = (
-                "captured by an earlier agent, and no workload record claims it now:"
-                " its traffic is refused until it is released"
-            )
             self.lifecycle.hold_orphan(
                 f"netns:{inode}", Netns(path=handle.path, inode=inode), reason, self._clock()
             )
@@ -814,6 +827,9 @@ class NodeManager:
             self._probe_task = None
         self._wake.set()
         self._notify()
+
+    def _local_addresses(self) -> dict[str, list[str]]:
+        return {w.uid: [str(a) for a in w.addresses] for w in self._local_workloads()}
 
     def _local_workloads(self) -> list[Workload]:
         """The workloads on this node the agent serves. One with a native tunnel (a
