@@ -329,7 +329,8 @@ class NetnsSocketFactory:
         self._mark = mark
         self._ipv6 = ipv6
         self.transparent: bool | None = None  # learned on the first listener
-        self._fd: int | None = None  # the pod's namespace, open while upstream sockets are made
+        self._fd: int | None = None  # the pod's namespace, open from the first upstream socket
+        self._closed = False
 
     @property
     def netns(self) -> NetnsHandle:
@@ -389,6 +390,9 @@ class NetnsSocketFactory:
             raise SocketSetupError(
                 exc.errno, f"socket in netns {self._netns}: {exc.strerror}"
             ) from None
+        finally:
+            if self._closed:  # a connection still in flight after close(): keep nothing open
+                self._release()
         return self._marked(sock)
 
     def _pod_fd(self) -> int:
@@ -409,8 +413,12 @@ class NetnsSocketFactory:
         return self._fd
 
     def close(self) -> None:
-        """Let go of the pod's namespace (the pod is going away); a later upstream() opens
-        it again if it is still there."""
+        """Let go of the pod's namespace (the pod is going away). An upstream() after this
+        still works while the namespace is there, and holds it no longer than the call."""
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

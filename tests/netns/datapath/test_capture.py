@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -303,6 +304,17 @@ def test_dns_capture_variant_installs_as_planned_and_is_removed_when_turned_off(
     assert all(t.is_empty for t in [save(topology.name_a)["raw"], save(topology.name_a, 6)["raw"]])
 
 
+def fds_on(inode: int) -> int:
+    """How many of our descriptors hold the namespace `inode` open."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += fd.stat().st_ino == inode
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return count
+
+
 def test_upstream_sockets_are_made_in_the_pod_by_the_calling_thread_which_returns_home(
     topology: Topology, worker: NetnsWorker
 ) -> None:
@@ -316,9 +328,14 @@ def test_upstream_sockets_are_made_in_the_pod_by_the_calling_thread_which_return
         for _ in range(5):
             taken.append(factory.upstream(socket.AF_INET))
             assert current_inode() == home
-        factory.close()  # lets go of the namespace; a later socket opens it again
+        pod = topology.pod_a.inode
+        assert fds_on(pod) == 1  # opened once, kept between sockets
+        factory.close()  # lets go of the namespace
+        assert fds_on(pod) == 0
+        # A connection still in flight after close() gets its socket, and nothing stays open.
         taken.append(factory.upstream(socket.AF_INET))
         assert current_inode() == home
+        assert fds_on(pod) == 0
         for sock in taken:
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
             assert not sock.getblocking()
