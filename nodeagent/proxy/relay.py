@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -284,6 +285,18 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def _finished(sock: socket.socket) -> bool:
+    """Whether a connect that returned EINPROGRESS has already finished, either way.
+
+    A connect to an address of this host (an inbound connection to the pod's app, over lo)
+    completes inside connect(2), which still returns EINPROGRESS: one poll(2) then spares
+    the loop a poll handle (four epoll_ctl calls in libuv) and a turn of the loop.
+    """
+    poller = select.poll()  # not select(): an agent's descriptors run past FD_SETSIZE
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> None:
     """Connect a non-blocking TCP socket to `address`; raises OSError as the connect failed.
 
@@ -303,13 +316,14 @@ async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> None:
         return
     except (BlockingIOError, InterruptedError):
         pass
-    writable: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _wake, writable)
-    try:
-        await writable
-    finally:
-        loop.remove_writer(fd)
+    if not _finished(sock):
+        writable: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _wake, writable)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, f"Connect call failed {address}")

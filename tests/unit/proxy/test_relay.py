@@ -176,6 +176,42 @@ async def test_connect_socket_raises_the_connect_error_with_its_errno():
     assert "Connect call failed ('127.0.0.1'" in str(caught.value)
 
 
+async def test_a_connect_finished_inside_connect_does_not_wait_on_the_loop(monkeypatch):
+    # On loopback the handshake completes inside connect(2), which still says EINPROGRESS:
+    # connect_socket must see that and not set up a writer watch on the loop.
+    loop = asyncio.get_running_loop()
+
+    def no_watch(*args: object) -> None:
+        raise AssertionError("connect_socket waited on the loop for a finished connect")
+
+    monkeypatch.setattr(loop, "add_writer", no_watch)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        with socket.socket() as sock:
+            sock.setblocking(False)
+            await connect_socket(sock, listener.getsockname())
+            assert sock.getpeername() == listener.getsockname()
+        listener.accept()[0].close()
+
+
+async def test_a_connect_still_in_flight_waits_on_the_loop_until_it_finishes():
+    # A listener whose accept queue is full drops the SYN, so the connect stays in flight
+    # until the queue has room and the SYN is sent again (about a second later).
+    with socket.socket() as listener, socket.socket() as first, socket.socket() as sock:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # room for one queued connection
+        first.connect(listener.getsockname())
+        sock.setblocking(False)
+        connecting = asyncio.ensure_future(connect_socket(sock, listener.getsockname()))
+        await asyncio.sleep(0.2)
+        assert not connecting.done()
+        listener.accept()[0].close()
+        await asyncio.wait_for(connecting, 10)
+        assert sock.getpeername() == listener.getsockname()
+        listener.accept()[0].close()
+
+
 _LIBUV_POOL = """
 import asyncio, os, socket, sys, uvloop
 from nodeagent.proxy.relay import connect_socket
