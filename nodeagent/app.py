@@ -707,6 +707,15 @@ class WaypointHandles:
     async def start(self) -> None:
         self.xds.start()
         self._tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
+        tunnels = self.tunnels
+        # As the agent does: after a burst, release the pool's extra connections and give
+        # the freed heap back (a waypoint kept its peak RSS after 3,000 tunnels had closed).
+        self._tasks.append(
+            asyncio.create_task(
+                trim_after_bursts(lambda: tunnels.live, release=self.pool.release_idle),
+                name="trim",
+            )
+        )
         host, port = parse_host_port(self.settings.listen)
         self.bound = await self.listener.start(host, port)
         mhost, mport = parse_host_port(self.metrics_address)

@@ -1,7 +1,8 @@
-"""The agent's interpreter settings, chosen by executing the agent once more.
+"""The data-path processes' interpreter settings, chosen by executing the process once more.
 
-Both are read only as the interpreter starts, so `nodeagent run` sets those missing and
-executes itself again (same PID, same command line). An operator's value is kept.
+Both are read only as the interpreter starts, so `nodeagent run` (the agent) and `nodeagent
+waypoint` set those missing and execute themselves again (same PID, same command line). An
+operator's value is kept.
 
 * SETUPTOOLS_USE_DISTUTILS=stdlib turns off setuptools' import hook for `distutils`
   (setuptools' documented switch): python-iptables imports `distutils.sysconfig`, and the

@@ -74,9 +74,10 @@ EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["run"]:
-        # The agent process itself (not a caller handing argv in): before anything else,
-        # since its interpreter settings mean starting the interpreter again.
+    if argv is None and sys.argv[1:2] in (["run"], ["waypoint"]):
+        # A data-path process itself, the agent or the waypoint (not a caller handing argv
+        # in): before anything else, since its interpreter settings mean starting the
+        # interpreter again.
         use_agent_interpreter()
     try:
         try:

@@ -127,19 +127,26 @@ def setup_logging(level: str) -> None:
             logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS.get(level, 0)))
 
 
+def tune_data_path() -> None:
+    """Memory settings of a data-path process (the agent, the waypoint), logged."""
+    from nodeagent import app
+
+    # Keep glibc from trimming and refaulting the heap around every large relay buffer
+    # (see app.tune_allocator).
+    app.tune_allocator()
+    # malloc unless the operator chose otherwise (nodeagent.cli.interpreter): say which.
+    logging.getLogger("nodeagent").info(
+        "memory allocator: PYTHONMALLOC=%s", os.environ.get("PYTHONMALLOC", "(default)")
+    )
+
+
 async def serve(config: Config, *, cleanup: bool = False) -> None:
     """Build the agent, run it until SIGTERM/SIGINT, shut it down."""
     # Imported here: the whole agent is heavy to import, and every other
     # command shares this module list.
     from nodeagent import app
 
-    # This process is a data path: keep glibc from trimming and refaulting the
-    # heap around every large relay buffer (see app.tune_allocator).
-    app.tune_allocator()
-    # malloc unless the operator chose otherwise (nodeagent.cli.interpreter): say which.
-    logging.getLogger("nodeagent").info(
-        "memory allocator: PYTHONMALLOC=%s", os.environ.get("PYTHONMALLOC", "(default)")
-    )
+    tune_data_path()
     agent = await app.build(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

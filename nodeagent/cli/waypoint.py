@@ -16,7 +16,7 @@ import signal
 from typing import Any
 
 from nodeagent.cli.errors import CliError
-from nodeagent.cli.run import event_loop_runner, load_config, setup_logging
+from nodeagent.cli.run import event_loop_runner, load_config, setup_logging, tune_data_path
 from nodeagent.config import ConfigError
 
 
@@ -56,6 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
         service_account=args.service_account,
         listen=args.listen,
     )
+    tune_data_path()
     waypoint = app.build_waypoint(config, settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

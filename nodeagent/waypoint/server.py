@@ -47,6 +47,7 @@ class WaypointTunnels:
         self.h2 = Http2Upstreams()
         self.tunnels = 0
         self.refused = 0
+        self.live = 0  # tunnels being served now (the trim after a burst watches it)
 
     def __call__(self, local: WaypointEnd, accepted: AcceptedStream) -> Awaitable[None] | None:
         dispatcher = self.router.accept(accepted)
@@ -59,6 +60,13 @@ class WaypointTunnels:
         return self._serve(accepted, dispatcher)
 
     async def _serve(self, accepted: AcceptedStream, dispatcher: TunnelDispatcher) -> None:
+        self.live += 1
+        try:
+            await self._serve_tunnel(accepted, dispatcher)
+        finally:
+            self.live -= 1
+
+    async def _serve_tunnel(self, accepted: AcceptedStream, dispatcher: TunnelDispatcher) -> None:
         accepted.stream.respond(200)
         downstream = TunnelByteStream(accepted.stream)
         first = b""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -18,10 +19,12 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nodeagent.cli.interpreter import AGENT_ENVIRONMENT
 from nodeagent.sandbox.processes import NSENTER
 
 from .e2e_harness import Capture, Mesh, _cli, sandbox, wait_until
@@ -128,6 +131,21 @@ def test_status_shows_the_waypoint(mesh: Mesh) -> None:
     status = _cli("sandbox", "status", mesh.name)
     assert status.returncode == 0, status.stderr
     assert f"waypoint demo/waypoint at {WAYPOINT_IP} on node1 (pid " in status.stdout
+
+
+def test_the_waypoint_runs_with_the_data_path_interpreter_settings(mesh: Mesh) -> None:
+    # Like the agent (nodeagent.cli.interpreter): `waypoint` executes itself again with
+    # PYTHONMALLOC=malloc (an operator's value wins), so the trim after a burst gives the
+    # freed heap back, keeping the PID the sandbox started; its log names the allocator.
+    status = _cli("sandbox", "status", mesh.name, "-o", "json")
+    assert status.returncode == 0, status.stderr
+    waypoint = json.loads(status.stdout)["waypoint"]
+    environ = Path(f"/proc/{waypoint['pid']}/environ").read_bytes().split(b"\0")
+    want = {k: os.environ.get(k, v) for k, v in AGENT_ENVIRONMENT.items()}
+    for key, value in want.items():
+        assert f"{key}={value}".encode() in environ, key
+    log = Path(waypoint["log"]).read_text()
+    assert f"memory allocator: PYTHONMALLOC={want['PYTHONMALLOC']}" in log
 
 
 def test_the_callers_agent_tunnels_to_the_waypoint_and_the_waypoint_counts_the_request(
