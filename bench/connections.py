@@ -62,7 +62,7 @@ from bench.harness import (
 from bench.mesh import Mesh, check_path, established
 from bench.probe import MESSAGE
 from bench.report import emit, goal
-from nodeagent.cli.interpreter import AGENT_ENVIRONMENT
+from nodeagent.cli.interpreter import DATA_PATH_ENVIRONMENT
 
 MIB = 1024
 # Connections opened at once while holding many: well under the kernel's listen backlog
@@ -253,7 +253,7 @@ def imports_rss_mib() -> float:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, **AGENT_ENVIRONMENT},
+        env={**os.environ, **DATA_PATH_ENVIRONMENT},
     )
     return round(int(out.stdout) / MIB, 1)
 

@@ -414,9 +414,9 @@ def tune_allocator() -> bool:
     second. With glibc's dynamic thresholds each free trims the heap and the next allocation
     faults the pages back in: measured here, fixed thresholds cut the CPU per Gbit/s of an
     HBONE relay pair by about a quarter. Fixed values cost at most a few MiB of retained heap.
-    A setting of the data-path process, not of the transport: the agent's entry point
-    (nodeagent.cli.run) calls it once. Process-wide and idempotent; False where the C
-    library has no mallopt (not glibc).
+    A setting of the data-path processes, not of the transport: the agent's and the
+    waypoint's entry points call it once (nodeagent.cli.run.tune_data_path). Process-wide
+    and idempotent; False where the C library has no mallopt (not glibc).
     """
     global _allocator_tuned
     if _allocator_tuned:
@@ -707,6 +707,8 @@ class WaypointHandles:
     async def start(self) -> None:
         self.xds.start()
         self._tasks.append(asyncio.create_task(self.certificates.run(), name="certificates"))
+        host, port = parse_host_port(self.settings.listen)
+        self.bound = await self.listener.start(host, port)
         tunnels = self.tunnels
         # As the agent does: after a burst, release the pool's extra connections and give
         # the freed heap back (a waypoint kept its peak RSS after 3,000 tunnels had closed).
@@ -716,8 +718,6 @@ class WaypointHandles:
                 name="trim",
             )
         )
-        host, port = parse_host_port(self.settings.listen)
-        self.bound = await self.listener.start(host, port)
         mhost, mport = parse_host_port(self.metrics_address)
         await self.metrics_server.listen_tcp(mhost, mport)
         log.info(

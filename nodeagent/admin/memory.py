@@ -15,9 +15,9 @@ tunnels opens (about 50, 100 streams each; each with its TLS object, HPACK table
 buffers, a few hundred objects) pinned all of them: released as the burst ends, the arenas
 empty as the connections close (issue 21). Even then a few dozen objects made during the
 burst and kept (spare sockets, cache entries, timers, the event loop's free lists) hold
-13-23% of RSS in arenas. So the agent runs on glibc's malloc (PYTHONMALLOC=malloc, set by
-nodeagent.cli.interpreter), where malloc_trim(0) gives back every free page, whatever still
-lives beside it.
+13-23% of RSS in arenas. So the agent and the waypoint run on glibc's malloc
+(PYTHONMALLOC=malloc, set by nodeagent.cli.interpreter), where malloc_trim(0) gives back
+every free page, whatever still lives beside it.
 """
 
 from __future__ import annotations

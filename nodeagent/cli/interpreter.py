@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-AGENT_ENVIRONMENT: Mapping[str, str] = {
+DATA_PATH_ENVIRONMENT: Mapping[str, str] = {
     "SETUPTOOLS_USE_DISTUTILS": "stdlib",
     "PYTHONMALLOC": "malloc",
 }
@@ -40,13 +40,13 @@ def restart_plan(
 ) -> tuple[list[str], dict[str, str]] | None:
     """The command line and environment to execute again with, or None to go on as is
     (every variable is set already, by us or by the operator)."""
-    missing = {k: v for k, v in AGENT_ENVIRONMENT.items() if k not in env}
+    missing = {k: v for k, v in DATA_PATH_ENVIRONMENT.items() if k not in env}
     if not missing or not argv:
         return None
     return list(argv), {**env, **missing}
 
 
-def use_agent_interpreter() -> None:
+def use_data_path_interpreter() -> None:
     """Execute this process again, same PID and command line (interpreter options
     included: `sys.orig_argv`), with the agent's interpreter settings; return if they are
     in place."""

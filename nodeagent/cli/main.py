@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import nodeagent
 from nodeagent.cli.errors import CliError
-from nodeagent.cli.interpreter import use_agent_interpreter
+from nodeagent.cli.interpreter import use_data_path_interpreter
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A data-path process itself, the agent or the waypoint (not a caller handing argv
         # in): before anything else, since its interpreter settings mean starting the
         # interpreter again.
-        use_agent_interpreter()
+        use_data_path_interpreter()
     try:
         try:
             return _run(argv)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodeagent.cli.interpreter import AGENT_ENVIRONMENT
+from nodeagent.cli.interpreter import DATA_PATH_ENVIRONMENT
 from nodeagent.sandbox.processes import NSENTER
 
 from .e2e_harness import DENY_FRONTEND, wait_until
@@ -146,7 +146,7 @@ def test_agents_run_with_their_interpreter_settings_under_the_pid_they_started_w
     # nodeagent.cli.interpreter: `run` executes itself again with SETUPTOOLS_USE_DISTUTILS
     # and PYTHONMALLOC set, keeping its PID (the sandbox, like a kubelet, knows the agent by
     # it). An operator's value wins, and the log says which allocator it runs on.
-    want = {k: os.environ.get(k, v) for k, v in AGENT_ENVIRONMENT.items()}
+    want = {k: os.environ.get(k, v) for k, v in DATA_PATH_ENVIRONMENT.items()}
     allocator = want["PYTHONMALLOC"]
     for agent in sandbox["agents"]:
         environ = Path(f"/proc/{agent['pid']}/environ").read_bytes().split(b"\0")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from nodeagent.cli.interpreter import AGENT_ENVIRONMENT
+from nodeagent.cli.interpreter import DATA_PATH_ENVIRONMENT
 from nodeagent.sandbox.processes import NSENTER
 
 from .e2e_harness import Capture, Mesh, _cli, sandbox, wait_until
@@ -141,7 +141,7 @@ def test_the_waypoint_runs_with_the_data_path_interpreter_settings(mesh: Mesh) -
     assert status.returncode == 0, status.stderr
     waypoint = json.loads(status.stdout)["waypoint"]
     environ = Path(f"/proc/{waypoint['pid']}/environ").read_bytes().split(b"\0")
-    want = {k: os.environ.get(k, v) for k, v in AGENT_ENVIRONMENT.items()}
+    want = {k: os.environ.get(k, v) for k, v in DATA_PATH_ENVIRONMENT.items()}
     for key, value in want.items():
         assert f"{key}={value}".encode() in environ, key
     log = Path(waypoint["log"]).read_text()

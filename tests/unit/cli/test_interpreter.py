@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from nodeagent.cli.interpreter import AGENT_ENVIRONMENT, restart_plan
+from nodeagent.cli.interpreter import DATA_PATH_ENVIRONMENT, restart_plan
 
 ARGV = ["/usr/bin/python3", "-X", "dev", "-m", "nodeagent.cli.main", "run", "--config", "a.yaml"]
 
@@ -71,7 +71,7 @@ def test_a_burst_is_given_back_on_the_agents_allocator() -> None:
             check=True,
         )
         grown[allocator] = int(run.stdout) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    assert AGENT_ENVIRONMENT["PYTHONMALLOC"] == "malloc"
+    assert DATA_PATH_ENVIRONMENT["PYTHONMALLOC"] == "malloc"
     # MiB left resident: about 1.6 against 21 here; pymalloc keeps every arena a survivor is in
     assert grown["malloc"] * 4 < grown["pymalloc"], grown
 
@@ -84,10 +84,10 @@ def test_under_the_agents_settings_python_iptables_does_not_pull_in_setuptools()
     # iptc imports distutils.sysconfig, which setuptools' import hook would answer by
     # importing all of setuptools.
     probe = "import sys, iptc; print('setuptools' in sys.modules)"
-    env = {k: v for k, v in os.environ.items() if k not in AGENT_ENVIRONMENT}
+    env = {k: v for k, v in os.environ.items() if k not in DATA_PATH_ENVIRONMENT}
     run = subprocess.run(
         [sys.executable, "-c", probe],
-        env={**env, **AGENT_ENVIRONMENT},
+        env={**env, **DATA_PATH_ENVIRONMENT},
         capture_output=True,
         text=True,
         timeout=60,

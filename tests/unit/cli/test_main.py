@@ -75,3 +75,31 @@ def test_a_parser_for_one_command_knows_only_it_and_any_other_name_gets_them_all
     # `agent` is a module, not a command; `workloads` is one of its commands.
     for name in ("agent", "workloads", "bogus", None):
         assert build_parser(name).parse_args(["workloads"]).command == "workloads"
+
+
+@pytest.mark.parametrize(
+    ("argv", "restarts"),
+    [
+        (["nodeagent", "run"], True),
+        (["nodeagent", "waypoint", "--name", "wp"], True),
+        (["nodeagent", "pods"], False),
+        (["nodeagent", "controlplane"], False),
+    ],
+)
+def test_only_the_data_path_processes_take_their_interpreter_settings(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], restarts: bool
+) -> None:
+    # The agent and the waypoint execute themselves again with PYTHONMALLOC=malloc and the
+    # rest (nodeagent.cli.interpreter); every other command runs as it was started.
+    from nodeagent.cli import main
+
+    calls: list[str] = []
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(main, "use_data_path_interpreter", lambda: calls.append("restart"))
+    monkeypatch.setattr(main, "_run", lambda given: 0)
+    assert main.main() == 0
+    assert bool(calls) is restarts
+    # A caller handing argv in (a test, an embedding program) is never restarted.
+    calls.clear()
+    assert main.main(argv[1:]) == 0
+    assert not calls

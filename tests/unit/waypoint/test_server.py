@@ -35,7 +35,8 @@ async def test_live_counts_the_tunnels_being_served_until_each_ends(
     assert (tunnels.live, tunnels.tunnels) == (3, 3)
     ends[0].set_result(None)
     ends[1].set_exception(ConnectionResetError("peer went away"))
-    await asyncio.wait(served[:2])
+    outcomes = await asyncio.gather(*served[:2], return_exceptions=True)
+    assert isinstance(outcomes[1], ConnectionResetError)
     assert tunnels.live == 1  # a tunnel that failed is no longer live either
     served[2].cancel()
     await asyncio.wait(served[2:])
