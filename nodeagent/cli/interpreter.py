@@ -48,8 +48,8 @@ def restart_plan(
 
 def use_data_path_interpreter() -> None:
     """Execute this process again, same PID and command line (interpreter options
-    included: `sys.orig_argv`), with the agent's interpreter settings; return if they are
-    in place."""
+    included: `sys.orig_argv`), with the data-path interpreter settings; return if they
+    are in place."""
     plan = restart_plan(os.environ, sys.orig_argv)
     if plan is None or not sys.executable:
         return

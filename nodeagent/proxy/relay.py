@@ -289,8 +289,8 @@ def _finished(sock: socket.socket) -> bool:
     """Whether a connect that returned EINPROGRESS has already finished, either way.
 
     A connect to an address of this host (an inbound connection to the pod's app, over lo)
-    completes inside connect(2), which still returns EINPROGRESS: one poll(2) then spares
-    the loop a poll handle (four epoll_ctl calls in libuv) and a turn of the loop.
+    normally completes inside connect(2), which still returns EINPROGRESS: one poll(2) then
+    spares the loop a poll handle (four epoll_ctl calls in libuv) and a turn of the loop.
     """
     poller = select.poll()  # not select(): an agent's descriptors run past FD_SETSIZE
     poller.register(sock, select.POLLOUT)
