@@ -192,9 +192,12 @@ class Sandbox:
         agents: bool,
         pods_per_node: int = 1,
         redirect_backend: str = "iptables",
+        waypoint: bool = False,
     ) -> None:
         self.name = name
         flags = [] if agents else ["--no-controlplane"]
+        if waypoint:
+            flags.append("--waypoint")  # the demo namespace's services go through it
         up = sh(
             NODEAGENT,
             "sandbox",
@@ -213,6 +216,7 @@ class Sandbox:
         if up.returncode != 0:
             raise RuntimeError(f"sandbox up {name} failed: {up.stderr.strip()}")
         status = json.loads(sh(NODEAGENT, "sandbox", "status", name, "-o", "json").stdout)
+        self.status: dict[str, Any] = status
         self.pods: dict[str, dict[str, Any]] = {p["name"]: p for p in status["pods"]}
         self.client, self.server = self.pods["node1-pod1"], self.pods["node2-pod1"]
         # A second client pod, for a variant that installs capture rules of its own.
