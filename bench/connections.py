@@ -3,9 +3,10 @@ beside stunnel and a Node.js http2 CONNECT pair, and what the agents hold in mem
 idle tunnelled connection and after a burst of 5,000 connections has closed.
 
 The path is `bench.mesh`'s: a client pod on node1, a server pod on node2. `mesh` is our agents
-(iptables capture) in a sandbox with agents; `stunnel` and `node_h2` (`bench/h2_connect_pair.js`:
-one pooled mutual TLS 1.3 http2 session, a CONNECT stream per connection) run in a sandbox
-without agents. Each round starts a fresh sandbox with agents (so "idle, just after start"
+(iptables capture) in a sandbox with agents; `stunnel`, `node_h2` (`bench/h2_connect_pair.js`:
+one pooled mutual TLS 1.3 http2 session, a CONNECT stream per connection) and `py_h2` (the
+same shape in bare Python, `bench.py_h2_pair`: the floor under a Python HBONE tunnel) run in a
+sandbox without agents. Each round starts a fresh sandbox with agents (so "idle, just after start"
 is measured every round) and then, the variants interleaved:
 
 * `conn_per_s`: `bench.probe connrate`, short HTTP/1.1 with `Connection: close`, one
@@ -45,6 +46,7 @@ from bench.harness import (
     ROOT,
     Figures,
     NodeH2Pair,
+    PyH2Pair,
     RelayPair,
     Sandbox,
     Session,
@@ -288,9 +290,11 @@ def burst(variant: Mesh, box: Sandbox, client_ns: str, count: int) -> dict[str, 
     return out
 
 
-def check_pooled(variant: NodeH2Pair, client_ns: str, server_ns: str, server_ip: str) -> str:
-    """The Node pair's path: two connections held through it arrive at the server pod's echo
-    server from the Node server, over ONE TLS connection to its http2 port."""
+def check_pooled(
+    variant: NodeH2Pair | PyH2Pair, client_ns: str, server_ns: str, server_ip: str
+) -> str:
+    """An HTTP/2 pair's path: two connections held through it arrive at the server pod's echo
+    server from the pair's server side, over ONE TLS connection to its http2 port."""
     local, remote = variant.ports[ECHO_PORT]
     held = Held(client_ns, "127.0.0.1", local, 2)
     try:
@@ -303,7 +307,7 @@ def check_pooled(variant: NodeH2Pair, client_ns: str, server_ns: str, server_ip:
     if len(sessions) != 1 or len(relayed) < 2:
         raise RuntimeError(
             f"{variant.name}: {len(sessions)} connections to {server_ip}:{remote} (expected one "
-            f"pooled session), {len(relayed)} arrived on :{ECHO_PORT} from the Node server "
+            f"pooled session), {len(relayed)} arrived on :{ECHO_PORT} from its server side "
             "(expected 2)"
         )
     return f"{variant.name} :{local} -> one pooled session to {server_ip}:{remote}, not captured"
@@ -311,6 +315,9 @@ def check_pooled(variant: NodeH2Pair, client_ns: str, server_ns: str, server_ip:
 
 RATES = {"conn_per_s": "sequential", "conn_per_s_8": f"{CONCURRENT} at once"}
 RATE_GOALS = {"stunnel": 4.0, "node_h2": 1.0}  # the mesh's rate at least this times theirs
+# No goal, a floor: the bare Python HTTP/2 pair (`bench.py_h2_pair`) is what a Python HBONE
+# tunnel can reach at all, so mesh / py_h2 is the share of it the agents keep.
+RATE_FLOORS = ("py_h2",)
 
 
 def rate_ratios(rnd: Figures) -> dict[str, float]:
@@ -320,7 +327,7 @@ def rate_ratios(rnd: Figures) -> dict[str, float]:
     return {
         f"{key}_vs_{ref}": round(mesh[key] / rnd[ref][key], 3)
         for key in RATES
-        for ref in RATE_GOALS
+        for ref in (*RATE_GOALS, *RATE_FLOORS)
         if key in mesh and rnd.get(ref, {}).get(key)
     }
 
@@ -331,14 +338,20 @@ def goals(med: Figures) -> list[dict[str, Any]]:
     out = []
     ratios = med.get("mesh_ratios", {})
     for key, how in RATES.items():
-        # For scale: how far a pooled HTTP/2 CONNECT pair in Node gets past stunnel.
-        node, stunnel = med.get("node_h2", {}).get(key), med.get("stunnel", {}).get(key)
-        scale = f"node_h2 / stunnel {node / stunnel:.2f}" if node and stunnel else ""
+        # For scale: how far a pooled HTTP/2 CONNECT pair in Node gets past stunnel, and
+        # where the bare Python pair stands against Node's.
+        rates = {name: med.get(name, {}).get(key) for name in ("stunnel", "node_h2", "py_h2")}
+        scales = {
+            "stunnel": ("node_h2", "stunnel"),
+            "node_h2": ("py_h2", "node_h2"),
+        }
         for ref, bound in RATE_GOALS.items():
             if f"{key}_vs_{ref}" in ratios:
                 value = ratios[f"{key}_vs_{ref}"]
                 figure = f"new connections/s ({how}), mesh / {ref}"
-                context = scale if ref == "stunnel" else ""
+                top, bottom = scales[ref]
+                a, b = rates[top], rates[bottom]
+                context = f"{top} / {bottom} {a / b:.2f}" if a and b else ""
                 out.append(goal(figure, value, ">=", bound, context=context))
     mesh = med.get("mesh", {})
     memory = med.get("mesh_memory", {})
@@ -387,11 +400,17 @@ def main() -> int:
         client, server, server_ip = plain.client["netns"], plain.server["netns"], plain.server["ip"]
         stunnel = Stunnel(procs, workdir, client, server, server_ip)
         node = NodeH2Pair(procs, workdir, client, server, server_ip)
+        py_h2 = PyH2Pair(procs, workdir, client, server, server_ip)
         paths = {
             "stunnel": check_path(stunnel, client, server, server_ip),
             "node_h2": check_pooled(node, client, server, server_ip),
+            "py_h2": check_pooled(py_h2, client, server, server_ip),
         }
-        references: list[tuple[Variant, Sandbox]] = [(stunnel, plain), (node, plain)]
+        references: list[tuple[Variant, Sandbox]] = [
+            (stunnel, plain),
+            (node, plain),
+            (py_h2, plain),
+        ]
 
         def one_round() -> Figures:
             number = len(session.names)  # this round's sandbox with agents is a fresh one

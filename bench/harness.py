@@ -47,6 +47,8 @@ STUNNEL_CAPTURED = {
 }
 # The Node.js pair: one client port per app port, one http2 server port for them all.
 NODE_H2 = {IPERF_PORT: (27201, 37008), ECHO_PORT: (27900, 37008), HTTP_PORT: (27080, 37008)}
+# The bare Python HTTP/2 pair (`bench.py_h2_pair`), laid out as the Node one.
+PY_H2 = {IPERF_PORT: (23201, 33008), ECHO_PORT: (23900, 33008), HTTP_PORT: (23080, 33008)}
 Figures = dict[str, dict[str, float]]  # variant -> figure name -> value
 
 
@@ -558,3 +560,29 @@ class NodeH2Pair(RelayPair):
         """Both sides collect their garbage now, so RSS read next is what they hold."""
         for pid in self.pids:
             os.kill(pid, signal.SIGUSR2)
+
+
+class PyH2Pair(RelayPair):
+    """`bench.py_h2_pair`, the same shape as `NodeH2Pair` in bare Python (uvloop, asyncio's
+    TLS, fixed header blocks, no capture, policy or telemetry): the floor under a Python
+    HBONE tunnel's rate of new connections (issue 21)."""
+
+    name = "py_h2"
+    ports = PY_H2
+
+    def __init__(self, procs: Procs, workdir: Path, client_ns: str, server_ns: str, server_ip: str):
+        certs = self.certificates(workdir)
+        (remote,) = {remote for _, remote in self.ports.values()}
+        server = [certs["server_cert"], certs["server_key"], certs["ca"]]
+        client = [certs["client_cert"], certs["client_key"], certs["ca"]]
+        self.pids = [
+            procs.start(
+                in_ns(server_ns, *program("py_h2_pair", "server", *server, f"0.0.0.0:{remote}"))
+            ).pid
+        ]
+        wait_port(client_ns, server_ip, remote)
+        maps = [f"{local}=127.0.0.1:{app}" for app, (local, _) in self.ports.items()]
+        argv = program("py_h2_pair", "client", *client, f"{server_ip}:{remote}", *maps)
+        self.pids.append(procs.start(in_ns(client_ns, *argv)).pid)
+        for local, _ in self.ports.values():
+            wait_port(client_ns, "127.0.0.1", local)

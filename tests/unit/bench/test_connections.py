@@ -17,11 +17,14 @@ MED = {
     },
     "stunnel": {"conn_per_s": 400.0, "conn_per_s_8": 1000.0},
     "node_h2": {"conn_per_s": 2500.0, "conn_per_s_8": 2000.0},
+    "py_h2": {"conn_per_s": 3000.0, "conn_per_s_8": 4000.0},
     "mesh_ratios": {
         "conn_per_s_vs_stunnel": 5.0,
         "conn_per_s_vs_node_h2": 0.8,
+        "conn_per_s_vs_py_h2": 0.667,
         "conn_per_s_8_vs_stunnel": 3.0,
         "conn_per_s_8_vs_node_h2": 1.5,
+        "conn_per_s_8_vs_py_h2": 0.75,
     },
     "mesh_memory": {
         "idle_rss_mib": 38.0,
@@ -51,7 +54,9 @@ def test_goals_say_for_scale_what_node_makes_of_stunnel_and_what_the_imports_cos
     got = {g["figure"]: g.get("context", "") for g in connections.goals(MED)}
     assert got["new connections/s (sequential), mesh / stunnel"] == "node_h2 / stunnel 6.25"
     assert got["new connections/s (8 at once), mesh / stunnel"] == "node_h2 / stunnel 2.00"
-    assert got["new connections/s (sequential), mesh / node_h2"] == ""
+    # Against Node: where the bare Python pair stands, the floor under a Python tunnel.
+    assert got["new connections/s (sequential), mesh / node_h2"] == "py_h2 / node_h2 1.20"
+    assert got["new connections/s (8 at once), mesh / node_h2"] == "py_h2 / node_h2 2.00"
     assert got["agent RSS idle just after start (larger agent)"] == "its imports alone 30.5 MiB"
 
 
@@ -64,6 +69,10 @@ def test_rate_ratios_are_the_mesh_over_each_reference_that_ran() -> None:
     assert connections.rate_ratios(MED) == MED["mesh_ratios"]
     one = {"mesh": {"conn_per_s": 300.0}, "stunnel": {"conn_per_s": 0.0}, "node_h2": {}}
     assert connections.rate_ratios(one) == {}
+    without_floor = {k: v for k, v in MED.items() if k != "py_h2"}
+    assert "conn_per_s_vs_py_h2" not in connections.rate_ratios(without_floor)
+    # The floor is a ratio in the report, never a goal.
+    assert not any("py_h2" in g["figure"] for g in connections.goals(MED))
 
 
 def test_goals_leave_out_what_did_not_run() -> None:

@@ -10,21 +10,15 @@ import os
 import socket
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bench.harness import ROOT, program, workload_certs
+from tests.unit.bench.relaying import echo_through, free_port
 
 RelayPair = tuple[int, dict[str, str]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_relay(*args: str) -> subprocess.Popen[str]:
@@ -67,14 +61,7 @@ def relay_pair(tmp_path: Path, echo_port: int) -> Iterator[RelayPair]:
 def test_carries_bytes_exactly_both_ways(relay_pair: RelayPair) -> None:
     port, _ = relay_pair
     payload = os.urandom(3 * 1024 * 1024 + 7)
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        sender = threading.Thread(target=s.sendall, args=(payload,))
-        sender.start()  # send and read at once: the echo fills the windows otherwise
-        got = bytearray()
-        while len(got) < len(payload) and (data := s.recv(1 << 20)):
-            got += data
-        sender.join()
-    assert bytes(got) == payload
+    assert echo_through(port, payload) == payload
 
 
 def test_the_tls_side_refuses_a_client_without_a_certificate(relay_pair: RelayPair) -> None:
