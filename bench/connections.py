@@ -445,10 +445,11 @@ def main() -> int:
         rounds, med = interleaved(args.rounds, one_round)
         emit(
             {
-                "setup": f"client pod on node1, server pod on node2; stunnel and node_h2 in a "
-                f"sandbox without agents, mesh (iptables capture) in a fresh sandbox with agents "
-                f"each round; {args.rounds} interleaved rounds, {args.seconds}s connection-rate "
-                f"runs (1 and {CONCURRENT} clients), {args.hold} idle connections held, "
+                "setup": f"client pod on node1, server pod on node2; stunnel, node_h2 and py_h2 "
+                f"in a sandbox without agents, mesh (iptables capture) in a fresh sandbox with "
+                f"agents each round; {args.rounds} interleaved rounds, {args.seconds}s "
+                f"connection-rate runs (1 and {CONCURRENT} clients), {args.hold} idle connections "
+                f"held, "
                 f"a burst of {args.burst} in batches of {BATCH}",
                 "paths": paths,
                 "median": med,
