@@ -726,8 +726,9 @@ class WaypointHandles:
         )  # fmt: skip
 
     async def run(self) -> None:
-        await self.start()
         try:
+            # Inside: a start that fails halfway (a port in use) still stops what it started.
+            await self.start()
             await self._stop.wait()
         finally:
             await self.shutdown()

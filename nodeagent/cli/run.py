@@ -174,4 +174,6 @@ def run(args: argparse.Namespace) -> int:
             runner.run(serve(config, cleanup=args.cleanup))
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # a listener's port in use, an address not on this host
+        raise CliError(f"agent on node {config.node_name}: {exc.strerror or exc}") from None
     return 0

@@ -72,4 +72,6 @@ def run(args: argparse.Namespace) -> int:
             runner.run(serve(args))
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # a listener's port in use, an address not on this host
+        raise CliError(f"waypoint {args.namespace}/{args.name}: {exc.strerror or exc}") from None
     return 0

@@ -15,8 +15,10 @@ import socket
 from collections.abc import Awaitable
 from dataclasses import dataclass
 
+from nodeagent.datapath.netns import LISTEN_BACKLOG
 from nodeagent.hbone.server import AcceptedStream, HboneServer
 from nodeagent.model.identity import Identity
+from nodeagent.proxy.sockets import hostport
 from nodeagent.waypoint.exchange import HTTP1, ByteStream, Endpoint, LocalReply, UpstreamError
 from nodeagent.waypoint.http1 import Http1Upstreams, serve_http1
 from nodeagent.waypoint.http2 import Http2Upstreams, serve_http2
@@ -138,11 +140,17 @@ class WaypointListener:
         self._accepting: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Bind and listen (the backlog as deep as net.core.somaxconn allows, as the agent's
+        listeners); OSError names the address when that fails, with nothing left open."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"listen on {hostport(host, port)}: {exc.strerror}") from None
         sock.setblocking(False)
         self._sock = sock
         self._accepting = asyncio.create_task(self._accept(sock), name="waypoint-accept")

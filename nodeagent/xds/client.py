@@ -276,6 +276,12 @@ class XdsClient:
                     reason = "Error"
             except Exception as e:  # a bad address or root file: keep retrying, say why
                 self.stats.last_error = f"{type(e).__name__}: {e}"
+            # A stop() that lands while an attempt is failing can be swallowed on the way (a
+            # gRPC call ending as an error; asyncio.wait_for in 3.11 when its inner call
+            # finishes in the same turn). Honour it here, or stop() waits for ever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             had_stream = self.stats.connected
             if had_stream:
                 self.stats.disconnects += 1
@@ -358,7 +364,8 @@ class XdsClient:
 async def _final_status(call: Any, fallback: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
     """The error carrying the call's real final status, or `fallback` if there is none."""
     try:
-        code = await asyncio.wait_for(call.code(), 2)
+        async with asyncio.timeout(2):  # not wait_for: it can swallow a cancel in 3.11
+            code = await call.code()
         details = await call.details()
     except (TimeoutError, grpc.aio.AioRpcError):
         return fallback

@@ -4,6 +4,10 @@ standard formatter's."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +39,22 @@ def test_an_explicit_date_format_is_still_honoured() -> None:
     assert SecondCachedFormatter(LOG_FORMAT).formatTime(rec, "%Y") == logging.Formatter(
         LOG_FORMAT
     ).formatTime(rec, "%Y")
+
+
+def test_a_taken_metrics_port_is_one_line_naming_it() -> None:
+    """The agent refuses a port it cannot listen on: exit 1, the address named, no traceback."""
+    with socket.create_server(("127.0.0.1", 0)) as held, socket.socket() as spare:
+        busy = held.getsockname()[1]
+        spare.bind(("127.0.0.1", 0))
+        free = spare.getsockname()[1]
+        spare.close()
+        env = dict(os.environ, NODE_NAME="n1", METRICS_ADDRESS=f"127.0.0.1:{busy}")
+        env |= {"ADMIN_ADDRESS": f"127.0.0.1:{free}", "ADMIN_SOCKET": "", "READINESS_ADDRESS": ""}
+        argv = [sys.executable, "-m", "nodeagent.cli.main", "run"]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"nodeagent: agent on node n1: metrics server cannot listen on 127.0.0.1:{busy}: "
+    )

@@ -153,3 +153,36 @@ async def test_client_connects_over_tls_verified_by_root_file(tmp_path: Path) ->
         assert delays[1] > delays[0]  # failing connections back off
     finally:
         await server.stop(grace=None)
+
+
+async def test_stop_ends_the_client_when_an_attempt_swallowed_its_cancel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stop() that lands while a stream attempt is failing can reach the loop as an error,
+    # not a CancelledError (a gRPC call ending as CANCELLED; asyncio.wait_for in 3.11 when
+    # its inner call finishes in the same turn). The waypoint then hung in shutdown for ever.
+    client = XdsClient(Config(xds_address="http://127.0.0.1:1"), RecordingSink())
+    attempting = asyncio.Event()
+    attempts = 0
+    sleeps: list[float] = []
+
+    async def attempt_that_swallows() -> None:
+        nonlocal attempts
+        attempts += 1
+        attempting.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if attempts > 1:
+                raise  # only the first is lost, so a failing run still ends
+            raise RuntimeError("the call ended: cancelled") from None
+
+    async def sleep(delay: float) -> None:  # back off at once: a lost stop would retry
+        sleeps.append(delay)
+
+    monkeypatch.setattr(client, "_run_stream", attempt_that_swallows)
+    monkeypatch.setattr(client, "_sleep", sleep)
+    client.start()
+    await asyncio.wait_for(attempting.wait(), 5)
+    await asyncio.wait_for(client.stop(), 5)
+    assert attempts == 1 and sleeps == []  # it ended, without a backoff or another attempt
