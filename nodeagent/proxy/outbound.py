@@ -67,6 +67,7 @@ from nodeagent.model.constants import (
     UPSTREAM_RETRY_LIMIT,
 )
 from nodeagent.model.identity import Identity, IdentityError
+from nodeagent.model.response_flags import join_flags
 from nodeagent.model.workload import (
     GatewayAddress,
     LoadBalancingMode,
@@ -481,7 +482,7 @@ class OutboundHandler:
                     assert following.pick is not None and plan is not None
                     if not self.routing.admit(plan, following.pick.target):
                         self._count("overflow")
-                        live.response_flags = _join_flags(flags, OVERFLOW)
+                        live.response_flags = join_flags(flags, OVERFLOW)
                         live.closed_reason = f"{following.pick.target.label} is at maxConnections"
                         reset_socket(sock)
                         return
@@ -667,9 +668,9 @@ class OutboundHandler:
         """No attempt opened an upstream: URX after retries (Envoy), else UF for plain TCP and
         ztunnel's CONNECT (from the close reason) for a tunnel."""
         if failures > 1:
-            live.response_flags = _join_flags(live.response_flags, UPSTREAM_RETRY_LIMIT)
+            live.response_flags = join_flags(live.response_flags, UPSTREAM_RETRY_LIMIT)
         elif route.kind is not RouteKind.HBONE:
-            live.response_flags = _join_flags(live.response_flags, UPSTREAM_CONNECT_FAILURE)
+            live.response_flags = join_flags(live.response_flags, UPSTREAM_CONNECT_FAILURE)
         if route.kind is RouteKind.HBONE:
             live.closed_reason = f"{TUNNEL_OPEN_FAILED}: {why}"
             sock.close()  # as ztunnel: the app sees a normal close
@@ -766,10 +767,6 @@ class OutboundHandler:
 
 class ConnectFailed(Exception):
     """One connect attempt failed; the message names the destination and the cause."""
-
-
-def _join_flags(first: str, second: str) -> str:
-    return f"{first},{second}" if first else second
 
 
 async def close_when_idle(

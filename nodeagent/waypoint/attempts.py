@@ -1,9 +1,9 @@
 """The tries of one forwarded request, shared by both codecs: retries, per-try timeouts, faults.
 
-A codec hands `run_tries` a `try_once(endpoint)` of its own (open or reuse a stream,
-send the head and the kept body, wait for the response head) and gets back either the
-`Attempt` whose response goes to the client, or the `LocalReply` to answer instead. In
-between, as Envoy's router does:
+A codec hands `run_tries` a `try_once(endpoint, connected)` of its own (open or reuse a
+stream and say `connected()`, send the head and the kept body, wait for the response head)
+and gets back either the `Attempt` whose response goes to the client, or the `LocalReply`
+to answer instead. In between, as Envoy's router does:
 
 * each try goes to the endpoint `Dispatcher.pick` gives (the plan remembers the ones
   tried, so a retry goes elsewhere when it can, and on to the route's next subset);
@@ -11,11 +11,19 @@ between, as Envoy's router does:
   (`RetryPolicy.per_try_timeout`: 504 UT) or answers a status the policy retries is
   fed to `RetryState`; on RETRY the try is dropped and, after the jittered backoff,
   the next one starts; when the retries are used up the last outcome goes to the
-  client, flagged URX;
+  client, flagged URX, and when the cluster's maxRetries refuses one, flagged UO;
 * every try's outcome reaches `Dispatcher.attempt_done` (outlier detection, slots).
 
-The route's whole-request timeout and injected faults are the codec's (they frame
-this loop); `delay_and_abort` is the fault part, the same for both.
+Timeouts start as Envoy's router starts them, at the end of the downstream request (a
+codec makes one `RequestClock` per request and says `request_ended()` when the client's
+end of stream has been read; an upgrade's request never ends): the route's
+(RouteAction.timeout) runs from there to the end of the response, and the codec frames
+this loop with it (`clock.after_request(timeout)`); a try's (per_try_timeout) from there,
+or from its upstream connection if that is later (Envoy's onPoolReady), to its response
+head. Envoy ignores a per-try timeout once the response has started downstream
+(upstream_request.cc, onPerTryTimeout), and here the head goes downstream as it comes.
+Injected faults are the codec's too; `delay_and_abort` is the fault part, the same for
+both.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
 
+from nodeagent.model.constants import OVERFLOW
 from nodeagent.traffic.resilience import RetryState, TryFailure, Verdict
 from nodeagent.waypoint.exchange import Dispatcher, Endpoint, Forward, LocalReply, RequestTally
 
@@ -36,6 +46,7 @@ __all__ = [
     "Attempt",
     "AttemptFailed",
     "MirrorTasks",
+    "RequestClock",
     "delay_and_abort",
     "run_tries",
 ]
@@ -69,6 +80,80 @@ class Attempt(Protocol):
         ...
 
 
+class RequestClock:
+    """When the downstream request ended, and the timeouts that start then."""
+
+    __slots__ = ("_waiting", "ended")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self._waiting: set[_AfterRequest] = set()
+
+    def request_ended(self) -> None:
+        """The client's end of stream was read: start every timeout waiting for it."""
+        if self.ended:
+            return
+        self.ended = True
+        now = asyncio.get_running_loop().time()
+        for timeout in list(self._waiting):
+            timeout.poke(now)
+
+    def after_request(self, seconds: float | None, *, connecting: bool = False) -> _AfterRequest:
+        """A timeout context of `seconds` (None: none) from the request's end, or from
+        `connected()` when `connecting` and that is later (Envoy starts a try's at
+        onPoolReady, or at the request's end)."""
+        return _AfterRequest(self, seconds, connecting)
+
+
+class _AfterRequest:
+    """One timeout on a RequestClock: an asyncio.Timeout armed once its conditions hold."""
+
+    __slots__ = ("_active", "_clock", "_connecting", "_timeout", "seconds")
+
+    def __init__(self, clock: RequestClock, seconds: float | None, connecting: bool) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self._connecting = connecting
+        self._active = False
+        self._timeout = asyncio.timeout(None)
+
+    def when(self) -> float | None:
+        """Loop time it fires at; None while not started (or without one)."""
+        return self._timeout.when()
+
+    def connected(self) -> None:
+        """The try has its upstream connection (or stream)."""
+        self._connecting = False
+        if self._active:
+            self.poke(asyncio.get_running_loop().time())
+
+    def poke(self, now: float) -> None:
+        """Start it if it is due to start."""
+        if self.seconds is None or self._connecting or not self._clock.ended:
+            return
+        if self._timeout.when() is None:
+            self._timeout.reschedule(now + self.seconds)
+        self._clock._waiting.discard(self)
+
+    async def __aenter__(self) -> _AfterRequest:
+        await self._timeout.__aenter__()
+        self._active = True
+        if self.seconds is not None:
+            self._clock._waiting.add(self)
+            self.poke(asyncio.get_running_loop().time())
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._active = False
+        self._clock._waiting.discard(self)
+        await self._timeout.__aexit__(kind, error, trace)
+
+
 class AttemptFailed(Exception):
     """A try that got no response head: why (for the retry policy) and the reply it gives."""
 
@@ -89,15 +174,19 @@ async def delay_and_abort(forward: Forward, tally: RequestTally) -> LocalReply |
     return None
 
 
+A = TypeVar("A", bound=Attempt)
+
+
 async def run_tries(
     dispatcher: Dispatcher,
     forward: Forward,
     tally: RequestTally,
-    try_once: Callable[[Endpoint], Awaitable[Attempt]],
+    clock: RequestClock,
+    try_once: Callable[[Endpoint, Callable[[], None]], Awaitable[A]],
     *,
     replayable: bool,
     draw: Callable[[], float] = random.random,
-) -> Attempt | LocalReply:
+) -> A | LocalReply:
     """Try endpoints until one answers for good or the retry policy gives up."""
     state = RetryState(forward.retry, replayable)
     per_try = forward.retry.per_try_timeout if forward.retry is not None else None
@@ -108,12 +197,10 @@ async def run_tries(
             return picked
         tally.endpoint = picked
         tally.attempts += 1
+        timer = clock.after_request(per_try, connecting=True)
         try:
-            if per_try is not None:
-                async with asyncio.timeout(per_try):
-                    attempt = await try_once(picked)
-            else:
-                attempt = await try_once(picked)
+            async with timer:
+                attempt = await try_once(picked, timer.connected)
         except AttemptFailed as failed:
             dispatcher.attempt_done(picked, 0, local_origin=True)
             verdict = state.result(failure=failed.failure)
@@ -126,15 +213,20 @@ async def run_tries(
             reply = PER_TRY_TIMEOUT
         else:
             verdict = state.result(status=attempt.status, grpc_status=attempt.grpc_status)
-            if verdict is Verdict.RETRY and not _budget(forward):
-                return attempt  # Envoy: over maxRetries the response goes on, not retried
-            if verdict is not Verdict.RETRY:
-                tally.flag(state.flags)
-                return attempt  # its outcome is recorded when its response has ended
-            attempt.discard()
-            dispatcher.attempt_done(picked, attempt.status, local_origin=False)
-        if verdict is not Verdict.RETRY or not _budget(forward):
+            if verdict is Verdict.RETRY and _budget(forward):
+                attempt.discard()
+                dispatcher.attempt_done(picked, attempt.status, local_origin=False)
+                await asyncio.sleep(state.backoff(draw()))
+                continue
+            # Envoy (router.cc, RetryStatus::NoOverflow): over maxRetries the response goes
+            # on, not retried, flagged UO.
+            tally.flag(OVERFLOW if verdict is Verdict.RETRY else state.flags)
+            return attempt  # its outcome is recorded when its response has ended
+        if verdict is not Verdict.RETRY:
             tally.flag(state.flags)
+            return reply
+        if not _budget(forward):
+            tally.flag(OVERFLOW)
             return reply
         await asyncio.sleep(state.backoff(draw()))
 

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from nodeagent.model.response_flags import join_flags
 from nodeagent.model.routing import HeaderOps
 from nodeagent.traffic.resilience import RetryPolicy
 
 __all__ = [
     "HTTP1",
     "HTTP2",
+    "UPSTREAM_IDLE_TIMEOUT",
     "ByteStream",
     "Dispatcher",
     "Endpoint",
@@ -36,11 +38,14 @@ __all__ = [
     "RequestRecord",
     "RequestTally",
     "UpstreamError",
-    "join_flags",
 ]
 
 HTTP1 = "HTTP/1.1"
 HTTP2 = "HTTP/2"
+
+# An upstream connection with no request in flight closes after this without a
+# DestinationRule idleTimeout (Envoy's default for the cluster's idle_timeout: 1 h).
+UPSTREAM_IDLE_TIMEOUT = 3600.0
 
 
 class ByteStream(Protocol):
@@ -187,15 +192,6 @@ class RequestTally:
             self.attempts,
             self.note,
         )
-
-
-def join_flags(flags: str, more: str) -> str:
-    """Both sets of response flags, each once, in a stable (sorted) order."""
-    if not more:
-        return flags
-    if not flags:
-        return more
-    return ",".join(sorted(set(flags.split(",")) | set(more.split(","))))
 
 
 class Dispatcher(Protocol):

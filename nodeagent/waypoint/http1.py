@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from http import HTTPStatus
 
 import h11
@@ -32,11 +32,13 @@ from nodeagent.waypoint.attempts import (
     REQUEST_TIMEOUT,
     AttemptFailed,
     MirrorTasks,
+    RequestClock,
     delay_and_abort,
     run_tries,
 )
 from nodeagent.waypoint.exchange import (
     HTTP1,
+    UPSTREAM_IDLE_TIMEOUT,
     ByteStream,
     Dispatcher,
     Endpoint,
@@ -215,8 +217,11 @@ class Http1Upstreams:
     that closes is dropped (when its response says so, or found closed when next taken, in
     which case a bodyless request is sent again on a new connection)."""
 
-    def __init__(self, max_idle_per_key: int = 32) -> None:
+    def __init__(
+        self, max_idle_per_key: int = 32, *, idle_timeout: float = UPSTREAM_IDLE_TIMEOUT
+    ) -> None:
         self.max_idle_per_key = max_idle_per_key
+        self.idle_timeout = idle_timeout  # without the endpoint's own (idleTimeout)
         self._idle: dict[Hashable, list[_Peer]] = {}
         self.mirrors = MirrorTasks()
 
@@ -256,11 +261,9 @@ class Http1Upstreams:
             peer.discard()
             return
         peers.append(peer)
-        if endpoint.idle_timeout is not None:
-            # connectionPool.http.idleTimeout: an idle connection closes after it.
-            peer.idle_timer = asyncio.get_running_loop().call_later(
-                endpoint.idle_timeout, self._expire, key, peer
-            )
+        # connectionPool.http.idleTimeout, else Envoy's 1 h: an idle connection closes after it.
+        idle = endpoint.idle_timeout if endpoint.idle_timeout is not None else self.idle_timeout
+        peer.idle_timer = asyncio.get_running_loop().call_later(idle, self._expire, key, peer)
 
     def _expire(self, key: Hashable, peer: _Peer) -> None:
         peers = self._idle.get(key)
@@ -353,6 +356,8 @@ class _Session:
         self.upstreams = upstreams
         self.pump_error: BaseException | None = None
         self.pump: asyncio.Task[None] | None = None  # the request body's, while it streams
+        self.clock = RequestClock()  # the current request's
+        self.upgrading = False  # the current request asks for an upgrade
         self.ended = False  # downstream finished by us (write_eof or abort)
 
     async def run(self, first: bytes) -> None:
@@ -462,10 +467,9 @@ class _Session:
             if fault is not None:
                 await self._reply(fault, tally)
                 return await self._skip_body(tally)
-            if decision.timeout is None:
-                return await self._forward(request, decision, upgrade, chunked, tally)
+            self.clock = clock = RequestClock()
             try:
-                async with asyncio.timeout(decision.timeout):
+                async with clock.after_request(decision.timeout):
                     return await self._forward(request, decision, upgrade, chunked, tally)
             except TimeoutError:
                 return await self._timed_out(tally)
@@ -494,8 +498,14 @@ class _Session:
         finally:
             dispatcher.record(tally.record(head, time.monotonic() - start))
 
+    def _request_ended(self) -> None:
+        """The client's end of stream was read: its timeouts start. Not for an upgrade: Envoy
+        takes an upgrade's request as not ended (no end of stream on its head)."""
+        if not self.upgrading:
+            self.clock.request_ended()
+
     async def _timed_out(self, tally: RequestTally) -> bool:
-        """The route's timeout fired: Envoy's 504 if no response began, else a reset."""
+        """A timeout fired: Envoy's 504 if no response began, else a reset."""
         tally.flag("UT")
         if self.down.conn.our_state is h11.SEND_RESPONSE:
             await self._reply(REQUEST_TIMEOUT, tally)
@@ -532,6 +542,9 @@ class _Session:
             if not complete:
                 tally.note = f"no retry or mirror: request body over {BODY_BUFFER_LIMIT} bytes"
         replayable = complete and not upgrade
+        self.upgrading = upgrade
+        if complete:
+            self._request_ended()
         head = forward.head
         headers = [(b"host", head.authority.encode("latin-1"))] if head.authority else []
         headers.extend(
@@ -546,12 +559,14 @@ class _Session:
         up_request = h11.Request(method=method, target=target, headers=headers)
         streaming = None if complete else first
 
-        async def try_once(endpoint: Endpoint) -> _Http1Attempt:
-            return await self._try(endpoint, up_request, kept, streaming, tally)
+        async def try_once(endpoint: Endpoint, connected: Callable[[], None]) -> _Http1Attempt:
+            return await self._try(endpoint, up_request, kept, streaming, tally, connected)
 
         if replayable and forward.mirror:
             self._mirror(forward, method, target, headers, kept)
-        outcome = await run_tries(self.dispatcher, forward, tally, try_once, replayable=replayable)
+        outcome = await run_tries(
+            self.dispatcher, forward, tally, self.clock, try_once, replayable=replayable
+        )
         if isinstance(outcome, LocalReply):
             await self._reply(outcome, tally)
             if self.pump is not None and not self.pump.done():
@@ -603,6 +618,7 @@ class _Session:
         kept: list[h11.Data],
         streaming: object,
         tally: RequestTally,
+        connected: Callable[[], None],
     ) -> _Http1Attempt:
         """One try: a connection, the request and the kept body (then the rest of a streamed
         one), up to the response head; raises AttemptFailed."""
@@ -612,6 +628,7 @@ class _Session:
                 up, reused = await self._open(endpoint)
             except UpstreamError as error:
                 raise AttemptFailed(TryFailure.CONNECT_FAILURE, error.reply) from None
+            connected()
             try:
                 up.send(up_request)
                 for piece in kept:
@@ -641,7 +658,9 @@ class _Session:
                 except h11.RemoteProtocolError:
                     up.discard()
                     raise
-                if not complete:
+                if complete:
+                    self._request_ended()
+                else:
                     self.pump = asyncio.create_task(self._pump(up, tally))
             attempt = await self._await_head(up, event, tally)
             attempt.endpoint = endpoint
@@ -713,6 +732,7 @@ class _Session:
         """Stream the rest of the request body upstream, with backpressure."""
         try:
             await _copy_body(self.down, up, tally, request=True)
+            self._request_ended()
         except (ConnectionError, h11.RemoteProtocolError) as error:
             # The client failed mid-body: the upstream must not take a truncated request as
             # complete, so reset it; _respond sees the reason.
@@ -834,14 +854,26 @@ class _Session:
         self.ended = up.closed = True  # the relay ends both streams itself
         upward = asyncio.create_task(_relay(down.stream, down_rest, up.stream))
         try:
-            tally.response_bytes = await _relay(up.stream, up_rest, down.stream)
-        except ConnectionError:
-            tally.flag("UC")
+            try:
+                tally.response_bytes = await _relay(up.stream, up_rest, down.stream)
+            except ConnectionError:
+                tally.flag("UC")
+                upward.cancel()
+            try:
+                tally.request_bytes = await upward
+            except ConnectionError:
+                tally.flags = tally.flags or "DC"
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise  # this task's own (a shutdown), not the upward relay's
+                tally.flags = tally.flags or "DC"
+        except BaseException:
+            # Cancelled (a shutdown): the relays own both streams (nothing else ends them).
             upward.cancel()
-        try:
-            tally.request_bytes = await upward
-        except (ConnectionError, asyncio.CancelledError):
-            tally.flags = tally.flags or "DC"
+            for stream in (up.stream, down.stream):
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    stream.abort()
+            raise
         return False
 
 
@@ -870,6 +902,11 @@ async def _copy_body(source: _Peer, sink: _Peer, tally: RequestTally, *, request
             return
         else:
             raise h11.RemoteProtocolError("the message ended inside its body")
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _relay(source: ByteStream, rest: bytes, sink: ByteStream) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Hashable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Sequence
 from typing import Any
 
 import h2.config
@@ -37,11 +37,13 @@ from nodeagent.waypoint.attempts import (
     REQUEST_TIMEOUT,
     AttemptFailed,
     MirrorTasks,
+    RequestClock,
     delay_and_abort,
     run_tries,
 )
 from nodeagent.waypoint.exchange import (
     HTTP2,
+    UPSTREAM_IDLE_TIMEOUT,
     ByteStream,
     Dispatcher,
     Endpoint,
@@ -71,7 +73,6 @@ UPSTREAM_CONNECTION_WINDOW = 2**31 - 1
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST_SIZE = 1 << 16
 MAX_STREAM_ID = 2**31 - 1
-IDLE_TIMEOUT = 3600.0  # an upstream connection without streams closes then (Envoy's default)
 
 # Connection-specific fields HTTP/2 forbids (RFC 9113 8.2.2); `host` is carried by
 # :authority (and h2 refuses a host that disagrees with a rewritten authority).
@@ -425,7 +426,7 @@ class Http2Upstreams:
     GOAWAY or runs out of stream ids. `aclose` when the waypoint stops."""
 
     def __init__(
-        self, *, max_stream_id: int = MAX_STREAM_ID, idle_timeout: float = IDLE_TIMEOUT
+        self, *, max_stream_id: int = MAX_STREAM_ID, idle_timeout: float = UPSTREAM_IDLE_TIMEOUT
     ) -> None:
         self._max_stream_id = max_stream_id
         self._idle_timeout = idle_timeout
@@ -516,6 +517,7 @@ class _Exchange(RequestTally):
 
     __slots__ = (
         "client_reset",
+        "clock",
         "events",
         "has_body",
         "head",
@@ -538,6 +540,9 @@ class _Exchange(RequestTally):
         self.task: asyncio.Task[None] | None = None
         self.has_body = not request_ended  # fixed at the head; request_ended follows events
         self.request_ended = request_ended
+        self.clock = RequestClock()
+        if request_ended:
+            self.clock.request_ended()
         self.response_ended = False
         self.client_reset = False
         self.leftover: _Item = None  # a body event taken but not kept (past the buffer limit)
@@ -613,6 +618,7 @@ class _Session:
                 return
             if isinstance(event, h2.events.StreamEnded):
                 exchange.request_ended = True
+                exchange.clock.request_ended()
             exchange.events.put_nowait(event)
         elif isinstance(event, h2.events.StreamReset):
             exchange = self.exchanges.get(event.stream_id or 0)
@@ -633,11 +639,8 @@ class _Session:
             if fault is not None:
                 await self._reply(ex, fault)
                 return
-            if decision.timeout is None:
-                await self._forward(ex, decision)
-                return
             try:
-                async with asyncio.timeout(decision.timeout):
+                async with ex.clock.after_request(decision.timeout):
                     await self._forward(ex, decision)
             except TimeoutError:
                 ex.flag("UT")
@@ -668,13 +671,16 @@ class _Session:
                 ex.note = f"no retry or mirror: request body over {BODY_BUFFER_LIMIT} bytes"
         headers = _request_headers(decision.head)
 
-        async def try_once(endpoint: Endpoint) -> _Http2Attempt:
-            return await self._try(ex, endpoint, headers, kept, complete)
+        async def try_once(endpoint: Endpoint, connected: Callable[[], None]) -> _Http2Attempt:
+            return await self._try(ex, endpoint, headers, kept, complete, connected)
 
         if complete and decision.mirror:
             for endpoint, head in self.dispatcher.mirrors(decision):
                 self.upstreams.mirrors.spawn(self._shadow(endpoint, _request_headers(head), kept))
-        outcome = await run_tries(self.dispatcher, decision, ex, try_once, replayable=complete)
+
+        outcome = await run_tries(
+            self.dispatcher, decision, ex, ex.clock, try_once, replayable=complete
+        )
         if isinstance(outcome, LocalReply):
             await self._reply(ex, outcome)
             return
@@ -709,6 +715,7 @@ class _Session:
         headers: list[tuple[bytes, bytes]],
         kept: list[h2.events.Event],
         complete: bool,
+        connected: Callable[[], None],
     ) -> _Http2Attempt:
         """One try: a stream, the request and the kept body (then the rest of a streamed one),
         up to the response head; raises AttemptFailed."""
@@ -723,6 +730,7 @@ class _Session:
             raise AttemptFailed(
                 TryFailure.CONNECT_FAILURE, _reset_reply("UF", "connection failure")
             ) from None
+        connected()
         try:
             if kept:
                 await _send_kept(upstream, kept)

@@ -250,8 +250,8 @@ def test_a_try_that_outlives_its_per_try_timeout_is_retried_then_504_ut(mesh: Me
     (answer,) = send(mesh, 1)
     assert answer["status"] == 504 and answer["body"] == "upstream request timeout"
     assert 0.9 <= answer["seconds"] < 1.9, answer  # 3 tries of 0.3 s plus backoff
-    wait_until("the access log line", lambda: "504 URX,UT" in mesh.waypoint_log())
-    line = next(ln for ln in mesh.waypoint_log().splitlines() if "504 URX,UT" in ln)
+    wait_until("the access log line", lambda: "504 UT,URX" in mesh.waypoint_log())
+    line = next(ln for ln in mesh.waypoint_log().splitlines() if "504 UT,URX" in ln)
     assert "attempts=3" in line
 
 

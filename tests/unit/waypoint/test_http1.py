@@ -19,6 +19,7 @@ import pytest
 
 from nodeagent.hbone.aio import HboneConnection, TunnelStream
 from nodeagent.model.routing import HeaderOps
+from nodeagent.traffic.resilience import RetryPolicy
 from nodeagent.waypoint.exchange import Endpoint, Forward, LocalReply, RequestHead, UpstreamError
 from nodeagent.waypoint.http1 import Http1Upstreams, serve_http1
 from nodeagent.waypoint.streams import SocketByteStream, TunnelByteStream
@@ -295,32 +296,40 @@ async def test_malformed_burst_does_not_touch_good_connections() -> None:
     assert all(isinstance(r, bytes) and r.endswith(BAD_REQUEST) for r in results[4:])
 
 
-async def test_upgrade_is_relayed_as_opaque_bytes() -> None:
-    async def websocket_echo(stream: SocketByteStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await stream.read()
-        head, rest = data.split(b"\r\n\r\n", 1)
-        assert b"\r\nupgrade: websocket" in head.lower()
-        assert b"\r\nconnection: upgrade" in head.lower()
-        stream.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nx-up: 1\r\n\r\n" + b"hello:" + rest
-        )
-        while chunk := await stream.read():
-            stream.write(chunk.upper())
-            await stream.drain()
-        stream.write_eof()
+async def websocket_echo(stream: SocketByteStream) -> None:
+    """An upstream that accepts a WebSocket upgrade, then echoes upper-cased."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.read()
+    head, rest = data.split(b"\r\n\r\n", 1)
+    assert b"\r\nupgrade: websocket" in head.lower()
+    assert b"\r\nconnection: upgrade" in head.lower()
+    stream.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nx-up: 1\r\n\r\n" + b"hello:" + rest
+    )
+    while chunk := await stream.read():
+        stream.write(chunk.upper())
+        await stream.drain()
+    stream.write_eof()
 
+
+async def open_websocket(
+    address: tuple[str, int], early: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A client's upgrade request (with `early` bytes after its head): the 101's head."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + early
+    )
+    return reader, writer, await reader.readuntil(b"\r\n\r\n")
+
+
+async def test_upgrade_is_relayed_as_opaque_bytes() -> None:
     async with listener(websocket_echo) as addr:
         dispatcher = FakeDispatcher([endpoint(addr)])
         async with codec_server(dispatcher) as address:
-            reader, writer = await asyncio.open_connection(*address)
-            writer.write(
-                b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\n\r\nearly"
-            )
-            head = await reader.readuntil(b"\r\n\r\n")
+            reader, writer, head = await open_websocket(address, b"early")
             assert head.startswith(b"HTTP/1.1 101 ")
             assert b"upgrade: websocket" in head.lower()
             # "early" came with the request head: relayed after the 101, echoed upper-cased
@@ -333,6 +342,49 @@ async def test_upgrade_is_relayed_as_opaque_bytes() -> None:
             writer.close()
     assert dispatcher.routed[0].header("upgrade") == "websocket"
     assert dispatcher.records[0].status == 101
+
+
+async def test_an_upgrade_outlives_the_route_and_per_try_timeouts() -> None:
+    """Envoy takes an upgrade's request as never ended, so neither timeout starts."""
+    policy = RetryPolicy(1, 0.2, frozenset({"5xx"}), frozenset())
+
+    def route(head: RequestHead) -> Forward:
+        return Forward(head, timeout=0.2, retry=policy)
+
+    async with listener(websocket_echo) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)], route)
+        async with codec_server(dispatcher) as address:
+            reader, writer, head = await open_websocket(address)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert await reader.readexactly(6) == b"hello:"
+            await asyncio.sleep(0.5)  # past both timeouts
+            writer.write(b"still")
+            assert await reader.readexactly(5) == b"STILL"
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+    assert (dispatcher.records[0].status, dispatcher.records[0].flags) == (101, "")
+
+
+async def test_a_shutdown_ends_an_upgraded_connection_both_ways() -> None:
+    """Cancelled mid-relay (the waypoint stopping), the upstream's connection ends too."""
+    upstream_done = asyncio.Event()
+
+    async def echo_then_note(stream: SocketByteStream) -> None:
+        try:
+            await websocket_echo(stream)
+        finally:
+            upstream_done.set()
+
+    async with listener(echo_then_note) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            reader, writer, _ = await open_websocket(address)
+            assert await reader.readexactly(6) == b"hello:"
+        # The codec server stopped (its sessions cancelled) with the WebSocket open.
+        async with asyncio.timeout(3):
+            await upstream_done.wait()
+        writer.close()
 
 
 async def test_response_header_operations_and_rewrite() -> None:
@@ -401,6 +453,22 @@ async def test_upstreams_cap_idle_connections() -> None:
             assert pool.idle("k") == 2
     assert len(conns) == 5  # all at once: none idle to share
     assert pool.idle("k") == 0  # closed with the server
+
+
+async def test_a_kept_connection_without_idle_timeout_closes_after_the_default() -> None:
+    pool = Http1Upstreams(idle_timeout=0.2)  # stands in for Envoy's 1 h
+    assert Http1Upstreams().idle_timeout == 3600.0
+    async with echo_upstream() as (addr, conns):
+        dispatcher = FakeDispatcher([Endpoint(key="k", address=f"{addr[0]}:{addr[1]}")])
+        async with codec_server(dispatcher, pool) as address:
+            client = await Client.connect(address)
+            await client.request("GET", "/")
+            assert pool.idle("k") == 1
+            await asyncio.sleep(0.4)
+            assert pool.idle("k") == 0
+            await client.request("GET", "/")
+            await client.close()
+    assert len(conns) == 2  # the expired one was not reused
 
 
 async def test_idle_timeout_closes_a_kept_connection_and_max_requests_retires_it() -> None:
