@@ -98,11 +98,36 @@ class RequestClock:
         for timeout in list(self._waiting):
             timeout.poke(now)
 
-    def after_request(self, seconds: float | None, *, connecting: bool = False) -> _AfterRequest:
+    def after_request(
+        self, seconds: float | None, *, connecting: bool = False
+    ) -> _AfterRequest | _NoTimeout:
         """A timeout context of `seconds` (None: none) from the request's end, or from
         `connected()` when `connecting` and that is later (Envoy starts a try's at
         onPoolReady, or at the request's end)."""
+        if seconds is None:
+            return _NO_TIMEOUT  # the common case (Istio sets none): no object per request
         return _AfterRequest(self, seconds, connecting)
+
+
+class _NoTimeout:
+    """`after_request(None)`: a context that never fires, shared by every request."""
+
+    __slots__ = ()
+
+    def when(self) -> float | None:
+        return None
+
+    def connected(self) -> None:
+        pass
+
+    async def __aenter__(self) -> _NoTimeout:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_TIMEOUT = _NoTimeout()
 
 
 class _AfterRequest:
@@ -110,7 +135,7 @@ class _AfterRequest:
 
     __slots__ = ("_active", "_clock", "_connecting", "_timeout", "seconds")
 
-    def __init__(self, clock: RequestClock, seconds: float | None, connecting: bool) -> None:
+    def __init__(self, clock: RequestClock, seconds: float, connecting: bool) -> None:
         self._clock = clock
         self.seconds = seconds
         self._connecting = connecting
@@ -129,7 +154,7 @@ class _AfterRequest:
 
     def poke(self, now: float) -> None:
         """Start it if it is due to start."""
-        if self.seconds is None or self._connecting or not self._clock.ended:
+        if self._connecting or not self._clock.ended:
             return
         if self._timeout.when() is None:
             self._timeout.reschedule(now + self.seconds)
@@ -138,9 +163,8 @@ class _AfterRequest:
     async def __aenter__(self) -> _AfterRequest:
         await self._timeout.__aenter__()
         self._active = True
-        if self.seconds is not None:
-            self._clock._waiting.add(self)
-            self.poke(asyncio.get_running_loop().time())
+        self._clock._waiting.add(self)
+        self.poke(asyncio.get_running_loop().time())
         return self
 
     async def __aexit__(
