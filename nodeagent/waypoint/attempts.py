@@ -94,9 +94,10 @@ class RequestClock:
         if self.ended:
             return
         self.ended = True
-        now = asyncio.get_running_loop().time()
-        for timeout in list(self._waiting):
-            timeout.poke(now)
+        if self._waiting:  # (get_running_loop costs a getpid on Python 3.11: only when needed)
+            now = asyncio.get_running_loop().time()
+            for timeout in list(self._waiting):
+                timeout.poke(now)
 
     def after_request(
         self, seconds: float | None, *, connecting: bool = False

@@ -148,13 +148,13 @@ class _Peer:
     What is sent is held until the next flush, so a head and the body pieces already at
     hand leave in one write (one tunnel frame) instead of one each; reading flushes first."""
 
-    __slots__ = ("closed", "conn", "eof", "idle_timer", "out", "out_size", "served", "stream")
+    __slots__ = ("closed", "conn", "eof", "idle_deadline", "out", "out_size", "served", "stream")
 
     def __init__(self, stream: ByteStream, conn: h11.Connection) -> None:
         self.stream = stream
         self.conn = conn
         self.served = 0  # requests answered on this connection (maxRequestsPerConnection)
-        self.idle_timer: asyncio.TimerHandle | None = None  # while kept idle
+        self.idle_deadline = 0.0  # while kept idle: when it closes (time.monotonic())
         self.eof = False
         self.closed = False
         self.out: list[bytes] = []
@@ -224,6 +224,10 @@ class Http1Upstreams:
         self.idle_timeout = idle_timeout  # without the endpoint's own (idleTimeout)
         self._idle: dict[Hashable, list[_Peer]] = {}
         self.mirrors = MirrorTasks()
+        # One timer for every idle connection, at the earliest deadline: a timer per
+        # connection given back would cost a timer (and a loop lookup) per request.
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
 
     def idle(self, key: Hashable) -> int:
         """How many idle connections are kept for `key`."""
@@ -232,6 +236,9 @@ class Http1Upstreams:
     def close(self) -> None:
         """Close every idle connection and stop the mirror copies in flight."""
         self.mirrors.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         idle, self._idle = self._idle, {}
         for peers in idle.values():
             for peer in peers:
@@ -244,9 +251,6 @@ class Http1Upstreams:
         peer = peers.pop()  # the most recently used: the likeliest to be alive
         if not peers:
             del self._idle[key]
-        if peer.idle_timer is not None:
-            peer.idle_timer.cancel()
-            peer.idle_timer = None
         return peer
 
     def _give(self, endpoint: Endpoint, peer: _Peer) -> None:
@@ -263,15 +267,36 @@ class Http1Upstreams:
         peers.append(peer)
         # connectionPool.http.idleTimeout, else Envoy's 1 h: an idle connection closes after it.
         idle = endpoint.idle_timeout if endpoint.idle_timeout is not None else self.idle_timeout
-        peer.idle_timer = asyncio.get_running_loop().call_later(idle, self._expire, key, peer)
+        peer.idle_deadline = deadline = time.monotonic() + idle
+        if self._sweep is None or deadline < self._sweep_at:
+            self._arm_sweep(deadline)
 
-    def _expire(self, key: Hashable, peer: _Peer) -> None:
-        peers = self._idle.get(key)
-        if peers is not None and peer in peers:
-            peers.remove(peer)
-            if not peers:
+    def _arm_sweep(self, deadline: float) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = deadline
+        delay = max(0.0, deadline - time.monotonic())
+        self._sweep = asyncio.get_running_loop().call_later(delay, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._sweep = None
+        now = time.monotonic()
+        earliest: float | None = None
+        for key, peers in list(self._idle.items()):
+            kept = []
+            for peer in peers:
+                if peer.idle_deadline <= now:
+                    peer.discard()
+                else:
+                    kept.append(peer)
+                    if earliest is None or peer.idle_deadline < earliest:
+                        earliest = peer.idle_deadline
+            if kept:
+                self._idle[key] = kept
+            else:
                 del self._idle[key]
-            peer.discard()
+        if earliest is not None:
+            self._arm_sweep(earliest)
 
 
 def _new_client(stream: ByteStream) -> _Peer:

@@ -471,6 +471,25 @@ async def test_a_kept_connection_without_idle_timeout_closes_after_the_default()
     assert len(conns) == 2  # the expired one was not reused
 
 
+async def test_a_shorter_idle_timeout_given_later_still_closes_first() -> None:
+    pool = Http1Upstreams(idle_timeout=5.0)
+    async with echo_upstream() as (addr, conns):
+        text = f"{addr[0]}:{addr[1]}"
+        long_idle = Endpoint(key="long", address=text)
+        short_idle = Endpoint(key="short", address=text, idle_timeout=0.2)
+        dispatcher = FakeDispatcher([long_idle])
+        async with codec_server(dispatcher, pool) as address:
+            client = await Client.connect(address)
+            await client.request("GET", "/")
+            dispatcher.endpoints[:] = [short_idle]
+            await client.request("GET", "/")
+            assert (pool.idle("long"), pool.idle("short")) == (1, 1)
+            await asyncio.sleep(0.5)
+            assert (pool.idle("long"), pool.idle("short")) == (1, 0)
+            await client.close()
+    assert len(conns) == 2
+
+
 async def test_idle_timeout_closes_a_kept_connection_and_max_requests_retires_it() -> None:
     pool = Http1Upstreams()
     async with echo_upstream() as (addr, conns):
