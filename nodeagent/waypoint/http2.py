@@ -523,7 +523,6 @@ class _Exchange(RequestTally):
         "head",
         "leftover",
         "pump",
-        "request_ended",
         "response_ended",
         "sid",
         "start",
@@ -538,8 +537,7 @@ class _Exchange(RequestTally):
         self.start = start
         self.events: asyncio.Queue[_Item] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
-        self.has_body = not request_ended  # fixed at the head; request_ended follows events
-        self.request_ended = request_ended
+        self.has_body = not request_ended  # fixed at the head; the clock follows events
         self.clock = RequestClock()
         if request_ended:
             self.clock.request_ended()
@@ -617,7 +615,6 @@ class _Session:
                     self.wire.ack(event.stream_id or 0, event.flow_controlled_length or 0)
                 return
             if isinstance(event, h2.events.StreamEnded):
-                exchange.request_ended = True
                 exchange.clock.request_ended()
             exchange.events.put_nowait(event)
         elif isinstance(event, h2.events.StreamReset):
@@ -810,7 +807,7 @@ class _Session:
         if not ex.client_reset and not self.wire.closed:
             if not ex.response_ended:
                 self.wire.reset(ex.sid, ErrorCodes.INTERNAL_ERROR)
-            elif not ex.request_ended:
+            elif not ex.clock.ended:
                 # We answered before the body ended: stop the client sending (RFC 9113 8.1).
                 self.wire.reset(ex.sid, ErrorCodes.NO_ERROR)
         while not ex.events.empty():
