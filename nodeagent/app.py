@@ -193,16 +193,18 @@ class AgentHandles:
     async def run(self, *, cleanup: bool = False) -> None:
         """Start, serve until `stop()`, then shut down: an uninstall when `cleanup`
         or when `uninstalling()` says so, otherwise the in-pod rules stay."""
-        if self.admin is not None:
-            await self.admin.start()
-        self.start()
-        if self.cni is not None:
-            try:
-                await self.cni.start()
-            except OSError as exc:
-                # New pods then start with the plugin's fail-closed rules: never open.
-                log.error("CNI socket %s: %s; new pods wait for a scan", self.cni.path, exc)
         try:
+            # Inside: a start that fails halfway (an admin port in use) still shuts down what
+            # was built and started (the closers run; the in-pod rules stay, as on any stop).
+            if self.admin is not None:
+                await self.admin.start()
+            self.start()
+            if self.cni is not None:
+                try:
+                    await self.cni.start()
+                except OSError as exc:
+                    # New pods then start with the plugin's fail-closed rules: never open.
+                    log.error("CNI socket %s: %s; new pods wait for a scan", self.cni.path, exc)
             await self._stop.wait()
         finally:
             forced = cleanup or self._cleanup

@@ -58,3 +58,5 @@ def test_a_taken_metrics_port_is_one_line_naming_it() -> None:
     assert last.startswith(
         f"nodeagent: agent on node n1: metrics server cannot listen on 127.0.0.1:{busy}: "
     )
+    # The failed start still ran the shutdown (closers, workers), not just an exit.
+    assert "agent stopped" in done.stderr
