@@ -38,6 +38,7 @@ __all__ = [
     "RequestRecord",
     "RequestTally",
     "UpstreamError",
+    "WatchedByteStream",
 ]
 
 HTTP1 = "HTTP/1.1"
@@ -69,6 +70,16 @@ class ByteStream(Protocol):
 
     def abort(self) -> None:
         """Reset: the peer sees an error, not a clean end."""
+        ...
+
+
+class WatchedByteStream(ByteStream, Protocol):
+    """A ByteStream that can tell of its peer's end without being read (HTTP/1.1's downstream:
+    between a request's end and its response nothing reads it, because of pipelining)."""
+
+    def watch_end(self, callback: Callable[[], None] | None) -> None:
+        """Call `callback` once when the peer ends or resets its direction (already ended: soon);
+        None stops watching. What arrives meanwhile stays buffered for the next read."""
         ...
 
 

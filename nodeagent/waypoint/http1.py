@@ -48,6 +48,7 @@ from nodeagent.waypoint.exchange import (
     RequestRecord,
     RequestTally,
     UpstreamError,
+    WatchedByteStream,
 )
 
 log = logging.getLogger(__name__)
@@ -372,8 +373,9 @@ class _Session:
     """One downstream connection."""
 
     def __init__(
-        self, downstream: ByteStream, dispatcher: Dispatcher, upstreams: Http1Upstreams
+        self, downstream: WatchedByteStream, dispatcher: Dispatcher, upstreams: Http1Upstreams
     ) -> None:
+        self.downstream = downstream
         self.down = _Peer(
             downstream, h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEADERS)
         )
@@ -384,8 +386,15 @@ class _Session:
         self.clock = RequestClock()  # the current request's
         self.upgrading = False  # the current request asks for an upgrade
         self.ended = False  # downstream finished by us (write_eof or abort)
+        # From a request's end to its response's, the client's end is watched (nothing reads
+        # the downstream then): Envoy takes a FIN as the client gone (no half-close on an HTTP
+        # connection) and resets the request, DC. `watching` is armed; `left` once it fired.
+        self.task: asyncio.Task[object] | None = None
+        self.watching = False
+        self.left = False
 
     async def run(self, first: bytes) -> None:
+        self.task = asyncio.current_task()
         down = self.down
         conn = down.conn
         if first:
@@ -411,6 +420,10 @@ class _Session:
                 conn.start_next_cycle()
         except ConnectionError:
             self._end(abort=True)
+        except asyncio.CancelledError:
+            if not self.left or self._uncancel():
+                raise  # a shutdown's (too)
+            self._end(abort=True)  # the client left while its response was awaited
         finally:
             self._end(abort=False)
 
@@ -514,6 +527,10 @@ class _Session:
             tally.flags = tally.flags or "DC"
             self._end(abort=True)
             return False
+        except asyncio.CancelledError:
+            if self.left:
+                tally.flag("DC")  # its FIN or reset, while its response was awaited (run ends it)
+            raise
         except h11.LocalProtocolError as error:
             # A head h11 will not write (a rewrite or header op with bytes HTTP forbids): the
             # route's fault, not the client's; this connection only ends.
@@ -521,13 +538,36 @@ class _Session:
             self._end(abort=True)
             return False
         finally:
+            self._unwatch()
             dispatcher.record(tally.record(head, time.monotonic() - start))
 
     def _request_ended(self) -> None:
-        """The client's end of stream was read: its timeouts start. Not for an upgrade: Envoy
-        takes an upgrade's request as not ended (no end of stream on its head)."""
+        """The client's end of stream was read: its timeouts start, and its end is watched.
+        Not for an upgrade: Envoy takes an upgrade's request as not ended (no end of stream on
+        its head), and its relay reads the client throughout."""
         if not self.upgrading:
             self.clock.request_ended()
+            if not self.watching and not self.left:
+                self.watching = True
+                self.downstream.watch_end(self._client_left)
+
+    def _client_left(self) -> None:
+        """The client ended or reset while its response was awaited: end the exchange."""
+        if self.watching:
+            self.watching = False
+            self.left = True
+            if self.task is not None:
+                self.task.cancel()
+
+    def _unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.downstream.watch_end(None)
+
+    def _uncancel(self) -> int:
+        """Take back this session's own cancel; what remains is someone else's."""
+        task = asyncio.current_task()
+        return task.uncancel() if task is not None else 0
 
     async def _timed_out(self, tally: RequestTally) -> bool:
         """A timeout fired: Envoy's 504 if no response began, else a reset."""
@@ -607,8 +647,13 @@ class _Session:
             pump, self.pump = self.pump, None
             if pump is not None and not pump.done():
                 pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
+                try:
                     await pump
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise  # this task's own (a shutdown, the client gone), not the pump's
+                except Exception:
+                    pass  # the pump's failure is already its pump_error
 
     async def _keep_body(
         self, event: object, kept: list[h11.Data], tally: RequestTally
@@ -970,7 +1015,10 @@ def _raw_reply(reply: LocalReply, *, close: bool) -> bytes:
 
 
 async def serve_http1(
-    downstream: ByteStream, first: bytes, dispatcher: Dispatcher, upstreams: Http1Upstreams
+    downstream: WatchedByteStream,
+    first: bytes,
+    dispatcher: Dispatcher,
+    upstreams: Http1Upstreams,
 ) -> None:
     """Serve HTTP/1.x requests from `downstream` until it ends; `first` is what sniffing read.
 

@@ -4,6 +4,7 @@ HBONE CONNECT tunnel (`TunnelStream`)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from nodeagent.hbone.aio import TunnelStream
 from nodeagent.hbone.connection import InvalidActionError
@@ -65,6 +66,53 @@ class SocketByteStream:
     def close(self) -> None:
         self.writer.close()
 
+    def watch_end(self, callback: Callable[[], None] | None) -> None:
+        """The transport's events pass through an `_EndWatch` while watched: no read, no task."""
+        transport = self.writer.transport
+        current = transport.get_protocol()
+        if isinstance(current, _EndWatch):
+            transport.set_protocol(current.inner)
+            current.callback = None
+        if callback is None:
+            return
+        reader = self.reader
+        if self._read_eof or reader.at_eof() or reader.exception() is not None:
+            asyncio.get_running_loop().call_soon(callback)
+            return
+        assert isinstance(current, asyncio.Protocol)
+        transport.set_protocol(_EndWatch(current, callback))
+
+
+class _EndWatch(asyncio.Protocol):
+    """Stands in for a socket stream's protocol while its peer's end is watched: passes every
+    event on, and calls back once at the peer's EOF or the connection's loss."""
+
+    def __init__(self, inner: asyncio.Protocol, callback: Callable[[], None]) -> None:
+        self.inner = inner
+        self.callback: Callable[[], None] | None = callback
+
+    def _ended(self) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._ended()
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
 
 class TunnelByteStream:
     """A `ByteStream` over one HBONE CONNECT tunnel; abort() resets the HTTP/2 stream.
@@ -100,3 +148,20 @@ class TunnelByteStream:
 
     def abort(self) -> None:
         self.tunnel.reset()
+
+    def watch_end(self, callback: Callable[[], None] | None) -> None:
+        """On the stream's hooks: END_STREAM, a reset and the connection's loss all arrive
+        whether or not the stream is read (its DATA waits in the stream's window)."""
+        tunnel = self.tunnel
+        if callback is None:
+            tunnel.on_end = tunnel.on_reset = tunnel.on_lost = None
+            return
+        if tunnel.eof or tunnel.error is not None:
+            asyncio.get_running_loop().call_soon(callback)
+            return
+
+        def ended(_why: object = None) -> None:
+            tunnel.on_end = tunnel.on_reset = tunnel.on_lost = None
+            callback()
+
+        tunnel.on_end = tunnel.on_reset = tunnel.on_lost = ended

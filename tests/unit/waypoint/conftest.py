@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +37,14 @@ from nodeagent.waypoint.http1 import Http1Upstreams, serve_http1
 from nodeagent.waypoint.streams import READ_SIZE, SocketByteStream
 
 LOOPBACK = "127.0.0.1"
+
+
+async def eventually(check: Callable[[], bool], within: float = 3.0) -> None:
+    """Wait until `check()` holds, failing after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from tests.unit.waypoint.conftest import (
     codec_server,
     echo_upstream,
     endpoint,
+    eventually,
     listener,
     raw_exchange,
 )
@@ -209,6 +210,130 @@ async def test_upstream_closing_after_its_head_resets_the_client() -> None:
     assert data.endswith(b"0123456789")  # and then the end, short of content-length
     assert (dispatcher.records[0].status, dispatcher.records[0].flags) == (200, "UC")
     assert dispatcher.records[0].response_bytes == 10
+
+
+# -- a client that leaves while its response is awaited ----------------------------------------
+
+
+class StallingUpstream:
+    """Reads a request, optionally sends `head` (and stalls mid-body), then waits for the
+    waypoint to drop the connection; `dropped` resolves when it did (EOF or reset)."""
+
+    def __init__(self, head: bytes = b"") -> None:
+        self.head = head
+        self.asked = asyncio.Event()
+        self.dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def __call__(self, stream: SocketByteStream) -> None:
+        await stream.read()
+        if self.head:
+            stream.write(self.head)
+            await stream.drain()
+        self.asked.set()
+        try:
+            while await stream.read():
+                pass
+        finally:
+            if not self.dropped.done():
+                self.dropped.set_result(None)
+
+
+@pytest.mark.parametrize(
+    ("head", "leave", "status"),
+    [
+        (b"", "close", 0),  # no response yet: Envoy logs response code 0
+        (b"", "half-close", 0),  # a FIN is the client gone (Envoy: no half-close on HTTP)
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nstarted", "close", 200),
+    ],
+)
+async def test_a_client_that_leaves_while_the_upstream_stalls_drops_it_dc(
+    head: bytes, leave: str, status: int
+) -> None:
+    """Nothing reads the client between its request and the response, yet its end is seen: the
+    stalled upstream request is dropped at once (no route timeout, Istio's default), DC."""
+    upstream = StallingUpstream(head)
+    async with listener(upstream) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+            await asyncio.wait_for(upstream.asked.wait(), 10)
+            if head:
+                assert (await reader.readexactly(len(head))).endswith(b"started")
+            if leave == "close":
+                writer.close()
+            else:
+                writer.write_eof()
+            await asyncio.wait_for(upstream.dropped, 10)
+            await eventually(lambda: len(dispatcher.records) == 1)
+            writer.close()
+    record = dispatcher.records[0]
+    assert (record.head.path, record.status, record.flags) == ("/slow", status, "DC")
+
+
+@pytest.mark.parametrize("leave", ["end", "reset"])
+async def test_a_client_that_leaves_through_its_tunnel_drops_the_stalled_upstream(
+    leave: str,
+) -> None:
+    """The waypoint's real downstream: the CONNECT stream's END_STREAM or reset is seen while
+    nothing reads it (TunnelByteStream's hooks)."""
+    upstream = StallingUpstream()
+    served: list[asyncio.Task[None]] = []
+    async with listener(upstream) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        pool = Http1Upstreams()
+
+        def on_request(tunnel: TunnelStream) -> None:
+            tunnel.respond(200)
+            downstream = TunnelByteStream(tunnel)
+            served.append(asyncio.create_task(serve_http1(downstream, b"", dispatcher, pool)))
+
+        try:
+            async with _hbone(on_request) as conn:
+                stream = TunnelByteStream(
+                    await asyncio.wait_for(conn.open_tunnel("10.0.0.5:80"), 10)
+                )
+                stream.write(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+                await asyncio.wait_for(upstream.asked.wait(), 10)
+                if leave == "end":
+                    stream.write_eof()
+                else:
+                    stream.abort()
+                await asyncio.wait_for(upstream.dropped, 10)
+                await asyncio.wait_for(asyncio.gather(*served), 10)  # ended, not cancelled
+        finally:
+            pool.close()
+    record = dispatcher.records[0]
+    assert (record.status, record.flags) == (0, "DC")
+
+
+async def test_a_shutdown_while_the_client_is_watched_still_cancels_the_session() -> None:
+    """The session takes back only its own cancel: a shutdown's goes on (never swallowed)."""
+    upstream = StallingUpstream()
+    sessions: list[asyncio.Task[None]] = []
+
+    async def serve(stream: SocketByteStream) -> None:
+        first = await stream.read()
+        session = asyncio.current_task()
+        assert session is not None
+        sessions.append(session)  # type: ignore[arg-type]
+        await serve_http1(stream, first, dispatcher, pool)
+
+    async with listener(upstream) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        pool = Http1Upstreams()
+        try:
+            async with listener(serve) as address:
+                _reader, writer = await asyncio.open_connection(*address)
+                writer.write(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+                await asyncio.wait_for(upstream.asked.wait(), 10)
+                sessions[0].cancel()
+                await asyncio.wait_for(upstream.dropped, 10)
+                with pytest.raises(asyncio.CancelledError):
+                    await sessions[0]
+                writer.close()
+        finally:
+            pool.close()
 
 
 async def test_a_kept_connection_the_upstream_closed_is_replaced() -> None:

@@ -29,6 +29,7 @@ from .conftest import (
     closed_port,
     codec_server,
     endpoint,
+    eventually,
     scripted_upstream,
 )
 
@@ -61,13 +62,6 @@ async def one_request(
             return response, time.monotonic() - start
         finally:
             await client.close()
-
-
-async def eventually(check: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def only_record(dispatcher: FakeDispatcher) -> RequestRecord:

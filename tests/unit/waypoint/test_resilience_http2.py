@@ -26,7 +26,7 @@ from nodeagent.waypoint.exchange import (
     RequestRecord,
 )
 
-from .conftest import closed_port
+from .conftest import closed_port, eventually
 from .h2_support import (
     GRPC_UNAVAILABLE,
     REFUSE,
@@ -78,13 +78,6 @@ async def one_request(dispatcher: FakeDispatcher, method: str = "GET", body: byt
             return answer
         finally:
             await client.close()
-
-
-async def eventually(check: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def only_record(dispatcher: FakeDispatcher) -> RequestRecord:
