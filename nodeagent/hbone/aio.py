@@ -625,6 +625,9 @@ class HboneConnection(asyncio.BufferedProtocol):
         self.flush()
         try:
             response = await waiter
+        except asyncio.CancelledError:
+            stream.reset()  # given up before the answer: free the peer's stream and our slot
+            raise
         finally:
             stream.response = None  # a done future per tunnel is 144 bytes for nothing
         if answers is not None:

@@ -195,9 +195,9 @@ class HboneServer(Generic[L]):
         deadline = loop.time() + settings.handshake_timeout
         try:
             peer_addr = sock.getpeername()
-            ctx = await asyncio.wait_for(
-                self._tls.server_context(local.identity), settings.handshake_timeout
-            )
+            # asyncio.timeout, not wait_for: 3.11's wait_for can drop a shutdown's cancel.
+            async with asyncio.timeout(settings.handshake_timeout):
+                ctx = await self._tls.server_context(local.identity)
         except (OSError, TimeoutError) as exc:
             sock.close()
             self.stats.handshake_failed += 1

@@ -208,16 +208,19 @@ class HbonePool:
             raise HboneConnectError("HBONE pool is closed")
         dst = format_authority(*key.destination)
         loop = asyncio.get_running_loop()
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns its result when the
+        # caller's cancel lands in the turn the inner call finishes, and the cancel is lost (a
+        # waypoint cancels a request whose client left while it connects upstream).
         try:
-            ctx = await asyncio.wait_for(
-                self._tls.client_context(key.source_identity), self.settings.certificate_timeout
-            )
+            async with asyncio.timeout(self.settings.certificate_timeout):
+                ctx = await self._tls.client_context(key.source_identity)
         except TimeoutError:
             raise HboneConnectError(
                 f"HBONE to {dst}: no certificate for {key.source_identity} yet"
             ) from None
         try:
-            sock = await asyncio.wait_for(dial(key.destination), self.settings.connect_timeout)
+            async with asyncio.timeout(self.settings.connect_timeout):
+                sock = await dial(key.destination)
         except TimeoutError:
             raise HboneConnectError(
                 f"HBONE to {dst}: connection timed out, "
@@ -226,19 +229,20 @@ class HbonePool:
         except OSError as exc:
             raise HboneConnectError(f"HBONE to {dst}: {exc.strerror or exc}") from exc
         try:
-            transport, conn = await asyncio.wait_for(
-                loop.create_connection(
+            async with asyncio.timeout(self.settings.connect_timeout):
+                transport, conn = await loop.create_connection(
                     lambda: HboneConnection(client_side=True, config=self._config),
                     sock=sock,
                     ssl=ctx,
                     # No SNI (ztunnel sends none); the server is checked by its SPIFFE SAN below.
                     server_hostname="",
-                ),
-                self.settings.connect_timeout,
-            )
+                )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             sock.close()
             raise HboneConnectError(f"HBONE to {dst}: TLS handshake failed: {exc!r}") from exc
+        except BaseException:
+            sock.close()  # cancelled mid-handshake
+            raise
         ssl_object = transport.get_extra_info("ssl_object")
         try:
             peer = self._tls.verify_server(ssl_object, key.destination_identities)
@@ -246,10 +250,14 @@ class HbonePool:
             transport.abort()
             raise HboneConnectError(f"HBONE to {dst}: {exc}") from exc
         try:
-            await asyncio.wait_for(asyncio.shield(conn.ready), self.settings.connect_timeout)
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await asyncio.shield(conn.ready)
         except (TunnelError, TimeoutError) as exc:
             transport.abort()
             raise HboneConnectError(f"HBONE to {dst}: no HTTP/2 SETTINGS: {exc!r}") from exc
+        except BaseException:
+            transport.abort()  # cancelled before the peer's SETTINGS
+            raise
         now = self._clock()
         s = self.settings
         conns = self._connections.setdefault(key, [])

@@ -388,8 +388,10 @@ class _Session:
         self.ended = False  # downstream finished by us (write_eof or abort)
         # From a request's end to its response's, the client's end is watched (nothing reads
         # the downstream then): Envoy takes a FIN as the client gone (no half-close on an HTTP
-        # connection) and resets the request, DC. `watching` is armed; `left` once it fired.
+        # connection) and resets the request, DC. `serving`: a request is in `_request`;
+        # `watching`: a watch is set (until `_unwatch`); `left`: it fired.
         self.task: asyncio.Task[object] | None = None
+        self.serving = False
         self.watching = False
         self.left = False
 
@@ -487,6 +489,7 @@ class _Session:
         start = time.monotonic()
         dispatcher = self.dispatcher
         tally = RequestTally()
+        self.serving = True
         try:
             head, upgrade, chunked = _request_head(request)
         except _BadRequest as error:
@@ -538,6 +541,7 @@ class _Session:
             self._end(abort=True)
             return False
         finally:
+            self.serving = False
             self._unwatch()
             dispatcher.record(tally.record(head, time.monotonic() - start))
 
@@ -547,14 +551,14 @@ class _Session:
         its head), and its relay reads the client throughout."""
         if not self.upgrading:
             self.clock.request_ended()
-            if not self.watching and not self.left:
+            # Not once the exchange is over (a pump that ends after a local reply).
+            if self.serving and not self.watching and not self.left:
                 self.watching = True
                 self.downstream.watch_end(self._client_left)
 
     def _client_left(self) -> None:
         """The client ended or reset while its response was awaited: end the exchange."""
-        if self.watching:
-            self.watching = False
+        if self.watching and not self.left:
             self.left = True
             if self.task is not None:
                 self.task.cancel()
@@ -629,21 +633,23 @@ class _Session:
 
         if replayable and forward.mirror:
             self._mirror(forward, method, target, headers, kept)
-        outcome = await run_tries(
-            self.dispatcher, forward, tally, self.clock, try_once, replayable=replayable
-        )
-        if isinstance(outcome, LocalReply):
-            await self._reply(outcome, tally)
-            if self.pump is not None and not self.pump.done():
-                return False  # the rest of the body has nowhere to go
-            return await self._skip_body(tally)
-        assert isinstance(outcome, _Http1Attempt)
         try:
-            return await self._respond(outcome, forward, tally)
-        except BaseException:
-            outcome.up.discard()  # cancelled, or a bug: never leave it open nor give it back
-            raise
+            outcome = await run_tries(
+                self.dispatcher, forward, tally, self.clock, try_once, replayable=replayable
+            )
+            if isinstance(outcome, LocalReply):
+                await self._reply(outcome, tally)
+                if self.pump is not None and not self.pump.done():
+                    return False  # the rest of the body has nowhere to go
+                return await self._skip_body(tally)
+            assert isinstance(outcome, _Http1Attempt)
+            try:
+                return await self._respond(outcome, forward, tally)
+            except BaseException:
+                outcome.up.discard()  # cancelled, or a bug: never leave it open nor give it back
+                raise
         finally:
+            # Whatever ended the exchange (a local reply too): no pump outlives it.
             pump, self.pump = self.pump, None
             if pump is not None and not pump.done():
                 pump.cancel()

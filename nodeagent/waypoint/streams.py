@@ -26,6 +26,12 @@ class SocketByteStream:
         self.read_size = read_size
         self._read_eof = False
         self._wrote_eof = False
+        self.peer_ended = False  # its EOF or the connection's loss arrived, read or not
+        self._on_peer_end: Callable[[], None] | None = None
+        transport = writer.transport
+        inner = transport.get_protocol()
+        if isinstance(inner, asyncio.Protocol):
+            transport.set_protocol(_PeerEndTap(inner, self))
 
     @classmethod
     async def connect(cls, host: str, port: int) -> SocketByteStream:
@@ -67,44 +73,39 @@ class SocketByteStream:
         self.writer.close()
 
     def watch_end(self, callback: Callable[[], None] | None) -> None:
-        """The transport's events pass through an `_EndWatch` while watched: no read, no task."""
-        transport = self.writer.transport
-        current = transport.get_protocol()
-        if isinstance(current, _EndWatch):
-            transport.set_protocol(current.inner)
-            current.callback = None
-        if callback is None:
-            return
-        reader = self.reader
-        if self._read_eof or reader.at_eof() or reader.exception() is not None:
+        """From the tap on the transport's events: no read, no task."""
+        self._on_peer_end = callback
+        if callback is not None and self.peer_ended:
+            self._on_peer_end = None
             asyncio.get_running_loop().call_soon(callback)
-            return
-        assert isinstance(current, asyncio.Protocol)
-        transport.set_protocol(_EndWatch(current, callback))
 
-
-class _EndWatch(asyncio.Protocol):
-    """Stands in for a socket stream's protocol while its peer's end is watched: passes every
-    event on, and calls back once at the peer's EOF or the connection's loss."""
-
-    def __init__(self, inner: asyncio.Protocol, callback: Callable[[], None]) -> None:
-        self.inner = inner
-        self.callback: Callable[[], None] | None = callback
-
-    def _ended(self) -> None:
-        callback, self.callback = self.callback, None
+    def _peer_end(self) -> None:
+        self.peer_ended = True
+        callback, self._on_peer_end = self._on_peer_end, None
         if callback is not None:
             callback()
+
+
+class _PeerEndTap(asyncio.Protocol):
+    """Stands in for a socket stream's protocol: passes every event on, and tells the stream
+    of the peer's EOF or the connection's loss as it arrives, even with bytes still unread.
+
+    (A peer that sends more than the reader buffers before its FIN is paused, and its FIN is
+    then not seen until the bytes are read; Envoy's early-close detection would see it.)"""
+
+    def __init__(self, inner: asyncio.Protocol, stream: SocketByteStream) -> None:
+        self.inner = inner
+        self.stream = stream
 
     def data_received(self, data: bytes) -> None:
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        self._ended()
+        self.stream._peer_end()
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._ended()
+        self.stream._peer_end()
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:

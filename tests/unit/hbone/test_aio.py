@@ -108,6 +108,27 @@ async def test_refusal_status_raises_tunnel_error(tls):
             await asyncio.wait_for(conn.open_tunnel("10.0.0.5:8080"), 10)
 
 
+async def test_a_connect_given_up_before_its_answer_is_reset(tls):
+    """Cancelled while awaiting its 200 (a timeout, a client gone): RST_STREAM, so the peer
+    drops the stream and the connection's stream slot is free again."""
+    arrived = asyncio.Event()
+    reset: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def hold(stream: TunnelStream) -> None:
+        arrived.set()  # and no answer
+        stream.on_reset = reset.set_result
+
+    async with connected(tls, hold) as conn:
+        opening = asyncio.ensure_future(conn.open_tunnel("10.0.0.5:8080"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        assert conn.open_outbound_streams == 1
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert await asyncio.wait_for(reset, 10) == ErrorCode.CANCEL
+        assert conn.open_outbound_streams == 0 and not conn.streams
+
+
 async def test_server_reset_reaches_client_reader(tls):
     def reset_after_reply(stream: TunnelStream) -> None:
         stream.respond(200)

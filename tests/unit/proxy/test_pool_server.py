@@ -263,6 +263,33 @@ async def test_concurrent_opens_share_one_new_connection(ca):
             s.reset()
 
 
+async def test_a_cancel_that_lands_as_the_dial_finishes_is_not_lost(ca):
+    """The caller's cancel arriving in the turn its dial completes still cancels it (Python
+    3.11's wait_for returned the dial's result and dropped the cancel; a waypoint cancels a
+    request this way when its client leaves)."""
+    async with mesh(ca) as m:
+        caller: list[asyncio.Task[object]] = []
+        dialled: list[socket.socket] = []
+
+        async def dial_then_cancel(address: tuple[str, int]) -> socket.socket:
+            sock = await dial(address)
+            dialled.append(sock)
+            caller[0].cancel()  # lands as this dial returns
+            return sock
+
+        async def open_one() -> TunnelStream:
+            return await m.pool.open_tunnel(
+                m.key(), f"{LOOPBACK}:{m.app.port}", (), dial_then_cancel
+            )
+
+        task = asyncio.ensure_future(open_one())
+        caller.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        assert m.pool.connections_opened == 0
+        assert dialled and dialled[0].fileno() == -1  # the dialled socket was closed
+
+
 async def test_wrong_server_identity_is_refused_with_a_clear_error(ca):
     async with mesh(ca) as m:
         with pytest.raises(HboneConnectError, match="not one of the expected"):

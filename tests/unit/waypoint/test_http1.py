@@ -11,6 +11,8 @@ import hashlib
 import http.server
 import os
 import shutil
+import socket
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from nodeagent.model.routing import HeaderOps
 from nodeagent.traffic.resilience import RetryPolicy
 from nodeagent.waypoint.exchange import Endpoint, Forward, LocalReply, RequestHead, UpstreamError
 from nodeagent.waypoint.http1 import Http1Upstreams, serve_http1
-from nodeagent.waypoint.streams import SocketByteStream, TunnelByteStream
+from nodeagent.waypoint.streams import READ_SIZE, SocketByteStream, TunnelByteStream
 from tests.unit.waypoint.conftest import (
     Client,
     FakeDispatcher,
@@ -243,6 +245,7 @@ class StallingUpstream:
     [
         (b"", "close", 0),  # no response yet: Envoy logs response code 0
         (b"", "half-close", 0),  # a FIN is the client gone (Envoy: no half-close on HTTP)
+        (b"", "reset", 0),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nstarted", "close", 200),
     ],
 )
@@ -262,6 +265,10 @@ async def test_a_client_that_leaves_while_the_upstream_stalls_drops_it_dc(
                 assert (await reader.readexactly(len(head))).endswith(b"started")
             if leave == "close":
                 writer.close()
+            elif leave == "reset":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # RST
             else:
                 writer.write_eof()
             await asyncio.wait_for(upstream.dropped, 10)
@@ -269,6 +276,65 @@ async def test_a_client_that_leaves_while_the_upstream_stalls_drops_it_dc(
             writer.close()
     record = dispatcher.records[0]
     assert (record.head.path, record.status, record.flags) == ("/slow", status, "DC")
+
+
+async def test_a_fin_behind_pipelined_bytes_not_yet_read_is_seen() -> None:
+    """The client's FIN arrives behind a pipelined request the waypoint has not read yet (it
+    reads at most READ_SIZE at a time): its end is known from the transport, not from a read."""
+    upstream = StallingUpstream()
+    pool = Http1Upstreams()
+
+    async def serve(stream: SocketByteStream) -> None:
+        await asyncio.sleep(0.3)  # all of it, FIN included, arrives before the first read
+        first = await stream.read()
+        await serve_http1(stream, first, dispatcher, pool)
+
+    async with listener(upstream) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        try:
+            async with listener(serve) as address:
+                _reader, writer = await asyncio.open_connection(*address)
+                body = b"x" * (READ_SIZE + 50_000)
+                writer.write(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+                writer.write(
+                    b"POST /next HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % len(body)
+                )
+                writer.write(body)
+                writer.write_eof()
+                await asyncio.wait_for(upstream.dropped, 10)
+                await eventually(lambda: len(dispatcher.records) == 1)
+                writer.close()
+        finally:
+            pool.close()
+    assert [(r.head.path, r.status, r.flags) for r in dispatcher.records] == [("/slow", 0, "DC")]
+
+
+async def test_a_client_that_leaves_after_a_streamed_body_drops_the_stalled_upstream() -> None:
+    """A body too large to keep is streamed by a pump, which arms the watch once it ends."""
+    upstream = StallingUpstream()
+    async with listener(upstream) as addr:
+        dispatcher = FakeDispatcher([endpoint(addr)])
+        async with codec_server(dispatcher) as address:
+            _reader, writer = await asyncio.open_connection(*address)
+            half = os.urandom(100_000)
+            writer.write(
+                b"PUT /up HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % (2 * len(half))
+            )
+            writer.write(half)
+            await asyncio.wait_for(upstream.asked.wait(), 10)
+            writer.write(half)  # the body's end: the response is awaited from here
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+            await asyncio.wait_for(upstream.dropped, 10)
+            await eventually(lambda: len(dispatcher.records) == 1)
+    record = dispatcher.records[0]
+    assert (record.head.path, record.status, record.flags, record.request_bytes) == (
+        "/up",
+        0,
+        "DC",
+        2 * len(half),
+    )
 
 
 @pytest.mark.parametrize("leave", ["end", "reset"])
