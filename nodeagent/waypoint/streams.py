@@ -90,8 +90,9 @@ class _PeerEndTap(asyncio.Protocol):
     """Stands in for a socket stream's protocol: passes every event on, and tells the stream
     of the peer's EOF or the connection's loss as it arrives, even with bytes still unread.
 
-    (A peer that sends more than the reader buffers before its FIN is paused, and its FIN is
-    then not seen until the bytes are read; Envoy's early-close detection would see it.)"""
+    (With the reader's buffer full the transport stops reading, so a FIN behind that much
+    unread data is seen only once the bytes are read; Envoy's early-close detection would see
+    it. The waypoint's production downstream is a tunnel, whose END_STREAM always arrives.)"""
 
     def __init__(self, inner: asyncio.Protocol, stream: SocketByteStream) -> None:
         self.inner = inner
