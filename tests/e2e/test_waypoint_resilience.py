@@ -277,6 +277,50 @@ def test_a_backend_slower_than_the_route_timeout_is_504_ut(mesh: Mesh) -> None:
     wait_until("the timeouts in the metrics", lambda: flag_count(mesh, "UT", 504) - before >= 3)
 
 
+# Sends one request on a fresh connection, waits `argv[3]` s for an answer, then closes.
+LEAVE = textwrap.dedent(
+    """\
+    import socket, sys
+    sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    sock.sendall(b"GET /leave HTTP/1.1\\r\\nhost: backend\\r\\n\\r\\n")
+    sock.settimeout(float(sys.argv[3]))
+    try:
+        print(len(sock.recv(100)))
+    except TimeoutError:
+        print(0)
+    sock.close()
+    """
+)
+
+
+def test_a_client_that_gives_up_on_a_stalled_backend_is_dc_at_once(mesh: Mesh) -> None:
+    """No route timeout (Istio's default) and a backend that stalls for 30 s: the caller gives
+    up after 1 s and closes; its agent ends the tunnel, the waypoint sees it while it awaits
+    the response, resets the upstream request and logs 0 DC, well before the backend answers."""
+    configure(
+        mesh,
+        "stall",
+        """\
+        - route: [{destination: {host: backend, subset: v1}}]
+          TAG
+        """,
+    )
+    before = flag_count(mesh, "DC", 0)
+    mesh.behave(V1, delay=30.0)
+    began = time.monotonic()
+    done = mesh.python_in(CALLER, LEAVE, HOST, str(PORT), "1.0")
+    assert done.returncode == 0 and done.stdout.strip() == "0", (done.stdout, done.stderr)
+    wait_until(
+        "the client's leave in the metrics",
+        lambda: flag_count(mesh, "DC", 0) - before >= 1,
+        timeout=10.0,
+    )
+    assert time.monotonic() - began < 15.0  # the backend would have answered at 30 s
+    wait_until("the access log line", lambda: "/leave" in mesh.waypoint_log(), timeout=10.0)
+    line = next(ln for ln in mesh.waypoint_log().splitlines() if "/leave" in ln)
+    assert " 0 DC" in line, line
+
+
 def test_v2_failing_everything_is_ejected_and_users_are_served_by_v1(mesh: Mesh) -> None:
     configure(
         mesh,
