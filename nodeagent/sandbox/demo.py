@@ -30,6 +30,7 @@ import re
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -584,8 +585,14 @@ def _header_routing(
             return False
         return answer.get("pod") == v2.name and answer.get("client_ip") == waypoint_ip
 
+    def applied() -> bool:
+        # Both halves: the waypoint holds the header routes (before, one v2 answer through
+        # it may be its own 50/50 pick) and the caller's agent sends there.
+        routes = _waypoint_routes(manager, plan)
+        return routes.get("virtualService") == "demo/backend-by-user" and through_waypoint()
+
     deadline = time.monotonic() + POLICY_WAIT
-    while time.monotonic() < deadline and not through_waypoint():
+    while time.monotonic() < deadline and not applied():
         time.sleep(0.2)
     ios, other = calls(20, {"x-user": "ios"}), calls(20, {"x-user": "android"})
     say(f"\n20 requests with x-user: ios      -> {ios}")
@@ -601,14 +608,11 @@ def _header_routing(
     return ok
 
 
-def _waypoint_routes(manager: SandboxManager, plan: SandboxPlan) -> dict[str, Any]:
-    """The backend's entry in the waypoint's GET /routes (:15020 in its pod namespace),
-    as `nodeagent routes --sandbox NAME --waypoint` shows it; {} when it cannot be read."""
-    assert plan.waypoint is not None
+def _backend_routes(connect: Callable[[], socket.socket]) -> dict[str, Any]:
+    """The backend's entry in a `/routes` answer read over the socket `connect` opens;
+    {} when it cannot be read."""
     try:
-        with manager.adapter.socket(plan.waypoint.netns) as sock:
-            sock.settimeout(2.0)
-            sock.connect(("127.0.0.1", METRICS_PORT))
+        with connect() as sock:
             sock.sendall(b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             raw = b""
             while chunk := sock.recv(65536):
@@ -617,6 +621,42 @@ def _waypoint_routes(manager: SandboxManager, plan: SandboxPlan) -> dict[str, An
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return next((s for s in services if s.get("hostname", "").startswith("backend.")), {})
+
+
+def _waypoint_routes(manager: SandboxManager, plan: SandboxPlan) -> dict[str, Any]:
+    """The backend as the waypoint's GET /routes (:15020 in its pod namespace) shows it,
+    as `nodeagent routes --sandbox NAME --waypoint` does."""
+    waypoint = plan.waypoint
+    assert waypoint is not None
+
+    def connect() -> socket.socket:
+        sock = manager.adapter.socket(waypoint.netns)
+        try:
+            sock.settimeout(2.0)
+            sock.connect(("127.0.0.1", METRICS_PORT))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return _backend_routes(connect)
+
+
+def _agent_routes(manager: SandboxManager, name: str, node: str) -> dict[str, Any]:
+    """The backend as the agent of `node` routes it (its admin socket's GET /routes),
+    as `nodeagent routes --sandbox NAME --node NODE` shows it."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(2.0)
+            sock.connect(manager.admin_socket(name, node))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return _backend_routes(connect)
 
 
 def _fallback(
@@ -720,12 +760,18 @@ def _canary(
             seen[pod] = seen.get(pod, 0) + 1
         return seen, failed
 
+    # Until the caller's agent routes by the split itself: no waypoint any more (the last
+    # scene's label is gone) and the canary's VirtualService in place. A split read off a
+    # sample of calls cannot tell a half-applied change (CI once counted 52 of 300 on v2).
     deadline = time.monotonic() + POLICY_WAIT
-    while time.monotonic() < deadline:  # until the split reaches the caller's agent
-        seen, _ = calls(40)
-        if 0 < seen.get(v2.name, 0) < 15:
+    while time.monotonic() < deadline:
+        routes = _agent_routes(manager, name, client.node)
+        if routes.get("virtualService") == "demo/backend-canary" and not routes.get("waypoint"):
             break
         time.sleep(0.2)
+    else:
+        say(f"  FAILED: the agent of {client.node} does not route by the split: {routes}")
+        return False
     seen, failed = calls(CANARY_CALLS)
     share = 100 * seen.get(v2.name, 0) / CANARY_CALLS
     say(
