@@ -131,7 +131,8 @@ class HttpServer:
             if self._closing:
                 return
             try:
-                request = await asyncio.wait_for(_read_request(reader), REQUEST_TIMEOUT_S)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):  # keeps a shutdown's cancel
+                    request = await _read_request(reader)
             except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                 return
             except _BadRequest as exc:

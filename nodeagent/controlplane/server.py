@@ -443,9 +443,11 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             # back) before ending the call, so the refusal does not race its writes.
             requests = aiter(request_iterator)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(anext(requests), 2)
+                async with asyncio.timeout(2):
+                    await anext(requests)
                 while True:
-                    await asyncio.wait_for(anext(requests), 0.1)
+                    async with asyncio.timeout(0.1):
+                        await anext(requests)
             context.set_code(grpc.StatusCode.UNAUTHENTICATED)
             context.set_details("unknown bearer token")
             return

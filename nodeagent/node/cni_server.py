@@ -207,9 +207,10 @@ class CniEventServer:
         try:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
             try:
-                method, target, body = await asyncio.wait_for(
-                    _read_request(conn, reader), self._timeout
-                )
+                # asyncio.timeout, not wait_for: 3.11's wait_for can drop a cancel that
+                # lands as the read completes, and shutdown cancels this task.
+                async with asyncio.timeout(self._timeout):
+                    method, target, body = await _read_request(conn, reader)
                 reply = await self._dispatch(method, target, body)
             except RequestError as exc:
                 reply = CniReply(exc.status, "error", str(exc))

@@ -117,7 +117,8 @@ class Mirror:
                 # Read the shadow's replies to its end: closing with unread bytes would reset
                 # the connection and could cut the copy short.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(reader), LINGER)
+                    async with asyncio.timeout(LINGER):
+                        await asyncio.shield(reader)
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # a failing shadow never touches the primary
