@@ -88,6 +88,15 @@ def routes(mesh: Mesh) -> Any:
     return json.loads(result.stdout)
 
 
+def split_weights(mesh: Mesh) -> list[int] | None:
+    """The weights of backend-split's route as node1's agent applies it; None without it.
+    Route state, not a sample of calls: a sample cannot tell a change half applied."""
+    for service in routes(mesh)["services"]:
+        if service["virtualService"] == "demo/backend-split":
+            return [d["weight"] for r in service["routes"] for d in r["destinations"]]
+    return None
+
+
 def _endpoints(data: Any) -> list[dict[str, Any]]:
     """Every endpoint mapping (one with an address and ejectedSeconds) in `routes` output."""
     found: list[dict[str, Any]] = []
@@ -137,16 +146,14 @@ def routing(mesh: Mesh) -> Iterator[Mesh]:
     path = mesh.tmp / "cleanup.yaml"
     path.write_text(split(90, 10))
     _cli("sandbox", "apply", mesh.name, str(path), "--delete")
+    wait_until("the split is gone from the agent", lambda: split_weights(mesh) is None)
     wait_until("the default route is back", lambda: calls(mesh, 10)["failures"] == 0)
 
 
 def test_canary_split_lands_within_the_interval_and_moves_live(routing: Mesh) -> None:
     mesh = routing
     mesh.apply(split(90, 10))
-    wait_until(
-        "the 90/10 split reaches the agent",
-        lambda: 0 < calls(mesh, 60)["pods"].get(V2, 0) < 30,
-    )
+    wait_until("the 90/10 split reaches the agent", lambda: split_weights(mesh) == [90, 10])
     out = calls(mesh, 2000)
     assert out["failures"] == 0, out
     assert set(out["pods"]) <= {V1, V2}
@@ -202,7 +209,7 @@ def test_a_held_connection_keeps_its_endpoint_across_a_weight_change(routing: Me
 def test_automatic_fallback_when_v2_dies(routing: Mesh) -> None:
     mesh = routing
     mesh.apply(split(50, 50))
-    wait_until("the split is in force", lambda: "demo/backend-split" in json.dumps(routes(mesh)))
+    wait_until("the split is in force", lambda: split_weights(mesh) == [50, 50])
     wait_until("traffic on both", lambda: len(calls(mesh, 40)["pods"]) == 2)
     pid = mesh.pod(V2)["app_pid"]
     argv = _app_argv(pid)
