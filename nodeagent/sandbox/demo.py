@@ -381,14 +381,22 @@ def _policy(
         except probe.ProbeError as exc:
             return exc
 
+    def rejection() -> str:
+        # The refusing agent (the destination's) names the caller's identity and the policy.
+        lines = [ln for ln in _read(node2_log).splitlines() if "policy rejection" in ln]
+        return next((ln for ln in reversed(lines) if str(_identity(frontend)) in ln), "")
+
+    # Refused, and the agent says why: a failed call alone could be the policy arriving
+    # mid-call (the live connection revoked), or anything else; a new call meets the policy
+    # at its CONNECT, which the agent logs.
     deadline = time.monotonic() + POLICY_WAIT
-    denied = call(frontend)
-    while not isinstance(denied, probe.ProbeError) and time.monotonic() < deadline:
+    denied, line = call(frontend), ""
+    while time.monotonic() < deadline:
+        if isinstance(denied, probe.ProbeError):
+            line = rejection()
+            if line:
+                break
         time.sleep(0.2)
-        denied = call(frontend)
-    if isinstance(denied, probe.ProbeError):
-        # The first refusal may be the policy arriving mid-call (the live connection is
-        # revoked); a new call meets the policy at its CONNECT, which the agent logs below.
         denied = call(frontend)
     allowed = call(backend)
     say(f"\nHTTP  {frontend.name} ({_identity(frontend)}) -> {target.name}")
@@ -401,16 +409,10 @@ def _policy(
         say(f"  FAILED: {allowed}")
     else:
         say(f"  still allowed: {_shown(allowed)}")
-    # The refusing agent (the destination's) names the caller's identity and the policy.
-    line = ""
-    deadline = time.monotonic() + 2
-    while not line and time.monotonic() < deadline:
-        lines = [ln for ln in _read(node2_log).splitlines() if "policy rejection" in ln]
-        line = lines[-1] if lines else ""
-        if not line:
-            time.sleep(0.1)
     if line:
         say(f"\nthe agent of {target.node} logged:\n  {line.split(': ', 1)[-1]}")
+    else:
+        say(f"\n  FAILED: the agent of {target.node} logged no policy rejection of the caller")
     return (
         isinstance(denied, probe.ProbeError)
         and not isinstance(allowed, probe.ProbeError)
@@ -589,7 +591,11 @@ def _header_routing(
         # Both halves: the waypoint holds the header routes (before, one v2 answer through
         # it may be its own 50/50 pick) and the caller's agent sends there.
         routes = _waypoint_routes(manager, plan)
-        return routes.get("virtualService") == "demo/backend-by-user" and through_waypoint()
+        held = (routes.get("virtualService"), routes.get("destinationRule")) == (
+            "demo/backend-by-user",
+            "demo/backend-versions",
+        )
+        return held and through_waypoint()
 
     deadline = time.monotonic() + POLICY_WAIT
     while time.monotonic() < deadline and not applied():
@@ -678,7 +684,11 @@ def _fallback(
     say(f"  applied ({', '.join(summary.added)})")
     deadline = time.monotonic() + POLICY_WAIT
     while time.monotonic() < deadline:  # until the waypoint applies the new routes
-        if _waypoint_routes(manager, plan).get("virtualService") == "demo/backend-fallback":
+        routes = _waypoint_routes(manager, plan)
+        if (routes.get("virtualService"), routes.get("destinationRule")) == (
+            "demo/backend-fallback",
+            "demo/backend-fallback",
+        ):
             break
         time.sleep(0.2)
     try:
@@ -761,12 +771,17 @@ def _canary(
         return seen, failed
 
     # Until the caller's agent routes by the split itself: no waypoint any more (the last
-    # scene's label is gone) and the canary's VirtualService in place. A split read off a
-    # sample of calls cannot tell a half-applied change (CI once counted 52 of 300 on v2).
+    # scene's label is gone), the canary's VirtualService and its DestinationRule (a separate
+    # xDS message) in place. A split read off a sample of calls cannot tell a half-applied
+    # change (CI once counted 52 of 300 on v2).
     deadline = time.monotonic() + POLICY_WAIT
     while time.monotonic() < deadline:
         routes = _agent_routes(manager, name, client.node)
-        if routes.get("virtualService") == "demo/backend-canary" and not routes.get("waypoint"):
+        applied = (routes.get("virtualService"), routes.get("destinationRule")) == (
+            "demo/backend-canary",
+            "demo/backend",
+        )
+        if applied and not routes.get("waypoint"):
             break
         time.sleep(0.2)
     else:
