@@ -42,6 +42,18 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+def service_routes(mesh: Mesh, service: str, *, node: str = "", waypoint: bool = False) -> Any:
+    """`service` as `nodeagent routes -o json` shows it (an agent's with `node`, the
+    waypoint's with `waypoint`); None while that proxy has no config for it. Waits on this
+    route state, not on a sample of calls: a sample cannot tell a change half applied."""
+    where = ["--waypoint"] if waypoint else ["--node", node]
+    done = _cli("routes", service, "--sandbox", mesh.name, *where, "-o", "json")
+    if done.returncode != 0:
+        return None
+    found = json.loads(done.stdout)["services"]
+    return found[0] if len(found) == 1 else None
+
+
 @dataclass(frozen=True)
 class Mesh:
     """The module's sandbox: its name, status and a few ways to act inside it."""
@@ -258,6 +270,19 @@ class Capture:
                 seen += chunk
         finally:
             sel.close()
+
+    def await_segments(self, check: Callable[[list[Segment]], bool], timeout: float = 10.0) -> None:
+        """Until the file (written per packet, `-U`) holds what `check` wants: the kernel
+        hands captured packets to tcpdump in blocks, up to about a second late, later on a
+        loaded machine. The caller asserts on what `stop` returns either way."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check(read_pcap(self.pcap)):
+                    return
+            except (struct.error, IndexError, KeyError):
+                pass  # a record still being written
+            time.sleep(0.2)
 
     def stop(self) -> list[Segment]:
         if self.proc.poll() is None:

@@ -309,6 +309,16 @@ def test_byte_counters_grow_by_the_bytes_of_a_transfer(sandbox: dict[str, Any]) 
     assert echo == {"sent": 65536, "received": 65536}
     assert http["received"] > 0 and http["received"] != http["sent"]
 
+    def closed(node: str, labels: dict[str, str]) -> float:
+        now = scrape(sandbox, node)
+        name = "istio_tcp_connections_closed_total"
+        return total(now, name, **labels) - total(before[node], name, **labels)
+
+    # A close is counted when the agent's relay ends, which may trail the client's last read.
+    wait_until(
+        "both connections' closes in the metrics",
+        lambda: closed("node1", client_side) == 2 and closed(NODE, server_side) == 2,
+    )
     after = {n: scrape(sandbox, n) for n in ("node1", NODE)}
     for node, labels in (("node1", client_side), (NODE, server_side)):
         delta = {
@@ -379,7 +389,7 @@ def test_the_readme_policy_example_works_as_written(
         # calls to port 8080 are refused, its echo (9000, not in the rule) still answered.
         wait_until(
             "the README's policy refuses frontend -> backend:8080",
-            lambda: not _curl(sandbox, target),
+            lambda: "deny-frontend" in ok(sandbox, "policies") and not _curl(sandbox, target),
         )
         verdict = ask_json(sandbox, "explain", "--from", CALLER, "--to", target)
         assert (verdict["verdict"], verdict["policy"]["policy"]) == ("deny", "demo/deny-frontend")
@@ -434,9 +444,7 @@ def test_explain_agrees_with_the_real_outcome(sandbox: dict[str, Any], tmp_path:
     policy = tmp_path / "deny.yaml"
     policy.write_text(DENY_FRONTEND)
     apply_file(sandbox, policy)
-    for _ in range(20):  # the push reaches the agent within moments
-        if "deny-frontend" in ok(sandbox, "policies"):
-            break
+    wait_until("the agent has the policy", lambda: "deny-frontend" in ok(sandbox, "policies"))
     table = ok(sandbox, "policies")
     assert "demo       deny-frontend  Deny    WorkloadSelector" in table
 

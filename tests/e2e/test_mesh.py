@@ -247,10 +247,17 @@ def test_deny_policy_closes_existing_connections_of_the_denied_caller(mesh: Mesh
     policy = DENY_FRONTEND.format(name="e2e-deny-echo", port=9000)
     try:
         mesh.apply(policy)
-        # The policy has reached node2 once a new frontend connection is refused there.
+        # The policy has reached node2 once a new frontend connection is refused there, and
+        # its agent says so (a failed echo alone could be anything).
+        rejected = re.compile(
+            r"\(10\.10\.2\.11:\d+\) to 10\.10\.2\.12:9000: connection closed due to policy"
+        )
         wait_until(
-            "a new echo from a frontend pod is refused",
-            lambda: echo_refused(mesh, "node2-pod1", "10.10.2.12"),
+            "a new echo from a frontend pod is refused by the policy",
+            lambda: (
+                echo_refused(mesh, "node2-pod1", "10.10.2.12")
+                and bool(rejected.search(mesh.agent_log("node2")))
+            ),
         )
         assert denied.check() in ("eof", "error ConnectionResetError", "error BrokenPipeError")
         assert spared.check() == "alive " + repr(b"again\n")

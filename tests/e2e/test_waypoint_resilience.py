@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from .e2e_harness import Mesh, sandbox, wait_until
+from .e2e_harness import Mesh, sandbox, service_routes, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -246,10 +246,11 @@ def test_a_try_that_outlives_its_per_try_timeout_is_retried_then_504_ut(mesh: Me
           TAG
         """,
     )
-    mesh.behave(V1, delay=1.0)
+    mesh.behave(V1, delay=3.0)
     (answer,) = send(mesh, 1)
     assert answer["status"] == 504 and answer["body"] == "upstream request timeout"
-    assert 0.9 <= answer["seconds"] < 1.9, answer  # 3 tries of 0.3 s plus backoff
+    # 3 tries of 0.3 s plus backoff; a try left to the backend would take 3 s.
+    assert 0.9 <= answer["seconds"] < 2.5, answer
     wait_until("the access log line", lambda: "504 UT,URX" in mesh.waypoint_log())
     line = next(ln for ln in mesh.waypoint_log().splitlines() if "504 UT,URX" in ln)
     assert "attempts=3" in line
@@ -346,13 +347,26 @@ def test_v2_failing_everything_is_ejected_and_users_are_served_by_v1(mesh: Mesh)
     answers = send(mesh, 200)
     assert [a for a in answers if a["status"] != 200] == []
     assert {a["pod"] for a in answers} == {V1}
+    elapsed = time.time() - started
     failed = [r for r in mesh.app_log(V2) if r["status"] == 500 and r["time"] >= started]
-    # Ejected after its second 5xx in a row: v2 saw at most that many of the 200 requests
-    # (once more per ejection that ended, were the run longer than the ejection).
-    assert 1 <= len(failed) <= 2, failed
-    # Healthy again, v2 returns once its ejection has ended.
+    # Ejected after its second 5xx in a row: v2 saw at most that many of the 200 requests,
+    # and two more per ejection that ended during the run (6 s: only a slow machine's run).
+    assert 1 <= len(failed) <= 2 * (1 + int(elapsed // 6)), (failed, elapsed)
+    # Healthy again, v2 returns once its ejection has ended (the waypoint's route state).
     mesh.behave(V2)
-    time.sleep(6.5)
+    v2_ip = mesh.pod(V2)["ip"]
+
+    def v2_back() -> bool:
+        backend = service_routes(mesh, "backend", waypoint=True) or {}
+        ends = [
+            e
+            for subset in backend.get("subsets", [])
+            for e in subset["endpoints"]
+            if e["address"].startswith(f"{v2_ip}:")
+        ]
+        return bool(ends) and all(e["ejectedSeconds"] is None for e in ends)
+
+    wait_until("v2's ejection ends", v2_back, timeout=30.0)
     back = send(mesh, 40)
     assert {a["status"] for a in back} == {200}
     assert V2 in {a["pod"] for a in back}
@@ -373,14 +387,16 @@ def test_the_circuit_breaker_answers_the_overflow_503_uo_at_once(mesh: Mesh) -> 
             http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
         """,
     )
-    mesh.behave(V1, delay=1.0)
+    # A 3 s answer: all 20 requests reach the waypoint while the first is in flight, even
+    # on a loaded machine.
+    mesh.behave(V1, delay=3.0)
     answers = send(mesh, 20, workers=20, close=True)
     ok = [a for a in answers if a["status"] == 200]
     overflow = [a for a in answers if a["status"] == 503]
     # One in flight and one queued are served; the other 18 overflow without waiting.
     assert len(ok) == 2 and len(overflow) == 18, answers
     assert all("reset reason: overflow" in a["body"] for a in overflow)
-    assert max(a["seconds"] for a in overflow) < 0.9, overflow
+    assert max(a["seconds"] for a in overflow) < 2.5, overflow
     assert flag_count(mesh, "UO", 503) >= 18
 
 
@@ -410,7 +426,7 @@ def test_mirroring_copies_every_request_to_v3_and_a_dead_v3_changes_nothing(mesh
     os.kill(pid, signal.SIGKILL)  # v3's app is gone: its copies fail
     answers = send(mesh, 100)
     assert [a for a in answers if a["status"] != 200] == []
-    assert statistics.median(a["seconds"] for a in answers) < 2 * baseline + 0.02
+    assert statistics.median(a["seconds"] for a in answers) < 2 * baseline + 0.05
     failed = [
         ln for ln in mesh.waypoint_metrics().splitlines()
         if ln.startswith('nodeagent_waypoint_mirror_requests_total{outcome="failed"}')

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .e2e_harness import Mesh, _cli, sandbox, wait_until
+from .e2e_harness import Mesh, _cli, sandbox, service_routes, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,11 +66,12 @@ def waypoint_routes(mesh: Mesh) -> dict[str, Any]:
 
 
 def applied(mesh: Mesh) -> bool:
-    done = _cli("routes", "backend", "--sandbox", mesh.name, "--waypoint", "-o", "json")
-    if done.returncode != 0:
-        return False  # the waypoint has not had the service's config yet
-    [backend] = json.loads(done.stdout)["services"]
-    return backend["virtualService"] == "demo/backend" and len(backend["httpRoutes"]) == 2
+    backend = service_routes(mesh, "backend", waypoint=True)
+    return (
+        backend is not None
+        and backend["virtualService"] == "demo/backend"
+        and len(backend["httpRoutes"]) == 2
+    )
 
 
 def test_the_waypoint_shows_its_http_routes_pools_and_ejections(mesh: Mesh) -> None:

@@ -18,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import selectors
 import socket
 import sys
 import threading
@@ -76,7 +77,8 @@ def calls(host: str, port: int, count: int, concurrency: int = 4) -> dict[str, o
 def hold(host: str, port: int, count: int, wait: float) -> dict[str, object]:
     opened = time.monotonic()
     answered, refused, within = 0, 0, []
-    socks = []
+    kept: list[socket.socket] = []
+    selector = selectors.DefaultSelector()
     for _ in range(count):
         try:
             s = socket.create_connection((host, port), timeout=5)
@@ -85,19 +87,30 @@ def hold(host: str, port: int, count: int, wait: float) -> dict[str, object]:
             refused += 1
             within.append(round(time.monotonic() - opened, 3))
             continue
-        socks.append(s)
-    for s in socks:
-        s.settimeout(max(0.01, wait - (time.monotonic() - opened)))
-        try:
-            data = s.recv(65536)
-        except (ConnectionResetError, TimeoutError, OSError):
-            data = b""
-        if data.startswith(b"HTTP/1.1 200"):
-            answered += 1
-        else:
-            refused += 1
-            within.append(round(time.monotonic() - opened, 3))
-    for s in socks:
+        selector.register(s, selectors.EVENT_READ, s)
+    # Every socket watched at once: a refusal is timed when it arrives, not after the
+    # answers of the sockets opened before it.
+    while selector.get_map() and (left := wait - (time.monotonic() - opened)) > 0:
+        for key, _ in selector.select(left):
+            s = key.data
+            selector.unregister(s)
+            try:
+                data = s.recv(65536)
+            except OSError:
+                data = b""
+            if data.startswith(b"HTTP/1.1 200"):
+                answered += 1
+                kept.append(s)  # held open to the end: the agent counts it against the limit
+            else:
+                refused += 1
+                within.append(round(time.monotonic() - opened, 3))
+                s.close()
+    for key in list(selector.get_map().values()):  # no answer within WAIT: refused late
+        refused += 1
+        within.append(round(time.monotonic() - opened, 3))
+        kept.append(key.data)
+    selector.close()
+    for s in kept:
         s.close()
     return {"answered": answered, "refused": refused, "refused_within": within}
 
