@@ -390,14 +390,12 @@ def _policy(
     # mid-call (the live connection revoked), or anything else; a new call meets the policy
     # at its CONNECT, which the agent logs.
     deadline = time.monotonic() + POLICY_WAIT
-    denied, line = call(frontend), ""
-    while time.monotonic() < deadline:
-        if isinstance(denied, probe.ProbeError):
-            line = rejection()
-            if line:
-                break
-        time.sleep(0.2)
+    while True:
         denied = call(frontend)
+        line = rejection() if isinstance(denied, probe.ProbeError) else ""
+        if line or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     allowed = call(backend)
     say(f"\nHTTP  {frontend.name} ({_identity(frontend)}) -> {target.name}")
     if isinstance(denied, probe.ProbeError):

@@ -49,6 +49,9 @@ def service_routes(mesh: Mesh, service: str, *, node: str = "", waypoint: bool =
     where = ["--waypoint"] if waypoint else ["--node", node]
     done = _cli("routes", service, "--sandbox", mesh.name, *where, "-o", "json")
     if done.returncode != 0:
+        assert done.returncode != 2, done.stderr  # a usage error: the test's own
+        if "no routes, rules or traffic for service" not in done.stderr:
+            print(f"nodeagent routes: {done.stderr.strip()}")  # shown if the wait fails
         return None
     found = json.loads(done.stdout)["services"]
     return found[0] if len(found) == 1 else None
@@ -239,6 +242,9 @@ def read_pcap(path: Path) -> list[Segment]:
     return segments
 
 
+CAPTURE_BLOCK_S = 1.2  # packets reach tcpdump in blocks, within about a second
+
+
 class Capture:
     """tcpdump on every interface of a namespace, for pod-range TCP; stopped by its PID."""
 
@@ -272,16 +278,23 @@ class Capture:
             sel.close()
 
     def await_segments(self, check: Callable[[list[Segment]], bool], timeout: float = 10.0) -> None:
-        """Until the file (written per packet, `-U`) holds what `check` wants: the kernel
-        hands captured packets to tcpdump in blocks, up to about a second late, later on a
-        loaded machine. The caller asserts on what `stop` returns either way."""
+        """Until the file (written per packet, `-U`) holds what `check` wants and then no new
+        packet for one block period: the kernel hands captured packets to tcpdump in blocks,
+        up to about a second late (later on a loaded machine), and the caller's checks of
+        what `stop` returns are also about packets that should not be there."""
         deadline = time.monotonic() + timeout
+        seen, quiet_since = -1, 0.0
         while time.monotonic() < deadline:
             try:
-                if check(read_pcap(self.pcap)):
-                    return
+                segments = read_pcap(self.pcap)
             except (struct.error, IndexError, KeyError):
-                pass  # a record still being written
+                segments = None  # a record still being written
+            now = time.monotonic()
+            if segments is not None and (seen >= 0 or check(segments)):
+                if len(segments) != seen:
+                    seen, quiet_since = len(segments), now
+                elif now - quiet_since >= CAPTURE_BLOCK_S:
+                    return
             time.sleep(0.2)
 
     def stop(self) -> list[Segment]:

@@ -317,7 +317,7 @@ def test_byte_counters_grow_by_the_bytes_of_a_transfer(sandbox: dict[str, Any]) 
     # A close is counted when the agent's relay ends, which may trail the client's last read.
     wait_until(
         "both connections' closes in the metrics",
-        lambda: closed("node1", client_side) == 2 and closed(NODE, server_side) == 2,
+        lambda: closed("node1", client_side) >= 2 and closed(NODE, server_side) >= 2,
     )
     after = {n: scrape(sandbox, n) for n in ("node1", NODE)}
     for node, labels in (("node1", client_side), (NODE, server_side)):

@@ -178,8 +178,8 @@ def test_the_callers_agent_tunnels_to_the_waypoint_and_the_waypoint_counts_the_r
     sent = [s for s in segments if s.src[0] == CALLER_IP and s.dst[1] == 15008 and s.payload]
     assert sent, f"no HBONE bytes from the caller seen ({capture.stats})"
     assert {s.dst[0] for s in sent} == {WAYPOINT_IP}, {s.dst for s in sent}
-    # ... and the waypoint tunnels on to v1 itself (its pooled tunnel to v2, from the
-    # routes_ready calls, may carry keep-alive pings meanwhile).
+    # ... and the waypoint tunnels on to v1 itself (a pooled tunnel to v2, from earlier
+    # tests' calls, may carry keep-alive pings meanwhile).
     onward = {s.dst for s in segments if s.src[0] == WAYPOINT_IP and s.dst[1] == 15008}
     assert ("10.10.1.12", 15008) in onward, onward
     metrics = mesh.waypoint_metrics()

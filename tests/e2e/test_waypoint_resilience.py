@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from .e2e_harness import Mesh, sandbox, service_routes, wait_until
 
@@ -133,6 +134,28 @@ def configure(mesh: Mesh, name: str, routes: str, policy: str = "") -> None:
         f"config {name} at the waypoint",
         lambda: any(a.get("config") == name for a in send(mesh, 3, "x-probe=1")),
     )
+    # The tag proves the VirtualService; the DestinationRule is a separate xDS message and
+    # keeps its name, so wait for its pool and outlier settings as the waypoint shows them.
+    wanted = (yaml.safe_load(textwrap.dedent(policy)) if policy else None) or {}
+    traffic = wanted.get("trafficPolicy") or {}
+    max_connections = ((traffic.get("connectionPool") or {}).get("tcp") or {}).get("maxConnections")
+    outlier = traffic.get("outlierDetection")
+
+    def rule_applied() -> bool:
+        backend = service_routes(mesh, "backend", waypoint=True)
+        ports = [p for s in (backend or {}).get("subsets", []) for p in s["ports"]]
+        return bool(ports) and all(
+            p["maxConnections"] == max_connections
+            and (p["outlierDetection"] is None) == (outlier is None)
+            and (
+                outlier is None
+                or p["outlierDetection"]["consecutive5xxErrors"]
+                == outlier.get("consecutive5xxErrors", 5)
+            )
+            for p in ports
+        )
+
+    wait_until(f"config {name}'s DestinationRule at the waypoint", rule_applied)
 
 
 def flag_count(mesh: Mesh, flag: str, code: int) -> float:

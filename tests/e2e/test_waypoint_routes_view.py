@@ -67,10 +67,14 @@ def waypoint_routes(mesh: Mesh) -> dict[str, Any]:
 
 def applied(mesh: Mesh) -> bool:
     backend = service_routes(mesh, "backend", waypoint=True)
+    ports = [p for s in (backend or {}).get("subsets", []) for p in s["ports"]]
     return (
         backend is not None
         and backend["virtualService"] == "demo/backend"
         and len(backend["httpRoutes"]) == 2
+        and backend["destinationRule"] == "demo/backend"  # a separate xDS message
+        and bool(ports)
+        and all((p["httpPool"] or {}).get("http1MaxPendingRequests") == 7 for p in ports)
     )
 
 
