@@ -444,22 +444,26 @@ def test_explain_agrees_with_the_real_outcome(sandbox: dict[str, Any], tmp_path:
     policy = tmp_path / "deny.yaml"
     policy.write_text(DENY_FRONTEND)
     apply_file(sandbox, policy)
-    wait_until("the agent has the policy", lambda: "deny-frontend" in ok(sandbox, "policies"))
-    table = ok(sandbox, "policies")
-    assert "demo       deny-frontend  Deny    WorkloadSelector" in table
+    try:
+        wait_until("the agent has the policy", lambda: "deny-frontend" in ok(sandbox, "policies"))
+        table = ok(sandbox, "policies")
+        assert "demo       deny-frontend  Deny    WorkloadSelector" in table
 
-    denied = ask_json(sandbox, "explain", "--from", CALLER, "--to", target)
-    assert denied["verdict"] == "deny"
-    assert denied["policy"]["policy"] == "demo/deny-frontend"
-    assert not _curl(sandbox, target)
-    # A caller the policy does not name is still allowed, in both views.
-    other = ask_json(sandbox, "explain", "--from", "node1-pod2", "--to", target)
-    assert other["verdict"] == "allow"
-    text = ok(sandbox, "explain", "--from", CALLER, "--to", target)
-    assert text.startswith("verdict: DENY") and "denied by demo/deny-frontend rule 0" in text
+        denied = ask_json(sandbox, "explain", "--from", CALLER, "--to", target)
+        assert denied["verdict"] == "deny"
+        assert denied["policy"]["policy"] == "demo/deny-frontend"
+        assert not _curl(sandbox, target)
+        # A caller the policy does not name is still allowed, in both views.
+        other = ask_json(sandbox, "explain", "--from", "node1-pod2", "--to", target)
+        assert other["verdict"] == "allow"
+        text = ok(sandbox, "explain", "--from", CALLER, "--to", target)
+        assert text.startswith("verdict: DENY") and "denied by demo/deny-frontend rule 0" in text
 
-    samples = scrape(sandbox, NODE)
-    assert total(samples, "istio_tcp_connections_closed_total", response_flags="DENY") >= 1
+        samples = scrape(sandbox, NODE)
+        assert total(samples, "istio_tcp_connections_closed_total", response_flags="DENY") >= 1
+    finally:  # the module's later tests start without it
+        apply_file(sandbox, policy, "--delete")
+    wait_until("the policy is gone", lambda: "deny-frontend" not in ok(sandbox, "policies"))
 
 
 # -- rules and drift ----------------------------------------------------------------------------
