@@ -612,11 +612,15 @@ def _header_routing(
     return ok
 
 
-def _backend_routes(connect: Callable[[], socket.socket]) -> dict[str, Any]:
-    """The backend's entry in a `/routes` answer read over the socket `connect` opens;
-    {} when it cannot be read."""
+def _backend_routes(
+    open_socket: Callable[[], socket.socket], address: str | tuple[str, int]
+) -> dict[str, Any]:
+    """The backend's entry in the `/routes` answer at `address`, over a socket `open_socket`
+    makes; {} when it cannot be read."""
     try:
-        with connect() as sock:
+        with open_socket() as sock:
+            sock.settimeout(2.0)
+            sock.connect(address)
             sock.sendall(b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             raw = b""
             while chunk := sock.recv(65536):
@@ -632,35 +636,18 @@ def _waypoint_routes(manager: SandboxManager, plan: SandboxPlan) -> dict[str, An
     as `nodeagent routes --sandbox NAME --waypoint` does."""
     waypoint = plan.waypoint
     assert waypoint is not None
-
-    def connect() -> socket.socket:
-        sock = manager.adapter.socket(waypoint.netns)
-        try:
-            sock.settimeout(2.0)
-            sock.connect(("127.0.0.1", METRICS_PORT))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    return _backend_routes(connect)
+    return _backend_routes(
+        lambda: manager.adapter.socket(waypoint.netns), ("127.0.0.1", METRICS_PORT)
+    )
 
 
 def _agent_routes(manager: SandboxManager, name: str, node: str) -> dict[str, Any]:
     """The backend as the agent of `node` routes it (its admin socket's GET /routes),
     as `nodeagent routes --sandbox NAME --node NODE` shows it."""
-
-    def connect() -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(2.0)
-            sock.connect(manager.admin_socket(name, node))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    return _backend_routes(connect)
+    return _backend_routes(
+        lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM),
+        manager.admin_socket(name, node),
+    )
 
 
 def _fallback(
@@ -792,8 +779,8 @@ def _canary(
         f"{seen.get(v1.name, 0)}, v2 ({v2.name}) {seen.get(v2.name, 0)} ({share:.0f}%), "
         f"{failed} failed"
     )
-    # 99.9% binomial interval around 10% of 300: 30 +- 17.
-    ok = failed == 0 and abs(seen.get(v2.name, 0) - CANARY_CALLS / 10) <= 17
+    # 99.99% binomial interval around 10% of 300: 30 +- 20 (3.89 sd).
+    ok = failed == 0 and abs(seen.get(v2.name, 0) - CANARY_CALLS / 10) <= 20
     status = manager.status(name)["pods"]
     app_pid = next((p.get("app_pid") for p in status if p["name"] == v2.name), None)
     if app_pid:

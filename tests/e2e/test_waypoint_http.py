@@ -216,8 +216,8 @@ def test_an_80_20_split_is_per_request_on_one_keepalive_connection(mesh: Mesh) -
     answers = requests(mesh, n, "/split")
     assert all(a["status"] == 200 for a in answers)
     v2 = sum(a["pod"] == V2 for a in answers)
-    # Binomial(2000, 0.2): mean 400, sd 17.9; the 99.9% interval is +-3.29 sd.
-    assert abs(v2 - 400) <= 3.29 * 17.9, v2
+    # Binomial(2000, 0.2): mean 400, sd 17.9; the 99.99% interval is +-3.89 sd.
+    assert abs(v2 - 400) <= 3.89 * 17.9, v2
     assert sum(a["pod"] == V1 for a in answers) == n - v2
 
 

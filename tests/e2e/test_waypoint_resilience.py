@@ -187,8 +187,8 @@ def test_an_abort_at_20_percent_hits_its_share_flagged_fi(mesh: Mesh) -> None:
     answers = send(mesh, 2000)
     aborted = [a for a in answers if a["status"] == 503]
     assert len(aborted) + sum(a["status"] == 200 for a in answers) == 2000
-    # Binomial(2000, 0.2): mean 400, sd 17.9; the 99.9% interval is +-3.29 sd.
-    assert abs(len(aborted) - 400) <= 3.29 * 17.9, len(aborted)
+    # Binomial(2000, 0.2): mean 400, sd 17.9; the 99.99% interval is +-3.89 sd.
+    assert abs(len(aborted) - 400) <= 3.89 * 17.9, len(aborted)
     assert {a["body"] for a in aborted} == {"fault filter abort"}
     wait_until(
         "the aborts in the metrics", lambda: flag_count(mesh, "FI", 503) - before >= len(aborted)
